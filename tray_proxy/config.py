@@ -1,0 +1,596 @@
+"""The settings file: TOML in the XDG config dir, validated on load, written atomically.
+
+It turns the file into `RelaySettings` and `UpstreamProxy` objects and back. It holds no
+secrets: a password-like key is refused, and a URL with `user:pass@` is refused without
+echoing it. Every problem becomes a `ConfigError` naming the file and the field.
+
+Must not import PySide6 (the app and headless `tray-proxy run` share it) or keyring.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import ipaddress
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeGuard
+
+import tomli_w
+from platformdirs import user_config_path
+
+from tray_proxy.relay.settings import RelaySettings, UpstreamKind, UpstreamProxy
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "default_config_path",
+    "dump_config",
+    "load_config",
+    "parse_config",
+    "save_config",
+]
+
+APP_NAME = "tray-proxy"
+
+_DEFAULT_PORTS = {UpstreamKind.HTTP: 8080, UpstreamKind.SOCKS5: 1080}
+_SCHEMES = {
+    "http": UpstreamKind.HTTP,
+    "socks5": UpstreamKind.SOCKS5,
+    "socks5h": UpstreamKind.SOCKS5,
+}
+# The name is also a file name under $CREDENTIALS_DIRECTORY and a keyring entry.
+_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_LABEL_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+_SECRET_KEYS = frozenset({"pass", "passwd", "password", "passphrase", "pwd", "secret"})
+_SECRET_PARTS = ("password", "passwd", "secret")
+_PASSWORD_HELP = "passwords are not stored in the config file; use `tray-proxy credentials set {}`"
+
+_RELAY_KEYS = (
+    "port",
+    "listen",
+    "redirect_ports",
+    "upstream",
+    "connect_timeout",
+    "handshake_timeout",
+    "idle_timeout",
+    "peek_timeout",
+    "source_ports",
+    "drain_timeout",
+)
+_UPSTREAM_KEYS = ("name", "url", "username")
+_TOP_KEYS = ("relay", "upstream")
+
+# (lowest allowed, lowest is inclusive, highest inclusive) per timeout, in seconds.
+_TIMEOUTS: dict[str, tuple[float, bool, float]] = {
+    "connect_timeout": (0.0, False, 300.0),
+    "handshake_timeout": (0.0, False, 300.0),
+    "idle_timeout": (0.0, False, 86400.0),
+    "peek_timeout": (0.0, True, 30.0),
+    "drain_timeout": (0.0, True, 300.0),
+}
+
+
+def default_config_path() -> Path:
+    """Where the app and `tray-proxy run` read and write the settings."""
+    return user_config_path(APP_NAME) / "config.toml"
+
+
+class ConfigError(Exception):
+    """A settings file that cannot be used. `str()` is the message to show the user.
+
+    `source` is the file, `field` the dotted path (`upstream[1].url`, empty when the
+    problem is the whole file), `problem` what is wrong and what is expected.
+    """
+
+    def __init__(self, source: str, field: str, problem: str) -> None:
+        self.source = source
+        self.field = field
+        self.problem = problem
+        where = f"{source}: {field}" if field else source
+        super().__init__(f"{where}: {problem}")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole settings file. `path` is where it was loaded from (None when parsed from text)."""
+
+    relay: RelaySettings
+    upstreams: tuple[UpstreamProxy, ...]
+    path: Path | None = None
+
+    def active_upstream(self) -> UpstreamProxy | None:
+        """The upstream named by `relay.upstream`; without a name, the first one.
+
+        None when there is no upstream, or when the name matches none of them (a parsed
+        config cannot have that; one built in code can, and guessing another proxy would
+        be worse than having none).
+        """
+        if self.relay.upstream is not None:
+            return next((u for u in self.upstreams if u.name == self.relay.upstream), None)
+        return self.upstreams[0] if self.upstreams else None
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: Path, *, missing_ok: bool = False) -> Config:
+    """Read and validate the settings file at `path`.
+
+    A missing file is a ConfigError, unless `missing_ok`: then the defaults, with no upstream.
+    """
+    source = str(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        if missing_ok:
+            return Config(relay=RelaySettings(), upstreams=(), path=path)
+        raise ConfigError(
+            source,
+            "",
+            "file not found; create it (see docs/config.md) or set up an upstream in the app",
+        ) from None
+    except OSError as exc:
+        raise ConfigError(source, "", f"cannot read it: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            source, "", f"not UTF-8 text (bad byte at offset {exc.start}); save it as UTF-8"
+        ) from None
+    config = parse_config(text, source)
+    return Config(relay=config.relay, upstreams=config.upstreams, path=path)
+
+
+def parse_config(text: str, source: str = "config.toml") -> Config:
+    """Validate settings given as TOML text; `source` names it in error messages."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        # tomllib's message carries "(at line L, column C)"; it never quotes a whole value.
+        raise ConfigError(source, "", f"not valid TOML: {exc}") from None
+    return _Parser(source).document(doc)
+
+
+class _Parser:
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, field: str, problem: str) -> ConfigError:
+        return ConfigError(self.source, field, problem)
+
+    def document(self, doc: Mapping[str, object]) -> Config:
+        # Secrets first: a misplaced password must be reported as such, never as an
+        # "unknown key" or a type error that might quote it.
+        secret = next(_secret_keys(doc), None)
+        if secret is not None:
+            field, upstream_name = secret
+            raise self.fail(field, _PASSWORD_HELP.format(upstream_name or "NAME"))
+        self.no_unknown_keys(doc, _TOP_KEYS, "")
+
+        relay_doc = doc.get("relay", {})
+        if not isinstance(relay_doc, dict):
+            raise self.fail("relay", f"must be a table written [relay], got {_show(relay_doc)}")
+        upstream_docs = doc.get("upstream", [])
+        if not isinstance(upstream_docs, list) or not all(
+            isinstance(u, dict) for u in upstream_docs
+        ):
+            raise self.fail(
+                "upstream", f"must be tables written [[upstream]], got {_show(upstream_docs)}"
+            )
+
+        upstreams = tuple(self.upstream(u, f"upstream[{i}]") for i, u in enumerate(upstream_docs))
+        seen: dict[str, int] = {}
+        for i, u in enumerate(upstreams):
+            if u.name in seen:
+                raise self.fail(
+                    f"upstream[{i}].name",
+                    f'"{u.name}" is already the name of upstream[{seen[u.name]}]; '
+                    "each upstream needs its own name",
+                )
+            seen[u.name] = i
+        relay = self.relay(relay_doc, upstreams)
+        return Config(relay=relay, upstreams=upstreams, path=None)
+
+    def no_unknown_keys(self, table: Mapping[str, object], known: tuple[str, ...], at: str) -> None:
+        for key in table:
+            if key not in known:
+                field = f"{at}.{key}" if at else key
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f'did you mean "{close[0]}"? ' if close else ""
+                raise self.fail(field, f"unknown key; {hint}known keys: {', '.join(known)}")
+
+    # -- [relay]
+
+    def relay(
+        self, doc: Mapping[str, object], upstreams: tuple[UpstreamProxy, ...]
+    ) -> RelaySettings:
+        self.no_unknown_keys(doc, _RELAY_KEYS, "relay")
+        defaults = RelaySettings()
+        port = self.port(doc.get("port", defaults.port), "relay.port")
+        listen = self.listen(doc.get("listen", list(defaults.listen)))
+        redirect_ports = self.redirect_ports(
+            doc.get("redirect_ports", list(defaults.redirect_ports))
+        )
+
+        upstream = doc.get("upstream")
+        if upstream is not None:
+            names = [u.name for u in upstreams]
+            if not isinstance(upstream, str):
+                raise self.fail(
+                    "relay.upstream", f"must be an upstream name, got {_show(upstream)}"
+                )
+            if upstream not in names:
+                defined = ", ".join(f'"{n}"' for n in names) if names else "none (add [[upstream]])"
+                raise self.fail(
+                    "relay.upstream",
+                    f"{_show(upstream)} is not the name of an [[upstream]]; defined: {defined}",
+                )
+
+        timeouts: dict[str, float] = {}
+        for key, (lo, lo_inclusive, hi) in _TIMEOUTS.items():
+            timeouts[key] = self.seconds(
+                doc.get(key, getattr(defaults, key)), f"relay.{key}", lo, lo_inclusive, hi
+            )
+
+        source_ports = self.source_ports(doc.get("source_ports", defaults.source_ports))
+        if source_ports is not None and source_ports[0] <= port <= source_ports[1]:
+            raise self.fail(
+                "relay.source_ports",
+                f"{source_ports[0]}-{source_ports[1]} contains relay.port {port}; "
+                "move one of them so the listener and the outbound range do not clash",
+            )
+
+        return RelaySettings(
+            port=port,
+            listen=listen,
+            redirect_ports=redirect_ports,
+            upstream=upstream,
+            connect_timeout=timeouts["connect_timeout"],
+            handshake_timeout=timeouts["handshake_timeout"],
+            idle_timeout=timeouts["idle_timeout"],
+            peek_timeout=timeouts["peek_timeout"],
+            source_ports=source_ports,
+            drain_timeout=timeouts["drain_timeout"],
+        )
+
+    def port(self, value: object, field: str) -> int:
+        if not _is_int(value) or not 1 <= value <= 65535:
+            raise self.fail(field, f"must be an integer 1-65535, got {_show(value)}")
+        return value
+
+    def listen(self, value: object) -> tuple[str, ...]:
+        field = "relay.listen"
+        if not isinstance(value, list) or not value:
+            raise self.fail(
+                field,
+                f'must be a non-empty array of addresses like ["127.0.0.1", "::1"], '
+                f"got {_show(value)}",
+            )
+        out: list[str] = []
+        for i, item in enumerate(value):
+            item_field = f"{field}[{i}]"
+            if not isinstance(item, str):
+                raise self.fail(item_field, f"must be an IP address string, got {_show(item)}")
+            try:
+                address = ipaddress.ip_address(item)
+            except ValueError:
+                raise self.fail(
+                    item_field,
+                    f"must be an IP address such as 127.0.0.1 or ::1, got {_show(item)}",
+                ) from None
+            if not address.is_loopback:
+                raise self.fail(
+                    item_field,
+                    f"{_show(item)} is not a loopback address; the relay must never be reachable "
+                    "from another host (it would be an open proxy carrying your credentials). "
+                    "Use 127.0.0.1 and/or ::1",
+                )
+            text = str(address)
+            if text in out:
+                raise self.fail(item_field, f"{_show(item)} is listed twice")
+            out.append(text)
+        return tuple(out)
+
+    def redirect_ports(self, value: object) -> tuple[int, ...]:
+        field = "relay.redirect_ports"
+        if not isinstance(value, list) or not 1 <= len(value) <= 64:
+            raise self.fail(
+                field,
+                f"must be an array of 1 to 64 port numbers like [80, 443], got {_show(value)}",
+            )
+        ports = tuple(self.port(p, f"{field}[{i}]") for i, p in enumerate(value))
+        for i, p in enumerate(ports):
+            if p in ports[:i]:
+                raise self.fail(f"{field}[{i}]", f"port {p} is listed twice")
+        return ports
+
+    def seconds(self, value: object, field: str, lo: float, lo_inclusive: bool, hi: float) -> float:
+        lowest = f">= {lo:g}" if lo_inclusive else f"> {lo:g}"
+        expected = f"must be a number of seconds {lowest} and <= {hi:g}"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.fail(field, f"{expected}, got {_show(value)}")
+        seconds = float(value)
+        in_range = (seconds >= lo if lo_inclusive else seconds > lo) and seconds <= hi
+        if math.isnan(seconds) or not in_range:
+            raise self.fail(field, f"{expected}, got {_show(value)}")
+        return seconds
+
+    def source_ports(self, value: object) -> tuple[int, int] | None:
+        field = "relay.source_ports"
+        expected = "must be [low, high] (two ports 1024-65535, low <= high) or false to disable"
+        if value is False or value is None:
+            return None
+        if not isinstance(value, (list, tuple)) or len(value) != 2:
+            raise self.fail(field, f"{expected}, got {_show(value)}")
+        lo, hi = value
+        for i, p in enumerate((lo, hi)):
+            if not _is_int(p) or not 1024 <= p <= 65535:
+                raise self.fail(
+                    f"{field}[{i}]",
+                    f"must be an integer 1024-65535 (ports below 1024 are reserved for "
+                    f"services), got {_show(p)}",
+                )
+        if lo > hi:
+            raise self.fail(field, f"low {lo} is above high {hi}; write [{hi}, {lo}]")
+        return (lo, hi)
+
+    # -- [[upstream]]
+
+    def upstream(self, doc: Mapping[str, object], at: str) -> UpstreamProxy:
+        self.no_unknown_keys(doc, _UPSTREAM_KEYS, at)
+        for key in ("name", "url"):
+            if key not in doc:
+                raise self.fail(f"{at}.{key}", "is required")
+        name = doc["name"]
+        if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name in (".", ".."):
+            raise self.fail(
+                f"{at}.name",
+                "must be 1-64 characters of letters, digits, '.', '_' or '-' "
+                f'(not "." or ".."), got {_show(name)}',
+            )
+        kind, host, port = self.url(doc["url"], f"{at}.url", name)
+        username = doc.get("username")
+        if username is not None:
+            username = self.username(username, f"{at}.username", kind)
+        return UpstreamProxy(name=name, kind=kind, host=host, port=port, username=username)
+
+    def url(self, value: object, field: str, name: str) -> tuple[UpstreamKind, str, int]:
+        # Never quote the URL back: a typo'd one may still hold a password.
+        example = 'like "http://proxy.example:8080" or "socks5://proxy.example:1080"'
+        if not isinstance(value, str):
+            raise self.fail(field, f"must be a URL {example}, got {_show(value)}")
+        if "@" in value:
+            raise self.fail(
+                field,
+                "must not contain a user name or password (user:pass@); put the user name in "
+                f"`username` and store the password with `tray-proxy credentials set {name}` "
+                "(it is kept in the keyring or $CREDENTIALS_DIRECTORY, never in this file)",
+            )
+        scheme, sep, rest = value.partition("://")
+        if not sep:
+            raise self.fail(field, f"must start with http:// or socks5://, {example}")
+        kind = _SCHEMES.get(scheme.lower())
+        if kind is None:
+            shown = f' "{scheme}://"' if re.fullmatch(r"[A-Za-z0-9+.-]{1,20}", scheme) else ""
+            raise self.fail(
+                field,
+                f"scheme{shown} is not supported; use http:// (HTTP CONNECT) or socks5://",
+            )
+        authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+        tail = rest[len(authority) :]
+        if tail not in ("", "/"):
+            raise self.fail(field, f"must have no path, query or fragment, {example}")
+        if any(c.isspace() or not c.isprintable() for c in authority):
+            raise self.fail(field, "must not contain spaces or control characters")
+
+        port_text: str | None = None
+        if authority.startswith("["):
+            inner, bracket, after = authority[1:].partition("]")
+            if not bracket:
+                raise self.fail(field, 'has "[" without "]"; write IPv6 hosts like [2001:db8::1]')
+            try:
+                host = str(ipaddress.IPv6Address(inner))
+            except ValueError:
+                raise self.fail(field, "the host in [...] must be an IPv6 address") from None
+            if after:
+                if not after.startswith(":"):
+                    raise self.fail(field, 'after "]" only ":port" may follow')
+                port_text = after[1:]
+        else:
+            host, colon, after = authority.partition(":")
+            if colon:
+                if ":" in after:
+                    raise self.fail(
+                        field, "IPv6 hosts must be in brackets, like [2001:db8::1]:8080"
+                    )
+                port_text = after
+            host = self.host(host, field)
+
+        if port_text is None:
+            port = _DEFAULT_PORTS[kind]
+        elif not port_text.isascii() or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+            raise self.fail(field, "the port must be a number 1-65535 (or leave it out)")
+        else:
+            port = int(port_text)
+        return kind, host, port
+
+    def host(self, host: str, field: str) -> str:
+        if not host:
+            raise self.fail(field, "must name a host, like http://proxy.example:8080")
+        if not host.isascii():
+            raise self.fail(
+                field, "the host must be ASCII; write an international name in its xn-- form"
+            )
+        if re.fullmatch(r"[0-9.]+", host):
+            try:
+                return str(ipaddress.IPv4Address(host))
+            except ValueError:
+                raise self.fail(field, "the host is not a valid IPv4 address") from None
+        name = host[:-1] if host.endswith(".") else host
+        if len(name) > 253 or not all(_LABEL_RE.fullmatch(label) for label in name.split(".")):
+            raise self.fail(
+                field,
+                "the host must be a DNS name (letters, digits, '-', dot-separated labels), "
+                "an IPv4 address, or an IPv6 address in [brackets]",
+            )
+        return host
+
+    def username(self, value: object, field: str, kind: UpstreamKind) -> str:
+        if not isinstance(value, str):
+            raise self.fail(field, f"must be a string, got {_show(value)}")
+        if not value:
+            raise self.fail(
+                field, "must not be empty; leave the key out when the proxy needs no login"
+            )
+        if not value.isprintable():
+            raise self.fail(field, "must not contain control characters or line breaks")
+        if len(value.encode("utf-8")) > 255:
+            raise self.fail(field, "must be at most 255 bytes in UTF-8")
+        if kind is UpstreamKind.HTTP and ":" in value:
+            # RFC 7617 section 2: a Basic user-id cannot contain a colon.
+            raise self.fail(
+                field, 'must not contain ":" (HTTP Basic authentication cannot carry it)'
+            )
+        return value
+
+
+def _secret_keys(
+    value: object, at: str = "", upstream_name: str | None = None
+) -> Iterator[tuple[str, str | None]]:
+    """Yield the dotted path of every password-like key, with the enclosing upstream's name."""
+    if isinstance(value, dict):
+        name = value.get("name")
+        if at.startswith("upstream[") and isinstance(name, str) and _NAME_RE.fullmatch(name):
+            upstream_name = name
+        for key, item in value.items():
+            path = f"{at}.{key}" if at else key
+            lowered = key.lower()
+            if lowered in _SECRET_KEYS or any(part in lowered for part in _SECRET_PARTS):
+                yield path, upstream_name
+            else:
+                yield from _secret_keys(item, path, upstream_name)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _secret_keys(item, f"{at}[{i}]", upstream_name)
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    # TOML booleans arrive as Python bools, which are ints: `port = true` must not pass.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _show(value: object) -> str:
+    """A short description of a value for an error message (never used for URLs)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        text = json.dumps(value, ensure_ascii=False)
+        return text if len(text) <= 60 else text[:56] + '..."'
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return f"a {type(value).__name__}"
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def dump_config(config: Config) -> str:
+    """The settings as TOML text that `parse_config` reads back to an equal Config.
+
+    Every field is written, defaults included, so the file shows what can be changed.
+    """
+    relay = config.relay
+    relay_doc: dict[str, object] = {
+        "port": relay.port,
+        "listen": list(relay.listen),
+        "redirect_ports": list(relay.redirect_ports),
+        "upstream": relay.upstream,
+        **{key: float(getattr(relay, key)) for key in _TIMEOUTS},
+        "source_ports": list(relay.source_ports) if relay.source_ports is not None else False,
+    }
+    lines = [
+        "# tray-proxy settings (docs/config.md). No passwords here: they live in the keyring,",
+        "# set with `tray-proxy credentials set NAME`.",
+        "",
+        "[relay]",
+        *_toml_lines(relay_doc, _RELAY_KEYS),
+    ]
+    for u in config.upstreams:
+        entry: dict[str, object] = {"name": u.name, "url": u.url, "username": u.username}
+        lines += ["", "[[upstream]]", *_toml_lines(entry, _UPSTREAM_KEYS)]
+    return "\n".join(lines) + "\n"
+
+
+def _toml_lines(table: Mapping[str, object], order: tuple[str, ...]) -> Iterator[str]:
+    # tomli_w escapes the values; the layout (one line per key, [[upstream]] blocks, short
+    # arrays inline) is ours, because tomli_w would inline the upstreams and split arrays.
+    for key in order:
+        value = table.get(key)
+        if value is None:
+            continue
+        if isinstance(value, list):
+            yield f"{key} = [{', '.join(_toml_scalar(v) for v in value)}]"
+        else:
+            yield f"{key} = {_toml_scalar(value)}"
+
+
+def _toml_scalar(value: object) -> str:
+    return tomli_w.dumps({"v": value}).removeprefix("v = ").rstrip("\n")
+
+
+def save_config(config: Config, path: Path) -> None:
+    """Write the settings to `path` atomically, mode 0600; the old file survives any failure."""
+    text = dump_config(config).encode("utf-8")
+    # Write through a symlink (dotfile managers) instead of replacing the link itself.
+    target = Path(os.path.realpath(path))
+    directory = target.parent
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # mkstemp creates the file 0600 in the same directory, so os.replace is a rename.
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise ConfigError(str(path), "", f"cannot save it: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "wb") as tmp:
+            os.fchmod(tmp.fileno(), 0o600)
+            tmp.write(text)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.replace(tmp_name, target)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+        if isinstance(exc, OSError):
+            raise ConfigError(str(path), "", f"cannot save it: {exc.strerror or exc}") from None
+        raise
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory: Path) -> None:
+    # Makes the rename itself durable; some file systems refuse to open a directory.
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,456 @@
+"""The relay engine: accept redirected connections, find where they were going, tunnel them.
+
+Must not import PySide6. This module owns all of the relay's I/O (accept, dial, pipe,
+timeouts, close); protocol logic is in relay/protocol. It runs on whatever asyncio loop
+calls `start()`: plain asyncio, uvloop or qasync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import ipaddress
+import logging
+import resource
+import socket
+import struct
+import time
+from collections import Counter
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from tray_proxy.relay.credentials import CredentialSource, StaticCredentialSource
+from tray_proxy.relay.events import (
+    ConnectionClosed,
+    ConnectionOpened,
+    ConnectionRouted,
+    EngineStarted,
+    EngineStopped,
+    EventBus,
+    ListenerError,
+    TunnelEstablished,
+    UpstreamFailed,
+)
+from tray_proxy.relay.origdst import original_destination
+from tray_proxy.relay.pipe import PipePool, Tunnel
+from tray_proxy.relay.protocol.peek import HostPeeker
+from tray_proxy.relay.records import (
+    Address,
+    CloseReason,
+    ConnectionRecord,
+    ConnState,
+    next_connection_id,
+)
+from tray_proxy.relay.settings import RelaySettings, UpstreamProxy
+from tray_proxy.relay.upstream import Dialer, UpstreamError, make_handshake, run_handshake
+
+log = logging.getLogger("tray_proxy.relay")
+
+_ACCEPT_BATCH = 128
+_PEEK_RECV = 16384
+_ACCEPT_BACKOFF = 0.5
+# accept() failures that mean "out of a resource for now": keep serving, retry later.
+_ACCEPT_PRESSURE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_FAILURES = frozenset(
+    {
+        CloseReason.NO_UPSTREAM,
+        CloseReason.UPSTREAM_UNREACHABLE,
+        CloseReason.UPSTREAM_TIMEOUT,
+        CloseReason.UPSTREAM_REFUSED,
+        CloseReason.UPSTREAM_AUTH_FAILED,
+        CloseReason.UPSTREAM_PROTOCOL_ERROR,
+        CloseReason.INTERNAL_ERROR,
+    }
+)
+
+
+class RelayStartError(Exception):
+    """The relay could not start listening; the message says why and what to do."""
+
+
+def raise_nofile_limit() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (each tunnel holds two sockets)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def _fmt(addr: Address) -> str:
+    ip, port = addr
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+class RelayEngine:
+    """A transparent relay. Use: `await start()`, then later `await stop()`."""
+
+    def __init__(
+        self,
+        settings: RelaySettings,
+        upstreams: Sequence[UpstreamProxy],
+        credentials: CredentialSource | None = None,
+        bus: EventBus | None = None,
+    ) -> None:
+        self.settings = settings
+        self.upstreams = tuple(upstreams)
+        self.credentials: CredentialSource = credentials or StaticCredentialSource()
+        self.bus = bus or EventBus()
+        self.stats: Counter[str] = Counter()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._listeners: list[socket.socket] = []
+        self._addresses: tuple[Address, ...] = ()
+        self._records: dict[int, ConnectionRecord] = {}
+        self._tunnels: dict[int, Tunnel] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._pool = PipePool()
+        self._dialer = Dialer(settings.source_ports)
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._idle = asyncio.Event()
+        self._stopping = False
+
+    # -- public ---------------------------------------------------------------------------
+
+    @property
+    def addresses(self) -> tuple[Address, ...]:
+        """Where the relay listens (the real ports, also when settings.port is 0)."""
+        return self._addresses
+
+    @property
+    def active_upstream(self) -> UpstreamProxy | None:
+        wanted = self.settings.upstream
+        for upstream in self.upstreams:
+            if wanted is None or upstream.name == wanted:
+                return upstream
+        return None
+
+    def connections(self) -> list[ConnectionRecord]:
+        """Snapshots of the connections open right now."""
+        return [record.snapshot() for record in self._records.values()]
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        raise_nofile_limit()
+        port = self.settings.port
+        try:
+            for host in self.settings.listen:
+                sock = self._listen(host, port)
+                self._listeners.append(sock)
+                if port == 0:  # all listeners share the port the first one got
+                    port = sock.getsockname()[1]
+        except BaseException:
+            self._close_listeners()
+            raise
+        self._addresses = tuple(
+            (str(s.getsockname()[0]), int(s.getsockname()[1])) for s in self._listeners
+        )
+        for sock in self._listeners:
+            self._loop.add_reader(sock.fileno(), self._on_acceptable, sock)
+        self._schedule_sweep()
+        log.info("relay listening on %s", ", ".join(_fmt(a) for a in self._addresses))
+        self.bus.publish(EngineStarted(self._addresses))
+
+    async def stop(self, drain_timeout: float | None = None) -> None:
+        """Stop accepting, let open connections finish (bounded), then close the rest."""
+        if self._loop is None or self._stopping:
+            return
+        self._stopping = True
+        self._close_listeners()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        timeout = self.settings.drain_timeout if drain_timeout is None else drain_timeout
+        if self._records and timeout > 0:
+            self._idle.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), timeout)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for tunnel in list(self._tunnels.values()):
+            tunnel.close(CloseReason.SHUTDOWN, "the relay stopped")
+        self._pool.close()
+        log.info("relay stopped")
+        self.bus.publish(EngineStopped())
+
+    # -- accepting ------------------------------------------------------------------------
+
+    def _listen(self, host: str, port: int) -> socket.socket:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((host, port))
+            sock.listen(4096)
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            where = _fmt((host, port))
+            if exc.errno == errno.EADDRINUSE:
+                raise RelayStartError(
+                    f"cannot listen on {where}: the port is in use by another program; "
+                    "stop it or choose another relay.port in the config"
+                ) from None
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise RelayStartError(
+                    f"cannot listen on {where}: this machine has no such address "
+                    "(is IPv6 disabled? remove it from relay.listen)"
+                ) from None
+            raise RelayStartError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+        return sock
+
+    def _close_listeners(self) -> None:
+        for sock in self._listeners:
+            if self._loop is not None:
+                self._loop.remove_reader(sock.fileno())
+            sock.close()
+        self._listeners.clear()
+
+    def _on_acceptable(self, listener: socket.socket) -> None:
+        loop = self._loop
+        assert loop is not None
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                conn, addr = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno == errno.ECONNABORTED:
+                    continue
+                self.stats["accept_errors"] += 1
+                detail = f"accept failed: {exc.strerror or exc}; existing tunnels keep running"
+                log.warning("%s", detail)
+                self.bus.publish(ListenerError(detail))
+                if exc.errno in _ACCEPT_PRESSURE:
+                    # Out of descriptors or memory: pause this listener briefly instead of
+                    # spinning on a readiness that accept() cannot serve.
+                    loop.remove_reader(listener.fileno())
+                    loop.call_later(_ACCEPT_BACKOFF, self._resume_accepting, listener)
+                return
+            conn.setblocking(False)
+            self.stats["accepted"] += 1
+            self._spawn(self._serve(conn, (str(addr[0]), int(addr[1]))), "conn")
+
+    def _resume_accepting(self, listener: socket.socket) -> None:
+        if self._loop is not None and not self._stopping and listener.fileno() >= 0:
+            self._loop.add_reader(listener.fileno(), self._on_acceptable, listener)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        """The only place the engine creates tasks: named, referenced, reaped."""
+        assert self._loop is not None
+        task = self._loop.create_task(coro, name=f"tray-proxy {name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- one connection -------------------------------------------------------------------
+
+    def _is_relay_address(self, dst: Address, local: Address) -> bool:
+        if dst == local:
+            return True
+        ip, port = dst
+        if port != local[1]:
+            return False
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return addr.is_loopback or any(ip == a[0] for a in self._addresses)
+
+    async def _serve(self, conn: socket.socket, client: Address) -> None:
+        loop = self._loop
+        assert loop is not None
+        record = ConnectionRecord(id=next_connection_id(), client=client)
+        self._records[record.id] = record
+        upstream_sock: socket.socket | None = None
+        try:
+            local = conn.getsockname()
+            dst = original_destination(conn)
+            record.original_dst = dst
+            self.bus.publish(ConnectionOpened(record.id, client, dst))
+            if dst is None:
+                self._finish(
+                    record,
+                    conn,
+                    CloseReason.NO_ORIGINAL_DST,
+                    "no redirect record for this connection (it was made to the relay port "
+                    "directly, not redirected by nftables)",
+                )
+                return
+            if self._is_relay_address(dst, (str(local[0]), int(local[1]))):
+                self._finish(
+                    record,
+                    conn,
+                    CloseReason.NOT_REDIRECTED,
+                    "connection made to the relay port directly, not redirected",
+                )
+                return
+            record.state = ConnState.PEEKING
+            peeked = b""
+            if self.settings.peek_timeout > 0:
+                record.host, peeked = await self._peek(conn)
+            upstream = self.active_upstream
+            record.upstream = upstream.name if upstream else None
+            self.bus.publish(ConnectionRouted(record.id, record.host, record.upstream))
+            if upstream is None:
+                self._finish(record, conn, CloseReason.NO_UPSTREAM, "no upstream proxy is set up")
+                return
+            record.state = ConnState.CONNECTING
+            started = time.monotonic()
+            upstream_sock = await self._dialer.connect(
+                upstream.host, upstream.port, self.settings.connect_timeout
+            )
+            record.state = ConnState.HANDSHAKING
+            handshake = make_handshake(upstream, record.host or dst[0], dst[1], self.credentials)
+            trailing = await run_handshake(
+                loop, upstream_sock, handshake, upstream, self.settings.handshake_timeout
+            )
+            record.handshake_latency = time.monotonic() - started
+            if peeked:
+                await loop.sock_sendall(upstream_sock, peeked)
+                record.bytes_up += len(peeked)
+            if trailing:
+                await loop.sock_sendall(conn, trailing)
+                record.bytes_down += len(trailing)
+        except UpstreamError as exc:
+            if upstream_sock is not None:
+                upstream_sock.close()
+            name = record.upstream or "?"
+            self.bus.publish(UpstreamFailed(name, exc.reason, exc.detail))
+            self._finish(record, conn, exc.reason, exc.detail, reset=True)
+            return
+        except asyncio.CancelledError:
+            if upstream_sock is not None:
+                upstream_sock.close()
+            self._finish(record, conn, CloseReason.SHUTDOWN, "the relay stopped", reset=True)
+            raise
+        except OSError as exc:
+            # The client went away while we were still setting up its tunnel.
+            if upstream_sock is not None:
+                upstream_sock.close()
+            self._finish(
+                record, conn, CloseReason.CLIENT_RESET, f"client side: {exc.strerror or exc}"
+            )
+            return
+        except Exception as exc:
+            if upstream_sock is not None:
+                upstream_sock.close()
+            log.exception("internal error on connection %d", record.id)
+            self._finish(
+                record, conn, CloseReason.INTERNAL_ERROR, type(exc).__name__, reset=True
+            )
+            return
+        record.state = ConnState.OPEN
+        record.established_at = time.time()
+        assert record.handshake_latency is not None
+        self.bus.publish(TunnelEstablished(record.id, record.upstream, record.handshake_latency))
+        tunnel = Tunnel(
+            loop,
+            self._pool,
+            conn,
+            upstream_sock,
+            record,
+            lambda reason, detail: self._tunnel_closed(record, reason, detail),
+        )
+        self._tunnels[record.id] = tunnel
+        tunnel.start()
+
+    async def _peek(self, conn: socket.socket) -> tuple[str | None, bytes]:
+        """Read the client's first bytes (bounded in size and time) for a host name."""
+        loop = self._loop
+        assert loop is not None
+        peeker = HostPeeker(self.settings.peek_max_bytes)
+        deadline = loop.time() + self.settings.peek_timeout
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                peeker.feed(b"")
+                break
+            try:
+                data = await asyncio.wait_for(loop.sock_recv(conn, _PEEK_RECV), remaining)
+            except asyncio.TimeoutError:
+                peeker.feed(b"")
+                break
+            if peeker.feed(data) or not data:
+                break
+        return peeker.host, peeker.buffered
+
+    def _tunnel_closed(self, record: ConnectionRecord, reason: CloseReason, detail: str) -> None:
+        self._tunnels.pop(record.id, None)
+        self._record_closed(record, reason, detail)
+
+    def _finish(
+        self,
+        record: ConnectionRecord,
+        conn: socket.socket,
+        reason: CloseReason,
+        detail: str,
+        reset: bool = False,
+    ) -> None:
+        if reset:
+            with contextlib.suppress(OSError):
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+        self._record_closed(record, reason, detail)
+
+    def _record_closed(self, record: ConnectionRecord, reason: CloseReason, detail: str) -> None:
+        record.state = ConnState.CLOSED
+        record.closed_at = time.time()
+        record.close_reason = reason
+        record.close_detail = detail
+        self._records.pop(record.id, None)
+        self.stats[reason.value] += 1
+        self.bus.publish(
+            ConnectionClosed(
+                record.id,
+                reason,
+                detail,
+                record.bytes_up,
+                record.bytes_down,
+                record.closed_at - record.opened_at,
+            )
+        )
+        if reason in _FAILURES:
+            log.warning(
+                "conn %d %s -> %s via %s: %s: %s",
+                record.id,
+                _fmt(record.client),
+                record.destination,
+                record.upstream or "-",
+                reason.value,
+                detail,
+            )
+        elif log.isEnabledFor(logging.INFO):
+            log.info(
+                "conn %d %s -> %s via %s: %s, %d B up, %d B down%s",
+                record.id,
+                _fmt(record.client),
+                record.destination,
+                record.upstream or "-",
+                reason.value,
+                record.bytes_up,
+                record.bytes_down,
+                f" ({detail})" if detail else "",
+            )
+        if self._stopping and not self._records:
+            self._idle.set()
+
+    # -- idle timeout ---------------------------------------------------------------------
+
+    def _schedule_sweep(self) -> None:
+        assert self._loop is not None
+        interval = min(30.0, max(0.05, self.settings.idle_timeout / 4))
+        self._sweeper = self._loop.call_later(interval, self._sweep)
+
+    def _sweep(self) -> None:
+        limit = time.monotonic() - self.settings.idle_timeout
+        for tunnel in [t for t in self._tunnels.values() if t.last_active < limit]:
+            tunnel.close(
+                CloseReason.IDLE_TIMEOUT,
+                f"no data either way for {self.settings.idle_timeout:g}s",
+            )
+        if not self._stopping:
+            self._schedule_sweep()

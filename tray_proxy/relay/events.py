@@ -1,0 +1,109 @@
+"""Typed events the engine publishes, and the tiny observer that carries them.
+
+Must not import PySide6. Only tray_proxy/ui/bridge.py turns these into Qt signals.
+Observers are called synchronously on the engine's loop thread: they must be quick and
+must not block (the UI bridge just queues them).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tray_proxy.relay.records import Address, CloseReason
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStarted:
+    addresses: tuple[Address, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStopped:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionOpened:
+    conn_id: int
+    client: Address
+    original_dst: Address | None
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionRouted:
+    conn_id: int
+    host: str | None
+    upstream: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelEstablished:
+    conn_id: int
+    upstream: str | None
+    handshake_latency: float
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    conn_id: int
+    reason: CloseReason
+    detail: str
+    bytes_up: int
+    bytes_down: int
+    duration: float
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamFailed:
+    """An upstream could not be used for a connection (connect, handshake or auth)."""
+
+    upstream: str
+    reason: CloseReason
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerError:
+    """accept() failed (e.g. EMFILE); the engine keeps serving existing tunnels."""
+
+    detail: str
+
+
+Event = (
+    EngineStarted
+    | EngineStopped
+    | ConnectionOpened
+    | ConnectionRouted
+    | TunnelEstablished
+    | ConnectionClosed
+    | UpstreamFailed
+    | ListenerError
+)
+Observer = Callable[[Event], None]
+
+
+class EventBus:
+    """Synchronous fan-out of events. A failing observer is logged and never breaks the engine."""
+
+    def __init__(self) -> None:
+        self._observers: list[Observer] = []
+
+    def subscribe(self, observer: Observer) -> Callable[[], None]:
+        self._observers.append(observer)
+
+        def unsubscribe() -> None:
+            if observer in self._observers:
+                self._observers.remove(observer)
+
+        return unsubscribe
+
+    def publish(self, event: Event) -> None:
+        for observer in tuple(self._observers):
+            try:
+                observer(event)
+            except Exception:  # an observer bug must not kill a tunnel
+                log.exception("event observer %r failed on %s", observer, type(event).__name__)

@@ -1,0 +1,253 @@
+"""Moving bytes between the client and the upstream once the tunnel is open.
+
+Must not import PySide6.
+
+Bytes never enter Python: each direction uses `os.splice` socket -> pipe -> socket. Pipes
+come from a small shared pool and a direction holds one only while bytes are in flight, so
+an idle tunnel costs two sockets and a few small objects (shared/BENCHMARKS.md lesson 4).
+Readiness comes from `loop.add_reader` / `add_writer`, which plain asyncio, uvloop and
+qasync all provide. Backpressure: a direction stops reading its source while its pipe
+still holds bytes the destination has not taken. Half-close: EOF on one side becomes
+`shutdown(SHUT_WR)` on the other once everything before it was delivered, while the
+other direction keeps flowing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import os
+import socket
+import struct
+import time
+from collections.abc import Callable
+
+from tray_proxy.relay.records import CloseReason, ConnectionRecord
+
+_SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+PIPE_SIZE = 1 << 20  # bytes per splice; bounded by /proc/sys/fs/pipe-max-size
+_RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, errno.EHOSTUNREACH})
+
+
+class PipePool:
+    """Kernel pipes lent to directions while they have bytes in flight."""
+
+    def __init__(self, size: int = PIPE_SIZE, keep: int = 32) -> None:
+        self._free: list[tuple[int, int, int]] = []
+        self._size = size
+        self._keep = keep
+        self.created = 0
+
+    def take(self) -> tuple[int, int, int]:
+        """(read fd, write fd, capacity in bytes)."""
+        if self._free:
+            return self._free.pop()
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        capacity = 65536
+        with contextlib.suppress(OSError):  # over pipe-max-size or the user's pipe quota
+            capacity = fcntl.fcntl(w, _F_SETPIPE_SZ, self._size)
+        self.created += 1
+        return r, w, capacity
+
+    def give_back(self, pipe: tuple[int, int, int]) -> None:
+        """Return an EMPTY pipe. A pipe that may still hold bytes must be closed instead."""
+        if len(self._free) < self._keep:
+            self._free.append(pipe)
+        else:
+            close_pipe(pipe)
+
+    def close(self) -> None:
+        while self._free:
+            close_pipe(self._free.pop())
+
+
+def close_pipe(pipe: tuple[int, int, int]) -> None:
+    for fd in pipe[:2]:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+class _Direction:
+    """One way of a tunnel: src socket -> pipe -> dst socket."""
+
+    __slots__ = ("tunnel", "src", "dst", "pipe", "pending", "eof", "finished", "upstream_bound")
+
+    def __init__(self, tunnel: Tunnel, src: int, dst: int, upstream_bound: bool) -> None:
+        self.tunnel = tunnel
+        self.src = src
+        self.dst = dst
+        self.pipe: tuple[int, int, int] | None = None
+        self.pending = 0  # bytes in the pipe not yet delivered to dst
+        self.eof = False
+        self.finished = False  # EOF seen and everything delivered, dst shut for writing
+        self.upstream_bound = upstream_bound  # True: client -> upstream
+
+    def start(self) -> None:
+        self.tunnel.loop.add_reader(self.src, self.on_readable)
+
+    def on_readable(self) -> None:
+        tunnel = self.tunnel
+        if self.pipe is None:
+            self.pipe = tunnel.pool.take()
+        try:
+            n = os.splice(self.src, self.pipe[1], self.pipe[2], flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            self._release_pipe_if_empty()
+            return
+        except OSError as exc:
+            tunnel.fail(not self.upstream_bound, exc)
+            return
+        if n == 0:
+            self.tunnel.loop.remove_reader(self.src)
+            self.eof = True
+            self._release_pipe_if_empty()
+            if self.pending == 0:
+                self._finish()
+            return
+        self.pending += n
+        tunnel.count(self.upstream_bound, n)
+        self.on_writable(registered=False)
+
+    def on_writable(self, registered: bool = True) -> None:
+        assert self.pipe is not None
+        tunnel = self.tunnel
+        while self.pending:
+            try:
+                m = os.splice(self.pipe[0], self.dst, self.pending, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                tunnel.fail(self.upstream_bound, exc)
+                return
+            if m == 0:  # pragma: no cover - the kernel reports EAGAIN rather than 0
+                break
+            self.pending -= m
+        loop = tunnel.loop
+        if self.pending:
+            if not registered:
+                loop.remove_reader(self.src)
+                loop.add_writer(self.dst, self.on_writable)
+            return
+        self._release_pipe_if_empty()
+        if registered:
+            loop.remove_writer(self.dst)
+            if not self.eof:
+                loop.add_reader(self.src, self.on_readable)
+        if self.eof:
+            self._finish()
+
+    def _release_pipe_if_empty(self) -> None:
+        if self.pipe is not None and self.pending == 0:
+            self.tunnel.pool.give_back(self.pipe)
+            self.pipe = None
+
+    def _finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        try:
+            self.tunnel.socks[self.dst].shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:
+                self.tunnel.fail(self.upstream_bound, exc)
+                return
+        self.tunnel.direction_finished()
+
+    def stop(self) -> None:
+        loop = self.tunnel.loop
+        loop.remove_reader(self.src)
+        loop.remove_writer(self.dst)
+        if self.pipe is not None:
+            if self.pending:
+                close_pipe(self.pipe)  # still holds bytes: never lend it out again
+            else:
+                self.tunnel.pool.give_back(self.pipe)
+            self.pipe = None
+
+
+class Tunnel:
+    """Both directions between a client socket and an upstream socket.
+
+    `on_close(reason, detail)` is called exactly once, after both sockets are closed.
+    The byte counters of `record` are kept current as chunks move.
+    """
+
+    __slots__ = (
+        "loop",
+        "pool",
+        "client",
+        "upstream",
+        "socks",
+        "up",
+        "down",
+        "closed",
+        "last_active",
+        "record",
+        "_on_close",
+    )
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        pool: PipePool,
+        client: socket.socket,
+        upstream: socket.socket,
+        record: ConnectionRecord,
+        on_close: Callable[[CloseReason, str], None],
+    ) -> None:
+        self.loop = loop
+        self.pool = pool
+        self.client = client
+        self.upstream = upstream
+        self.socks = {client.fileno(): client, upstream.fileno(): upstream}
+        self.up = _Direction(self, client.fileno(), upstream.fileno(), upstream_bound=True)
+        self.down = _Direction(self, upstream.fileno(), client.fileno(), upstream_bound=False)
+        self.closed = False
+        self.last_active = time.monotonic()
+        self.record = record
+        self._on_close = on_close
+
+    def start(self) -> None:
+        self.up.start()
+        self.down.start()
+
+    def count(self, upstream_bound: bool, n: int) -> None:
+        self.last_active = time.monotonic()
+        if upstream_bound:
+            self.record.bytes_up += n
+        else:
+            self.record.bytes_down += n
+
+    def direction_finished(self) -> None:
+        if self.up.finished and self.down.finished:
+            self.close(CloseReason.DONE, "")
+
+    def fail(self, upstream_side: bool, exc: OSError) -> None:
+        """An error on one side: reset the other so its peer sees a failure, not a clean end."""
+        words = os.strerror(exc.errno) if exc.errno else str(exc)
+        if upstream_side:
+            self.close(CloseReason.UPSTREAM_RESET, f"upstream side: {words}", reset=True)
+        else:
+            self.close(CloseReason.CLIENT_RESET, f"client side: {words}", reset=True)
+
+    def close(self, reason: CloseReason, detail: str, reset: bool = False) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.up.stop()
+        self.down.stop()
+        for sock in (self.client, self.upstream):
+            if reset:
+                with contextlib.suppress(OSError):
+                    # SO_LINGER 0: close() sends RST, so the peer cannot mistake a
+                    # failed transfer for a complete one.
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+        self._on_close(reason, detail)
+
+
+def is_reset(exc: OSError) -> bool:
+    return exc.errno in _RESET_ERRNOS

@@ -1,0 +1,95 @@
+"""Connections as data: one ConnectionRecord per accepted connection, and why it closed.
+
+Must not import PySide6. The UI reads these; it never computes state of its own.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+Address = tuple[str, int]
+
+
+class ConnState(enum.Enum):
+    ACCEPTED = "accepted"
+    PEEKING = "peeking"
+    CONNECTING = "connecting"
+    HANDSHAKING = "handshaking"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class CloseReason(enum.Enum):
+    """Why a connection ended: exactly one per connection."""
+
+    DONE = "done"  # both sides finished normally
+    NOT_REDIRECTED = "not-redirected"  # someone connected to the relay port directly
+    NO_ORIGINAL_DST = "no-original-destination"
+    NO_UPSTREAM = "no-upstream"
+    UPSTREAM_UNREACHABLE = "upstream-unreachable"  # TCP connect to the proxy failed
+    UPSTREAM_TIMEOUT = "upstream-timeout"  # TCP connect or handshake took too long
+    UPSTREAM_REFUSED = "upstream-refused"  # the proxy answered the CONNECT with an error
+    UPSTREAM_AUTH_FAILED = "upstream-auth-failed"  # 407, or SOCKS5 auth rejected
+    UPSTREAM_PROTOCOL_ERROR = "upstream-protocol-error"  # the proxy's answer made no sense
+    UPSTREAM_RESET = "upstream-reset"  # the upstream side failed mid-tunnel
+    CLIENT_RESET = "client-reset"  # the client side failed mid-tunnel
+    IDLE_TIMEOUT = "idle-timeout"
+    SHUTDOWN = "shutdown"  # the relay stopped
+    INTERNAL_ERROR = "internal-error"
+
+
+_ids = iter(range(1, 1 << 62))
+
+
+def next_connection_id() -> int:
+    return next(_ids)
+
+
+@dataclass(slots=True, eq=False)
+class ConnectionRecord:
+    """One relayed connection, from accept to close. Mutated only by the engine's loop."""
+
+    id: int
+    client: Address
+    original_dst: Address | None = None
+    host: str | None = None  # from SNI or Host:, validated
+    upstream: str | None = None  # upstream name, or None before routing
+    state: ConnState = ConnState.ACCEPTED
+    opened_at: float = field(default_factory=time.time)
+    established_at: float | None = None
+    closed_at: float | None = None
+    handshake_latency: float | None = None  # seconds from dialing the upstream to tunnel open
+    bytes_up: int = 0  # client -> upstream
+    bytes_down: int = 0  # upstream -> client
+    close_reason: CloseReason | None = None
+    close_detail: str = ""
+
+    @property
+    def destination(self) -> str:
+        """host:port as the user thinks of it (the name when known, else the IP)."""
+        if self.original_dst is None:
+            return "?"
+        ip, port = self.original_dst
+        host = self.host or (f"[{ip}]" if ":" in ip else ip)
+        return f"{host}:{port}"
+
+    def snapshot(self) -> ConnectionRecord:
+        """A copy safe to hand to another thread."""
+        return ConnectionRecord(
+            id=self.id,
+            client=self.client,
+            original_dst=self.original_dst,
+            host=self.host,
+            upstream=self.upstream,
+            state=self.state,
+            opened_at=self.opened_at,
+            established_at=self.established_at,
+            closed_at=self.closed_at,
+            handshake_latency=self.handshake_latency,
+            bytes_up=self.bytes_up,
+            bytes_down=self.bytes_down,
+            close_reason=self.close_reason,
+            close_detail=self.close_detail,
+        )

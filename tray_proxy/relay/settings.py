@@ -1,0 +1,54 @@
+"""What the engine needs to know, as plain validated data (the TOML parsing lives in config.py).
+
+Must not import PySide6.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class UpstreamKind(enum.Enum):
+    HTTP = "http"
+    SOCKS5 = "socks5"
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamProxy:
+    """One corporate proxy the relay can tunnel through."""
+
+    name: str
+    kind: UpstreamKind
+    host: str
+    port: int
+    username: str | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.kind.value}://{host}:{self.port}"
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.url})"
+
+
+@dataclass(frozen=True, slots=True)
+class RelaySettings:
+    """Listener, timeouts and limits of the engine."""
+
+    port: int = 12080
+    listen: tuple[str, ...] = ("127.0.0.1", "::1")
+    redirect_ports: tuple[int, ...] = (80, 443)
+    upstream: str | None = None  # name of the upstream to use; None: the first one
+    connect_timeout: float = 10.0
+    handshake_timeout: float = 10.0
+    idle_timeout: float = 600.0
+    peek_timeout: float = 1.0
+    peek_max_bytes: int = 16384
+    # The relay's own outbound sockets bind to a source port in this range, so the
+    # redirect can exclude them without any privilege in the relay (ARCHITECTURE.md,
+    # "Loops and exposure"). It lies above the default ip_local_port_range.
+    source_ports: tuple[int, int] | None = (61000, 64999)
+    drain_timeout: float = 5.0
+    extra: dict[str, str] = field(default_factory=dict)

@@ -1,0 +1,212 @@
+"""Dialing an upstream proxy and running its handshake (HTTP CONNECT or SOCKS5).
+
+Must not import PySide6. The protocol logic lives in relay/protocol (sans-IO); this module
+only does the I/O around it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import itertools
+import socket
+import time
+from dataclasses import dataclass
+
+from tray_proxy.relay.credentials import CredentialSource
+from tray_proxy.relay.protocol.auth import basic_proxy_authorization
+from tray_proxy.relay.protocol.errors import HandshakeRefused, ProtocolError
+from tray_proxy.relay.protocol.handshake import UpstreamHandshake
+from tray_proxy.relay.protocol.http_connect import ConnectHandshake
+from tray_proxy.relay.protocol.socks5 import Socks5Handshake
+from tray_proxy.relay.records import Address, CloseReason
+from tray_proxy.relay.settings import UpstreamKind, UpstreamProxy
+
+_RECV = 65536
+_RESOLVE_TTL = 60.0
+
+
+class UpstreamError(Exception):
+    """This upstream could not give us a tunnel. `reason` is what the connection record keeps."""
+
+    def __init__(self, reason: CloseReason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(slots=True)
+class _Resolved:
+    addresses: list[tuple[int, Address]]
+    expires: float
+
+
+class SourcePorts:
+    """Hands out source ports from the relay's reserved range, round robin.
+
+    Several sockets may share a source port (SO_REUSEADDR) as long as the 4-tuples differ;
+    a collision shows up as EADDRINUSE/EADDRNOTAVAIL and we move on to the next port.
+    """
+
+    def __init__(self, first: int, last: int) -> None:
+        self.first = first
+        self.last = last
+        self._cycle = itertools.cycle(range(first, last + 1))
+
+    def bind(self, sock: socket.socket, family: int) -> None:
+        host = "0.0.0.0" if family == socket.AF_INET else "::"
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        attempts = min(64, self.last - self.first + 1)
+        for _ in range(attempts):
+            port = next(self._cycle)
+            try:
+                sock.bind((host, port))
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
+                    raise
+        raise OSError(errno.EADDRINUSE, f"no free source port in {self.first}-{self.last}")
+
+
+class Dialer:
+    """Opens TCP connections to upstreams, from the reserved source-port range."""
+
+    def __init__(self, source_ports: tuple[int, int] | None) -> None:
+        self._ports = SourcePorts(*source_ports) if source_ports else None
+        self._cache: dict[tuple[str, int], _Resolved] = {}
+
+    async def resolve(self, host: str, port: int) -> list[tuple[int, Address]]:
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            pass
+        else:
+            family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+            return [(family, (str(ip), port))]
+        key = (host, port)
+        now = time.monotonic()
+        cached = self._cache.get(key)
+        if cached is not None and cached.expires > now:
+            return cached.addresses
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        addresses: list[tuple[int, Address]] = []
+        for family, _type, _proto, _canon, sockaddr in infos:
+            entry = (int(family), (str(sockaddr[0]), int(sockaddr[1])))
+            if entry not in addresses:
+                addresses.append(entry)
+        self._cache[key] = _Resolved(addresses, now + _RESOLVE_TTL)
+        return addresses
+
+    async def connect(self, host: str, port: int, timeout: float) -> socket.socket:
+        """A connected non-blocking socket, or UpstreamError (unreachable / timeout)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            addresses = await asyncio.wait_for(self.resolve(host, port), timeout)
+        except asyncio.TimeoutError:
+            raise UpstreamError(
+                CloseReason.UPSTREAM_TIMEOUT, f"resolving {host} took over {timeout:g}s"
+            ) from None
+        except OSError as exc:
+            raise UpstreamError(
+                CloseReason.UPSTREAM_UNREACHABLE, f"cannot resolve {host}: {exc.strerror or exc}"
+            ) from None
+        last = "no address"
+        for family, addr in addresses:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if self._ports is not None:
+                    self._ports.bind(sock, family)
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise asyncio.TimeoutError
+                await asyncio.wait_for(loop.sock_connect(sock, addr), remaining)
+                return sock
+            except asyncio.TimeoutError:
+                sock.close()
+                raise UpstreamError(
+                    CloseReason.UPSTREAM_TIMEOUT,
+                    f"connecting to {_fmt(addr)} took over {timeout:g}s",
+                ) from None
+            except OSError as exc:
+                sock.close()
+                last = f"{_fmt(addr)}: {exc.strerror or exc}"
+            except BaseException:
+                sock.close()
+                raise
+        raise UpstreamError(CloseReason.UPSTREAM_UNREACHABLE, f"cannot connect to {last}")
+
+
+def _fmt(addr: Address) -> str:
+    ip, port = addr
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def make_handshake(
+    upstream: UpstreamProxy, target_host: str, target_port: int, credentials: CredentialSource
+) -> UpstreamHandshake:
+    """The protocol object for one tunnel through `upstream` to target_host:target_port."""
+    creds = credentials.get(upstream.name, upstream.username)
+    if upstream.kind is UpstreamKind.SOCKS5:
+        if creds is None:
+            return Socks5Handshake(target_host, target_port)
+        return Socks5Handshake(
+            target_host,
+            target_port,
+            username=creds.username,
+            password=creds.password.reveal(),
+        )
+    headers: list[tuple[str, str]] = []
+    if creds is not None:
+        headers.append(basic_proxy_authorization(creds.username, creds.password.reveal()))
+    return ConnectHandshake(target_host, target_port, headers=headers)
+
+
+async def run_handshake(
+    loop: asyncio.AbstractEventLoop,
+    sock: socket.socket,
+    handshake: UpstreamHandshake,
+    upstream: UpstreamProxy,
+    timeout: float,
+) -> bytes:
+    """Drive `handshake` over `sock`; returns the bytes that followed it (tunnel data)."""
+
+    async def drive() -> bytes:
+        out = handshake.data_to_send()
+        if out:
+            await loop.sock_sendall(sock, out)
+        while not handshake.done:
+            data = await loop.sock_recv(sock, _RECV)
+            handshake.receive_data(data)
+            out = handshake.data_to_send()
+            if out:
+                await loop.sock_sendall(sock, out)
+        return handshake.trailing
+
+    try:
+        return await asyncio.wait_for(drive(), timeout)
+    except asyncio.TimeoutError:
+        raise UpstreamError(
+            CloseReason.UPSTREAM_TIMEOUT,
+            f"proxy {upstream} did not complete the handshake within {timeout:g}s",
+        ) from None
+    except HandshakeRefused as exc:
+        if exc.auth_failed:
+            raise UpstreamError(
+                CloseReason.UPSTREAM_AUTH_FAILED,
+                f"proxy {upstream} rejected the credentials ({exc})",
+            ) from None
+        raise UpstreamError(CloseReason.UPSTREAM_REFUSED, f"proxy {upstream}: {exc}") from None
+    except ProtocolError as exc:
+        raise UpstreamError(
+            CloseReason.UPSTREAM_PROTOCOL_ERROR, f"proxy {upstream} sent a bad answer: {exc}"
+        ) from None
+    except OSError as exc:
+        raise UpstreamError(
+            CloseReason.UPSTREAM_RESET,
+            f"proxy {upstream} dropped the connection: {exc.strerror or exc}",
+        ) from None
