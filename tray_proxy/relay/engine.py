@@ -17,7 +17,7 @@ import socket
 import struct
 import time
 from collections import Counter
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from tray_proxy.relay.credentials import CredentialSource, StaticCredentialSource
@@ -93,7 +93,10 @@ class RelayEngine:
         upstreams: Sequence[UpstreamProxy],
         credentials: CredentialSource | None = None,
         bus: EventBus | None = None,
+        *,
+        destination_of: Callable[[socket.socket], Address | None] = original_destination,
     ) -> None:
+        """`destination_of` finds a connection's original destination; tests may swap it."""
         self.settings = settings
         self.upstreams = tuple(upstreams)
         self.credentials: CredentialSource = credentials or StaticCredentialSource()
@@ -110,6 +113,7 @@ class RelayEngine:
         self._sweeper: asyncio.TimerHandle | None = None
         self._idle = asyncio.Event()
         self._stopping = False
+        self._destination_of = destination_of
 
     # -- public ---------------------------------------------------------------------------
 
@@ -268,7 +272,7 @@ class RelayEngine:
         upstream_sock: socket.socket | None = None
         try:
             local = conn.getsockname()
-            dst = original_destination(conn)
+            dst = self._destination_of(conn)
             record.original_dst = dst
             self.bus.publish(ConnectionOpened(record.id, client, dst))
             if dst is None:
