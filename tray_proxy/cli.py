@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Carry every tool's HTTP(S) through the corporate proxy, no proxy settings.",
     )
     parser.add_argument("--version", action="version", version=f"tray-proxy {__version__}")
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
         "--config",
         metavar="FILE",
@@ -64,15 +64,6 @@ def _setup_logging(verbose: int) -> None:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-
-
-def _new_event_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-    return loop
 
 
 async def _run_relay(args: argparse.Namespace) -> int:
@@ -129,7 +120,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     _setup_logging(args.verbose)
     if args.command == "run":
-        loop = _new_event_loop()
+        from tray_proxy.relay.runner import new_fast_loop
+
+        loop = new_fast_loop()
         try:
             return loop.run_until_complete(_run_relay(args))
         finally:

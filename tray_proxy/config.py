@@ -384,10 +384,11 @@ class _Parser:
             raise self.fail(field, f"must start with http:// or socks5://, {example}")
         kind = _SCHEMES.get(scheme.lower())
         if kind is None:
-            shown = f' "{scheme}://"' if re.fullmatch(r"[A-Za-z0-9+.-]{1,20}", scheme) else ""
+            # The scheme is not quoted either: "alice:S3cret//..." is still a possible typo.
+            hint = " (TLS to the proxy is not supported)" if scheme.lower() == "https" else ""
             raise self.fail(
                 field,
-                f"scheme{shown} is not supported; use http:// (HTTP CONNECT) or socks5://",
+                f"scheme is not supported{hint}; use http:// (HTTP CONNECT) or socks5://",
             )
         authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
         tail = rest[len(authority) :]

@@ -50,7 +50,7 @@ class CredentialSource(Protocol):
 
 
 class SystemdCredentialSource:
-    """systemd's credentials convention: the password of upstream NAME is `$CREDENTIALS_DIRECTORY/NAME`.
+    """systemd credentials: the password of upstream NAME is `$CREDENTIALS_DIRECTORY/NAME`.
 
     A trailing newline in the file is not part of the password.
     """

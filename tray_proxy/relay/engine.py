@@ -343,9 +343,7 @@ class RelayEngine:
             if upstream_sock is not None:
                 upstream_sock.close()
             log.exception("internal error on connection %d", record.id)
-            self._finish(
-                record, conn, CloseReason.INTERNAL_ERROR, type(exc).__name__, reset=True
-            )
+            self._finish(record, conn, CloseReason.INTERNAL_ERROR, type(exc).__name__, reset=True)
             return
         record.state = ConnState.OPEN
         record.established_at = time.time()

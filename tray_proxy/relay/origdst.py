@@ -34,7 +34,7 @@ def original_destination(sock: socket.socket) -> Address | None:
         if sock.family == socket.AF_INET:
             raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, _SOCKADDR_IN_LEN)
         elif sock.family == socket.AF_INET6:
-            raw = sock.getsockopt(socket.SOL_IPV6, IP6T_SO_ORIGINAL_DST, _SOCKADDR_IN6_LEN)
+            raw = sock.getsockopt(socket.IPPROTO_IPV6, IP6T_SO_ORIGINAL_DST, _SOCKADDR_IN6_LEN)
         else:
             return None
     except OSError:

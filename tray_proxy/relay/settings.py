@@ -6,7 +6,7 @@ Must not import PySide6.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 class UpstreamKind(enum.Enum):
@@ -51,4 +51,3 @@ class RelaySettings:
     # "Loops and exposure"). It lies above the default ip_local_port_range.
     source_ports: tuple[int, int] | None = (61000, 64999)
     drain_timeout: float = 5.0
-    extra: dict[str, str] = field(default_factory=dict)
