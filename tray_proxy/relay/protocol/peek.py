@@ -162,6 +162,8 @@ def _server_name(hello: bytes, found: list[bytes]) -> None:
         if found:  # RFC 8446 4.2: one extension of each type at most
             raise _Malformed
         names = ext.vector(2)
+        if not ext.at_end():  # the list must fill the extension exactly
+            raise _Malformed
         host = None
         while not names.at_end():
             name_type = names.number(1)
@@ -309,10 +311,15 @@ class HostPeeker:
                 return
 
     def _partial_tls_host(self) -> str | None:
+        hello = bytes(self._handshake)
+        # An unfinished record was vetted by _feed_tls when its header arrived; its payload
+        # so far is part of the hello. This matters: a large hello in one 16 KiB record never
+        # completes within the default max_bytes.
+        hello += self._buf[self._record_pos + 5 :]
         found: list[bytes] = []
-        if len(self._handshake) >= 4:
+        if len(hello) >= 4:
             try:
-                _server_name(bytes(self._handshake), found)
+                _server_name(hello, found)
             except _Malformed:
                 return None
             except _Truncated:

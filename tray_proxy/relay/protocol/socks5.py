@@ -250,15 +250,15 @@ class Socks5Handshake:
         try:
             reply = self._conn.receive_data(message)
         except socksio.ProtocolError:
-            # socksio rejects reply codes RFC 1928 leaves unassigned and undecodable bound
-            # addresses; a refusal is still a refusal.
-            if code != 0:
-                raise self._refused(code) from None
-            raise ProtocolError(
-                f"SOCKS5 proxy sent a malformed CONNECT reply {peer_excerpt(message)}"
-            ) from None
-        assert isinstance(reply, s5.SOCKS5Reply)
-        if reply.reply_code is not s5.SOCKS5ReplyCode.SUCCEEDED:
+            # socksio rejects the reply codes RFC 1928 leaves unassigned, and bound domain
+            # names that are not UTF-8 (it decodes the length byte with the name, so names of
+            # 128 bytes or more always fail). The framing above is sound and we never use the
+            # bound address, so the reply code alone decides.
+            succeeded = code == 0
+        else:
+            assert isinstance(reply, s5.SOCKS5Reply)
+            succeeded = reply.reply_code is s5.SOCKS5ReplyCode.SUCCEEDED
+        if not succeeded:
             raise self._refused(code)
         self._trailing = bytes(self._buffer)
         self._buffer.clear()

@@ -1,0 +1,436 @@
+"""HTTP CONNECT handshake: transcripts of what real proxies answer, trickled and fuzzed."""
+
+from collections.abc import Callable, Iterable
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tray_proxy.relay.protocol.auth import basic_proxy_authorization
+from tray_proxy.relay.protocol.errors import HandshakeRefused, ProtocolError, UsageError
+from tray_proxy.relay.protocol.http_connect import (
+    MAX_RESPONSE_HEADERS,
+    ConnectHandshake,
+    format_authority,
+)
+
+FUZZ = settings(max_examples=400, deadline=None)
+
+# What Squid 5.7 sends on the wire, byte for byte apart from the dates.
+SQUID_200 = b"HTTP/1.1 200 Connection established\r\n\r\n"
+SQUID_407 = (
+    b"HTTP/1.1 407 Proxy Authentication Required\r\n"
+    b"Server: squid/5.7\r\n"
+    b"Mime-Version: 1.0\r\n"
+    b"Date: Thu, 27 Nov 2025 07:47:00 GMT\r\n"
+    b"Content-Type: text/html;charset=utf-8\r\n"
+    b"Content-Length: 3520\r\n"
+    b"X-Squid-Error: ERR_CACHE_ACCESS_DENIED 0\r\n"
+    b"Vary: Accept-Language\r\n"
+    b"Content-Language: en\r\n"
+    b'Proxy-Authenticate: Basic realm="Squid proxy-caching web server"\r\n'
+    b"X-Cache: MISS from proxy.corp\r\n"
+    b"Via: 1.1 proxy.corp (squid/5.7)\r\n"
+    b"Connection: keep-alive\r\n"
+    b"\r\n"
+    b"<!DOCTYPE html PUBLIC ...><html><body>Cache Access Denied</body></html>"
+)
+SQUID_403 = (
+    b"HTTP/1.1 403 Forbidden\r\n"
+    b"Server: squid/5.7\r\n"
+    b"Content-Type: text/html;charset=utf-8\r\n"
+    b"Content-Length: 3423\r\n"
+    b"X-Squid-Error: ERR_ACCESS_DENIED 0\r\n"
+    b"\r\n"
+    b"<html>Access Denied</html>"
+)
+SQUID_502 = (
+    b"HTTP/1.1 502 Bad Gateway\r\n"
+    b"Server: squid/5.7\r\n"
+    b"X-Squid-Error: ERR_CONNECT_FAIL 111\r\n"
+    b"Content-Length: 0\r\n"
+    b"\r\n"
+)
+CONTINUE_THEN_200 = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 102 Processing\r\n\r\n" + SQUID_200
+# Some appliances send a body length on the 2xx; RFC 9110 section 9.3.6 says to ignore it.
+# The server hello glued after the head is tunnel data.
+GLUED_200 = (
+    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\n"
+    b"\x16\x03\x03\x00\x7a\x02\x00\x00\x76\x03\x03"
+)
+CHUNKED_200 = b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nSSH-2.0-OpenSSH_9.2\r\n"
+
+
+def feed(hs: ConnectHandshake, chunks: Iterable[bytes]) -> bytes:
+    """Feed the proxy's bytes until the tunnel opens; return what the client then receives."""
+    leftover = b""
+    for chunk in chunks:
+        if hs.done:
+            leftover += chunk
+        else:
+            hs.receive_data(chunk)
+    assert hs.done
+    return hs.trailing + leftover
+
+
+def whole(data: bytes) -> list[bytes]:
+    return [data]
+
+
+def bytewise(data: bytes) -> list[bytes]:
+    return [data[i : i + 1] for i in range(len(data))]
+
+
+def split(data: bytes, sizes: list[int]) -> list[bytes]:
+    chunks, pos = [], 0
+    for size in sizes:
+        if pos >= len(data):
+            break
+        chunks.append(data[pos : pos + size])
+        pos += size
+    if pos < len(data):
+        chunks.append(data[pos:])
+    return chunks
+
+
+Chunker = Callable[[bytes], list[bytes]]
+FEEDERS = pytest.mark.parametrize("chunker", [whole, bytewise], ids=["whole", "bytewise"])
+
+
+# -- the request ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "expected"),
+    [
+        ("example.com", 443, "example.com:443"),
+        ("10.0.0.1", 80, "10.0.0.1:80"),
+        ("2001:db8::1", 443, "[2001:db8::1]:443"),
+        ("[2001:db8::1]", 443, "[2001:db8::1]:443"),
+    ],
+)
+def test_format_authority(host: str, port: int, expected: str) -> None:
+    assert format_authority(host, port) == expected
+
+
+def test_request_is_queued_on_construction_and_sent_once() -> None:
+    hs = ConnectHandshake("example.com", 443)
+    assert hs.data_to_send() == b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n"
+    assert hs.data_to_send() == b""
+    assert not hs.done
+    assert hs.trailing == b""
+
+
+def test_request_to_ipv6_literal_uses_brackets() -> None:
+    hs = ConnectHandshake("2001:db8::1", 443)
+    assert hs.data_to_send() == (
+        b"CONNECT [2001:db8::1]:443 HTTP/1.1\r\nHost: [2001:db8::1]:443\r\n\r\n"
+    )
+
+
+def test_request_carries_extra_headers_in_order() -> None:
+    hs = ConnectHandshake(
+        "example.com",
+        443,
+        headers=[basic_proxy_authorization("alice", "hunter2"), ("User-Agent", " tray-proxy ")],
+    )
+    assert hs.data_to_send() == (
+        b"CONNECT example.com:443 HTTP/1.1\r\n"
+        b"Host: example.com:443\r\n"
+        b"Proxy-Authorization: Basic YWxpY2U6aHVudGVyMg==\r\n"
+        b"User-Agent: tray-proxy\r\n"
+        b"\r\n"
+    )
+
+
+def test_repr_shows_target_and_state_but_never_headers() -> None:
+    hs = ConnectHandshake("example.com", 443, headers=[("Proxy-Authorization", "Basic c2VjcmV0")])
+    assert repr(hs) == "<ConnectHandshake example.com:443 waiting>"
+    hs.receive_data(SQUID_200)
+    assert repr(hs) == "<ConnectHandshake example.com:443 done>"
+    failed = ConnectHandshake("example.com", 443)
+    with pytest.raises(HandshakeRefused):
+        failed.receive_data(SQUID_403)
+    assert repr(failed) == "<ConnectHandshake example.com:443 failed>"
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "message"),
+    [
+        ("", 443, "empty"),
+        ("exa mple.com", 443, "printable ASCII"),
+        ("example.com\r\nX-Evil: 1", 443, "printable ASCII"),
+        ("example.com\x00", 443, "printable ASCII"),
+        ("example.com\x7f", 443, "printable ASCII"),
+        ("b\u00fccher.de", 443, "IDNA"),
+        ("2001:db8::zz", 443, "not an IPv6 address"),
+        ("[example.com]", 443, "not an IPv6 address"),
+        ("[2001:db8::1", 443, "not an IPv6 address"),
+        ("user@example.com", 443, "not a host name"),
+        ("example.com/path", 443, "not a host name"),
+        ("example.com", 0, "outside 1-65535"),
+        ("example.com", 65536, "outside 1-65535"),
+    ],
+)
+def test_invalid_target_is_our_bug(host: str, port: int, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        ConnectHandshake(host, port)
+
+
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        (("Proxy Authorization", "hunter2"), "invalid header name"),
+        (("X-A\r\nX-B", "hunter2"), "invalid header name"),
+        (("", "hunter2"), "invalid header name"),
+        (("Proxy-Authorization", "Basic hunter2\r\nX-Evil: 1"), "control or non-ASCII"),
+        (("Proxy-Authorization", "Basic hunter2\x00"), "control or non-ASCII"),
+        (("Proxy-Authorization", "Basic hunter2\n"), "control or non-ASCII"),
+        (("X-Name", "hunter2 \u00e9"), "control or non-ASCII"),
+        (("Host", "hunter2.example"), "written by the CONNECT handshake"),
+        (("content-length", "5"), "written by the CONNECT handshake"),
+        (("Transfer-Encoding", "chunked"), "written by the CONNECT handshake"),
+    ],
+)
+def test_invalid_header_is_our_bug_and_the_value_stays_secret(
+    header: tuple[str, str], message: str
+) -> None:
+    with pytest.raises(UsageError, match=message) as info:
+        ConnectHandshake("example.com", 443, headers=[header])
+    assert "hunter2" not in str(info.value)
+
+
+# -- the proxy opens the tunnel --------------------------------------------------------------
+
+
+@FEEDERS
+@pytest.mark.parametrize(
+    ("answer", "to_client"),
+    [
+        (SQUID_200, b""),
+        (SQUID_200 + b"\x16\x03\x03", b"\x16\x03\x03"),
+        (CONTINUE_THEN_200, b""),
+        (GLUED_200, b"\x16\x03\x03\x00\x7a\x02\x00\x00\x76\x03\x03"),
+        (CHUNKED_200, b"SSH-2.0-OpenSSH_9.2\r\n"),
+        (b"HTTP/1.1 204 No Content\r\n\r\n", b""),
+        (b"HTTP/1.1 299\r\n\r\nx", b"x"),
+        (b"HTTP/1.1 200 OK\nVia: 1.1 old-proxy\n\n\x00\x01", b"\x00\x01"),
+    ],
+    ids=["squid", "squid+data", "1xx", "content-length", "chunked", "204", "299", "bare-lf"],
+)
+def test_any_2xx_opens_the_tunnel(chunker: Chunker, answer: bytes, to_client: bytes) -> None:
+    hs = ConnectHandshake("example.com", 443)
+    hs.data_to_send()
+    assert feed(hs, chunker(answer)) == to_client
+    assert hs.data_to_send() == b""
+
+
+@settings(max_examples=300, deadline=None)
+@given(sizes=st.lists(st.integers(1, 20), max_size=40))
+def test_tunnel_data_survives_any_segmentation(sizes: list[int]) -> None:
+    hs = ConnectHandshake("example.com", 443)
+    assert feed(hs, split(GLUED_200 + b"more", sizes)) == GLUED_200[-11:] + b"more"
+
+
+def test_after_the_tunnel_opens_more_handshake_input_is_our_bug() -> None:
+    hs = ConnectHandshake("example.com", 443)
+    hs.receive_data(SQUID_200)
+    with pytest.raises(UsageError):
+        hs.receive_data(b"tunnel data belongs to the pipe")
+    with pytest.raises(UsageError):
+        hs.receive_data(b"")
+
+
+# -- the proxy says no ---------------------------------------------------------------------
+
+
+@FEEDERS
+@pytest.mark.parametrize(
+    ("answer", "status", "reason", "auth_failed"),
+    [
+        (SQUID_407, 407, "Proxy Authentication Required", True),
+        (SQUID_403, 403, "Forbidden", False),
+        (SQUID_502, 502, "Bad Gateway", False),
+        (b"HTTP/1.1 100 Continue\r\n\r\n" + SQUID_502, 502, "Bad Gateway", False),
+        (b"HTTP/1.0 301 Moved\r\nLocation: http://portal/\r\n\r\n", 301, "Moved", False),
+        (b"HTTP/1.1 407 \r\n\r\n", 407, "", True),
+        (b"HTTP/1.1 503 Service \xe9tendu\r\n\r\n", 503, "Service \u00e9tendu", False),
+    ],
+    ids=["407", "403", "502", "1xx-502", "301", "407-no-reason", "latin1-reason"],
+)
+def test_non_2xx_is_a_refusal(
+    chunker: Chunker, answer: bytes, status: int, reason: str, auth_failed: bool
+) -> None:
+    hs = ConnectHandshake("example.com", 443)
+    with pytest.raises(HandshakeRefused) as info:
+        for chunk in chunker(answer):
+            hs.receive_data(chunk)
+    assert (info.value.status, info.value.reason, info.value.auth_failed) == (
+        status,
+        reason,
+        auth_failed,
+    )
+    assert not hs.done
+    with pytest.raises(UsageError):
+        hs.receive_data(b"HTTP/1.1 200 OK\r\n\r\n")
+
+
+def test_407_hands_over_the_challenge_headers() -> None:
+    hs = ConnectHandshake("example.com", 443)
+    with pytest.raises(HandshakeRefused) as info:
+        hs.receive_data(SQUID_407)
+    assert str(info.value) == "proxy answered 407 Proxy Authentication Required"
+    assert ("proxy-authenticate", 'Basic realm="Squid proxy-caching web server"') in (
+        info.value.headers
+    )
+    assert ("x-squid-error", "ERR_CACHE_ACCESS_DENIED 0") in info.value.headers
+    assert len(info.value.headers) == 12
+
+
+# -- the proxy misbehaves --------------------------------------------------------------------
+
+
+@FEEDERS
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        (b"HTTP/1.1 2000 OK\r\n\r\n", "invalid HTTP response"),
+        (b"SSH-2.0-OpenSSH_9.2\r\n\r\n", "invalid HTTP response"),
+        (b"\x05\x00\r\n\r\n", "invalid HTTP response"),
+        (b"HTTP/1.1 200 OK\r\nX-A: a\x00b\r\n\r\n", "invalid HTTP response"),
+        (b"HTTP/1.1 200 OK\r\n continued\r\n\r\n", "invalid HTTP response"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", "invalid HTTP response"),
+        (b"HTTP/1.1 101 Switching Protocols\r\n\r\n", "invalid HTTP response"),
+        (b"\r\n\r\n", "invalid HTTP response"),
+    ],
+    ids=["status", "not-http", "socks", "nul", "fold-at-start", "bad-cl", "101", "empty-head"],
+)
+def test_garbage_is_a_protocol_error(chunker: Chunker, answer: bytes, message: str) -> None:
+    hs = ConnectHandshake("example.com", 443)
+    with pytest.raises(ProtocolError, match=message):
+        for chunk in chunker(answer):
+            hs.receive_data(chunk)
+    with pytest.raises(UsageError):
+        hs.receive_data(b"x")
+
+
+@FEEDERS
+def test_ten_thousand_headers_are_refused_by_size(chunker: Chunker) -> None:
+    answer = b"HTTP/1.1 200 OK\r\n" + b"X-Pad: 0\r\n" * 10_000 + b"\r\n"
+    hs = ConnectHandshake("example.com", 443)
+    with pytest.raises(ProtocolError, match="head larger than 16384 bytes"):
+        for chunk in chunker(answer):
+            hs.receive_data(chunk)
+
+
+def test_many_small_headers_within_the_size_cap_are_refused_by_count() -> None:
+    answer = b"HTTP/1.1 200 OK\r\n" + b"A:\r\n" * (MAX_RESPONSE_HEADERS + 1) + b"\r\n"
+    hs = ConnectHandshake("example.com", 443)
+    with pytest.raises(ProtocolError, match=f"{MAX_RESPONSE_HEADERS + 1} headers"):
+        hs.receive_data(answer)
+
+
+def test_exactly_the_header_cap_is_fine() -> None:
+    answer = b"HTTP/1.1 200 OK\r\n" + b"A:\r\n" * MAX_RESPONSE_HEADERS + b"\r\n"
+    hs = ConnectHandshake("example.com", 443)
+    hs.receive_data(answer)
+    assert hs.done
+
+
+def test_head_cap_is_configurable_and_counts_bytes_not_chunks() -> None:
+    answer = b"HTTP/1.1 200 OK\r\nVia: " + b"p" * 100 + b"\r\n\r\n"
+    roomy = ConnectHandshake("example.com", 443, max_head=len(answer))
+    roomy.receive_data(answer + b"tunnel")
+    assert roomy.trailing == b"tunnel"
+    tight = ConnectHandshake("example.com", 443, max_head=len(answer) - 1)
+    with pytest.raises(ProtocolError, match=f"larger than {len(answer) - 1} bytes"):
+        tight.receive_data(answer + b"tunnel")
+
+
+def test_endless_interim_answers_hit_the_head_cap() -> None:
+    hs = ConnectHandshake("example.com", 443, max_head=1000)
+    with pytest.raises(ProtocolError, match="larger than 1000 bytes"):
+        for _ in range(100):
+            hs.receive_data(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+
+def test_eof_before_any_answer() -> None:
+    hs = ConnectHandshake("example.com", 443)
+    with pytest.raises(ProtocolError, match="without answering CONNECT example.com:443"):
+        hs.receive_data(b"")
+    with pytest.raises(UsageError):
+        hs.receive_data(b"")
+
+
+def test_eof_in_the_middle_of_the_head() -> None:
+    hs = ConnectHandshake("example.com", 443)
+    hs.receive_data(b"HTTP/1.1 200 Connection est")
+    with pytest.raises(ProtocolError, match=r"in the middle of its answer .* \(after 27 bytes\)"):
+        hs.receive_data(b"")
+
+
+def test_eof_after_an_interim_answer() -> None:
+    hs = ConnectHandshake("example.com", 443)
+    hs.receive_data(b"HTTP/1.1 100 Continue\r\n\r\n")
+    with pytest.raises(ProtocolError, match="in the middle of its answer"):
+        hs.receive_data(b"")
+
+
+def test_error_quotes_little_of_a_huge_garbage_line() -> None:
+    hs = ConnectHandshake("example.com", 443)
+    with pytest.raises(ProtocolError) as info:
+        hs.receive_data(b"A" * 10_000 + b"\r\n\r\n")
+    assert str(info.value).count("A") <= 120
+    assert len(str(info.value)) < 250
+
+
+# -- fuzzing ---------------------------------------------------------------------------------
+
+
+@FUZZ
+@given(
+    prefix=st.sampled_from([b"", b"HTTP/1.1 ", b"HTTP/1.1 200 OK\r\n", b"HTTP/1.1 100 x\r\n\r\n"]),
+    data=st.binary(max_size=300),
+    sizes=st.lists(st.integers(1, 50), max_size=10),
+    eof=st.booleans(),
+)
+def test_random_answers_raise_only_protocol_errors_or_refusals(
+    prefix: bytes, data: bytes, sizes: list[int], eof: bool
+) -> None:
+    hs = ConnectHandshake("example.com", 443, max_head=256)
+    chunks = [c for c in split(prefix + data, sizes) if c] + ([b""] if eof else [])
+    try:
+        for chunk in chunks:
+            if hs.done:
+                break
+            hs.receive_data(chunk)
+    except (ProtocolError, HandshakeRefused) as exc:
+        assert len(str(exc)) < 400
+        assert not hs.done
+    else:
+        assert hs.done or not eof
+
+
+@FUZZ
+@given(
+    status=st.integers(200, 599),
+    reason=st.binary(max_size=30).filter(lambda r: b"\r" not in r and b"\n" not in r),
+    body=st.binary(max_size=30),
+)
+def test_every_final_status_either_opens_or_refuses(
+    status: int, reason: bytes, body: bytes
+) -> None:
+    hs = ConnectHandshake("example.com", 443)
+    answer = b"HTTP/1.1 %d %s\r\n\r\n%s" % (status, reason, body)
+    try:
+        hs.receive_data(answer)
+    except HandshakeRefused as exc:
+        assert not 200 <= status < 300
+        assert exc.status == status
+        assert exc.auth_failed == (status == 407)
+    except ProtocolError:
+        # h11 rejects control bytes in the reason phrase (RFC 9112 section 4).
+        assert any(b < 0x20 and b != 0x09 or b == 0x7F for b in reason)
+    else:
+        assert 200 <= status < 300
+        assert hs.trailing == body
