@@ -1,0 +1,1 @@
+"""Tests of the redirect: ruleset rendering, the root helper, the client."""

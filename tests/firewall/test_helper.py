@@ -1,0 +1,382 @@
+"""The root helper as a process: transcripts over stdin/stdout, real nft, inside a netns.
+
+One test file per source file (tray_proxy/firewall/helper.py); the fuzzing lives in
+test_helper_fuzz.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+
+import pytest
+
+from tests.firewall.conftest import (
+    HelperSession,
+    in_ns,
+    read_sysctl,
+    ruleset_text,
+    table_present,
+    wait_until,
+    write_sysctl,
+)
+from tray_proxy.firewall import helper as helper_module
+from tray_proxy.firewall.client import SOURCE_HELPER_PATH
+from tray_proxy.firewall.ruleset import RuleSpec, render, spec_to_wire
+
+RESERVED = "net/ipv4/ip_local_reserved_ports"
+SPEC = RuleSpec(relay_port=3129)
+
+
+def localnet(ns: str, ifname: str) -> str:
+    return read_sysctl(ns, f"net/ipv4/conf/{ifname}/route_localnet")
+
+
+def test_helper_file_is_a_standalone_executable_script() -> None:
+    with open(SOURCE_HELPER_PATH) as f:
+        text = f.read()
+    assert text.startswith("#!/usr/bin/python3 -I\n")
+    assert os.stat(SOURCE_HELPER_PATH).st_mode & 0o777 == 0o755
+    assert stat.S_ISREG(os.stat(SOURCE_HELPER_PATH).st_mode)
+    # Installed alone under /usr/libexec: no import of this package or any third-party module.
+    imports = [
+        line.split()[1]
+        for line in text.splitlines()
+        if line.startswith(("import ", "from ")) and not line.startswith("from __future__")
+    ]
+    assert imports, "expected imports to inspect"
+    for module in imports:
+        root = module.split(".")[0]
+        assert root in {
+            "contextlib",
+            "ipaddress",
+            "json",
+            "os",
+            "re",
+            "select",
+            "signal",
+            "subprocess",
+            "sys",
+            "collections",
+            "dataclasses",
+            "types",
+            "typing",
+        }, module
+
+
+def test_transcript_status_apply_status_remove(netns: str, start_helper) -> None:
+    helper: HelperSession = start_helper()
+    assert helper.request("status") == {"v": 1, "id": 1, "ok": True, "active": False, "spec": None}
+
+    wire = spec_to_wire(SPEC)
+    assert helper.request("apply", **wire) == {"v": 1, "id": 2, "ok": True}
+    assert table_present(netns)
+    assert helper.request("status") == {"v": 1, "id": 3, "ok": True, "active": True, "spec": wire}
+
+    assert helper.request("remove") == {"v": 1, "id": 4, "ok": True, "removed": True}
+    assert not table_present(netns)
+    assert helper.request("remove") == {"v": 1, "id": 5, "ok": True, "removed": False}
+    helper.close_stdin()
+    assert helper.wait() == 0
+
+
+def test_applied_table_is_what_render_produced(netns: str, start_helper) -> None:
+    helper: HelperSession = start_helper()
+    assert helper.request("apply", **spec_to_wire(SPEC))["ok"] is True
+    # Same kernel state as applying the rendered text ourselves in a second namespace would
+    # give; compare with the listing of nft's own parse of our text.
+    listed = in_ns(netns, "nft", "list", "table", "inet", "tray_proxy").stdout
+    assert "redirect to :3129" in listed
+    assert "dnat ip to 127.0.0.1:3129" in listed
+    assert listed.count("chain ") == render(SPEC).count("chain ")
+
+
+def test_reapply_replaces_the_table(netns: str, start_helper) -> None:
+    helper: HelperSession = start_helper()
+    assert helper.request("apply", **spec_to_wire(SPEC))["ok"] is True
+    other = RuleSpec(relay_port=4000, redirect_ports=(443,), capture_containers=False)
+    assert helper.request("apply", **spec_to_wire(other))["ok"] is True
+    listed = in_ns(netns, "nft", "list", "table", "inet", "tray_proxy").stdout
+    assert "redirect to :4000" in listed
+    assert ":3129" not in listed
+    assert "chain prerouting" not in listed
+
+
+def test_reserves_relay_source_ports_and_restores_previous_value(netns: str, start_helper) -> None:
+    write_sysctl(netns, RESERVED, "5000-5010,62000")
+    helper: HelperSession = start_helper()
+    assert helper.request("apply", **spec_to_wire(SPEC))["ok"] is True
+    assert read_sysctl(netns, RESERVED) == "5000-5010,61000-64999"
+    narrower = RuleSpec(relay_port=3129, relay_source_ports=(63000, 63009))
+    assert helper.request("apply", **spec_to_wire(narrower))["ok"] is True
+    # 62000 was reserved before us and stays; the ports only we added are released.
+    assert read_sysctl(netns, RESERVED) == "5000-5010,62000,63000-63009"
+    assert helper.request("remove")["removed"] is True
+    assert read_sysctl(netns, RESERVED) == "5000-5010,62000"
+
+
+def _make_bridge(ns: str, name: str) -> None:
+    in_ns(ns, "ip", "link", "add", name, "type", "bridge")
+
+
+def test_route_localnet_set_on_matching_bridges_only_and_restored(netns: str, start_helper) -> None:
+    for name in ("docker0", "br-abc", "eth9"):
+        _make_bridge(netns, name)
+    helper: HelperSession = start_helper()
+    assert helper.request("apply", **spec_to_wire(SPEC))["ok"] is True
+    assert localnet(netns, "docker0") == "1"
+    assert localnet(netns, "br-abc") == "1"
+    assert localnet(netns, "eth9") == "0"
+
+    # A bridge created while the redirect is on (docker network create) is picked up.
+    _make_bridge(netns, "br-new")
+    wait_until(lambda: localnet(netns, "br-new") == "1", timeout=10, what="br-new route_localnet")
+
+    host_only = RuleSpec(relay_port=3129, capture_containers=False)
+    assert helper.request("apply", **spec_to_wire(host_only))["ok"] is True
+    assert [localnet(netns, n) for n in ("docker0", "br-abc", "br-new")] == ["0", "0", "0"]
+
+    assert helper.request("apply", **spec_to_wire(SPEC))["ok"] is True
+    assert localnet(netns, "docker0") == "1"
+    assert helper.request("remove")["ok"] is True
+    assert [localnet(netns, n) for n in ("docker0", "br-abc", "br-new")] == ["0", "0", "0"]
+
+
+def test_route_localnet_already_on_is_left_on(netns: str, start_helper) -> None:
+    _make_bridge(netns, "docker0")
+    write_sysctl(netns, "net/ipv4/conf/docker0/route_localnet", "1")
+    helper: HelperSession = start_helper()
+    assert helper.request("apply", **spec_to_wire(SPEC))["ok"] is True
+    assert helper.request("remove")["ok"] is True
+    assert localnet(netns, "docker0") == "1"
+
+
+@pytest.mark.parametrize(
+    ("how", "signum"),
+    [
+        ("eof", None),
+        ("SIGTERM", signal.SIGTERM),
+        ("SIGHUP", signal.SIGHUP),
+        ("SIGINT", signal.SIGINT),
+    ],
+)
+def test_stop_removes_table_and_restores_sysctls(
+    netns: str, start_helper, how: str, signum: signal.Signals | None
+) -> None:
+    _make_bridge(netns, "docker0")
+    before = read_sysctl(netns, RESERVED)
+    helper: HelperSession = start_helper()
+    assert helper.request("apply", **spec_to_wire(SPEC))["ok"] is True
+    assert table_present(netns)
+    if signum is None:
+        helper.close_stdin()
+    else:
+        helper.proc.send_signal(signum)
+    assert helper.wait() == 0, helper.stderr()
+    assert not table_present(netns)
+    assert read_sysctl(netns, RESERVED) == before
+    assert localnet(netns, "docker0") == "0"
+    assert "removing the redirect" in helper.stderr()
+
+
+def test_kill_9_leaves_table_that_next_start_removes(netns: str, start_helper) -> None:
+    _make_bridge(netns, "docker0")
+    before = read_sysctl(netns, RESERVED)
+    first: HelperSession = start_helper()
+    assert first.request("apply", **spec_to_wire(SPEC))["ok"] is True
+    first.proc.send_signal(signal.SIGKILL)
+    first.wait()
+    assert table_present(netns), "SIGKILL cannot be caught: the table must still be there"
+    assert localnet(netns, "docker0") == "1"
+
+    second: HelperSession = start_helper()
+    assert second.request("status")["active"] is False
+    assert not table_present(netns)
+    assert read_sysctl(netns, RESERVED) == before
+    assert localnet(netns, "docker0") == "0"
+    assert "stale table" in second.stderr()
+
+
+def test_stale_table_of_any_content_is_removed_at_start(netns: str, start_helper) -> None:
+    in_ns(netns, "nft", "-f", "-", stdin="table inet tray_proxy {\n\tchain x {\n\t}\n}\n")
+    helper: HelperSession = start_helper()
+    assert helper.request("status")["active"] is False
+
+
+DOCKER_LIKE = """
+table ip nat {
+	chain DOCKER {
+		iifname "docker0" counter return
+		iifname != "docker0" tcp dport 8080 counter dnat to 172.17.0.2:80
+	}
+	chain PREROUTING {
+		type nat hook prerouting priority dstnat; policy accept;
+		fib daddr type local counter jump DOCKER
+	}
+	chain OUTPUT {
+		type nat hook output priority -100; policy accept;
+		ip daddr != 127.0.0.0/8 fib daddr type local counter jump DOCKER
+	}
+	chain POSTROUTING {
+		type nat hook postrouting priority srcnat; policy accept;
+		ip saddr 172.17.0.0/16 oifname != "docker0" counter masquerade
+	}
+}
+table inet filter {
+	set blocked {
+		type ipv4_addr
+		flags interval
+		elements = { 192.0.2.0/24 }
+	}
+	chain input {
+		type filter hook input priority filter; policy accept;
+		ct state established,related accept
+		ip saddr @blocked drop
+		tcp dport 22 accept
+	}
+	chain forward {
+		type filter hook forward priority filter; policy drop;
+	}
+}
+"""
+
+
+def _others(ns: str) -> list[object]:
+    """`nft -j list ruleset` without anything that belongs to table inet tray_proxy."""
+    listing = json.loads(in_ns(ns, "nft", "-j", "list", "ruleset").stdout)["nftables"]
+    kept = []
+    for entry in listing:
+        ((kind, body),) = entry.items()
+        # A table names itself with "name"; its chains, sets and rules name it with "table".
+        owner = body.get("name") if kind == "table" else body.get("table")
+        if body.get("family") == "inet" and owner == "tray_proxy":
+            continue
+        kept.append(entry)
+    return kept
+
+
+def test_other_tables_untouched_after_100_cycles(netns: str, start_helper) -> None:
+    in_ns(netns, "nft", "-f", "-", stdin=DOCKER_LIKE)
+    before = _others(netns)
+    assert len(before) > 8, before
+    helper: HelperSession = start_helper()
+    wire = spec_to_wire(SPEC)
+    for cycle in range(100):
+        assert helper.request("apply", **wire)["ok"] is True, cycle
+        assert helper.request("remove")["removed"] is True, cycle
+    assert not table_present(netns)
+    assert _others(netns) == before
+    assert helper.request("apply", **wire)["ok"] is True
+    assert _others(netns) == before
+
+
+def test_refused_apply_keeps_the_previous_table(netns: str, start_helper) -> None:
+    helper: HelperSession = start_helper()
+    assert helper.request("apply", **spec_to_wire(SPEC))["ok"] is True
+    before = ruleset_text(netns)
+    answer = helper.request("apply", **{**spec_to_wire(SPEC), "relay_port": 70000})
+    assert answer["ok"] is False
+    assert str(answer["error"]).startswith("relay_port: ")
+    assert ruleset_text(netns) == before
+
+
+@pytest.mark.parametrize(
+    ("line", "start"),
+    [
+        (b"not json", "request: "),
+        (b"[1, 2]", "request: "),
+        (b'{"v": 1, "id": 1, "op": "status", "v": 1}', "v: "),
+        (b'{"v": 1, "id": 1, "op": "status", "x": NaN}', "request: "),
+        (b'{"v": 2, "id": 1, "op": "status"}', "v: "),
+        (b'{"v": 1.0, "id": 1, "op": "status"}', "v: "),
+        (b'{"v": true, "id": 1, "op": "status"}', "v: "),
+        (b'{"v": 1, "id": true, "op": "status"}', "id: "),
+        (b'{"v": 1, "id": -1, "op": "status"}', "id: "),
+        (b'{"v": 1, "op": "status"}', "id: "),
+        (b'{"v": 1, "id": 1, "op": "flush"}', "op: "),
+        (b'{"v": 1, "id": 1, "op": "status", "relay_port": 1}', "relay_port: "),
+        (b'{"v": 1, "id": 1, "op": "apply"}', "relay_port: "),
+        (b"\xff\xfe", "request: "),
+        (b"[" * 100_00 + b"]" * 100_00, "request: "),
+        (b"", "request: "),
+    ],
+)
+def test_malformed_lines_get_an_error_answer(
+    netns: str, start_helper, line: bytes, start: str
+) -> None:
+    helper: HelperSession = start_helper()
+    answer = helper.line(line)
+    assert answer["ok"] is False
+    assert str(answer["error"]).startswith(start), answer
+    assert helper.request("status")["ok"] is True  # still alive, still in sync
+
+
+def test_line_longer_than_limit_is_refused_and_the_stream_resyncs(netns: str, start_helper) -> None:
+    helper: HelperSession = start_helper()
+    huge = b'{"v": 1, "id": 1, "op": "status", "pad": "' + b"x" * (200 * 1024) + b'"}\n'
+    helper.send_raw(huge)
+    answer = helper.read_answer()
+    assert answer == {
+        "v": 1,
+        "id": None,
+        "ok": False,
+        "error": f"request: line longer than {helper_module.MAX_LINE_BYTES} bytes",
+    }
+    assert helper.request("status")["ok"] is True
+
+
+def test_refuses_to_run_without_root() -> None:
+    import subprocess
+
+    done = subprocess.run(
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "/usr/bin/python3",
+            "-I",
+            SOURCE_HELPER_PATH,
+        ],
+        input=b"",
+        capture_output=True,
+        timeout=20,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert b"must run as root" in done.stderr
+
+
+# -- in-process checks of the pure parts (no nft: the helper gets a path that does not exist,
+#    so a bug that reached nft would fail loudly instead of touching the host's ruleset)
+
+
+@pytest.mark.parametrize(
+    ("text", "ports"),
+    [("", set()), ("\n", set()), ("5", {5}), ("1-3,7", {1, 2, 3, 7}), (" 9 , 10-11 ", {9, 10, 11})],
+)
+def test_port_range_text_round_trip(text: str, ports: set[int]) -> None:
+    assert helper_module.parse_port_ranges(text) == ports
+    assert helper_module.parse_port_ranges(helper_module.format_port_ranges(ports)) == ports
+
+
+def test_port_ranges_are_formatted_compactly() -> None:
+    assert helper_module.format_port_ranges({3, 1, 2, 7, 9, 10}) == "1-3,7,9-10"
+
+
+@pytest.mark.parametrize(
+    ("line", "start"),
+    [
+        (b'{"v": 1, "id": 4, "op": "status", "id": 5}', "id: appears twice"),
+        (b'{"v": 1, "id": 4, "op": "status", "x": Infinity}', "request: is not strict JSON"),
+        (b'{"v": 1, "id": 4, "op": "remove", "relay_port": 1}', "relay_port: is not a field"),
+        (b'{"v": 1, "id": 4, "op": "apply", "relay_port": 0}', "relay_port: must be from 1"),
+    ],
+)
+def test_handle_line_refuses_without_reaching_nft(line: bytes, start: str) -> None:
+    helper = helper_module.Helper(nft="/nonexistent/nft")
+    answer = helper.handle_line(line)
+    assert answer["ok"] is False
+    assert str(answer["error"]).startswith(start), answer
