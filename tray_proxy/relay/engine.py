@@ -332,9 +332,20 @@ class RelayEngine:
             self._finish(record, conn, CloseReason.SHUTDOWN, "the relay stopped", reset=True)
             raise
         except OSError as exc:
-            # The client went away while we were still setting up its tunnel.
             if upstream_sock is not None:
                 upstream_sock.close()
+            if exc.errno in _ACCEPT_PRESSURE:
+                # Our own shortage (e.g. no descriptor left for the upstream socket), not
+                # something the client did.
+                self._finish(
+                    record,
+                    conn,
+                    CloseReason.INTERNAL_ERROR,
+                    f"the relay is out of resources: {exc.strerror or exc}",
+                    reset=True,
+                )
+                return
+            # The client went away while we were still setting up its tunnel.
             self._finish(
                 record, conn, CloseReason.CLIENT_RESET, f"client side: {exc.strerror or exc}"
             )

@@ -29,6 +29,7 @@ from tray_proxy.relay.records import CloseReason, ConnectionRecord
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 PIPE_SIZE = 1 << 20  # bytes per splice; bounded by /proc/sys/fs/pipe-max-size
+PIPE_RETRY = 0.1  # seconds a direction waits when no pipe can be made
 _RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, errno.EHOSTUNREACH})
 
 
@@ -91,7 +92,14 @@ class _Direction:
     def on_readable(self) -> None:
         tunnel = self.tunnel
         if self.pipe is None:
-            self.pipe = tunnel.pool.take()
+            try:
+                self.pipe = tunnel.pool.take()
+            except OSError:
+                # No descriptor for a pipe (EMFILE/ENFILE): pause this direction briefly,
+                # as the listener does, instead of failing on every loop iteration.
+                tunnel.loop.remove_reader(self.src)
+                tunnel.loop.call_later(PIPE_RETRY, self._resume_reading)
+                return
         try:
             n = os.splice(self.src, self.pipe[1], self.pipe[2], flags=_SPLICE_FLAGS)
         except BlockingIOError:
@@ -138,6 +146,10 @@ class _Direction:
                 loop.add_reader(self.src, self.on_readable)
         if self.eof:
             self._finish()
+
+    def _resume_reading(self) -> None:
+        if not self.tunnel.closed and not self.eof and self.pipe is None:
+            self.tunnel.loop.add_reader(self.src, self.on_readable)
 
     def _release_pipe_if_empty(self) -> None:
         if self.pipe is not None and self.pending == 0:

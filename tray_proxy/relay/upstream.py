@@ -10,6 +10,7 @@ import asyncio
 import errno
 import ipaddress
 import itertools
+import os
 import socket
 import time
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from tray_proxy.relay.settings import UpstreamKind, UpstreamProxy
 
 _RECV = 65536
 _RESOLVE_TTL = 60.0
+_PORT_CLASH = frozenset({errno.EADDRNOTAVAIL, errno.EADDRINUSE})
 
 
 class UpstreamError(Exception):
@@ -53,12 +55,12 @@ class SourcePorts:
         self.first = first
         self.last = last
         self._cycle = itertools.cycle(range(first, last + 1))
+        self.attempts = min(64, last - first + 1)  # ports tried before giving up
 
     def bind(self, sock: socket.socket, family: int) -> None:
         host = "0.0.0.0" if family == socket.AF_INET else "::"
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        attempts = min(64, self.last - self.first + 1)
-        for _ in range(attempts):
+        for _ in range(self.attempts):
             port = next(self._cycle)
             try:
                 sock.bind((host, port))
@@ -115,29 +117,37 @@ class Dialer:
             ) from None
         last = "no address"
         for family, addr in addresses:
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            try:
-                sock.setblocking(False)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                if self._ports is not None:
-                    self._ports.bind(sock, family)
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    raise asyncio.TimeoutError
-                await asyncio.wait_for(loop.sock_connect(sock, addr), remaining)
-                return sock
-            except asyncio.TimeoutError:
-                sock.close()
-                raise UpstreamError(
-                    CloseReason.UPSTREAM_TIMEOUT,
-                    f"connecting to {_fmt(addr)} took over {timeout:g}s",
-                ) from None
-            except OSError as exc:
-                sock.close()
-                last = f"{_fmt(addr)}: {exc.strerror or exc}"
-            except BaseException:
-                sock.close()
-                raise
+            # With SO_REUSEADDR, bind() accepts a source port that already carries a
+            # connection to this very address; the clash shows only at connect() as
+            # EADDRNOTAVAIL. Then the next port of the range is tried.
+            for _ in range(self._ports.attempts if self._ports is not None else 1):
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                try:
+                    sock.setblocking(False)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    if self._ports is not None:
+                        self._ports.bind(sock, family)
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        raise asyncio.TimeoutError
+                    await asyncio.wait_for(loop.sock_connect(sock, addr), remaining)
+                    return sock
+                except asyncio.TimeoutError:
+                    sock.close()
+                    raise UpstreamError(
+                        CloseReason.UPSTREAM_TIMEOUT,
+                        f"connecting to {_fmt(addr)} took over {timeout:g}s",
+                    ) from None
+                except OSError as exc:
+                    sock.close()
+                    # asyncio's strerror is "Connect call failed (addr)": say why instead.
+                    why = os.strerror(exc.errno) if exc.errno else str(exc)
+                    last = f"{_fmt(addr)}: {why}"
+                    if exc.errno not in _PORT_CLASH or self._ports is None:
+                        break
+                except BaseException:
+                    sock.close()
+                    raise
         raise UpstreamError(CloseReason.UPSTREAM_UNREACHABLE, f"cannot connect to {last}")
 
 

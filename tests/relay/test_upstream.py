@@ -1,0 +1,269 @@
+"""Dialer, SourcePorts, make_handshake and run_handshake on loopback sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import errno
+import secrets
+import socket
+import struct
+
+import pytest
+
+from tests.relay.stubs import free_port_range
+from tray_proxy.relay.credentials import Credentials, Secret, StaticCredentialSource
+from tray_proxy.relay.protocol.http_connect import ConnectHandshake
+from tray_proxy.relay.protocol.socks5 import Socks5Handshake
+from tray_proxy.relay.records import CloseReason
+from tray_proxy.relay.settings import UpstreamKind, UpstreamProxy
+from tray_proxy.relay.upstream import (
+    Dialer,
+    SourcePorts,
+    UpstreamError,
+    make_handshake,
+    run_handshake,
+)
+
+HTTP = UpstreamProxy("corp", UpstreamKind.HTTP, "127.0.0.1", 3128, username="alice")
+SOCKS = UpstreamProxy("socks", UpstreamKind.SOCKS5, "127.0.0.1", 1080, username="alice")
+
+
+# -- SourcePorts -----------------------------------------------------------------------------
+
+
+def _bound(ports: SourcePorts, count: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            socks.append(s)
+            ports.bind(s, socket.AF_INET)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_source_ports_round_robin_and_wrap():
+    first, last = free_port_range(3)
+    assert _bound(SourcePorts(first, last), 7) == [first, first + 1, last] * 2 + [first]
+
+
+def test_source_ports_skip_a_port_someone_listens_on():
+    first, last = free_port_range(3)
+    with socket.create_server(("0.0.0.0", first + 1)):
+        assert _bound(SourcePorts(first, last), 4) == [first, last, first, last]
+
+
+def test_source_ports_all_busy_says_which_range():
+    first, last = free_port_range(2)
+    with (
+        socket.create_server(("0.0.0.0", first)),
+        socket.create_server(("0.0.0.0", last)),
+        pytest.raises(OSError) as info,
+    ):
+        _bound(SourcePorts(first, last), 1)
+    assert info.value.errno == errno.EADDRINUSE
+    assert f"{first}-{last}" in str(info.value)
+
+
+def test_source_ports_ipv6():
+    first, last = free_port_range(2)
+    with socket.socket(socket.AF_INET6) as s:
+        SourcePorts(first, last).bind(s, socket.AF_INET6)
+        assert s.getsockname()[0] == "::" and first <= s.getsockname()[1] <= last
+
+
+# -- Dialer ----------------------------------------------------------------------------------
+
+
+def test_dialer_connects_from_the_source_range(run):
+    first, last = free_port_range(4)
+
+    async def main():
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            server.setblocking(False)
+            sock = await Dialer((first, last)).connect(*server.getsockname(), timeout=2)
+            with sock:
+                assert not sock.getblocking()
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                peer, _ = server.accept()
+                with peer:
+                    assert first <= peer.getpeername()[1] <= last
+                    assert peer.getpeername() == sock.getsockname()
+
+    run(main)
+
+
+def test_dialer_refused_is_unreachable(run):
+    async def main():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        with pytest.raises(UpstreamError) as info:
+            await Dialer(None).connect("127.0.0.1", port, timeout=2)
+        assert info.value.reason is CloseReason.UPSTREAM_UNREACHABLE
+        assert f"127.0.0.1:{port}" in info.value.detail
+        assert "Connection refused" in info.value.detail
+
+    run(main)
+
+
+def test_dialer_timeout_when_the_proxy_does_not_answer_syn(run):
+    async def main():
+        # A listener whose accept queue is full drops further SYNs: connect hangs.
+        with socket.socket() as server:
+            server.bind(("127.0.0.1", 0))
+            server.listen(0)
+            fillers = []
+            try:
+                for _ in range(4):
+                    f = socket.socket()
+                    f.setblocking(False)
+                    f.connect_ex(server.getsockname())
+                    fillers.append(f)
+                loop = asyncio.get_running_loop()
+                started = loop.time()
+                with pytest.raises(UpstreamError) as info:
+                    await Dialer(None).connect(*server.getsockname(), timeout=0.3)
+                assert loop.time() - started < 2
+            finally:
+                for f in fillers:
+                    f.close()
+        assert info.value.reason is CloseReason.UPSTREAM_TIMEOUT
+        assert "0.3s" in info.value.detail
+
+    run(main)
+
+
+def test_dialer_resolves_names_once_and_ip_literals_never(run):
+    async def main():
+        dialer = Dialer(None)
+        assert await dialer.resolve("::1", 80) == [(socket.AF_INET6, ("::1", 80))]
+        assert await dialer.resolve("127.0.0.1", 80) == [(socket.AF_INET, ("127.0.0.1", 80))]
+        assert dialer._cache == {}
+        first = await dialer.resolve("localhost", 8080)  # /etc/hosts: no DNS traffic
+        assert first and all(addr[0] in ("127.0.0.1", "::1") for _f, addr in first)
+        assert await dialer.resolve("localhost", 8080) is first  # from the cache
+
+    run(main)
+
+
+class _BrokenResolver(Dialer):
+    def __init__(self, error: BaseException | None) -> None:
+        super().__init__(None)
+        self.error = error
+
+    async def resolve(self, host, port):
+        if self.error is None:
+            await asyncio.sleep(3600)
+        raise self.error
+
+
+def test_dialer_resolve_failures(run):
+    async def main():
+        with pytest.raises(UpstreamError) as info:
+            await _BrokenResolver(socket.gaierror(-2, "Name or service not known")).connect(
+                "proxy.corp.test", 3128, timeout=1
+            )
+        assert info.value.reason is CloseReason.UPSTREAM_UNREACHABLE
+        assert "proxy.corp.test" in info.value.detail
+        with pytest.raises(UpstreamError) as info:
+            await _BrokenResolver(None).connect("proxy.corp.test", 3128, timeout=0.1)
+        assert info.value.reason is CloseReason.UPSTREAM_TIMEOUT
+
+    run(main)
+
+
+# -- make_handshake --------------------------------------------------------------------------
+
+
+def test_make_handshake_http_with_and_without_credentials():
+    password = "pw-" + secrets.token_hex(6)
+    creds = StaticCredentialSource({"corp": Credentials("alice", Secret(password))})
+    hs = make_handshake(HTTP, "www.example.test", 443, creds)
+    assert isinstance(hs, ConnectHandshake)
+    request = hs.data_to_send()
+    assert request.startswith(b"CONNECT www.example.test:443 HTTP/1.1\r\n")
+    token = base64.b64encode(f"alice:{password}".encode())
+    assert b"Proxy-Authorization: Basic " + token in request
+    assert password not in repr(hs)
+
+    bare = make_handshake(HTTP, "10.1.2.3", 80, StaticCredentialSource()).data_to_send()
+    assert b"Proxy-Authorization" not in bare
+    assert bare.startswith(b"CONNECT 10.1.2.3:80 ")
+
+
+def test_make_handshake_socks5_offers_user_pass_only_with_credentials():
+    creds = StaticCredentialSource({"socks": Credentials("alice", Secret("pw"))})
+    hs = make_handshake(SOCKS, "www.example.test", 443, creds)
+    assert isinstance(hs, Socks5Handshake)
+    greeting = hs.data_to_send()
+    assert greeting[0] == 5 and 2 in greeting[2:]
+    plain = make_handshake(SOCKS, "www.example.test", 443, StaticCredentialSource())
+    assert plain.data_to_send() == b"\x05\x01\x00"
+
+
+# -- run_handshake ---------------------------------------------------------------------------
+
+
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        a = socket.create_connection(server.getsockname())
+        b, _ = server.accept()
+    a.setblocking(False)
+    b.setblocking(False)
+    return a, b
+
+
+ANSWERS = {
+    "ok-glued": (b"HTTP/1.1 200 Connection established\r\n\r\ntunnel bytes", None),
+    "407": (
+        b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic\r\n\r\n",
+        CloseReason.UPSTREAM_AUTH_FAILED,
+    ),
+    "502": (b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n", CloseReason.UPSTREAM_REFUSED),
+    "eof": (b"", CloseReason.UPSTREAM_PROTOCOL_ERROR),
+    "garbage": (b"\x00\x01\x02\r\n\r\n", CloseReason.UPSTREAM_PROTOCOL_ERROR),
+    "silent": (None, CloseReason.UPSTREAM_TIMEOUT),
+    "rst": ("rst", CloseReason.UPSTREAM_RESET),
+}
+
+
+@pytest.mark.parametrize("case", list(ANSWERS))
+def test_run_handshake_outcomes(run, case):
+    answer, reason = ANSWERS[case]
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        ours, proxy = _tcp_pair()
+        try:
+            hs = ConnectHandshake("www.example.test", 443)
+
+            async def play_proxy():
+                request = await loop.sock_recv(proxy, 65536)
+                assert request.startswith(b"CONNECT www.example.test:443 ")
+                if answer == "rst":
+                    proxy.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    proxy.close()
+                elif answer == b"":
+                    proxy.shutdown(socket.SHUT_WR)
+                elif answer is not None:
+                    await loop.sock_sendall(proxy, answer)
+
+            player = asyncio.ensure_future(play_proxy())
+            if reason is None:
+                trailing = await run_handshake(loop, ours, hs, HTTP, timeout=2)
+                assert trailing == b"tunnel bytes"
+            else:
+                with pytest.raises(UpstreamError) as info:
+                    await run_handshake(loop, ours, hs, HTTP, timeout=0.3)
+                assert info.value.reason is reason
+                assert str(HTTP) in info.value.detail  # names the proxy for the user
+            await player
+        finally:
+            ours.close()
+            proxy.close()
+
+    run(main)
