@@ -525,8 +525,9 @@ def test_unusable_credentials_fail_without_leaking_the_password(run, caplog):
             writer.close()
             assert got == b""
             (closed,) = await relay.wait_closed()
-            assert closed.reason is CloseReason.INTERNAL_ERROR
-            assert all(r.target is None for r in proxy.requests), "no CONNECT may be sent"
+            assert closed.reason is CloseReason.CONFIG_ERROR
+            assert "cannot contain ':'" in closed.detail
+            assert not proxy.requests, "nothing may be sent to the proxy"
             return [closed.detail, repr(relay.events), repr(relay.record())]
 
     texts = run(main)
@@ -779,7 +780,12 @@ def test_upstream_sockets_bind_in_source_range_wrap_and_skip_busy(run):
                 Origin(echo) as origin,
                 ConnectProxy() as proxy,
                 running_relay(
-                    [http_upstream(proxy)], origin.address, source_ports=(first, last)
+                    [http_upstream(proxy)],
+                    origin.address,
+                    source_ports=(first, last),
+                    # The proxy listens on a port the redirect catches (like Squid on
+                    # 443), so the relay must dial it from the reserved range.
+                    redirect_ports=(proxy.address[1],),
                 ) as relay,
             ):
                 for i in range(7):
@@ -803,7 +809,10 @@ def test_source_port_taken_by_same_destination_moves_on(run):
             Origin(echo) as origin,
             ConnectProxy() as proxy,
             running_relay(
-                [http_upstream(proxy)], origin.address, source_ports=(first, last)
+                [http_upstream(proxy)],
+                origin.address,
+                source_ports=(first, last),
+                redirect_ports=(proxy.address[1],),
             ) as relay,
         ):
             # Occupy (first -> proxy) the way another tunnel of ours would.
@@ -820,6 +829,52 @@ def test_source_port_taken_by_same_destination_moves_on(run):
                 assert proxy.requests[1].peer[1] == last
             finally:
                 holder.close()
+
+    run(main)
+
+
+def test_upstream_on_an_unredirected_port_uses_ephemeral_source_ports(run):
+    """Only destinations the redirect catches need the reserved range; the rest keep the
+    kernel's ephemeral ports (no TIME_WAIT squeeze on a 4,000-port range)."""
+    first, last = free_port_range(4)
+
+    async def main():
+        async with (
+            Origin(echo) as origin,
+            ConnectProxy() as proxy,
+            running_relay(
+                [http_upstream(proxy)],
+                origin.address,
+                source_ports=(first, last),
+                redirect_ports=(80, 443),
+            ) as relay,
+        ):
+            assert await _echo_once(relay.address) == b"ping"
+            await relay.wait_closed(1)
+            (request,) = proxy.requests
+            assert not first <= request.peer[1] <= last
+
+    run(main)
+
+
+def test_a_redirected_connection_to_the_upstream_itself_is_refused(run):
+    """If the redirect catches our own dial to the upstream, close it instead of looping."""
+
+    async def main():
+        async with Origin(echo) as origin, ConnectProxy() as proxy:
+            async with running_relay([http_upstream(proxy)], origin.address) as relay:
+                assert await _echo_once(relay.address) == b"ping"  # the dialer learns the address
+                await relay.wait_closed(1)
+            async with running_relay([http_upstream(proxy)], lambda _sock: proxy.address) as looped:
+                # A fresh engine has resolved nothing yet: prime its dialer the same way.
+                await looped.engine._dialer.resolve(*proxy.address)
+                reader, writer = await looped.connect()
+                got, _ = await read_until_error(reader)
+                writer.close()
+                assert got == b""
+                (closed,) = await looped.wait_closed()
+                assert closed.reason is CloseReason.LOOP
+                assert len(proxy.requests) == 1, "nothing more may reach the proxy"
 
     run(main)
 

@@ -68,7 +68,7 @@ class SystemdCredentialSource:
             return None
         try:
             raw = (self._dir / upstream).read_text(encoding="utf-8")
-        except (FileNotFoundError, IsADirectoryError, PermissionError, UnicodeDecodeError):
+        except (OSError, UnicodeDecodeError, ValueError):  # ValueError: NUL in the name
             return None
         return Credentials(username, Secret(raw.removesuffix("\n").removesuffix("\r")))
 

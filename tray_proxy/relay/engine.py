@@ -34,6 +34,7 @@ from tray_proxy.relay.events import (
 )
 from tray_proxy.relay.origdst import original_destination
 from tray_proxy.relay.pipe import PipePool, Tunnel
+from tray_proxy.relay.protocol.errors import UsageError
 from tray_proxy.relay.protocol.peek import HostPeeker
 from tray_proxy.relay.records import (
     Address,
@@ -55,6 +56,8 @@ _ACCEPT_PRESSURE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.E
 _FAILURES = frozenset(
     {
         CloseReason.NO_UPSTREAM,
+        CloseReason.LOOP,
+        CloseReason.CONFIG_ERROR,
         CloseReason.UPSTREAM_UNREACHABLE,
         CloseReason.UPSTREAM_TIMEOUT,
         CloseReason.UPSTREAM_REFUSED,
@@ -302,19 +305,47 @@ class RelayEngine:
             if upstream is None:
                 self._finish(record, conn, CloseReason.NO_UPSTREAM, "no upstream proxy is set up")
                 return
+            if self._dialer.is_upstream_address(dst):
+                # The redirect should have excluded the upstream (helper ruleset); if its
+                # address changed under us, refuse instead of tunnelling into ourselves.
+                self._finish(
+                    record,
+                    conn,
+                    CloseReason.LOOP,
+                    f"the redirect caught a connection to the upstream itself ({_fmt(dst)}); "
+                    "its address is not excluded yet",
+                    reset=True,
+                )
+                return
+            try:
+                handshake = make_handshake(
+                    upstream, record.host or dst[0], dst[1], self.credentials
+                )
+            except UsageError as exc:
+                raise UpstreamError(
+                    CloseReason.CONFIG_ERROR, f"upstream {upstream.name} cannot be used: {exc}"
+                ) from None
             record.state = ConnState.CONNECTING
             started = time.monotonic()
             upstream_sock = await self._dialer.connect(
-                upstream.host, upstream.port, self.settings.connect_timeout
+                upstream.host,
+                upstream.port,
+                self.settings.connect_timeout,
+                reserved=upstream.port in self.settings.redirect_ports,
             )
             record.state = ConnState.HANDSHAKING
-            handshake = make_handshake(upstream, record.host or dst[0], dst[1], self.credentials)
             trailing = await run_handshake(
                 loop, upstream_sock, handshake, upstream, self.settings.handshake_timeout
             )
             record.handshake_latency = time.monotonic() - started
             if peeked:
-                await loop.sock_sendall(upstream_sock, peeked)
+                try:
+                    await loop.sock_sendall(upstream_sock, peeked)
+                except OSError as exc:
+                    raise UpstreamError(
+                        CloseReason.UPSTREAM_RESET,
+                        f"upstream side: {exc.strerror or exc} while forwarding the first bytes",
+                    ) from None
                 record.bytes_up += len(peeked)
             if trailing:
                 await loop.sock_sendall(conn, trailing)

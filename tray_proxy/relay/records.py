@@ -28,6 +28,10 @@ class CloseReason(enum.Enum):
     NOT_REDIRECTED = "not-redirected"  # someone connected to the relay port directly
     NO_ORIGINAL_DST = "no-original-destination"
     NO_UPSTREAM = "no-upstream"
+    LOOP = "loop"  # the redirect caught the relay's own connection to an upstream
+    CONFIG_ERROR = (
+        "config-error"  # the settings cannot be used (e.g. a username Basic cannot carry)
+    )
     UPSTREAM_UNREACHABLE = "upstream-unreachable"  # TCP connect to the proxy failed
     UPSTREAM_TIMEOUT = "upstream-timeout"  # TCP connect or handshake took too long
     UPSTREAM_REFUSED = "upstream-refused"  # the proxy answered the CONNECT with an error

@@ -77,6 +77,11 @@ class Dialer:
     def __init__(self, source_ports: tuple[int, int] | None) -> None:
         self._ports = SourcePorts(*source_ports) if source_ports else None
         self._cache: dict[tuple[str, int], _Resolved] = {}
+        self._known: set[Address] = set()  # every address an upstream resolved to
+
+    def is_upstream_address(self, addr: Address) -> bool:
+        """Did we dial an upstream at this address? (A redirect of it would be a loop.)"""
+        return addr in self._known
 
     async def resolve(self, host: str, port: int) -> list[tuple[int, Address]]:
         try:
@@ -85,6 +90,7 @@ class Dialer:
             pass
         else:
             family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+            self._known.add((str(ip), port))
             return [(family, (str(ip), port))]
         key = (host, port)
         now = time.monotonic()
@@ -99,10 +105,22 @@ class Dialer:
             if entry not in addresses:
                 addresses.append(entry)
         self._cache[key] = _Resolved(addresses, now + _RESOLVE_TTL)
+        self._known.update(addr for _family, addr in addresses)
         return addresses
 
-    async def connect(self, host: str, port: int, timeout: float) -> socket.socket:
-        """A connected non-blocking socket, or UpstreamError (unreachable / timeout)."""
+    async def connect(
+        self, host: str, port: int, timeout: float, *, reserved: bool = True
+    ) -> socket.socket:
+        """A connected non-blocking socket, or UpstreamError (unreachable / timeout).
+
+        `reserved`: bind to the reserved source-port range. Needed only when the
+        destination port is one the redirect catches (an upstream on 80/443, or a direct
+        connection): anything else is never redirected. Every source port in the range
+        to one proxy address spends 60 s in TIME_WAIT after the relay closes first, so
+        binding all upstream connections there would cap the relay at about
+        range/60 new connections per second.
+        """
+        ports = self._ports if reserved else None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         try:
@@ -120,13 +138,13 @@ class Dialer:
             # With SO_REUSEADDR, bind() accepts a source port that already carries a
             # connection to this very address; the clash shows only at connect() as
             # EADDRNOTAVAIL. Then the next port of the range is tried.
-            for _ in range(self._ports.attempts if self._ports is not None else 1):
+            for _ in range(ports.attempts if ports is not None else 1):
                 sock = socket.socket(family, socket.SOCK_STREAM)
                 try:
                     sock.setblocking(False)
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    if self._ports is not None:
-                        self._ports.bind(sock, family)
+                    if ports is not None:
+                        ports.bind(sock, family)
                     remaining = deadline - loop.time()
                     if remaining <= 0:
                         raise asyncio.TimeoutError
@@ -143,7 +161,7 @@ class Dialer:
                     # asyncio's strerror is "Connect call failed (addr)": say why instead.
                     why = os.strerror(exc.errno) if exc.errno else str(exc)
                     last = f"{_fmt(addr)}: {why}"
-                    if exc.errno not in _PORT_CLASH or self._ports is None:
+                    if exc.errno not in _PORT_CLASH or ports is None:
                         break
                 except BaseException:
                     sock.close()
