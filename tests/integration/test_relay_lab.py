@@ -582,11 +582,6 @@ def _b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: after a 407 the relay keeps sending the rejected password on every "
-    "new connection (ARCHITECTURE.md, Credentials: it must stop using it; accounts lock)",
-)
 def test_rejected_password_is_not_tried_again(lab: Lab) -> None:
     creds = lab.squid.credentials
     assert creds is not None

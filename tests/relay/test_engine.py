@@ -600,6 +600,35 @@ def test_socks5_wrong_password_is_auth_failed(run):
     run(main)
 
 
+def test_rejected_credentials_are_not_sent_again_until_they_change(run):
+    """After a 407 the stored password goes nowhere (accounts lock after a few failures)."""
+    creds = StaticCredentialSource({"corp": Credentials("alice", Secret("wrong"))})
+
+    async def main():
+        async with (
+            Origin(echo) as origin,
+            ConnectProxy(credentials=("alice", "right")) as proxy,
+            running_relay([http_upstream(proxy, "corp", "alice")], origin.address, creds) as relay,
+        ):
+            for i in range(3):
+                reader, writer = await relay.connect()
+                await read_until_error(reader)
+                writer.close()
+                await relay.wait_closed(i + 1)
+            reasons = [e.reason for e in relay.closed]
+            assert reasons == [CloseReason.UPSTREAM_AUTH_FAILED] * 3
+            assert len(proxy.requests) == 1, "only the first connection may reach the proxy"
+            assert "not tried again" in relay.closed[-1].detail
+            # New credentials are tried (and work).
+            creds.set("corp", Credentials("alice", Secret("right")))
+            assert await _echo_once(relay.address) == b"ping"
+            await relay.wait_closed(4)
+            assert relay.closed[-1].reason is CloseReason.DONE
+            assert len(proxy.requests) == 2
+
+    run(main)
+
+
 # -- idle timeout and stop -----------------------------------------------------------------
 
 

@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from tray_proxy.relay.credentials import CredentialSource, StaticCredentialSource
+from tray_proxy.relay.credentials import Credentials, CredentialSource, StaticCredentialSource
 from tray_proxy.relay.events import (
     ConnectionClosed,
     ConnectionOpened,
@@ -44,7 +44,7 @@ from tray_proxy.relay.records import (
     next_connection_id,
 )
 from tray_proxy.relay.settings import RelaySettings, UpstreamProxy
-from tray_proxy.relay.upstream import Dialer, UpstreamError, make_handshake, run_handshake
+from tray_proxy.relay.upstream import Dialer, UpstreamError, handshake_for, run_handshake
 
 log = logging.getLogger("tray_proxy.relay")
 
@@ -117,6 +117,8 @@ class RelayEngine:
         self._idle = asyncio.Event()
         self._stopping = False
         self._destination_of = destination_of
+        # upstream name -> the credentials its proxy rejected (see _serve)
+        self._rejected: dict[str, Credentials] = {}
 
     # -- public ---------------------------------------------------------------------------
 
@@ -132,6 +134,13 @@ class RelayEngine:
             if wanted is None or upstream.name == wanted:
                 return upstream
         return None
+
+    def retry_credentials(self, upstream: str | None = None) -> None:
+        """Forget that the proxy rejected credentials (the user asked to try them again)."""
+        if upstream is None:
+            self._rejected.clear()
+        else:
+            self._rejected.pop(upstream, None)
 
     def connections(self) -> list[ConnectionRecord]:
         """Snapshots of the connections open right now."""
@@ -317,10 +326,18 @@ class RelayEngine:
                     reset=True,
                 )
                 return
-            try:
-                handshake = make_handshake(
-                    upstream, record.host or dst[0], dst[1], self.credentials
+            creds = self.credentials.get(upstream.name, upstream.username)
+            if creds is not None and self._rejected.get(upstream.name) == creds:
+                # Directory accounts lock after a few failures: once the proxy rejected
+                # these credentials, send them nowhere until the user changes them.
+                raise UpstreamError(
+                    CloseReason.UPSTREAM_AUTH_FAILED,
+                    f"proxy {upstream} rejected the credentials of {creds.username} earlier; "
+                    "they are not tried again until they change "
+                    f"(tray-proxy credentials set {upstream.name})",
                 )
+            try:
+                handshake = handshake_for(upstream, record.host or dst[0], dst[1], creds)
             except UsageError as exc:
                 raise UpstreamError(
                     CloseReason.CONFIG_ERROR, f"upstream {upstream.name} cannot be used: {exc}"
@@ -334,9 +351,14 @@ class RelayEngine:
                 reserved=upstream.port in self.settings.redirect_ports,
             )
             record.state = ConnState.HANDSHAKING
-            trailing = await run_handshake(
-                loop, upstream_sock, handshake, upstream, self.settings.handshake_timeout
-            )
+            try:
+                trailing = await run_handshake(
+                    loop, upstream_sock, handshake, upstream, self.settings.handshake_timeout
+                )
+            except UpstreamError as exc:
+                if exc.reason is CloseReason.UPSTREAM_AUTH_FAILED and creds is not None:
+                    self._rejected[upstream.name] = creds
+                raise
             record.handshake_latency = time.monotonic() - started
             if peeked:
                 try:

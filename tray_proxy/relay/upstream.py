@@ -15,7 +15,7 @@ import socket
 import time
 from dataclasses import dataclass
 
-from tray_proxy.relay.credentials import CredentialSource
+from tray_proxy.relay.credentials import Credentials, CredentialSource
 from tray_proxy.relay.protocol.auth import basic_proxy_authorization
 from tray_proxy.relay.protocol.errors import HandshakeRefused, ProtocolError
 from tray_proxy.relay.protocol.handshake import UpstreamHandshake
@@ -179,6 +179,13 @@ def make_handshake(
 ) -> UpstreamHandshake:
     """The protocol object for one tunnel through `upstream` to target_host:target_port."""
     creds = credentials.get(upstream.name, upstream.username)
+    return handshake_for(upstream, target_host, target_port, creds)
+
+
+def handshake_for(
+    upstream: UpstreamProxy, target_host: str, target_port: int, creds: Credentials | None
+) -> UpstreamHandshake:
+    """Like make_handshake, with the credentials already looked up."""
     if upstream.kind is UpstreamKind.SOCKS5:
         if creds is None:
             return Socks5Handshake(target_host, target_port)
