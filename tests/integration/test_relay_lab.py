@@ -351,8 +351,9 @@ HOSTILE_CASES = {
     "manyheaders": "upstream-protocol-error",
     "nul": "upstream-protocol-error",
     "badstatus": "upstream-protocol-error",
-    "auth": "upstream-auth-failed",
 }
+# A 407 makes the relay stop sending those credentials to that upstream at all (accounts
+# lock after a few failures), so the auth case runs last, once: see test_hostile_upstream.
 GLUED = b"GLUED-BYTES-BEFORE-THE-ORIGIN\n"  # what hostile_proxy.py's glued mode sends
 HANDSHAKE_TIMEOUT = 2.0
 
@@ -479,8 +480,22 @@ def test_hostile_upstream(lab: Lab) -> None:
             for family in (4, 6):
                 good = Request("https", family, True, 700_000, _seed())
                 good.check(lab, good.run(lab))
+            # 407: a clean failure, and afterwards the rejected credentials reach nobody.
+            mark = relay.mark()
+            result, took = _hostile_curl(lab, "auth")
+            assert result.returncode != 0 and result.body == b"" and took < 10, result
+            _relay_line(relay, mark, "auth.hostile.lab.test:80", "upstream-auth-failed", "hostile")
+            seen_before = len(stub.events())
+            mark = relay.mark()
+            result, took = _hostile_curl(lab, "glued")
+            assert result.returncode != 0 and took < 5, result
+            line = _relay_line(
+                relay, mark, "glued.hostile.lab.test:80", "upstream-auth-failed", "hostile"
+            )
+            assert "not tried again" in line
+            assert len(stub.events()) == seen_before, "rejected credentials were sent again"
         seen = {e.get("mode") for e in stub.events()}
-        assert set(HOSTILE_CASES) | {"glued", "silent", "origin"} <= seen, seen
+        assert set(HOSTILE_CASES) | {"auth", "glued", "silent", "origin"} <= seen, seen
         modes = [e for e in stub.events() if e.get("mode") in HOSTILE_CASES]
         assert all(e["target"].endswith(".hostile.lab.test:80") for e in modes)
 
