@@ -1,0 +1,673 @@
+"""Build the lab, run every row side by side in interleaved rounds, print and save the tables.
+
+Rows: direct, Squid only (explicit CONNECT), redsocks splice off / on, tray-proxy run
+(uvloop) and the engine on qasync. Columns and targets follow shared/BENCHMARKS.md and
+ARCHITECTURE.md ("The event loop"). Usage, as root from the repository root:
+
+    .venv/bin/python -m bench.run [--quick] [--rounds N] [--output FILE]
+
+`main(argv) -> int` is the entry point for a smoke test. Traffic stays inside the lab's
+namespaces; every process, namespace and nft table is removed in `finally`.
+
+Must not import PySide6 (the qasync row runs bench/qasync_relay.py as its own process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import resource
+import selectors
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.relays import (
+    Redsocks,
+    Relay,
+    TrayProxyQasync,
+    TrayProxyRun,
+    proc_cpu_seconds,
+    proc_rss_kib,
+)
+from tests.lab import Lab, LabError, Namespace, SquidProxy
+from tests.lab.netns import NsProcess
+
+ROOT = Path(__file__).resolve().parent.parent
+LOADGEN = ROOT / "bench" / "loadgen.py"
+ORIGIN = ROOT / "bench" / "origin.py"
+DOC = ROOT / "docs" / "benchmarks.md"
+GIB = 1 << 30
+ORIGIN_PORT = 443
+SQUID_PORT = 3128
+SQUID_EXTRA = "max_filedescriptors 16384"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    bulk_bytes: int
+    latency_count: int
+    rate_total: int
+    rate_concurrency: int
+    idle_tunnels: int
+    idle_probes: int
+
+
+FULL = Sizes(GIB, 500, 5000, 200, 2000, 200)
+QUICK = Sizes(128 << 20, 200, 1000, 200, 500, 50)
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str
+    label: str
+    relay: str | None  # None: no relay process (direct, Squid only)
+
+
+ROWS = [
+    Row("direct", "direct (no proxy)", None),
+    Row("squid", "Squid only (explicit CONNECT)", None),
+    Row("redsocks-off", "redsocks, `splice = off` (Debian default)", "redsocks-off"),
+    Row("redsocks-on", "redsocks, `splice = on`", "redsocks-on"),
+    Row("tray-run", "tray-proxy run (engine on uvloop)", "tray-run"),
+    Row("tray-qasync", "tray-proxy engine on qasync", "tray-qasync"),
+]
+REFERENCE = "redsocks-on"
+PRODUCT = "tray-run"
+
+
+@dataclass
+class Sample:
+    """One row's figures in one round; None where a figure does not apply or failed."""
+
+    values: dict[str, float | None] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+# -- processes in the lab ----------------------------------------------------------------------
+
+
+def raise_nofile() -> None:
+    """Every process of the run inherits this: 2,000 tunnels are 4,000+ sockets per process."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+@contextlib.contextmanager
+def bench_origin(lab: Lab) -> Iterator[NsProcess]:
+    """The plain-TCP origin (bench/origin.py) on :443 in the origin namespace."""
+    ns = lab.origin
+    assert ns.v4 is not None
+    proc = ns.popen(
+        [sys.executable, "-I", str(ORIGIN), "--host", "0.0.0.0", "--port", str(ORIGIN_PORT)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=(lab.tmp / "bench-origin.log").open("wb"),
+    )
+    try:
+        line = _readline(proc, 20.0)
+        if line.strip() != "READY":
+            raise LabError(
+                "bench origin did not start: "
+                + (lab.tmp / "bench-origin.log").read_text(errors="replace")[-2000:]
+            )
+        yield proc
+    finally:
+        if proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+        proc.stop(grace=3.0)
+        ns.forget(proc)
+
+
+def _readline(proc: subprocess.Popen[bytes], timeout: float) -> str:
+    """One line of the process's stdout, or "" at EOF or after `timeout` seconds."""
+    assert proc.stdout is not None
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout=timeout):
+            return ""
+        return proc.stdout.readline().decode(errors="replace")
+
+
+class LoadGen:
+    """Runs bench/loadgen.py in the client namespace, against the origin or via Squid."""
+
+    def __init__(self, lab: Lab, squid: SquidProxy, sizes: Sizes, budget: float) -> None:
+        assert lab.origin.v4 is not None
+        self.ns: Namespace = lab.client
+        self.target = f"{lab.origin.v4}:{ORIGIN_PORT}"
+        self.squid = squid
+        self.sizes = sizes
+        self.budget = budget
+
+    def argv(self, mode: str, via_squid: bool, *extra: str) -> list[str]:
+        argv = [sys.executable, "-I", str(LOADGEN), mode, "--target", self.target]
+        if via_squid:
+            creds = self.squid.credentials
+            assert creds is not None
+            argv += [
+                "--proxy", f"{self.squid.host}:{self.squid.port}",
+                "--user", creds.username, "--password-file", str(creds.password_file),
+            ]  # fmt: skip
+        return [*argv, "--budget", str(self.budget), *extra]
+
+    def run(self, mode: str, via_squid: bool, *extra: str) -> dict[str, Any]:
+        proc = self.ns.popen(
+            self.argv(mode, via_squid, *extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        try:
+            out, err = proc.communicate(timeout=self.budget + 30)
+        except subprocess.TimeoutExpired:
+            raise LabError(f"loadgen {mode} ran over {self.budget + 30:.0f}s") from None
+        finally:
+            proc.stop(grace=2.0)
+            self.ns.forget(proc)
+        if proc.returncode != 0:
+            raise LabError(f"loadgen {mode} failed: {err.decode(errors='replace')[-1500:]}")
+        return _last_json(out.decode())
+
+    def idle(self, via_squid: bool, on_open: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+        """Open the idle tunnels, call `on_open` while they are held, then probe."""
+        s = self.sizes
+        proc = self.ns.popen(
+            self.argv(
+                "idle", via_squid, "--count", str(s.idle_tunnels), "--probes", str(s.idle_probes)
+            ),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            line = _readline(proc, self.budget)
+            opened = json.loads(line) if line.startswith("{") else {}
+            if opened.get("event") != "open":
+                raise LabError(f"loadgen idle did not open its tunnels: {line!r}")
+            on_open(opened)
+            assert proc.stdin is not None
+            proc.stdin.write(b"probe\n")
+            proc.stdin.flush()
+            out, err = proc.communicate(timeout=self.budget + 30)
+            if proc.returncode != 0:
+                raise LabError(f"loadgen idle failed: {err.decode(errors='replace')[-1500:]}")
+            return _last_json(out.decode())
+        finally:
+            proc.stop(grace=2.0)
+            self.ns.forget(proc)
+
+
+def _last_json(text: str) -> dict[str, Any]:
+    for line in reversed(text.splitlines()):
+        if line.startswith("{"):
+            result: dict[str, Any] = json.loads(line)
+            return result
+    raise LabError(f"loadgen printed no result: {text[-500:]!r}")
+
+
+# -- one row, one round ------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, lab: Lab, squid: SquidProxy, sizes: Sizes, budget: float) -> None:
+        self.lab = lab
+        self.squid = squid
+        self.sizes = sizes
+        self.loadgen = LoadGen(lab, squid, sizes, budget)
+        self.workdir = lab.tmp / "bench"
+        self.workdir.mkdir(mode=0o700, exist_ok=True)
+        self._next_port = 20000 + os.getpid() % 1000 * 10
+        self.configs: dict[str, str] = {}
+
+    def fresh_port(self) -> int:
+        # redsocks binds without SO_REUSEADDR: a port with TIME_WAIT left on it would fail.
+        self._next_port += 1
+        return self._next_port
+
+    def make_relay(self, key: str) -> Relay:
+        creds = self.squid.credentials
+        assert creds is not None
+        upstream = (self.squid.host, self.squid.port)
+        common = (self.lab.client, self.workdir, self.fresh_port())
+        relay: Relay
+        if key == "tray-run":
+            relay = TrayProxyRun(*common, upstream, creds.username, creds.password_file)
+        elif key == "tray-qasync":
+            relay = TrayProxyQasync(*common, upstream, creds.username, creds.password_file)
+        elif key in ("redsocks-off", "redsocks-on"):
+            on = key == "redsocks-on"
+            relay = Redsocks(*common, upstream, creds.username, creds.password_file, on)
+        else:
+            raise ValueError(key)
+        self.configs.setdefault(relay.label, relay.config_text())
+        return relay
+
+    def run_row(self, row: Row) -> Sample:
+        sample = Sample()
+        if row.relay is None:
+            self._measure(row, sample, None)
+            return sample
+        relay = self.make_relay(row.relay)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(relay)
+            stack.enter_context(self.lab.redirect(relay.port, redirect_ports=(ORIGIN_PORT,)))
+            self._measure(row, sample, relay)
+            if relay.process is not None and relay.process.poll() is not None:
+                sample.notes.append(f"{relay.label} exited with {relay.process.returncode}")
+        return sample
+
+    def _measure(self, row: Row, sample: Sample, relay: Relay | None) -> None:
+        via = row.key == "squid"
+        s = self.sizes
+        v = sample.values
+        # Sequential latency first (it also warms the relay up), then the idle tunnels on a
+        # relay that has not yet grown buffers for bulk or for 200 concurrent connections,
+        # so the RSS delta is what idle tunnels cost.
+        lat = self.loadgen.run("latency", via, "--count", str(s.latency_count))
+        v["lat_p50"], v["lat_p99"] = lat["p50_us"], lat["p99_us"]
+        if lat["errors"]:
+            sample.notes.append(f"{lat['errors']} latency errors")
+        rss: dict[str, int] = {}
+        if relay is not None:
+            rss["before"] = proc_rss_kib(relay.pid)
+
+        def on_open(opened: dict[str, Any]) -> None:
+            if relay is not None:
+                rss["after"] = proc_rss_kib(relay.pid)
+            rss["open"] = int(opened["open"])
+            if opened.get("errors"):
+                sample.notes.append(f"{opened['errors']} idle tunnels failed to open")
+
+        idle = self.loadgen.idle(via, on_open)
+        v["idle_new_p50"] = idle["probe"]["p50_us"]
+        if relay is not None and rss.get("open"):
+            v["idle_kib"] = (rss["after"] - rss["before"]) / rss["open"]
+        for direction in ("down", "up"):
+            before = proc_cpu_seconds(relay.pid) if relay else 0.0
+            result = self.loadgen.run(
+                "bulk", via, "--direction", direction, "--bytes", str(s.bulk_bytes)
+            )
+            v[f"bulk_{direction}"] = result["gbit_s"]
+            if relay is not None:
+                used = proc_cpu_seconds(relay.pid) - before
+                v[f"cpu_{direction}"] = used / (s.bulk_bytes / GIB)
+        before = proc_cpu_seconds(relay.pid) if relay else 0.0
+        rate = self.loadgen.run(
+            "rate", via, "--count", str(s.rate_total), "--concurrency", str(s.rate_concurrency)
+        )
+        v["conn_s"] = rate["conn_s"]
+        if relay is not None and rate["done"]:
+            v["cpu_conn"] = (proc_cpu_seconds(relay.pid) - before) / rate["done"] * 1e6
+        if rate["errors"]:
+            sample.notes.append(f"{rate['errors']} of {s.rate_total} connections failed")
+
+
+# -- the whole run -----------------------------------------------------------------------------
+
+
+METRICS = [
+    "bulk_up", "bulk_down", "cpu_up", "cpu_down", "lat_p50", "lat_p99",
+    "added_p50", "added_p99", "conn_s", "cpu_conn", "idle_kib", "idle_new_p50",
+]  # fmt: skip
+
+
+def summarize(rounds: list[dict[str, Sample]]) -> dict[str, dict[str, float | None]]:
+    """Median over rounds; added latency is taken against direct within each round."""
+    for by_row in rounds:
+        direct = by_row.get("direct")
+        for key, sample in by_row.items():
+            if key == "direct":
+                continue  # nothing is added to itself
+            for q in ("p50", "p99"):
+                own = sample.values.get(f"lat_{q}")
+                base = direct.values.get(f"lat_{q}") if direct else None
+                added = own - base if own is not None and base is not None else None
+                sample.values[f"added_{q}"] = added
+    summary: dict[str, dict[str, float | None]] = {}
+    for row in ROWS:
+        summary[row.key] = {}
+        for metric in METRICS:
+            got = [
+                x
+                for by_row in rounds
+                if row.key in by_row
+                for x in [by_row[row.key].values.get(metric)]
+                if x is not None
+            ]
+            summary[row.key][metric] = statistics.median(got) if got else None
+    return summary
+
+
+def _f(x: float | None, fmt: str, sign: bool = False) -> str:
+    if x is None:
+        return "–"
+    text = format(x, fmt)
+    return f"+{text}" if sign and x >= 0 else text
+
+
+def results_table(summary: dict[str, dict[str, float | None]]) -> str:
+    lines = [
+        "| path | bulk up / down Gbit/s | relay CPU s/GiB up / down | added p50 / p99 per "
+        "connection | conn/s at 200 concurrent | relay CPU µs per connection | KiB per idle "
+        "tunnel | new conn p50 with idle tunnels open |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in ROWS:
+        m = summary[row.key]
+        added = (
+            "–"
+            if row.key == "direct"
+            else f"{_f(m['added_p50'], '.0f', True)} / {_f(m['added_p99'], '.0f', True)} µs"
+        )
+        cpu = "–" if row.relay is None else f"{_f(m['cpu_up'], '.2f')} / {_f(m['cpu_down'], '.2f')}"
+        new = m["idle_new_p50"]
+        lines.append(
+            f"| {row.label} | {_f(m['bulk_up'], '.2f')} / {_f(m['bulk_down'], '.2f')} | {cpu} "
+            f"| {added} | {_f(m['conn_s'], ',.0f')} | {_f(m['cpu_conn'], '.0f')} "
+            f"| {_f(m['idle_kib'], '.1f')} "
+            f"| {_f(new / 1000 if new is not None else None, '.2f')} ms |"
+        )
+    return "\n".join(lines)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def _times(r: float | None) -> str:
+    return _f(r, ".2f") + ("×" if r is not None else "")
+
+
+def ratios_table(summary: dict[str, dict[str, float | None]]) -> str:
+    ref, direct = summary[REFERENCE], summary["direct"]
+    lines = [
+        f"| path | bulk up / down vs direct | CPU/GiB up / down vs {REFERENCE} | added p50 vs "
+        f"{REFERENCE} | conn/s vs {REFERENCE} / vs direct | CPU/conn vs {REFERENCE} "
+        f"| KiB/idle tunnel vs {REFERENCE} | new-conn p50 (idle) vs {REFERENCE} |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in ROWS:
+        m = summary[row.key]
+        lines.append(
+            f"| {row.label} "
+            f"| {_times(_ratio(m['bulk_up'], direct['bulk_up']))} / "
+            f"{_times(_ratio(m['bulk_down'], direct['bulk_down']))} "
+            f"| {_times(_ratio(m['cpu_up'], ref['cpu_up']))} / "
+            f"{_times(_ratio(m['cpu_down'], ref['cpu_down']))} "
+            f"| {_times(_ratio(m['added_p50'], ref['added_p50']))} "
+            f"| {_times(_ratio(m['conn_s'], ref['conn_s']))} / "
+            f"{_times(_ratio(m['conn_s'], direct['conn_s']))} "
+            f"| {_times(_ratio(m['cpu_conn'], ref['cpu_conn']))} "
+            f"| {_times(_ratio(m['idle_kib'], ref['idle_kib']))} "
+            f"| {_times(_ratio(m['idle_new_p50'], ref['idle_new_p50']))} |"
+        )
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    check: Callable[[dict[str, float | None], dict[str, float | None]], float | None]
+    limit: float
+    at_most: bool
+
+
+TARGETS = [
+    Target("relay CPU per GiB up <= 0.6x redsocks splice=on",
+           lambda m, r: _ratio(m["cpu_up"], r["cpu_up"]), 0.6, True),
+    Target("relay CPU per GiB down <= 0.6x redsocks splice=on",
+           lambda m, r: _ratio(m["cpu_down"], r["cpu_down"]), 0.6, True),
+    Target("added p50 latency <= 1.2x redsocks splice=on",
+           lambda m, r: _ratio(m["added_p50"], r["added_p50"]), 1.2, True),
+    Target("conn/s at 200 concurrent >= 0.9x redsocks splice=on",
+           lambda m, r: _ratio(m["conn_s"], r["conn_s"]), 0.9, False),
+    Target("<= 4 KiB per idle tunnel", lambda m, r: m["idle_kib"], 4.0, True),
+]  # fmt: skip
+
+
+def check_targets(summary: dict[str, dict[str, float | None]]) -> tuple[str, bool]:
+    lines = ["| row | target | measured | verdict |", "|---|---|---|---|"]
+    all_pass = True
+    for key in (PRODUCT, "tray-qasync"):
+        label = next(r.label for r in ROWS if r.key == key)
+        for target in TARGETS:
+            got = target.check(summary[key], summary[REFERENCE])
+            if got is None:
+                verdict = "MISS (no figure)"
+            else:
+                ok = got <= target.limit if target.at_most else got >= target.limit
+                verdict = "PASS" if ok else "MISS"
+            if key == PRODUCT and verdict != "PASS":
+                all_pass = False
+            unit = " KiB" if "KiB" in target.name else "×"
+            shown = "–" if got is None else f"{got:.2f}{unit}"
+            note = "" if key == PRODUCT else " (comparison row, not a target)"
+            lines.append(f"| {label}{note} | {target.name} | {shown} | {verdict} |")
+    return "\n".join(lines), all_pass
+
+
+def _version(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, timeout=10, check=False)
+    except OSError as exc:
+        return f"unavailable ({exc})"
+    text = (out.stdout or out.stderr).decode(errors="replace").strip().splitlines()
+    return text[0] if text else "?"
+
+
+def machine_facts(load: list[tuple[float, float, float]]) -> list[str]:
+    from importlib.metadata import version
+
+    from tray_proxy import __version__
+
+    return [
+        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"- CPUs (nproc): {os.cpu_count()}; kernel {platform.release()}; {platform.machine()}",
+        f"- Python {platform.python_version()}, uvloop {version('uvloop')}, "
+        f"PySide6-Essentials {version('PySide6-Essentials')}, qasync {version('qasync')}, "
+        f"tray-proxy {__version__}",
+        f"- {_version(['/usr/sbin/squid', '-v'])}",
+        f"- {_version(['/usr/sbin/redsocks', '-v'])} (Debian package)",
+        "- load average (1/5/15 min) at start and end of the run: "
+        + " and ".join("/".join(f"{x:.2f}" for x in triple) for triple in load)
+        + f" (above {os.cpu_count()} means rows waited for a CPU: latency and conn/s are noisy)",
+    ]
+
+
+def render_doc(
+    args: argparse.Namespace,
+    sizes: Sizes,
+    summary: dict[str, dict[str, float | None]],
+    rounds: list[dict[str, Sample]],
+    configs: dict[str, str],
+    elapsed: float,
+    load: list[tuple[float, float, float]],
+) -> str:
+    targets, _ = check_targets(summary)
+    notes = [
+        f"- round {i + 1}, {key}: {note}"
+        for i, by_row in enumerate(rounds)
+        for key, sample in by_row.items()
+        for note in sample.notes
+    ]
+    cfg = "\n\n".join(f"{label}:\n\n```\n{text.strip()}\n```" for label, text in configs.items())
+    return "\n".join(
+        [
+            "# Benchmarks",
+            "",
+            "Generated by `.venv/bin/python -m bench.run"
+            + (" --quick" if args.quick else "")
+            + f" --rounds {args.rounds}` (as root, from the repository root) in "
+            f"{elapsed / 60:.1f} min. Medians of {args.rounds} interleaved round(s). "
+            "Every process shares the machine's CPUs with everything else running on it "
+            "(other test runs included), so Gbit/s and conn/s swing by ±20 % or more between "
+            "runs: compare rows of the same run, and prefer the CPU-per-GiB, latency and "
+            "memory columns. Method and anchor figures: shared/BENCHMARKS.md.",
+            "",
+            "## Machine",
+            "",
+            *machine_facts(load),
+            "",
+            "## Results",
+            "",
+            results_table(summary),
+            "",
+            "## Ratios",
+            "",
+            ratios_table(summary),
+            "",
+            "## Targets (tray-proxy run against redsocks splice=on, same run)",
+            "",
+            targets,
+            "",
+            "## How it was measured",
+            "",
+            "- Lab (tests/lab): namespaces client, proxy, origin joined through a forwarding "
+            "router namespace by veth pairs. Squid 5 with Basic auth on the proxy namespace "
+            f"(`{SQUID_EXTRA}`); a plain-TCP origin (bench/origin.py, uvloop, no TLS: the relay "
+            f"is measured, not TLS) on :{ORIGIN_PORT} of the origin namespace.",
+            "- Relays run in the client namespace on 127.0.0.1, a fresh port per run; the "
+            "lab's nft redirect sends tcp/443 there (Squid's address excluded). The load "
+            "generator (bench/loadgen.py) always dials the origin's address; for Squid only it "
+            "sends CONNECT with Basic auth itself.",
+            f"- Bulk: one stream of {sizes.bulk_bytes >> 20} MiB each way. Relay CPU: utime + "
+            "stime of the relay process from /proc/PID/stat around the transfer, divided by "
+            "GiB moved (10 ms tick resolution).",
+            f"- Latency: {sizes.latency_count} sequential connections, each connect + one "
+            "64-byte request/response; added = row minus direct in the same round.",
+            f"- conn/s: {sizes.rate_total} connections (connect, one request/response, close) "
+            f"by {sizes.rate_concurrency} concurrent asyncio (uvloop) workers; relay CPU per "
+            "connection from /proc/PID/stat around that run.",
+            f"- Idle: {sizes.idle_tunnels} tunnels opened (each proven by one request/response) "
+            "and held; KiB per idle tunnel = relay VmRSS delta / tunnels; then "
+            f"{sizes.idle_probes} sequential new connections measured with them open.",
+            f"- Client namespace: net.ipv4.tcp_tw_reuse = {args.tw_reuse} (2 is the kernel "
+            "default). RLIMIT_NOFILE raised to the hard limit for every process.",
+            "- Targets (from the issue) are checked for `tray-proxy run` against redsocks "
+            "`splice = on` of the same run; the qasync row is shown against the same limits "
+            "for comparison only.",
+            "",
+            "## Notes from this run",
+            "",
+            *(notes or ["- none"]),
+            "",
+            "## Configs used",
+            "",
+            cfg,
+            "",
+        ]
+    )
+
+
+def _progress(n: int, rounds: int, row: Row, sample: Sample, t0: float) -> None:
+    figures = {k: round(x, 3) for k, x in sample.values.items() if x is not None}
+    print(
+        f"bench: round {n + 1}/{rounds} {row.key} ({time.monotonic() - t0:.1f}s): "
+        + json.dumps(figures)
+        + "".join(f"\n  note: {note}" for note in sample.notes),
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, 1 round (< 3 min)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds (default 3, quick 1)")
+    parser.add_argument(
+        "--output", type=Path, default=None, help=f"markdown file (default {DOC}; '-' for none)"
+    )
+    parser.add_argument(
+        "--rows", default=",".join(r.key for r in ROWS), help="comma-separated subset of rows"
+    )
+    parser.add_argument(
+        "--tw-reuse",
+        type=int,
+        choices=[0, 1, 2],
+        default=2,
+        help="net.ipv4.tcp_tw_reuse in the client namespace (default 2, the kernel's own)",
+    )
+    parser.add_argument(
+        "--fail-on-miss",
+        action="store_true",
+        help="exit 1 when tray-proxy run misses a target (off by default: shared CPUs are noisy)",
+    )
+    args = parser.parse_args(argv)
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
+    if not 1 <= args.rounds <= 9:
+        parser.error("--rounds must be 1 to 9")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    wanted = {k.strip() for k in args.rows.split(",")}
+    unknown = wanted - {r.key for r in ROWS}
+    if unknown:
+        print(f"bench: unknown rows {sorted(unknown)}", file=sys.stderr)
+        return 2
+    rows = [r for r in ROWS if r.key in wanted]
+    if os.geteuid() != 0:
+        print("bench: needs root (network namespaces, nftables); run as root", file=sys.stderr)
+        return 2
+    raise_nofile()
+    # SIGTERM unwinds like Ctrl-C, so every `finally` tears the lab down.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    load = [os.getloadavg()]
+    started = time.monotonic()
+    budget = 120.0 if args.quick else 300.0
+    rounds: list[dict[str, Sample]] = []
+    try:
+        with Lab(squid=False, dante=False) as lab:
+            # The lab's HTTPS origin holds :443; the benchmark's plain-TCP origin takes it.
+            lab.origins.stop()
+            lab.client.run(["sysctl", "-qw", f"net.ipv4.tcp_tw_reuse={args.tw_reuse}"])
+            squid = lab.new_squid(auth="basic", extra_config=SQUID_EXTRA, name="bench-squid")
+            with squid.start(), bench_origin(lab):
+                bench = Bench(lab, squid, sizes, budget)
+                for n in range(args.rounds):
+                    # Rotate the order so no row always runs first (warm caches, noise).
+                    order = rows[n % len(rows) :] + rows[: n % len(rows)]
+                    by_row: dict[str, Sample] = {}
+                    for row in order:
+                        t0 = time.monotonic()
+                        by_row[row.key] = bench.run_row(row)
+                        _progress(n, args.rounds, row, by_row[row.key], t0)
+                    rounds.append(by_row)
+                configs = bench.configs
+    except LabError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    summary = summarize(rounds)
+    elapsed = time.monotonic() - started
+    load.append(os.getloadavg())
+    doc = render_doc(args, sizes, summary, rounds, configs, elapsed, load)
+    targets, all_pass = check_targets(summary)
+    print(results_table(summary))
+    print()
+    print(ratios_table(summary))
+    print()
+    print(targets)
+    output = DOC if args.output is None else args.output
+    if str(output) != "-":
+        output.write_text(doc)
+        print(f"\nbench: written to {output}", file=sys.stderr)
+    return 1 if args.fail_on_miss and not all_pass else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
