@@ -116,3 +116,14 @@ def test_static_source_set_and_get():
     source.set("corp", Credentials("alice", Secret("pw")))
     found = source.get("corp", None)
     assert found is not None and found.password == Secret("pw")
+
+
+def test_systemd_source_rereads_a_changed_file_and_forgets_a_removed_one(tmp_path):
+    source = SystemdCredentialSource(tmp_path)
+    (tmp_path / "corp").write_text("first\n")
+    assert source.get("corp", "alice").password.reveal() == "first"
+    assert source.get("corp", "alice").password.reveal() == "first"  # served from the cache
+    (tmp_path / "corp").write_text("second-and-longer\n")
+    assert source.get("corp", "alice").password.reveal() == "second-and-longer"
+    (tmp_path / "corp").unlink()
+    assert source.get("corp", "alice") is None

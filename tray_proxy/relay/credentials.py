@@ -52,7 +52,8 @@ class CredentialSource(Protocol):
 class SystemdCredentialSource:
     """systemd credentials: the password of upstream NAME is `$CREDENTIALS_DIRECTORY/NAME`.
 
-    A trailing newline in the file is not part of the password.
+    A trailing newline in the file is not part of the password. The file is read again only
+    when its size or modification time changes (a stat per connection, not a read).
     """
 
     def __init__(self, directory: str | os.PathLike[str] | None = None) -> None:
@@ -60,17 +61,28 @@ class SystemdCredentialSource:
             env = os.environ.get("CREDENTIALS_DIRECTORY")
             directory = env if env else None
         self._dir = Path(directory) if directory is not None else None
+        self._cache: dict[str, tuple[tuple[int, int, int], str]] = {}
 
     def get(self, upstream: str, username: str | None) -> Credentials | None:
         if self._dir is None or username is None:
             return None
         if "/" in upstream or upstream in ("", ".", ".."):
             return None
+        path = self._dir / upstream
         try:
-            raw = (self._dir / upstream).read_text(encoding="utf-8")
+            st = os.stat(path)
+            stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+            cached = self._cache.get(upstream)
+            if cached is not None and cached[0] == stamp:
+                password = cached[1]
+            else:
+                raw = path.read_text(encoding="utf-8")
+                password = raw.removesuffix("\n").removesuffix("\r")
+                self._cache[upstream] = (stamp, password)
         except (OSError, UnicodeDecodeError, ValueError):  # ValueError: NUL in the name
+            self._cache.pop(upstream, None)
             return None
-        return Credentials(username, Secret(raw.removesuffix("\n").removesuffix("\r")))
+        return Credentials(username, Secret(password))
 
 
 class ChainedCredentialSource:
