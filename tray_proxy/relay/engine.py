@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
+from tray_proxy.relay.aio import within
 from tray_proxy.relay.credentials import Credentials, CredentialSource, StaticCredentialSource
 from tray_proxy.relay.events import (
     ConnectionClosed,
@@ -429,19 +430,17 @@ class RelayEngine:
         loop = self._loop
         assert loop is not None
         peeker = HostPeeker(self.settings.peek_max_bytes)
-        deadline = loop.time() + self.settings.peek_timeout
-        while True:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                peeker.feed(b"")
-                break
-            try:
-                data = await asyncio.wait_for(loop.sock_recv(conn, _PEEK_RECV), remaining)
-            except asyncio.TimeoutError:
-                peeker.feed(b"")
-                break
-            if peeker.feed(data) or not data:
-                break
+
+        async def read() -> None:
+            # feed() decides on a host name, on bytes that cannot carry one, on the size
+            # cap, or on EOF (b"").
+            while not peeker.feed(await loop.sock_recv(conn, _PEEK_RECV)):
+                pass
+
+        with contextlib.suppress(asyncio.TimeoutError):
+            await within(self.settings.peek_timeout, read())
+        if not peeker.decided:
+            peeker.feed(b"")  # time is up: decide on what arrived
         return peeker.host, peeker.buffered
 
     def _tunnel_closed(self, record: ConnectionRecord, reason: CloseReason, detail: str) -> None:
