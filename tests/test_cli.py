@@ -28,9 +28,18 @@ def _write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def test_no_command_prints_help_and_fails(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main([]) == 2
-    assert "run" in capsys.readouterr().err
+def test_no_command_starts_the_tray_app(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tray_proxy.app
+
+    calls: list[tuple[object, bool]] = []
+
+    def fake_run_gui(config_path: object = None, no_tray: bool = False) -> int:
+        calls.append((config_path, no_tray))
+        return 0
+
+    monkeypatch.setattr(tray_proxy.app, "run_gui", fake_run_gui)
+    assert main(["--no-tray", "--config", "x.toml"]) == 0
+    assert calls == [(Path("x.toml"), True)]
 
 
 def test_unknown_option_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,0 +1,81 @@
+"""UI test fixtures: offscreen Qt, and a recording fake of the app's services.
+
+QT_QPA_PLATFORM is set before pytest-qt creates the QApplication, so these tests need no
+display. Must not import keyring, socket or subprocess.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+import pytest  # noqa: E402
+
+from tray_proxy.controller import ErrorEntry, State, Status, UpstreamInfo  # noqa: E402
+
+
+def make_status(state: State = State.ON, **overrides: object) -> Status:
+    values: dict[str, object] = {
+        "state": state,
+        "message": f"{state.label}: because a test said so.",
+        "upstream": "corp",
+        "upstreams": (
+            UpstreamInfo("corp", "http://proxy.corp.example:8080", True, 0.0123, False),
+            UpstreamInfo("backup", "socks5://127.0.0.1:1080", False, None, True),
+        ),
+        "active_connections": 3,
+        "total_connections": 10,
+        "last_errors": (ErrorEntry(1_700_000_000.0, "corp: connection refused"),),
+    }
+    values.update(overrides)
+    return Status(**values)  # type: ignore[arg-type]
+
+
+class FakeServices:
+    """Records what the views asked for; `status` is whatever the test sets."""
+
+    def __init__(self, status: Status | None = None) -> None:
+        self.current = status or make_status()
+        self.calls: list[tuple[str, object]] = []
+        self.autostart = False
+        self.autostart_error: OSError | None = None
+
+    def status(self) -> Status:
+        return self.current
+
+    def toggle(self) -> None:
+        self.calls.append(("toggle", None))
+
+    def enable(self) -> None:
+        self.calls.append(("enable", None))
+
+    def disable(self) -> None:
+        self.calls.append(("disable", None))
+
+    def select_upstream(self, name: str) -> None:
+        self.calls.append(("select_upstream", name))
+
+    def test_connection(self) -> None:
+        self.calls.append(("test_connection", None))
+
+    def diagnostics(self) -> str:
+        self.calls.append(("diagnostics", None))
+        return "tray-proxy diagnostics\nstate: on\n"
+
+    def autostart_enabled(self) -> bool:
+        return self.autostart
+
+    def set_autostart(self, enabled: bool) -> None:
+        self.calls.append(("set_autostart", enabled))
+        if self.autostart_error is not None:
+            raise self.autostart_error
+        self.autostart = enabled
+
+    def quit(self) -> None:
+        self.calls.append(("quit", None))
+
+
+@pytest.fixture
+def services() -> FakeServices:
+    return FakeServices()

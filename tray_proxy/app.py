@@ -1,0 +1,282 @@
+"""Composition root of the GUI app: the one start-up path and the one shutdown path.
+
+Start-up: take the single-instance lock (a second `tray-proxy` asks the first one to raise
+its window and exits), create the QApplication, run one main coroutine on a qasync loop.
+That coroutine wires config -> controller (relay on its own EngineThread, redirect through
+the root helper) -> bridge -> tray / window, serves the control socket, and waits for one
+asyncio.Event that Quit, aboutToQuit, SIGTERM and SIGINT all set.
+
+Shutdown, in that coroutine: the redirect goes off first (helper `remove`, then stop), then
+the relay drains (bounded), then the control socket closes and the loop ends. The relay
+never runs on the qasync loop (shared/BENCHMARKS.md, lesson 2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shlex
+import shutil
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from tray_proxy.config import Config, default_config_path, load_config, save_config
+from tray_proxy.control import ControlError, ControlServer, runtime_dir, send_command
+from tray_proxy.controller import ProxyController, Status, engine_relay_factory
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+TRAY_WAIT_SECONDS = 3.0  # at login the panel may start after us
+DESKTOP_TEMPLATE = Path(__file__).resolve().parents[1] / "resources" / "tray-proxy.desktop"
+
+
+class ConfigFile:
+    """ConfigStore on the TOML settings file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> Config:
+        return load_config(self.path, missing_ok=True)
+
+    def save(self, config: Config) -> None:
+        save_config(config, self.path)
+
+
+class Autostart:
+    """Start at login: the XDG autostart entry ~/.config/autostart/tray-proxy.desktop."""
+
+    def __init__(self, config_home: Path | None = None, command: str | None = None) -> None:
+        if config_home is None:
+            xdg = os.environ.get("XDG_CONFIG_HOME")
+            config_home = Path(xdg) if xdg else Path.home() / ".config"
+        self.path = config_home / "autostart" / "tray-proxy.desktop"
+        self._command = command
+
+    def enabled(self) -> bool:
+        return self.path.is_file()
+
+    def command(self) -> str:
+        if self._command is not None:
+            return self._command
+        found = shutil.which("tray-proxy")
+        if found:
+            return shlex.quote(found)
+        return f"{shlex.quote(sys.executable)} -m tray_proxy"
+
+    def entry(self) -> str:
+        try:
+            template = DESKTOP_TEMPLATE.read_text(encoding="utf-8")
+        except OSError:
+            template = "[Desktop Entry]\nType=Application\nName=tray-proxy\nExec=tray-proxy\n"
+        lines = [
+            f"Exec={self.command()}" if line.startswith("Exec=") else line
+            for line in template.splitlines()
+        ]
+        return "\n".join(lines) + "\n"
+
+    def set_enabled(self, enabled: bool) -> None:
+        """Raises OSError when the entry cannot be written or removed."""
+        if not enabled:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text(self.entry(), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+
+class AppServices:
+    """What the views may do (ui.services.AppServices), on top of the controller."""
+
+    def __init__(
+        self,
+        controller: ProxyController,
+        autostart: Autostart,
+        quit_event: asyncio.Event,
+        extra_diagnostics: dict[str, str] | None = None,
+    ) -> None:
+        self._controller = controller
+        self._autostart = autostart
+        self._quit = quit_event
+        self._extra = extra_diagnostics or {}
+
+    def status(self) -> Status:
+        return self._controller.status()
+
+    def toggle(self) -> None:
+        self._controller.request_toggle()
+
+    def enable(self) -> None:
+        self._controller.request_enable()
+
+    def disable(self) -> None:
+        self._controller.request_disable()
+
+    def select_upstream(self, name: str) -> None:
+        self._controller.request_upstream(name)
+
+    def test_connection(self) -> None:
+        self._controller.request_test()
+
+    def diagnostics(self) -> str:
+        return self._controller.diagnostics(self._extra)
+
+    def autostart_enabled(self) -> bool:
+        return self._autostart.enabled()
+
+    def set_autostart(self, enabled: bool) -> None:
+        self._autostart.set_enabled(enabled)
+
+    def quit(self) -> None:
+        self._quit.set()
+
+
+class GuiApp:
+    """Everything the main coroutine builds, so the control socket can reach it."""
+
+    def __init__(self, config_path: Path, no_tray: bool, server: ControlServer) -> None:
+        self.config_path = config_path
+        self.no_tray = no_tray
+        self.server = server
+        self.quit_event: asyncio.Event | None = None
+        self.controller: ProxyController | None = None
+        self.window: Any = None
+
+    async def handle(self, command: str) -> dict[str, Any]:
+        """One control-socket command (see tray_proxy.control)."""
+        controller = self.controller
+        assert controller is not None and self.quit_event is not None
+        if command == "status":
+            return {"status": controller.status().to_dict()}
+        if command == "enable":
+            return {"status": (await controller.enable()).to_dict()}
+        if command == "disable":
+            return {"status": (await controller.disable()).to_dict()}
+        if command == "quit":
+            self.quit_event.set()
+            return {}
+        if command == "raise":
+            if self.window is not None:
+                self.window.show_and_raise()
+            return {}
+        raise ValueError(f"unknown command {command!r}")
+
+    async def main(self) -> int:
+        from PySide6 import __version__ as pyside_version
+        from PySide6.QtCore import qVersion
+        from PySide6.QtWidgets import QApplication, QSystemTrayIcon
+
+        from tray_proxy.firewall.client import RedirectController
+        from tray_proxy.relay.credentials import SystemdCredentialSource
+        from tray_proxy.ui.bridge import UiBridge
+        from tray_proxy.ui.main_window import MainWindow
+        from tray_proxy.ui.tray import Tray
+
+        qapp = QApplication.instance()
+        assert isinstance(qapp, QApplication)
+        loop = asyncio.get_running_loop()
+        quit_event = self.quit_event = asyncio.Event()
+        qapp.aboutToQuit.connect(quit_event.set)
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.add_signal_handler(signum, quit_event.set)
+
+        controller = self.controller = ProxyController(
+            ConfigFile(self.config_path),
+            engine_relay_factory(SystemdCredentialSource()),
+            RedirectController(),
+        )
+        services = AppServices(
+            controller,
+            Autostart(),
+            quit_event,
+            {"qt": qVersion(), "pyside6": pyside_version},
+        )
+        bridge = UiBridge()
+        tray_available = not self.no_tray and await _wait_for_tray(QSystemTrayIcon)
+        window = self.window = MainWindow(services, bridge, tray_available=tray_available)
+        tray: Tray | None = None
+        if tray_available:
+            tray = Tray(
+                services,
+                bridge,
+                show_window=window.show_and_raise,
+                open_credentials=window.open_credentials,
+                report_error=window.report_error,
+            )
+            tray.show()
+        else:
+            if not self.no_tray:
+                log.warning("no system tray found; showing the window instead")
+            window.show()
+        bridge.attach(controller)
+        await self.server.start()
+        try:
+            await quit_event.wait()
+        finally:
+            # The one shutdown path: redirect off, relay drained, then the loop may end.
+            log.info("quitting")
+            await self.server.close()
+            await controller.shutdown()
+            if tray is not None:
+                tray.hide()
+            window.close_for_quit()
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                loop.remove_signal_handler(signum)
+        return EXIT_OK
+
+
+async def _wait_for_tray(tray_class: Any) -> bool:
+    deadline = asyncio.get_running_loop().time() + TRAY_WAIT_SECONDS
+    while not tray_class.isSystemTrayAvailable():
+        if asyncio.get_running_loop().time() >= deadline:
+            return False
+        await asyncio.sleep(0.25)
+    return True
+
+
+def run_gui(config_path: Path | None = None, no_tray: bool = False) -> int:
+    """`tray-proxy` with no subcommand. Returns the exit code."""
+    try:
+        server = ControlServer(lambda command: app.handle(command), runtime_dir())
+        first = server.claim()
+    except (ControlError, OSError) as exc:
+        print(f"tray-proxy: cannot set up the control socket: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    if not first:
+        # Another instance runs: bring its window up instead of starting a second one.
+        try:
+            send_command("raise", server.path)
+        except ControlError as exc:
+            print(f"tray-proxy: another instance holds the lock but {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        print("tray-proxy is already running; its window was brought up.", file=sys.stderr)
+        return EXIT_OK
+
+    import qasync
+    from PySide6.QtWidgets import QApplication
+
+    from tray_proxy.ui.icons import app_icon
+
+    app = GuiApp(config_path or default_config_path(), no_tray, server)
+    # argv[0] becomes the X11 WM_CLASS; with `python -m` it would be "__main__.py".
+    qapp = QApplication.instance() or QApplication(["tray-proxy"])
+    assert isinstance(qapp, QApplication)
+    qapp.setApplicationName("tray-proxy")
+    qapp.setDesktopFileName("tray-proxy")
+    qapp.setQuitOnLastWindowClosed(False)  # the tray (or the background) keeps it alive
+    qapp.setWindowIcon(app_icon())
+    try:
+        if sys.version_info >= (3, 11):
+            with asyncio.Runner(loop_factory=lambda: qasync.QEventLoop(qapp)) as runner:
+                return runner.run(app.main())
+        return int(qasync.run(app.main()))  # pragma: no cover - 3.10 only
+    finally:
+        server.release()

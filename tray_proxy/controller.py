@@ -1,0 +1,897 @@
+"""The app's state machine: Off -> Enabling -> On -> Degraded / Error -> Off.
+
+`ProxyController` owns the relay (through a `RelayFactory`, normally an `EngineThread` with its
+own loop) and the redirect (a `RedirectService`, normally `firewall.client.RedirectController`),
+both injected. It runs on the app's asyncio loop (qasync in the GUI). Every state transition is
+a `StateChanged` event; every change of what the user sees is a `StatusUpdated` with a frozen
+`Status` snapshot; things worth a desktop notification are `Notice` events. Observers (the UI
+bridge, the control socket) only read these; they never compute state of their own.
+
+Engine events arrive on the relay's thread. They are queued and handed to this loop with one
+`call_soon_threadsafe` per burst, not one per event, because each callback costs more on
+qasync than on plain asyncio (shared/BENCHMARKS.md).
+
+Must not import PySide6 or qasync (it is tested without Qt and could drive a headless daemon).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import enum
+import logging
+import platform
+import threading
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+from tray_proxy import __version__
+from tray_proxy.config import Config, ConfigError
+from tray_proxy.firewall.ruleset import DEFAULT_RELAY_SOURCE_PORTS, IPAddress, RuleSpec, SpecError
+from tray_proxy.relay.events import (
+    ConnectionClosed,
+    ConnectionOpened,
+    EngineStopped,
+    Event,
+    ListenerError,
+    Observer,
+    TunnelEstablished,
+    UpstreamFailed,
+)
+from tray_proxy.relay.records import Address, CloseReason
+from tray_proxy.relay.settings import UpstreamProxy
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ConfigStore",
+    "ErrorEntry",
+    "Notice",
+    "NoticeKind",
+    "ProxyController",
+    "RedirectService",
+    "RelayFactory",
+    "RelayHandle",
+    "State",
+    "StateChanged",
+    "Status",
+    "StatusUpdated",
+    "UpstreamInfo",
+]
+
+# A proxy that failed this many connections in a row (with no success between) is "down".
+DOWN_AFTER_FAILURES = 3
+LAST_ERRORS = 5
+NOTICE_INTERVAL = 60.0  # seconds between two notices of the same kind
+WATCH_INTERVAL = 2.0  # how often the helper is checked while the redirect is on
+RELAY_START_TIMEOUT = 30.0
+REDIRECT_OFF_TIMEOUT = 15.0
+RELAY_STOP_MARGIN = 5.0  # on top of the configured drain timeout
+PROBE_TIMEOUT = 5.0
+
+_DOWN_REASONS = frozenset(
+    {
+        CloseReason.UPSTREAM_UNREACHABLE,
+        CloseReason.UPSTREAM_TIMEOUT,
+        CloseReason.UPSTREAM_PROTOCOL_ERROR,
+    }
+)
+_CLOSE_ERRORS = frozenset({CloseReason.NO_UPSTREAM, CloseReason.INTERNAL_ERROR})
+
+
+class State(enum.Enum):
+    OFF = "off"
+    ENABLING = "enabling"
+    ON = "on"
+    DEGRADED = "degraded"
+    ERROR = "error"
+    DISABLING = "disabling"
+
+    @property
+    def label(self) -> str:
+        return _LABELS[self]
+
+    @property
+    def redirecting(self) -> bool:
+        """Is traffic being redirected to the relay in this state?"""
+        return self in (State.ON, State.DEGRADED)
+
+
+_LABELS = {
+    State.OFF: "Off",
+    State.ENABLING: "Switching on",
+    State.ON: "On",
+    State.DEGRADED: "Degraded",
+    State.ERROR: "Error",
+    State.DISABLING: "Switching off",
+}
+
+# Which transitions exist. Anything else is a bug in this module, not a user error.
+ALLOWED: Mapping[State, frozenset[State]] = {
+    State.OFF: frozenset({State.ENABLING}),
+    State.ENABLING: frozenset({State.ON, State.ERROR, State.DISABLING}),
+    State.ON: frozenset({State.DEGRADED, State.ERROR, State.DISABLING, State.ENABLING}),
+    State.DEGRADED: frozenset({State.ON, State.ERROR, State.DISABLING, State.ENABLING}),
+    State.ERROR: frozenset({State.ENABLING, State.DISABLING}),
+    State.DISABLING: frozenset({State.OFF}),
+}
+
+
+class NoticeKind(enum.Enum):
+    CREDENTIALS_REJECTED = "credentials-rejected"
+    UPSTREAM_DOWN = "upstream-down"
+    UPSTREAM_BACK = "upstream-back"
+    HELPER_REFUSED = "helper-refused"
+    HELPER_STOPPED = "helper-stopped"
+    TEST_RESULT = "test-result"
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamInfo:
+    name: str
+    url: str
+    active: bool
+    latency: float | None  # latest handshake latency in seconds, from the engine
+    failing: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorEntry:
+    at: float  # time.time() of the latest occurrence
+    text: str
+    count: int = 1  # the same text in a row is one entry, so one flapping cause fills no list
+
+    @property
+    def display(self) -> str:
+        return self.text if self.count == 1 else f"{self.text} ({self.count} times)"
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """What the user sees, as one immutable snapshot."""
+
+    state: State = State.OFF
+    message: str = "The redirect is off."
+    upstream: str | None = None
+    upstreams: tuple[UpstreamInfo, ...] = ()
+    active_connections: int = 0
+    total_connections: int = 0
+    last_errors: tuple[ErrorEntry, ...] = ()
+    relay_addresses: tuple[Address, ...] = ()
+
+    @property
+    def last_error(self) -> str | None:
+        return self.last_errors[-1].text if self.last_errors else None
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready form (the control socket and `tray-proxy status --json`)."""
+        return {
+            "state": self.state.value,
+            "message": self.message,
+            "upstream": self.upstream,
+            "upstreams": [
+                {
+                    "name": u.name,
+                    "url": u.url,
+                    "active": u.active,
+                    "latency_ms": None if u.latency is None else round(u.latency * 1000, 1),
+                    "failing": u.failing,
+                }
+                for u in self.upstreams
+            ],
+            "active_connections": self.active_connections,
+            "total_connections": self.total_connections,
+            "last_errors": [
+                {"at": e.at, "text": e.text, "count": e.count} for e in self.last_errors
+            ],
+            "relay_addresses": [list(a) for a in self.relay_addresses],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class StateChanged:
+    old: State
+    new: State
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class StatusUpdated:
+    status: Status
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    kind: NoticeKind
+    title: str
+    text: str
+
+
+ControllerEvent = StateChanged | StatusUpdated | Notice
+ControllerObserver = Callable[[ControllerEvent], None]
+
+
+# --------------------------------------------------------------------------- services
+
+
+class RelayHandle(Protocol):
+    """A running relay. `stop` blocks (it is called from a worker thread)."""
+
+    @property
+    def addresses(self) -> tuple[Address, ...]: ...
+
+    def stop(self, timeout: float) -> None: ...
+
+
+class RelayFactory(Protocol):
+    """Starts a relay for `config` whose events go to `observer`; blocks; raises on failure."""
+
+    def __call__(self, config: Config, observer: Observer) -> RelayHandle: ...
+
+
+class RedirectService(Protocol):
+    """What the controller needs of `firewall.client.RedirectController`."""
+
+    @property
+    def running(self) -> bool: ...
+
+    async def start(self) -> None: ...
+
+    async def apply(self, spec: RuleSpec) -> None: ...
+
+    async def remove(self) -> bool: ...
+
+    async def stop(self) -> int | None: ...
+
+
+class ConfigStore(Protocol):
+    """Reads and writes the settings file (tray_proxy.config underneath)."""
+
+    def load(self) -> Config: ...
+
+    def save(self, config: Config) -> None: ...
+
+
+Resolver = Callable[[Iterable[tuple[str, int]]], Awaitable[tuple[tuple[IPAddress, int], ...]]]
+Probe = Callable[[UpstreamProxy], Awaitable[float]]
+
+
+async def tcp_probe(upstream: UpstreamProxy, timeout: float = PROBE_TIMEOUT) -> float:
+    """Seconds to open a TCP connection to the proxy (reachability, not authentication)."""
+    started = time.monotonic()
+    _reader, writer = await asyncio.wait_for(
+        asyncio.open_connection(upstream.host, upstream.port), timeout
+    )
+    elapsed = time.monotonic() - started
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return elapsed
+
+
+class NoticeLimiter:
+    """At most one notice per kind per `interval` seconds: a flapping proxy must not spam."""
+
+    def __init__(self, interval: float = NOTICE_INTERVAL, clock: Callable[[], float] | None = None):
+        self._interval = interval
+        self._clock = clock or time.monotonic
+        self._last: dict[NoticeKind, float] = {}
+
+    def allow(self, kind: NoticeKind) -> bool:
+        if kind is NoticeKind.TEST_RESULT:  # the user asked for it
+            return True
+        now = self._clock()
+        last = self._last.get(kind)
+        if last is not None and now - last < self._interval:
+            return False
+        self._last[kind] = now
+        return True
+
+
+class _UserError(Exception):
+    """A failure whose message is already written for the user."""
+
+
+def _user_message(exc: BaseException) -> str:
+    # Our core errors (RelayStartError, RedirectError, ConfigError) carry user-facing text.
+    if isinstance(exc, _UserError | ConfigError | SpecError):
+        return str(exc)
+    module = type(exc).__module__
+    if module.startswith("tray_proxy.") and str(exc):
+        return str(exc)
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+        return "A step took too long and was abandoned. Try again; see the log for details."
+    return f"Unexpected {type(exc).__name__}: {exc}. See the log for details."
+
+
+def _is_redirect_error(exc: BaseException) -> bool:
+    return type(exc).__module__ == "tray_proxy.firewall.client"
+
+
+class _EngineInbox:
+    """Carries engine events from the relay thread to the controller's loop, in bursts."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, drain: Callable[[list[Any]], None]):
+        self._loop = loop
+        self._drain = drain
+        self._queue: collections.deque[tuple[int, Event]] = collections.deque()
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def post(self, generation: int, event: Event) -> None:
+        """Called on the relay thread: must be quick and never block on the UI."""
+        self._queue.append((generation, event))
+        with self._lock:
+            if self._scheduled:
+                return
+            self._scheduled = True
+        with contextlib.suppress(RuntimeError):  # the app loop is closed: nobody listens
+            self._loop.call_soon_threadsafe(self._run)
+
+    def _run(self) -> None:
+        with self._lock:
+            self._scheduled = False
+        batch: list[tuple[int, Event]] = []
+        while self._queue:
+            batch.append(self._queue.popleft())
+        if batch:
+            self._drain(batch)
+
+
+@dataclass
+class _Health:
+    active: int = 0
+    total: int = 0
+    latency: dict[str, float] = field(default_factory=dict)
+    failures: dict[str, int] = field(default_factory=dict)
+    errors: collections.deque[ErrorEntry] = field(
+        default_factory=lambda: collections.deque(maxlen=LAST_ERRORS)
+    )
+
+
+# --------------------------------------------------------------------------- controller
+
+
+class ProxyController:
+    """One redirect + relay, switched on and off by the user. Runs on the app loop."""
+
+    def __init__(
+        self,
+        config_store: ConfigStore,
+        relay_factory: RelayFactory,
+        redirect: RedirectService,
+        *,
+        resolver: Resolver | None = None,
+        probe: Probe | None = None,
+        notice_limiter: NoticeLimiter | None = None,
+        watch_interval: float = WATCH_INTERVAL,
+    ) -> None:
+        from tray_proxy.firewall.client import resolve_upstreams
+
+        self._store = config_store
+        self._relay_factory = relay_factory
+        self._redirect = redirect
+        self._resolve: Resolver = resolver or resolve_upstreams
+        self._probe: Probe = probe or tcp_probe
+        self._limiter = notice_limiter or NoticeLimiter()
+        self._watch_interval = watch_interval
+        self._observers: list[ControllerObserver] = []
+        self._state = State.OFF
+        self._message = "The redirect is off."
+        self._config: Config | None = None
+        self._relay: RelayHandle | None = None
+        self._generation = 0
+        self._health = _Health()
+        self._inbox: _EngineInbox | None = None
+        self._op: asyncio.Task[None] | None = None
+        self._op_lock: asyncio.Lock | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._watch: asyncio.Task[None] | None = None
+        self._stopping_relay = False
+        self._closed = False
+        with contextlib.suppress(ConfigError):
+            self._config = config_store.load()
+
+    # -- observing ------------------------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    def subscribe(self, observer: ControllerObserver) -> Callable[[], None]:
+        self._observers.append(observer)
+
+        def unsubscribe() -> None:
+            if observer in self._observers:
+                self._observers.remove(observer)
+
+        return unsubscribe
+
+    def _publish(self, event: ControllerEvent) -> None:
+        for observer in tuple(self._observers):
+            try:
+                observer(event)
+            except Exception:  # a view's bug must not break switching the redirect
+                log.exception("controller observer %r failed on %s", observer, event)
+
+    def status(self) -> Status:
+        config = self._config
+        active = config.active_upstream() if config is not None else None
+        upstreams = tuple(
+            UpstreamInfo(
+                name=u.name,
+                url=u.url,
+                active=active is not None and u.name == active.name,
+                latency=self._health.latency.get(u.name),
+                failing=self._health.failures.get(u.name, 0) >= DOWN_AFTER_FAILURES,
+            )
+            for u in (config.upstreams if config is not None else ())
+        )
+        return Status(
+            state=self._state,
+            message=self._message,
+            upstream=active.name if active is not None else None,
+            upstreams=upstreams,
+            active_connections=self._health.active,
+            total_connections=self._health.total,
+            last_errors=tuple(self._health.errors),
+            relay_addresses=self._relay.addresses if self._relay is not None else (),
+        )
+
+    def _changed(self) -> None:
+        self._publish(StatusUpdated(self.status()))
+
+    def _transition(self, new: State, message: str) -> None:
+        old = self._state
+        if new not in ALLOWED[old]:
+            raise AssertionError(f"transition {old.value} -> {new.value} is not allowed")
+        self._state = new
+        self._message = message
+        log.info("state %s -> %s: %s", old.value, new.value, message)
+        self._publish(StateChanged(old, new, message))
+        self._changed()
+
+    def _notice(self, kind: NoticeKind, title: str, text: str) -> None:
+        if self._limiter.allow(kind):
+            self._publish(Notice(kind, title, text))
+
+    def _error(self, text: str) -> None:
+        errors = self._health.errors
+        if errors and errors[-1].text == text:
+            errors[-1] = ErrorEntry(time.time(), text, errors[-1].count + 1)
+        else:
+            errors.append(ErrorEntry(time.time(), text))
+
+    # -- tasks ----------------------------------------------------------------------------
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """Run `coro` on the loop, keeping a reference; failures are logged, not lost."""
+        task = asyncio.get_running_loop().create_task(coro, name=f"tray-proxy {name}")
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.error("%s failed", name, exc_info=t.exception())
+
+        task.add_done_callback(done)
+        return task
+
+    def request_enable(self) -> None:
+        self.spawn(self.enable(), "enable")
+
+    def request_disable(self) -> None:
+        self.spawn(self.disable(), "disable")
+
+    def request_toggle(self) -> None:
+        if self._state in (State.OFF, State.ERROR):
+            self.request_enable()
+        else:
+            self.request_disable()
+
+    def request_upstream(self, name: str) -> None:
+        self.spawn(self.select_upstream(name), "select upstream")
+
+    def request_test(self) -> None:
+        self.spawn(self.test_connection(), "test connection")
+
+    def _lock(self) -> asyncio.Lock:
+        if self._op_lock is None:  # created lazily: it must belong to the running loop
+            self._op_lock = asyncio.Lock()
+        return self._op_lock
+
+    # -- switching on ---------------------------------------------------------------------
+
+    async def enable(self) -> Status:
+        """Switch the redirect on; returns the resulting status (On, or Error and why)."""
+        if not self._closed and (self._op is None or self._op.done()):
+            if self._state not in (State.OFF, State.ERROR):
+                return self.status()
+            self._op = self.spawn(self._locked_switch_on(), "enable")
+        await self._wait_op()
+        return self.status()
+
+    async def _wait_op(self) -> None:
+        op = self._op
+        if op is not None and op is not asyncio.current_task():
+            # A second "enable" (tray click, control socket) waits for the running attempt.
+            try:
+                await asyncio.shield(op)
+            except asyncio.CancelledError:
+                if not op.done():
+                    raise  # we were cancelled ourselves, not the attempt
+            # A cancelled attempt is followed by the disable that cancelled it: report the
+            # state after that, not the half-way one.
+            async with self._lock():
+                pass
+
+    async def _locked_switch_on(self, name: str | None = None) -> None:
+        async with self._lock():
+            if name is None:
+                if self._state in (State.OFF, State.ERROR):
+                    await self._switch_on("Switching the redirect on…", restart=False)
+            elif self._state.redirecting:
+                await self._switch_on(f"Switching to proxy {name}…", restart=True)
+
+    async def _switch_on(self, message: str, *, restart: bool) -> None:
+        self._transition(State.ENABLING, message)
+        try:
+            if restart:
+                await self._stop_relay()
+            config = self._store.load()
+            self._config = config
+            upstream = config.active_upstream()
+            if upstream is None:
+                where = f" in {config.path}" if config.path is not None else ""
+                raise _UserError(
+                    f"No upstream proxy is set up. Add one{where} ([[upstream]] with a name "
+                    "and url, see docs/config.md), then switch on again."
+                )
+            # Counts start again with the new relay; what is known about each proxy stays.
+            old = self._health
+            self._health = _Health(errors=old.errors, latency=old.latency, failures=old.failures)
+            await self._start_relay(config)
+            assert self._relay is not None
+            port = self._relay.addresses[0][1]
+            resolved = await self._resolve((u.host, u.port) for u in config.upstreams)
+            spec = RuleSpec(
+                relay_port=port,
+                redirect_ports=config.relay.redirect_ports,
+                upstreams=resolved,
+                relay_source_ports=config.relay.source_ports or DEFAULT_RELAY_SOURCE_PORTS,
+            )
+            await self._redirect.start()
+            await self._redirect.apply(spec)
+        except asyncio.CancelledError:
+            await self._teardown()
+            raise
+        except Exception as exc:
+            text = _user_message(exc)
+            log.warning("switching on failed: %s", text, exc_info=not _is_known(exc))
+            self._error(text)
+            await self._teardown()
+            if _is_redirect_error(exc):
+                self._notice(NoticeKind.HELPER_REFUSED, "Redirect not switched on", text)
+            self._transition(State.ERROR, text)
+            return
+        ports = ", ".join(str(p) for p in config.relay.redirect_ports)
+        self._transition(State.ON, f"Redirecting TCP {ports} through proxy {upstream.name}.")
+        self._start_watch()
+
+    async def _start_relay(self, config: Config) -> None:
+        self._generation += 1
+        generation = self._generation
+        loop = asyncio.get_running_loop()
+        if self._inbox is None:
+            self._inbox = _EngineInbox(loop, self._on_engine_events)
+        inbox = self._inbox
+
+        def observer(event: Event) -> None:
+            inbox.post(generation, event)
+
+        future = loop.run_in_executor(None, self._relay_factory, config, observer)
+        try:
+            self._relay = await asyncio.wait_for(asyncio.shield(future), RELAY_START_TIMEOUT)
+        except asyncio.CancelledError:
+            # The worker thread still starts the relay: stop what it started.
+            with contextlib.suppress(Exception):
+                relay = await future
+                await loop.run_in_executor(None, relay.stop, RELAY_STOP_MARGIN)
+            raise
+
+    # -- switching off --------------------------------------------------------------------
+
+    async def disable(self) -> Status:
+        """Switch the redirect off (redirect first, then the relay drains)."""
+        op = self._op
+        if op is not None and not op.done() and op is not asyncio.current_task():
+            op.cancel()  # e.g. the user gave up waiting for the password dialog
+            with contextlib.suppress(asyncio.CancelledError):
+                await op
+        async with self._lock():
+            if self._state in (State.OFF, State.DISABLING):
+                return self.status()
+            self._transition(State.DISABLING, "Switching the redirect off…")
+            await self._teardown()
+            self._transition(State.OFF, "The redirect is off.")
+        return self.status()
+
+    async def _teardown(self) -> None:
+        """Redirect off first, so no new connection goes to a relay that is going away."""
+        self._stop_watch()
+        try:
+            if self._redirect.running:
+                await asyncio.wait_for(self._redirect.remove(), REDIRECT_OFF_TIMEOUT)
+        except Exception as exc:
+            # stop() below still closes the helper's stdin, and the helper deletes its table
+            # when its input closes, so the machine ends up clean either way.
+            log.warning("removing the redirect failed: %s", _user_message(exc))
+        try:
+            await asyncio.wait_for(self._redirect.stop(), REDIRECT_OFF_TIMEOUT)
+        except Exception as exc:
+            log.warning("stopping the redirect helper failed: %s", _user_message(exc))
+        await self._stop_relay()
+
+    async def _stop_relay(self) -> None:
+        relay = self._relay
+        if relay is None:
+            return
+        drain = self._config.relay.drain_timeout if self._config is not None else 5.0
+        self._stopping_relay = True
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                None, relay.stop, drain + RELAY_STOP_MARGIN
+            )
+        except Exception:
+            log.exception("stopping the relay failed")
+        finally:
+            self._stopping_relay = False
+            self._relay = None
+            self._generation += 1  # late events of the old engine are ignored
+            self._health.active = 0
+
+    async def shutdown(self) -> None:
+        """The quit path: cancel what runs, redirect off, relay drained. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        op = self._op
+        if op is not None and not op.done():
+            op.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await op
+        async with self._lock():
+            if self._state is not State.OFF:
+                self._transition(State.DISABLING, "Quitting: switching the redirect off…")
+                await self._teardown()
+                self._transition(State.OFF, "The redirect is off.")
+            else:
+                await self._teardown()  # a helper left running by a failed attempt
+        for task in list(self._tasks):
+            if task is not asyncio.current_task():
+                task.cancel()
+        await asyncio.gather(*self._tasks - {asyncio.current_task()}, return_exceptions=True)
+
+    # -- while on -------------------------------------------------------------------------
+
+    def _start_watch(self) -> None:
+        self._stop_watch()
+        self._watch = asyncio.get_running_loop().create_task(
+            self._watch_helper(), name="tray-proxy watch helper"
+        )
+
+    def _stop_watch(self) -> None:
+        watch, self._watch = self._watch, None
+        if watch is not None and watch is not asyncio.current_task():
+            watch.cancel()
+
+    async def _watch_helper(self) -> None:
+        # The helper deletes the table when it exits, so "helper gone" means "redirect off".
+        while self._state.redirecting:
+            await asyncio.sleep(self._watch_interval)
+            if self._state.redirecting and not self._redirect.running:
+                self._watch = None
+                text = (
+                    "The redirect helper stopped, so the redirect is off. Switch it on again; "
+                    "if this repeats, see the log."
+                )
+                self._error(text)
+                self._notice(NoticeKind.HELPER_STOPPED, "Redirect stopped", text)
+                await self._fail(text)
+                return
+
+    async def _fail(self, text: str) -> None:
+        async with self._lock():
+            if not self._state.redirecting:
+                return
+            await self._teardown()
+            self._transition(State.ERROR, text)
+
+    def _on_engine_events(self, batch: list[tuple[int, Event]]) -> None:
+        health = self._health
+        for generation, event in batch:
+            if generation != self._generation:
+                continue
+            if isinstance(event, ConnectionOpened):
+                health.active += 1
+                health.total += 1
+            elif isinstance(event, ConnectionClosed):
+                health.active = max(0, health.active - 1)
+                if event.reason in _CLOSE_ERRORS:
+                    self._error(event.detail)
+            elif isinstance(event, TunnelEstablished):
+                self._upstream_ok(event)
+            elif isinstance(event, UpstreamFailed):
+                self._upstream_failed(event)
+            elif isinstance(event, ListenerError):
+                self._error(f"The relay cannot accept connections: {event.detail}")
+            elif isinstance(event, EngineStopped) and not self._stopping_relay:
+                text = "The relay stopped unexpectedly, so the redirect was switched off."
+                self._error(text)
+                self.spawn(self._fail(text), "relay stopped")
+        self._changed()
+
+    def _upstream_ok(self, event: TunnelEstablished) -> None:
+        if event.upstream is None:
+            return
+        self._health.latency[event.upstream] = event.handshake_latency
+        self._health.failures[event.upstream] = 0
+        if self._state is State.DEGRADED:
+            text = f"Proxy {event.upstream} works again."
+            self._notice(NoticeKind.UPSTREAM_BACK, "Proxy back", text)
+            self._transition(State.ON, text)
+
+    def _upstream_failed(self, event: UpstreamFailed) -> None:
+        self._error(f"{event.upstream}: {event.detail}")
+        if event.reason is CloseReason.UPSTREAM_AUTH_FAILED:
+            text = (
+                f"Proxy {event.upstream} rejected the credentials ({event.detail}). "
+                "Open Credentials to fix them."
+            )
+            self._notice(NoticeKind.CREDENTIALS_REJECTED, "Proxy credentials rejected", text)
+            if self._state is State.ON:
+                self._transition(State.DEGRADED, text)
+            return
+        if event.reason not in _DOWN_REASONS:
+            return  # e.g. the proxy refused one destination: the proxy itself is fine
+        count = self._health.failures.get(event.upstream, 0) + 1
+        self._health.failures[event.upstream] = count
+        if count >= DOWN_AFTER_FAILURES and self._state is State.ON:
+            text = f"Proxy {event.upstream} is not answering: {event.detail}"
+            self._notice(NoticeKind.UPSTREAM_DOWN, "Proxy down", text)
+            self._transition(State.DEGRADED, text)
+
+    # -- other actions --------------------------------------------------------------------
+
+    async def select_upstream(self, name: str) -> Status:
+        """Make `name` the active upstream (saved); restarts the relay when it runs."""
+        async with self._lock():
+            try:
+                config = self._store.load()
+                if name not in {u.name for u in config.upstreams}:
+                    raise _UserError(f"There is no upstream named {name!r} in the settings.")
+                config = replace(config, relay=replace(config.relay, upstream=name))
+                self._store.save(config)
+            except Exception as exc:
+                text = _user_message(exc)
+                self._error(text)
+                self._changed()
+                return self.status()
+            self._config = config
+            self._changed()
+            restart = self._state.redirecting
+        if restart and not self._closed:
+            # Only the relay restarts: the redirect (which excludes every upstream's address)
+            # stays in place and apply() replaces it atomically.
+            self._op = self.spawn(self._locked_switch_on(name), "switch upstream")
+            await self._wait_op()
+        return self.status()
+
+    async def test_connection(self) -> str:
+        """Check that the active proxy accepts TCP connections; the result is a Notice."""
+        config = self._config
+        upstream = config.active_upstream() if config is not None else None
+        if upstream is None:
+            text = "No upstream proxy is set up, so there is nothing to test."
+        else:
+            try:
+                seconds = await self._probe(upstream)
+            except (OSError, asyncio.TimeoutError, TimeoutError) as exc:
+                detail = (
+                    "no answer in time"
+                    if isinstance(exc, TimeoutError | asyncio.TimeoutError)
+                    else (exc.strerror or str(exc))
+                )
+                text = (
+                    f"Proxy {upstream.name} ({upstream.host}:{upstream.port}) cannot be reached: "
+                    f"{detail}. Check the address and your network."
+                )
+                self._error(text)
+            else:
+                text = (
+                    f"Proxy {upstream.name} ({upstream.host}:{upstream.port}) accepts "
+                    f"connections ({seconds * 1000:.0f} ms to connect)."
+                )
+        self._notice(NoticeKind.TEST_RESULT, "Test connection", text)
+        self._changed()
+        return text
+
+    def diagnostics(self, extra: Mapping[str, str] | None = None) -> str:
+        """A plain-text report for bug reports. Holds no password: none is known here."""
+        s = self.status()
+        lines = [
+            f"tray-proxy {__version__}",
+            f"python {platform.python_version()} on {platform.platform()}",
+            *(f"{k} {v}" for k, v in (extra or {}).items()),
+            f"state: {s.state.value} ({s.message})",
+            f"config: {self._config.path if self._config is not None else 'not loaded'}",
+            f"relay: {', '.join(f'{h}:{p}' for h, p in s.relay_addresses) or 'not running'}",
+            f"redirect helper running: {'yes' if self._redirect.running else 'no'}",
+            f"connections: {s.active_connections} open, {s.total_connections} since switched on",
+            "upstreams:",
+        ]
+        config = self._config
+        by_name = {u.name: u for u in config.upstreams} if config is not None else {}
+        for u in s.upstreams:
+            latency = "-" if u.latency is None else f"{u.latency * 1000:.0f} ms"
+            login = "login set" if by_name[u.name].username else "no login"
+            mark = "*" if u.active else " "
+            lines.append(
+                f" {mark} {u.name} {u.url} {login}, handshake {latency}"
+                f"{', failing' if u.failing else ''}"
+            )
+        if not s.upstreams:
+            lines.append("   (none)")
+        lines.append("last errors:")
+        for e in s.last_errors:
+            lines.append(f"  {time.strftime('%H:%M:%S', time.localtime(e.at))} {e.display}")
+        if not s.last_errors:
+            lines.append("  (none)")
+        return "\n".join(lines) + "\n"
+
+
+def _is_known(exc: BaseException) -> bool:
+    return isinstance(exc, _UserError | ConfigError | SpecError) or type(exc).__module__.startswith(
+        "tray_proxy."
+    )
+
+
+# --------------------------------------------------------------------------- the real relay
+
+
+class EngineRelay:
+    """A RelayEngine on its own EngineThread (uvloop when installed), as a RelayHandle."""
+
+    def __init__(self, thread: Any) -> None:
+        self._thread = thread
+
+    @property
+    def addresses(self) -> tuple[Address, ...]:
+        addresses: tuple[Address, ...] = self._thread.engine.addresses
+        return addresses
+
+    def stop(self, timeout: float) -> None:
+        self._thread.stop(timeout)
+
+
+def engine_relay_factory(credentials: Any = None) -> RelayFactory:
+    """The RelayFactory the app uses: a new engine and thread per switch-on."""
+    from tray_proxy.relay.engine import RelayEngine
+    from tray_proxy.relay.events import EventBus
+    from tray_proxy.relay.runner import EngineThread
+
+    def start(config: Config, observer: Observer) -> RelayHandle:
+        bus = EventBus()
+        bus.subscribe(observer)
+        engine = RelayEngine(config.relay, config.upstreams, credentials, bus)
+        thread = EngineThread(engine)
+        thread.start()
+        return EngineRelay(thread)
+
+    return start

@@ -1,0 +1,89 @@
+"""The one bridge from controller events to Qt signals, coalesced to at most ~10 updates/s.
+
+`post()` may be called from any thread. Events are queued; a single-shot QTimer on the
+bridge's thread drains the queue at most once per `interval_ms`, emitting every
+`stateChanged` and `notice` in order but only the newest `statusChanged`, so 1,000 new
+connections a second become a handful of repaints, not 1,000.
+
+Must not import keyring, socket or subprocess.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable
+
+from PySide6.QtCore import QObject, Qt, QTimer, Signal
+
+from tray_proxy.controller import (
+    ControllerEvent,
+    Notice,
+    ProxyController,
+    StateChanged,
+    Status,
+    StatusUpdated,
+)
+
+DEFAULT_INTERVAL_MS = 100
+
+
+class UiBridge(QObject):
+    statusChanged = Signal(object)  # Status
+    stateChanged = Signal(object)  # StateChanged
+    notice = Signal(object)  # Notice
+    _wake = Signal()
+
+    def __init__(self, interval_ms: int = DEFAULT_INTERVAL_MS, parent: QObject | None = None):
+        super().__init__(parent)
+        self._interval = interval_ms / 1000.0
+        self._queue: collections.deque[ControllerEvent] = collections.deque()
+        self._lock = threading.Lock()
+        self._pending = False
+        self._last_flush = float("-inf")
+        self._timer = QTimer(self)
+        self._timer.setSingleShot(True)
+        self._timer.timeout.connect(self._flush)
+        # Queued even from the bridge's own thread: post() must never run slots inline.
+        self._wake.connect(self._on_wake, Qt.ConnectionType.QueuedConnection)
+        self.latest: Status | None = None
+        self.flushes = 0  # how many status updates were emitted (benchmarks and tests)
+
+    def attach(self, controller: ProxyController) -> Callable[[], None]:
+        """Follow `controller`; returns the function that stops following it."""
+        self.post(StatusUpdated(controller.status()))
+        return controller.subscribe(self.post)
+
+    def post(self, event: ControllerEvent) -> None:
+        """Queue one event (any thread)."""
+        self._queue.append(event)
+        with self._lock:
+            if self._pending:
+                return
+            self._pending = True
+        self._wake.emit()
+
+    def _on_wake(self) -> None:
+        if self._timer.isActive():
+            return
+        wait = max(0.0, self._interval - (time.monotonic() - self._last_flush))
+        self._timer.start(int(wait * 1000))
+
+    def _flush(self) -> None:
+        with self._lock:
+            self._pending = False
+        self._last_flush = time.monotonic()
+        status: Status | None = None
+        while self._queue:
+            event = self._queue.popleft()
+            if isinstance(event, StatusUpdated):
+                status = event.status
+            elif isinstance(event, StateChanged):
+                self.stateChanged.emit(event)
+            elif isinstance(event, Notice):
+                self.notice.emit(event)
+        if status is not None:
+            self.latest = status
+            self.flushes += 1
+            self.statusChanged.emit(status)
