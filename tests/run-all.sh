@@ -7,11 +7,13 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
     python3 python3-venv python3-dev gcc
-    nftables iproute2 procps psmisc kmod
+    nftables iproute2 procps psmisc kmod sudo
     squid dante-server apache2-utils redsocks
     curl openssl ca-certificates
     xvfb xauth libgl1 libegl1 libxkbcommon0 libxkbcommon-x11-0 libfontconfig1 libdbus-1-3
-    libglib2.0-0
+    libglib2.0-0 libxcb-cursor0 libxcb-icccm4 libxcb-keysyms1 libxcb-shape0 libxcb-randr0
+    libxcb-render-util0 libxcb-image0 libxcb-xinerama0
+    trayer xdotool x11-utils imagemagick
 )
 
 step() { printf '\n==== %s\n' "$*"; }
