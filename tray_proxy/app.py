@@ -165,6 +165,8 @@ class GuiApp:
             return {}
         if command == "raise":
             if self.window is not None:
+                # Logged so a user (or a test) can tell the second start reached us.
+                log.info("another start of tray-proxy asked for the window; showing it")
                 self.window.show_and_raise()
             return {}
         raise ValueError(f"unknown command {command!r}")

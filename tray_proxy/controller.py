@@ -560,11 +560,18 @@ class ProxyController:
             assert self._relay is not None
             port = self._relay.addresses[0][1]
             resolved = await self._resolve((u.host, u.port) for u in config.upstreams)
+            # The [redirect] settings must reach the helper: without them the GUI would
+            # silently apply the defaults whatever the settings file says.
+            redirect = config.redirect
             spec = RuleSpec(
                 relay_port=port,
                 redirect_ports=config.relay.redirect_ports,
+                excluded_networks=redirect.exclude,
                 upstreams=resolved,
                 relay_source_ports=config.relay.source_ports or DEFAULT_RELAY_SOURCE_PORTS,
+                container_interfaces=redirect.container_interfaces,
+                capture_containers=redirect.capture_containers,
+                reject_quic=redirect.reject_quic,
             )
             await self._redirect.start()
             await self._redirect.apply(spec)
