@@ -1,0 +1,206 @@
+"""CredentialStore and `credentials set|delete` against a real Secret Service (gnome-keyring).
+
+Each run gets its own D-Bus session bus and an unlocked gnome-keyring in a private HOME
+(tests/integration/keyring_env.py); entries are checked with libsecret's own `secret-tool`,
+so the test does not only trust our reading of our writing. Also: a locked collection, a
+frozen daemon (timeout), plaintext backends and no bus at all, each refused with its message.
+
+Must not import PySide6. Needs: dbus (dbus-run-session), gnome-keyring, libsecret-tools.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.integration.keyring_env import KeyringSandbox
+
+CLI = [sys.executable, "-m", "tray_proxy.cli_credentials"]
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path) -> KeyringSandbox:
+    try:
+        return KeyringSandbox(tmp_path)
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(
+        '[[upstream]]\nname = "corp"\nurl = "http://proxy.example:8080"\nusername = "alice"\n'
+    )
+    return path
+
+
+def _app_stderr(stderr: str) -> list[str]:
+    """The command's own stderr lines: dbus-daemon shares the stream and talks about fd limits."""
+    return [line for line in stderr.splitlines() if not line.startswith("dbus-daemon[")]
+
+
+def _one_line(stderr: str, words: str) -> None:
+    lines = _app_stderr(stderr)
+    assert len(lines) == 1 and words in lines[0] and lines[0].startswith("tray-proxy: "), stderr
+
+
+def _results(answers: list[dict[str, object]]) -> list[object]:
+    return [a.get("result") for a in answers]
+
+
+def _password() -> str:
+    # Characters that JSON, D-Bus and shells treat specially, plus non-ASCII.
+    return f'pä:ss "w\\ord" {secrets.token_hex(4)}'
+
+
+def _lookup(sandbox: KeyringSandbox, name: str) -> dict[str, str] | None:
+    """What libsecret itself finds under service=tray-proxy username=NAME."""
+    result = sandbox.run(["secret-tool", "lookup", "service", "tray-proxy", "username", name])
+    if result.returncode != 0 or not result.stdout:
+        return None
+    data = json.loads(result.stdout)
+    assert isinstance(data, dict)
+    return data
+
+
+def test_round_trip_in_gnome_keyring(sandbox: KeyringSandbox) -> None:
+    password = _password()
+    answers = sandbox.store(
+        [
+            {"op": "describe"},
+            {"op": "set", "name": "corp", "username": "alice", "password": password},
+            {"op": "get", "name": "corp"},
+        ]
+    )
+    assert all(a["ok"] for a in answers), answers
+    assert _results(answers) == [
+        "Secret Service (GNOME Keyring)",
+        None,
+        {"username": "alice", "password": password},
+    ]
+
+    # Another session, same keyring on disk: libsecret sees the entry, and so do we.
+    assert _lookup(sandbox, "corp") == {"version": 1, "username": "alice", "password": password}
+    again = sandbox.store(
+        [
+            {"op": "get", "name": "corp"},
+            {"op": "delete", "name": "corp"},
+            {"op": "delete", "name": "corp"},
+            {"op": "get", "name": "corp"},
+        ]
+    )
+    assert _results(again) == [
+        {"username": "alice", "password": password},
+        True,
+        False,
+        None,
+    ]
+    assert _lookup(sandbox, "corp") is None
+
+
+def test_cli_set_reads_stdin_and_delete_removes(sandbox: KeyringSandbox, config: Path) -> None:
+    password = _password()
+    stored = sandbox.run(
+        [*CLI, "set", "corp", "--config", str(config)], input=password.encode() + b"\n"
+    )
+    assert stored.returncode == 0, stored.stderr
+    assert _app_stderr(stored.stderr) == []
+    assert "alice" in stored.stdout and "GNOME Keyring" in stored.stdout
+    assert password not in stored.stdout + stored.stderr
+    assert _lookup(sandbox, "corp") == {"version": 1, "username": "alice", "password": password}
+
+    deleted = sandbox.run([*CLI, "delete", "corp", "--config", str(config)])
+    assert deleted.returncode == 0, deleted.stderr
+    assert _lookup(sandbox, "corp") is None
+    again = sandbox.run([*CLI, "delete", "corp", "--config", str(config)])
+    assert again.returncode == 1
+    _one_line(again.stderr, "no password is stored for corp")
+
+
+def test_locked_collection_is_reported_not_crashed(sandbox: KeyringSandbox) -> None:
+    # No display here, so gnome-keyring cannot show its unlock prompt.
+    answers = sandbox.store(
+        [
+            {"op": "set", "name": "corp", "username": "alice", "password": _password()},
+            {"op": "lock"},
+            {"op": "get", "name": "corp"},
+            {"op": "set", "name": "corp", "username": "alice", "password": "new"},
+        ]
+    )
+    assert answers[1]["result"] is True
+    for answer in answers[2:]:
+        assert answer["ok"] is False and answer["error"] == "KeyringLockedError", answer
+        assert "locked" in answer["message"] and "Unlock it" in answer["message"]
+
+
+def test_frozen_keyring_daemon_times_out(sandbox: KeyringSandbox) -> None:
+    answers = sandbox.store(
+        [
+            {"op": "set", "name": "corp", "username": "alice", "password": _password()},
+            {"op": "freeze"},
+            {"op": "get", "name": "corp"},
+        ],
+        env={"TEST_KEYRING_TIMEOUT": "2"},
+    )
+    assert answers[1]["ok"] is True
+    assert answers[2]["error"] == "KeyringTimeoutError", answers[2]
+    assert "did not answer within 2 s" in answers[2]["message"]
+    assert answers[2]["elapsed"] < 6
+
+
+@pytest.mark.parametrize(
+    ("backend", "words"),
+    [
+        ("PlaintextTestKeyring", "stores passwords unencrypted"),
+        ("DiskNotesKeyring", "does not recommend it (priority 0.5 < 1)"),
+    ],
+)
+def test_plaintext_backend_is_refused(
+    sandbox: KeyringSandbox, config: Path, backend: str, words: str
+) -> None:
+    env = {"PYTHON_KEYRING_BACKEND": f"tests.integration.keyring_env.{backend}"}
+    answers = sandbox.store(
+        [{"op": "set", "name": "corp", "username": "alice", "password": "pw"}], env=env
+    )
+    assert answers[0]["error"] == "PlaintextKeyringError"
+    assert words in answers[0]["message"] and "KeePassXC" in answers[0]["message"]
+    cli = sandbox.run([*CLI, "set", "corp", "--config", str(config)], input=b"pw\n", env=env)
+    assert cli.returncode == 1
+    _one_line(cli.stderr, "is refused")
+    assert not sandbox.plaintext_file.exists(), "a refused backend was written to"
+
+
+def test_no_bus_means_no_keyring(sandbox: KeyringSandbox, config: Path) -> None:
+    answers = sandbox.store([{"op": "get", "name": "corp"}], session=False)
+    assert answers[0]["error"] == "NoKeyringError"
+    message = answers[0]["message"]
+    assert "gnome-keyring-daemon" in message and "KeePassXC" in message
+    assert "no D-Bus session" in message
+    cli = sandbox.run([*CLI, "set", "corp", "--config", str(config)], input=b"pw\n", session=False)
+    assert cli.returncode == 1
+    _one_line(cli.stderr, "no secure keyring")
+
+
+def test_sandbox_leaves_no_process_behind(sandbox: KeyringSandbox) -> None:
+    sandbox.store([{"op": "describe"}])
+    home = str(sandbox.home).encode()
+    leftovers = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if b"HOME=" + home + b"\0" in environ and int(entry.name) != os.getpid():
+            leftovers.append(entry.name)
+    for pid in leftovers:  # do not leak them into other tests even when failing
+        os.kill(int(pid), signal.SIGKILL)
+    assert leftovers == []
