@@ -19,7 +19,7 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from tray_proxy.config import Config
@@ -47,7 +47,7 @@ class Failure(Exception):
 
 
 def add_subcommands(
-    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+    subparsers: argparse._SubParsersAction[Any],
     common: argparse.ArgumentParser,
 ) -> None:
     """Add `credentials set|delete|test` to the CLI; `common` carries --config and -v."""
