@@ -1,7 +1,7 @@
 """Squid 5 instances for the lab, each with its own config, logs and credentials in a temp dir.
 
 `SquidProxy` is a plain context manager (bench scripts use it too); the auth scheme is a small
-strategy object (`NoAuth`, `BasicAuth`; Digest and NTLM can be added as further subclasses).
+strategy object (`NoAuth`, `BasicAuth`, `DigestAuth`, `NtlmFakeAuth`).
 Squid runs in the foreground (`-N`) inside the proxy namespace and is stopped with its helpers.
 
 Must not import tray_proxy, pytest or PySide6.
@@ -10,6 +10,7 @@ Must not import tray_proxy, pytest or PySide6.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import pwd
 import re
@@ -125,6 +126,69 @@ class BasicAuth(SquidAuth):
         ]
 
 
+class DigestAuth(SquidAuth):
+    """HTTP Digest checked by digest_file_auth against a file of `user:realm:HA1` (MD5; Squid 5
+    speaks no SHA-256 Digest). The plaintext password never touches the disk."""
+
+    scheme = "digest"
+
+    def __init__(self, credentials: ProxyCredentials, realm: str = "tray-proxy lab") -> None:
+        self.credentials = credentials
+        self.realm = realm
+        self.password_path: Path | None = None
+
+    @property
+    def required(self) -> bool:
+        return True
+
+    def configure(self, workdir: Path) -> list[str]:
+        assert self.credentials is not None
+        user = self.credentials.username
+        ha1 = hashlib.md5(f"{user}:{self.realm}:{self.credentials.password}".encode()).hexdigest()
+        self.password_path = workdir / "digest-passwords"
+        fd = os.open(self.password_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(f"{user}:{self.realm}:{ha1}\n")
+        return [
+            f"auth_param digest program {HELPER_DIR / 'digest_file_auth'} -c {self.password_path}",
+            "auth_param digest children 3 startup=1 idle=1",
+            f"auth_param digest realm {self.realm}",
+            "auth_param digest nonce_garbage_interval 5 minutes",
+            "auth_param digest nonce_max_duration 30 minutes",
+            "auth_param digest nonce_max_count 1000",
+        ]
+
+
+class NtlmFakeAuth(SquidAuth):
+    """NTLM through ntlm_fake_auth, which accepts any user and password (there is no domain
+    controller in the lab). With `basic`, Squid offers NTLM and then Basic (basic_ncsa_auth
+    against `basic`'s credentials), as corporate proxies do."""
+
+    scheme = "ntlm"
+
+    def __init__(self, credentials: ProxyCredentials, basic: BasicAuth | None = None) -> None:
+        self.credentials = credentials
+        self.basic = basic
+
+    @property
+    def required(self) -> bool:
+        return True
+
+    @property
+    def htpasswd_path(self) -> Path | None:
+        return self.basic.htpasswd_path if self.basic is not None else None
+
+    def configure(self, workdir: Path) -> list[str]:
+        lines = [
+            f"auth_param ntlm program {HELPER_DIR / 'ntlm_fake_auth'}",
+            "auth_param ntlm children 3 startup=1 idle=1",
+            "auth_param ntlm keep_alive on",
+        ]
+        if self.basic is not None:
+            lines += self.basic.configure(workdir)
+        return lines
+
+
 class SquidProxy:
     """One Squid listening on `port` at the proxy namespace's v4 and v6 address.
 
@@ -170,6 +234,15 @@ class SquidProxy:
     @property
     def htpasswd_path(self) -> Path | None:
         return getattr(self.auth, "htpasswd_path", None)
+
+    @property
+    def secret_files(self) -> list[Path]:
+        """Files of the auth scheme that only Squid may read."""
+        found = [
+            getattr(self.auth, "htpasswd_path", None),
+            getattr(self.auth, "password_path", None),
+        ]
+        return [p for p in found if p is not None]
 
     def proxy_url(self, family: int = 4) -> str:
         """`http://host:port` without credentials (IPv6 literal in brackets)."""
@@ -245,8 +318,8 @@ class SquidProxy:
         # and nobody else needs to read the hashes.
         for path in [self.workdir, *self.workdir.iterdir()]:
             os.chown(path, user.pw_uid, user.pw_gid)
-        if self.htpasswd_path is not None:
-            self.htpasswd_path.chmod(0o600)
+        for secret in self.secret_files:
+            secret.chmod(0o600)
         with (self.workdir / "squid.stderr").open("wb") as stderr:
             self.process = self.ns.popen(
                 [SQUID, "-N", "-f", str(self.conf_path)], stdout=stderr, stderr=stderr

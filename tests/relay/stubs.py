@@ -313,8 +313,11 @@ class Mode(enum.Enum):
 
 HUGE_HEAD_SIZE = 1 << 20
 _407 = (
-    b'HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm="stub"\r\n\r\n'
+    b"HTTP/1.1 407 Proxy Authentication Required\r\n"
+    b'Proxy-Authenticate: Basic realm="stub"\r\nContent-Length: 0\r\n\r\n'
 )
+# CONNECT requests one stub connection reads before it gives up on a client's authentication.
+MAX_AUTH_ROUNDS = 8
 GLUED_BYTES = b"GLUED-BEFORE-ANYTHING-ELSE\n"
 
 
@@ -326,6 +329,9 @@ class ProxyRequest:
     target: Address | None = None
     headers: dict[str, str] = field(default_factory=dict)
     raw: bytes = b""
+    # Every CONNECT head on this connection, in order (authentication takes several);
+    # `raw`, `target` and `headers` describe the last one.
+    rounds: list[dict[str, str]] = field(default_factory=list)
     huge_sent: int = 0  # HUGE_HEAD: bytes of the head sent before the relay hung up
     huge_finished: bool = False
     answered: bool = False
@@ -404,24 +410,47 @@ class ConnectProxy(_Server):
         peer = writer.get_extra_info("peername")
         req = ProxyRequest((str(peer[0]), int(peer[1])))
         self.requests.append(req)
-        head = await reader.readuntil(b"\r\n\r\n")
+        for _ in range(MAX_AUTH_ROUNDS):
+            head = await reader.readuntil(b"\r\n\r\n")
+            self._parse(req, head)
+            answer = self.authenticate(req)
+            if answer is None:
+                break
+            await self._answer(req, writer, answer)
+            if b"\r\nconnection: close\r\n" in answer.lower():
+                await reader.read()  # until the relay hangs up: it must act on the answer
+                return
+        else:
+            return
+        await self.misbehave(req, reader, writer)
+
+    @staticmethod
+    def _parse(req: ProxyRequest, head: bytes) -> None:
         req.raw = head
         lines = head.decode("latin-1").split("\r\n")
         method, authority, _version = lines[0].split(" ")
         assert method == "CONNECT", lines[0]
         host, _, port = authority.rpartition(":")
         req.target = (host.strip("[]"), int(port))
+        req.headers = {}
         for line in lines[1:]:
             if line:
                 name, _, value = line.partition(":")
                 req.headers[name.strip().lower()] = value.strip()
-        if self.credentials is not None:
-            token = base64.b64encode(":".join(self.credentials).encode()).decode()
-            if req.headers.get("proxy-authorization") != f"Basic {token}":
-                await self._answer(req, writer, _407)
-                await reader.read()  # until the relay hangs up: it must act on the answer
-                return
-        await self.misbehave(req, reader, writer)
+        req.rounds.append(req.headers)
+
+    def authenticate(self, req: ProxyRequest) -> bytes | None:
+        """None lets the request through; bytes are the answer (a 407) to send instead.
+
+        A 407 keeps the connection for the next request unless it says Connection: close.
+        Subclasses implement other schemes.
+        """
+        if self.credentials is None:
+            return None
+        token = base64.b64encode(":".join(self.credentials).encode()).decode()
+        if req.headers.get("proxy-authorization") != f"Basic {token}":
+            return _407
+        return None
 
     async def _answer(self, req: ProxyRequest, writer: asyncio.StreamWriter, data: bytes) -> None:
         req.answered = True

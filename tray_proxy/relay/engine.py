@@ -26,6 +26,7 @@ from tray_proxy.relay.events import (
     ConnectionClosed,
     ConnectionOpened,
     ConnectionRouted,
+    CredentialsRejected,
     EngineStarted,
     EngineStopped,
     EventBus,
@@ -35,7 +36,6 @@ from tray_proxy.relay.events import (
 )
 from tray_proxy.relay.origdst import original_destination
 from tray_proxy.relay.pipe import PipePool, Tunnel
-from tray_proxy.relay.protocol.errors import UsageError
 from tray_proxy.relay.protocol.peek import HostPeeker
 from tray_proxy.relay.records import (
     Address,
@@ -45,7 +45,7 @@ from tray_proxy.relay.records import (
     next_connection_id,
 )
 from tray_proxy.relay.settings import RelaySettings, UpstreamProxy
-from tray_proxy.relay.upstream import Dialer, UpstreamError, handshake_for, run_handshake
+from tray_proxy.relay.upstream import Dialer, UpstreamAuth, UpstreamError, open_tunnel
 
 log = logging.getLogger("tray_proxy.relay")
 
@@ -118,8 +118,8 @@ class RelayEngine:
         self._idle = asyncio.Event()
         self._stopping = False
         self._destination_of = destination_of
-        # upstream name -> the credentials its proxy rejected (see _serve)
-        self._rejected: dict[str, Credentials] = {}
+        # upstream name -> its remembered scheme and credential verification (see _serve)
+        self._auth: dict[str, UpstreamAuth] = {}
 
     # -- public ---------------------------------------------------------------------------
 
@@ -138,10 +138,26 @@ class RelayEngine:
 
     def retry_credentials(self, upstream: str | None = None) -> None:
         """Forget that the proxy rejected credentials (the user asked to try them again)."""
-        if upstream is None:
-            self._rejected.clear()
-        else:
-            self._rejected.pop(upstream, None)
+        for name, auth in self._auth.items():
+            if upstream is None or name == upstream:
+                auth.retry()
+
+    def _auth_of(self, upstream: UpstreamProxy) -> UpstreamAuth:
+        auth = self._auth.get(upstream.name)
+        if auth is None:
+
+            def rejected(creds: Credentials) -> None:
+                log.warning(
+                    "proxy %s rejected the credentials of %s: they are not sent again until "
+                    "they change (tray-proxy credentials set %s)",
+                    upstream,
+                    creds.username,
+                    upstream.name,
+                )
+                self.bus.publish(CredentialsRejected(upstream.name, creds.username))
+
+            auth = self._auth[upstream.name] = UpstreamAuth(rejected)
+        return auth
 
     def connections(self) -> list[ConnectionRecord]:
         """Snapshots of the connections open right now."""
@@ -328,37 +344,31 @@ class RelayEngine:
                 )
                 return
             creds = self.credentials.get(upstream.name, upstream.username)
-            if creds is not None and self._rejected.get(upstream.name) == creds:
-                # Directory accounts lock after a few failures: once the proxy rejected
-                # these credentials, send them nowhere until the user changes them.
-                raise UpstreamError(
-                    CloseReason.UPSTREAM_AUTH_FAILED,
-                    f"proxy {upstream} rejected the credentials of {creds.username} earlier; "
-                    "they are not tried again until they change "
-                    f"(tray-proxy credentials set {upstream.name})",
-                )
-            try:
-                handshake = handshake_for(upstream, record.host or dst[0], dst[1], creds)
-            except UsageError as exc:
-                raise UpstreamError(
-                    CloseReason.CONFIG_ERROR, f"upstream {upstream.name} cannot be used: {exc}"
-                ) from None
             record.state = ConnState.CONNECTING
             started = time.monotonic()
-            upstream_sock = await self._dialer.connect(
-                upstream.host,
-                upstream.port,
-                self.settings.connect_timeout,
-                reserved=upstream.port in self.settings.redirect_ports,
-            )
-            record.state = ConnState.HANDSHAKING
+            auth = self._auth_of(upstream)
+
+            def dialed() -> None:
+                record.state = ConnState.HANDSHAKING
+
             try:
-                trailing = await run_handshake(
-                    loop, upstream_sock, handshake, upstream, self.settings.handshake_timeout
+                upstream_sock, trailing = await open_tunnel(
+                    self._dialer,
+                    upstream,
+                    (record.host or dst[0], dst[1]),
+                    creds,
+                    auth,
+                    connect_timeout=self.settings.connect_timeout,
+                    handshake_timeout=self.settings.handshake_timeout,
+                    reserved=upstream.port in self.settings.redirect_ports,
+                    on_dialed=dialed,
                 )
             except UpstreamError as exc:
-                if exc.reason is CloseReason.UPSTREAM_AUTH_FAILED and creds is not None:
-                    self._rejected[upstream.name] = creds
+                if exc.rejected and creds is not None:
+                    exc.detail += (
+                        f". Enter the right password for {creds.username} "
+                        f"(tray-proxy credentials set {upstream.name})"
+                    )
                 raise
             record.handshake_latency = time.monotonic() - started
             if peeked:

@@ -67,6 +67,15 @@ class UpstreamFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class CredentialsRejected:
+    """The proxy refused this user's credentials; the relay sends them nowhere until they
+    change (or `RelayEngine.retry_credentials()`). The UI asks the user for a new password."""
+
+    upstream: str
+    username: str
+
+
+@dataclass(frozen=True, slots=True)
 class ListenerError:
     """accept() failed (e.g. EMFILE); the engine keeps serving existing tunnels."""
 
@@ -81,6 +90,7 @@ Event = (
     | TunnelEstablished
     | ConnectionClosed
     | UpstreamFailed
+    | CredentialsRejected
     | ListenerError
 )
 Observer = Callable[[Event], None]

@@ -14,6 +14,20 @@ class UpstreamKind(enum.Enum):
     SOCKS5 = "socks5"
 
 
+class AuthScheme(enum.Enum):
+    """How the relay authenticates to an HTTP upstream.
+
+    AUTO answers the strongest scheme the proxy offers (Negotiate > NTLM > Digest > Basic);
+    the others pin one scheme.
+    """
+
+    AUTO = "auto"
+    BASIC = "basic"
+    DIGEST = "digest"
+    NTLM = "ntlm"
+    NEGOTIATE = "negotiate"
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamProxy:
     """One corporate proxy the relay can tunnel through."""
@@ -23,6 +37,7 @@ class UpstreamProxy:
     host: str
     port: int
     username: str | None = None
+    auth: AuthScheme = AuthScheme.AUTO
 
     @property
     def url(self) -> str:

@@ -7,22 +7,36 @@ only does the I/O around it.
 from __future__ import annotations
 
 import asyncio
+import enum
 import errno
 import ipaddress
 import itertools
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from tray_proxy.relay.aio import within
 from tray_proxy.relay.credentials import Credentials, CredentialSource
 from tray_proxy.relay.protocol.auth import basic_proxy_authorization
-from tray_proxy.relay.protocol.errors import HandshakeRefused, ProtocolError
+from tray_proxy.relay.protocol.errors import (
+    HandshakeRefused,
+    ProtocolError,
+    UsageError,
+    peer_excerpt,
+)
 from tray_proxy.relay.protocol.handshake import UpstreamHandshake
-from tray_proxy.relay.protocol.http_connect import ConnectHandshake
+from tray_proxy.relay.protocol.http_connect import (
+    ConnectHandshake,
+    ProxyAuthRequired,
+    format_authority,
+)
+from tray_proxy.relay.protocol.proxy_auth import AuthMemo, CredentialsRejected, ProxyAuth
 from tray_proxy.relay.protocol.socks5 import Socks5Handshake
 from tray_proxy.relay.records import Address, CloseReason
-from tray_proxy.relay.settings import UpstreamKind, UpstreamProxy
+from tray_proxy.relay.settings import AuthScheme, UpstreamKind, UpstreamProxy
+from tray_proxy.relay.spnego_auth import kerberos_available, token_contexts
 
 _RECV = 65536
 _RESOLVE_TTL = 60.0
@@ -30,12 +44,29 @@ _PORT_CLASH = frozenset({errno.EADDRNOTAVAIL, errno.EADDRINUSE})
 
 
 class UpstreamError(Exception):
-    """This upstream could not give us a tunnel. `reason` is what the connection record keeps."""
+    """This upstream could not give us a tunnel. `reason` is what the connection record keeps.
 
-    def __init__(self, reason: CloseReason, detail: str) -> None:
+    `status`: the proxy's HTTP status or SOCKS5 reply code when it refused; `errno`: the
+    socket error when it could not be reached; `rejected`: the proxy refused our credentials.
+    """
+
+    def __init__(
+        self,
+        reason: CloseReason,
+        detail: str,
+        *,
+        status: int | None = None,
+        errno: int | None = None,
+        refusal: str = "",
+        rejected: bool = False,
+    ) -> None:
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
+        self.status = status
+        self.errno = errno
+        self.refusal = refusal  # the proxy's own words for a refusal (reason phrase)
+        self.rejected = rejected
 
 
 @dataclass(slots=True)
@@ -134,6 +165,7 @@ class Dialer:
                 CloseReason.UPSTREAM_UNREACHABLE, f"cannot resolve {host}: {exc.strerror or exc}"
             ) from None
         last = "no address"
+        last_errno: int | None = None
         for family, addr in addresses:
             # With SO_REUSEADDR, bind() accepts a source port that already carries a
             # connection to this very address; the clash shows only at connect() as
@@ -161,12 +193,15 @@ class Dialer:
                     # asyncio's strerror is "Connect call failed (addr)": say why instead.
                     why = os.strerror(exc.errno) if exc.errno else str(exc)
                     last = f"{_fmt(addr)}: {why}"
+                    last_errno = exc.errno
                     if exc.errno not in _PORT_CLASH or ports is None:
                         break
                 except BaseException:
                     sock.close()
                     raise
-        raise UpstreamError(CloseReason.UPSTREAM_UNREACHABLE, f"cannot connect to {last}")
+        raise UpstreamError(
+            CloseReason.UPSTREAM_UNREACHABLE, f"cannot connect to {last}", errno=last_errno
+        )
 
 
 def _fmt(addr: Address) -> str:
@@ -234,8 +269,14 @@ async def run_handshake(
             raise UpstreamError(
                 CloseReason.UPSTREAM_AUTH_FAILED,
                 f"proxy {upstream} rejected the credentials ({exc})",
+                status=exc.status,
             ) from None
-        raise UpstreamError(CloseReason.UPSTREAM_REFUSED, f"proxy {upstream}: {exc}") from None
+        raise UpstreamError(
+            CloseReason.UPSTREAM_REFUSED,
+            f"proxy {upstream}: {exc}",
+            status=exc.status,
+            refusal=_refusal_words(exc),
+        ) from None
     except ProtocolError as exc:
         raise UpstreamError(
             CloseReason.UPSTREAM_PROTOCOL_ERROR, f"proxy {upstream} sent a bad answer: {exc}"
@@ -245,3 +286,428 @@ async def run_handshake(
             CloseReason.UPSTREAM_RESET,
             f"proxy {upstream} dropped the connection: {exc.strerror or exc}",
         ) from None
+
+
+# -- authentication: one upstream's credential state, and the tunnel opener ------------------
+
+
+class CredentialState(enum.Enum):
+    UNVERIFIED = "unverified"  # new or changed: one connection at a time may try them
+    VERIFIED = "verified"  # the proxy accepted them: every connection may use them
+    REJECTED = "rejected"  # the proxy refused them: sent nowhere until they change
+
+
+@dataclass(slots=True)
+class Permit:
+    """Leave to send credentials. `verifier`: this connection tries unverified ones."""
+
+    credentials: Credentials
+    verifier: bool
+
+
+class UpstreamAuth:
+    """Per upstream: the scheme that worked (memo) and whether its credentials are verified.
+
+    Single-flight verification: while the credentials are unverified, only one connection
+    at a time sends them; the others wait for its outcome and then either go ahead or fail
+    fast. A wrong password thus costs the directory account one failed login, not fifty
+    (ARCHITECTURE.md, "Credentials"). Lives on the engine's loop; not thread-safe.
+    """
+
+    def __init__(self, on_rejected: Callable[[Credentials], None] | None = None) -> None:
+        self.memo = AuthMemo()
+        self.state = CredentialState.UNVERIFIED
+        self._credentials: Credentials | None = None
+        self._busy = False
+        self._outcome: asyncio.Future[None] | None = None
+        self._on_rejected = on_rejected
+
+    def __repr__(self) -> str:
+        return f"<UpstreamAuth {self.state.value} busy={self._busy} {self.memo!r}>"
+
+    def observe(self, credentials: Credentials | None) -> None:
+        """Start over when the credentials changed (the user typed a new password)."""
+        if credentials != self._credentials:
+            self._credentials = credentials
+            self.state = CredentialState.UNVERIFIED
+
+    def retry(self) -> None:
+        """The user asked to try the rejected credentials again."""
+        if self.state is CredentialState.REJECTED:
+            self.state = CredentialState.UNVERIFIED
+        self._wake()
+
+    def rejected(self, credentials: Credentials | None) -> bool:
+        self.observe(credentials)
+        return credentials is not None and self.state is CredentialState.REJECTED
+
+    async def permit(self, credentials: Credentials, timeout: float) -> Permit:
+        """Wait (at most `timeout`) until this connection may send `credentials`.
+
+        Raises UpstreamError when they are rejected, or when the verifying connection did
+        not finish in time.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            self.observe(credentials)
+            if self.state is CredentialState.REJECTED:
+                raise _rejected_earlier(credentials)
+            if self.state is CredentialState.VERIFIED:
+                return Permit(credentials, verifier=False)
+            if not self._busy:
+                self._busy = True
+                return Permit(credentials, verifier=True)
+            if self._outcome is None or self._outcome.done():
+                self._outcome = loop.create_future()
+            remaining = deadline - loop.time()
+            try:
+                if remaining <= 0:
+                    raise asyncio.TimeoutError
+                await within(remaining, asyncio.shield(self._outcome))
+            except asyncio.TimeoutError:
+                raise UpstreamError(
+                    CloseReason.UPSTREAM_TIMEOUT,
+                    f"waited {timeout:g}s for another connection to check the credentials "
+                    f"of {credentials.username}",
+                ) from None
+
+    def settle(self, permit: Permit | None, outcome: CredentialState | None) -> bool:
+        """Record how a connection that held `permit` ended (None: it told us nothing).
+
+        Returns True when this outcome turned the credentials to REJECTED.
+        """
+        if permit is None:
+            return False
+        if permit.verifier:
+            self._busy = False
+        newly_rejected = False
+        # An outcome for credentials that have since changed says nothing about the new ones.
+        if outcome is not None and permit.credentials == self._credentials:
+            newly_rejected = (
+                outcome is CredentialState.REJECTED and self.state is not CredentialState.REJECTED
+            )
+            self.state = outcome
+        if newly_rejected and self._on_rejected is not None:
+            self._on_rejected(permit.credentials)
+        self._wake()
+        return newly_rejected
+
+    def _wake(self) -> None:
+        if self._outcome is not None and not self._outcome.done():
+            self._outcome.set_result(None)
+        self._outcome = None
+
+
+def _rejected_earlier(credentials: Credentials) -> UpstreamError:
+    return UpstreamError(
+        CloseReason.UPSTREAM_AUTH_FAILED,
+        f"the proxy rejected the credentials of {credentials.username} earlier; "
+        "they are not tried again until they change",
+        status=407,
+        rejected=True,
+    )
+
+
+def check_credentials(upstream: UpstreamProxy, creds: Credentials | None) -> None:
+    """Refuse, before any byte goes out, credentials the chosen scheme cannot carry."""
+    if creds is None:
+        return
+    try:
+        if upstream.kind is UpstreamKind.SOCKS5:
+            Socks5Handshake(
+                "check.invalid", 1, username=creds.username, password=creds.password.reveal()
+            )
+        elif upstream.auth in (AuthScheme.AUTO, AuthScheme.BASIC):
+            basic_proxy_authorization(creds.username, creds.password.reveal())
+    except UsageError as exc:
+        raise UpstreamError(
+            CloseReason.CONFIG_ERROR, f"upstream {upstream.name} cannot be used: {exc}"
+        ) from None
+
+
+# The body of a 407 is read so the connection can carry the next leg; Squid's is 3-4 KiB.
+_MAX_407_BODY = 64 * 1024
+_RECONNECTS = 1
+
+
+class _ClosedBeforeAnswer(Exception):
+    """A kept-alive connection ended before any answer to the next request."""
+
+
+async def open_tunnel(
+    dialer: Dialer,
+    upstream: UpstreamProxy,
+    target: tuple[str, int],
+    creds: Credentials | None,
+    auth: UpstreamAuth,
+    *,
+    connect_timeout: float,
+    handshake_timeout: float,
+    reserved: bool,
+    on_dialed: Callable[[], None] | None = None,
+) -> tuple[socket.socket, bytes]:
+    """Dial `upstream` and open a tunnel to `target` through it, authenticating as needed.
+
+    Returns the connected socket and the tunnel bytes that came with the proxy's answer.
+    Raises UpstreamError; `rejected` is set when the proxy refused the credentials.
+    """
+    check_credentials(upstream, creds)
+    if auth.rejected(creds):
+        assert creds is not None
+        raise _rejected_earlier(creds)
+    opener = _Opener(dialer, upstream, target, creds, auth, connect_timeout, reserved, on_dialed)
+    try:
+        return await opener.run(handshake_timeout)
+    except BaseException:
+        opener.close()
+        raise
+
+
+class _Opener:
+    """One tunnel's dial + handshake rounds; owns the socket until it hands it over."""
+
+    def __init__(
+        self,
+        dialer: Dialer,
+        upstream: UpstreamProxy,
+        target: tuple[str, int],
+        creds: Credentials | None,
+        auth: UpstreamAuth,
+        connect_timeout: float,
+        reserved: bool,
+        on_dialed: Callable[[], None] | None = None,
+    ) -> None:
+        self.dialer = dialer
+        self.on_dialed = on_dialed
+        self.upstream = upstream
+        self.target = target
+        self.creds = creds
+        self.auth = auth
+        self.connect_timeout = connect_timeout
+        self.reserved = reserved
+        self.sock: socket.socket | None = None
+        self.permit: Permit | None = None
+        self.deadline = 0.0
+        self.timeout = 0.0
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    async def dial(self) -> socket.socket:
+        self.close()
+        self.sock = await self.dialer.connect(
+            self.upstream.host, self.upstream.port, self.connect_timeout, reserved=self.reserved
+        )
+        if self.on_dialed is not None:
+            self.on_dialed()
+        return self.sock
+
+    async def acquire(self) -> None:
+        """Get leave to send the credentials; time spent waiting does not count."""
+        if self.permit is not None or self.creds is None:
+            return
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        self.permit = await self.auth.permit(self.creds, self.timeout)
+        self.deadline += loop.time() - started
+
+    async def run(self, timeout: float) -> tuple[socket.socket, bytes]:
+        self.timeout = timeout
+        try:
+            if self.upstream.kind is UpstreamKind.SOCKS5:
+                trailing = await self.socks5()
+            else:
+                trailing = await self.http()
+        except UpstreamError as exc:
+            outcome = CredentialState.REJECTED if exc.rejected else None
+            if exc.reason is CloseReason.UPSTREAM_REFUSED and self.permit is not None:
+                # The proxy took the credentials and refused the target (403 and such).
+                outcome = CredentialState.VERIFIED
+            self.auth.settle(self.permit, outcome)
+            raise
+        except BaseException:
+            self.auth.settle(self.permit, None)
+            raise
+        self.auth.settle(self.permit, CredentialState.VERIFIED)
+        assert self.sock is not None
+        sock, self.sock = self.sock, None
+        return sock, trailing
+
+    async def socks5(self) -> bytes:
+        host, port = self.target
+        if self.creds is not None:
+            await self.acquire()
+        handshake = handshake_for(self.upstream, host, port, self.creds)
+        sock = await self.dial()
+        loop = asyncio.get_running_loop()
+        try:
+            return await run_handshake(loop, sock, handshake, self.upstream, self.timeout)
+        except UpstreamError as exc:
+            if exc.reason is CloseReason.UPSTREAM_AUTH_FAILED and self.creds is not None:
+                exc.rejected = True
+                exc.detail = self._rejected_words("username/password")
+            raise
+
+    def _rejected_words(self, scheme: str) -> str:
+        assert self.creds is not None
+        return (
+            f"proxy {self.upstream} rejected the credentials of {self.creds.username} "
+            f"({scheme}); they are not sent again until they change"
+        )
+
+    async def http(self) -> bytes:
+        loop = asyncio.get_running_loop()
+        host, port = self.target
+        creds = self.creds
+        pinned = None if self.upstream.auth is AuthScheme.AUTO else self.upstream.auth.value
+        username = creds.username if creds is not None else None
+        password = creds.password.reveal() if creds is not None else None
+        proxy_auth = ProxyAuth(
+            authority=format_authority(host, port),
+            username=username,
+            password=password,
+            pinned=pinned,
+            memo=self.auth.memo,
+            contexts=token_contexts(username, password, self.upstream.host),
+            kerberos=kerberos_available(),
+        )
+        self.deadline = loop.time() + self.timeout
+        step = proxy_auth.first()
+        reconnects = 0
+        sock = await self.dial()
+        handshake: ConnectHandshake | None = None
+        while True:
+            if step.sends_credentials:
+                await self.acquire()
+            headers = [step.header] if step.header is not None else []
+            try:
+                if handshake is None:
+                    handshake = ConnectHandshake(
+                        host, port, headers=headers, max_refusal_body=_MAX_407_BODY
+                    )
+                    reused = False
+                else:
+                    handshake.next_request(headers)
+                    reused = True
+                trailing = await self._drive(sock, handshake, reused)
+            except ProxyAuthRequired as exc:
+                keep = exc.reusable
+                try:
+                    step = proxy_auth.challenged(exc.headers, same_connection=keep)
+                except CredentialsRejected as rejected:
+                    raise UpstreamError(
+                        CloseReason.UPSTREAM_AUTH_FAILED,
+                        self._rejected_words(_SCHEME_WORDS[rejected.scheme]),
+                        status=407,
+                        refusal=exc.reason,
+                        rejected=True,
+                    ) from None
+                except HandshakeRefused as refused:
+                    raise UpstreamError(
+                        CloseReason.UPSTREAM_AUTH_FAILED,
+                        f"proxy {self.upstream}: {refused.reason} (407)",
+                        status=407,
+                        refusal=exc.reason,
+                    ) from None
+                except ProtocolError as bad:
+                    raise self._protocol_error(bad) from None
+                if not keep:
+                    if reconnects >= _RECONNECTS:
+                        raise UpstreamError(
+                            CloseReason.UPSTREAM_AUTH_FAILED,
+                            f"proxy {self.upstream} closed the connection after each 407, so "
+                            f"{_SCHEME_WORDS.get(step.scheme or '', 'authentication')} could "
+                            "not finish (it needs a kept-alive connection)",
+                            status=407,
+                        ) from None
+                    reconnects += 1
+                    sock = await self.dial()
+                    handshake = None
+                continue
+            except _ClosedBeforeAnswer:
+                if reconnects >= _RECONNECTS:
+                    raise UpstreamError(
+                        CloseReason.UPSTREAM_PROTOCOL_ERROR,
+                        f"proxy {self.upstream} closed the connection without answering "
+                        "the next authentication step",
+                    ) from None
+                reconnects += 1
+                step = proxy_auth.restart()
+                sock = await self.dial()
+                handshake = None
+                continue
+            except HandshakeRefused as exc:
+                raise UpstreamError(
+                    CloseReason.UPSTREAM_REFUSED,
+                    f"proxy {self.upstream}: {exc}",
+                    status=exc.status,
+                    refusal=_refusal_words(exc),
+                ) from None
+            except ProtocolError as exc:
+                raise self._protocol_error(exc) from None
+            except UsageError as exc:
+                raise UpstreamError(
+                    CloseReason.CONFIG_ERROR, f"upstream {self.upstream.name} cannot be used: {exc}"
+                ) from None
+            proxy_auth.succeeded()
+            if not proxy_auth.credentials_sent:
+                # Nothing learned about the credentials: hand the permit back untouched.
+                self.auth.settle(self.permit, None)
+                self.permit = None
+            return trailing
+
+    def _protocol_error(self, exc: ProtocolError) -> UpstreamError:
+        return UpstreamError(
+            CloseReason.UPSTREAM_PROTOCOL_ERROR,
+            f"proxy {self.upstream} sent a bad answer: {exc}",
+        )
+
+    async def _drive(self, sock: socket.socket, handshake: ConnectHandshake, reused: bool) -> bytes:
+        loop = asyncio.get_running_loop()
+        received = 0
+
+        async def exchange() -> bytes:
+            nonlocal received
+            out = handshake.data_to_send()
+            if out:
+                await loop.sock_sendall(sock, out)
+            while not handshake.done:
+                data = await loop.sock_recv(sock, _RECV)
+                if not data and reused and received == 0:
+                    raise _ClosedBeforeAnswer
+                received += len(data)
+                handshake.receive_data(data)
+            return handshake.trailing
+
+        remaining = self.deadline - loop.time()
+        try:
+            if remaining <= 0:
+                raise asyncio.TimeoutError
+            return await asyncio.wait_for(exchange(), remaining)
+        except asyncio.TimeoutError:
+            raise UpstreamError(
+                CloseReason.UPSTREAM_TIMEOUT,
+                f"proxy {self.upstream} did not complete the handshake within {self.timeout:g}s",
+            ) from None
+        except OSError as exc:
+            if reused and received == 0:
+                raise _ClosedBeforeAnswer from None
+            raise UpstreamError(
+                CloseReason.UPSTREAM_RESET,
+                f"proxy {self.upstream} dropped the connection: {exc.strerror or exc}",
+            ) from None
+
+
+_SCHEME_WORDS = {"basic": "Basic", "digest": "Digest", "ntlm": "NTLM", "negotiate": "Negotiate"}
+
+
+def _refusal_words(exc: HandshakeRefused) -> str:
+    """The proxy's reason phrase, plus Squid's error name when it sent one."""
+    squid = next((v for n, v in exc.headers if n.lower() == "x-squid-error"), "")
+    words = exc.reason
+    if squid:
+        words = f"{words}: {peer_excerpt(squid, 60).strip(chr(39))}" if words else squid
+    return words

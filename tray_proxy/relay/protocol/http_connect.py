@@ -16,7 +16,7 @@ import h11
 
 from .errors import HandshakeRefused, ProtocolError, UsageError, peer_excerpt
 
-__all__ = ["ConnectHandshake", "format_authority"]
+__all__ = ["ConnectHandshake", "ProxyAuthRequired", "format_authority"]
 
 # A real proxy answers a CONNECT with a handful of headers; thousands mean a broken or hostile
 # peer, and each one costs memory in the HandshakeRefused we hand to the UI.
@@ -30,6 +30,33 @@ _FIELD_VALUE = re.compile(r"[\t\x20-\x7e]*")
 _URI_DELIMITERS = frozenset("/?#@[]\\")
 # We write these ourselves, or h11 would read them as a request body it must send.
 _RESERVED_HEADERS = frozenset({"host", "content-length", "transfer-encoding"})
+
+
+class ProxyAuthRequired(HandshakeRefused):
+    """A 407. ``reusable``: its body was read to the end and the proxy keeps the connection,
+    so the next CONNECT (the next authentication leg) may go on the same socket."""
+
+    def __init__(
+        self, reason: str, *, headers: Sequence[tuple[str, str]], reusable: bool = False
+    ) -> None:
+        super().__init__(407, reason, auth_failed=True, headers=headers)
+        self.reusable = reusable
+
+
+def _keeps_connection(event: h11.Response) -> bool:
+    """Can the 407's body be read to its end and the connection used again?
+
+    Not for HTTP/1.0, ``Connection: close``, or a body that ends only when the connection
+    does (no Content-Length and no chunked encoding, RFC 9112 section 6.3).
+    """
+    if event.http_version != b"1.1":
+        return False
+    framed = False
+    for name, value in event.headers:
+        if name == b"connection" and b"close" in [t.strip() for t in value.lower().split(b",")]:
+            return False
+        framed = framed or name in (b"content-length", b"transfer-encoding")
+    return framed
 
 
 def format_authority(host: str, port: int) -> str:
@@ -85,7 +112,11 @@ class ConnectHandshake:
         *,
         headers: Sequence[tuple[str, str]] = (),
         max_head: int = 16384,
+        max_refusal_body: int = 0,
     ) -> None:
+        """`max_refusal_body` > 0: read the body of a 407 (up to that many bytes) before
+        raising ``ProxyAuthRequired``, so the connection can carry the next leg; see
+        ``next_request``. With 0 the 407 is raised as soon as its head is in."""
         _check_host(host)
         if not 1 <= port <= 65535:
             raise UsageError(f"CONNECT port {port} is outside 1-65535")
@@ -109,6 +140,10 @@ class ConnectHandshake:
         self._done = False
         self._failed = False
         self._trailing = b""
+        self._max_refusal_body = max_refusal_body
+        self._refusal: ProxyAuthRequired | None = None  # a 407 whose body we are reading
+        self._body = 0
+        self._reusable = False
 
     def __repr__(self) -> str:
         state = "done" if self._done else "failed" if self._failed else "waiting"
@@ -126,9 +161,31 @@ class ConnectHandshake:
         out, self._outgoing = self._outgoing, b""
         return out
 
+    def next_request(self, headers: Sequence[tuple[str, str]] = ()) -> None:
+        """Queue another CONNECT on the same connection after a reusable 407."""
+        if not self._reusable:
+            raise UsageError("next_request() needs a 407 whose connection stays open")
+        extra = _check_headers(headers)
+        self._reusable = self._failed = False
+        self._conn.start_next_cycle()
+        request = h11.Request(
+            method="CONNECT",
+            target=self.authority,
+            headers=[("Host", self.authority), *extra],
+        )
+        try:
+            self._outgoing = self._conn.send(request) + self._conn.send(h11.EndOfMessage())
+        except h11.LocalProtocolError:  # pragma: no cover - as in __init__
+            raise UsageError("h11 refused the CONNECT request") from None
+        # Bytes the proxy sent after the 407 belong to the next answer: count them as such.
+        self._received = len(self._conn.trailing_data[0])
+
     def receive_data(self, data: bytes) -> None:
         if self._done or self._failed:
             raise UsageError("receive_data() called after the CONNECT handshake ended")
+        if self._refusal is not None:
+            self._receive_refusal_body(data)
+            return
         if not data:
             self._failed = True
             if self._received:
@@ -182,12 +239,50 @@ class ConnectHandshake:
                 self._trailing = self._conn.trailing_data[0]
                 self._done = True
                 return
-            raise HandshakeRefused(
-                event.status_code,
-                event.reason.decode("latin-1"),
-                auth_failed=event.status_code == 407,
-                headers=[(n.decode("latin-1"), v.decode("latin-1")) for n, v in event.headers],
-            )
+            reason = event.reason.decode("latin-1")
+            headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in event.headers]
+            if event.status_code != 407:
+                raise HandshakeRefused(event.status_code, reason, headers=headers)
+            refusal = ProxyAuthRequired(reason, headers=headers)
+            if self._max_refusal_body <= 0 or not _keeps_connection(event):
+                raise refusal
+            self._refusal = refusal
+            self._body = 0
+            self._read_refusal_body()
+            return
+
+    def _receive_refusal_body(self, data: bytes) -> None:
+        self._conn.receive_data(data)
+        try:
+            self._read_refusal_body()
+        except HandshakeRefused:
+            self._failed = True
+            raise
+
+    def _read_refusal_body(self) -> None:
+        refusal = self._refusal
+        assert refusal is not None
+        while True:
+            try:
+                event = self._conn.next_event()
+            except h11.RemoteProtocolError:
+                # Cut short or badly framed: the 407 itself stands, the connection does not.
+                self._refusal = None
+                raise refusal from None
+            if event is h11.NEED_DATA:
+                return
+            if isinstance(event, h11.Data):
+                self._body += len(event.data)
+                if self._body > self._max_refusal_body:
+                    self._refusal = None
+                    raise refusal
+                continue
+            # The response ends with EndOfMessage; h11 yields nothing else in between.
+            assert isinstance(event, h11.EndOfMessage)
+            self._refusal = None
+            reusable = self._conn.our_state is h11.DONE and self._conn.their_state is h11.DONE
+            refusal.reusable = self._reusable = reusable
+            raise refusal
 
     def _too_big(self) -> ProtocolError:
         return ProtocolError(

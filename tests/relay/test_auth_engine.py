@@ -1,0 +1,486 @@
+"""The engine authenticating to CONNECT proxy stubs: Digest, NTLM (real pyspnego on both
+ends), a 407 that closes the connection, single-flight verification of new credentials
+(50 parallel connections, one failed login), and probe_upstream.
+
+The stubs are tests/relay/stubs.py's ConnectProxy with other `authenticate` answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import logging
+import secrets
+import socket
+from pathlib import Path
+
+import pytest
+import spnego
+
+from tests.relay.stubs import (
+    ConnectProxy,
+    Mode,
+    Origin,
+    ProxyRequest,
+    Socks5Proxy,
+    echo,
+    http_upstream,
+    read_until_error,
+    running_relay,
+    socks_upstream,
+)
+from tray_proxy.relay.credentials import Credentials, Secret, StaticCredentialSource
+from tray_proxy.relay.events import CredentialsRejected, TunnelEstablished, UpstreamFailed
+from tray_proxy.relay.probe import ProbeOutcome, probe_upstream
+from tray_proxy.relay.protocol.challenge import parse_challenges
+from tray_proxy.relay.records import CloseReason
+from tray_proxy.relay.settings import AuthScheme, UpstreamKind, UpstreamProxy
+
+
+def _407(*challenges: str, close: bool = False) -> bytes:
+    head = b"HTTP/1.1 407 Proxy Authentication Required\r\n"
+    head += b"".join(b"Proxy-Authenticate: %s\r\n" % c.encode() for c in challenges)
+    if close:
+        head += b"Connection: close\r\n"
+    body = b"<html>authentication required</html>"
+    return head + b"Content-Length: %d\r\n\r\n" % len(body) + body
+
+
+class DigestProxy(ConnectProxy):
+    """Digest (RFC 7616) with qop=auth; `stale_first` answers the first response stale."""
+
+    def __init__(self, user: str, password: str, algorithm: str = "MD5", **kw) -> None:
+        super().__init__(**kw)
+        self.user, self.password, self.algorithm = user, password, algorithm
+        self.nonces: list[str] = []
+        self.stale_nonces: set[str] = set()
+        self.failures = 0
+
+    def _hash(self, text: str) -> str:
+        name = "sha256" if self.algorithm.startswith("SHA-256") else "md5"
+        return hashlib.new(name, text.encode()).hexdigest()
+
+    def challenge(self, stale: bool = False) -> bytes:
+        nonce = secrets.token_hex(8)
+        self.nonces.append(nonce)
+        extra = ", stale=true" if stale else ""
+        return _407(
+            f'Digest realm="lab", qop="auth", nonce="{nonce}", algorithm={self.algorithm}{extra}',
+            'Basic realm="lab"',
+        )
+
+    def authenticate(self, req: ProxyRequest) -> bytes | None:
+        value = req.headers.get("proxy-authorization", "")
+        if not value.startswith("Digest "):
+            return self.challenge()
+        (got,) = parse_challenges([value])
+        p = got.params
+        assert p["uri"] == f"{req.target[0]}:{req.target[1]}"
+        if p["nonce"] in self.stale_nonces or p["nonce"] not in self.nonces:
+            return self.challenge(stale=True)
+        ha1 = self._hash(f"{self.user}:lab:{self.password}")
+        if self.algorithm.endswith("-sess"):
+            ha1 = self._hash(f"{ha1}:{p['nonce']}:{p['cnonce']}")
+        ha2 = self._hash(f"CONNECT:{p['uri']}")
+        expected = self._hash(f"{ha1}:{p['nonce']}:{p['nc']}:{p['cnonce']}:auth:{ha2}")
+        if p["username"] != self.user or p["response"] != expected:
+            self.failures += 1
+            return self.challenge()
+        return None
+
+
+class NtlmProxy(ConnectProxy):
+    """NTLM checked by pyspnego's acceptor against NTLM_USER_FILE; offers Negotiate too."""
+
+    def __init__(
+        self, offer: tuple[str, ...] = ("Negotiate", "NTLM", 'Basic realm="lab"'), close=False, **kw
+    ) -> None:
+        super().__init__(**kw)
+        self.offer = offer
+        self.close_each = close
+        self.contexts: dict[int, object] = {}
+        self.failures = 0
+        self.successes = 0
+
+    def authenticate(self, req: ProxyRequest) -> bytes | None:
+        value = req.headers.get("proxy-authorization", "")
+        if not value.startswith("NTLM "):
+            return _407(*self.offer, close=self.close_each)
+        token = base64.b64decode(value[5:])
+        server = self.contexts.get(id(req))
+        if server is None:
+            server = self.contexts[id(req)] = spnego.server(protocol="ntlm")
+        try:
+            out = server.step(token)
+        except spnego.exceptions.SpnegoError:
+            self.failures += 1
+            del self.contexts[id(req)]
+            return _407(*self.offer)
+        if out is not None:
+            return _407("NTLM " + base64.b64encode(out).decode(), close=self.close_each)
+        self.successes += 1
+        return None
+
+
+class ClosingBasicProxy(ConnectProxy):
+    """Basic whose 407 always says Connection: close (old Squid setups, some appliances)."""
+
+    def authenticate(self, req: ProxyRequest) -> bytes | None:
+        token = base64.b64encode(":".join(self.credentials).encode()).decode()
+        if req.headers.get("proxy-authorization") != f"Basic {token}":
+            return _407('Basic realm="x"', close=True)
+        return None
+
+
+class CountingBasicProxy(ConnectProxy):
+    """Basic that counts the passwords it checked and the ones that failed."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.checked = 0
+        self.failed = 0
+
+    def authenticate(self, req: ProxyRequest) -> bytes | None:
+        if "proxy-authorization" in req.headers:
+            self.checked += 1
+        answer = super().authenticate(req)
+        if answer is not None and "proxy-authorization" in req.headers:
+            self.failed += 1
+        return answer
+
+
+async def _fetch(relay, payload: bytes = b"ping") -> bytes:
+    reader, writer = await relay.connect()
+    try:
+        writer.write(payload)
+        await writer.drain()
+        return await asyncio.wait_for(reader.readexactly(len(payload)), 10)
+    finally:
+        writer.close()
+
+
+def _creds(upstream: str, user: str, password: str) -> StaticCredentialSource:
+    return StaticCredentialSource({upstream: Credentials(user, Secret(password))})
+
+
+# -- Digest --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("algorithm", ["MD5", "SHA-256", "MD5-sess"])
+def test_digest_then_preemptive_with_the_next_count(run, algorithm):
+    async def main():
+        async with (
+            Origin(echo) as origin,
+            DigestProxy("alice", "right", algorithm) as proxy,
+        ):
+            up = http_upstream(proxy, "corp", "alice")
+            async with running_relay(
+                [up], origin.address, _creds("corp", "alice", "right")
+            ) as relay:
+                assert await _fetch(relay) == b"ping"
+                assert await _fetch(relay) == b"ping"
+                await relay.wait_closed(2)
+            first, second = proxy.requests
+            assert [("proxy-authorization" in r) for r in first.rounds] == [False, True]
+            # The second tunnel answered at once with the remembered nonce, count 2.
+            assert len(second.rounds) == 1
+            params = parse_challenges([second.rounds[0]["proxy-authorization"]])[0].params
+            assert params["nc"] == "00000002" and params["algorithm"] == algorithm
+
+    run(main)
+
+
+def test_digest_stale_nonce_is_retried_and_not_a_failure(run):
+    async def main():
+        async with Origin(echo) as origin, DigestProxy("alice", "right") as proxy:
+            up = http_upstream(proxy, "corp", "alice")
+            async with running_relay(
+                [up], origin.address, _creds("corp", "alice", "right")
+            ) as relay:
+                assert await _fetch(relay) == b"ping"
+                proxy.stale_nonces.update(proxy.nonces)  # the proxy forgets its nonces
+                assert await _fetch(relay) == b"ping"
+                closed = await relay.wait_closed(2)
+                assert [c.reason for c in closed] == [CloseReason.DONE] * 2
+                assert not relay.of(CredentialsRejected)
+            assert proxy.failures == 0
+            assert len(proxy.requests[1].rounds) == 2  # stale, then the fresh nonce
+
+    run(main)
+
+
+# -- NTLM ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ntlm_users(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    password = "pw-" + secrets.token_hex(6)
+    users = tmp_path / "ntlm-users"
+    users.write_text(f"CORP:alice:{password}\n")
+    monkeypatch.setenv("NTLM_USER_FILE", str(users))
+    return password
+
+
+def test_ntlm_on_one_connection_chosen_over_basic_and_unusable_negotiate(run, ntlm_users):
+    """Offers Negotiate, NTLM, Basic; no Kerberos here, so NTLM (not Negotiate-wrapped)."""
+
+    async def main():
+        async with Origin(echo) as origin, NtlmProxy() as proxy:
+            up = http_upstream(proxy, "corp", "CORP\\alice")
+            creds = _creds("corp", "CORP\\alice", ntlm_users)
+            async with running_relay([up], origin.address, creds) as relay:
+                assert await _fetch(relay) == b"ping"
+                assert await _fetch(relay) == b"ping"
+                await relay.wait_closed(2)
+            first, second = proxy.requests
+            kinds = [r.get("proxy-authorization", "-").split(" ")[0] for r in first.rounds]
+            assert kinds == ["-", "NTLM", "NTLM"]  # three CONNECTs, one connection
+            assert [r.get("proxy-authorization", "-")[:4] for r in second.rounds] == ["NTLM"] * 2
+            assert proxy.successes == 2 and proxy.failures == 0
+
+    run(main)
+
+
+def test_ntlm_wrong_password_is_one_failure_then_fail_fast(run, ntlm_users):
+    async def main():
+        async with Origin(echo) as origin, NtlmProxy() as proxy:
+            up = http_upstream(proxy, "corp", "CORP\\alice")
+            creds = _creds("corp", "CORP\\alice", "wrong")
+            async with running_relay([up], origin.address, creds) as relay:
+                for i in range(3):
+                    reader, writer = await relay.connect()
+                    await read_until_error(reader)
+                    writer.close()
+                    await relay.wait_closed(i + 1)
+                assert [c.reason for c in relay.closed] == [CloseReason.UPSTREAM_AUTH_FAILED] * 3
+                assert "rejected the credentials of CORP\\alice (NTLM)" in relay.closed[0].detail
+                assert relay.of(CredentialsRejected) == [CredentialsRejected("corp", "CORP\\alice")]
+            assert proxy.failures == 1 and len(proxy.requests) == 1
+
+    run(main)
+
+
+def test_ntlm_needs_a_kept_connection(run, ntlm_users):
+    async def main():
+        async with Origin(echo) as origin, NtlmProxy(offer=("NTLM",), close=True) as proxy:
+            up = http_upstream(proxy, "corp", "CORP\\alice")
+            creds = _creds("corp", "CORP\\alice", ntlm_users)
+            async with running_relay([up], origin.address, creds) as relay:
+                reader, writer = await relay.connect()
+                await read_until_error(reader)
+                writer.close()
+                (closed,) = await relay.wait_closed()
+                assert closed.reason is CloseReason.UPSTREAM_AUTH_FAILED
+                assert "needs a kept-alive connection" in closed.detail
+                assert not relay.of(CredentialsRejected)
+            assert len(proxy.requests) == 2  # reconnected once, no more
+
+    run(main)
+
+
+def test_pinned_ntlm_starts_with_its_first_token(run, ntlm_users):
+    async def main():
+        async with Origin(echo) as origin, NtlmProxy() as proxy:
+            host, port = proxy.address
+            up = UpstreamProxy(
+                "corp", UpstreamKind.HTTP, host, port, "CORP\\alice", AuthScheme.NTLM
+            )
+            creds = _creds("corp", "CORP\\alice", ntlm_users)
+            async with running_relay([up], origin.address, creds) as relay:
+                assert await _fetch(relay) == b"ping"
+            assert [r["proxy-authorization"][:4] for r in proxy.requests[0].rounds] == ["NTLM"] * 2
+
+    run(main)
+
+
+# -- reconnect -----------------------------------------------------------------------------
+
+
+def test_407_with_connection_close_reconnects_once(run):
+    async def main():
+        async with (
+            Origin(echo) as origin,
+            ClosingBasicProxy(credentials=("alice", "right")) as proxy,
+        ):
+            up = http_upstream(proxy, "corp", "alice")
+            creds = _creds("corp", "alice", "right")
+            async with running_relay([up], origin.address, creds) as relay:
+                assert await _fetch(relay) == b"ping"
+                (closed,) = await relay.wait_closed()
+                assert closed.reason is CloseReason.DONE
+            assert len(proxy.requests) == 2
+            assert "proxy-authorization" not in proxy.requests[0].headers
+            assert proxy.requests[1].headers["proxy-authorization"].startswith("Basic ")
+
+    run(main)
+
+
+# -- single-flight verification --------------------------------------------------------------
+
+
+def test_fifty_parallel_connections_and_a_wrong_password_cost_one_failed_login(run, caplog):
+    caplog.set_level(logging.DEBUG)
+    password = "wrong-" + secrets.token_hex(6)
+
+    async def main():
+        async with (
+            Origin(echo) as origin,
+            CountingBasicProxy(credentials=("alice", "right")) as proxy,
+        ):
+            up = http_upstream(proxy, "corp", "alice")
+            creds = _creds("corp", "alice", password)
+            async with running_relay([up], origin.address, creds, handshake_timeout=5.0) as relay:
+
+                async def one():
+                    reader, writer = await relay.connect()
+                    got, _ = await read_until_error(reader)
+                    writer.close()
+                    return got
+
+                loop = asyncio.get_running_loop()
+                started = loop.time()
+                got = await asyncio.gather(*(one() for _ in range(50)))
+                took = loop.time() - started
+                assert got == [b""] * 50
+                closed = await relay.wait_closed(50)
+                assert {c.reason for c in closed} == {CloseReason.UPSTREAM_AUTH_FAILED}
+                assert took < 4.0, f"connections waited {took:.1f}s for a refused password"
+                assert proxy.failed == 1 and proxy.checked == 1
+                assert relay.of(CredentialsRejected) == [CredentialsRejected("corp", "alice")]
+                details = {c.detail for c in closed}
+                assert any("not tried again" in d for d in details)
+                texts = [repr(relay.events), *details]
+            return texts
+
+    texts = run(main)
+    texts.append(caplog.text)
+    token = base64.b64encode(f"alice:{password}".encode()).decode()
+    for text in texts:
+        assert password not in text and token not in text
+    assert "rejected the credentials of alice" in caplog.text
+
+
+def test_fifty_parallel_connections_with_new_right_credentials_all_work(run):
+    async def main():
+        async with (
+            Origin(echo) as origin,
+            CountingBasicProxy(credentials=("alice", "right")) as proxy,
+        ):
+            up = http_upstream(proxy, "corp", "alice")
+            async with running_relay(
+                [up], origin.address, _creds("corp", "alice", "right")
+            ) as relay:
+                got = await asyncio.gather(*(_fetch(relay, b"x%d" % i) for i in range(50)))
+                assert got == [b"x%d" % i for i in range(50)]
+                closed = await relay.wait_closed(50)
+                assert {c.reason for c in closed} == {CloseReason.DONE}
+                assert len(relay.of(TunnelEstablished)) == 50
+            # Every credentialed request was right: nothing failed while verifying.
+            assert proxy.failed == 0
+
+    run(main)
+
+
+def test_changed_credentials_are_tried_again_and_retry_credentials(run):
+    creds = _creds("corp", "alice", "wrong")
+
+    async def main():
+        async with Origin(echo) as origin, ConnectProxy(credentials=("alice", "right")) as proxy:
+            up = http_upstream(proxy, "corp", "alice")
+            async with running_relay([up], origin.address, creds) as relay:
+                reader, writer = await relay.connect()
+                await read_until_error(reader)
+                writer.close()
+                await relay.wait_closed(1)
+                relay.engine.retry_credentials("corp")
+                reader, writer = await relay.connect()
+                await read_until_error(reader)
+                writer.close()
+                await relay.wait_closed(2)
+                assert len(proxy.requests) == 2  # the retry reached the proxy
+                assert len(relay.of(CredentialsRejected)) == 2
+                creds.set("corp", Credentials("alice", Secret("right")))
+                assert await _fetch(relay) == b"ping"
+
+    run(main)
+
+
+def test_socks5_wrong_password_fails_fast_after_one_try(run):
+    async def main():
+        async with Origin(echo) as origin, Socks5Proxy(credentials=("bob", "right")) as proxy:
+            up = socks_upstream(proxy, username="bob")
+            async with running_relay(
+                [up], origin.address, _creds("socks", "bob", "wrong")
+            ) as relay:
+                results = await asyncio.gather(*(_fail(relay) for _ in range(10)))
+                assert results == [b""] * 10
+                await relay.wait_closed(10)
+            assert proxy.auth_seen == [("bob", "wrong")]
+
+    run(main)
+
+
+async def _fail(relay) -> bytes:
+    reader, writer = await relay.connect()
+    got, _ = await read_until_error(reader)
+    writer.close()
+    return got
+
+
+def test_no_credentials_for_a_proxy_that_asks(run):
+    async def main():
+        async with (
+            Origin(echo) as origin,
+            DigestProxy("alice", "right") as proxy,
+            running_relay([http_upstream(proxy, "corp")], origin.address) as relay,
+        ):
+            reader, writer = await relay.connect()
+            await read_until_error(reader)
+            writer.close()
+            (closed,) = await relay.wait_closed()
+            assert closed.reason is CloseReason.UPSTREAM_AUTH_FAILED
+            assert "no password is set up" in closed.detail
+            (failed,) = relay.of(UpstreamFailed)
+            assert failed.upstream == "corp"
+
+    run(main)
+
+
+# -- probe_upstream ------------------------------------------------------------------------
+
+
+def test_probe_outcomes(run):
+    async def main():
+        async with (
+            Origin(echo) as origin,
+            ConnectProxy(credentials=("alice", "right")) as proxy,
+            ConnectProxy(mode=Mode.FORBIDDEN) as forbidding,
+            ConnectProxy(mode=Mode.SILENT) as silent,
+        ):
+            up = http_upstream(proxy, "corp", "alice")
+            right = Credentials("alice", Secret("right"))
+            ok = await probe_upstream(up, right, origin.address, 3)
+            assert ok.ok and ok.latency_s is not None and ok.words.startswith("OK in ")
+            assert ok.words.endswith(" ms")
+            bad = await probe_upstream(up, Credentials("alice", Secret("nope")), origin.address, 3)
+            assert bad.outcome is ProbeOutcome.AUTH_FAILED and bad.status == 407
+            assert bad.words == f"127.0.0.1:{up.port} rejected the password for alice (407)"
+            assert "nope" not in repr(bad)
+            none = await probe_upstream(up, None, origin.address, 3)
+            assert none.outcome is ProbeOutcome.AUTH_FAILED
+            assert "requires a user name and password" in none.words
+            no = await probe_upstream(http_upstream(forbidding), None, origin.address, 3)
+            assert no.outcome is ProbeOutcome.FORBIDDEN and no.status == 403
+            assert no.words == "forbidden by the proxy (403 Forbidden)"
+            slow = await probe_upstream(http_upstream(silent), None, origin.address, 0.3)
+            assert slow.outcome is ProbeOutcome.TIMEOUT and slow.words == "timed out after 0.3 s"
+            with socket.socket() as unused:
+                unused.bind(("127.0.0.1", 0))
+                port = unused.getsockname()[1]
+            gone = UpstreamProxy("gone", UpstreamKind.HTTP, "127.0.0.1", port)
+            refused = await probe_upstream(gone, None, origin.address, 3)
+            assert refused.outcome is ProbeOutcome.REFUSED
+            assert refused.words == f"connection refused by 127.0.0.1:{port}"
+
+    run(main)
