@@ -4,8 +4,9 @@
 # - system packages (nftables, python3-venv, ...) through apt-get, with sudo when not root
 # - a venv in ~/.local/share/tray-proxy/venv with this checkout installed into it
 # - ~/.local/bin/tray-proxy
-# - the root helper at /usr/libexec/tray-proxy/tray-proxy-helper (root-owned, 0755) and its
-#   polkit action, when the source tree has them
+# - the root helper at /usr/libexec/tray-proxy/tray-proxy-helper (root-owned, 0755), its polkit
+#   action and rule, the group tray-proxy (with you in it) and the sudoers drop-in (0440, checked
+#   with visudo first)
 # Then it runs `tray-proxy run` (the headless relay) with the per-user config.
 set -euo pipefail
 SRC=$(cd "$(dirname "$0")/.." && pwd)
@@ -31,8 +32,36 @@ if [ -f "$HELPER_SRC" ]; then
     echo "tray-proxy: installing the root helper"
     $SUDO install -o root -g root -m 0755 -D "$HELPER_SRC" /usr/libexec/tray-proxy/tray-proxy-helper
     for policy in "$SRC"/installer/polkit/*.policy; do
-        [ -f "$policy" ] && $SUDO install -o root -g root -m 0644 "$policy" /usr/share/polkit-1/actions/
+        [ -f "$policy" ] && $SUDO install -o root -g root -m 0644 -D -t /usr/share/polkit-1/actions "$policy"
     done
+    # Members of the tray-proxy group start the helper without a password prompt (WSLg has no
+    # polkit authentication agent); everyone else gets the policy's admin prompt.
+    $SUDO install -o root -g root -m 0644 -D -t /etc/polkit-1/rules.d "$SRC/installer/polkit/50-tray-proxy.rules"
+    getent group tray-proxy >/dev/null || $SUDO groupadd --system tray-proxy
+    # The person who ran the installer, also when it runs under sudo.
+    ME=${SUDO_USER:-$(id -un)}
+    if [ "$ME" != root ]; then
+        if ! id -nG "$ME" | tr ' ' '\n' | grep -qx tray-proxy; then
+            $SUDO usermod -aG tray-proxy "$ME"
+            echo "tray-proxy: added $ME to the group tray-proxy (takes effect at the next login)"
+        fi
+    fi
+    # Where polkit is missing, sudo may start exactly the helper. A sudoers file with an error
+    # would lock sudo out entirely, so visudo checks it before it goes into place.
+    SUDOERS_SRC="$SRC/installer/sudoers/tray-proxy"
+    if [ -x /usr/sbin/visudo ] && [ -d /etc/sudoers.d ]; then
+        # Check the very bytes that get installed (a copy nobody else can change meanwhile).
+        TMP_SUDOERS=$(mktemp)
+        cp "$SUDOERS_SRC" "$TMP_SUDOERS"
+        if $SUDO /usr/sbin/visudo -cf "$TMP_SUDOERS" >/dev/null; then
+            $SUDO install -o root -g root -m 0440 "$TMP_SUDOERS" /etc/sudoers.d/tray-proxy
+        else
+            echo "tray-proxy: visudo rejected $SUDOERS_SRC; the sudo fallback is not installed" >&2
+        fi
+        rm -f "$TMP_SUDOERS"
+    else
+        echo "tray-proxy: sudo is not installed; only polkit can start the redirect helper"
+    fi
 fi
 
 echo "tray-proxy: installed; starting it (Ctrl+C stops it)"

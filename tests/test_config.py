@@ -20,11 +20,16 @@ from tray_proxy import config as config_module
 from tray_proxy.config import (
     Config,
     ConfigError,
+    RedirectSettings,
     default_config_path,
     dump_config,
     load_config,
     parse_config,
     save_config,
+)
+from tray_proxy.firewall.ruleset import (
+    DEFAULT_CONTAINER_INTERFACES,
+    DEFAULT_EXCLUDED_NETWORKS,
 )
 from tray_proxy.relay.settings import RelaySettings, UpstreamKind, UpstreamProxy
 
@@ -123,6 +128,42 @@ def test_active_upstream_named_but_absent_is_none() -> None:
     upstream = UpstreamProxy("a", UpstreamKind.HTTP, "a", 8080)
     config = Config(relay=RelaySettings(upstream="gone"), upstreams=(upstream,), path=None)
     assert config.active_upstream() is None
+
+
+def test_redirect_defaults_are_the_helpers() -> None:
+    redirect = parse_config("").redirect
+    assert redirect == RedirectSettings()
+    assert redirect.exclude == DEFAULT_EXCLUDED_NETWORKS
+    assert redirect.container_interfaces == DEFAULT_CONTAINER_INTERFACES
+    assert redirect.capture_containers is True
+    assert redirect.reject_quic is True
+
+
+def test_redirect_section_parses() -> None:
+    config = parse_config(
+        """
+        [redirect]
+        exclude = ["127.0.0.0/8", "::1", "192.0.2.7", "2001:DB8::/32"]
+        capture_containers = false
+        container_interfaces = []
+        reject_quic = false
+        """
+    )
+    assert config.redirect == RedirectSettings(
+        exclude=(
+            ipaddress.ip_network("127.0.0.0/8"),
+            ipaddress.ip_network("::1/128"),
+            ipaddress.ip_network("192.0.2.7/32"),
+            ipaddress.ip_network("2001:db8::/32"),
+        ),
+        capture_containers=False,
+        container_interfaces=(),
+        reject_quic=False,
+    )
+
+
+def test_redirect_exclude_may_be_empty() -> None:
+    assert parse_config("[redirect]\nexclude = []\n").redirect.exclude == ()
 
 
 def test_default_path_is_in_the_user_config_dir(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -245,6 +286,68 @@ def test_default_path_is_in_the_user_config_dir(monkeypatch: pytest.MonkeyPatch)
         (
             '[[upstream]]\nname = "s"\nurl = "socks5://p"\nusername = "' + "é" * 128 + '"',
             "upstream[0].username: must be at most 255 bytes",
+        ),
+        # [redirect]
+        ("redirect = 1", "config.toml: redirect: must be a table written [redirect], got 1"),
+        ("[redirect]\nexclud = []", 'redirect.exclud: unknown key; did you mean "exclude"?'),
+        ('[redirect]\nexclude = "10.0.0.0/8"', "redirect.exclude: must be an array of at most"),
+        ("[redirect]\nexclude = [8]", "redirect.exclude[0]: must be a network string, got 8"),
+        (
+            '[redirect]\nexclude = ["10.0.0.0/8", "corp.example"]',
+            "redirect.exclude[1]: must be an address or network such as 10.0.0.0/8 or fc00::/7, "
+            'got "corp.example"',
+        ),
+        ('[redirect]\nexclude = ["10.0.0.0/33"]', "redirect.exclude[0]: must be an address or"),
+        (
+            '[redirect]\nexclude = ["10.1.2.3/8"]',
+            'redirect.exclude[0]: "10.1.2.3/8" has host bits set; write "10.0.0.0/8"',
+        ),
+        (
+            '[redirect]\nexclude = ["::1", "::1/128"]',
+            'redirect.exclude[1]: "::1/128" is listed twice',
+        ),
+        (
+            "[redirect]\nexclude = ["
+            + ", ".join(f'"10.0.{i // 256}.{i % 256}"' for i in range(257))
+            + "]",
+            "redirect.exclude: must be an array of at most 256 networks",
+        ),
+        (
+            "[redirect]\ncapture_containers = 1",
+            "redirect.capture_containers: must be true or false, got 1",
+        ),
+        (
+            '[redirect]\nreject_quic = "yes"',
+            'redirect.reject_quic: must be true or false, got "yes"',
+        ),
+        (
+            "[redirect]\ncontainer_interfaces = []",
+            "redirect.container_interfaces: must name at least one bridge while "
+            "capture_containers is true",
+        ),
+        (
+            '[redirect]\ncontainer_interfaces = "docker0"',
+            "redirect.container_interfaces: must be an array of at most 32 interface names",
+        ),
+        (
+            "[redirect]\ncontainer_interfaces = [0]",
+            "redirect.container_interfaces[0]: must be an interface name, got 0",
+        ),
+        (
+            '[redirect]\ncontainer_interfaces = ["docker0", "br 1"]',
+            "redirect.container_interfaces[1]: must be an interface name of letters, digits",
+        ),
+        (
+            '[redirect]\ncontainer_interfaces = ["averyveryverylongname"]',
+            "redirect.container_interfaces[0]: must be an interface name of letters, digits",
+        ),
+        (
+            '[redirect]\ncontainer_interfaces = ["l*"]',
+            "redirect.container_interfaces[0]: must not match the loopback",
+        ),
+        (
+            '[redirect]\ncontainer_interfaces = ["br-*", "br-*"]',
+            'redirect.container_interfaces[1]: "br-*" is listed twice',
         ),
     ],
 )
@@ -380,6 +483,21 @@ _usernames = st.none() | st.text(
 ).filter(lambda s: s.isprintable() and ":" not in s)
 _ports = st.integers(1, 65535)
 _timeout = st.floats(0.001, 300.0)
+_networks = st.one_of(
+    st.builds(
+        lambda a, n: ipaddress.ip_network((a, n), strict=False),
+        st.ip_addresses(v=4),
+        st.integers(0, 32),
+    ),
+    st.builds(
+        lambda a, n: ipaddress.ip_network((a, n), strict=False),
+        st.ip_addresses(v=6),
+        st.integers(0, 128),
+    ),
+)
+_interfaces = st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,13}\*?", fullmatch=True).filter(
+    lambda name: not name.startswith("lo") and name != "l*"
+)
 
 
 @st.composite
@@ -419,7 +537,16 @@ def _configs(draw: st.DrawFn) -> Config:
         source_ports=(source_ports[0], source_ports[1]) if source_ports else None,
         drain_timeout=draw(st.floats(0.0, 300.0)),
     )
-    return Config(relay=relay, upstreams=upstreams, path=None)
+    capture = draw(st.booleans())
+    redirect = RedirectSettings(
+        exclude=tuple(draw(st.lists(_networks, max_size=6, unique=True))),
+        capture_containers=capture,
+        container_interfaces=tuple(
+            draw(st.lists(_interfaces, min_size=1 if capture else 0, max_size=4, unique=True))
+        ),
+        reject_quic=draw(st.booleans()),
+    )
+    return Config(relay=relay, upstreams=upstreams, path=None, redirect=redirect)
 
 
 @settings(deadline=None)
@@ -489,6 +616,26 @@ def test_random_documents_raise_only_config_error(doc: dict[str, object]) -> Non
     )
 )
 def test_random_relay_tables_raise_only_config_error(doc: dict[str, object]) -> None:
+    with contextlib.suppress(ConfigError):
+        parse_config(tomli_w.dumps(doc))
+
+
+_redirect_strings = st.sampled_from(
+    ["10.0.0.0/8", "10.0.0.1/8", "::1", "fe80::1%eth0", "0/0", "docker0", "br-*", "lo", "*", ""]
+)
+
+
+@given(
+    st.fixed_dictionaries(
+        {
+            "redirect": st.dictionaries(
+                st.sampled_from(config_module._REDIRECT_KEYS),
+                _values | st.lists(_redirect_strings | _scalars, max_size=4),
+            )
+        }
+    )
+)
+def test_random_redirect_tables_raise_only_config_error(doc: dict[str, object]) -> None:
     with contextlib.suppress(ConfigError):
         parse_config(tomli_w.dumps(doc))
 
@@ -653,3 +800,58 @@ def test_save_into_an_unusable_directory_is_a_config_error(tmp_path: Path) -> No
     blocker.write_text("")
     with pytest.raises(ConfigError, match="cannot save it"):
         save_config(parse_config(""), blocker / "config.toml")
+
+
+# -- [[upstream]].auth ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, "auto"),
+        ('"auto"', "auto"),
+        ('"basic"', "basic"),
+        ('"Digest"', "digest"),
+        ('"NTLM"', "ntlm"),
+        ('"negotiate"', "negotiate"),
+    ],
+)
+def test_upstream_auth_scheme(value: str | None, expected: str) -> None:
+    from tray_proxy.relay.settings import AuthScheme
+
+    text = CORP + (f"auth = {value}\n" if value else "")
+    assert parse_config(text).upstreams[0].auth is AuthScheme(expected)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (CORP + 'auth = "kerberos"', 'upstream[0].auth: must be one of "auto", "basic"'),
+        (CORP + "auth = 1", "upstream[0].auth: must be one of"),
+        (
+            '[[upstream]]\nname = "s"\nurl = "socks5://p"\nauth = "ntlm"',
+            "upstream[0].auth: a SOCKS5 proxy only knows username/password",
+        ),
+        (CORP + 'auth = "basic"\nusername = "a:b"', 'upstream[0].username: must not contain ":"'),
+    ],
+)
+def test_upstream_auth_errors_name_the_field(text: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text)
+    assert expected in str(info.value)
+
+
+def test_colon_in_the_username_is_fine_when_basic_is_never_used() -> None:
+    config = parse_config(CORP + 'auth = "ntlm"\nusername = "a:b"\n')
+    assert config.upstreams[0].username == "a:b"
+
+
+def test_upstream_auth_round_trips_and_auto_is_not_written() -> None:
+    from tray_proxy.relay.settings import AuthScheme
+
+    pinned = parse_config(CORP + 'auth = "digest"\nusername = "alice"\n')
+    text = dump_config(pinned)
+    assert 'auth = "digest"' in text
+    assert parse_config(text) == pinned
+    assert "auth" not in dump_config(parse_config(CORP)).split("[[upstream]]")[1]
+    assert parse_config(dump_config(parse_config(CORP))).upstreams[0].auth is AuthScheme.AUTO

@@ -24,12 +24,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tray_proxy.config import Config, default_config_path, load_config, save_config
+from tray_proxy.config import Config, ConfigError, default_config_path, load_config, save_config
 from tray_proxy.control import ControlError, ControlServer, runtime_dir, send_command
 from tray_proxy.controller import ProxyController, Status, engine_relay_factory
+from tray_proxy.credentials import CredentialStore, default_credential_source
+from tray_proxy.relay.credentials import Credentials
+from tray_proxy.relay.probe import ProbeResult, probe_upstream
+from tray_proxy.relay.settings import RelaySettings, UpstreamProxy
 
 log = logging.getLogger(__name__)
 
+# Where the credentials dialog's Test asks the proxy to connect (as `credentials test`).
+PROBE_TARGET = ("pypi.org", 443)
+PROBE_TIMEOUT = 10.0
 EXIT_OK = 0
 EXIT_FAILURE = 1
 TRAY_WAIT_SECONDS = 3.0  # at login the panel may start after us
@@ -139,6 +146,34 @@ class AppServices:
         self._quit.set()
 
 
+class UpstreamEditorService:
+    """What the credentials dialog may do (ui.services.UpstreamEditor): read the upstreams,
+    probe one for real on this loop, save one through the controller."""
+
+    def __init__(
+        self,
+        controller: ProxyController,
+        target: tuple[str, int] = PROBE_TARGET,
+        timeout: float = PROBE_TIMEOUT,
+    ) -> None:
+        self._controller = controller
+        self.target = target
+        self.timeout = timeout
+
+    def upstreams(self) -> tuple[UpstreamProxy, ...]:
+        config = self._controller.config
+        return config.upstreams if config is not None else ()
+
+    def active_upstream(self) -> str | None:
+        return self._controller.status().upstream
+
+    async def probe(self, upstream: UpstreamProxy, credentials: Credentials | None) -> ProbeResult:
+        return await probe_upstream(upstream, credentials, self.target, self.timeout)
+
+    async def save_upstream(self, upstream: UpstreamProxy) -> str | None:
+        return await self._controller.save_upstream(upstream)
+
+
 class GuiApp:
     """Everything the main coroutine builds, so the control socket can reach it."""
 
@@ -177,9 +212,9 @@ class GuiApp:
         from PySide6.QtWidgets import QApplication, QSystemTrayIcon
 
         from tray_proxy.firewall.client import RedirectController
-        from tray_proxy.relay.credentials import SystemdCredentialSource
         from tray_proxy.ui.bridge import UiBridge
         from tray_proxy.ui.main_window import MainWindow
+        from tray_proxy.ui.services import CredentialsServices
         from tray_proxy.ui.tray import Tray
 
         qapp = QApplication.instance()
@@ -190,10 +225,16 @@ class GuiApp:
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.add_signal_handler(signum, quit_event.set)
 
+        config_file = ConfigFile(self.config_path)
+        store = CredentialStore()
+        # The keyring first, then $CREDENTIALS_DIRECTORY; the names come from the settings
+        # at each refresh, so a proxy added in the dialog is read too.
+        source = default_credential_source(_config_or_empty(config_file), store=store)
         controller = self.controller = ProxyController(
-            ConfigFile(self.config_path),
-            engine_relay_factory(SystemdCredentialSource()),
+            config_file,
+            engine_relay_factory(source),
             RedirectController(),
+            credentials=source.keyring,
         )
         services = AppServices(
             controller,
@@ -203,7 +244,12 @@ class GuiApp:
         )
         bridge = UiBridge()
         tray_available = not self.no_tray and await _wait_for_tray(QSystemTrayIcon)
-        window = self.window = MainWindow(services, bridge, tray_available=tray_available)
+        window = self.window = MainWindow(
+            services,
+            bridge,
+            tray_available=tray_available,
+            credentials=CredentialsServices(store, UpstreamEditorService(controller)),
+        )
         tray: Tray | None = None
         if tray_available:
             tray = Tray(
@@ -219,6 +265,9 @@ class GuiApp:
                 log.warning("no system tray found; showing the window instead")
             window.show()
         bridge.attach(controller)
+        # Off the UI thread (the keyring's worker); a broken keyring becomes an error entry
+        # and a notice, and switching on waits for this first read.
+        controller.request_refresh_credentials()
         await self.server.start()
         try:
             await quit_event.wait()
@@ -233,6 +282,14 @@ class GuiApp:
             for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
         return EXIT_OK
+
+
+def _config_or_empty(config_file: ConfigFile) -> Config:
+    try:
+        return config_file.load()
+    except ConfigError:
+        # The controller reports the broken file; the relay just has no names yet.
+        return Config(relay=RelaySettings(), upstreams=())
 
 
 async def _wait_for_tray(tray_class: Any) -> bool:

@@ -19,6 +19,7 @@ from tray_proxy import __version__
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_NOT_RUNNING = 3  # status/enable/disable/quit: no tray-proxy instance runs
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,6 +34,21 @@ def build_parser() -> argparse.ArgumentParser:
         description="Carry every tool's HTTP(S) through the corporate proxy, no proxy settings.",
     )
     parser.add_argument("--version", action="version", version=f"tray-proxy {__version__}")
+    # Without a subcommand `tray-proxy` starts the tray app (tray_proxy.app); these are its
+    # options. Own dests, because a subparser's defaults would overwrite a shared one.
+    parser.add_argument(
+        "--config",
+        dest="gui_config",
+        metavar="FILE",
+        type=Path,
+        help="settings file for the tray app (default: the per-user config.toml)",
+    )
+    parser.add_argument(
+        "--no-tray", action="store_true", help="show the main window instead of a tray icon"
+    )
+    parser.add_argument(
+        "-v", "--verbose", dest="gui_verbose", action="count", default=0, help="log more"
+    )
     common = _Parser(add_help=False)
     common.add_argument(
         "--config",
@@ -54,7 +70,51 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not touch nftables: the caller manages the redirect",
     )
+    status = sub.add_parser("status", help="show the running tray app's state")
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    sub.add_parser("enable", help="switch the running tray app's redirect on")
+    sub.add_parser("disable", help="switch the running tray app's redirect off")
+    sub.add_parser("quit", help="quit the running tray app (the redirect goes off)")
+    from tray_proxy import cli_credentials
+
+    cli_credentials.add_subcommands(sub, common)
     return parser
+
+
+def _control(args: argparse.Namespace) -> int:
+    """status / enable / disable / quit: talk to the running app over its control socket."""
+    import json
+
+    from tray_proxy.control import ControlError, NotRunningError, send_command
+
+    try:
+        answer = send_command(args.command)
+    except NotRunningError:
+        print(
+            "tray-proxy: no tray-proxy app is running (start it with `tray-proxy`)", file=sys.stderr
+        )
+        return EXIT_NOT_RUNNING
+    except ControlError as exc:
+        print(f"tray-proxy: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    if not answer.get("ok"):
+        print(f"tray-proxy: {answer.get('error')}", file=sys.stderr)
+        return EXIT_FAILURE
+    status = answer.get("status")
+    if getattr(args, "json", False):
+        print(json.dumps(status, indent=2))
+    elif isinstance(status, dict):
+        print(f"{status.get('state')}: {status.get('message')}")
+        if args.command == "status":
+            print(f"proxy: {status.get('upstream') or 'none set up'}")
+            print(f"open connections: {status.get('active_connections')}")
+            for error in status.get("last_errors") or []:
+                count = error.get("count", 1)
+                print(f"error: {error.get('text')}" + (f" ({count} times)" if count > 1 else ""))
+    elif args.command == "quit":
+        print("tray-proxy: quitting (the redirect goes off)")
+    failed = isinstance(status, dict) and status.get("state") == "error"
+    return EXIT_FAILURE if failed else EXIT_OK
 
 
 def _setup_logging(verbose: int) -> None:
@@ -67,7 +127,11 @@ def _setup_logging(verbose: int) -> None:
 
 
 async def _run_relay(args: argparse.Namespace) -> int:
+    """One start-up path, one shutdown path (ARCHITECTURE.md): relay, then redirect on; on
+    SIGINT/SIGTERM or a redirect failure, redirect off first, helper gone, then drain."""
     from tray_proxy.config import ConfigError, default_config_path, load_config
+    from tray_proxy.firewall.client import RedirectError
+    from tray_proxy.redirect import ManagedRedirect, check_redirect_settings
     from tray_proxy.relay.credentials import SystemdCredentialSource
     from tray_proxy.relay.engine import RelayEngine, RelayStartError
 
@@ -85,12 +149,11 @@ async def _run_relay(args: argparse.Namespace) -> int:
         )
         return EXIT_USAGE
     if not args.no_redirect:
-        print(
-            "tray-proxy: applying the nftables redirect is not available in this build yet; "
-            "run with --no-redirect and manage the redirect yourself",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
+        try:
+            check_redirect_settings(config)
+        except RedirectError as exc:
+            print(f"tray-proxy: {path}: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     engine = RelayEngine(config.relay, config.upstreams, SystemdCredentialSource())
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -105,20 +168,53 @@ async def _run_relay(args: argparse.Namespace) -> int:
     upstream = engine.active_upstream
     print(f"tray-proxy: relay listening on {where}, upstream {upstream}", file=sys.stderr)
     sys.stderr.flush()
-    await stop.wait()
+    redirect: ManagedRedirect | None = None
+    failure: RedirectError | None = None
+    if not args.no_redirect:
+        redirect = ManagedRedirect(
+            config, relay_port=engine.addresses[0][1], on_failure=lambda _exc: stop.set()
+        )
+        try:
+            spec = await redirect.start()
+        except RedirectError as exc:
+            failure = exc
+        else:
+            ports = ", ".join(str(p) for p in spec.redirect_ports)
+            print(
+                f"tray-proxy: redirect on: TCP ports {ports} go to the relay",
+                file=sys.stderr,
+            )
+            sys.stderr.flush()
+            await stop.wait()
+            failure = redirect.failure
+    else:
+        await stop.wait()
+    if redirect is not None:
+        print("tray-proxy: removing the redirect", file=sys.stderr)
+        await redirect.stop()
+    if failure is not None:
+        print(f"tray-proxy: {failure}", file=sys.stderr)
     print("tray-proxy: stopping (draining open connections)", file=sys.stderr)
     await engine.stop()
     print("tray-proxy: stopped", file=sys.stderr)
-    return EXIT_OK
+    return EXIT_OK if failure is None else EXIT_FAILURE
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.print_help(sys.stderr)
-        return EXIT_USAGE
+        from tray_proxy.app import run_gui
+
+        _setup_logging(args.gui_verbose)
+        return run_gui(args.gui_config, no_tray=args.no_tray)
+    if args.command in ("status", "enable", "disable", "quit"):
+        return _control(args)
     _setup_logging(args.verbose)
+    if args.command == "credentials":
+        from tray_proxy import cli_credentials
+
+        return cli_credentials.run(args)
     if args.command == "run":
         from tray_proxy.relay.runner import new_fast_loop
 

@@ -19,14 +19,21 @@ import re
 import sys
 import tempfile
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeGuard
 
 import tomli_w
 from platformdirs import user_config_path
 
-from tray_proxy.relay.settings import RelaySettings, UpstreamKind, UpstreamProxy
+from tray_proxy.firewall.ruleset import (
+    DEFAULT_CONTAINER_INTERFACES,
+    DEFAULT_EXCLUDED_NETWORKS,
+    IPNetwork,
+    RuleSpec,
+    SpecError,
+)
+from tray_proxy.relay.settings import AuthScheme, RelaySettings, UpstreamKind, UpstreamProxy
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -36,6 +43,7 @@ else:  # pragma: no cover - exercised on 3.10 only
 __all__ = [
     "Config",
     "ConfigError",
+    "RedirectSettings",
     "default_config_path",
     "dump_config",
     "load_config",
@@ -70,8 +78,12 @@ _RELAY_KEYS = (
     "source_ports",
     "drain_timeout",
 )
-_UPSTREAM_KEYS = ("name", "url", "username")
-_TOP_KEYS = ("relay", "upstream")
+_UPSTREAM_KEYS = ("name", "url", "username", "auth")
+_REDIRECT_KEYS = ("exclude", "capture_containers", "container_interfaces", "reject_quic")
+_TOP_KEYS = ("relay", "redirect", "upstream")
+# The root helper refuses more than this many excluded networks.
+_MAX_EXCLUDE = 256
+_MAX_INTERFACES = 32
 
 # (lowest allowed, lowest is inclusive, highest inclusive) per timeout, in seconds.
 _TIMEOUTS: dict[str, tuple[float, bool, float]] = {
@@ -104,12 +116,27 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True)
+class RedirectSettings:
+    """What the nftables redirect leaves alone and whether it captures containers.
+
+    The upstreams' addresses and the relay's own source ports are excluded in any case; they
+    are not settings.
+    """
+
+    exclude: tuple[IPNetwork, ...] = DEFAULT_EXCLUDED_NETWORKS
+    capture_containers: bool = True
+    container_interfaces: tuple[str, ...] = DEFAULT_CONTAINER_INTERFACES
+    reject_quic: bool = True
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole settings file. `path` is where it was loaded from (None when parsed from text)."""
 
     relay: RelaySettings
     upstreams: tuple[UpstreamProxy, ...]
     path: Path | None = None
+    redirect: RedirectSettings = field(default_factory=RedirectSettings)
 
     def active_upstream(self) -> UpstreamProxy | None:
         """The upstream named by `relay.upstream`; without a name, the first one.
@@ -151,7 +178,9 @@ def load_config(path: Path, *, missing_ok: bool = False) -> Config:
             source, "", f"not UTF-8 text (bad byte at offset {exc.start}); save it as UTF-8"
         ) from None
     config = parse_config(text, source)
-    return Config(relay=config.relay, upstreams=config.upstreams, path=path)
+    return Config(
+        relay=config.relay, upstreams=config.upstreams, path=path, redirect=config.redirect
+    )
 
 
 def parse_config(text: str, source: str = "config.toml") -> Config:
@@ -202,7 +231,13 @@ class _Parser:
                 )
             seen[u.name] = i
         relay = self.relay(relay_doc, upstreams)
-        return Config(relay=relay, upstreams=upstreams, path=None)
+        redirect_doc = doc.get("redirect", {})
+        if not isinstance(redirect_doc, dict):
+            raise self.fail(
+                "redirect", f"must be a table written [redirect], got {_show(redirect_doc)}"
+            )
+        redirect = self.redirect(redirect_doc)
+        return Config(relay=relay, upstreams=upstreams, path=None, redirect=redirect)
 
     def no_unknown_keys(self, table: Mapping[str, object], known: tuple[str, ...], at: str) -> None:
         for key in table:
@@ -347,6 +382,95 @@ class _Parser:
             raise self.fail(field, f"low {lo} is above high {hi}; write [{hi}, {lo}]")
         return (lo, hi)
 
+    # -- [redirect]
+
+    def redirect(self, doc: Mapping[str, object]) -> RedirectSettings:
+        self.no_unknown_keys(doc, _REDIRECT_KEYS, "redirect")
+        defaults = RedirectSettings()
+        exclude = self.exclude(doc.get("exclude", [str(n) for n in defaults.exclude]))
+        capture = self.flag(
+            doc.get("capture_containers", defaults.capture_containers),
+            "redirect.capture_containers",
+        )
+        interfaces = self.interfaces(
+            doc.get("container_interfaces", list(defaults.container_interfaces))
+        )
+        if capture and not interfaces:
+            raise self.fail(
+                "redirect.container_interfaces",
+                "must name at least one bridge while capture_containers is true "
+                '(for example ["docker0", "br-*"]), or set capture_containers = false',
+            )
+        reject_quic = self.flag(
+            doc.get("reject_quic", defaults.reject_quic), "redirect.reject_quic"
+        )
+        return RedirectSettings(
+            exclude=exclude,
+            capture_containers=capture,
+            container_interfaces=interfaces,
+            reject_quic=reject_quic,
+        )
+
+    def flag(self, value: object, field: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(field, f"must be true or false, got {_show(value)}")
+        return value
+
+    def exclude(self, value: object) -> tuple[IPNetwork, ...]:
+        field = "redirect.exclude"
+        if not isinstance(value, list) or len(value) > _MAX_EXCLUDE:
+            raise self.fail(
+                field,
+                f"must be an array of at most {_MAX_EXCLUDE} networks like "
+                f'["10.0.0.0/8", "fc00::/7"], got {_show(value)}',
+            )
+        out: list[IPNetwork] = []
+        for i, item in enumerate(value):
+            item_field = f"{field}[{i}]"
+            if not isinstance(item, str):
+                raise self.fail(item_field, f"must be a network string, got {_show(item)}")
+            try:
+                network = ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise self.fail(
+                    item_field,
+                    f"must be an address or network such as 10.0.0.0/8 or fc00::/7, "
+                    f"got {_show(item)}",
+                ) from None
+            if network.network_address != ipaddress.ip_interface(item).ip:
+                # 10.1.2.3/8 is more likely a typo than a wish for 10.0.0.0/8: do not guess.
+                raise self.fail(
+                    item_field, f"{_show(item)} has host bits set; write {_show(str(network))}"
+                )
+            if network in out:
+                raise self.fail(item_field, f"{_show(item)} is listed twice")
+            out.append(network)
+        return tuple(out)
+
+    def interfaces(self, value: object) -> tuple[str, ...]:
+        field = "redirect.container_interfaces"
+        if not isinstance(value, list) or len(value) > _MAX_INTERFACES:
+            raise self.fail(
+                field,
+                f"must be an array of at most {_MAX_INTERFACES} interface names like "
+                f'["docker0", "br-*"], got {_show(value)}',
+            )
+        out: list[str] = []
+        for i, item in enumerate(value):
+            item_field = f"{field}[{i}]"
+            if not isinstance(item, str):
+                raise self.fail(item_field, f"must be an interface name, got {_show(item)}")
+            # The root helper's own check is the one rule for names; ask it.
+            try:
+                RuleSpec(relay_port=1, redirect_ports=(2,), container_interfaces=(item,))
+            except SpecError as exc:
+                problem = str(exc).split(": ", 1)[1].rsplit(", got", 1)[0]
+                raise self.fail(item_field, f"{problem}, got {_show(item)}") from None
+            if item in out:
+                raise self.fail(item_field, f"{_show(item)} is listed twice")
+            out.append(item)
+        return tuple(out)
+
     # -- [[upstream]]
 
     def upstream(self, doc: Mapping[str, object], at: str) -> UpstreamProxy:
@@ -362,10 +486,24 @@ class _Parser:
                 f'(not "." or ".."), got {_show(name)}',
             )
         kind, host, port = self.url(doc["url"], f"{at}.url", name)
+        auth = self.auth_scheme(doc.get("auth", "auto"), f"{at}.auth", kind)
         username = doc.get("username")
         if username is not None:
-            username = self.username(username, f"{at}.username", kind)
-        return UpstreamProxy(name=name, kind=kind, host=host, port=port, username=username)
+            username = self.username(username, f"{at}.username", kind, auth)
+        return UpstreamProxy(
+            name=name, kind=kind, host=host, port=port, username=username, auth=auth
+        )
+
+    def auth_scheme(self, value: object, field: str, kind: UpstreamKind) -> AuthScheme:
+        choices = ", ".join(f'"{a.value}"' for a in AuthScheme)
+        if not isinstance(value, str) or value.lower() not in {a.value for a in AuthScheme}:
+            raise self.fail(field, f"must be one of {choices}, got {_show(value)}")
+        auth = AuthScheme(value.lower())
+        if kind is UpstreamKind.SOCKS5 and auth is not AuthScheme.AUTO:
+            raise self.fail(
+                field, 'a SOCKS5 proxy only knows username/password: leave it out or use "auto"'
+            )
+        return auth
 
     def url(self, value: object, field: str, name: str) -> tuple[UpstreamKind, str, int]:
         # Never quote the URL back: a typo'd one may still hold a password.
@@ -449,7 +587,9 @@ class _Parser:
             )
         return host
 
-    def username(self, value: object, field: str, kind: UpstreamKind) -> str:
+    def username(
+        self, value: object, field: str, kind: UpstreamKind, auth: AuthScheme = AuthScheme.AUTO
+    ) -> str:
         if not isinstance(value, str):
             raise self.fail(field, f"must be a string, got {_show(value)}")
         if not value:
@@ -460,7 +600,11 @@ class _Parser:
             raise self.fail(field, "must not contain control characters or line breaks")
         if len(value.encode("utf-8")) > 255:
             raise self.fail(field, "must be at most 255 bytes in UTF-8")
-        if kind is UpstreamKind.HTTP and ":" in value:
+        if (
+            kind is UpstreamKind.HTTP
+            and auth in (AuthScheme.AUTO, AuthScheme.BASIC)
+            and ":" in value
+        ):
             # RFC 7617 section 2: a Basic user-id cannot contain a colon.
             raise self.fail(
                 field, 'must not contain ":" (HTTP Basic authentication cannot carry it)'
@@ -526,15 +670,27 @@ def dump_config(config: Config) -> str:
         **{key: float(getattr(relay, key)) for key in _TIMEOUTS},
         "source_ports": list(relay.source_ports) if relay.source_ports is not None else False,
     }
+    redirect = config.redirect
+    redirect_doc: dict[str, object] = {
+        "exclude": [str(n) for n in redirect.exclude],
+        "capture_containers": redirect.capture_containers,
+        "container_interfaces": list(redirect.container_interfaces),
+        "reject_quic": redirect.reject_quic,
+    }
     lines = [
         "# tray-proxy settings (docs/config.md). No passwords here: they live in the keyring,",
         "# set with `tray-proxy credentials set NAME`.",
         "",
         "[relay]",
         *_toml_lines(relay_doc, _RELAY_KEYS),
+        "",
+        "[redirect]",
+        *_toml_lines(redirect_doc, _REDIRECT_KEYS),
     ]
     for u in config.upstreams:
         entry: dict[str, object] = {"name": u.name, "url": u.url, "username": u.username}
+        if u.auth is not AuthScheme.AUTO:
+            entry["auth"] = u.auth.value
         lines += ["", "[[upstream]]", *_toml_lines(entry, _UPSTREAM_KEYS)]
     return "\n".join(lines) + "\n"
 

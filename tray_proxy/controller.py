@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 from tray_proxy import __version__
 from tray_proxy.config import Config, ConfigError
+from tray_proxy.credentials import CredentialStoreError
 from tray_proxy.firewall.ruleset import DEFAULT_RELAY_SOURCE_PORTS, IPAddress, RuleSpec, SpecError
 from tray_proxy.relay.events import (
     ConnectionClosed,
@@ -127,6 +128,7 @@ class NoticeKind(enum.Enum):
     HELPER_REFUSED = "helper-refused"
     HELPER_STOPPED = "helper-stopped"
     TEST_RESULT = "test-result"
+    KEYRING_UNAVAILABLE = "keyring-unavailable"
 
 
 # --------------------------------------------------------------------------- data
@@ -228,6 +230,10 @@ class RelayHandle(Protocol):
 
     def stop(self, timeout: float) -> None: ...
 
+    def retry_credentials(self, upstream: str) -> None:
+        """Forget that `upstream` rejected the credentials (they were just changed)."""
+        ...
+
 
 class RelayFactory(Protocol):
     """Starts a relay for `config` whose events go to `observer`; blocks; raises on failure."""
@@ -248,6 +254,13 @@ class RedirectService(Protocol):
     async def remove(self) -> bool: ...
 
     async def stop(self) -> int | None: ...
+
+
+class CredentialRefresher(Protocol):
+    """Re-reads the relay's passwords (`credentials.KeyringCredentialSource`); raises
+    CredentialStoreError when the keyring cannot be used."""
+
+    async def refresh(self, names: Iterable[str]) -> None: ...
 
 
 class ConfigStore(Protocol):
@@ -371,6 +384,7 @@ class ProxyController:
         probe: Probe | None = None,
         notice_limiter: NoticeLimiter | None = None,
         watch_interval: float = WATCH_INTERVAL,
+        credentials: CredentialRefresher | None = None,
     ) -> None:
         from tray_proxy.firewall.client import resolve_upstreams
 
@@ -381,6 +395,8 @@ class ProxyController:
         self._probe: Probe = probe or tcp_probe
         self._limiter = notice_limiter or NoticeLimiter()
         self._watch_interval = watch_interval
+        self._credentials = credentials
+        self._credentials_read: asyncio.Task[str | None] | None = None
         self._observers: list[ControllerObserver] = []
         self._state = State.OFF
         self._message = "The redirect is off."
@@ -403,6 +419,11 @@ class ProxyController:
     @property
     def state(self) -> State:
         return self._state
+
+    @property
+    def config(self) -> Config | None:
+        """The settings as last loaded or saved (None when the file is broken)."""
+        return self._config
 
     def subscribe(self, observer: ControllerObserver) -> Callable[[], None]:
         self._observers.append(observer)
@@ -556,6 +577,7 @@ class ProxyController:
             # Counts start again with the new relay; what is known about each proxy stays.
             old = self._health
             self._health = _Health(errors=old.errors, latency=old.latency, failures=old.failures)
+            await self._credentials_once()
             await self._start_relay(config)
             assert self._relay is not None
             port = self._relay.addresses[0][1]
@@ -829,6 +851,73 @@ class ProxyController:
         self._changed()
         return text
 
+    # -- credentials ----------------------------------------------------------------------
+
+    def request_refresh_credentials(self) -> None:
+        """Read the keyring at start-up, in the background (the relay waits for it)."""
+        if self._credentials is not None and self._credentials_read is None:
+            self._credentials_read = self.spawn(self.refresh_credentials(), "read keyring")
+
+    async def _credentials_once(self) -> None:
+        read = self._credentials_read
+        if read is None and self._credentials is not None:
+            read = self._credentials_read = self.spawn(self.refresh_credentials(), "read keyring")
+        if read is not None and not read.done():
+            with contextlib.suppress(Exception):
+                await asyncio.shield(read)
+
+    async def refresh_credentials(self) -> str | None:
+        """Re-read every upstream's password from the keyring (it runs in the keyring's
+        worker thread). A failure is an error entry and a notice, returned as text."""
+        if self._credentials is None:
+            return None
+        config = self._config
+        names = [u.name for u in config.upstreams] if config is not None else []
+        try:
+            await self._credentials.refresh(names)
+        except CredentialStoreError as exc:
+            text = (
+                f"The proxy passwords could not be read from the keyring: {exc}. Then open "
+                "Credentials to try again."
+            )
+            self._error(text)
+            self._notice(NoticeKind.KEYRING_UNAVAILABLE, "Keyring not available", text)
+            self._changed()
+            return text
+        return None
+
+    async def save_upstream(self, upstream: UpstreamProxy) -> str | None:
+        """Write `upstream` into the settings (replacing the one of that name), re-read the
+        passwords, and let the running relay use them: a changed active proxy restarts the
+        relay; otherwise the proxy's rejected-credentials mark is cleared. Raises ConfigError
+        when the file cannot be written; returns the keyring warning, if any."""
+        loop = asyncio.get_running_loop()
+        async with self._lock():
+            config = await loop.run_in_executor(None, self._store.load)
+            old = next((u for u in config.upstreams if u.name == upstream.name), None)
+            upstreams = tuple(upstream if u.name == upstream.name else u for u in config.upstreams)
+            if old is None:
+                upstreams += (upstream,)
+            config = replace(config, upstreams=upstreams)
+            await loop.run_in_executor(None, self._store.save, config)
+            self._config = config
+            self._changed()
+        warning = await self.refresh_credentials()
+        active = config.active_upstream()
+        changed = old is not None and old != upstream
+        if (
+            changed
+            and self._state.redirecting
+            and active is not None
+            and active.name == upstream.name
+            and not self._closed
+        ):
+            # The relay (and the redirect's exclusions) must use the new address.
+            self._op = self.spawn(self._locked_switch_on(upstream.name), "apply proxy settings")
+        elif self._relay is not None:
+            self._relay.retry_credentials(upstream.name)
+        return warning
+
     def diagnostics(self, extra: Mapping[str, str] | None = None) -> str:
         """A plain-text report for bug reports. Holds no password: none is known here."""
         s = self.status()
@@ -885,6 +974,11 @@ class EngineRelay:
 
     def stop(self, timeout: float) -> None:
         self._thread.stop(timeout)
+
+    def retry_credentials(self, upstream: str) -> None:
+        # The engine's auth state belongs to the relay's loop thread.
+        thread = self._thread
+        thread.loop.call_soon_threadsafe(thread.engine.retry_credentials, upstream)
 
 
 def engine_relay_factory(credentials: Any = None) -> RelayFactory:

@@ -383,6 +383,12 @@ class RelayEngine:
             if trailing:
                 await loop.sock_sendall(conn, trailing)
                 record.bytes_down += len(trailing)
+            # uvloop closes the poll handle behind a finished sock_recv() asynchronously
+            # (uv_close completes at the end of the loop iteration). The tunnel's add_reader
+            # on the same fd in the same iteration would get a second poll handle for it,
+            # which libuv does not support: a later RST went unnoticed. One iteration apart
+            # is enough.
+            await asyncio.sleep(0)
         except UpstreamError as exc:
             if upstream_sock is not None:
                 upstream_sock.close()

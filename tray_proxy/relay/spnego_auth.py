@@ -11,6 +11,7 @@ secrets. Must not import PySide6.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from functools import cache
 from typing import Any
@@ -28,8 +29,12 @@ __all__ = ["SpnegoContext", "kerberos_available", "token_contexts"]
 
 
 @cache
+@functools.cache
 def kerberos_available() -> bool:
-    """Can pyspnego use Kerberos here? (Its GSSAPI backend is the ``gssapi`` module.)"""
+    """Can pyspnego use Kerberos here? (Its GSSAPI backend is the ``gssapi`` module.)
+
+    Cached: find_spec searches sys.path, and this is asked once per tunnel.
+    """
     return importlib.util.find_spec("gssapi") is not None
 
 

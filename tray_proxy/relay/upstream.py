@@ -114,6 +114,16 @@ class Dialer:
         """Did we dial an upstream at this address? (A redirect of it would be a loop.)"""
         return addr in self._known
 
+    def _literal(self, host: str, port: int) -> list[tuple[int, Address]] | None:
+        """The address of an IP-literal host, without a trip through the loop; else None."""
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            return None
+        family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+        self._known.add((str(ip), port))
+        return [(family, (str(ip), port))]
+
     async def resolve(self, host: str, port: int) -> list[tuple[int, Address]]:
         try:
             ip = ipaddress.ip_address(host)
@@ -155,7 +165,10 @@ class Dialer:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         try:
-            addresses = await asyncio.wait_for(self.resolve(host, port), timeout)
+            literal = self._literal(host, port)
+            addresses = (
+                literal if literal is not None else await within(timeout, self.resolve(host, port))
+            )
         except asyncio.TimeoutError:
             raise UpstreamError(
                 CloseReason.UPSTREAM_TIMEOUT, f"resolving {host} took over {timeout:g}s"
@@ -180,7 +193,7 @@ class Dialer:
                     remaining = deadline - loop.time()
                     if remaining <= 0:
                         raise asyncio.TimeoutError
-                    await asyncio.wait_for(loop.sock_connect(sock, addr), remaining)
+                    await within(remaining, loop.sock_connect(sock, addr))
                     return sock
                 except asyncio.TimeoutError:
                     sock.close()
@@ -686,7 +699,7 @@ class _Opener:
         try:
             if remaining <= 0:
                 raise asyncio.TimeoutError
-            return await asyncio.wait_for(exchange(), remaining)
+            return await within(remaining, exchange())
         except asyncio.TimeoutError:
             raise UpstreamError(
                 CloseReason.UPSTREAM_TIMEOUT,

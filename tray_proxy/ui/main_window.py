@@ -32,9 +32,10 @@ from PySide6.QtWidgets import (
 
 from tray_proxy.controller import Notice, State, Status
 from tray_proxy.ui.bridge import UiBridge
+from tray_proxy.ui.credentials_dialog import CredentialsDialog
 from tray_proxy.ui.icons import app_icon, state_icon
 from tray_proxy.ui.menu import MenuBuilder, toggle_text, upstream_text
-from tray_proxy.ui.services import AppServices
+from tray_proxy.ui.services import AppServices, CredentialsServices
 
 CREDENTIALS_PLACEHOLDER = (
     "Entering proxy passwords in the app arrives in a later version of tray-proxy.\n\n"
@@ -79,10 +80,13 @@ class MainWindow(QWidget):
         *,
         tray_available: bool,
         ask_close: Callable[[QWidget], CloseChoice] = ask_close_dialog,
+        credentials: CredentialsServices | None = None,
         parent: QWidget | None = None,
     ) -> None:
         super().__init__(parent)
         self._services = services
+        self._credentials = credentials
+        self.credentials_dialog: CredentialsDialog | None = None
         self._tray_available = tray_available
         self._ask_close = ask_close
         self._quitting = False
@@ -248,7 +252,25 @@ class MainWindow(QWidget):
         self.autostart_box.blockSignals(False)
 
     def open_credentials(self) -> None:
-        QMessageBox.information(self, "Credentials", CREDENTIALS_PLACEHOLDER)
+        if self._credentials is None:
+            QMessageBox.information(self, "Credentials", CREDENTIALS_PLACEHOLDER)
+            return
+        dialog = self.credentials_dialog
+        if dialog is None:
+            dialog = CredentialsDialog(
+                self._credentials.store, self._credentials.editor, parent=self
+            )
+            # A window of its own: the main window may be hidden (tray mode).
+            dialog.setWindowFlag(Qt.WindowType.Window, True)
+            dialog.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose, True)
+            dialog.finished.connect(self._credentials_closed)
+            self.credentials_dialog = dialog
+        dialog.show()
+        dialog.raise_()
+        dialog.activateWindow()
+
+    def _credentials_closed(self, _result: int) -> None:
+        self.credentials_dialog = None
 
     def report_error(self, title: str, text: str) -> None:
         QMessageBox.warning(self, title, text)

@@ -25,6 +25,7 @@ _WARNINGS = frozenset(
         NoticeKind.UPSTREAM_DOWN,
         NoticeKind.HELPER_REFUSED,
         NoticeKind.HELPER_STOPPED,
+        NoticeKind.KEYRING_UNAVAILABLE,
     }
 )
 

@@ -1,0 +1,230 @@
+"""The redirect as the app and `tray-proxy run` use it: settings -> RuleSpec -> root helper.
+
+`ManagedRedirect` owns one `RedirectController` while the redirect is on. It resolves every
+configured upstream (not only the active one: switching upstreams must not open a loop),
+builds the `RuleSpec` from the settings and the relay's real port, applies it, and then keeps
+it true:
+- every `resolve_interval` seconds (60) it resolves the upstreams again and re-applies when
+  their addresses changed, so a proxy whose DNS name moves stays excluded;
+- when the helper dies under it (killed), the table it left behind still points at the relay;
+  a new helper removes that stale table at start and the spec is applied again (a few times
+  at most, then the failure is reported).
+
+Failures reach the owner through `on_failure`, as a `RedirectError` whose message is for the
+user. Must not import PySide6 or tray_proxy.relay.engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Final
+
+from tray_proxy.config import Config
+from tray_proxy.firewall.client import (
+    RedirectController,
+    RedirectError,
+    UpstreamResolutionError,
+    resolve_upstreams,
+)
+from tray_proxy.firewall.ruleset import IPAddress, RuleSpec, SpecError
+
+log = logging.getLogger(__name__)
+
+RESOLVE_INTERVAL_SECONDS: Final = 60.0
+HELPER_CHECK_SECONDS: Final = 1.0
+MAX_HELPER_RESTARTS: Final = 3
+
+Endpoint = tuple[str, int]
+Resolved = tuple[tuple[IPAddress, int], ...]
+Resolver = Callable[[Iterable[Endpoint]], Awaitable[Resolved]]
+
+
+class RedirectSetupError(RedirectError):
+    """The settings cannot be turned into a safe redirect; nothing was applied."""
+
+
+def check_redirect_settings(config: Config) -> None:
+    """Refuse settings that would make the redirect loop, before anything is started."""
+    if config.relay.source_ports is None:
+        raise RedirectSetupError(
+            "relay.source_ports is false, so the redirect could not tell the relay's own "
+            "connections from others and would send them back into the relay (a loop). Set "
+            "source_ports = [61000, 64999] in [relay], or run with --no-redirect and manage "
+            "the redirect yourself."
+        )
+
+
+def upstream_endpoints(config: Config) -> tuple[Endpoint, ...]:
+    """Every configured upstream's (host, port), without repeats."""
+    seen: list[Endpoint] = []
+    for upstream in config.upstreams:
+        endpoint = (upstream.host, upstream.port)
+        if endpoint not in seen:
+            seen.append(endpoint)
+    return tuple(seen)
+
+
+def build_rule_spec(config: Config, relay_port: int, upstreams: Resolved) -> RuleSpec:
+    """The ruleset for these settings, the relay's real port and the upstreams' addresses."""
+    check_redirect_settings(config)
+    source_ports = config.relay.source_ports
+    assert source_ports is not None
+    redirect = config.redirect
+    try:
+        return RuleSpec(
+            relay_port=relay_port,
+            redirect_ports=config.relay.redirect_ports,
+            excluded_networks=redirect.exclude,
+            upstreams=upstreams,
+            relay_source_ports=source_ports,
+            container_interfaces=redirect.container_interfaces,
+            capture_containers=redirect.capture_containers,
+            reject_quic=redirect.reject_quic,
+        )
+    except SpecError as exc:
+        raise RedirectSetupError(
+            f"The redirect cannot be built from the settings ({exc}). Fix the settings file"
+            " (docs/config.md) and start again."
+        ) from None
+
+
+class ManagedRedirect:
+    """Start with `await start()`; `await stop()` removes the table and ends the helper."""
+
+    def __init__(
+        self,
+        config: Config,
+        relay_port: int,
+        controller: RedirectController | None = None,
+        *,
+        resolve: Resolver = resolve_upstreams,
+        on_failure: Callable[[RedirectError], None] | None = None,
+        resolve_interval: float = RESOLVE_INTERVAL_SECONDS,
+        helper_check: float = HELPER_CHECK_SECONDS,
+        max_restarts: int = MAX_HELPER_RESTARTS,
+    ) -> None:
+        self.config = config
+        self.relay_port = relay_port
+        self.controller = controller if controller is not None else RedirectController()
+        self._resolve = resolve
+        self._on_failure = on_failure
+        self._resolve_interval = resolve_interval
+        self._helper_check = helper_check
+        self._max_restarts = max_restarts
+        self._endpoints = upstream_endpoints(config)
+        # Last good addresses per endpoint: a failed re-resolve keeps them excluded.
+        self._addresses: dict[Endpoint, Resolved] = {}
+        self.spec: RuleSpec | None = None
+        self.restarts = 0
+        self.failure: RedirectError | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    async def start(self) -> RuleSpec:
+        """Resolve, start the helper (maybe a password prompt), apply. Raises RedirectError."""
+        check_redirect_settings(self.config)
+        await self._resolve_all(strict=True)
+        spec = build_rule_spec(self.config, self.relay_port, self._upstreams())
+        await self.controller.start()
+        await self.controller.apply(spec)
+        self.spec = spec
+        self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="redirect-watch")
+        return spec
+
+    async def stop(self) -> None:
+        """Redirect off first (remove), then the helper ends. Never raises RedirectError."""
+        self._stopping = True
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+            self._watcher = None
+        if self.controller.running:
+            try:
+                await self.controller.remove()
+            except RedirectError as exc:
+                # The helper may have been stopped by the same Ctrl+C (same process group);
+                # it removes the table itself then.
+                log.warning("removing the redirect: %s", exc)
+        await self.controller.stop()
+        self.spec = None
+
+    async def refresh(self) -> bool:
+        """Resolve the upstreams again; re-apply when their addresses changed. True if so."""
+        await self._resolve_all(strict=False)
+        spec = build_rule_spec(self.config, self.relay_port, self._upstreams())
+        if spec == self.spec:
+            return False
+        log.info(
+            "upstream addresses changed to %s; applying the redirect again",
+            ", ".join(f"{a}:{p}" for a, p in spec.upstreams),
+        )
+        await self.controller.apply(spec)
+        self.spec = spec
+        return True
+
+    # -- internals
+
+    def _upstreams(self) -> Resolved:
+        merged: list[tuple[IPAddress, int]] = []
+        for endpoint in self._endpoints:
+            for pair in self._addresses.get(endpoint, ()):
+                if pair not in merged:
+                    merged.append(pair)
+        return tuple(merged)
+
+    async def _resolve_all(self, strict: bool) -> None:
+        active = self.config.active_upstream()
+        for endpoint in self._endpoints:
+            try:
+                self._addresses[endpoint] = await self._resolve([endpoint])
+            except UpstreamResolutionError as exc:
+                is_active = active is not None and (active.host, active.port) == endpoint
+                if strict and is_active and endpoint not in self._addresses:
+                    raise
+                # A proxy that is not in use (or was resolved before) must not block the
+                # redirect: keep what we had and say so.
+                log.warning("%s", exc)
+
+    async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_resolve = loop.time() + self._resolve_interval
+        try:
+            while not self._stopping:
+                await asyncio.sleep(self._helper_check)
+                if not self.controller.running:
+                    await self._restart_helper()
+                elif loop.time() >= next_resolve:
+                    next_resolve = loop.time() + self._resolve_interval
+                    await self.refresh()
+        except RedirectError as exc:
+            self.failure = exc
+            if self._on_failure is not None:
+                self._on_failure(exc)  # the owner tells the user, once
+            else:
+                log.error("%s", exc)
+
+    async def _restart_helper(self) -> None:
+        # status() on a dead helper raises the error that explains its exit.
+        try:
+            await self.controller.status()
+            reason = "it stopped"
+        except RedirectError as exc:
+            reason = str(exc)
+        if self._stopping:
+            return
+        if self.restarts >= self._max_restarts:
+            raise RedirectError(
+                f"The redirect helper stopped {self.restarts + 1} times ({reason}). Its table"
+                " may still redirect ports to the relay: run `sudo nft delete table inet"
+                " tray_proxy` if web access fails after tray-proxy exits."
+            )
+        self.restarts += 1
+        log.warning("the redirect helper stopped (%s); starting it again", reason)
+        spec = self.spec
+        await self.controller.start()  # the new helper removes the stale table first
+        if spec is not None:
+            await self.controller.apply(spec)
