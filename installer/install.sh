@@ -18,7 +18,9 @@ echo "tray-proxy: installing system packages (needs admin rights)"
 $SUDO apt-get update -q
 $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
     python3 python3-venv nftables iproute2 policykit-1 libgl1 libegl1 libxkbcommon0 \
-    libxkbcommon-x11-0 libfontconfig1 libdbus-1-3 libglib2.0-0
+    libxkbcommon-x11-0 libfontconfig1 libdbus-1-3 libglib2.0-0 libxcb-cursor0 libxcb-icccm4 \
+    libxcb-keysyms1 libxcb-shape0 libxcb-randr0 libxcb-render-util0 libxcb-image0 \
+    libxcb-xinerama0
 
 echo "tray-proxy: creating $PREFIX/venv"
 mkdir -p "$PREFIX" "$HOME/.local/bin"
@@ -64,5 +66,12 @@ if [ -f "$HELPER_SRC" ]; then
     fi
 fi
 
-echo "tray-proxy: installed; starting it (Ctrl+C stops it)"
-exec "$PREFIX/venv/bin/tray-proxy" run "$@"
+mkdir -p "$HOME/.local/share/applications"
+install -m 0644 "$SRC/resources/tray-proxy.desktop" "$HOME/.local/share/applications/"
+
+if [ -z "${DISPLAY:-}${WAYLAND_DISPLAY:-}" ]; then
+    echo "tray-proxy: installed; no display here, so starting the headless relay (Ctrl+C stops it)"
+    exec "$PREFIX/venv/bin/tray-proxy" run "$@"
+fi
+echo "tray-proxy: installed; starting the tray app"
+exec "$PREFIX/venv/bin/tray-proxy" "$@"
