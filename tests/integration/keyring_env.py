@@ -150,11 +150,16 @@ class KeyringSandbox:
         session: bool = True,
         env: Mapping[str, str] | None = None,
         timeout: float = 60.0,
+        prefix: Sequence[str] = (),
     ) -> subprocess.CompletedProcess[str]:
-        """Run `argv` in a fresh session with the unlocked keyring (or with no bus at all)."""
+        """Run `argv` in a fresh session with the unlocked keyring (or with no bus at all).
+
+        `prefix` goes in front of everything, bus included: `["ip", "netns", "exec", NS]`
+        runs the session, the keyring daemon and `argv` in that network namespace."""
         if session:
             argv = ["dbus-run-session", "--", sys.executable, "-m", MODULE, "session", "--",
                     *argv]  # fmt: skip
+        argv = [*prefix, *argv]
         proc = subprocess.Popen(
             list(argv),
             stdin=subprocess.PIPE,

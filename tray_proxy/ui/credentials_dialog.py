@@ -108,9 +108,16 @@ def _problem(doc: dict[str, object]) -> ConfigError | None:
     return None
 
 
-def _sentence(text: str) -> str:
-    text = text[:1].upper() + text[1:]
-    return text if text.endswith(".") else text + "."
+def _sentence(text: str, subject: str) -> str:
+    # The settings file's problems read "must ..." after the field's name.
+    if text.startswith("must"):
+        text = f"{subject} {text}"
+    return _full_stop(text[:1].upper() + text[1:])
+
+
+def _full_stop(text: str) -> str:
+    text = text.rstrip()
+    return text if text.endswith((".", "!", "?")) else text + "."
 
 
 def _url(kind: UpstreamKind, host: str, port: str) -> str:
@@ -137,7 +144,7 @@ def validate(values: FieldValues) -> tuple[dict[str, str], UpstreamProxy | None]
         else:
             found = _problem({"name": values.name, "url": good_url})
             if found is not None:
-                errors["name"] = _sentence(found.problem)
+                errors["name"] = _sentence(found.problem, "the name")
 
     host = values.host
     if not host:
@@ -147,7 +154,7 @@ def validate(values: FieldValues) -> tuple[dict[str, str], UpstreamProxy | None]
     else:
         found = _problem({"name": "x", "url": _url(values.kind, host, "1")})
         if found is not None:
-            errors["host"] = _sentence(found.problem)
+            errors["host"] = _sentence(found.problem, "the host")
 
     port = values.port
     if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
@@ -163,7 +170,7 @@ def validate(values: FieldValues) -> tuple[dict[str, str], UpstreamProxy | None]
         }
         found = _problem(doc)
         if found is not None:
-            errors["username"] = _sentence(found.problem)
+            errors["username"] = _sentence(found.problem, "the user name")
         elif not values.has_password and values.stored_username != values.username:
             errors["password"] = (
                 "Enter the password; it goes into the keyring, never into the settings file."
@@ -194,9 +201,11 @@ class _Field(QWidget):
         self.message.hide()
         row = QHBoxLayout()
         row.setContentsMargins(0, 0, 0, 0)
-        row.addWidget(editor, 1)
+        row.addWidget(editor)
         if extra is not None:
             row.addWidget(extra)
+        if editor.maximumWidth() < 1000:
+            row.addStretch(1)  # a narrow input (the port) stays at the left edge
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.setSpacing(2)
@@ -275,7 +284,7 @@ class CredentialsDialog(QDialog):
         self.password_edit = QLineEdit()
         self.password_edit.setObjectName("password")
         self.password_edit.setEchoMode(QLineEdit.EchoMode.Password)
-        self.show_password = QCheckBox("Sho&w")
+        self.show_password = QCheckBox("Sh&ow")
         self.show_password.setObjectName("show-password")
         self.show_password.setToolTip("Show the password while typing it")
         self.auth_combo = QComboBox()
@@ -298,7 +307,7 @@ class CredentialsDialog(QDialog):
         form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
         self._add_row(form, "P&roxy:", self.proxy_combo, self.proxy_combo)
         self._add_row(form, "&Name:", self.fields["name"], self.name_edit)
-        self._add_row(form, "&Type:", self.kind_combo, self.kind_combo)
+        self._add_row(form, "T&ype:", self.kind_combo, self.kind_combo)
         self._add_row(form, "&Host:", self.fields["host"], self.host_edit)
         self._add_row(form, "&Port:", self.fields["port"], self.port_edit)
         self._add_row(form, "&User name:", self.fields["username"], self.user_edit)
@@ -506,6 +515,8 @@ class CredentialsDialog(QDialog):
         for key, field in self.fields.items():
             # A message for a field the user has not reached yet would only scold.
             shown = key in self._touched or bool(_text_of(field.editor))
+            if key == "password":
+                shown = shown or bool(values.username)
             field.show_message(self.errors.get(key) if shown else None)
         if "password" not in self.errors:
             self.fields["password"].show_message(self._password_note(values), error=False)
@@ -631,7 +642,7 @@ class CredentialsDialog(QDialog):
     def show_result(self, result: ProbeResult) -> None:
         self.last_result = result
         heading, hint = _HEADINGS[result.outcome]
-        self.result_label.setText(f"{heading}: {result.words}.{hint}")
+        self.result_label.setText(_full_stop(f"{heading}: {result.words}") + hint)
         icon = (
             QStyle.StandardPixmap.SP_DialogApplyButton
             if result.ok
@@ -668,10 +679,10 @@ class CredentialsDialog(QDialog):
                 await self._store.set(upstream.name, upstream.username, secret)
             warning = await self._editor.save_upstream(upstream)
         except CredentialStoreError as exc:
-            self._save_failed(f"The password was not saved: {exc}.")
+            self._save_failed(_full_stop(f"The password was not saved: {exc}"))
             return
         except ConfigError as exc:
-            self._save_failed(f"The settings were not saved: {exc}.")
+            self._save_failed(_full_stop(f"The settings were not saved: {exc}"))
             return
         except Exception as exc:
             log.exception("saving %s failed", upstream)
