@@ -21,6 +21,7 @@ from tray_proxy.config import Config
 from tray_proxy.controller import (
     ALLOWED,
     DOWN_AFTER_FAILURES,
+    RELAY_STOP_MARGIN,
     ControllerEvent,
     Notice,
     NoticeKind,
@@ -31,7 +32,7 @@ from tray_proxy.controller import (
     StatusUpdated,
     engine_relay_factory,
 )
-from tray_proxy.firewall.client import AuthorizationDismissedError
+from tray_proxy.firewall.client import AuthorizationDismissedError, HelperExitedError
 from tray_proxy.firewall.ruleset import RuleSpec
 from tray_proxy.relay.events import (
     ConnectionClosed,
@@ -93,10 +94,12 @@ class FakeRelay:
         self.observer = observer
         self.addresses: tuple[Address, ...] = (("127.0.0.1", port),)
         self.stopped = False
+        self.drain_bound: float | None = None
 
     def stop(self, timeout: float) -> None:
         self.log.calls.append("relay.stop")
         self.stopped = True
+        self.drain_bound = timeout
 
 
 class FakeRelayFactory:
@@ -119,6 +122,7 @@ class FakeRedirect:
         self.running = False
         self.specs: list[RuleSpec] = []
         self.fail_start: Exception | None = None
+        self.fail_remove: Exception | None = None
         self.start_gate: asyncio.Event | None = None
 
     async def start(self) -> None:
@@ -135,6 +139,8 @@ class FakeRedirect:
 
     async def remove(self) -> bool:
         self.log.calls.append("redirect.remove")
+        if self.fail_remove is not None:
+            raise self.fail_remove
         return True
 
     async def stop(self) -> int | None:
@@ -195,7 +201,7 @@ def test_enable_goes_off_enabling_on_and_applies_the_spec() -> None:
     assert rig.events[1].status.state is State.ENABLING
 
 
-def test_disable_takes_the_redirect_off_before_the_relay_stops() -> None:
+def test_disable_takes_the_redirect_off_then_drains_then_stops_the_helper() -> None:
     rig = Rig()
 
     async def scenario() -> None:
@@ -205,8 +211,26 @@ def test_disable_takes_the_redirect_off_before_the_relay_stops() -> None:
         assert status.state is State.OFF
 
     run(scenario())
-    assert rig.log.calls == ["redirect.remove", "redirect.stop", "relay.stop"]
+    # The helper (and its table) outlives the relay's drain: deleting the table earlier would
+    # take the address translation away from the connections still open through the relay.
+    assert rig.log.calls == ["redirect.remove", "relay.stop", "redirect.stop"]
+    assert rig.relays.relays[0].drain_bound == RelaySettings().drain_timeout + RELAY_STOP_MARGIN
     assert rig.transitions()[-2:] == [(State.ON, State.DISABLING), (State.DISABLING, State.OFF)]
+
+
+def test_a_failed_remove_stops_the_helper_before_the_relay() -> None:
+    rig = Rig()
+    rig.redirect.fail_remove = HelperExitedError("The redirect helper stopped")
+
+    async def scenario() -> None:
+        await rig.controller.enable()
+        rig.log.calls.clear()
+        assert (await rig.controller.disable()).state is State.OFF
+
+    run(scenario())
+    # The redirect may still be on: the helper's exit (table deleted) must come before the
+    # relay goes away, or new connections would be redirected to a closed port.
+    assert rig.log.calls == ["redirect.remove", "redirect.stop", "relay.stop"]
 
 
 def test_shutdown_from_on_uses_the_same_order_and_is_idempotent() -> None:
@@ -221,7 +245,7 @@ def test_shutdown_from_on_uses_the_same_order_and_is_idempotent() -> None:
         assert (await rig.controller.enable()).state is State.OFF
 
     run(scenario())
-    assert rig.log.calls == ["redirect.remove", "redirect.stop", "relay.stop"]
+    assert rig.log.calls == ["redirect.remove", "relay.stop", "redirect.stop"]
     assert rig.controller.state is State.OFF
 
 
@@ -394,7 +418,7 @@ def test_relay_that_stops_by_itself_means_error() -> None:
         await until(lambda: rig.controller.state is State.ERROR, "error")
 
     run(scenario())
-    assert rig.log.calls[-3:] == ["redirect.remove", "redirect.stop", "relay.stop"]
+    assert rig.log.calls[-3:] == ["redirect.remove", "relay.stop", "redirect.stop"]
 
 
 def test_selecting_an_upstream_saves_it_and_restarts_only_the_relay() -> None:

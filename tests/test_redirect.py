@@ -142,6 +142,27 @@ def test_start_excludes_all_upstreams_and_reapplies_only_on_change() -> None:
     assert controller.calls == ["start", "apply", "apply", "remove", "stop"]
 
 
+def test_switch_off_keeps_the_helper_until_stop() -> None:
+    dns = FakeDNS({"proxy-a.example": ["192.0.2.1"], "proxy-b.example": ["192.0.2.2"]})
+    managed, controller = _managed(TWO, dns, helper_check=0.01)
+
+    async def scenario() -> None:
+        await managed.start()
+        await managed.switch_off()
+        # Redirect off for new connections; the helper (and its table) stays while the relay
+        # drains, and a helper that dies now is not started again.
+        assert controller.calls == ["start", "apply", "remove"]
+        assert controller.running and managed.spec is None
+        controller.die()
+        await asyncio.sleep(0.05)
+        assert controller.calls.count("start") == 1
+        await managed.switch_off()
+        await managed.stop()
+
+    asyncio.run(scenario())
+    assert controller.calls == ["start", "apply", "remove", "stop"]
+
+
 def test_unresolvable_active_upstream_fails_start_other_only_warns() -> None:
     only_b = FakeDNS({"proxy-b.example": ["192.0.2.2"]})
     managed, controller = _managed(TWO, only_b)

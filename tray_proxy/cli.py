@@ -128,7 +128,9 @@ def _setup_logging(verbose: int) -> None:
 
 async def _run_relay(args: argparse.Namespace) -> int:
     """One start-up path, one shutdown path (ARCHITECTURE.md): relay, then redirect on; on
-    SIGINT/SIGTERM or a redirect failure, redirect off first, helper gone, then drain."""
+    SIGINT/SIGTERM or a redirect failure, redirect off for new connections first, then the
+    relay drains, then the helper ends and deletes its table (not earlier: connections open
+    through the relay would lose their address translation)."""
     from tray_proxy.config import ConfigError, default_config_path, load_config
     from tray_proxy.firewall.client import RedirectError
     from tray_proxy.redirect import ManagedRedirect, check_redirect_settings
@@ -191,11 +193,15 @@ async def _run_relay(args: argparse.Namespace) -> int:
         await stop.wait()
     if redirect is not None:
         print("tray-proxy: removing the redirect", file=sys.stderr)
-        await redirect.stop()
+        await redirect.switch_off()
     if failure is not None:
         print(f"tray-proxy: {failure}", file=sys.stderr)
     print("tray-proxy: stopping (draining open connections)", file=sys.stderr)
-    await engine.stop()
+    try:
+        await engine.stop()
+    finally:
+        if redirect is not None:
+            await redirect.stop()
     print("tray-proxy: stopped", file=sys.stderr)
     return EXIT_OK if failure is None else EXIT_FAILURE
 

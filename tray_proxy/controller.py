@@ -652,20 +652,33 @@ class ProxyController:
         return self.status()
 
     async def _teardown(self) -> None:
-        """Redirect off first, so no new connection goes to a relay that is going away."""
+        """Redirect off first, so no new connection goes to a relay that is going away; then
+        the relay drains (bounded by its drain_timeout); then the helper ends and deletes its
+        table. The helper outlives the drain because deleting the table takes the address
+        translation away from connections still open through the relay (they would be reset
+        or hang)."""
         self._stop_watch()
+        switched_off = True
         try:
             if self._redirect.running:
                 await asyncio.wait_for(self._redirect.remove(), REDIRECT_OFF_TIMEOUT)
         except Exception as exc:
-            # stop() below still closes the helper's stdin, and the helper deletes its table
-            # when its input closes, so the machine ends up clean either way.
+            switched_off = False
             log.warning("removing the redirect failed: %s", _user_message(exc))
+        if not switched_off:
+            # New connections would still go to a relay that is about to stop: end the helper
+            # first (it deletes its table when its input closes), as before the drain existed.
+            await self._stop_helper()
+            await self._stop_relay()
+        else:
+            await self._stop_relay()
+            await self._stop_helper()
+
+    async def _stop_helper(self) -> None:
         try:
             await asyncio.wait_for(self._redirect.stop(), REDIRECT_OFF_TIMEOUT)
         except Exception as exc:
             log.warning("stopping the redirect helper failed: %s", _user_message(exc))
-        await self._stop_relay()
 
     async def _stop_relay(self) -> None:
         relay = self._relay

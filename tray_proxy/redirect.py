@@ -7,8 +7,13 @@ it true:
 - every `resolve_interval` seconds (60) it resolves the upstreams again and re-applies when
   their addresses changed, so a proxy whose DNS name moves stays excluded;
 - when the helper dies under it (killed), the table it left behind still points at the relay;
-  a new helper removes that stale table at start and the spec is applied again (a few times
-  at most, then the failure is reported).
+  a new helper switches that stale table off at start and the spec is applied again, replacing
+  it in one transaction (a few times at most, then the failure is reported).
+
+Shutdown is two steps, with the relay's drain between them: `switch_off()` stops redirecting
+new connections but keeps the table, so connections already redirected keep their address
+translation; `stop()` ends the helper, which deletes the table. Deleting it while connections
+are open through the relay would reset or hang them (helper.py explains why).
 
 Failures reach the owner through `on_failure`, as a `RedirectError` whose message is for the
 user. Must not import PySide6 or tray_proxy.relay.engine.
@@ -92,7 +97,7 @@ def build_rule_spec(config: Config, relay_port: int, upstreams: Resolved) -> Rul
 
 
 class ManagedRedirect:
-    """Start with `await start()`; `await stop()` removes the table and ends the helper."""
+    """`await start()`; to end: `await switch_off()`, drain the relay, `await stop()`."""
 
     def __init__(
         self,
@@ -134,23 +139,31 @@ class ManagedRedirect:
         self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="redirect-watch")
         return spec
 
-    async def stop(self) -> None:
-        """Redirect off first (remove), then the helper ends. Never raises RedirectError."""
+    async def switch_off(self) -> None:
+        """Redirect off for new connections; the helper and its table stay. Never raises."""
         self._stopping = True
         if self._watcher is not None:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watcher
             self._watcher = None
-        if self.controller.running:
+        if self.controller.running and self.spec is not None:
             try:
                 await self.controller.remove()
             except RedirectError as exc:
                 # The helper may have been stopped by the same Ctrl+C (same process group);
-                # it removes the table itself then.
+                # it deletes the table itself then.
                 log.warning("removing the redirect: %s", exc)
-        await self.controller.stop()
         self.spec = None
+
+    async def stop(self) -> None:
+        """End the helper, which deletes the table (after `switch_off`, if not done yet).
+
+        Call it after the relay drained: connections still open through the relay lose their
+        address translation when the table goes. Never raises RedirectError.
+        """
+        await self.switch_off()
+        await self.controller.stop()
 
     async def refresh(self) -> bool:
         """Resolve the upstreams again; re-apply when their addresses changed. True if so."""

@@ -184,11 +184,16 @@ def test_full_cycle_with_the_real_helper(netns: str) -> None:
         try:
             assert await controller.status() == RedirectStatus(active=False, spec=None)
             await controller.apply(SPEC)
-            assert await controller.status() == RedirectStatus(active=True, spec=SPEC)
+            on = RedirectStatus(active=True, spec=SPEC, table_present=True)
+            assert await controller.status() == on
             assert table_present(netns)
             assert await controller.remove() is True
-            assert not table_present(netns)
+            # Off for new connections; the table stays until the helper exits (stop below).
+            off = RedirectStatus(active=False, spec=SPEC, table_present=True)
+            assert await controller.status() == off
+            assert await controller.remove() is False
             await controller.apply(SPEC)
+            assert await controller.status() == on
         finally:
             code = await controller.stop()
         assert code == 0

@@ -162,8 +162,9 @@ def test_kill_9_of_the_helper_is_recovered_before_traffic(lab: Lab, clean: None)
         (helper,) = run.helper_pids()
         mark = run.mark()
         os.kill(helper, signal.SIGKILL)
-        # The running relay notices, and a new helper replaces the stale table.
-        run.wait_for_line("removing a stale table", since=mark, timeout=10)
+        # The running relay notices, and a new helper switches the stale table off (keeping
+        # it for the connections open through it) and replaces it by the apply.
+        run.wait_for_line("switched off a stale table", since=mark, timeout=10)
         run.wait_for_line("applied redirect", since=mark, timeout=10)
         assert run.helper_pids() and run.helper_pids() != [helper]
         seed = _seed()
@@ -178,9 +179,9 @@ def test_kill_9_of_the_helper_is_recovered_before_traffic(lab: Lab, clean: None)
         dead = _https(lab, _seed(), options=("connect-timeout = 5",))
         assert dead.returncode != 0, dead
 
-    # ...until the next start, which removes it before it applies its own.
+    # ...until the next start, which switches it off before it applies its own.
     with RedirectedRun(lab, upstream) as second:
-        stale = second.wait_for_line("removing a stale table")
+        stale = second.wait_for_line("switched off a stale table")
         applied = second.wait_for_line("applied redirect")
         assert second.lines.index(stale) < second.lines.index(applied)
         seed = _seed()
@@ -328,6 +329,8 @@ def test_1000_toggles_while_curl_runs_never_hang_a_request(lab: Lab, clean: None
             port = result.info.get("local_port", 0)
             results.append((result.returncode, elapsed, seed, f"{port} {result.stderr.strip()}"))
 
+    thread = threading.Thread(target=curl_loop, name="curl-loop", daemon=True)
+
     async def toggle(relay_port: int) -> float:
         netns_exec = ["ip", "netns", "exec", lab.client.name]
         controller = RedirectController(
@@ -347,12 +350,19 @@ def test_1000_toggles_while_curl_runs_never_hang_a_request(lab: Lab, clean: None
                 await controller.remove()
                 if time.monotonic() - start > budget:
                     break
+            elapsed = time.monotonic() - start
+            status = await controller.status()
+            # Off for new connections, but the table stays for those still open through it.
+            assert (status.active, status.table_present) == (False, True), status
         finally:
+            # The shutdown order of the app: redirect off (above), the traffic ends (here the
+            # curl loop, in the app the relay's drain), then the helper deletes the table.
+            done.set()
+            await asyncio.to_thread(thread.join, 40)
             await controller.stop()
-        return time.monotonic() - start
+        return elapsed
 
     with RelayProcess(lab, upstream) as relay:
-        thread = threading.Thread(target=curl_loop, name="curl-loop", daemon=True)
         thread.start()
         try:
             elapsed = asyncio.run(toggle(relay.port))

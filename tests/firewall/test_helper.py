@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import stat
+import subprocess
 
 import pytest
 
@@ -23,7 +25,7 @@ from tests.firewall.conftest import (
     write_sysctl,
 )
 from tray_proxy.firewall import helper as helper_module
-from tray_proxy.firewall.client import SOURCE_HELPER_PATH
+from tray_proxy.firewall.client import SOURCE_HELPER_PATH, SYSTEM_PYTHON
 from tray_proxy.firewall.ruleset import RuleSpec, render, spec_to_wire
 
 RESERVED = "net/ipv4/ip_local_reserved_ports"
@@ -66,20 +68,75 @@ def test_helper_file_is_a_standalone_executable_script() -> None:
         }, module
 
 
+def _status(active: bool, present: bool, spec: object) -> dict[str, object]:
+    return {"ok": True, "active": active, "table_present": present, "spec": spec}
+
+
+def _without_ids(answer: dict[str, object]) -> dict[str, object]:
+    assert answer.pop("v") == 1
+    answer.pop("id")
+    return answer
+
+
 def test_transcript_status_apply_status_remove(netns: str, start_helper) -> None:
     helper: HelperSession = start_helper()
-    assert helper.request("status") == {"v": 1, "id": 1, "ok": True, "active": False, "spec": None}
+    assert _without_ids(helper.request("status")) == _status(False, False, None)
 
     wire = spec_to_wire(SPEC)
     assert helper.request("apply", **wire) == {"v": 1, "id": 2, "ok": True}
     assert table_present(netns)
-    assert helper.request("status") == {"v": 1, "id": 3, "ok": True, "active": True, "spec": wire}
+    assert _without_ids(helper.request("status")) == _status(True, True, wire)
 
     assert helper.request("remove") == {"v": 1, "id": 4, "ok": True, "removed": True}
-    assert not table_present(netns)
-    assert helper.request("remove") == {"v": 1, "id": 5, "ok": True, "removed": False}
+    # Off for new connections; the table stays for the connections still open through it.
+    assert _without_ids(helper.request("status")) == _status(False, True, wire)
+    assert helper.request("remove") == {"v": 1, "id": 6, "ok": True, "removed": False}
+
+    assert helper.request("apply", **wire)["ok"] is True  # on again: the table is replaced
+    assert _without_ids(helper.request("status")) == _status(True, True, wire)
+    assert _first_rules(netns) == {c: "fib daddr type local return" for c in ("output", "quic")}
+    assert helper.request("remove")["removed"] is True
     helper.close_stdin()
     assert helper.wait() == 0
+    assert not table_present(netns)
+    assert "deleted the table" in helper.stderr()
+
+
+def _first_rules(ns: str) -> dict[str, str]:
+    """The first rule of each output-hook chain of our table, as nft lists it."""
+    listed = json.loads(in_ns(ns, "nft", "-j", "list", "table", "inet", "tray_proxy").stdout)
+    first: dict[str, str] = {}
+    for entry in listed["nftables"]:
+        rule = entry.get("rule")
+        if rule is not None and rule["chain"] in ("output", "quic") and rule["chain"] not in first:
+            first[rule["chain"]] = _rule_text(ns, rule["chain"], rule["handle"])
+    return first
+
+
+def _rule_text(ns: str, chain: str, handle: int) -> str:
+    listed = in_ns(ns, "nft", "-a", "list", "chain", "inet", "tray_proxy", chain).stdout
+    for line in listed.splitlines():
+        if line.strip().endswith(f"# handle {handle}"):
+            return line.strip().rpartition(" # handle")[0]
+    raise AssertionError(f"no rule with handle {handle} in {chain}:\n{listed}")
+
+
+def test_remove_inserts_a_leading_return_in_one_transaction(netns: str, start_helper) -> None:
+    helper: HelperSession = start_helper()
+    assert helper.request("apply", **spec_to_wire(SPEC))["ok"] is True
+    before = in_ns(netns, "nft", "list", "table", "inet", "tray_proxy").stdout
+    assert helper.request("remove")["removed"] is True
+    assert _first_rules(netns) == {"output": "return", "quic": "return"}
+    after = in_ns(netns, "nft", "list", "table", "inet", "tray_proxy").stdout
+    # The same table with one bare `return` on top of each chain but input: nothing else moved.
+    assert [ln for ln in after.splitlines() if ln.strip() != "return"] == before.splitlines()
+    assert after.count("\t\treturn\n") == 4  # output, prerouting, quic, forward
+    assert helper_module.render_off(helper_module.redirecting_chains(SPEC)) == (
+        "insert rule inet tray_proxy output return\n"
+        "insert rule inet tray_proxy prerouting return\n"
+        "insert rule inet tray_proxy quic return\n"
+        "insert rule inet tray_proxy forward return\n"
+    )
 
 
 def test_applied_table_is_what_render_produced(netns: str, start_helper) -> None:
@@ -114,6 +171,10 @@ def test_reserves_relay_source_ports_and_restores_previous_value(netns: str, sta
     # 62000 was reserved before us and stays; the ports only we added are released.
     assert read_sysctl(netns, RESERVED) == "5000-5010,62000,63000-63009"
     assert helper.request("remove")["removed"] is True
+    # The relay's upstream sockets that are still open use these ports: kept until exit.
+    assert read_sysctl(netns, RESERVED) == "5000-5010,62000,63000-63009"
+    helper.close_stdin()
+    assert helper.wait() == 0
     assert read_sysctl(netns, RESERVED) == "5000-5010,62000"
 
 
@@ -141,6 +202,10 @@ def test_route_localnet_set_on_matching_bridges_only_and_restored(netns: str, st
     assert helper.request("apply", **spec_to_wire(SPEC))["ok"] is True
     assert localnet(netns, "docker0") == "1"
     assert helper.request("remove")["ok"] is True
+    # Container connections DNATed to 127.0.0.1 may still be open: kept until exit.
+    assert localnet(netns, "docker0") == "1"
+    helper.close_stdin()
+    assert helper.wait() == 0
     assert [localnet(netns, n) for n in ("docker0", "br-abc", "br-new")] == ["0", "0", "0"]
 
 
@@ -150,6 +215,8 @@ def test_route_localnet_already_on_is_left_on(netns: str, start_helper) -> None:
     helper: HelperSession = start_helper()
     assert helper.request("apply", **spec_to_wire(SPEC))["ok"] is True
     assert helper.request("remove")["ok"] is True
+    helper.close_stdin()
+    assert helper.wait() == 0
     assert localnet(netns, "docker0") == "1"
 
 
@@ -181,7 +248,8 @@ def test_stop_removes_table_and_restores_sysctls(
     assert "removing the redirect" in helper.stderr()
 
 
-def test_kill_9_leaves_table_that_next_start_removes(netns: str, start_helper) -> None:
+def _killed_helper_left_a_table(netns: str, start_helper) -> str:
+    """Apply with a helper, kill -9 it; the reserved ports as they were before it."""
     _make_bridge(netns, "docker0")
     before = read_sysctl(netns, RESERVED)
     first: HelperSession = start_helper()
@@ -190,19 +258,53 @@ def test_kill_9_leaves_table_that_next_start_removes(netns: str, start_helper) -
     first.wait()
     assert table_present(netns), "SIGKILL cannot be caught: the table must still be there"
     assert localnet(netns, "docker0") == "1"
+    return before
 
+
+def test_kill_9_leaves_table_that_next_start_switches_off_and_exit_deletes(
+    netns: str, start_helper
+) -> None:
+    before = _killed_helper_left_a_table(netns, start_helper)
     second: HelperSession = start_helper()
-    assert second.request("status")["active"] is False
+    answer = second.request("status")
+    assert (answer["active"], answer["table_present"]) == (False, True)
+    assert "stale table" in second.stderr()
+    # Switched off for new connections; kept (with what it needs) for those open through it.
+    assert _first_rules(netns) == {"output": "return", "quic": "return"}
+    assert read_sysctl(netns, RESERVED) != before
+    assert localnet(netns, "docker0") == "1"
+    assert second.request("remove")["removed"] is False
+    second.close_stdin()
+    assert second.wait() == 0
     assert not table_present(netns)
     assert read_sysctl(netns, RESERVED) == before
     assert localnet(netns, "docker0") == "0"
-    assert "stale table" in second.stderr()
+
+
+def test_kill_9_then_apply_replaces_the_stale_table_and_adopts_its_sysctls(
+    netns: str, start_helper
+) -> None:
+    before = _killed_helper_left_a_table(netns, start_helper)
+    second: HelperSession = start_helper()
+    host_only = RuleSpec(relay_port=4000, capture_containers=False)
+    assert second.request("apply", **spec_to_wire(host_only))["ok"] is True
+    listed = in_ns(netns, "nft", "list", "table", "inet", "tray_proxy").stdout
+    assert "redirect to :4000" in listed and "chain prerouting" not in listed
+    assert _first_rules(netns)["output"] == "fib daddr type local return"
+    assert localnet(netns, "docker0") == "0"  # the new spec does not capture containers
+    second.close_stdin()
+    assert second.wait() == 0
+    assert not table_present(netns)
+    assert read_sysctl(netns, RESERVED) == before
 
 
 def test_stale_table_of_any_content_is_removed_at_start(netns: str, start_helper) -> None:
     in_ns(netns, "nft", "-f", "-", stdin="table inet tray_proxy {\n\tchain x {\n\t}\n}\n")
     helper: HelperSession = start_helper()
     assert helper.request("status")["active"] is False
+    # No NAT chain in it, so no open connection can depend on it: deleted at once.
+    assert not table_present(netns)
+    assert "removing a stale table" in helper.stderr()
 
 
 DOCKER_LIKE = """
@@ -266,9 +368,12 @@ def test_other_tables_untouched_after_100_cycles(netns: str, start_helper) -> No
     for cycle in range(100):
         assert helper.request("apply", **wire)["ok"] is True, cycle
         assert helper.request("remove")["removed"] is True, cycle
-    assert not table_present(netns)
     assert _others(netns) == before
     assert helper.request("apply", **wire)["ok"] is True
+    assert _others(netns) == before
+    helper.close_stdin()
+    assert helper.wait() == 0
+    assert not table_present(netns)
     assert _others(netns) == before
 
 
@@ -328,8 +433,6 @@ def test_line_longer_than_limit_is_refused_and_the_stream_resyncs(netns: str, st
 
 
 def test_refuses_to_run_without_root() -> None:
-    import subprocess
-
     done = subprocess.run(
         [
             "setpriv",
@@ -380,3 +483,111 @@ def test_handle_line_refuses_without_reaching_nft(line: bytes, start: str) -> No
     answer = helper.handle_line(line)
     assert answer["ok"] is False
     assert str(answer["error"]).startswith(start), answer
+
+
+# -- what `remove` is for: connections already redirected keep their address translation
+
+# Runs inside the namespace: a stand-in relay on 127.0.0.1:RELAY that answers each line with
+# "relay <line>", and client connections to a redirected address, driven by commands on stdin.
+_PROBE = r"""
+import socket, sys, threading
+relay = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+accepted = []
+def serve(conn):
+    with conn:
+        for line in conn.makefile("rb"):
+            conn.sendall(b"relay " + line)
+def accept():
+    while True:
+        conn, _ = relay.accept()
+        accepted.append(conn)
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+threading.Thread(target=accept, daemon=True).start()
+conns = []
+print("ready", flush=True)
+for command in sys.stdin:
+    op, *arg = command.split()
+    try:
+        if op == "connect":
+            s = socket.create_connection((arg[0], 80), timeout=1.0)
+            conns.append(s)
+            print("ok", len(conns) - 1, flush=True)
+        elif op == "echo":
+            s = conns[int(arg[0])]
+            s.sendall(b"ping\n")
+            print("ok", s.recv(100).decode().strip().replace(" ", "_"), flush=True)
+        elif op == "accepted":
+            print("ok", len(accepted), flush=True)
+    except OSError as exc:
+        print("error", type(exc).__name__, flush=True)
+"""
+
+
+class _Probe:
+    def __init__(self, ns: str, relay_port: int) -> None:
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, SYSTEM_PYTHON, "-I", "-c", _PROBE, str(relay_port)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self._line() == "ready"
+
+    def _line(self) -> str:
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], 10)
+        assert ready, "the probe did not answer within 10 s"
+        return self.proc.stdout.readline().strip()
+
+    def ask(self, command: str) -> str:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self._line()
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream is not None:
+                stream.close()
+
+
+def test_remove_keeps_open_connections_and_stops_redirecting_new_ones(
+    netns: str, start_helper
+) -> None:
+    # 198.51.100.1 (TEST-NET-2) is routed into a veth pair whose far end has no address (and
+    # the pair lives and dies with the namespace): a connection that is not redirected goes
+    # nowhere, so it can only succeed through the stand-in relay.
+    in_ns(netns, "ip", "link", "add", "tpv0", "type", "veth", "peer", "name", "tpv1")
+    in_ns(netns, "ip", "addr", "add", "198.51.100.2/24", "dev", "tpv0")
+    in_ns(netns, "ip", "link", "set", "tpv0", "up")
+    in_ns(netns, "ip", "link", "set", "tpv1", "up")
+    spec = RuleSpec(relay_port=3129, redirect_ports=(80,), capture_containers=False)
+    probe = _Probe(netns, 3129)
+    try:
+        helper: HelperSession = start_helper()
+        assert helper.request("apply", **spec_to_wire(spec))["ok"] is True
+        assert probe.ask("connect 198.51.100.1") == "ok 0"
+        assert probe.ask("echo 0") == "ok relay_ping"
+
+        assert helper.request("remove")["removed"] is True
+        assert probe.ask("echo 0") == "ok relay_ping"  # still translated
+        assert probe.ask("connect 198.51.100.1") == "error TimeoutError"  # not redirected
+        assert probe.ask("accepted") == "ok 1"
+
+        # On again while connection 0 is open: the table is replaced in one transaction.
+        assert helper.request("apply", **spec_to_wire(spec))["ok"] is True
+        assert probe.ask("echo 0") == "ok relay_ping"
+        assert probe.ask("connect 198.51.100.1") == "ok 1"
+        assert probe.ask("echo 1") == "ok relay_ping"
+
+        # Why the table outlives `remove`: once it is deleted, the open connection's packets
+        # are no longer translated and it stops working.
+        assert helper.request("remove")["removed"] is True
+        helper.close_stdin()
+        assert helper.wait() == 0
+        assert not table_present(netns)
+        assert probe.ask("echo 0").startswith("error")
+    finally:
+        probe.close()

@@ -94,8 +94,11 @@ class UpstreamResolutionError(RedirectError):
 
 @dataclass(frozen=True)
 class RedirectStatus:
-    active: bool  # table inet tray_proxy is present in the kernel
+    active: bool  # new connections are redirected (our table is in and switched on)
     spec: RuleSpec | None  # what this helper applied, if anything
+    # The table is in the kernel: also after `remove`, until the helper exits, so that
+    # connections already redirected keep their address translation while the relay drains.
+    table_present: bool = False
 
 
 def helper_path(
@@ -257,15 +260,27 @@ class RedirectController:
                 spec = spec_from_wire(raw_spec)
             except SpecError as exc:
                 raise HelperRequestError(f"The helper reported an unreadable spec: {exc}") from None
-        return RedirectStatus(active=answer.get("active") is True, spec=spec)
+        return RedirectStatus(
+            active=answer.get("active") is True,
+            spec=spec,
+            table_present=answer.get("table_present") is True,
+        )
 
     async def remove(self) -> bool:
-        """Delete the table; True if it was there."""
+        """Redirect off for new connections; True if it was on.
+
+        Connections already redirected keep working: the helper keeps its table (switched off)
+        until it exits. Stop the helper once the relay has drained them.
+        """
         answer = await self._request("remove")
         return answer.get("removed") is True
 
     async def stop(self) -> int | None:
-        """Close the helper's input (it removes the table and exits); kill it if it hangs."""
+        """Close the helper's input (it deletes the table and exits); kill it if it hangs.
+
+        Connections still open through the relay lose their address translation then: call
+        `remove` first and let the relay drain before this.
+        """
         proc = self._proc
         if proc is None:
             await self._reap()

@@ -15,6 +15,9 @@ Protocol: one JSON object per line on stdin, one answer per line on stdout.
     {"v": 1, "id": 9, "op": "remove"}
 Answers: {"v": 1, "id": N, "ok": true, ...} or {"v": 1, "id": N|null, "ok": false, "error": "..."}.
 Every request line gets exactly one answer; a malformed line gets an error answer.
+`status` answers {"active": new connections are redirected, "table_present": our table is in
+the kernel (also after `remove`, until exit), "spec": what this helper applied or null};
+`remove` answers {"removed": the redirect was on}.
 
 Design of the redirect (why the rules look the way they do):
 - Traffic of this host: `nat output` chain, `redirect to :PORT` (127.0.0.1 / ::1 by family).
@@ -45,6 +48,26 @@ Design of the redirect (why the rules look the way they do):
   browsers fall back from QUIC to TCP, which the relay carries.
 - The text starts with `table inet tray_proxy` + `delete table inet tray_proxy` so one
   `nft -f -` transaction replaces the table atomically whether or not it existed.
+
+Why "redirect off" does not delete the table: in a namespace where our table is the only user
+of NAT, deleting it unregisters the kernel's NAT hooks, and every connection that is open
+through the relay at that moment loses its address translation (its packets reach the client
+as 127.0.0.1:PORT and are reset, or vanish until a timeout). Measured with curl looping while
+the redirect was toggled: 10 of 170 requests hung. So:
+- `remove` switches the redirect off for NEW connections only: one transaction inserts a
+  `return` at the head of every chain that redirects or rejects (output, prerouting, quic,
+  forward). The table, its NAT hooks and the `input` guard stay, so connections already
+  redirected keep their translation while the relay drains them. So do the reserved source
+  ports (the relay's open upstream sockets still use them) and route_localnet (DNATed
+  container connections still need it).
+- `apply` replaces the whole table in one transaction (the NAT hooks stay registered across
+  it, so open connections keep their translation), which also drops those `return` rules.
+- The table is deleted, and the sysctls restored, only when the helper exits (its input
+  closed, SIGTERM, SIGHUP, SIGINT). The client stops the helper after the relay drained.
+- A stale table left by a killed helper is switched off the same way at start (its NAT hooks
+  may still carry live connections of a relay that survived) and its sysctl changes are
+  adopted; the first `apply` replaces it atomically, and exit deletes it. A stale table that
+  cannot be switched off is deleted at once, as before.
 """
 
 from __future__ import annotations
@@ -103,6 +126,8 @@ DEFAULT_CONTAINER_INTERFACES: Final[tuple[str, ...]] = ("docker0", "br-*")
 # Linux interface names are at most 15 bytes; nft matches a trailing "*" as a prefix wildcard.
 # The character set is narrower than the kernel's so a name can never break out of nft quoting.
 _INTERFACE_RE: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}\*?")
+# Chain names read back from the kernel (a stale table) before they go into nft text.
+_CHAIN_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 SPEC_FIELDS: Final = (
     "relay_port",
@@ -433,6 +458,34 @@ def render(spec: RuleSpec) -> str:
     return "\n".join(out) + "\n"
 
 
+def redirecting_chains(spec: RuleSpec) -> list[str]:
+    """The chains `render(spec)` creates that act on new connections: all but `input`."""
+    chains = ["output"]
+    if spec.capture_containers:
+        chains.append("prerouting")
+    if spec.reject_quic:
+        chains.append("quic")
+    if spec.capture_containers or spec.reject_quic:
+        chains.append("forward")
+    return chains
+
+
+def render_off(chains: Iterable[str]) -> str:
+    """nft input that makes `chains` of our table let every new packet pass, in one transaction.
+
+    A `return` at the head of a base chain ends it with the chain's policy (accept) before any
+    redirect or reject. The table and its NAT hooks stay, so connections already translated
+    keep their translation; see the module docstring for why the table is not deleted.
+    """
+    table = f"{TABLE_FAMILY} {TABLE_NAME}"
+    lines = []
+    for chain in chains:
+        if not _CHAIN_RE.fullmatch(chain):
+            raise SpecError("chain", f"{_show(chain)} is not a chain name nft accepts unquoted")
+        lines.append(f"insert rule {table} {chain} return\n")
+    return "".join(lines)
+
+
 def render_delete() -> str:
     """nft input that removes our table whether or not it exists."""
     table = f"{TABLE_FAMILY} {TABLE_NAME}"
@@ -498,7 +551,10 @@ class Helper:
         self.nft = nft
         self.proc_sys = proc_sys
         self.sys_class_net = sys_class_net
+        # The spec in our table (kept while the redirect is off, until the table is deleted).
         self.applied: RuleSpec | None = None
+        # Are new connections redirected? False once `remove` put the `return` rules in.
+        self.redirecting = False
         # Ports we added to ip_local_reserved_ports (not those reserved before us).
         self.reserved_added: set[int] = set()
         # Interfaces whose route_localnet we switched to 1, with the value before.
@@ -522,6 +578,34 @@ class Helper:
         if done.returncode != 0:
             detail = done.stderr.decode(errors="replace").strip().splitlines()
             raise HelperError("nft refused the ruleset: " + " | ".join(detail[:6])[:400])
+
+    def _stale_chains(self) -> tuple[list[str], bool]:
+        """The base chains of our table in the kernel that act on new connections, and
+        whether one of them is a NAT chain (open connections may depend on it)."""
+        done = subprocess.run(
+            [self.nft, "-j", "list", "table", TABLE_FAMILY, TABLE_NAME],
+            capture_output=True,
+            timeout=NFT_TIMEOUT_SECONDS,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise HelperError("nft could not list the table")
+        try:
+            listing = json.loads(done.stdout)["nftables"]
+        except (ValueError, KeyError, TypeError):
+            raise HelperError("nft listed the table in an unexpected form") from None
+        chains: list[str] = []
+        nat = False
+        for entry in listing if isinstance(listing, list) else ():
+            chain = entry.get("chain") if isinstance(entry, dict) else None
+            # The input chain guards the relay port and route_localnet: it stays in force.
+            if isinstance(chain, dict) and chain.get("hook") not in (None, "input"):
+                name = chain.get("name")
+                if not isinstance(name, str) or not _CHAIN_RE.fullmatch(name):
+                    raise HelperError(f"the table has a chain named {_show(name)}")
+                chains.append(name)
+                nat = nat or chain.get("type") == "nat"
+        return chains, nat
 
     def table_present(self) -> bool:
         done = subprocess.run(
@@ -574,7 +658,7 @@ class Helper:
     def sync_route_localnet(self) -> None:
         """Set route_localnet=1 on every present bridge that matches the capture patterns."""
         spec = self.applied
-        if spec is None or not spec.capture_containers:
+        if spec is None or not self.redirecting or not spec.capture_containers:
             return
         for name in self._interfaces():
             if not any(_matches(p, name) for p in spec.container_interfaces):
@@ -624,33 +708,66 @@ class Helper:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.state_path)
 
-    def recover_stale(self) -> None:
-        """Undo what a previous helper in this namespace left behind (it was killed)."""
-        if self.table_present():
-            _log("removing a stale table left by an earlier helper")
-        self._nft(render_delete())
+    def _load_state(self) -> tuple[set[int], dict[str, str]]:
+        """What the earlier helper in this namespace recorded it had changed (or nothing)."""
         try:
             with open(self.state_path) as f:
                 state = json.load(f)
         except (OSError, ValueError):
-            state = None
-        if isinstance(state, dict):
-            reserved = state.get("reserved_added")
-            localnet = state.get("route_localnet")
-            with contextlib.suppress(ValueError, OSError):
-                if isinstance(reserved, str):
-                    self.reserved_added = parse_port_ranges(reserved)
-                    self._unreserve()
-            if isinstance(localnet, dict):
-                self.localnet_before = {
-                    k: v
-                    for k, v in localnet.items()
-                    if isinstance(k, str)
-                    and isinstance(v, str)
-                    and v in ("0", "1")
-                    and _INTERFACE_RE.fullmatch(k)
-                }
-                self._restore_route_localnet()
+            return set(), {}
+        if not isinstance(state, dict):
+            return set(), {}
+        reserved: set[int] = set()
+        raw = state.get("reserved_added")
+        if isinstance(raw, str):
+            with contextlib.suppress(ValueError):
+                reserved = {p for p in parse_port_ranges(raw) if 0 < p <= 65535}
+        localnet = state.get("route_localnet")
+        before: dict[str, str] = {}
+        if isinstance(localnet, dict):
+            before = {
+                k: v
+                for k, v in localnet.items()
+                if isinstance(k, str)
+                and isinstance(v, str)
+                and v in ("0", "1")
+                and _INTERFACE_RE.fullmatch(k)
+            }
+        return reserved, before
+
+    def recover_stale(self) -> None:
+        """Take over what a previous helper in this namespace left behind (it was killed).
+
+        Its table is switched off, not deleted: connections open through it keep their
+        translation (a relay may well have survived its helper), and the next `apply` replaces
+        it in one transaction. Its sysctl changes are adopted and undone when the table goes.
+        A table that cannot be switched off is deleted at once.
+        """
+        reserved, localnet = self._load_state()
+        self.reserved_added = reserved
+        self.localnet_before = localnet
+        kept = False
+        if self.table_present():
+            try:
+                chains, nat = self._stale_chains()
+                if not nat:
+                    raise HelperError("no open connection can depend on it")
+                self._nft(render_off(chains))
+                kept = True
+                _log(
+                    "switched off a stale table left by an earlier helper; it is replaced by"
+                    " the next apply or deleted at exit"
+                )
+            except (HelperError, SpecError) as exc:
+                _log(f"removing a stale table left by an earlier helper ({exc})")
+        if kept:
+            self._save_state()
+            return
+        self._nft(render_delete())
+        with contextlib.suppress(ValueError, OSError):
+            self._unreserve()
+        self.reserved_added = set()
+        self._restore_route_localnet()
         self._drop_state()
 
     # -- operations
@@ -658,6 +775,7 @@ class Helper:
     def apply(self, spec: RuleSpec) -> None:
         self._nft(render(spec))
         self.applied = spec
+        self.redirecting = True
         try:
             self._reserve(*spec.relay_source_ports)
         except OSError as exc:
@@ -669,8 +787,30 @@ class Helper:
         )
 
     def remove(self) -> bool:
+        """Redirect off for new connections (the table stays, see the module docstring).
+
+        True if the redirect was on.
+        """
+        spec = self.applied
+        if spec is None or not self.redirecting:
+            return False
+        try:
+            self._nft(render_off(redirecting_chains(spec)))
+        except HelperError:
+            if self.table_present():
+                raise
+            # Someone deleted the table (nft flush ruleset): the redirect is off anyway.
+            self.redirecting = False
+            return False
+        self.redirecting = False
+        _log("redirect off for new connections; the table stays until the helper exits")
+        return True
+
+    def delete_table(self) -> bool:
+        """Delete the table and undo the sysctl changes; True if the table was there."""
         present = self.table_present()
         self._nft(render_delete())
+        self.redirecting = False
         errors: list[str] = []
         try:
             self._unreserve()
@@ -682,12 +822,14 @@ class Helper:
         if errors:
             raise HelperError("table removed, but could not restore " + "; ".join(errors))
         if present:
-            _log("removed the redirect")
+            _log("deleted the table")
         return present
 
     def status(self) -> dict[str, object]:
+        present = self.table_present()
         return {
-            "active": self.table_present(),
+            "active": present and self.redirecting,
+            "table_present": present,
             "spec": None if self.applied is None else spec_to_wire(self.applied),
         }
 
@@ -738,7 +880,7 @@ class Helper:
 
     def cleanup(self) -> None:
         try:
-            self.remove()
+            self.delete_table()
         except (HelperError, OSError, subprocess.SubprocessError) as exc:
             _log(f"cleanup incomplete: {exc}")
 
@@ -756,7 +898,7 @@ def serve(helper: Helper, stdin_fd: int = 0) -> None:
     buffer = bytearray()
     discarding = False
     while True:
-        timeout = RESCAN_SECONDS if helper.applied is not None else None
+        timeout = RESCAN_SECONDS if helper.redirecting else None
         ready, _, _ = select.select([stdin_fd], [], [], timeout)
         if not ready:
             helper.sync_route_localnet()
