@@ -158,14 +158,18 @@ def test_through_squid(
 
     creds = lab.squid.credentials
     assert creds is not None
+    # In auto mode the relay's first CONNECT to a proxy it has not met carries no
+    # credentials (the proxy says which scheme it wants): a 407 for user "-" may come first.
     entry = lab.squid.wait_for_entry(
-        lambda e: e.method == "CONNECT" and e.uri == dest and e.time >= t0 - 0.002
+        lambda e: (
+            e.method == "CONNECT" and e.uri == dest and e.time >= t0 - 0.002 and e.status != 407
+        )
     )
     assert entry.status == 200, entry
     assert entry.user == creds.username, "the relay did not authenticate with the stored password"
     assert entry.client == lab.client.v4, "the relay dials the proxy from the client namespace"
     # The CONNECT named exactly what the client asked for: the host name, or the IP.
-    assert [e.uri for e in _squid_entries_since(lab.squid, t0)] == [dest]
+    assert {e.uri for e in _squid_entries_since(lab.squid, t0)} == {dest}
 
     event = lab.origins.wait_for_event(lambda e: request.seed in e.get("path", ""))
     assert event["peer"] in (lab.proxy.v4, lab.proxy.v6), "the origin must see the proxy"

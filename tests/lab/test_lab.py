@@ -66,6 +66,7 @@ def _proxy_addr(lab: Lab, family: int) -> str:
 @pytest.mark.parametrize("family", [4, 6])
 def test_https_through_squid_by_name(lab: Lab, family: int) -> None:
     seed, size = _seed(), 300_000
+    t0 = time.time()
     result = lab.curl(
         lab.origins.url("https", lab.origins.bytes_path(size, seed)),
         via=lab.squid,
@@ -83,6 +84,8 @@ def test_https_through_squid_by_name(lab: Lab, family: int) -> None:
             e.method == "CONNECT"
             and e.uri == f"{HOSTNAME}:443"
             and e.client == (lab.client.v4 if family == 4 else lab.client.v6)
+            # The session's Squid log is shared with other tests: only this one's request.
+            and e.time >= t0 - 0.002
         )
     )
     assert (entry.user, entry.status) == (creds.username, 200)
@@ -126,12 +129,15 @@ def test_post_echo_through_squid(lab: Lab) -> None:
 def test_squid_refuses_wrong_and_missing_password(lab: Lab) -> None:
     creds = lab.squid.credentials
     assert creds is not None
+    t0 = time.time()  # the session's Squid log is shared with other tests
     wrong = lab.curl(lab.origins.url("https"), via=lab.squid, credentials=creds.wrong())
     assert wrong.connect_code == 407, wrong
     assert wrong.returncode != 0
     missing = lab.curl(lab.origins.url("http"), via=lab.squid, credentials=False)
     assert missing.http_code == 407, missing
-    entry = lab.squid.wait_for_entry(lambda e: e.method == "CONNECT" and e.status == 407)
+    entry = lab.squid.wait_for_entry(
+        lambda e: e.method == "CONNECT" and e.status == 407 and e.time >= t0 - 0.002
+    )
     assert entry.uri == f"{HOSTNAME}:443"
 
 
