@@ -189,6 +189,68 @@ class NtlmFakeAuth(SquidAuth):
         return lines
 
 
+class KerberosAuth(SquidAuth):
+    """Negotiate (Kerberos) checked by negotiate_kerberos_auth against `keytab`, the key of
+    `service` (`HTTP/proxy.lab.test@REALM`) from a lab KDC. `krb5_conf` is that realm's client
+    configuration; the helper gets it and its replay-cache directory through `env` in its
+    command line (paths only), so /etc/krb5.conf is never used. With `fallback` (NTLM or
+    Basic), Squid offers Negotiate first and then that scheme, as corporate proxies do.
+
+    Squid logs the user as the client's principal (`alice@LAB.TEST`).
+    """
+
+    scheme = "negotiate"
+
+    def __init__(
+        self,
+        keytab: Path,
+        service: str,
+        krb5_conf: Path,
+        fallback: SquidAuth | None = None,
+    ) -> None:
+        self.keytab_source = keytab
+        self.service = service
+        self.krb5_conf_source = krb5_conf
+        self.fallback = fallback
+        self.credentials = fallback.credentials if fallback is not None else None
+        self.keytab_path: Path | None = None
+
+    @property
+    def required(self) -> bool:
+        return True
+
+    @property
+    def htpasswd_path(self) -> Path | None:
+        return getattr(self.fallback, "htpasswd_path", None)
+
+    def configure(self, workdir: Path) -> list[str]:
+        # Copies inside Squid's own directory, which SquidProxy hands to the `proxy` user.
+        self.keytab_path = workdir / "http.keytab"
+        fd = os.open(self.keytab_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(self.keytab_source.read_bytes())
+        krb5_conf = workdir / "krb5.conf"
+        shutil.copyfile(self.krb5_conf_source, krb5_conf)
+        rcache = workdir / "rcache"
+        rcache.mkdir()
+        helper = [
+            "/usr/bin/env",
+            f"KRB5_CONFIG={krb5_conf}",
+            f"KRB5_KTNAME=FILE:{self.keytab_path}",
+            f"KRB5RCACHEDIR={rcache}",
+            str(HELPER_DIR / "negotiate_kerberos_auth"),
+            *("-k", str(self.keytab_path), "-s", self.service, "-c", str(rcache)),
+        ]
+        lines = [
+            f"auth_param negotiate program {' '.join(helper)}",
+            "auth_param negotiate children 3 startup=1 idle=1",
+            "auth_param negotiate keep_alive on",
+        ]
+        if self.fallback is not None:
+            lines += self.fallback.configure(workdir)
+        return lines
+
+
 class SquidProxy:
     """One Squid listening on `port` at the proxy namespace's v4 and v6 address.
 

@@ -61,3 +61,16 @@ def run(request: pytest.FixtureRequest) -> Runner:
 def loop_kind(run: Runner, request: pytest.FixtureRequest) -> str:
     """The name of the loop `run` uses (for tests that size their work by loop)."""
     return str(request.node.callspec.params["run"])
+
+
+@pytest.fixture(autouse=True)
+def no_kerberos_ticket(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> Any:
+    """Engine tests never see the developer's Kerberos tickets: with gssapi installed, a live
+    ticket would make Negotiate pick Kerberos where a test expects NTLM. The real Kerberos
+    path is tests/integration/test_kerberos_lab.py, against a real KDC."""
+    from tray_proxy.relay.spnego_auth import forget_ticket_check
+
+    monkeypatch.setenv("KRB5CCNAME", f"FILE:{tmp_path}/no-ticket-cache")
+    forget_ticket_check()
+    yield
+    forget_ticket_check()

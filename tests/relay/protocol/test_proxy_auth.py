@@ -232,6 +232,16 @@ def test_when_nothing_can_answer(headers, kwargs, words) -> None:
     assert "p" not in str(info.value).split("proxy answered 407")[0]
 
 
+def test_why_negotiate_could_not_start_is_in_the_refusal() -> None:
+    def no_ticket(scheme: str) -> TokenContext:
+        raise MechanismUnavailable("no Kerberos ticket: run kinit")
+
+    auth = ProxyAuth(authority="a:1", contexts=no_ticket)
+    with pytest.raises(HandshakeRefused) as info:
+        auth.challenged([("Proxy-Authenticate", "Negotiate")], same_connection=True)
+    assert info.value.reason == "no Kerberos ticket: run kinit (the proxy offers Negotiate)"
+
+
 # -- Digest --------------------------------------------------------------------------------
 
 

@@ -157,6 +157,9 @@ class ProxyAuth:
         self._answered_token = False  # we answered a proxy token (NTLM type 3)
         self._digest: DigestSession | None = None
         self._refused: set[str] = set()
+        # Why the last NTLM/Negotiate context could not start ("no Kerberos ticket: ..."):
+        # fixed words from the glue, shown if no scheme fits.
+        self._unavailable: str | None = None
         self.rounds = 0
         self.credentials_sent = False
 
@@ -287,6 +290,9 @@ class ProxyAuth:
                 f"auth is set to {self._pinned} but the proxy offers {offers}; "
                 'set auth = "auto" for this upstream'
             )
+        elif self._unavailable is not None:
+            # Its words first: HandshakeRefused caps the reason's length.
+            why = f"{self._unavailable} (the proxy offers {offers})"
         elif not self._has_password:
             why = f"the proxy asks for authentication ({offers}) and no password is set up"
         else:
@@ -331,7 +337,8 @@ class ProxyAuth:
         try:
             context = self._contexts(scheme)
             token = context.step(None)
-        except MechanismUnavailable:
+        except MechanismUnavailable as exc:
+            self._unavailable = str(exc)
             return None
         if not token:
             return None
