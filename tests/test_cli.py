@@ -120,3 +120,34 @@ def test_run_listens_and_stops_cleanly_on_signal(tmp_path: Path, signum: int) ->
             proc.wait()
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+def test_run_reads_passwords_from_the_keyring_and_says_when_one_is_missing(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`tray-proxy run` uses the keyring too (README: `credentials set` then `run`)."""
+    import asyncio
+
+    import tray_proxy.credentials as credentials_module
+    from tray_proxy.cli import _credential_source
+    from tray_proxy.config import parse_config
+    from tray_proxy.relay.credentials import Credentials, Secret
+
+    class FakeStore:
+        async def get(self, name: str) -> Credentials | None:
+            return Credentials("alice", Secret("from-keyring")) if name == "corp" else None
+
+    monkeypatch.setattr(credentials_module, "CredentialStore", FakeStore)
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    monkeypatch.delenv("INVOCATION_ID", raising=False)
+    config = parse_config(
+        '[[upstream]]\nname = "corp"\nurl = "http://127.0.0.1:9"\nusername = "alice"\n'
+        '[[upstream]]\nname = "spare"\nurl = "http://127.0.0.1:9"\nusername = "bob"\n'
+    )
+    source = asyncio.run(_credential_source(config))
+    found = source.get("corp", "alice")
+    assert found is not None and found.password.reveal() == "from-keyring"
+    assert source.get("spare", "bob") is None
+    err = capsys.readouterr().err
+    assert "no password for upstream spare (user bob)" in err
+    assert "corp" not in err and "from-keyring" not in err

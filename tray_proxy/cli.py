@@ -13,8 +13,13 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tray_proxy import __version__
+
+if TYPE_CHECKING:
+    from tray_proxy.config import Config
+    from tray_proxy.relay.credentials import CredentialSource
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -134,7 +139,6 @@ async def _run_relay(args: argparse.Namespace) -> int:
     from tray_proxy.config import ConfigError, default_config_path, load_config
     from tray_proxy.firewall.client import RedirectError
     from tray_proxy.redirect import ManagedRedirect, check_redirect_settings
-    from tray_proxy.relay.credentials import SystemdCredentialSource
     from tray_proxy.relay.engine import RelayEngine, RelayStartError
 
     path = args.config or default_config_path()
@@ -156,7 +160,8 @@ async def _run_relay(args: argparse.Namespace) -> int:
         except RedirectError as exc:
             print(f"tray-proxy: {path}: {exc}", file=sys.stderr)
             return EXIT_USAGE
-    engine = RelayEngine(config.relay, config.upstreams, SystemdCredentialSource())
+    credentials = await _credential_source(config)
+    engine = RelayEngine(config.relay, config.upstreams, credentials)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -204,6 +209,35 @@ async def _run_relay(args: argparse.Namespace) -> int:
             await redirect.stop()
     print("tray-proxy: stopped", file=sys.stderr)
     return EXIT_OK if failure is None else EXIT_FAILURE
+
+
+KEYRING_START_TIMEOUT = 15.0
+
+
+async def _credential_source(config: Config) -> CredentialSource:
+    """The headless relay's passwords: $CREDENTIALS_DIRECTORY and the keyring, in the order
+    `default_credential_source` documents. A keyring that is missing or hangs is not fatal
+    (a service usually has none); it is reported only when a password is then missing."""
+    from tray_proxy.credentials import CredentialStoreError, default_credential_source
+
+    source = default_credential_source(config)
+    problem = ""
+    try:
+        await asyncio.wait_for(source.refresh(), KEYRING_START_TIMEOUT)
+    except CredentialStoreError as exc:
+        problem = str(exc)
+    except asyncio.TimeoutError:
+        problem = f"the keyring did not answer within {KEYRING_START_TIMEOUT:g} s"
+    for upstream in config.upstreams:
+        if upstream.username and source.get(upstream.name, upstream.username) is None:
+            why = f" ({problem})" if problem else ""
+            print(
+                f"tray-proxy: no password for upstream {upstream.name} (user "
+                f"{upstream.username}){why}; set it with `tray-proxy credentials set "
+                f"{upstream.name}` or put it in $CREDENTIALS_DIRECTORY/{upstream.name}",
+                file=sys.stderr,
+            )
+    return source
 
 
 def main(argv: Sequence[str] | None = None) -> int:
