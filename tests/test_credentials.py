@@ -534,3 +534,23 @@ def test_cli_hook_is_wired_into_tray_proxy() -> None:
             pytrace=False,
         )
     assert args.command == "credentials" and args.credentials_command == "delete"
+
+
+def test_ctrl_d_at_the_password_prompt_is_a_clean_cancel(
+    cli: CliRun, config_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = _no_keyring(monkeypatch)
+
+    class Tty:
+        def isatty(self) -> bool:
+            return True
+
+    def eof(prompt: str = "") -> str:
+        raise EOFError
+
+    monkeypatch.setattr(sys, "stdin", Tty())
+    monkeypatch.setattr(cli_credentials.getpass, "getpass", eof)
+    code, _out, err = cli("set", "corp", "--config", str(config_file))
+    assert code == 1
+    assert "cancelled; nothing was changed" in err and "Traceback" not in err
+    assert calls == []

@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     except Failure as exc:
         _say_error(str(exc))
         return EXIT_FAILURE
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, EOFError):  # Ctrl-C, or Ctrl-D at the password prompt
         _say_error("cancelled; nothing was changed")
         return EXIT_FAILURE
 
