@@ -209,6 +209,18 @@ def test_route_localnet_set_on_matching_bridges_only_and_restored(netns: str, st
     assert [localnet(netns, n) for n in ("docker0", "br-abc", "br-new")] == ["0", "0", "0"]
 
 
+def test_route_localnet_is_never_set_on_a_matching_interface_that_is_not_a_bridge(
+    netns: str, start_helper
+) -> None:
+    """A capture pattern that also matches an uplink must not open 127.0.0.1 to its hosts."""
+    in_ns(netns, "ip", "link", "add", "br-veth", "type", "veth", "peer", "name", "docker0")
+    helper: HelperSession = start_helper()
+    assert helper.request("apply", **spec_to_wire(SPEC))["ok"] is True
+    assert [localnet(netns, n) for n in ("br-veth", "docker0")] == ["0", "0"]
+    helper.close_stdin()
+    assert helper.wait() == 0
+
+
 def test_route_localnet_already_on_is_left_on(netns: str, start_helper) -> None:
     _make_bridge(netns, "docker0")
     write_sysctl(netns, "net/ipv4/conf/docker0/route_localnet", "1")

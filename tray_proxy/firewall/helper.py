@@ -656,12 +656,18 @@ class Helper:
             return []
 
     def sync_route_localnet(self) -> None:
-        """Set route_localnet=1 on every present bridge that matches the capture patterns."""
+        """Set route_localnet=1 on every present bridge that matches the capture patterns
+        (interfaces that are not bridges are never touched, whatever the patterns say)."""
         spec = self.applied
         if spec is None or not self.redirecting or not spec.capture_containers:
             return
         for name in self._interfaces():
             if not any(_matches(p, name) for p in spec.container_interfaces):
+                continue
+            if not os.path.isdir(os.path.join(self.sys_class_net, name, "bridge")):
+                # Only a bridge is a container network. route_localnet on an uplink (a
+                # pattern like "e*" matching eth0) would let other hosts' packets reach
+                # the relay on 127.0.0.1: an open proxy with the user's credentials.
                 continue
             path = self._sysctl_path("conf", name, "route_localnet")
             try:
