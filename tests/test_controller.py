@@ -32,8 +32,14 @@ from tray_proxy.controller import (
     StatusUpdated,
     engine_relay_factory,
 )
-from tray_proxy.firewall.client import AuthorizationDismissedError, HelperExitedError
+from tray_proxy.firewall.client import (
+    AuthorizationDismissedError,
+    HelperExitedError,
+    RedirectStatus,
+    UpstreamResolutionError,
+)
 from tray_proxy.firewall.ruleset import RuleSpec
+from tray_proxy.relay.credentials import Credentials, Secret
 from tray_proxy.relay.events import (
     ConnectionClosed,
     ConnectionOpened,
@@ -42,6 +48,7 @@ from tray_proxy.relay.events import (
     TunnelEstablished,
     UpstreamFailed,
 )
+from tray_proxy.relay.probe import ProbeOutcome, ProbeResult
 from tray_proxy.relay.records import Address, CloseReason
 from tray_proxy.relay.settings import RelaySettings, UpstreamKind, UpstreamProxy
 
@@ -136,6 +143,11 @@ class FakeRedirect:
     async def apply(self, spec: RuleSpec) -> None:
         self.log.calls.append("redirect.apply")
         self.specs.append(spec)
+
+    async def status(self) -> RedirectStatus:
+        if not self.running:  # as the real client: a dead helper's status explains its exit
+            raise HelperExitedError("The redirect helper stopped with exit code -9")
+        return RedirectStatus(active=bool(self.specs), spec=None, table_present=True)
 
     async def remove(self) -> bool:
         self.log.calls.append("redirect.remove")
@@ -395,18 +407,89 @@ def test_events_of_a_stopped_engine_are_ignored() -> None:
     assert rig.controller.status().active_connections == 0
 
 
-def test_helper_that_dies_while_on_means_error() -> None:
+def test_a_helper_that_dies_while_on_is_started_again_with_the_same_spec() -> None:
     rig = Rig(watch_interval=0.02)
 
     async def scenario() -> None:
         await rig.controller.enable()
-        rig.redirect.running = False  # the helper exited; it removed its table
+        rig.log.calls.clear()
+        rig.redirect.running = False  # killed; a new helper removes its stale table
+        await until(lambda: rig.log.calls[-1:] == ["redirect.apply"], "the spec applied again")
+
+    run(scenario())
+    assert rig.log.calls == ["redirect.start", "redirect.apply"]
+    assert rig.redirect.specs[0] == rig.redirect.specs[1]
+    assert rig.controller.state is State.ON
+    assert not rig.relays.relays[0].stopped
+
+
+def test_a_helper_that_cannot_be_started_again_means_error() -> None:
+    rig = Rig(watch_interval=0.02)
+
+    async def scenario() -> None:
+        await rig.controller.enable()
+        rig.redirect.fail_start = AuthorizationDismissedError("The password dialog was closed.")
+        rig.redirect.running = False
         await until(lambda: rig.controller.state is State.ERROR, "error")
 
     run(scenario())
-    assert "redirect helper stopped" in rig.controller.status().message
+    message = rig.controller.status().message
+    assert "password dialog was closed" in message and "switch it on again" in message
     assert [n.kind for n in rig.notices()] == [NoticeKind.HELPER_STOPPED]
     assert rig.relays.relays[0].stopped
+
+
+def test_source_ports_false_is_an_error_and_nothing_is_applied() -> None:
+    rig = Rig()
+    rig.store.config = Config(RelaySettings(source_ports=None), (CORP, BACKUP))
+    status = run(rig.controller.enable())
+    assert status.state is State.ERROR
+    assert "relay.source_ports is false" in status.message
+    assert "source_ports = [61000, 64999]" in status.message
+    assert rig.redirect.specs == []
+    assert "redirect.start" not in rig.log.calls and "relay.start" not in rig.log.calls
+
+
+def dns_without(*missing: str) -> Callable[[Iterable[tuple[str, int]]], Awaitable[Any]]:
+    async def resolve(pairs: Iterable[tuple[str, int]]) -> tuple[Any, ...]:
+        pairs = list(pairs)
+        for host, port in pairs:
+            if host in missing:
+                raise UpstreamResolutionError(f"Cannot resolve proxy {host}:{port}.")
+        return await fake_resolve(pairs)
+
+    return resolve
+
+
+def test_an_unresolvable_spare_only_warns_but_the_active_proxy_must_resolve() -> None:
+    spare = replace(BACKUP, host="spare.invalid")
+    ok = Rig(upstreams=(CORP, spare), resolver=dns_without("spare.invalid"))
+    assert run(ok.controller.enable()).state is State.ON
+    assert ok.redirect.specs[0].upstreams == ((ipaddress.ip_address("192.0.2.10"), 8080),)
+
+    bad = Rig(upstreams=(CORP, spare), resolver=dns_without("proxy.corp.example"))
+    status = run(bad.controller.enable())
+    assert status.state is State.ERROR
+    assert "Cannot resolve proxy proxy.corp.example:8080" in status.message
+    assert bad.redirect.specs == []
+
+
+def test_upstream_addresses_are_resolved_again_while_on() -> None:
+    address = ["192.0.2.10"]
+
+    async def moving(pairs: Iterable[tuple[str, int]]) -> tuple[Any, ...]:
+        return tuple((ipaddress.ip_address(address[0]), port) for _host, port in pairs)
+
+    rig = Rig(upstreams=(CORP,), resolver=moving, watch_interval=0.01, resolve_interval=0.02)
+
+    async def scenario() -> None:
+        await rig.controller.enable()
+        address[0] = "192.0.2.99"  # the proxy's DNS name moved
+        await until(lambda: len(rig.redirect.specs) == 2, "the spec applied again")
+        await rig.controller.disable()
+
+    run(scenario())
+    assert rig.redirect.specs[1].upstreams == ((ipaddress.ip_address("192.0.2.99"), 8080),)
 
 
 def test_relay_that_stops_by_itself_means_error() -> None:
@@ -468,23 +551,63 @@ def test_notice_limiter_lets_one_per_kind_through_per_interval() -> None:
     assert limiter.allow(NoticeKind.UPSTREAM_DOWN)
 
 
-def test_test_connection_reports_reachable_and_unreachable_proxies() -> None:
-    async def scenario() -> tuple[str, str]:
-        server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        with socket.socket() as s:  # a port nobody listens on
-            s.bind(("127.0.0.1", 0))
-            dead = s.getsockname()[1]
-        good = Rig(upstreams=(replace(BACKUP, port=port),), resolver=fake_resolve)
-        bad = Rig(upstreams=(replace(BACKUP, port=dead),), resolver=fake_resolve)
-        try:
-            return await good.controller.test_connection(), await bad.controller.test_connection()
-        finally:
-            server.close()
+class FakeProbe:
+    def __init__(self, result: ProbeResult) -> None:
+        self.result = result
+        self.calls: list[tuple[UpstreamProxy, Credentials | None]] = []
 
-    ok, failed = run(scenario())
-    assert "accepts connections" in ok
-    assert "cannot be reached" in failed and "Check the address" in failed
+    async def __call__(self, upstream: UpstreamProxy, creds: Credentials | None) -> ProbeResult:
+        self.calls.append((upstream, creds))
+        return self.result
+
+
+class FakeSource:
+    def __init__(self, entries: dict[str, Credentials]) -> None:
+        self.entries = entries
+
+    def get(self, upstream: str, username: str | None) -> Credentials | None:
+        return self.entries.get(upstream)
+
+
+ALICE = Credentials("alice", Secret("wrong"))
+
+
+def test_test_connection_reports_a_wrong_password_as_such() -> None:
+    probe = FakeProbe(
+        ProbeResult(
+            ProbeOutcome.AUTH_FAILED,
+            None,
+            407,
+            "proxy.corp.example:8080 rejected the password for alice (407)",
+        )
+    )
+    rig = Rig(probe=probe, credential_source=FakeSource({"corp": ALICE}))
+    text = run(rig.controller.test_connection())
+    assert probe.calls == [(CORP, ALICE)]  # the stored login went to the probe
+    assert "rejected the password for alice (407)" in text
+    assert "Open Credentials" in text and "works" not in text
+    assert [(n.kind, n.text) for n in rig.notices()] == [(NoticeKind.TEST_RESULT, text)]
+    assert rig.controller.status().last_error == text
+    assert "wrong" not in text
+
+
+def test_test_connection_reports_a_working_proxy() -> None:
+    probe = FakeProbe(ProbeResult(ProbeOutcome.OK, 0.012, None, "OK in 12 ms"))
+    rig = Rig(probe=probe)
+    text = run(rig.controller.test_connection())
+    assert probe.calls == [(CORP, None)]  # no credential source: no login
+    assert "works" in text and "pypi.org:443" in text and "OK in 12 ms" in text
+    assert rig.controller.status().last_error is None
+
+
+def test_test_connection_through_the_real_probe_reports_a_refused_connection() -> None:
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    rig = Rig(upstreams=(replace(BACKUP, port=dead),))
+    text = run(rig.controller.test_connection())
+    assert f"connection refused by 127.0.0.1:{dead}" in text
+    assert "Check the address" in text
 
 
 def test_status_is_json_and_diagnostics_hold_no_login_name() -> None:

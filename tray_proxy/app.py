@@ -26,7 +26,13 @@ from typing import Any
 
 from tray_proxy.config import Config, ConfigError, default_config_path, load_config, save_config
 from tray_proxy.control import ControlError, ControlServer, runtime_dir, send_command
-from tray_proxy.controller import ProxyController, Status, engine_relay_factory
+from tray_proxy.controller import (
+    PROBE_TARGET,
+    PROBE_TIMEOUT,
+    ProxyController,
+    Status,
+    engine_relay_factory,
+)
 from tray_proxy.credentials import CredentialStore, default_credential_source
 from tray_proxy.relay.credentials import Credentials
 from tray_proxy.relay.probe import ProbeResult, probe_upstream
@@ -34,9 +40,6 @@ from tray_proxy.relay.settings import RelaySettings, UpstreamProxy
 
 log = logging.getLogger(__name__)
 
-# Where the credentials dialog's Test asks the proxy to connect (as `credentials test`).
-PROBE_TARGET = ("pypi.org", 443)
-PROBE_TIMEOUT = 10.0
 EXIT_OK = 0
 EXIT_FAILURE = 1
 TRAY_WAIT_SECONDS = 3.0  # at login the panel may start after us
@@ -235,6 +238,7 @@ class GuiApp:
             engine_relay_factory(source),
             RedirectController(),
             credentials=source.keyring,
+            credential_source=source,
         )
         services = AppServices(
             controller,

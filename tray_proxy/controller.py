@@ -2,10 +2,13 @@
 
 `ProxyController` owns the relay (through a `RelayFactory`, normally an `EngineThread` with its
 own loop) and the redirect (a `RedirectService`, normally `firewall.client.RedirectController`),
-both injected. It runs on the app's asyncio loop (qasync in the GUI). Every state transition is
-a `StateChanged` event; every change of what the user sees is a `StatusUpdated` with a frozen
-`Status` snapshot; things worth a desktop notification are `Notice` events. Observers (the UI
-bridge, the control socket) only read these; they never compute state of their own.
+both injected. While the redirect is on, a `redirect.ManagedRedirect` drives that service, the
+same one `tray-proxy run` uses: the same settings check and ruleset, upstream addresses resolved
+again every minute, a helper that died started again. It runs on the app's asyncio loop
+(qasync in the GUI). Every state transition is a `StateChanged` event; every change of what the
+user sees is a `StatusUpdated` with a frozen `Status` snapshot; things worth a desktop
+notification are `Notice` events. Observers (the UI bridge, the control socket) only read
+these; they never compute state of their own.
 
 Engine events arrive on the relay's thread. They are queued and handed to this loop with one
 `call_soon_threadsafe` per burst, not one per event, because each callback costs more on
@@ -31,7 +34,10 @@ from typing import Any, Protocol
 from tray_proxy import __version__
 from tray_proxy.config import Config, ConfigError
 from tray_proxy.credentials import CredentialStoreError
-from tray_proxy.firewall.ruleset import DEFAULT_RELAY_SOURCE_PORTS, IPAddress, RuleSpec, SpecError
+from tray_proxy.firewall.client import RedirectError, RedirectStatus
+from tray_proxy.firewall.ruleset import IPAddress, RuleSpec, SpecError
+from tray_proxy.redirect import RESOLVE_INTERVAL_SECONDS, ManagedRedirect, check_redirect_settings
+from tray_proxy.relay.credentials import Credentials, CredentialSource
 from tray_proxy.relay.events import (
     ConnectionClosed,
     ConnectionOpened,
@@ -42,6 +48,7 @@ from tray_proxy.relay.events import (
     TunnelEstablished,
     UpstreamFailed,
 )
+from tray_proxy.relay.probe import ProbeOutcome, ProbeResult, probe_upstream
 from tray_proxy.relay.records import Address, CloseReason
 from tray_proxy.relay.settings import UpstreamProxy
 
@@ -67,11 +74,13 @@ __all__ = [
 DOWN_AFTER_FAILURES = 3
 LAST_ERRORS = 5
 NOTICE_INTERVAL = 60.0  # seconds between two notices of the same kind
-WATCH_INTERVAL = 2.0  # how often the helper is checked while the redirect is on
+WATCH_INTERVAL = 1.0  # how often the helper is checked while the redirect is on
 RELAY_START_TIMEOUT = 30.0
 REDIRECT_OFF_TIMEOUT = 15.0
 RELAY_STOP_MARGIN = 5.0  # on top of the configured drain timeout
-PROBE_TIMEOUT = 5.0
+# Where Test connection (and the credentials dialog's Test) asks the proxy to connect.
+PROBE_TARGET = ("pypi.org", 443)
+PROBE_TIMEOUT = 10.0
 
 _DOWN_REASONS = frozenset(
     {
@@ -251,6 +260,8 @@ class RedirectService(Protocol):
 
     async def apply(self, spec: RuleSpec) -> None: ...
 
+    async def status(self) -> RedirectStatus: ...
+
     async def remove(self) -> bool: ...
 
     async def stop(self) -> int | None: ...
@@ -272,20 +283,12 @@ class ConfigStore(Protocol):
 
 
 Resolver = Callable[[Iterable[tuple[str, int]]], Awaitable[tuple[tuple[IPAddress, int], ...]]]
-Probe = Callable[[UpstreamProxy], Awaitable[float]]
+Probe = Callable[[UpstreamProxy, Credentials | None], Awaitable[ProbeResult]]
 
 
-async def tcp_probe(upstream: UpstreamProxy, timeout: float = PROBE_TIMEOUT) -> float:
-    """Seconds to open a TCP connection to the proxy (reachability, not authentication)."""
-    started = time.monotonic()
-    _reader, writer = await asyncio.wait_for(
-        asyncio.open_connection(upstream.host, upstream.port), timeout
-    )
-    elapsed = time.monotonic() - started
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return elapsed
+async def connect_probe(upstream: UpstreamProxy, credentials: Credentials | None) -> ProbeResult:
+    """A real CONNECT (or SOCKS5) through the proxy to PROBE_TARGET, with the login."""
+    return await probe_upstream(upstream, credentials, PROBE_TARGET, PROBE_TIMEOUT)
 
 
 class NoticeLimiter:
@@ -384,7 +387,9 @@ class ProxyController:
         probe: Probe | None = None,
         notice_limiter: NoticeLimiter | None = None,
         watch_interval: float = WATCH_INTERVAL,
+        resolve_interval: float = RESOLVE_INTERVAL_SECONDS,
         credentials: CredentialRefresher | None = None,
+        credential_source: CredentialSource | None = None,
     ) -> None:
         from tray_proxy.firewall.client import resolve_upstreams
 
@@ -392,10 +397,13 @@ class ProxyController:
         self._relay_factory = relay_factory
         self._redirect = redirect
         self._resolve: Resolver = resolver or resolve_upstreams
-        self._probe: Probe = probe or tcp_probe
+        self._probe: Probe = probe or connect_probe
         self._limiter = notice_limiter or NoticeLimiter()
         self._watch_interval = watch_interval
+        self._resolve_interval = resolve_interval
         self._credentials = credentials
+        # What the relay itself uses to find a password (Test connection uses the same).
+        self._credential_source = credential_source
         self._credentials_read: asyncio.Task[str | None] | None = None
         self._observers: list[ControllerObserver] = []
         self._state = State.OFF
@@ -408,7 +416,7 @@ class ProxyController:
         self._op: asyncio.Task[None] | None = None
         self._op_lock: asyncio.Lock | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._watch: asyncio.Task[None] | None = None
+        self._managed: ManagedRedirect | None = None
         self._stopping_relay = False
         self._closed = False
         with contextlib.suppress(ConfigError):
@@ -563,6 +571,9 @@ class ProxyController:
     async def _switch_on(self, message: str, *, restart: bool) -> None:
         self._transition(State.ENABLING, message)
         try:
+            # A restart hands the running helper to a new manager (the relay's port may
+            # change); the old one must not re-apply its spec meanwhile.
+            await self._detach_redirect()
             if restart:
                 await self._stop_relay()
             config = self._store.load()
@@ -574,29 +585,26 @@ class ProxyController:
                     f"No upstream proxy is set up. Add one{where} ([[upstream]] with a name "
                     "and url, see docs/config.md), then switch on again."
                 )
+            # Before anything starts: settings that would make the redirect loop.
+            check_redirect_settings(config)
             # Counts start again with the new relay; what is known about each proxy stays.
             old = self._health
             self._health = _Health(errors=old.errors, latency=old.latency, failures=old.failures)
             await self._credentials_once()
             await self._start_relay(config)
             assert self._relay is not None
-            port = self._relay.addresses[0][1]
-            resolved = await self._resolve((u.host, u.port) for u in config.upstreams)
-            # The [redirect] settings must reach the helper: without them the GUI would
-            # silently apply the defaults whatever the settings file says.
-            redirect = config.redirect
-            spec = RuleSpec(
-                relay_port=port,
-                redirect_ports=config.relay.redirect_ports,
-                excluded_networks=redirect.exclude,
-                upstreams=resolved,
-                relay_source_ports=config.relay.source_ports or DEFAULT_RELAY_SOURCE_PORTS,
-                container_interfaces=redirect.container_interfaces,
-                capture_containers=redirect.capture_containers,
-                reject_quic=redirect.reject_quic,
+            # The same path as `tray-proxy run`: the active proxy must resolve, a spare that
+            # does not only warns; apply() replaces a running helper's table in one transaction.
+            self._managed = ManagedRedirect(
+                config,
+                self._relay.addresses[0][1],
+                self._redirect,
+                resolve=self._resolve,
+                on_failure=self._on_redirect_failure,
+                resolve_interval=self._resolve_interval,
+                helper_check=self._watch_interval,
             )
-            await self._redirect.start()
-            await self._redirect.apply(spec)
+            await self._managed.start()
         except asyncio.CancelledError:
             await self._teardown()
             raise
@@ -611,7 +619,6 @@ class ProxyController:
             return
         ports = ", ".join(str(p) for p in config.relay.redirect_ports)
         self._transition(State.ON, f"Redirecting TCP {ports} through proxy {upstream.name}.")
-        self._start_watch()
 
     async def _start_relay(self, config: Config) -> None:
         self._generation += 1
@@ -657,7 +664,7 @@ class ProxyController:
         table. The helper outlives the drain because deleting the table takes the address
         translation away from connections still open through the relay (they would be reset
         or hang)."""
-        self._stop_watch()
+        await self._detach_redirect()
         switched_off = True
         try:
             if self._redirect.running:
@@ -722,31 +729,18 @@ class ProxyController:
 
     # -- while on -------------------------------------------------------------------------
 
-    def _start_watch(self) -> None:
-        self._stop_watch()
-        self._watch = asyncio.get_running_loop().create_task(
-            self._watch_helper(), name="tray-proxy watch helper"
-        )
+    async def _detach_redirect(self) -> None:
+        # Teardown removes and stops the helper itself, in the order the drain needs.
+        managed, self._managed = self._managed, None
+        if managed is not None:
+            await managed.detach()
 
-    def _stop_watch(self) -> None:
-        watch, self._watch = self._watch, None
-        if watch is not None and watch is not asyncio.current_task():
-            watch.cancel()
-
-    async def _watch_helper(self) -> None:
-        # The helper deletes the table when it exits, so "helper gone" means "redirect off".
-        while self._state.redirecting:
-            await asyncio.sleep(self._watch_interval)
-            if self._state.redirecting and not self._redirect.running:
-                self._watch = None
-                text = (
-                    "The redirect helper stopped, so the redirect is off. Switch it on again; "
-                    "if this repeats, see the log."
-                )
-                self._error(text)
-                self._notice(NoticeKind.HELPER_STOPPED, "Redirect stopped", text)
-                await self._fail(text)
-                return
+    def _on_redirect_failure(self, exc: RedirectError) -> None:
+        """The ManagedRedirect gave up: the helper kept dying, or re-applying failed."""
+        text = f"{exc} The redirect was switched off; switch it on again."
+        self._error(text)
+        self._notice(NoticeKind.HELPER_STOPPED, "Redirect stopped", text)
+        self.spawn(self._fail(text), "redirect failed")
 
     async def _fail(self, text: str) -> None:
         async with self._lock():
@@ -836,30 +830,24 @@ class ProxyController:
         return self.status()
 
     async def test_connection(self) -> str:
-        """Check that the active proxy accepts TCP connections; the result is a Notice."""
+        """Open a real tunnel through the active proxy with the stored login (as the
+        credentials dialog's Test does); the result, in words, is a Notice."""
+        await self._credentials_once()
         config = self._config
         upstream = config.active_upstream() if config is not None else None
         if upstream is None:
             text = "No upstream proxy is set up, so there is nothing to test."
         else:
-            try:
-                seconds = await self._probe(upstream)
-            except (OSError, asyncio.TimeoutError, TimeoutError) as exc:
-                detail = (
-                    "no answer in time"
-                    if isinstance(exc, TimeoutError | asyncio.TimeoutError)
-                    else (exc.strerror or str(exc))
-                )
-                text = (
-                    f"Proxy {upstream.name} ({upstream.host}:{upstream.port}) cannot be reached: "
-                    f"{detail}. Check the address and your network."
-                )
-                self._error(text)
+            source = self._credential_source
+            credentials = source.get(upstream.name, upstream.username) if source else None
+            result = await self._probe(upstream, credentials)
+            proxy = f"Proxy {upstream.name} ({upstream.host}:{upstream.port})"
+            target = f"{PROBE_TARGET[0]}:{PROBE_TARGET[1]}"
+            if result.ok:
+                text = f"{proxy} works: a tunnel to {target} opened ({result.words})."
             else:
-                text = (
-                    f"Proxy {upstream.name} ({upstream.host}:{upstream.port}) accepts "
-                    f"connections ({seconds * 1000:.0f} ms to connect)."
-                )
+                text = f"{proxy} failed the test: {result.words}. {_probe_advice(result)}"
+                self._error(text)
         self._notice(NoticeKind.TEST_RESULT, "Test connection", text)
         self._changed()
         return text
@@ -963,6 +951,17 @@ class ProxyController:
         if not s.last_errors:
             lines.append("  (none)")
         return "\n".join(lines) + "\n"
+
+
+def _probe_advice(result: ProbeResult) -> str:
+    if result.outcome is ProbeOutcome.AUTH_FAILED:
+        return "Open Credentials to fix the login."
+    answered = result.outcome is ProbeOutcome.FORBIDDEN or (
+        result.outcome is ProbeOutcome.UNREACHABLE and result.status is not None
+    )
+    if answered:  # the proxy works; it refused or could not reach the test site
+        return "Ask the proxy's administrators, or see the log."
+    return "Check the address and your network."
 
 
 def _is_known(exc: BaseException) -> bool:

@@ -25,12 +25,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Final
+from typing import Final, Protocol
 
 from tray_proxy.config import Config
 from tray_proxy.firewall.client import (
     RedirectController,
     RedirectError,
+    RedirectStatus,
     UpstreamResolutionError,
     resolve_upstreams,
 )
@@ -45,6 +46,23 @@ MAX_HELPER_RESTARTS: Final = 3
 Endpoint = tuple[str, int]
 Resolved = tuple[tuple[IPAddress, int], ...]
 Resolver = Callable[[Iterable[Endpoint]], Awaitable[Resolved]]
+
+
+class HelperControl(Protocol):
+    """What a ManagedRedirect needs of `firewall.client.RedirectController`."""
+
+    @property
+    def running(self) -> bool: ...
+
+    async def start(self) -> None: ...
+
+    async def apply(self, spec: RuleSpec) -> None: ...
+
+    async def status(self) -> RedirectStatus: ...
+
+    async def remove(self) -> bool: ...
+
+    async def stop(self) -> int | None: ...
 
 
 class RedirectSetupError(RedirectError):
@@ -103,7 +121,7 @@ class ManagedRedirect:
         self,
         config: Config,
         relay_port: int,
-        controller: RedirectController | None = None,
+        controller: HelperControl | None = None,
         *,
         resolve: Resolver = resolve_upstreams,
         on_failure: Callable[[RedirectError], None] | None = None,
@@ -113,7 +131,9 @@ class ManagedRedirect:
     ) -> None:
         self.config = config
         self.relay_port = relay_port
-        self.controller = controller if controller is not None else RedirectController()
+        self.controller: HelperControl = (
+            controller if controller is not None else RedirectController()
+        )
         self._resolve = resolve
         self._on_failure = on_failure
         self._resolve_interval = resolve_interval
@@ -155,6 +175,19 @@ class ManagedRedirect:
                 # it deletes the table itself then.
                 log.warning("removing the redirect: %s", exc)
         self.spec = None
+
+    async def detach(self) -> None:
+        """Stop watching; leave the helper and its table as they are. Never raises.
+
+        For an owner that hands the helper to a new ManagedRedirect (the relay restarted on
+        another port) or that switches the redirect off itself.
+        """
+        self._stopping = True
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None and watcher is not asyncio.current_task():
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
 
     async def stop(self) -> None:
         """End the helper, which deletes the table (after `switch_off`, if not done yet).
