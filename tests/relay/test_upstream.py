@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import errno
+import ipaddress
 import secrets
 import socket
 import struct
+import time
 
 import pytest
 
@@ -21,6 +23,7 @@ from tray_proxy.relay.upstream import (
     Dialer,
     SourcePorts,
     UpstreamError,
+    _Resolved,
     make_handshake,
     run_handshake,
 )
@@ -146,6 +149,48 @@ def test_dialer_resolves_names_once_and_ip_literals_never(run):
         first = await dialer.resolve("localhost", 8080)  # /etc/hosts: no DNS traffic
         assert first and all(addr[0] in ("127.0.0.1", "::1") for _f, addr in first)
         assert await dialer.resolve("localhost", 8080) is first  # from the cache
+
+    run(main)
+
+
+LITERALS_AND_NAMES = [
+    *("127.0.0.1", "::1", "[::1]", "fe80::1%eth0", "999.1.1.1", "1.2.3", "01.2.3.4", "1234"),
+    *("", ".", " 10.0.0.1", "10.0.0.1 ", "proxy.corp", "10.0.0.1.nip.io", "\u0661.\u0662.\u0663"),
+]
+
+
+@pytest.mark.parametrize("host", LITERALS_AND_NAMES)
+def test_dialer_takes_for_ip_literals_exactly_what_ipaddress_does(host):
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        expected = None
+    else:
+        family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+        expected = [(family, (str(ip), 443))]
+    assert Dialer(None)._literal(host, 443) == expected
+
+
+class _NoLookups(Dialer):
+    async def resolve(self, host, port):
+        raise AssertionError(f"looked up {host} again")
+
+
+def test_dialer_dials_a_cached_name_without_looking_it_up(run):
+    async def main():
+        with socket.socket() as server:
+            server.bind(("127.0.0.1", 0))
+            server.listen()
+            port = server.getsockname()[1]
+            dialer = _NoLookups(None)
+            dialer._cache[("proxy.corp.test", port)] = _Resolved(
+                [(socket.AF_INET, ("127.0.0.1", port))], time.monotonic() + 60
+            )
+            sock = await dialer.connect("proxy.corp.test", port, timeout=2)
+            sock.close()
+            dialer._cache[("proxy.corp.test", port)].expires = 0.0
+            with pytest.raises(AssertionError, match="looked up proxy.corp.test again"):
+                await dialer.connect("proxy.corp.test", port, timeout=2)
 
     run(main)
 

@@ -116,28 +116,29 @@ class Dialer:
 
     def _literal(self, host: str, port: int) -> list[tuple[int, Address]] | None:
         """The address of an IP-literal host, without a trip through the loop; else None."""
-        try:
-            ip = ipaddress.ip_address(host)
-        except ValueError:
+        ip = _ip_literal(host)
+        if ip is None:
             return None
         family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
         self._known.add((str(ip), port))
         return [(family, (str(ip), port))]
 
+    def _known_addresses(self, host: str, port: int) -> list[tuple[int, Address]] | None:
+        """The addresses of `host` if no lookup is needed (IP literal, or cached); else None."""
+        literal = self._literal(host, port)
+        if literal is not None:
+            return literal
+        cached = self._cache.get((host, port))
+        if cached is not None and cached.expires > time.monotonic():
+            return cached.addresses
+        return None
+
     async def resolve(self, host: str, port: int) -> list[tuple[int, Address]]:
-        try:
-            ip = ipaddress.ip_address(host)
-        except ValueError:
-            pass
-        else:
-            family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
-            self._known.add((str(ip), port))
-            return [(family, (str(ip), port))]
+        known = self._known_addresses(host, port)
+        if known is not None:
+            return known
         key = (host, port)
         now = time.monotonic()
-        cached = self._cache.get(key)
-        if cached is not None and cached.expires > now:
-            return cached.addresses
         loop = asyncio.get_running_loop()
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         addresses: list[tuple[int, Address]] = []
@@ -165,9 +166,10 @@ class Dialer:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         try:
-            literal = self._literal(host, port)
+            # Most connections go to an upstream already resolved: no timer for those.
+            known = self._known_addresses(host, port)
             addresses = (
-                literal if literal is not None else await within(timeout, self.resolve(host, port))
+                known if known is not None else await within(timeout, self.resolve(host, port))
             )
         except asyncio.TimeoutError:
             raise UpstreamError(
@@ -215,6 +217,17 @@ class Dialer:
         raise UpstreamError(
             CloseReason.UPSTREAM_UNREACHABLE, f"cannot connect to {last}", errno=last_errno
         )
+
+
+def _ip_literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    # A name has a character no IPv4 literal has and no colon (as every IPv6 literal does):
+    # skip ip_address() and the two exceptions it raises for it, on every connection.
+    if ":" not in host and not host.replace(".", "").isdigit():
+        return None
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
 
 
 def _fmt(addr: Address) -> str:

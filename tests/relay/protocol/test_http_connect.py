@@ -2,6 +2,7 @@
 
 from collections.abc import Callable, Iterable
 
+import h11
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -434,3 +435,146 @@ def test_every_final_status_either_opens_or_refuses(
     else:
         assert 200 <= status < 300
         assert hs.trailing == body
+
+
+# -- the plain-2xx fast path and its boundary with h11 ----------------------------------------
+#
+# A whole 2xx head in one segment is read without h11; everything else goes to h11. The oracle
+# is the same class with the fast path switched off: h11 alone, as before the fast path.
+
+TOKEN_CHARS = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+HEADER_NAMES = st.text(TOKEN_CHARS, min_size=1, max_size=12).filter(
+    lambda n: n.lower() not in ("host", "content-length", "transfer-encoding")
+)
+HEADER_VALUES = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E) | st.just("\t"))
+
+
+def h11_request(authority: str, headers: list[tuple[str, str]]) -> bytes:
+    conn = h11.Connection(h11.CLIENT)
+    request = h11.Request(method="CONNECT", target=authority, headers=headers)
+    return conn.send(request) + conn.send(h11.EndOfMessage())
+
+
+@FUZZ
+@given(
+    host=st.sampled_from(["example.com", "10.0.0.1", "2001:db8::1", "[::1]", "a-b_c.x"]),
+    port=st.integers(1, 65535),
+    headers=st.lists(st.tuples(HEADER_NAMES, HEADER_VALUES), max_size=4),
+)
+def test_request_bytes_are_what_h11_writes(
+    host: str, port: int, headers: list[tuple[str, str]]
+) -> None:
+    hs = ConnectHandshake(host, port, headers=headers)
+    authority = format_authority(host, port)
+    stripped = [(name, value.strip(" \t")) for name, value in headers]
+    assert hs.data_to_send() == h11_request(authority, [("Host", authority), *stripped])
+
+
+class H11Only(ConnectHandshake):
+    def _plain_2xx(self, data: bytes) -> bool:
+        return False
+
+
+def outcome(
+    chunks: list[bytes], max_head: int = 16384, kind: type[ConnectHandshake] = ConnectHandshake
+) -> tuple[str, bytes]:
+    """How the handshake ended: opened (and what the client gets), refused, or still waiting."""
+    hs = kind("example.com", 443, max_head=max_head)
+    try:
+        tunnel = feed(hs, chunks)
+    except (ProtocolError, HandshakeRefused) as exc:
+        return (type(exc).__name__, str(exc).encode())
+    except AssertionError:
+        return ("waiting", b"")
+    return ("open", tunnel)
+
+
+def ends_alike(answer: bytes, max_head: int = 16384) -> tuple[str, bytes]:
+    chunks = [answer] if answer else []
+    result = outcome(chunks, max_head)
+    assert result == outcome(chunks, max_head, H11Only)
+    return result
+
+
+def many_headers(n: int) -> bytes:
+    return b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * n + b"\r\n"
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        (SQUID_200 + b"tls", "open"),
+        (b"HTTP/1.0 204 \r\nVia: 1.0 p\r\nX-Empty:\r\n\r\n", "open"),
+        (b"HTTP/1.1 200\r\n\r\n", "open"),  # no reason phrase, not even its space
+        (b"HTTP/2.0 200 OK\r\n\r\n", "open"),
+        (b"HTTP/1.1 200 OK\nVia: p\n\ntls", "open"),  # bare LF line ends
+        (b"HTTP/1.1 200 OK\r\nVia: p\r\n  folded\r\n\r\n", "open"),
+        (b"HTTP/1.1 200 Caf\xe9\r\nX: \xff\r\n\r\n", "open"),  # obs-text
+        (b"HTTP/1.1 200 OK\r\ncontent-LENGTH: 5\r\n\r\n12345", "open"),
+        (b"HTTP/1.1 200 OK\r\nX: a\x00b\r\n\r\n", "ProtocolError"),
+        (b"HTTP/1.1 200 OK\r\nX: a\x7fb\r\n\r\n", "open"),  # h11 takes DEL as obs-text
+        (b"HTTP/1.1 200 OK\r\nX : y\r\n\r\n", "ProtocolError"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\n", "ProtocolError"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 1, 2\r\n\r\n", "ProtocolError"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", "ProtocolError"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n" * 2 + b"\r\n", "ProtocolError"),
+        (b"HTTP/1.1 200 O\x00K\r\n\r\n", "ProtocolError"),
+        (b"HTTP/1.1 2000 OK\r\n\r\n", "ProtocolError"),
+        (b"\r\nHTTP/1.1 200 OK\r\n\r\n", "ProtocolError"),
+        (CONTINUE_THEN_200, "open"),
+        (SQUID_407, "ProxyAuthRequired"),
+        (many_headers(MAX_RESPONSE_HEADERS), "open"),
+        (many_headers(MAX_RESPONSE_HEADERS + 1), "ProtocolError"),
+    ],
+)
+def test_fast_path_and_h11_end_every_answer_alike(answer: bytes, expected: str) -> None:
+    assert ends_alike(answer)[0] == expected
+
+
+def test_head_cap_holds_on_the_fast_path() -> None:
+    answer = b"HTTP/1.1 200 OK\r\nVia: " + b"p" * 100 + b"\r\n\r\ntls"
+    head = len(answer) - 3
+    assert ends_alike(answer, max_head=head) == ("open", b"tls")
+    kind, message = ends_alike(answer, max_head=head - 1)
+    assert kind == "ProtocolError"
+    assert f"larger than {head - 1} bytes".encode() in message
+
+
+def test_plain_200_in_one_segment_needs_no_h11() -> None:
+    # Per-connection CPU: the relay's common case must not build an h11.Connection.
+    hs = ConnectHandshake("example.com", 443)
+    hs.receive_data(SQUID_200 + b"\x16\x03")
+    assert hs.done and hs.trailing == b"\x16\x03"
+    assert hs._conn is None
+
+
+HEAD_PIECES = st.sampled_from(
+    [
+        b"HTTP/1.1 200 OK\r\n",
+        b"HTTP/1.0 299 x\r\n",
+        b"HTTP/1.1 100 Continue\r\n",
+        b"HTTP/1.1 407 Auth\r\n",
+        b"Via: 1.1 p\r\n",
+        b"Content-Length: 3\r\n",
+        b"Content-Length: x\r\n",
+        b"transfer-encoding: chunked\r\n",
+        b"Connection: close\r\n",
+        b" folded\r\n",
+        b"X: \x00\r\n",
+        b"X: \x80\r\n",
+        b"\r\n",
+        b"\n",
+        b"\r",
+        b":",
+        b"abc",
+    ]
+)
+
+
+@FUZZ
+@given(pieces=st.lists(HEAD_PIECES, max_size=8), tail=st.binary(max_size=8))
+def test_random_heads_end_alike_with_and_without_the_fast_path(
+    pieces: list[bytes], tail: bytes
+) -> None:
+    ends_alike(b"HTTP/1.1 200 OK\r\n" + b"".join(pieces) + b"\r\n" + tail, max_head=200)
+    ends_alike(b"".join(pieces) + tail, max_head=200)

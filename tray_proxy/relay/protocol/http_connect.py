@@ -1,7 +1,10 @@
 """The HTTP CONNECT handshake with an upstream proxy (RFC 9110 section 9.3.6), sans-IO.
 
-h11 writes the request and parses the answer: it caps the head it buffers, skips nothing it
-should not, and hands back the bytes that arrived after a 2xx head (they belong to the tunnel).
+h11 parses the answer: it caps the head it buffers, skips nothing it should not, and hands back
+the bytes that arrived after a 2xx head (they belong to the tunnel). The common answer, a plain
+2xx head in one segment, is recognised without h11 (a per-connection cost on the relay's hot
+path); anything else goes to h11 exactly as it arrived. The request bytes are written here: they
+are the bytes h11 writes for the same request (tests compare the two).
 
 Must not import asyncio, socket, selectors, ssl or PySide6.
 """
@@ -30,6 +33,17 @@ _FIELD_VALUE = re.compile(r"[\t\x20-\x7e]*")
 _URI_DELIMITERS = frozenset("/?#@[]\\")
 # We write these ourselves, or h11 would read them as a request body it must send.
 _RESERVED_HEADERS = frozenset({"host", "content-length", "transfer-encoding"})
+
+# A 2xx head that h11 accepts as is, with nothing it would look at twice: HTTP/1.0 or 1.1,
+# printable ASCII only (no obs-text), no folded lines, CRLF line ends. Whatever does not match
+# (interim 1xx, refusals, odd bytes, a head split over segments) is h11's to judge.
+_PLAIN_2XX_HEAD = re.compile(
+    rb"HTTP/1\.[01] 2[0-9][0-9] [\t\x20-\x7e]*\r\n"
+    rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e]*\r\n)*"
+    rb"\r\n"
+)
+# h11 checks these even on a 2xx to CONNECT (and may refuse their values): leave them to it.
+_FRAMING_HEADER = re.compile(rb"\r\n(?:content-length|transfer-encoding):", re.IGNORECASE)
 
 
 class ProxyAuthRequired(HandshakeRefused):
@@ -98,6 +112,25 @@ def _check_headers(headers: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
     return checked
 
 
+def _request_bytes(authority: str, headers: Sequence[tuple[str, str]]) -> bytes:
+    """What h11 writes for this CONNECT (Host first; names as given): checked values only."""
+    lines = [f"CONNECT {authority} HTTP/1.1\r\n"]
+    lines.extend(f"{name}: {value}\r\n" for name, value in headers)
+    lines.append("\r\n")
+    return "".join(lines).encode("ascii")
+
+
+def _send_request(conn: h11.Connection, authority: str, headers: list[tuple[str, str]]) -> bytes:
+    request = h11.Request(method="CONNECT", target=authority, headers=headers)
+    try:
+        return conn.send(request) + conn.send(h11.EndOfMessage())
+    except h11.LocalProtocolError:  # pragma: no cover - defence in depth, see below
+        # Unreachable: _check_host and _check_headers are stricter than h11. If h11 ever
+        # disagrees, its message quotes the offending value, which may be the proxy
+        # password, so it must not escape.
+        raise UsageError("h11 refused the CONNECT request") from None
+
+
 class ConnectHandshake:
     """Client side of ``CONNECT host:port``: any 2xx opens the tunnel, anything else refuses.
 
@@ -123,19 +156,10 @@ class ConnectHandshake:
         extra = _check_headers(headers)
         self.authority = format_authority(host, port)
         self._max_head = max_head
-        self._conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_head)
-        request = h11.Request(
-            method="CONNECT",
-            target=self.authority,
-            headers=[("Host", self.authority), *extra],
-        )
-        try:
-            self._outgoing = self._conn.send(request) + self._conn.send(h11.EndOfMessage())
-        except h11.LocalProtocolError:  # pragma: no cover - defence in depth, see below
-            # Unreachable: _check_host and _check_headers are stricter than h11. If h11 ever
-            # disagrees, its message quotes the offending value, which may be the proxy
-            # password, so it must not escape.
-            raise UsageError("h11 refused the CONNECT request") from None
+        self._request_headers = [("Host", self.authority), *extra]
+        # Created on the first answer that is not a plain 2xx head (see _plain_2xx).
+        self._conn: h11.Connection | None = None
+        self._outgoing = _request_bytes(self.authority, self._request_headers)
         self._received = 0
         self._done = False
         self._failed = False
@@ -166,17 +190,13 @@ class ConnectHandshake:
         if not self._reusable:
             raise UsageError("next_request() needs a 407 whose connection stays open")
         extra = _check_headers(headers)
+        # Only h11 reads a 407, so the connection exists by now.
+        assert self._conn is not None
         self._reusable = self._failed = False
         self._conn.start_next_cycle()
-        request = h11.Request(
-            method="CONNECT",
-            target=self.authority,
-            headers=[("Host", self.authority), *extra],
+        self._outgoing = _send_request(
+            self._conn, self.authority, [("Host", self.authority), *extra]
         )
-        try:
-            self._outgoing = self._conn.send(request) + self._conn.send(h11.EndOfMessage())
-        except h11.LocalProtocolError:  # pragma: no cover - as in __init__
-            raise UsageError("h11 refused the CONNECT request") from None
         # Bytes the proxy sent after the 407 belong to the next answer: count them as such.
         self._received = len(self._conn.trailing_data[0])
 
@@ -197,17 +217,45 @@ class ConnectHandshake:
                 f"proxy closed the connection without answering CONNECT {self.authority}"
             )
         self._received += len(data)
-        self._conn.receive_data(data)
+        conn = self._conn
+        if conn is None:
+            if self._plain_2xx(data):
+                return
+            # The request already went out as our own bytes; h11 must still see it to know
+            # what it reads the answer to. What it writes for it is the same, and dropped.
+            conn = self._conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=self._max_head)
+            _send_request(conn, self.authority, self._request_headers)
+        conn.receive_data(data)
         try:
             self._process_events()
         except (ProtocolError, HandshakeRefused):
             self._failed = True
             raise
 
+    def _plain_2xx(self, data: bytes) -> bool:
+        """Is `data`, the first segment of the answer, a whole 2xx head h11 would take as is?
+
+        Then the tunnel is open and the rest of `data` is tunnel data, as h11 would decide.
+        """
+        head = _PLAIN_2XX_HEAD.match(data)
+        if head is None:
+            return False
+        end = head.end()
+        # A head line ends with CRLF: the status line's and the blank line's are not headers.
+        if end > self._max_head or head.group().count(b"\r\n") - 2 > MAX_RESPONSE_HEADERS:
+            return False
+        if _FRAMING_HEADER.search(data, 0, end):
+            return False
+        self._trailing = data[end:]
+        self._done = True
+        return True
+
     def _process_events(self) -> None:
+        conn = self._conn
+        assert conn is not None
         while True:
             try:
-                event = self._conn.next_event()
+                event = conn.next_event()
             except h11.RemoteProtocolError as exc:
                 if exc.error_status_hint == 431:
                     raise self._too_big() from None
@@ -222,7 +270,7 @@ class ConnectHandshake:
             # one. It gives no other event while its state is SEND_RESPONSE, and we return
             # after the final head.
             assert isinstance(event, (h11.InformationalResponse, h11.Response))
-            head_bytes = self._received - len(self._conn.trailing_data[0])
+            head_bytes = self._received - len(conn.trailing_data[0])
             if head_bytes > self._max_head:
                 raise self._too_big()
             if len(event.headers) > MAX_RESPONSE_HEADERS:
@@ -236,7 +284,7 @@ class ConnectHandshake:
             if 200 <= event.status_code < 300:
                 # h11 ignores Content-Length and Transfer-Encoding on a 2xx to CONNECT
                 # (RFC 9110 section 9.3.6): every byte after the head is tunnel data.
-                self._trailing = self._conn.trailing_data[0]
+                self._trailing = conn.trailing_data[0]
                 self._done = True
                 return
             reason = event.reason.decode("latin-1")
@@ -252,6 +300,7 @@ class ConnectHandshake:
             return
 
     def _receive_refusal_body(self, data: bytes) -> None:
+        assert self._conn is not None
         self._conn.receive_data(data)
         try:
             self._read_refusal_body()
@@ -261,10 +310,11 @@ class ConnectHandshake:
 
     def _read_refusal_body(self) -> None:
         refusal = self._refusal
-        assert refusal is not None
+        conn = self._conn
+        assert refusal is not None and conn is not None
         while True:
             try:
-                event = self._conn.next_event()
+                event = conn.next_event()
             except h11.RemoteProtocolError:
                 # Cut short or badly framed: the 407 itself stands, the connection does not.
                 self._refusal = None
@@ -280,7 +330,7 @@ class ConnectHandshake:
             # The response ends with EndOfMessage; h11 yields nothing else in between.
             assert isinstance(event, h11.EndOfMessage)
             self._refusal = None
-            reusable = self._conn.our_state is h11.DONE and self._conn.their_state is h11.DONE
+            reusable = conn.our_state is h11.DONE and conn.their_state is h11.DONE
             refusal.reusable = self._reusable = reusable
             raise refusal
 
