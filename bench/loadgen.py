@@ -1,11 +1,12 @@
 """Load generator for the benchmark, run as a script in the client namespace; prints JSON.
 
-It always dials the origin's address: the lab's nft redirect sends that to the relay under
-test. With `--proxy` it speaks HTTP CONNECT (Basic auth, password read from a 0600 file,
-never from argv) to Squid itself, for the "Squid only" row.
-Sequential modes (bulk, latency) use blocking sockets so the client adds as little noise as
-possible; concurrent modes (rate, idle) use asyncio on uvloop. Every mode is bounded in count
-and time. Speaks the origin protocol of bench/origin.py.
+It dials an origin address (the lab's nft redirect sends it to the relay under test) or, in
+`mix` mode, one address per row. With `--proxy` it speaks HTTP CONNECT (Basic auth, password
+read from a 0600 file, never from argv) to Squid itself, for the "Squid only" row.
+Sequential modes (bulk, latency, and mix: the latency of several rows taken in turn) use
+blocking sockets so the client adds as little noise as possible; concurrent modes (rate,
+idle) use asyncio on uvloop. Every mode is bounded in count and time. Speaks the origin
+protocol of bench/origin.py.
 
 Stdlib and uvloop only. Must not import tray_proxy, PySide6 or the lab modules.
 """
@@ -32,18 +33,24 @@ HEAD_LIMIT = 16384
 
 
 class Target:
-    def __init__(self, args: argparse.Namespace) -> None:
-        host, _, port = args.target.rpartition(":")
+    def __init__(
+        self,
+        target: str,
+        proxy: str | None = None,
+        user: str | None = None,
+        password_file: str | None = None,
+    ) -> None:
+        host, _, port = target.rpartition(":")
         self.addr = (host, int(port))
         self.proxy: tuple[str, int] | None = None
         self.connect_request = b""
-        if args.proxy:
-            phost, _, pport = args.proxy.rpartition(":")
+        if proxy:
+            phost, _, pport = proxy.rpartition(":")
             self.proxy = (phost, int(pport))
             lines = [f"CONNECT {host}:{port} HTTP/1.1", f"Host: {host}:{port}"]
-            if args.user:
-                password = Path(args.password_file).read_text().strip()
-                token = base64.b64encode(f"{args.user}:{password}".encode()).decode()
+            if user:
+                password = Path(password_file or "").read_text().strip()
+                token = base64.b64encode(f"{user}:{password}".encode()).decode()
                 lines.append(f"Proxy-Authorization: Basic {token}")
             self.connect_request = ("\r\n".join(lines) + "\r\n\r\n").encode()
 
@@ -124,6 +131,18 @@ def bulk(target: Target, direction: str, nbytes: int, timeout: float) -> dict[st
     return {"bytes": nbytes, "seconds": elapsed, "gbit_s": nbytes * 8 / elapsed / 1e9}
 
 
+def _timed_ping(target: Target, timeout: float) -> float:
+    """One connect + 64-byte request/response; microseconds. Raises OSError on failure."""
+    started = time.perf_counter()
+    sock = open_blocking(target, timeout)
+    try:
+        sock.sendall(PING)
+        recv_exact(sock, PING_SIZE)
+    finally:
+        sock.close()
+    return (time.perf_counter() - started) * 1e6
+
+
 def latency(target: Target, count: int, timeout: float, budget: float) -> dict[str, Any]:
     """Connect + one 64-byte request/response, sequentially; microseconds per connection."""
     samples: list[float] = []
@@ -132,19 +151,42 @@ def latency(target: Target, count: int, timeout: float, budget: float) -> dict[s
     for _ in range(count):
         if time.monotonic() > deadline:
             break
-        started = time.perf_counter()
         try:
-            sock = open_blocking(target, timeout)
-            try:
-                sock.sendall(PING)
-                recv_exact(sock, PING_SIZE)
-            finally:
-                sock.close()
+            samples.append(_timed_ping(target, timeout))
         except OSError:
             errors += 1
-            continue
-        samples.append((time.perf_counter() - started) * 1e6)
     return {"count": len(samples), "errors": errors, **_percentiles(samples)}
+
+
+def mix(targets: dict[str, Target], count: int, timeout: float, budget: float) -> dict[str, Any]:
+    """`latency` for several rows at once, one connection per row in turn (A B C A B C ...).
+
+    A slow phase of the shared machine then hits every row alike instead of whichever row
+    happened to be running; each cycle starts at the next row so none is always first.
+    """
+    names = list(targets)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    errors = dict.fromkeys(names, 0)
+    deadline = time.monotonic() + budget
+    for cycle in range(count):
+        if time.monotonic() > deadline:
+            break
+        shift = cycle % len(names)
+        for name in names[shift:] + names[:shift]:
+            try:
+                samples[name].append(_timed_ping(targets[name], timeout))
+            except OSError:
+                errors[name] += 1
+    return {
+        "rows": {
+            name: {
+                "count": len(samples[name]),
+                "errors": errors[name],
+                **_percentiles(samples[name]),
+            }
+            for name in names
+        }
+    }
 
 
 def _percentiles(samples: list[float]) -> dict[str, float | None]:
@@ -237,8 +279,14 @@ async def idle(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("mode", choices=["bulk", "latency", "rate", "idle"])
-    parser.add_argument("--target", required=True, help="origin ip:port")
+    parser.add_argument("mode", choices=["bulk", "latency", "mix", "rate", "idle"])
+    parser.add_argument("--target", help="origin ip:port (every mode but mix)")
+    parser.add_argument(
+        "--row", action="append", default=[], help="mix: NAME=ip:port, once per row"
+    )
+    parser.add_argument(
+        "--proxied-row", action="append", default=[], help="mix: NAME speaks CONNECT via --proxy"
+    )
     parser.add_argument("--proxy", help="Squid ip:port: speak CONNECT to it ourselves")
     parser.add_argument("--user")
     parser.add_argument("--password-file")
@@ -252,7 +300,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    target = Target(args)
+    if args.mode == "mix":
+        targets: dict[str, Target] = {}
+        for spec in args.row:
+            name, _, addr = spec.partition("=")
+            proxy = args.proxy if name in args.proxied_row else None
+            targets[name] = Target(addr, proxy, args.user, args.password_file)
+        if not targets:
+            parser.error("mix needs at least one --row NAME=ip:port")
+        result = mix(targets, args.count, args.timeout, args.budget)
+        print(json.dumps({"event": "result", **result}), flush=True)
+        return 0
+    if not args.target:
+        parser.error(f"{args.mode} needs --target")
+    target = Target(args.target, args.proxy, args.user, args.password_file)
     if args.mode == "bulk":
         result = bulk(target, args.direction, args.bytes, args.timeout)
     elif args.mode == "latency":

@@ -4,7 +4,10 @@ Rows: direct, Squid only (explicit CONNECT), redsocks splice off / on, tray-prox
 (uvloop) and the engine on qasync. Columns and targets follow shared/BENCHMARKS.md and
 ARCHITECTURE.md ("The event loop"). Usage, as root from the repository root:
 
-    .venv/bin/python -m bench.run [--quick] [--rounds N] [--output FILE]
+    .venv/bin/python -m bench.run [--quick] [--rounds N] [--rows a,b] [--output FILE]
+
+Within a round every relay runs at once behind its own origin address, so the sequential
+latency samples of all rows are taken interleaved, one connection per row in turn.
 
 `main(argv) -> int` is the entry point for a smoke test. Traffic stays inside the lab's
 namespaces; every process, namespace and nft table is removed in `finally`.
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import os
 import platform
@@ -41,7 +45,7 @@ from bench.relays import (
     proc_rss_kib,
 )
 from tests.lab import Lab, LabError, Namespace, SquidProxy
-from tests.lab.netns import NsProcess
+from tests.lab.netns import LAB_NFT_TABLE, NsProcess, Redirect
 
 ROOT = Path(__file__).resolve().parent.parent
 LOADGEN = ROOT / "bench" / "loadgen.py"
@@ -152,8 +156,10 @@ class LoadGen:
         self.sizes = sizes
         self.budget = budget
 
-    def argv(self, mode: str, via_squid: bool, *extra: str) -> list[str]:
-        argv = [sys.executable, "-I", str(LOADGEN), mode, "--target", self.target]
+    def argv(self, mode: str, via_squid: bool, *extra: str, target: str | None = None) -> list[str]:
+        argv = [sys.executable, "-I", str(LOADGEN), mode]
+        if mode != "mix":
+            argv += ["--target", target or self.target]
         if via_squid:
             creds = self.squid.credentials
             assert creds is not None
@@ -163,9 +169,13 @@ class LoadGen:
             ]  # fmt: skip
         return [*argv, "--budget", str(self.budget), *extra]
 
-    def run(self, mode: str, via_squid: bool, *extra: str) -> dict[str, Any]:
+    def run(
+        self, mode: str, via_squid: bool, *extra: str, target: str | None = None
+    ) -> dict[str, Any]:
         proc = self.ns.popen(
-            self.argv(mode, via_squid, *extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            self.argv(mode, via_squid, *extra, target=target),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
         try:
             out, err = proc.communicate(timeout=self.budget + 30)
@@ -178,12 +188,20 @@ class LoadGen:
             raise LabError(f"loadgen {mode} failed: {err.decode(errors='replace')[-1500:]}")
         return _last_json(out.decode())
 
-    def idle(self, via_squid: bool, on_open: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    def idle(
+        self, via_squid: bool, on_open: Callable[[dict[str, Any]], None], target: str
+    ) -> dict[str, Any]:
         """Open the idle tunnels, call `on_open` while they are held, then probe."""
         s = self.sizes
         proc = self.ns.popen(
             self.argv(
-                "idle", via_squid, "--count", str(s.idle_tunnels), "--probes", str(s.idle_probes)
+                "idle",
+                via_squid,
+                "--count",
+                str(s.idle_tunnels),
+                "--probes",
+                str(s.idle_probes),
+                target=target,
             ),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -228,6 +246,7 @@ class Bench:
         self.workdir.mkdir(mode=0o700, exist_ok=True)
         self._next_port = 20000 + os.getpid() % 1000 * 10
         self.configs: dict[str, str] = {}
+        self._addresses: set[str] = set()
 
     def fresh_port(self) -> int:
         # redsocks binds without SO_REUSEADDR: a port with TIME_WAIT left on it would fail.
@@ -252,31 +271,95 @@ class Bench:
         self.configs.setdefault(relay.label, relay.config_text())
         return relay
 
-    def run_row(self, row: Row) -> Sample:
-        sample = Sample()
+    def row_address(self, row: Row, index: int) -> str:
+        """The origin address a row dials: its own extra one for a relay row (see run_round)."""
+        assert self.lab.origin.v4 is not None
         if row.relay is None:
-            self._measure(row, sample, None)
-            return sample
-        relay = self.make_relay(row.relay)
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(relay)
-            stack.enter_context(self.lab.redirect(relay.port, redirect_ports=(ORIGIN_PORT,)))
-            self._measure(row, sample, relay)
-            if relay.process is not None and relay.process.poll() is not None:
-                sample.notes.append(f"{relay.label} exited with {relay.process.returncode}")
-        return sample
+            return self.lab.origin.v4
+        address = f"{self.lab.origin.v4.rsplit('.', 1)[0]}.{10 + index}"
+        if address not in self._addresses:
+            self.lab.origin.add_address(f"{address}/24")
+            self._addresses.add(address)
+        return address
 
-    def _measure(self, row: Row, sample: Sample, relay: Relay | None) -> None:
+    def redirect_ruleset(self, routes: dict[str, int]) -> str:
+        """nft text: tcp/443 to each address goes to that row's relay port, Squid left alone."""
+        lines = [
+            f"table inet {LAB_NFT_TABLE} {{",
+            "  chain output {",
+            "    type nat hook output priority -100; policy accept;",
+            "    ip daddr 127.0.0.0/8 return",
+            f"    ip daddr {self.squid.host} return",
+        ]
+        lines += [
+            f"    ip daddr {address} tcp dport {ORIGIN_PORT} redirect to :{port}"
+            for address, port in routes.items()
+        ]
+        return "\n".join([*lines, "  }", "}"]) + "\n"
+
+    def run_round(
+        self, order: list[Row], report: Callable[[Row, Sample, float], None]
+    ) -> dict[str, Sample]:
+        """Every relay of the round runs at once, each behind its own origin address.
+
+        Sequential latency is measured interleaved, one connection per row in turn, so a slow
+        phase of the shared CPUs lands on every row alike; the other measurements (idle,
+        bulk, rate) then run row after row, the other relays idle meanwhile.
+        """
+        samples = {row.key: Sample() for row in order}
+        targets = {row.key: self.row_address(row, i) for i, row in enumerate(ROWS) if row in order}
+        with contextlib.ExitStack() as stack:
+            relays: dict[str, Relay] = {}
+            for row in order:
+                if row.relay is not None:
+                    relays[row.key] = stack.enter_context(self.make_relay(row.relay))
+            routes = {targets[key]: relay.port for key, relay in relays.items()}
+            redirect = Redirect(self.lab.client, self.redirect_ruleset(routes))
+            stack.enter_context(redirect.apply())
+            t0 = time.monotonic()
+            self._latency(order, samples, targets)
+            print(
+                f"bench: interleaved latency ({time.monotonic() - t0:.1f}s)",
+                file=sys.stderr,
+                flush=True,
+            )
+            for row in order:
+                t0 = time.monotonic()
+                relay = relays.get(row.key)
+                self._measure(row, samples[row.key], relay, targets[row.key])
+                report(row, samples[row.key], t0)
+            for key, relay in relays.items():
+                if relay.process is not None and relay.process.poll() is not None:
+                    samples[key].notes.append(
+                        f"{relay.label} exited with {relay.process.returncode}"
+                    )
+        return samples
+
+    def _latency(
+        self, order: list[Row], samples: dict[str, Sample], targets: dict[str, str]
+    ) -> None:
+        # First thing on fresh relays: it also warms them up before the idle-tunnel RSS reading.
+        extra = ["--count", str(self.sizes.latency_count)]
+        for row in order:
+            extra += ["--row", f"{row.key}={targets[row.key]}:{ORIGIN_PORT}"]
+            if row.key == "squid":
+                extra += ["--proxied-row", row.key]
+        via = any(row.key == "squid" for row in order)
+        result = self.loadgen.run("mix", via, *extra)
+        for row in order:
+            lat = result["rows"][row.key]
+            v = samples[row.key].values
+            v["lat_p50"], v["lat_p99"] = lat["p50_us"], lat["p99_us"]
+            if lat["errors"]:
+                samples[row.key].notes.append(f"{lat['errors']} latency errors")
+
+    def _measure(self, row: Row, sample: Sample, relay: Relay | None, target: str) -> None:
         via = row.key == "squid"
         s = self.sizes
         v = sample.values
-        # Sequential latency first (it also warms the relay up), then the idle tunnels on a
-        # relay that has not yet grown buffers for bulk or for 200 concurrent connections,
-        # so the RSS delta is what idle tunnels cost.
-        lat = self.loadgen.run("latency", via, "--count", str(s.latency_count))
-        v["lat_p50"], v["lat_p99"] = lat["p50_us"], lat["p99_us"]
-        if lat["errors"]:
-            sample.notes.append(f"{lat['errors']} latency errors")
+        dial = f"{target}:{ORIGIN_PORT}"
+        # The idle tunnels first, on a relay that has not yet grown buffers for bulk or for
+        # 200 concurrent connections, so the RSS delta is what idle tunnels cost.
         rss: dict[str, int] = {}
         if relay is not None:
             rss["before"] = proc_rss_kib(relay.pid)
@@ -288,14 +371,14 @@ class Bench:
             if opened.get("errors"):
                 sample.notes.append(f"{opened['errors']} idle tunnels failed to open")
 
-        idle = self.loadgen.idle(via, on_open)
+        idle = self.loadgen.idle(via, on_open, dial)
         v["idle_new_p50"] = idle["probe"]["p50_us"]
         if relay is not None and rss.get("open"):
             v["idle_kib"] = (rss["after"] - rss["before"]) / rss["open"]
         for direction in ("down", "up"):
             before = proc_cpu_seconds(relay.pid) if relay else 0.0
             result = self.loadgen.run(
-                "bulk", via, "--direction", direction, "--bytes", str(s.bulk_bytes)
+                "bulk", via, "--direction", direction, "--bytes", str(s.bulk_bytes), target=dial
             )
             v[f"bulk_{direction}"] = result["gbit_s"]
             if relay is not None:
@@ -303,7 +386,13 @@ class Bench:
                 v[f"cpu_{direction}"] = used / (s.bulk_bytes / GIB)
         before = proc_cpu_seconds(relay.pid) if relay else 0.0
         rate = self.loadgen.run(
-            "rate", via, "--count", str(s.rate_total), "--concurrency", str(s.rate_concurrency)
+            "rate",
+            via,
+            "--count",
+            str(s.rate_total),
+            "--concurrency",
+            str(s.rate_concurrency),
+            target=dial,
         )
         v["conn_s"] = rate["conn_s"]
         if relay is not None and rate["done"]:
@@ -538,15 +627,20 @@ def render_doc(
             "router namespace by veth pairs. Squid 5 with Basic auth on the proxy namespace "
             f"(`{SQUID_EXTRA}`); a plain-TCP origin (bench/origin.py, uvloop, no TLS: the relay "
             f"is measured, not TLS) on :{ORIGIN_PORT} of the origin namespace.",
-            "- Relays run in the client namespace on 127.0.0.1, a fresh port per run; the "
-            "lab's nft redirect sends tcp/443 there (Squid's address excluded). The load "
-            "generator (bench/loadgen.py) always dials the origin's address; for Squid only it "
-            "sends CONNECT with Basic auth itself.",
+            "- Relays run in the client namespace on 127.0.0.1, all of a round's at once, a "
+            "fresh port each per round. The origin namespace has one extra address per relay "
+            "row, and the client namespace's nft table redirects tcp/443 to each address to "
+            "that row's relay (Squid's address excluded). The load generator "
+            "(bench/loadgen.py) dials the row's origin address (direct and Squid only: the "
+            "origin's own); for Squid only it sends CONNECT with Basic auth itself.",
             f"- Bulk: one stream of {sizes.bulk_bytes >> 20} MiB each way. Relay CPU: utime + "
             "stime of the relay process from /proc/PID/stat around the transfer, divided by "
             "GiB moved (10 ms tick resolution).",
-            f"- Latency: {sizes.latency_count} sequential connections, each connect + one "
-            "64-byte request/response; added = row minus direct in the same round.",
+            f"- Latency: {sizes.latency_count} sequential connections per row, each connect + "
+            "one 64-byte request/response, interleaved across rows (one connection per row in "
+            "turn, each cycle starting at the next row) so a slow phase of the shared CPUs "
+            "hits every row alike; added = row minus direct in the same round. Idle, bulk and "
+            "conn/s then run row after row, the other relays idle.",
             f"- conn/s: {sizes.rate_total} connections (connect, one request/response, close) "
             f"by {sizes.rate_concurrency} concurrent asyncio (uvloop) workers; relay CPU per "
             "connection from /proc/PID/stat around that run.",
@@ -642,12 +736,8 @@ def main(argv: list[str] | None = None) -> int:
                 for n in range(args.rounds):
                     # Rotate the order so no row always runs first (warm caches, noise).
                     order = rows[n % len(rows) :] + rows[: n % len(rows)]
-                    by_row: dict[str, Sample] = {}
-                    for row in order:
-                        t0 = time.monotonic()
-                        by_row[row.key] = bench.run_row(row)
-                        _progress(n, args.rounds, row, by_row[row.key], t0)
-                    rounds.append(by_row)
+                    report = functools.partial(_progress, n, args.rounds)
+                    rounds.append(bench.run_round(order, report))
                 configs = bench.configs
     except LabError as exc:
         print(f"bench: {exc}", file=sys.stderr)
