@@ -12,7 +12,7 @@ import struct
 import pytest
 
 from tests.relay.stubs import pattern, sha, until
-from tray_proxy.relay.pipe import PipePool, Tunnel, is_reset
+from tray_proxy.relay.pipe import PipePool, Tunnel
 from tray_proxy.relay.records import CloseReason, ConnectionRecord
 
 MiB = 1 << 20
@@ -242,9 +242,3 @@ def _is_open(fd: int) -> bool:
     except OSError:
         return False
     return True
-
-
-def test_is_reset():
-    assert is_reset(ConnectionResetError(errno.ECONNRESET, "reset"))
-    assert is_reset(BrokenPipeError(errno.EPIPE, "pipe"))
-    assert not is_reset(OSError(errno.EBADF, "bad fd"))

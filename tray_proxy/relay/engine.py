@@ -14,7 +14,6 @@ import ipaddress
 import logging
 import resource
 import socket
-import struct
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
@@ -35,7 +34,7 @@ from tray_proxy.relay.events import (
     UpstreamFailed,
 )
 from tray_proxy.relay.origdst import original_destination
-from tray_proxy.relay.pipe import PipePool, Tunnel
+from tray_proxy.relay.pipe import PipePool, Tunnel, abort
 from tray_proxy.relay.protocol.peek import HostPeeker
 from tray_proxy.relay.records import (
     Address,
@@ -472,9 +471,9 @@ class RelayEngine:
         reset: bool = False,
     ) -> None:
         if reset:
-            with contextlib.suppress(OSError):
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        conn.close()
+            abort(conn)
+        else:
+            conn.close()
         self._record_closed(record, reason, detail)
 
     def _record_closed(self, record: ConnectionRecord, reason: CloseReason, detail: str) -> None:

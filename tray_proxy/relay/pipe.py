@@ -30,7 +30,6 @@ _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 PIPE_SIZE = 1 << 20  # bytes per splice; bounded by /proc/sys/fs/pipe-max-size
 PIPE_RETRY = 0.1  # seconds a direction waits when no pipe can be made
-_RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, errno.EHOSTUNREACH})
 
 
 class PipePool:
@@ -253,13 +252,15 @@ class Tunnel:
         self.down.stop()
         for sock in (self.client, self.upstream):
             if reset:
-                with contextlib.suppress(OSError):
-                    # SO_LINGER 0: close() sends RST, so the peer cannot mistake a
-                    # failed transfer for a complete one.
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            sock.close()
+                abort(sock)
+            else:
+                sock.close()
         self._on_close(reason, detail)
 
 
-def is_reset(exc: OSError) -> bool:
-    return exc.errno in _RESET_ERRNOS
+def abort(sock: socket.socket) -> None:
+    """Close with RST (SO_LINGER 0), so the peer cannot mistake a failed transfer for a
+    complete one."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
