@@ -12,7 +12,8 @@ import struct
 import pytest
 
 from tests.relay.stubs import pattern, sha, until
-from tray_proxy.relay.pipe import PipePool, Tunnel
+from tray_proxy.relay import pipe as pipe_module
+from tray_proxy.relay.pipe import PipePool, ReadBatching, Tunnel
 from tray_proxy.relay.records import CloseReason, ConnectionRecord
 
 MiB = 1 << 20
@@ -31,7 +32,12 @@ def tcp_pair() -> tuple[socket.socket, socket.socket]:
 class Rig:
     """client_peer <-> [client | Tunnel | upstream] <-> upstream_peer"""
 
-    def __init__(self, pool: PipePool | None = None) -> None:
+    def __init__(
+        self,
+        pool: PipePool | None = None,
+        batching: ReadBatching | None = None,
+        start: bool = True,
+    ) -> None:
         self.client_peer, self.client = tcp_pair()
         self.upstream, self.upstream_peer = tcp_pair()
         self.record = ConnectionRecord(id=1, client=("127.0.0.1", 1))
@@ -44,8 +50,10 @@ class Rig:
             self.upstream,
             self.record,
             lambda reason, detail: self.closes.append((reason, detail)),
+            batching,
         )
-        self.tunnel.start()
+        if start:
+            self.tunnel.start()
 
     def close(self) -> None:
         self.tunnel.close(CloseReason.SHUTDOWN, "test over")
@@ -55,8 +63,10 @@ class Rig:
 
 
 @contextlib.asynccontextmanager
-async def rig(pool: PipePool | None = None):
-    r = Rig(pool)
+async def rig(
+    pool: PipePool | None = None, batching: ReadBatching | None = None, start: bool = True
+):
+    r = Rig(pool, batching, start)
     try:
         yield r
     finally:
@@ -145,6 +155,96 @@ def test_reset_on_one_side_resets_the_other(run, side):
             assert detail.startswith(f"{side} side:")
 
     run(main)
+
+
+def _reset(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+@pytest.mark.parametrize("started", [True, False], ids=["tunnel-running", "before-start"])
+def test_reset_right_behind_data_is_not_lost(run, started):
+    """Data and RST arrive together: the data goes on, then the reset (uvloop once dropped
+    the reset when the reader took the data and left the error pending)."""
+
+    async def main():
+        async with rig(start=started) as r:
+            r.upstream_peer.send(b"x" * 5000)
+            _reset(r.upstream_peer)
+            if not started:
+                await asyncio.sleep(0.05)  # both are queued before the tunnel looks
+                r.tunnel.start()
+            got = bytearray()
+            with pytest.raises(ConnectionResetError):
+                while chunk := await asyncio.wait_for(
+                    asyncio.get_running_loop().sock_recv(r.client_peer, 65536), 5
+                ):
+                    got += chunk
+            assert len(got) <= 5000
+            await until(lambda: r.closes, what="tunnel close", timeout=5)
+            assert r.closes[0][0] is CloseReason.UPSTREAM_RESET
+
+    run(main)
+
+
+def test_batching_raises_the_mark_and_releases_a_tail(run):
+    """A fast direction reads in batches (SO_RCVLOWAT); a small tail after the burst still
+    arrives promptly, and batching ends when the flow stops."""
+    burst = pattern(21, 16 * MiB)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        batching = ReadBatching(loop)
+        marks: list[int] = []
+        async with rig(batching=batching) as r:
+            upstream_socket = r.upstream
+
+            async def watch() -> None:
+                for _ in range(2000):  # bounded: 2,000 x 1 ms
+                    marks.append(upstream_socket.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT))
+                    await asyncio.sleep(0.001)
+
+            watcher = asyncio.ensure_future(watch())
+            got, _ = await asyncio.gather(
+                _recv_exactly(r.client_peer, len(burst)), send_all(r.upstream_peer, burst, False)
+            )
+            assert sha(got) == sha(burst)
+            # A tail far below any mark, then nothing: it must not wait for more bytes.
+            await send_all(r.upstream_peer, b"tail", eof=False)
+            # Without the release it would sit below the mark until the idle timeout.
+            assert await asyncio.wait_for(_recv_exactly(r.client_peer, 4), 5) == b"tail"
+            await until(lambda: len(batching) == 0, what="batching to end", timeout=5)
+            watcher.cancel()
+            assert max(marks) >= pipe_module.BATCH_START, marks[:20]
+            assert upstream_socket.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1
+
+    run(main)
+
+
+def test_small_exchanges_never_batch(run):
+    async def main():
+        batching = ReadBatching(asyncio.get_running_loop())
+        async with rig(batching=batching) as r:
+            loop = asyncio.get_running_loop()
+            for i in range(50):
+                message = pattern(i, 2000)
+                await loop.sock_sendall(r.upstream_peer, message)
+                assert await _recv_exactly(r.client_peer, len(message)) == message
+                assert len(batching) == 0
+            assert r.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1
+
+    run(main)
+
+
+async def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    out = bytearray()
+    while len(out) < n:
+        chunk = await loop.sock_recv(sock, min(1 << 18, n - len(out)))
+        if not chunk:
+            break
+        out += chunk
+    return bytes(out)
 
 
 def test_backpressure_bounds_what_the_tunnel_holds(run):

@@ -34,7 +34,7 @@ from tray_proxy.relay.events import (
     UpstreamFailed,
 )
 from tray_proxy.relay.origdst import original_destination
-from tray_proxy.relay.pipe import PipePool, Tunnel, abort
+from tray_proxy.relay.pipe import PipePool, ReadBatching, Tunnel, abort
 from tray_proxy.relay.protocol.peek import HostPeeker
 from tray_proxy.relay.records import (
     Address,
@@ -112,6 +112,7 @@ class RelayEngine:
         self._tunnels: dict[int, Tunnel] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._pool = PipePool()
+        self._batching: ReadBatching | None = None
         self._dialer = Dialer(settings.source_ports)
         self._sweeper: asyncio.TimerHandle | None = None
         self._idle = asyncio.Event()
@@ -164,6 +165,7 @@ class RelayEngine:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._batching = ReadBatching(self._loop)
         raise_nofile_limit()
         port = self.settings.port
         try:
@@ -436,6 +438,7 @@ class RelayEngine:
             upstream_sock,
             record,
             lambda reason, detail: self._tunnel_closed(record, reason, detail),
+            self._batching,
         )
         self._tunnels[record.id] = tunnel
         tunnel.start()

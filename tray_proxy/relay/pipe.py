@@ -10,6 +10,15 @@ qasync all provide. Backpressure: a direction stops reading its source while its
 still holds bytes the destination has not taken. Half-close: EOF on one side becomes
 `shutdown(SHUT_WR)` on the other once everything before it was delivered, while the
 other direction keeps flowing.
+
+Read batching (`ReadBatching`): a direction whose source outruns the loop (a splice brings
+in `BATCH_START` bytes or more) gets SO_RCVLOWAT raised, so the kernel wakes the relay once
+per batch instead of once per few segments. Each wakeup costs a loop iteration, two splices
+and a window-update ACK, so fewer, larger ones cut the relay's CPU per GiB by about a third
+(bench/). A tick every `BATCH_TICK` seconds, armed only while some direction batches, sizes
+the batch to what arrived in the last tick and lowers it in steps for a direction that moved
+nothing, down to no batching: the bytes of a burst's tail that wait below the mark are
+released within three ticks. Small exchanges never batch.
 """
 
 from __future__ import annotations
@@ -30,6 +39,10 @@ _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 PIPE_SIZE = 1 << 20  # bytes per splice; bounded by /proc/sys/fs/pipe-max-size
 PIPE_RETRY = 0.1  # seconds a direction waits when no pipe can be made
+BATCH_TICK = 0.001  # seconds between batch resizes; a burst's tail waits at most three
+BATCH_START = 64 * 1024  # a splice this large starts batching, with this mark
+BATCH_MAX = 1 << 20  # the highest mark (one pipe's worth)
+DRAIN_BUDGET = 4 << 20  # bytes one readiness callback moves at most
 
 
 class PipePool:
@@ -70,10 +83,69 @@ def close_pipe(pipe: tuple[int, int, int]) -> None:
             os.close(fd)
 
 
+class ReadBatching:
+    """The SO_RCVLOWAT marks of the directions that batch, resized on one shared tick."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, tick: float = BATCH_TICK) -> None:
+        self._loop = loop
+        self._tick_seconds = tick
+        self._batching: set[_Direction] = set()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __len__(self) -> int:
+        return len(self._batching)
+
+    def start(self, direction: _Direction) -> None:
+        if not self._batching:
+            self._timer = self._loop.call_later(self._tick_seconds, self._tick)
+        self._batching.add(direction)
+        direction.set_lowat(BATCH_MAX)
+
+    def forget(self, direction: _Direction) -> None:
+        """The direction ended: no mark to reset, only the reference to drop."""
+        self._batching.discard(direction)
+        if not self._batching and self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _tick(self) -> None:
+        self._timer = None
+        for direction in list(self._batching):
+            moved, direction.moved = direction.moved, 0
+            if moved:
+                # About one wakeup per tick at the rate of the last tick.
+                mark = min(BATCH_MAX, max(BATCH_START, 1 << (moved.bit_length() - 1)))
+                if mark != direction.lowat:
+                    direction.set_lowat(mark)
+            elif not direction.pending:
+                # Nothing came in a whole tick, and we were not waiting on the destination:
+                # the rate fell, or a burst ended with its tail below the mark. Lower the mark
+                # (the kernel signals readable at once if the tail is above the new one), and
+                # after the lowest one stop batching, which releases any tail.
+                if direction.lowat > BATCH_START:
+                    direction.set_lowat(max(BATCH_START, direction.lowat >> 2))
+                else:
+                    direction.set_lowat(1)
+                    self._batching.discard(direction)
+        if self._batching:
+            self._timer = self._loop.call_later(self._tick_seconds, self._tick)
+
+
 class _Direction:
     """One way of a tunnel: src socket -> pipe -> dst socket."""
 
-    __slots__ = ("tunnel", "src", "dst", "pipe", "pending", "eof", "finished", "upstream_bound")
+    __slots__ = (
+        "tunnel",
+        "src",
+        "dst",
+        "pipe",
+        "pending",
+        "eof",
+        "finished",
+        "upstream_bound",
+        "lowat",
+        "moved",
+    )
 
     def __init__(self, tunnel: Tunnel, src: int, dst: int, upstream_bound: bool) -> None:
         self.tunnel = tunnel
@@ -84,6 +156,8 @@ class _Direction:
         self.eof = False
         self.finished = False  # EOF seen and everything delivered, dst shut for writing
         self.upstream_bound = upstream_bound  # True: client -> upstream
+        self.lowat = 1  # SO_RCVLOWAT of src (1 unless batching)
+        self.moved = 0  # bytes read from src since the last batching tick
 
     def start(self) -> None:
         self.tunnel.loop.add_reader(self.src, self.on_readable)
@@ -99,26 +173,42 @@ class _Direction:
                 tunnel.loop.remove_reader(self.src)
                 tunnel.loop.call_later(PIPE_RETRY, self._resume_reading)
                 return
-        try:
-            n = os.splice(self.src, self.pipe[1], self.pipe[2], flags=_SPLICE_FLAGS)
-        except BlockingIOError:
-            self._release_pipe_if_empty()
-            return
-        except OSError as exc:
-            tunnel.fail(not self.upstream_bound, exc)
-            return
-        if n == 0:
-            self.tunnel.loop.remove_reader(self.src)
-            self.eof = True
-            self._release_pipe_if_empty()
-            if self.pending == 0:
-                self._finish()
-            return
-        self.pending += n
-        tunnel.count(self.upstream_bound, n)
-        self.on_writable(registered=False)
+        # Read until the socket has nothing more (EAGAIN), EOF or an error, not once per
+        # wakeup: uvloop (libuv) does not call a reader again for an error (RST) that is
+        # still pending after the callback took the data that came before it, so a reset
+        # would go unnoticed until the idle timeout. The extra splice that finds nothing
+        # costs a microsecond. `budget` keeps one busy direction from starving the loop.
+        budget = DRAIN_BUDGET
+        while True:
+            try:
+                n = os.splice(self.src, self.pipe[1], self.pipe[2], flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                self._release_pipe_if_empty()
+                return
+            except OSError as exc:
+                tunnel.fail(not self.upstream_bound, exc)
+                return
+            if n == 0:
+                tunnel.loop.remove_reader(self.src)
+                self.eof = True
+                self._release_pipe_if_empty()
+                if self.pending == 0:
+                    self._finish()
+                return
+            self.pending += n
+            self.moved += n
+            if n >= BATCH_START and self.lowat == 1 and tunnel.batching is not None:
+                tunnel.batching.start(self)
+            tunnel.count(self.upstream_bound, n)
+            if not self.on_writable(registered=False):
+                return  # the destination is full: reading waits for it
+            budget -= n
+            if budget <= 0:
+                self._release_pipe_if_empty()
+                return
 
-    def on_writable(self, registered: bool = True) -> None:
+    def on_writable(self, registered: bool = True) -> bool:
+        """Move the pipe's bytes on; True when all of them went (reading may go on)."""
         assert self.pipe is not None
         tunnel = self.tunnel
         while self.pending:
@@ -128,7 +218,7 @@ class _Direction:
                 break
             except OSError as exc:
                 tunnel.fail(self.upstream_bound, exc)
-                return
+                return False
             if m == 0:  # pragma: no cover - the kernel reports EAGAIN rather than 0
                 break
             self.pending -= m
@@ -137,14 +227,17 @@ class _Direction:
             if not registered:
                 loop.remove_reader(self.src)
                 loop.add_writer(self.dst, self.on_writable)
-            return
-        self._release_pipe_if_empty()
+            return False
         if registered:
+            self._release_pipe_if_empty()
             loop.remove_writer(self.dst)
             if not self.eof:
                 loop.add_reader(self.src, self.on_readable)
         if self.eof:
+            self._release_pipe_if_empty()
             self._finish()
+            return False
+        return True
 
     def _resume_reading(self) -> None:
         if not self.tunnel.closed and not self.eof and self.pipe is None:
@@ -154,6 +247,12 @@ class _Direction:
         if self.pipe is not None and self.pending == 0:
             self.tunnel.pool.give_back(self.pipe)
             self.pipe = None
+
+    def set_lowat(self, mark: int) -> None:
+        self.lowat = mark
+        # Fails only on a socket that is going away; its direction ends with it.
+        with contextlib.suppress(OSError):
+            self.tunnel.socks[self.src].setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, mark)
 
     def _finish(self) -> None:
         if self.finished:
@@ -168,7 +267,10 @@ class _Direction:
         self.tunnel.direction_finished()
 
     def stop(self) -> None:
-        loop = self.tunnel.loop
+        tunnel = self.tunnel
+        if self.lowat != 1 and tunnel.batching is not None:
+            tunnel.batching.forget(self)
+        loop = tunnel.loop
         loop.remove_reader(self.src)
         loop.remove_writer(self.dst)
         if self.pipe is not None:
@@ -197,6 +299,7 @@ class Tunnel:
         "closed",
         "last_active",
         "record",
+        "batching",
         "_on_close",
     )
 
@@ -208,6 +311,7 @@ class Tunnel:
         upstream: socket.socket,
         record: ConnectionRecord,
         on_close: Callable[[CloseReason, str], None],
+        batching: ReadBatching | None = None,
     ) -> None:
         self.loop = loop
         self.pool = pool
@@ -219,6 +323,7 @@ class Tunnel:
         self.closed = False
         self.last_active = time.monotonic()
         self.record = record
+        self.batching = batching
         self._on_close = on_close
 
     def start(self) -> None:
