@@ -33,8 +33,11 @@ from tray_proxy.relay.events import (
     TunnelEstablished,
     UpstreamFailed,
 )
+from tray_proxy.relay.opening import Deadlines, Opening
 from tray_proxy.relay.origdst import original_destination
 from tray_proxy.relay.pipe import PipePool, ReadBatching, Tunnel, abort
+from tray_proxy.relay.protocol.auth import basic_proxy_authorization
+from tray_proxy.relay.protocol.errors import UsageError
 from tray_proxy.relay.protocol.peek import HostPeeker
 from tray_proxy.relay.records import (
     Address,
@@ -43,8 +46,14 @@ from tray_proxy.relay.records import (
     ConnState,
     next_connection_id,
 )
-from tray_proxy.relay.settings import RelaySettings, UpstreamProxy
-from tray_proxy.relay.upstream import Dialer, UpstreamAuth, UpstreamError, open_tunnel
+from tray_proxy.relay.settings import RelaySettings, UpstreamKind, UpstreamProxy
+from tray_proxy.relay.upstream import (
+    CredentialState,
+    Dialer,
+    UpstreamAuth,
+    UpstreamError,
+    open_tunnel,
+)
 
 log = logging.getLogger("tray_proxy.relay")
 
@@ -113,6 +122,9 @@ class RelayEngine:
         self._tasks: set[asyncio.Task[None]] = set()
         self._pool = PipePool()
         self._batching: ReadBatching | None = None
+        self._deadlines: Deadlines | None = None
+        # The Basic Proxy-Authorization of the last credentials seen (fast path).
+        self._basic: tuple[Credentials, tuple[str, str]] | None = None
         self._dialer = Dialer(settings.source_ports)
         self._sweeper: asyncio.TimerHandle | None = None
         self._idle = asyncio.Event()
@@ -166,6 +178,10 @@ class RelayEngine:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._batching = ReadBatching(self._loop)
+        limits = [self.settings.connect_timeout, self.settings.handshake_timeout]
+        if self.settings.peek_timeout > 0:
+            limits.append(self.settings.peek_timeout)
+        self._deadlines = Deadlines(self._loop, max(0.001, min(0.05, min(limits) / 4)))
         raise_nofile_limit()
         port = self.settings.port
         try:
@@ -199,6 +215,10 @@ class RelayEngine:
             self._idle.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), timeout)
+        if self._deadlines is not None:
+            for opening in list(self._deadlines.pending.values()):
+                opening.abort(CloseReason.SHUTDOWN, "the relay stopped")
+            self._deadlines.close()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -267,7 +287,11 @@ class RelayEngine:
                 return
             conn.setblocking(False)
             self.stats["accepted"] += 1
-            self._spawn(self._serve(conn, (str(addr[0]), int(addr[1]))), "conn")
+            try:
+                self._accept_one(conn, (str(addr[0]), int(addr[1])))
+            except Exception:
+                log.exception("internal error on a new connection")
+                abort(conn)
 
     def _resume_accepting(self, listener: socket.socket) -> None:
         if self._loop is not None and not self._stopping and listener.fileno() >= 0:
@@ -294,84 +318,184 @@ class RelayEngine:
             return False
         return addr.is_loopback or any(ip == a[0] for a in self._addresses)
 
-    async def _serve(self, conn: socket.socket, client: Address) -> None:
-        loop = self._loop
-        assert loop is not None
+    def _accept_one(self, conn: socket.socket, client: Address) -> None:
+        """A new connection: check where it was going, then open its tunnel, on the fast
+        path (relay/opening.py) when it applies, else in a Task."""
         record = ConnectionRecord(id=next_connection_id(), client=client)
         self._records[record.id] = record
-        upstream_sock: socket.socket | None = None
         try:
             local = conn.getsockname()
-            dst = self._destination_of(conn)
-            record.original_dst = dst
-            self.bus.publish(ConnectionOpened(record.id, client, dst))
-            if dst is None:
-                self._finish(
-                    record,
-                    conn,
-                    CloseReason.NO_ORIGINAL_DST,
-                    "no redirect record for this connection (it was made to the relay port "
-                    "directly, not redirected by nftables)",
-                )
-                return
-            if self._is_relay_address(dst, (str(local[0]), int(local[1]))):
-                self._finish(
-                    record,
-                    conn,
-                    CloseReason.NOT_REDIRECTED,
-                    "connection made to the relay port directly, not redirected",
-                )
-                return
-            record.state = ConnState.PEEKING
-            peeked = b""
+        except OSError as exc:
+            self._finish(
+                record, conn, CloseReason.CLIENT_RESET, f"client side: {exc.strerror or exc}"
+            )
+            return
+        dst = self._destination_of(conn)
+        record.original_dst = dst
+        self.bus.publish(ConnectionOpened(record.id, client, dst))
+        if dst is None:
+            self._finish(
+                record,
+                conn,
+                CloseReason.NO_ORIGINAL_DST,
+                "no redirect record for this connection (it was made to the relay port "
+                "directly, not redirected by nftables)",
+            )
+            return
+        if self._is_relay_address(dst, (str(local[0]), int(local[1]))):
+            self._finish(
+                record,
+                conn,
+                CloseReason.NOT_REDIRECTED,
+                "connection made to the relay port directly, not redirected",
+            )
+            return
+        fast = self._fast_route(dst)
+        if fast is None:
+            peeker = None
             if self.settings.peek_timeout > 0:
-                record.host, peeked = await self._peek(conn)
-            upstream = self.active_upstream
-            record.upstream = upstream.name if upstream else None
-            self.bus.publish(ConnectionRouted(record.id, record.host, record.upstream))
-            if upstream is None:
-                self._finish(record, conn, CloseReason.NO_UPSTREAM, "no upstream proxy is set up")
-                return
-            if self._dialer.is_upstream_address(dst):
-                # The redirect should have excluded the upstream (helper ruleset); if its
-                # address changed under us, refuse instead of tunnelling into ourselves.
-                self._finish(
-                    record,
-                    conn,
-                    CloseReason.LOOP,
-                    f"the redirect caught a connection to the upstream itself ({_fmt(dst)}); "
-                    "its address is not excluded yet",
-                    reset=True,
-                )
-                return
-            creds = self.credentials.get(upstream.name, upstream.username)
-            record.state = ConnState.CONNECTING
-            started = time.monotonic()
-            auth = self._auth_of(upstream)
+                peeker = HostPeeker(self.settings.peek_max_bytes)
+            self._spawn(self._serve(record, conn, peeker, b""), "conn")
+            return
+        upstream, address, header = fast
+        record.upstream = upstream.name
+        loop = self._loop
+        assert loop is not None and self._deadlines is not None
+        Opening(
+            loop, self, self._deadlines, self.settings, record, conn, upstream, address, header
+        ).start()
 
-            def dialed() -> None:
-                record.state = ConnState.HANDSHAKING
-
+    def _fast_route(
+        self, dst: Address
+    ) -> tuple[UpstreamProxy, tuple[int, Address], tuple[str, str] | None] | None:
+        """Upstream, its address and the Proxy-Authorization header, when the fast path
+        applies (see relay/opening.py); else None."""
+        upstream = self.active_upstream
+        if (
+            upstream is None
+            or upstream.kind is not UpstreamKind.HTTP
+            or upstream.port in self.settings.redirect_ports  # needs a reserved port
+            or self._dialer.is_upstream_address(dst)  # a loop: the Task path refuses it
+        ):
+            return None
+        known = self._dialer.known_addresses(upstream.host, upstream.port)
+        if not known:
+            return None
+        creds = self.credentials.get(upstream.name, upstream.username)
+        if creds is None:
+            return upstream, known[0], None
+        auth = self._auth_of(upstream)
+        auth.observe(creds)
+        pinned = None if upstream.auth.value == "auto" else upstream.auth.value
+        if auth.state is not CredentialState.VERIFIED or not auth.sends_basic(pinned):
+            return None
+        cached = self._basic
+        if cached is None or cached[0] != creds:
             try:
-                upstream_sock, trailing = await open_tunnel(
-                    self._dialer,
-                    upstream,
-                    (record.host or dst[0], dst[1]),
-                    creds,
-                    auth,
-                    connect_timeout=self.settings.connect_timeout,
-                    handshake_timeout=self.settings.handshake_timeout,
-                    reserved=upstream.port in self.settings.redirect_ports,
-                    on_dialed=dialed,
-                )
-            except UpstreamError as exc:
-                if exc.rejected and creds is not None:
-                    exc.detail += (
-                        f". Enter the right password for {creds.username} "
-                        f"(tray-proxy credentials set {upstream.name})"
+                header = basic_proxy_authorization(creds.username, creds.password.reveal())
+            except UsageError:
+                return None  # the Task path words the configuration error
+            cached = self._basic = (creds, header)
+        return upstream, known[0], cached[1]
+
+    # -- the fast path's hooks (relay/opening.py) -----------------------------------------
+
+    def routed(self, record: ConnectionRecord) -> None:
+        self.bus.publish(ConnectionRouted(record.id, record.host, record.upstream))
+
+    def opened(
+        self, record: ConnectionRecord, conn: socket.socket, upstream: socket.socket
+    ) -> None:
+        self._start_tunnel(record, conn, upstream)
+
+    def failed(self, record: ConnectionRecord, conn: socket.socket, exc: UpstreamError) -> None:
+        self.bus.publish(UpstreamFailed(record.upstream or "?", exc.reason, exc.detail))
+        self._finish(record, conn, exc.reason, exc.detail, reset=True)
+
+    def closed(
+        self, record: ConnectionRecord, conn: socket.socket, reason: CloseReason, detail: str
+    ) -> None:
+        self._finish(record, conn, reason, detail, reset=reason is CloseReason.SHUTDOWN)
+
+    def fall_back(
+        self,
+        record: ConnectionRecord,
+        conn: socket.socket,
+        peeker: HostPeeker | None,
+        peeked: bytes,
+        reauthenticate: bool,
+    ) -> None:
+        upstream = self.active_upstream
+        if reauthenticate and upstream is not None:
+            creds = self.credentials.get(upstream.name, upstream.username)
+            if creds is not None:
+                self._auth_of(upstream).doubt(creds)
+        self._spawn(self._serve(record, conn, peeker, peeked, routed=peeker is None), "conn")
+
+    def finish_slowly(
+        self,
+        record: ConnectionRecord,
+        conn: socket.socket,
+        upstream: socket.socket,
+        to_upstream: bytes,
+        to_client: bytes,
+    ) -> None:
+        self._spawn(
+            self._serve(record, conn, None, to_upstream, routed=True, opened=(upstream, to_client)),
+            "conn",
+        )
+
+    # -- the Task path --------------------------------------------------------------------
+
+    async def _serve(
+        self,
+        record: ConnectionRecord,
+        conn: socket.socket,
+        peeker: HostPeeker | None,
+        peeked: bytes,
+        *,
+        routed: bool = False,
+        opened: tuple[socket.socket, bytes] | None = None,
+    ) -> None:
+        """Peek (unless done), dial, handshake, forward the early bytes, start the tunnel.
+
+        `routed`: the routing event went out already. `opened`: the fast path opened the
+        tunnel and left bytes to forward (the upstream socket, bytes for the client).
+        """
+        loop = self._loop
+        assert loop is not None
+        dst = record.original_dst
+        assert dst is not None
+        upstream_sock: socket.socket | None = None
+        try:
+            if peeker is not None:
+                record.state = ConnState.PEEKING
+                record.host, peeked = await self._peek(conn, peeker)
+            if opened is not None:
+                upstream_sock, trailing = opened
+            else:
+                upstream = self.active_upstream
+                record.upstream = upstream.name if upstream else None
+                if not routed:
+                    self.bus.publish(ConnectionRouted(record.id, record.host, record.upstream))
+                if upstream is None:
+                    self._finish(
+                        record, conn, CloseReason.NO_UPSTREAM, "no upstream proxy is set up"
                     )
-                raise
-            record.handshake_latency = time.monotonic() - started
+                    return
+                if self._dialer.is_upstream_address(dst):
+                    # The redirect should have excluded the upstream (helper ruleset); if its
+                    # address changed under us, refuse instead of tunnelling into ourselves.
+                    self._finish(
+                        record,
+                        conn,
+                        CloseReason.LOOP,
+                        f"the redirect caught a connection to the upstream itself "
+                        f"({_fmt(dst)}); its address is not excluded yet",
+                        reset=True,
+                    )
+                    return
+                upstream_sock, trailing = await self._open(record, upstream, dst)
             if peeked:
                 try:
                     await loop.sock_sendall(upstream_sock, peeked)
@@ -393,9 +517,7 @@ class RelayEngine:
         except UpstreamError as exc:
             if upstream_sock is not None:
                 upstream_sock.close()
-            name = record.upstream or "?"
-            self.bus.publish(UpstreamFailed(name, exc.reason, exc.detail))
-            self._finish(record, conn, exc.reason, exc.detail, reset=True)
+            self.failed(record, conn, exc)
             return
         except asyncio.CancelledError:
             if upstream_sock is not None:
@@ -427,6 +549,46 @@ class RelayEngine:
             log.exception("internal error on connection %d", record.id)
             self._finish(record, conn, CloseReason.INTERNAL_ERROR, type(exc).__name__, reset=True)
             return
+        self._start_tunnel(record, conn, upstream_sock)
+
+    async def _open(
+        self, record: ConnectionRecord, upstream: UpstreamProxy, dst: Address
+    ) -> tuple[socket.socket, bytes]:
+        creds = self.credentials.get(upstream.name, upstream.username)
+        record.state = ConnState.CONNECTING
+        started = time.monotonic()
+        auth = self._auth_of(upstream)
+
+        def dialed() -> None:
+            record.state = ConnState.HANDSHAKING
+
+        try:
+            opened = await open_tunnel(
+                self._dialer,
+                upstream,
+                (record.host or dst[0], dst[1]),
+                creds,
+                auth,
+                connect_timeout=self.settings.connect_timeout,
+                handshake_timeout=self.settings.handshake_timeout,
+                reserved=upstream.port in self.settings.redirect_ports,
+                on_dialed=dialed,
+            )
+        except UpstreamError as exc:
+            if exc.rejected and creds is not None:
+                exc.detail += (
+                    f". Enter the right password for {creds.username} "
+                    f"(tray-proxy credentials set {upstream.name})"
+                )
+            raise
+        record.handshake_latency = time.monotonic() - started
+        return opened
+
+    def _start_tunnel(
+        self, record: ConnectionRecord, conn: socket.socket, upstream_sock: socket.socket
+    ) -> None:
+        loop = self._loop
+        assert loop is not None
         record.state = ConnState.OPEN
         record.established_at = time.time()
         assert record.handshake_latency is not None
@@ -443,16 +605,15 @@ class RelayEngine:
         self._tunnels[record.id] = tunnel
         tunnel.start()
 
-    async def _peek(self, conn: socket.socket) -> tuple[str | None, bytes]:
+    async def _peek(self, conn: socket.socket, peeker: HostPeeker) -> tuple[str | None, bytes]:
         """Read the client's first bytes (bounded in size and time) for a host name."""
         loop = self._loop
         assert loop is not None
-        peeker = HostPeeker(self.settings.peek_max_bytes)
 
         async def read() -> None:
             # feed() decides on a host name, on bytes that cannot carry one, on the size
             # cap, or on EOF (b"").
-            while not peeker.feed(await loop.sock_recv(conn, _PEEK_RECV)):
+            while not peeker.decided and not peeker.feed(await loop.sock_recv(conn, _PEEK_RECV)):
                 pass
 
         with contextlib.suppress(asyncio.TimeoutError):

@@ -123,7 +123,7 @@ class Dialer:
         self._known.add((str(ip), port))
         return [(family, (str(ip), port))]
 
-    def _known_addresses(self, host: str, port: int) -> list[tuple[int, Address]] | None:
+    def known_addresses(self, host: str, port: int) -> list[tuple[int, Address]] | None:
         """The addresses of `host` if no lookup is needed (IP literal, or cached); else None."""
         literal = self._literal(host, port)
         if literal is not None:
@@ -134,7 +134,7 @@ class Dialer:
         return None
 
     async def resolve(self, host: str, port: int) -> list[tuple[int, Address]]:
-        known = self._known_addresses(host, port)
+        known = self.known_addresses(host, port)
         if known is not None:
             return known
         key = (host, port)
@@ -167,7 +167,7 @@ class Dialer:
         deadline = loop.time() + timeout
         try:
             # Most connections go to an upstream already resolved: no timer for those.
-            known = self._known_addresses(host, port)
+            known = self.known_addresses(host, port)
             addresses = (
                 known if known is not None else await within(timeout, self.resolve(host, port))
             )
@@ -301,7 +301,7 @@ async def run_handshake(
             CloseReason.UPSTREAM_REFUSED,
             f"proxy {upstream}: {exc}",
             status=exc.status,
-            refusal=_refusal_words(exc),
+            refusal=refusal_words(exc),
         ) from None
     except ProtocolError as exc:
         raise UpstreamError(
@@ -356,6 +356,15 @@ class UpstreamAuth:
         if credentials != self._credentials:
             self._credentials = credentials
             self.state = CredentialState.UNVERIFIED
+
+    def doubt(self, credentials: Credentials) -> None:
+        """The proxy refused verified `credentials`: verify them again, one at a time."""
+        if credentials == self._credentials and self.state is CredentialState.VERIFIED:
+            self.state = CredentialState.UNVERIFIED
+
+    def sends_basic(self, pinned: str | None) -> bool:
+        """Would a tunnel's first request carry Basic credentials (ProxyAuth.first())?"""
+        return (pinned or self.memo.scheme) == "basic"
 
     def retry(self) -> None:
         """The user asked to try the rejected credentials again."""
@@ -670,7 +679,7 @@ class _Opener:
                     CloseReason.UPSTREAM_REFUSED,
                     f"proxy {self.upstream}: {exc}",
                     status=exc.status,
-                    refusal=_refusal_words(exc),
+                    refusal=refusal_words(exc),
                 ) from None
             except ProtocolError as exc:
                 raise self._protocol_error(exc) from None
@@ -730,7 +739,7 @@ class _Opener:
 _SCHEME_WORDS = {"basic": "Basic", "digest": "Digest", "ntlm": "NTLM", "negotiate": "Negotiate"}
 
 
-def _refusal_words(exc: HandshakeRefused) -> str:
+def refusal_words(exc: HandshakeRefused) -> str:
     """The proxy's reason phrase, plus Squid's error name when it sent one."""
     squid = next((v for n, v in exc.headers if n.lower() == "x-squid-error"), "")
     words = exc.reason

@@ -1,0 +1,504 @@
+"""Opening a tunnel in the common case with callbacks instead of a Task per connection.
+
+Must not import PySide6.
+
+The common case: an HTTP CONNECT upstream whose address is known (an IP literal or a fresh
+lookup), no reserved source port needed, and either no credentials or credentials the proxy
+already accepted with Basic. Then one connection costs a handful of callbacks: the accept
+dials the upstream at once, in parallel with reading the client's first bytes (peek), the
+CONNECT goes out when both are done, and a plain 2xx answer starts the splice tunnel. No
+Task, no future, no timer per connection: one shared tick checks the deadlines.
+
+Anything else hands the connection to the engine's coroutine path (`Hooks.fall_back`), which
+redials and does the whole handshake (407 challenges, Digest, NTLM, Negotiate, SOCKS5,
+several addresses, reserved source ports). Failures that the coroutine path would only
+repeat (no answer in time, a refusal, a bad answer) are reported here with the same
+reasons and words.
+
+uvloop (libuv) keeps one poll handle per descriptor and closes it asynchronously once it
+has neither reader nor writer; a new one for the same descriptor within the same loop
+iteration loses events. So the upstream socket always gets its next callback before the
+previous one is removed, and the client's peek reader is removed at least one iteration
+(a round trip to the proxy) before the tunnel reads the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+import time
+from typing import Protocol
+
+from tray_proxy.relay.protocol.errors import HandshakeRefused, ProtocolError, UsageError
+from tray_proxy.relay.protocol.http_connect import ConnectHandshake
+from tray_proxy.relay.protocol.peek import HostPeeker
+from tray_proxy.relay.records import Address, CloseReason, ConnectionRecord, ConnState
+from tray_proxy.relay.settings import RelaySettings, UpstreamProxy
+from tray_proxy.relay.upstream import UpstreamError, refusal_words
+
+_PEEK_RECV = 16384
+_ANSWER_RECV = 65536
+_IN_PROGRESS = frozenset({errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK})
+
+
+class Hooks(Protocol):
+    """What an Opening needs from the engine."""
+
+    def routed(self, record: ConnectionRecord) -> None:
+        """The peek is over: record.host is final."""
+
+    def opened(
+        self, record: ConnectionRecord, conn: socket.socket, upstream: socket.socket
+    ) -> None:
+        """The tunnel is open and every early byte forwarded: start piping."""
+
+    def failed(self, record: ConnectionRecord, conn: socket.socket, exc: UpstreamError) -> None:
+        """The upstream could not give a tunnel: close the client with a reset."""
+
+    def closed(
+        self, record: ConnectionRecord, conn: socket.socket, reason: CloseReason, detail: str
+    ) -> None:
+        """The connection ended during the opening (client reset, relay stopping)."""
+
+    def fall_back(
+        self,
+        record: ConnectionRecord,
+        conn: socket.socket,
+        peeker: HostPeeker | None,
+        peeked: bytes,
+        reauthenticate: bool,
+    ) -> None:
+        """Continue on the coroutine path: dial and handshake from scratch.
+
+        `peeker`: a peek still undecided, to go on with; else `peeked` holds its bytes.
+        `reauthenticate`: the proxy refused credentials it accepted before.
+        """
+
+    def finish_slowly(
+        self,
+        record: ConnectionRecord,
+        conn: socket.socket,
+        upstream: socket.socket,
+        to_upstream: bytes,
+        to_client: bytes,
+    ) -> None:
+        """The tunnel is open but early bytes did not fit in one send: finish in a Task."""
+
+
+class Deadlines:
+    """The time limits of the openings in progress, checked on one shared tick.
+
+    The tick runs only while some opening is in progress, every `resolution` seconds; a
+    limit thus fires up to one tick late.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, resolution: float) -> None:
+        self._loop = loop
+        self._resolution = resolution
+        self.pending: dict[int, Opening] = {}
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, opening: Opening) -> None:
+        if not self.pending and self._timer is None:
+            self._timer = self._loop.call_later(self._resolution, self._tick)
+        self.pending[opening.record.id] = opening
+
+    def discard(self, opening: Opening) -> None:
+        self.pending.pop(opening.record.id, None)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _tick(self) -> None:
+        self._timer = None
+        now = time.monotonic()
+        for opening in [o for o in self.pending.values() if o.deadline <= now]:
+            opening.on_deadline()
+        if self.pending:
+            self._timer = self._loop.call_later(self._resolution, self._tick)
+
+
+class Opening:
+    """One connection from accept to an open tunnel, on the fast path."""
+
+    __slots__ = (
+        "loop",
+        "hooks",
+        "deadlines",
+        "settings",
+        "record",
+        "conn",
+        "upstream",
+        "address",
+        "header",
+        "sock",
+        "peeker",
+        "peeked",
+        "connected",
+        "handshake",
+        "deadline",
+        "peek_deadline",
+        "answer_deadline",
+        "dialed_at",
+        "done",
+    )
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        hooks: Hooks,
+        deadlines: Deadlines,
+        settings: RelaySettings,
+        record: ConnectionRecord,
+        conn: socket.socket,
+        upstream: UpstreamProxy,
+        address: tuple[int, Address],
+        header: tuple[str, str] | None,
+    ) -> None:
+        self.loop = loop
+        self.hooks = hooks
+        self.deadlines = deadlines
+        self.settings = settings
+        self.record = record
+        self.conn = conn
+        self.upstream = upstream
+        self.address = address
+        self.header = header
+        self.sock: socket.socket | None = None
+        self.peeker: HostPeeker | None = None
+        self.peeked = b""
+        self.connected = False
+        self.handshake: ConnectHandshake | None = None
+        self.deadline = 0.0
+        self.peek_deadline = 0.0
+        self.answer_deadline = 0.0
+        self.dialed_at = 0.0
+        self.done = False
+
+    # -- start: dial and peek at once -----------------------------------------------------
+
+    def start(self) -> None:
+        now = time.monotonic()
+        self.record.state = ConnState.PEEKING
+        self.deadlines.add(self)
+        if self.settings.peek_timeout > 0:
+            self.peeker = HostPeeker(self.settings.peek_max_bytes)
+            self.peek_deadline = now + self.settings.peek_timeout
+        if not self._dial(now):
+            return
+        if self.peeker is not None and not self._peek_now():
+            if not self.done:
+                self.loop.add_reader(self.conn.fileno(), self._on_peek)
+                self._update_deadline()
+            return
+        if not self.done:
+            self._peek_done()
+
+    def _dial(self, now: float) -> bool:
+        family, addr = self.address
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:
+            # Out of descriptors: the coroutine path reports it properly.
+            self._fall_back()
+            return False
+        self.sock = sock
+        self.dialed_at = now
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            code = sock.connect_ex(addr)
+        except OSError:
+            self._fall_back()
+            return False
+        if code == 0:
+            self.connected = True
+        elif code in _IN_PROGRESS:
+            self.loop.add_writer(sock.fileno(), self._on_connected)
+        else:
+            # Refused at once, or no route: the coroutine path tries the other addresses
+            # and says why in its own words.
+            self._fall_back()
+            return False
+        return True
+
+    def _update_deadline(self) -> None:
+        """The nearest limit of what is still outstanding."""
+        limits = []
+        if self.peeker is not None and not self.peeker.decided:
+            limits.append(self.peek_deadline)
+        if not self.connected:
+            limits.append(self.dialed_at + self.settings.connect_timeout)
+        if self.handshake is not None:
+            limits.append(self.answer_deadline)
+        self.deadline = min(limits) if limits else float("inf")
+
+    # -- the client's first bytes ---------------------------------------------------------
+
+    def _peek_now(self) -> bool:
+        """Read what the client sent; True when the peek has decided."""
+        peeker = self.peeker
+        assert peeker is not None
+        try:
+            data = self.conn.recv(_PEEK_RECV)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as exc:
+            self._client_gone(exc)
+            return True
+        return peeker.feed(data)
+
+    def _on_peek(self) -> None:
+        if self.done:
+            return
+        if self._peek_now() and not self.done:
+            self.loop.remove_reader(self.conn.fileno())
+            self._peek_done()
+
+    def _peek_done(self) -> None:
+        peeker = self.peeker
+        if peeker is not None:
+            if not peeker.decided:
+                peeker.feed(b"")  # time is up: decide on what arrived
+            self.record.host = peeker.host
+            self.peeked = peeker.buffered
+            self.peeker = None
+        self.hooks.routed(self.record)
+        if self.connected:
+            self._send_request()
+        else:
+            self.record.state = ConnState.CONNECTING
+            self._update_deadline()
+
+    # -- the upstream ---------------------------------------------------------------------
+
+    def _on_connected(self) -> None:
+        if self.done:
+            return
+        sock = self.sock
+        assert sock is not None
+        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code in _IN_PROGRESS:
+            return
+        if code != 0:
+            self.loop.remove_writer(sock.fileno())
+            self._fall_back()
+            return
+        self.connected = True
+        if self.peeker is not None:
+            # Still waiting for the client: nothing to write until then. Watch for the proxy
+            # closing on us meanwhile; the reader goes on first so the poll handle stays.
+            fd = sock.fileno()
+            self.loop.add_reader(fd, self._on_early_upstream)
+            self.loop.remove_writer(fd)
+            self._update_deadline()
+            return
+        self._send_request(writer_registered=True)
+
+    def _on_early_upstream(self) -> None:
+        """The proxy spoke (or hung up) before our request: let the coroutine path retry."""
+        if not self.done:
+            self._fall_back()
+
+    def _send_request(self, writer_registered: bool = False) -> None:
+        sock = self.sock
+        assert sock is not None
+        self.record.state = ConnState.HANDSHAKING
+        dst = self.record.original_dst
+        assert dst is not None
+        try:
+            handshake = ConnectHandshake(
+                self.record.host or dst[0],
+                dst[1],
+                headers=[self.header] if self.header is not None else [],
+            )
+        except UsageError:
+            if writer_registered:
+                self.loop.remove_writer(sock.fileno())
+            self._fall_back()  # it words the configuration error
+            return
+        request = handshake.data_to_send()
+        try:
+            sent = sock.send(request)
+        except OSError:
+            sent = -1
+        fd = sock.fileno()
+        if sent != len(request):
+            if writer_registered:
+                self.loop.remove_writer(fd)
+            self._fall_back()
+            return
+        self.handshake = handshake
+        self.answer_deadline = time.monotonic() + self.settings.handshake_timeout
+        # Reader first, then drop the writer: the descriptor's poll handle stays alive.
+        self.loop.add_reader(fd, self._on_answer)
+        if writer_registered:
+            self.loop.remove_writer(fd)
+        self._update_deadline()
+
+    def _on_answer(self) -> None:
+        if self.done:
+            return
+        sock = self.sock
+        handshake = self.handshake
+        assert sock is not None and handshake is not None
+        try:
+            data = sock.recv(_ANSWER_RECV)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._fail(
+                UpstreamError(
+                    CloseReason.UPSTREAM_RESET,
+                    f"proxy {self.upstream} dropped the connection: {exc.strerror or exc}",
+                )
+            )
+            return
+        try:
+            handshake.receive_data(data)
+        except HandshakeRefused as exc:
+            if exc.status == 407:
+                # The proxy no longer takes what it took before (a changed password, say):
+                # the coroutine path re-checks the credentials, one connection at a time.
+                self._fall_back(reauthenticate=True)
+                return
+            self._fail(
+                UpstreamError(
+                    CloseReason.UPSTREAM_REFUSED,
+                    f"proxy {self.upstream}: {exc}",
+                    status=exc.status,
+                    refusal=refusal_words(exc),
+                )
+            )
+            return
+        except ProtocolError as exc:
+            self._fail(
+                UpstreamError(
+                    CloseReason.UPSTREAM_PROTOCOL_ERROR,
+                    f"proxy {self.upstream} sent a bad answer: {exc}",
+                )
+            )
+            return
+        if not handshake.done:
+            return  # more of the head to come
+        self._established(handshake.trailing)
+
+    def _established(self, trailing: bytes) -> None:
+        sock = self.sock
+        assert sock is not None
+        self._end()
+        self.record.handshake_latency = time.monotonic() - self.dialed_at
+        to_upstream = self.peeked
+        if to_upstream:
+            try:
+                sent = sock.send(to_upstream)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self.loop.remove_reader(sock.fileno())
+                self.sock = None
+                sock.close()
+                self.hooks.failed(
+                    self.record,
+                    self.conn,
+                    UpstreamError(
+                        CloseReason.UPSTREAM_RESET,
+                        f"upstream side: {exc.strerror or exc} while forwarding the first bytes",
+                    ),
+                )
+                return
+            self.record.bytes_up += sent
+            to_upstream = to_upstream[sent:]
+        self.sock = None
+        if to_upstream or trailing:
+            self.loop.remove_reader(sock.fileno())
+            self.hooks.finish_slowly(self.record, self.conn, sock, to_upstream, trailing)
+            return
+        # The tunnel's reader replaces ours on the same poll handle.
+        self.hooks.opened(self.record, self.conn, sock)
+
+    # -- endings --------------------------------------------------------------------------
+
+    def on_deadline(self) -> None:
+        if self.done:
+            return
+        now = time.monotonic()
+        if self.peeker is not None and not self.peeker.decided and now >= self.peek_deadline:
+            self.loop.remove_reader(self.conn.fileno())
+            self._peek_done()
+            if self.done:
+                return
+        if not self.connected and now >= self.dialed_at + self.settings.connect_timeout:
+            family, addr = self.address
+            self._fail(
+                UpstreamError(
+                    CloseReason.UPSTREAM_TIMEOUT,
+                    f"connecting to {_fmt(addr)} took over {self.settings.connect_timeout:g}s",
+                )
+            )
+            return
+        if self.handshake is not None and now >= self.answer_deadline:
+            self._fail(
+                UpstreamError(
+                    CloseReason.UPSTREAM_TIMEOUT,
+                    f"proxy {self.upstream} did not complete the handshake within "
+                    f"{self.settings.handshake_timeout:g}s",
+                )
+            )
+            return
+        self._update_deadline()
+
+    def abort(self, reason: CloseReason, detail: str) -> None:
+        """The engine stops: end this opening now."""
+        if self.done:
+            return
+        self._end()
+        self._close_upstream()
+        self.hooks.closed(self.record, self.conn, reason, detail)
+
+    def _client_gone(self, exc: OSError) -> None:
+        self._end()
+        self._close_upstream()
+        self.hooks.closed(
+            self.record,
+            self.conn,
+            CloseReason.CLIENT_RESET,
+            f"client side: {os.strerror(exc.errno) if exc.errno else exc}",
+        )
+
+    def _fail(self, exc: UpstreamError) -> None:
+        self._end()
+        self._close_upstream()
+        self.hooks.failed(self.record, self.conn, exc)
+
+    def _fall_back(self, reauthenticate: bool = False) -> None:
+        self._end()
+        self._close_upstream()
+        self.hooks.fall_back(self.record, self.conn, self.peeker, self.peeked, reauthenticate)
+
+    def _end(self) -> None:
+        """Stop every callback of this opening (the sockets stay open)."""
+        self.done = True
+        self.deadlines.discard(self)
+        if self.peeker is not None and not self.peeker.decided:
+            self.loop.remove_reader(self.conn.fileno())
+
+    def _close_upstream(self) -> None:
+        sock = self.sock
+        if sock is None:
+            return
+        self.sock = None
+        fd = sock.fileno()
+        if fd >= 0:
+            self.loop.remove_reader(fd)
+            self.loop.remove_writer(fd)
+        sock.close()
+
+
+def _fmt(addr: Address) -> str:
+    ip, port = addr
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
