@@ -55,6 +55,23 @@ GIB = 1 << 30
 ORIGIN_PORT = 443
 SQUID_PORT = 3128
 SQUID_EXTRA = "max_filedescriptors 16384"
+# Each relay row dials Squid on a port of its own, so the TIME_WAIT sockets one row leaves
+# behind (5,000+ per round, 60 s each) never crowd the source ports another row needs to
+# reach Squid: the kernel's connect() slows down as one destination's port space fills.
+ROW_SQUID_PORT = 3130
+
+
+def row_squid_port(key: str) -> int:
+    """The Squid port a relay row dials."""
+    relay_rows = [r.key for r in ROWS if r.relay is not None]
+    return ROW_SQUID_PORT + relay_rows.index(key)
+
+
+def squid_row_ports(host: str) -> str:
+    """Squid config lines: one http_port per relay row (see ROW_SQUID_PORT)."""
+    return "".join(
+        f"\nhttp_port {host}:{row_squid_port(r.key)}" for r in ROWS if r.relay is not None
+    )
 
 
 @dataclass(frozen=True)
@@ -256,7 +273,7 @@ class Bench:
     def make_relay(self, key: str) -> Relay:
         creds = self.squid.credentials
         assert creds is not None
-        upstream = (self.squid.host, self.squid.port)
+        upstream = (self.squid.host, row_squid_port(key))
         common = (self.lab.client, self.workdir, self.fresh_port())
         relay: Relay
         if key == "tray-run":
@@ -632,7 +649,10 @@ def render_doc(
             "row, and the client namespace's nft table redirects tcp/443 to each address to "
             "that row's relay (Squid's address excluded). The load generator "
             "(bench/loadgen.py) dials the row's origin address (direct and Squid only: the "
-            "origin's own); for Squid only it sends CONNECT with Basic auth itself.",
+            "origin's own); for Squid only it sends CONNECT with Basic auth itself. Each relay "
+            f"row dials Squid on a port of its own ({ROW_SQUID_PORT} and up; Squid only: "
+            f"{SQUID_PORT}), so the TIME_WAIT sockets one row leaves behind never crowd the "
+            "source ports of the next.",
             f"- Bulk: one stream of {sizes.bulk_bytes >> 20} MiB each way. Relay CPU: utime + "
             "stime of the relay process from /proc/PID/stat around the transfer, divided by "
             "GiB moved (10 ms tick resolution).",
@@ -731,6 +751,7 @@ def main(argv: list[str] | None = None) -> int:
             lab.origins.stop()
             lab.client.run(["sysctl", "-qw", f"net.ipv4.tcp_tw_reuse={args.tw_reuse}"])
             squid = lab.new_squid(auth="basic", extra_config=SQUID_EXTRA, name="bench-squid")
+            squid.extra_config += squid_row_ports(squid.host)
             with squid.start(), bench_origin(lab):
                 bench = Bench(lab, squid, sizes, budget)
                 for n in range(args.rounds):

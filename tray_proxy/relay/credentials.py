@@ -53,7 +53,8 @@ class SystemdCredentialSource:
     """systemd credentials: the password of upstream NAME is `$CREDENTIALS_DIRECTORY/NAME`.
 
     A trailing newline in the file is not part of the password. The file is read again only
-    when its size or modification time changes (a stat per connection, not a read).
+    when its size or modification time changes (a stat per connection, not a read), and the
+    same Credentials object is handed out until then.
     """
 
     def __init__(self, directory: str | os.PathLike[str] | None = None) -> None:
@@ -61,28 +62,32 @@ class SystemdCredentialSource:
             env = os.environ.get("CREDENTIALS_DIRECTORY")
             directory = env if env else None
         self._dir = Path(directory) if directory is not None else None
-        self._cache: dict[str, tuple[tuple[int, int, int], str]] = {}
+        self._cache: dict[str, tuple[tuple[int, int, int], Credentials]] = {}
+        self._paths: dict[str, str] = {}
 
     def get(self, upstream: str, username: str | None) -> Credentials | None:
         if self._dir is None or username is None:
             return None
         if "/" in upstream or upstream in ("", ".", ".."):
             return None
-        path = self._dir / upstream
+        path = self._paths.get(upstream)
+        if path is None:
+            path = self._paths[upstream] = str(self._dir / upstream)
         try:
             st = os.stat(path)
             stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
             cached = self._cache.get(upstream)
-            if cached is not None and cached[0] == stamp:
-                password = cached[1]
-            else:
-                raw = path.read_text(encoding="utf-8")
-                password = raw.removesuffix("\n").removesuffix("\r")
-                self._cache[upstream] = (stamp, password)
+            if cached is not None and cached[0] == stamp and cached[1].username == username:
+                return cached[1]
+            with open(path, encoding="utf-8") as handle:
+                raw = handle.read()
+            password = raw.removesuffix("\n").removesuffix("\r")
+            found = Credentials(username, Secret(password))
+            self._cache[upstream] = (stamp, found)
         except (OSError, UnicodeDecodeError, ValueError):  # ValueError: NUL in the name
             self._cache.pop(upstream, None)
             return None
-        return Credentials(username, Secret(password))
+        return found
 
 
 class ChainedCredentialSource:

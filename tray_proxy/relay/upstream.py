@@ -109,6 +109,8 @@ class Dialer:
         self._ports = SourcePorts(*source_ports) if source_ports else None
         self._cache: dict[tuple[str, int], _Resolved] = {}
         self._known: set[Address] = set()  # every address an upstream resolved to
+        # host:port -> its address when host is an IP literal, or None (parsed once).
+        self._literals: dict[tuple[str, int], list[tuple[int, Address]] | None] = {}
 
     def is_upstream_address(self, addr: Address) -> bool:
         """Did we dial an upstream at this address? (A redirect of it would be a loop.)"""
@@ -116,12 +118,18 @@ class Dialer:
 
     def _literal(self, host: str, port: int) -> list[tuple[int, Address]] | None:
         """The address of an IP-literal host, without a trip through the loop; else None."""
+        key = (host, port)
+        if key in self._literals:
+            return self._literals[key]
         ip = _ip_literal(host)
-        if ip is None:
-            return None
-        family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
-        self._known.add((str(ip), port))
-        return [(family, (str(ip), port))]
+        found: list[tuple[int, Address]] | None = None
+        if ip is not None:
+            family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+            self._known.add((str(ip), port))
+            found = [(family, (str(ip), port))]
+        if len(self._literals) < 64:  # upstream names: a handful
+            self._literals[key] = found
+        return found
 
     def known_addresses(self, host: str, port: int) -> list[tuple[int, Address]] | None:
         """The addresses of `host` if no lookup is needed (IP literal, or cached); else None."""
