@@ -14,6 +14,7 @@ import pytest
 from tests.relay.stubs import pattern, sha, until
 from tray_proxy.relay import pipe as pipe_module
 from tray_proxy.relay.pipe import PipePool, ReadBatching, Tunnel
+from tray_proxy.relay.poller import Poller
 from tray_proxy.relay.records import CloseReason, ConnectionRecord
 
 MiB = 1 << 20
@@ -43,9 +44,11 @@ class Rig:
         self.record = ConnectionRecord(id=1, client=("127.0.0.1", 1))
         self.closes: list[tuple[CloseReason, str]] = []
         self.pool = pool or PipePool()
+        self.poller = Poller(asyncio.get_running_loop())
         self.tunnel = Tunnel(
             asyncio.get_running_loop(),
             self.pool,
+            self.poller,
             self.client,
             self.upstream,
             self.record,
@@ -58,6 +61,7 @@ class Rig:
     def close(self) -> None:
         self.tunnel.close(CloseReason.SHUTDOWN, "test over")
         self.pool.close()
+        self.poller.close()
         for sock in (self.client_peer, self.upstream_peer):
             sock.close()
 

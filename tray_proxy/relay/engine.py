@@ -36,6 +36,7 @@ from tray_proxy.relay.events import (
 from tray_proxy.relay.opening import Deadlines, Opening
 from tray_proxy.relay.origdst import original_destination
 from tray_proxy.relay.pipe import PipePool, ReadBatching, Tunnel, abort
+from tray_proxy.relay.poller import Poller
 from tray_proxy.relay.protocol.auth import basic_proxy_authorization
 from tray_proxy.relay.protocol.errors import UsageError
 from tray_proxy.relay.protocol.peek import HostPeeker
@@ -123,6 +124,7 @@ class RelayEngine:
         self._pool = PipePool()
         self._batching: ReadBatching | None = None
         self._deadlines: Deadlines | None = None
+        self._poller: Poller | None = None
         # The Basic Proxy-Authorization of the last credentials seen (fast path).
         self._basic: tuple[Credentials, tuple[str, str]] | None = None
         self._dialer = Dialer(settings.source_ports)
@@ -178,6 +180,7 @@ class RelayEngine:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._batching = ReadBatching(self._loop)
+        self._poller = Poller(self._loop)
         limits = [self.settings.connect_timeout, self.settings.handshake_timeout]
         if self.settings.peek_timeout > 0:
             limits.append(self.settings.peek_timeout)
@@ -226,6 +229,8 @@ class RelayEngine:
         for tunnel in list(self._tunnels.values()):
             tunnel.close(CloseReason.SHUTDOWN, "the relay stopped")
         self._pool.close()
+        if self._poller is not None:
+            self._poller.close()
         log.info("relay stopped")
         self.bus.publish(EngineStopped())
 
@@ -361,8 +366,17 @@ class RelayEngine:
         record.upstream = upstream.name
         loop = self._loop
         assert loop is not None and self._deadlines is not None
+        assert self._poller is not None
         Opening(
-            loop, self, self._deadlines, self.settings, record, conn, upstream, address, header
+            self._poller,
+            self,
+            self._deadlines,
+            self.settings,
+            record,
+            conn,
+            upstream,
+            address,
+            header,
         ).start()
 
     def _fast_route(
@@ -413,9 +427,14 @@ class RelayEngine:
         self._finish(record, conn, exc.reason, exc.detail, reset=True)
 
     def closed(
-        self, record: ConnectionRecord, conn: socket.socket, reason: CloseReason, detail: str
+        self,
+        record: ConnectionRecord,
+        conn: socket.socket,
+        reason: CloseReason,
+        detail: str,
+        reset: bool,
     ) -> None:
-        self._finish(record, conn, reason, detail, reset=reason is CloseReason.SHUTDOWN)
+        self._finish(record, conn, reason, detail, reset=reset)
 
     def fall_back(
         self,
@@ -508,12 +527,6 @@ class RelayEngine:
             if trailing:
                 await loop.sock_sendall(conn, trailing)
                 record.bytes_down += len(trailing)
-            # uvloop closes the poll handle behind a finished sock_recv() asynchronously
-            # (uv_close completes at the end of the loop iteration). The tunnel's add_reader
-            # on the same fd in the same iteration would get a second poll handle for it,
-            # which libuv does not support: a later RST went unnoticed. One iteration apart
-            # is enough.
-            await asyncio.sleep(0)
         except UpstreamError as exc:
             if upstream_sock is not None:
                 upstream_sock.close()
@@ -593,9 +606,11 @@ class RelayEngine:
         record.established_at = time.time()
         assert record.handshake_latency is not None
         self.bus.publish(TunnelEstablished(record.id, record.upstream, record.handshake_latency))
+        assert self._poller is not None
         tunnel = Tunnel(
             loop,
             self._pool,
+            self._poller,
             conn,
             upstream_sock,
             record,

@@ -15,11 +15,8 @@ several addresses, reserved source ports). Failures that the coroutine path woul
 repeat (no answer in time, a refusal, a bad answer) are reported here with the same
 reasons and words.
 
-uvloop (libuv) keeps one poll handle per descriptor and closes it asynchronously once it
-has neither reader nor writer; a new one for the same descriptor within the same loop
-iteration loses events. So the upstream socket always gets its next callback before the
-previous one is removed, and the client's peek reader is removed at least one iteration
-(a round trip to the proxy) before the tunnel reads the client.
+Readiness comes from the engine's Poller (relay/poller.py), like the tunnels': a callback
+handed from one phase to the next is a dict update and at most one epoll_ctl.
 """
 
 from __future__ import annotations
@@ -31,6 +28,7 @@ import socket
 import time
 from typing import Protocol
 
+from tray_proxy.relay.poller import Poller
 from tray_proxy.relay.protocol.errors import HandshakeRefused, ProtocolError, UsageError
 from tray_proxy.relay.protocol.http_connect import ConnectHandshake
 from tray_proxy.relay.protocol.peek import HostPeeker
@@ -58,9 +56,15 @@ class Hooks(Protocol):
         """The upstream could not give a tunnel: close the client with a reset."""
 
     def closed(
-        self, record: ConnectionRecord, conn: socket.socket, reason: CloseReason, detail: str
+        self,
+        record: ConnectionRecord,
+        conn: socket.socket,
+        reason: CloseReason,
+        detail: str,
+        reset: bool,
     ) -> None:
-        """The connection ended during the opening (client reset, relay stopping)."""
+        """The connection ended during the opening (client reset, relay stopping, no
+        descriptor left)."""
 
     def fall_back(
         self,
@@ -126,7 +130,7 @@ class Opening:
     """One connection from accept to an open tunnel, on the fast path."""
 
     __slots__ = (
-        "loop",
+        "poller",
         "hooks",
         "deadlines",
         "settings",
@@ -149,7 +153,7 @@ class Opening:
 
     def __init__(
         self,
-        loop: asyncio.AbstractEventLoop,
+        poller: Poller,
         hooks: Hooks,
         deadlines: Deadlines,
         settings: RelaySettings,
@@ -157,9 +161,9 @@ class Opening:
         conn: socket.socket,
         upstream: UpstreamProxy,
         address: tuple[int, Address],
-        header: tuple[str, str] | None,
+        header: tuple[str, str] | None = None,
     ) -> None:
-        self.loop = loop
+        self.poller = poller
         self.hooks = hooks
         self.deadlines = deadlines
         self.settings = settings
@@ -192,7 +196,7 @@ class Opening:
             return
         if self.peeker is not None and not self._peek_now():
             if not self.done:
-                self.loop.add_reader(self.conn.fileno(), self._on_peek)
+                self.poller.add_reader(self.conn.fileno(), self._on_peek)
                 self._update_deadline()
             return
         if not self.done:
@@ -202,9 +206,16 @@ class Opening:
         family, addr = self.address
         try:
             sock = socket.socket(family, socket.SOCK_STREAM)
-        except OSError:
-            # Out of descriptors: the coroutine path reports it properly.
-            self._fall_back()
+        except OSError as exc:
+            # Out of descriptors or memory: our own shortage, not the client's doing.
+            self._end()
+            self.hooks.closed(
+                self.record,
+                self.conn,
+                CloseReason.INTERNAL_ERROR,
+                f"the relay is out of resources: {exc.strerror or exc}",
+                True,
+            )
             return False
         self.sock = sock
         self.dialed_at = now
@@ -218,7 +229,7 @@ class Opening:
         if code == 0:
             self.connected = True
         elif code in _IN_PROGRESS:
-            self.loop.add_writer(sock.fileno(), self._on_connected)
+            self.poller.add_writer(sock.fileno(), self._on_connected)
         else:
             # Refused at once, or no route: the coroutine path tries the other addresses
             # and says why in its own words.
@@ -256,7 +267,7 @@ class Opening:
         if self.done:
             return
         if self._peek_now() and not self.done:
-            self.loop.remove_reader(self.conn.fileno())
+            self.poller.remove_reader(self.conn.fileno())
             self._peek_done()
 
     def _peek_done(self) -> None:
@@ -285,16 +296,16 @@ class Opening:
         if code in _IN_PROGRESS:
             return
         if code != 0:
-            self.loop.remove_writer(sock.fileno())
+            self.poller.remove_writer(sock.fileno())
             self._fall_back()
             return
         self.connected = True
         if self.peeker is not None:
             # Still waiting for the client: nothing to write until then. Watch for the proxy
-            # closing on us meanwhile; the reader goes on first so the poll handle stays.
+            # closing on us meanwhile.
             fd = sock.fileno()
-            self.loop.add_reader(fd, self._on_early_upstream)
-            self.loop.remove_writer(fd)
+            self.poller.add_reader(fd, self._on_early_upstream)
+            self.poller.remove_writer(fd)
             self._update_deadline()
             return
         self._send_request(writer_registered=True)
@@ -318,7 +329,7 @@ class Opening:
             )
         except UsageError:
             if writer_registered:
-                self.loop.remove_writer(sock.fileno())
+                self.poller.remove_writer(sock.fileno())
             self._fall_back()  # it words the configuration error
             return
         request = handshake.data_to_send()
@@ -329,15 +340,14 @@ class Opening:
         fd = sock.fileno()
         if sent != len(request):
             if writer_registered:
-                self.loop.remove_writer(fd)
+                self.poller.remove_writer(fd)
             self._fall_back()
             return
         self.handshake = handshake
         self.answer_deadline = time.monotonic() + self.settings.handshake_timeout
-        # Reader first, then drop the writer: the descriptor's poll handle stays alive.
-        self.loop.add_reader(fd, self._on_answer)
+        self.poller.add_reader(fd, self._on_answer)
         if writer_registered:
-            self.loop.remove_writer(fd)
+            self.poller.remove_writer(fd)
         self._update_deadline()
 
     def _on_answer(self) -> None:
@@ -399,7 +409,7 @@ class Opening:
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError as exc:
-                self.loop.remove_reader(sock.fileno())
+                self.poller.remove_reader(sock.fileno())
                 self.sock = None
                 sock.close()
                 self.hooks.failed(
@@ -415,10 +425,10 @@ class Opening:
             to_upstream = to_upstream[sent:]
         self.sock = None
         if to_upstream or trailing:
-            self.loop.remove_reader(sock.fileno())
+            self.poller.remove_reader(sock.fileno())
             self.hooks.finish_slowly(self.record, self.conn, sock, to_upstream, trailing)
             return
-        # The tunnel's reader replaces ours on the same poll handle.
+        # The tunnel's reader replaces ours.
         self.hooks.opened(self.record, self.conn, sock)
 
     # -- endings --------------------------------------------------------------------------
@@ -428,7 +438,7 @@ class Opening:
             return
         now = time.monotonic()
         if self.peeker is not None and not self.peeker.decided and now >= self.peek_deadline:
-            self.loop.remove_reader(self.conn.fileno())
+            self.poller.remove_reader(self.conn.fileno())
             self._peek_done()
             if self.done:
                 return
@@ -458,7 +468,7 @@ class Opening:
             return
         self._end()
         self._close_upstream()
-        self.hooks.closed(self.record, self.conn, reason, detail)
+        self.hooks.closed(self.record, self.conn, reason, detail, True)
 
     def _client_gone(self, exc: OSError) -> None:
         self._end()
@@ -468,6 +478,7 @@ class Opening:
             self.conn,
             CloseReason.CLIENT_RESET,
             f"client side: {os.strerror(exc.errno) if exc.errno else exc}",
+            False,
         )
 
     def _fail(self, exc: UpstreamError) -> None:
@@ -485,7 +496,7 @@ class Opening:
         self.done = True
         self.deadlines.discard(self)
         if self.peeker is not None and not self.peeker.decided:
-            self.loop.remove_reader(self.conn.fileno())
+            self.poller.remove_reader(self.conn.fileno())
 
     def _close_upstream(self) -> None:
         sock = self.sock
@@ -494,8 +505,8 @@ class Opening:
         self.sock = None
         fd = sock.fileno()
         if fd >= 0:
-            self.loop.remove_reader(fd)
-            self.loop.remove_writer(fd)
+            self.poller.remove_reader(fd)
+            self.poller.remove_writer(fd)
         sock.close()
 
 

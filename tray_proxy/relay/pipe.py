@@ -5,9 +5,10 @@ Must not import PySide6.
 Bytes never enter Python: each direction uses `os.splice` socket -> pipe -> socket. Pipes
 come from a small shared pool and a direction holds one only while bytes are in flight, so
 an idle tunnel costs two sockets and a few small objects (shared/BENCHMARKS.md lesson 4).
-Readiness comes from `loop.add_reader` / `add_writer`, which plain asyncio, uvloop and
-qasync all provide. Backpressure: a direction stops reading its source while its pipe
-still holds bytes the destination has not taken. Half-close: EOF on one side becomes
+Readiness comes from the engine's Poller (relay/poller.py): one epoll set that the loop
+watches as a single descriptor, the same on plain asyncio, uvloop and qasync.
+Backpressure: a direction stops reading its source while its pipe still holds bytes the
+destination has not taken. Half-close: EOF on one side becomes
 `shutdown(SHUT_WR)` on the other once everything before it was delivered, while the
 other direction keeps flowing.
 
@@ -33,6 +34,7 @@ import struct
 import time
 from collections.abc import Callable
 
+from tray_proxy.relay.poller import Poller
 from tray_proxy.relay.records import CloseReason, ConnectionRecord
 
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
@@ -160,7 +162,7 @@ class _Direction:
         self.moved = 0  # bytes read from src since the last batching tick
 
     def start(self) -> None:
-        self.tunnel.loop.add_reader(self.src, self.on_readable)
+        self.tunnel.poller.add_reader(self.src, self.on_readable)
 
     def on_readable(self) -> None:
         tunnel = self.tunnel
@@ -170,14 +172,14 @@ class _Direction:
             except OSError:
                 # No descriptor for a pipe (EMFILE/ENFILE): pause this direction briefly,
                 # as the listener does, instead of failing on every loop iteration.
-                tunnel.loop.remove_reader(self.src)
+                tunnel.poller.remove_reader(self.src)
                 tunnel.loop.call_later(PIPE_RETRY, self._resume_reading)
                 return
         # Read until the socket has nothing more (EAGAIN), EOF or an error, not once per
-        # wakeup: uvloop (libuv) does not call a reader again for an error (RST) that is
-        # still pending after the callback took the data that came before it, so a reset
-        # would go unnoticed until the idle timeout. The extra splice that finds nothing
-        # costs a microsecond. `budget` keeps one busy direction from starving the loop.
+        # wakeup: one wakeup then serves what came meanwhile, and an error (RST) queued
+        # behind the data is seen at once, whatever the poller does with a descriptor that
+        # reports it (libuv dropped such readers). `budget` keeps one busy direction from
+        # starving the loop.
         budget = DRAIN_BUDGET
         while True:
             try:
@@ -189,7 +191,7 @@ class _Direction:
                 tunnel.fail(not self.upstream_bound, exc)
                 return
             if n == 0:
-                tunnel.loop.remove_reader(self.src)
+                tunnel.poller.remove_reader(self.src)
                 self.eof = True
                 self._release_pipe_if_empty()
                 if self.pending == 0:
@@ -222,17 +224,17 @@ class _Direction:
             if m == 0:  # pragma: no cover - the kernel reports EAGAIN rather than 0
                 break
             self.pending -= m
-        loop = tunnel.loop
+        poller = tunnel.poller
         if self.pending:
             if not registered:
-                loop.remove_reader(self.src)
-                loop.add_writer(self.dst, self.on_writable)
+                poller.remove_reader(self.src)
+                poller.add_writer(self.dst, self.on_writable)
             return False
         if registered:
             self._release_pipe_if_empty()
-            loop.remove_writer(self.dst)
+            poller.remove_writer(self.dst)
             if not self.eof:
-                loop.add_reader(self.src, self.on_readable)
+                poller.add_reader(self.src, self.on_readable)
         if self.eof:
             self._release_pipe_if_empty()
             self._finish()
@@ -241,7 +243,7 @@ class _Direction:
 
     def _resume_reading(self) -> None:
         if not self.tunnel.closed and not self.eof and self.pipe is None:
-            self.tunnel.loop.add_reader(self.src, self.on_readable)
+            self.tunnel.poller.add_reader(self.src, self.on_readable)
 
     def _release_pipe_if_empty(self) -> None:
         if self.pipe is not None and self.pending == 0:
@@ -270,9 +272,9 @@ class _Direction:
         tunnel = self.tunnel
         if self.lowat != 1 and tunnel.batching is not None:
             tunnel.batching.forget(self)
-        loop = tunnel.loop
-        loop.remove_reader(self.src)
-        loop.remove_writer(self.dst)
+        poller = tunnel.poller
+        poller.remove_reader(self.src)
+        poller.remove_writer(self.dst)
         if self.pipe is not None:
             if self.pending:
                 close_pipe(self.pipe)  # still holds bytes: never lend it out again
@@ -291,6 +293,7 @@ class Tunnel:
     __slots__ = (
         "loop",
         "pool",
+        "poller",
         "client",
         "upstream",
         "socks",
@@ -307,6 +310,7 @@ class Tunnel:
         self,
         loop: asyncio.AbstractEventLoop,
         pool: PipePool,
+        poller: Poller,
         client: socket.socket,
         upstream: socket.socket,
         record: ConnectionRecord,
@@ -315,6 +319,7 @@ class Tunnel:
     ) -> None:
         self.loop = loop
         self.pool = pool
+        self.poller = poller
         self.client = client
         self.upstream = upstream
         self.socks = {client.fileno(): client, upstream.fileno(): upstream}
