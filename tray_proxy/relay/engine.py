@@ -337,7 +337,8 @@ class RelayEngine:
             return
         dst = self._destination_of(conn)
         record.original_dst = dst
-        self.bus.publish(ConnectionOpened(record.id, client, dst))
+        if self.bus.observed:
+            self.bus.publish(ConnectionOpened(record.id, client, dst))
         if dst is None:
             self._finish(
                 record,
@@ -415,7 +416,8 @@ class RelayEngine:
     # -- the fast path's hooks (relay/opening.py) -----------------------------------------
 
     def routed(self, record: ConnectionRecord) -> None:
-        self.bus.publish(ConnectionRouted(record.id, record.host, record.upstream))
+        if self.bus.observed:
+            self.bus.publish(ConnectionRouted(record.id, record.host, record.upstream))
 
     def opened(
         self, record: ConnectionRecord, conn: socket.socket, upstream: socket.socket
@@ -495,7 +497,7 @@ class RelayEngine:
             else:
                 upstream = self.active_upstream
                 record.upstream = upstream.name if upstream else None
-                if not routed:
+                if not routed and self.bus.observed:
                     self.bus.publish(ConnectionRouted(record.id, record.host, record.upstream))
                 if upstream is None:
                     self._finish(
@@ -605,7 +607,10 @@ class RelayEngine:
         record.state = ConnState.OPEN
         record.established_at = time.time()
         assert record.handshake_latency is not None
-        self.bus.publish(TunnelEstablished(record.id, record.upstream, record.handshake_latency))
+        if self.bus.observed:
+            self.bus.publish(
+                TunnelEstablished(record.id, record.upstream, record.handshake_latency)
+            )
         assert self._poller is not None
         tunnel = Tunnel(
             loop,
@@ -662,16 +667,17 @@ class RelayEngine:
         record.close_detail = detail
         self._records.pop(record.id, None)
         self.stats[reason.value] += 1
-        self.bus.publish(
-            ConnectionClosed(
-                record.id,
-                reason,
-                detail,
-                record.bytes_up,
-                record.bytes_down,
-                record.closed_at - record.opened_at,
+        if self.bus.observed:
+            self.bus.publish(
+                ConnectionClosed(
+                    record.id,
+                    reason,
+                    detail,
+                    record.bytes_up,
+                    record.bytes_down,
+                    record.closed_at - record.opened_at,
+                )
             )
-        )
         if reason in _FAILURES:
             log.warning(
                 "conn %d %s -> %s via %s: %s: %s",

@@ -102,6 +102,11 @@ class EventBus:
     def __init__(self) -> None:
         self._observers: list[Observer] = []
 
+    @property
+    def observed(self) -> bool:
+        """Anyone listening? (The engine skips building per-connection events otherwise.)"""
+        return bool(self._observers)
+
     def subscribe(self, observer: Observer) -> Callable[[], None]:
         self._observers.append(observer)
 
