@@ -381,7 +381,8 @@ class RelayEngine:
             conn,
             upstream,
             address,
-            header,
+            header=header,
+            spares=self._spares,
         ).start()
 
     def _fast_route(
