@@ -381,8 +381,7 @@ class RelayEngine:
             conn,
             upstream,
             address,
-            header=header,
-            spares=self._spares,
+            header,
         ).start()
 
     def _fast_route(
