@@ -65,7 +65,6 @@ def test_full_example_parses_to_settings() -> None:
         peek_timeout = 0
         source_ports = [50000, 50999]
         drain_timeout = 0
-        preconnect = 0
 
         [[upstream]]
         name = "corp"
@@ -89,7 +88,6 @@ def test_full_example_parses_to_settings() -> None:
         peek_timeout=0.0,
         source_ports=(50000, 50999),
         drain_timeout=0.0,
-        preconnect=0,
     )
     assert config.upstreams == (
         UpstreamProxy("corp", UpstreamKind.HTTP, "proxy.corp.example", 8080, "CORP\\alice"),
@@ -227,10 +225,6 @@ def test_default_path_is_in_the_user_config_dir(monkeypatch: pytest.MonkeyPatch)
         ("[relay]\npeek_timeout = 31", "relay.peek_timeout: must be a number of seconds >= 0"),
         ("[relay]\ndrain_timeout = -1", "relay.drain_timeout: must be a number of seconds >= 0"),
         ("[relay]\ndrain_timeout = 1e9", "relay.drain_timeout: must be a number of seconds"),
-        ("[relay]\npreconnect = -1", "relay.preconnect: must be an integer 0-16"),
-        ("[relay]\npreconnect = 17", "relay.preconnect: must be an integer 0-16"),
-        ("[relay]\npreconnect = true", "relay.preconnect: must be an integer 0-16"),
-        ("[relay]\npreconnect = 2.0", "relay.preconnect: must be an integer 0-16"),
         # relay.source_ports
         ("[relay]\nsource_ports = true", "relay.source_ports: must be [low, high]"),
         ("[relay]\nsource_ports = [61000]", "relay.source_ports: must be [low, high]"),
@@ -542,7 +536,6 @@ def _configs(draw: st.DrawFn) -> Config:
         peek_timeout=draw(st.floats(0.0, 30.0)),
         source_ports=(source_ports[0], source_ports[1]) if source_ports else None,
         drain_timeout=draw(st.floats(0.0, 300.0)),
-        preconnect=draw(st.integers(0, 16)),
     )
     capture = draw(st.booleans())
     redirect = RedirectSettings(

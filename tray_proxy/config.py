@@ -77,14 +77,12 @@ _RELAY_KEYS = (
     "peek_timeout",
     "source_ports",
     "drain_timeout",
-    "preconnect",
 )
 _UPSTREAM_KEYS = ("name", "url", "username", "auth")
 _REDIRECT_KEYS = ("exclude", "capture_containers", "container_interfaces", "reject_quic")
 _TOP_KEYS = ("relay", "redirect", "upstream")
 # The root helper refuses more than this many excluded networks.
 _MAX_EXCLUDE = 256
-MAX_PRECONNECT = 16
 _MAX_INTERFACES = 32
 
 # (lowest allowed, lowest is inclusive, highest inclusive) per timeout, in seconds.
@@ -290,14 +288,6 @@ class _Parser:
                 "move one of them so the listener and the outbound range do not clash",
             )
 
-        preconnect = doc.get("preconnect", defaults.preconnect)
-        if not _is_int(preconnect) or not 0 <= preconnect <= MAX_PRECONNECT:
-            raise self.fail(
-                "relay.preconnect",
-                f"must be an integer 0-{MAX_PRECONNECT} (connections opened ahead; 0 turns "
-                f"it off), got {_show(preconnect)}",
-            )
-
         return RelaySettings(
             port=port,
             listen=listen,
@@ -309,7 +299,6 @@ class _Parser:
             peek_timeout=timeouts["peek_timeout"],
             source_ports=source_ports,
             drain_timeout=timeouts["drain_timeout"],
-            preconnect=preconnect,
         )
 
     def port(self, value: object, field: str) -> int:
@@ -680,7 +669,6 @@ def dump_config(config: Config) -> str:
         "upstream": relay.upstream,
         **{key: float(getattr(relay, key)) for key in _TIMEOUTS},
         "source_ports": list(relay.source_ports) if relay.source_ports is not None else False,
-        "preconnect": relay.preconnect,
     }
     redirect = config.redirect
     redirect_doc: dict[str, object] = {

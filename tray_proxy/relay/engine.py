@@ -33,7 +33,7 @@ from tray_proxy.relay.events import (
     TunnelEstablished,
     UpstreamFailed,
 )
-from tray_proxy.relay.opening import Deadlines, Opening, Spares
+from tray_proxy.relay.opening import Deadlines, Opening
 from tray_proxy.relay.origdst import original_destination
 from tray_proxy.relay.pipe import PipePool, ReadBatching, Tunnel, abort
 from tray_proxy.relay.poller import Poller
@@ -125,7 +125,6 @@ class RelayEngine:
         self._batching: ReadBatching | None = None
         self._deadlines: Deadlines | None = None
         self._poller: Poller | None = None
-        self._spares: Spares | None = None
         # The Basic Proxy-Authorization of the last credentials seen (fast path).
         self._basic: tuple[Credentials, tuple[str, str]] | None = None
         self._dialer = Dialer(settings.source_ports)
@@ -182,7 +181,6 @@ class RelayEngine:
         self._loop = asyncio.get_running_loop()
         self._batching = ReadBatching(self._loop)
         self._poller = Poller(self._loop)
-        self._spares = Spares(self._loop, self._poller, self.settings.preconnect)
         limits = [self.settings.connect_timeout, self.settings.handshake_timeout]
         if self.settings.peek_timeout > 0:
             limits.append(self.settings.peek_timeout)
@@ -231,8 +229,6 @@ class RelayEngine:
         for tunnel in list(self._tunnels.values()):
             tunnel.close(CloseReason.SHUTDOWN, "the relay stopped")
         self._pool.close()
-        if self._spares is not None:
-            self._spares.close()
         if self._poller is not None:
             self._poller.close()
         log.info("relay stopped")

@@ -15,14 +15,6 @@ several addresses, reserved source ports). Failures that the coroutine path woul
 repeat (no answer in time, a refusal, a bad answer) are reported here with the same
 reasons and words.
 
-Spares: while connections keep coming, a few TCP connections to the upstream are opened
-ahead of need (`RelaySettings.preconnect`), and a new tunnel takes one instead of dialing:
-one round trip to the proxy less on every connection of a burst (a page load, a package
-download). A spare carries no request; it is closed when the proxy hangs up on it, after
-`SPARE_AGE` seconds unused, and none are made while connections are sparse. A tunnel whose
-spare turns out dead (the proxy closed it as we used it) goes to the coroutine path, which
-dials afresh.
-
 Readiness comes from the engine's Poller (relay/poller.py), like the tunnels': a callback
 handed from one phase to the next is a dict update and at most one epoll_ctl.
 """
@@ -31,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import functools
 import os
 import socket
 import time
@@ -45,8 +36,6 @@ from tray_proxy.relay.records import Address, CloseReason, ConnectionRecord, Con
 from tray_proxy.relay.settings import RelaySettings, UpstreamProxy
 from tray_proxy.relay.upstream import UpstreamError, refusal_words
 
-SPARE_AGE = 5.0  # seconds a spare connection waits for a tunnel at most
-SPARE_DEMAND = 2.0  # spares are made only when the previous connection came this recently
 _PEEK_RECV = 16384
 _ANSWER_RECV = 65536
 _IN_PROGRESS = frozenset({errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK})
@@ -137,126 +126,6 @@ class Deadlines:
             self._timer = self._loop.call_later(self._resolution, self._tick)
 
 
-class Spares:
-    """TCP connections to one upstream address opened ahead of need (see the module doc)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, poller: Poller, size: int) -> None:
-        self._loop = loop
-        self._poller = poller
-        self.size = size
-        self._address: tuple[int, Address] | None = None
-        self._ready: list[tuple[float, socket.socket]] = []  # (connected at, socket)
-        self._dialing: set[socket.socket] = set()
-        self._last_take = -SPARE_DEMAND
-        self._fill_pending = False
-        self._pruner: asyncio.TimerHandle | None = None
-        self.made = 0  # connections dialed as spares
-        self.used = 0  # spares a tunnel took
-
-    def __len__(self) -> int:
-        """Spares ready now."""
-        return len(self._ready)
-
-    def take(self, address: tuple[int, Address]) -> socket.socket | None:
-        """A connected spare to `address`, or None; asks for more when connections come
-        often enough to use them."""
-        if self.size <= 0:
-            return None
-        now = time.monotonic()
-        busy = now - self._last_take < SPARE_DEMAND
-        self._last_take = now
-        if address != self._address:
-            self.close()
-            self._address = address
-        sock = None
-        while self._ready:
-            born, candidate = self._ready.pop()  # the newest first
-            if now - born < SPARE_AGE:
-                self._poller.remove_reader(candidate.fileno())
-                sock = candidate
-                self.used += 1
-                break
-            self._drop(candidate)
-        if (busy or sock is not None) and not self._fill_pending:
-            # After this connection's own work: making spares must not delay it.
-            self._fill_pending = True
-            self._loop.call_soon(self._fill)
-        return sock
-
-    def close(self) -> None:
-        """Close every spare (the relay stops, or the upstream changed)."""
-        for _born, sock in self._ready:
-            self._drop(sock)
-        self._ready.clear()
-        for sock in list(self._dialing):
-            self._drop(sock)
-        self._dialing.clear()
-        if self._pruner is not None:
-            self._pruner.cancel()
-            self._pruner = None
-
-    def _fill(self) -> None:
-        self._fill_pending = False
-        address = self._address
-        if address is None:
-            return
-        family, addr = address
-        while len(self._ready) + len(self._dialing) < self.size:
-            try:
-                sock = socket.socket(family, socket.SOCK_STREAM)
-            except OSError:
-                return  # no descriptor to spare: tunnels dial for themselves
-            try:
-                sock.setblocking(False)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                code = sock.connect_ex(addr)
-            except OSError:
-                sock.close()
-                return
-            if code not in _IN_PROGRESS and code != 0:
-                sock.close()
-                return  # the proxy cannot be reached: the tunnels will say so
-            self.made += 1
-            self._dialing.add(sock)
-            self._poller.add_writer(sock.fileno(), functools.partial(self._on_connected, sock))
-
-    def _on_connected(self, sock: socket.socket) -> None:
-        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if code in _IN_PROGRESS:
-            return
-        self._dialing.discard(sock)
-        fd = sock.fileno()
-        self._poller.remove_writer(fd)
-        if code != 0:
-            sock.close()
-            return
-        self._ready.insert(0, (time.monotonic(), sock))
-        # A spare has nothing to read: readable means the proxy hung up (or misbehaves).
-        self._poller.add_reader(fd, functools.partial(self._on_hangup, sock))
-        if self._pruner is None:
-            self._pruner = self._loop.call_later(SPARE_AGE, self._prune)
-
-    def _on_hangup(self, sock: socket.socket) -> None:
-        self._ready = [(born, s) for born, s in self._ready if s is not sock]
-        self._drop(sock)
-
-    def _prune(self) -> None:
-        self._pruner = None
-        limit = time.monotonic() - SPARE_AGE
-        for born, sock in [entry for entry in self._ready if entry[0] <= limit]:
-            self._ready.remove((born, sock))
-            self._drop(sock)
-        if self._ready:
-            self._pruner = self._loop.call_later(SPARE_AGE / 2, self._prune)
-
-    def _drop(self, sock: socket.socket) -> None:
-        fd = sock.fileno()
-        if fd >= 0:
-            self._poller.remove_reader(fd)
-            self._poller.remove_writer(fd)
-        sock.close()
-
-
 class Opening:
     """One connection from accept to an open tunnel, on the fast path."""
 
@@ -280,8 +149,6 @@ class Opening:
         "answer_deadline",
         "dialed_at",
         "done",
-        "spares",
-        "spare",
     )
 
     def __init__(
@@ -295,7 +162,6 @@ class Opening:
         upstream: UpstreamProxy,
         address: tuple[int, Address],
         header: tuple[str, str] | None = None,
-        spares: Spares | None = None,
     ) -> None:
         self.poller = poller
         self.hooks = hooks
@@ -316,8 +182,6 @@ class Opening:
         self.answer_deadline = 0.0
         self.dialed_at = 0.0
         self.done = False
-        self.spares = spares
-        self.spare = False  # the upstream socket was opened ahead (it may have died since)
 
     # -- start: dial and peek at once -----------------------------------------------------
 
@@ -340,13 +204,6 @@ class Opening:
 
     def _dial(self, now: float) -> bool:
         family, addr = self.address
-        self.dialed_at = now
-        if self.spares is not None:
-            spare = self.spares.take(self.address)
-            if spare is not None:
-                self.sock = spare
-                self.spare = self.connected = True
-                return True
         try:
             sock = socket.socket(family, socket.SOCK_STREAM)
         except OSError as exc:
@@ -361,6 +218,7 @@ class Opening:
             )
             return False
         self.sock = sock
+        self.dialed_at = now
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -503,18 +361,12 @@ class Opening:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            if self.spare and not handshake.received:
-                self._fall_back()  # the proxy had closed the spare: dial afresh
-                return
             self._fail(
                 UpstreamError(
                     CloseReason.UPSTREAM_RESET,
                     f"proxy {self.upstream} dropped the connection: {exc.strerror or exc}",
                 )
             )
-            return
-        if not data and self.spare and not handshake.received:
-            self._fall_back()  # the proxy had closed the spare: dial afresh
             return
         try:
             handshake.receive_data(data)

@@ -66,6 +66,3 @@ class RelaySettings:
     # "Loops and exposure"). It lies above the default ip_local_port_range.
     source_ports: tuple[int, int] | None = (61000, 64999)
     drain_timeout: float = 5.0
-    # Connections to the upstream opened ahead of need while connections keep coming, so a
-    # new tunnel skips the TCP handshake with the proxy (relay/opening.py, Spares).
-    preconnect: int = 2

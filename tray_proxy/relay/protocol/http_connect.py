@@ -181,11 +181,6 @@ class ConnectHandshake:
     def trailing(self) -> bytes:
         return self._trailing
 
-    @property
-    def received(self) -> int:
-        """Bytes of the proxy's answer received so far."""
-        return self._received
-
     def data_to_send(self) -> bytes:
         out, self._outgoing = self._outgoing, b""
         return out
