@@ -61,6 +61,9 @@ log = logging.getLogger("tray_proxy.relay")
 _ACCEPT_BATCH = 128
 _PEEK_RECV = 16384
 _ACCEPT_BACKOFF = 0.5
+# How long the fast path reuses a credentials lookup (a stat of $CREDENTIALS_DIRECTORY/NAME
+# or a keyring cache read): a changed password is used within this time.
+_CREDENTIALS_TTL = 0.5
 # accept() failures that mean "out of a resource for now": keep serving, retry later.
 _ACCEPT_PRESSURE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _FAILURES = frozenset(
@@ -117,6 +120,7 @@ class RelayEngine:
         self.stats: Counter[str] = Counter()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listeners: list[socket.socket] = []
+        self._bound: dict[socket.socket, Address] = {}  # listener -> its address
         self._addresses: tuple[Address, ...] = ()
         self._records: dict[int, ConnectionRecord] = {}
         self._tunnels: dict[int, Tunnel] = {}
@@ -127,6 +131,8 @@ class RelayEngine:
         self._poller: Poller | None = None
         # The Basic Proxy-Authorization of the last credentials seen (fast path).
         self._basic: tuple[Credentials, tuple[str, str]] | None = None
+        # The fast path looks credentials up at most every _CREDENTIALS_TTL seconds.
+        self._fast_creds: tuple[UpstreamProxy, float, Credentials | None] | None = None
         self._dialer = Dialer(settings.source_ports)
         self._sweeper: asyncio.TimerHandle | None = None
         self._idle = asyncio.Event()
@@ -196,9 +202,10 @@ class RelayEngine:
         except BaseException:
             self._close_listeners()
             raise
-        self._addresses = tuple(
-            (str(s.getsockname()[0]), int(s.getsockname()[1])) for s in self._listeners
-        )
+        self._bound = {
+            s: (str(s.getsockname()[0]), int(s.getsockname()[1])) for s in self._listeners
+        }
+        self._addresses = tuple(self._bound.values())
         for sock in self._listeners:
             self._loop.add_reader(sock.fileno(), self._on_acceptable, sock)
         self._schedule_sweep()
@@ -293,7 +300,7 @@ class RelayEngine:
             conn.setblocking(False)
             self.stats["accepted"] += 1
             try:
-                self._accept_one(conn, (str(addr[0]), int(addr[1])))
+                self._accept_one(conn, (str(addr[0]), int(addr[1])), self._bound[listener])
             except Exception:
                 log.exception("internal error on a new connection")
                 abort(conn)
@@ -323,18 +330,11 @@ class RelayEngine:
             return False
         return addr.is_loopback or any(ip == a[0] for a in self._addresses)
 
-    def _accept_one(self, conn: socket.socket, client: Address) -> None:
-        """A new connection: check where it was going, then open its tunnel, on the fast
-        path (relay/opening.py) when it applies, else in a Task."""
+    def _accept_one(self, conn: socket.socket, client: Address, local: Address) -> None:
+        """A new connection to the listener at `local`: check where it was going, then open
+        its tunnel, on the fast path (relay/opening.py) when it applies, else in a Task."""
         record = ConnectionRecord(id=next_connection_id(), client=client)
         self._records[record.id] = record
-        try:
-            local = conn.getsockname()
-        except OSError as exc:
-            self._finish(
-                record, conn, CloseReason.CLIENT_RESET, f"client side: {exc.strerror or exc}"
-            )
-            return
         dst = self._destination_of(conn)
         record.original_dst = dst
         if self.bus.observed:
@@ -348,7 +348,7 @@ class RelayEngine:
                 "directly, not redirected by nftables)",
             )
             return
-        if self._is_relay_address(dst, (str(local[0]), int(local[1]))):
+        if self._is_relay_address(dst, local):
             self._finish(
                 record,
                 conn,
@@ -396,7 +396,13 @@ class RelayEngine:
         known = self._dialer.known_addresses(upstream.host, upstream.port)
         if not known:
             return None
-        creds = self.credentials.get(upstream.name, upstream.username)
+        now = time.monotonic()
+        cached_creds = self._fast_creds
+        if cached_creds is not None and cached_creds[0] is upstream and cached_creds[1] > now:
+            creds = cached_creds[2]
+        else:
+            creds = self.credentials.get(upstream.name, upstream.username)
+            self._fast_creds = (upstream, now + _CREDENTIALS_TTL, creds)
         if creds is None:
             return upstream, known[0], None
         auth = self._auth_of(upstream)
