@@ -282,8 +282,9 @@ class Opening:
         if self.connected:
             self._send_request()
         else:
-            self.record.state = ConnState.CONNECTING
-            self._update_deadline()
+            # A near proxy has often answered the SYN before connect() returned: try to
+            # send now and spare a wakeup. A socket still connecting refuses with EAGAIN.
+            self._send_request(writer_registered=True, early=True)
 
     # -- the upstream ---------------------------------------------------------------------
 
@@ -315,7 +316,9 @@ class Opening:
         if not self.done:
             self._fall_back()
 
-    def _send_request(self, writer_registered: bool = False) -> None:
+    def _send_request(self, writer_registered: bool = False, early: bool = False) -> None:
+        """Send the CONNECT. `early`: the connect may still be in progress; if so, wait
+        for it as before."""
         sock = self.sock
         assert sock is not None
         self.record.state = ConnState.HANDSHAKING
@@ -335,19 +338,32 @@ class Opening:
         request = handshake.data_to_send()
         try:
             sent = sock.send(request)
-        except OSError:
+        except (BlockingIOError, InterruptedError):
             sent = -1
+            if early:
+                self._wait_connected()
+                return
+        except OSError as exc:
+            sent = -1
+            if early and exc.errno == errno.ENOTCONN:
+                self._wait_connected()
+                return
         fd = sock.fileno()
         if sent != len(request):
             if writer_registered:
                 self.poller.remove_writer(fd)
             self._fall_back()
             return
+        self.connected = True
         self.handshake = handshake
         self.answer_deadline = time.monotonic() + self.settings.handshake_timeout
         self.poller.add_reader(fd, self._on_answer)
         if writer_registered:
             self.poller.remove_writer(fd)
+        self._update_deadline()
+
+    def _wait_connected(self) -> None:
+        self.record.state = ConnState.CONNECTING
         self._update_deadline()
 
     def _on_answer(self) -> None:
