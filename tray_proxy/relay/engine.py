@@ -49,7 +49,6 @@ from tray_proxy.relay.records import (
 )
 from tray_proxy.relay.settings import RelaySettings, UpstreamKind, UpstreamProxy
 from tray_proxy.relay.upstream import (
-    CredentialState,
     Dialer,
     UpstreamAuth,
     UpstreamError,
@@ -406,9 +405,10 @@ class RelayEngine:
         if creds is None:
             return upstream, known[0], None
         auth = self._auth_of(upstream)
-        auth.observe(creds)
         pinned = None if upstream.auth.value == "auto" else upstream.auth.value
-        if auth.state is not CredentialState.VERIFIED or not auth.sends_basic(pinned):
+        # Only credentials the proxy took, with Basic: anything else (new, changed, refused,
+        # another scheme) is the Task path's to verify, one connection at a time.
+        if not auth.verified(creds) or not auth.sends_basic(pinned):
             return None
         cached = self._basic
         if cached is None or cached[0] != creds:

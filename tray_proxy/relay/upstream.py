@@ -365,6 +365,10 @@ class UpstreamAuth:
             self._credentials = credentials
             self.state = CredentialState.UNVERIFIED
 
+    def verified(self, credentials: Credentials) -> bool:
+        """Did the proxy accept exactly these credentials? (No state change.)"""
+        return self.state is CredentialState.VERIFIED and credentials == self._credentials
+
     def doubt(self, credentials: Credentials) -> None:
         """The proxy refused verified `credentials`: verify them again, one at a time."""
         if credentials == self._credentials and self.state is CredentialState.VERIFIED:
