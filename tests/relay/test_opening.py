@@ -1,0 +1,277 @@
+"""The fast path (relay/opening.py): when it applies, its time limits, and its hand-overs to
+the Task path, against the proxy stubs on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from tests.relay.stubs import (
+    ConnectProxy,
+    Mode,
+    Origin,
+    echo,
+    http_upstream,
+    read_until_error,
+    running_relay,
+    until,
+)
+from tray_proxy.relay import opening
+from tray_proxy.relay.credentials import Credentials, Secret, StaticCredentialSource
+from tray_proxy.relay.events import CredentialsRejected, UpstreamFailed
+from tray_proxy.relay.records import CloseReason
+
+
+@pytest.fixture
+def openings(monkeypatch: pytest.MonkeyPatch) -> list[opening.Opening]:
+    """Every Opening the engine starts (the fast path was taken for these connections)."""
+    started: list[opening.Opening] = []
+    original = opening.Opening.start
+
+    def start(self: opening.Opening) -> None:
+        started.append(self)
+        original(self)
+
+    monkeypatch.setattr(opening.Opening, "start", start)
+    return started
+
+
+async def _round_trip(address: tuple[str, int], payload: bytes = b"ping") -> bytes:
+    reader, writer = await asyncio.open_connection(*address)
+    try:
+        writer.write(payload)
+        await writer.drain()
+        return await asyncio.wait_for(reader.readexactly(len(payload)), 5)
+    finally:
+        writer.close()
+
+
+def _assert_nothing_registered(relay) -> None:  # type: ignore[no-untyped-def]
+    """No descriptor of a finished connection stays in the engine's epoll set."""
+    poller = relay.engine._poller
+    assert poller is not None and len(poller) == 0, poller._masks
+
+
+def test_the_request_goes_out_without_waiting_for_writability(run, openings, monkeypatch):
+    """A client that spoke before the accept and a proxy that answered the SYN within
+    connect(): the CONNECT leaves in the accept callback itself."""
+    waits: list[int] = []
+    original = opening.Opening._on_connected
+
+    def on_connected(self: opening.Opening) -> None:
+        waits.append(1)
+        original(self)
+
+    monkeypatch.setattr(opening.Opening, "_on_connected", on_connected)
+
+    async def main():
+        async with (
+            Origin(echo) as origin,
+            ConnectProxy() as proxy,
+            running_relay([http_upstream(proxy)], origin.address, peek_timeout=1.0) as relay,
+        ):
+            # Connect and send before the loop runs the relay's accept.
+            client = socket.create_connection(relay.address)
+            client.sendall(b"GET / HTTP/1.1\r\nHost: example.test\r\n\r\n")
+            client.setblocking(False)
+            loop = asyncio.get_running_loop()
+            echoed = b""
+            while len(echoed) < 38:
+                echoed += await asyncio.wait_for(loop.sock_recv(client, 100), 5)
+            client.close()
+            assert echoed.startswith(b"GET / HTTP/1.1")
+            assert proxy.requests[0].target == ("example.test", origin.address[1])
+            await relay.wait_closed(1)
+            assert len(openings) == 1 and waits == []
+            _assert_nothing_registered(relay)
+
+    run(main)
+
+
+def test_a_silent_client_gets_a_tunnel_to_the_ip_after_the_peek_time(run, openings):
+    async def main():
+        async with (
+            Origin(echo) as origin,
+            ConnectProxy() as proxy,
+            running_relay([http_upstream(proxy)], origin.address, peek_timeout=0.2) as relay,
+        ):
+            reader, writer = await relay.connect()
+            await until(lambda: proxy.requests and proxy.requests[0].target, 5, "the CONNECT")
+            assert proxy.requests[0].target == origin.address  # no name: the IP
+            writer.write(b"late")
+            assert await asyncio.wait_for(reader.readexactly(4), 5) == b"late"
+            writer.close()
+            await relay.wait_closed(1)
+            assert len(openings) == 1
+            _assert_nothing_registered(relay)
+
+    run(main)
+
+
+def test_connect_timeout_on_the_fast_path(run, openings):
+    """A proxy whose accept queue is full drops our SYN: the connect times out."""
+
+    async def main():
+        full = socket.socket()
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        queued = [socket.socket() for _ in range(4)]
+        for s in queued:
+            s.setblocking(False)
+            s.connect_ex(full.getsockname())
+        await asyncio.sleep(0.05)
+        host, port = full.getsockname()
+        upstream = opening_upstream(host, port)
+        try:
+            async with (
+                Origin(echo) as origin,
+                running_relay(
+                    [upstream], origin.address, connect_timeout=0.3, peek_timeout=0.0
+                ) as relay,
+            ):
+                reader, writer = await relay.connect()
+                await read_until_error(reader)
+                writer.close()
+                (closed,) = await relay.wait_closed(1)
+                assert closed.reason is CloseReason.UPSTREAM_TIMEOUT, closed
+                assert "took over 0.3s" in closed.detail
+                assert len(openings) == 1
+                (failed,) = relay.of(UpstreamFailed)
+                assert failed.reason is CloseReason.UPSTREAM_TIMEOUT
+                _assert_nothing_registered(relay)
+        finally:
+            full.close()
+            for s in queued:
+                s.close()
+
+    run(main)
+
+
+def opening_upstream(host: str, port: int):  # type: ignore[no-untyped-def]
+    from tray_proxy.relay.settings import UpstreamKind, UpstreamProxy
+
+    return UpstreamProxy("corp", UpstreamKind.HTTP, host, port)
+
+
+def test_handshake_timeout_on_the_fast_path(run, openings):
+    async def main():
+        async with (
+            Origin(echo) as origin,
+            ConnectProxy(Mode.SILENT) as proxy,
+            running_relay([http_upstream(proxy)], origin.address, handshake_timeout=0.3) as relay,
+        ):
+            reader, writer = await relay.connect()
+            await read_until_error(reader)
+            writer.close()
+            (closed,) = await relay.wait_closed(1)
+            assert closed.reason is CloseReason.UPSTREAM_TIMEOUT
+            assert "did not complete the handshake within 0.3s" in closed.detail
+            assert len(proxy.requests) == 1  # the Task path did not try again
+            _assert_nothing_registered(relay)
+
+    run(main)
+
+
+def test_verified_basic_credentials_take_the_fast_path_and_a_later_407_is_rechecked(run, openings):
+    """The first connection verifies the password on the Task path; later ones take the
+    fast path with the same header. When the proxy stops taking it, the fast path hands
+    over, the Task path re-checks once, and the password goes nowhere after that."""
+    creds = StaticCredentialSource({"corp": Credentials("alice", Secret("right"))})
+
+    async def main():
+        async with (
+            Origin(echo) as origin,
+            ConnectProxy(credentials=("alice", "right")) as proxy,
+            running_relay([http_upstream(proxy, "corp", "alice")], origin.address, creds) as relay,
+        ):
+            assert await _round_trip(relay.address) == b"ping"
+            await relay.wait_closed(1)
+            assert openings == []  # unverified: the Task path
+            for i in range(3):
+                assert await _round_trip(relay.address) == b"ping"
+                await relay.wait_closed(2 + i)
+            assert len(openings) == 3
+            auth_headers = {r.headers.get("proxy-authorization") for r in proxy.requests}
+            assert len(auth_headers) == 1 and None not in auth_headers
+            # The password changes on the directory side.
+            proxy.credentials = ("alice", "changed")
+            before = len(proxy.requests)
+            reader, writer = await relay.connect()
+            await read_until_error(reader)
+            writer.close()
+            (*_, closed) = await relay.wait_closed(5)
+            assert closed.reason is CloseReason.UPSTREAM_AUTH_FAILED, closed
+            # One request from the fast path, one re-check from the Task path: no more.
+            assert len(proxy.requests) - before == 2
+            assert [e.username for e in relay.of(CredentialsRejected)] == ["alice"]
+            # From now on the stored password is sent nowhere.
+            reader, writer = await relay.connect()
+            await read_until_error(reader)
+            writer.close()
+            await relay.wait_closed(6)
+            assert len(proxy.requests) - before == 2
+            _assert_nothing_registered(relay)
+
+    run(main)
+
+
+def test_a_proxy_that_hangs_up_before_the_request_hands_over_to_the_task_path(run, openings):
+    """Connected, still peeking, and the proxy closes: the Task path dials again and
+    reports what that proxy does."""
+
+    async def main():
+        accepted: list[int] = []
+
+        async def hang_up(reader, writer):  # type: ignore[no-untyped-def]
+            accepted.append(1)
+            writer.close()
+
+        server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+        host, port = server.sockets[0].getsockname()[:2]
+        try:
+            async with (
+                Origin(echo) as origin,
+                running_relay(
+                    [opening_upstream(host, port)], origin.address, peek_timeout=2.0
+                ) as relay,
+            ):
+                reader, writer = await relay.connect()
+                await until(lambda: accepted, 5, "the first dial")
+                await asyncio.sleep(0.1)  # the hang-up reaches the relay while it peeks
+                writer.write(b"GET / HTTP/1.1\r\nHost: example.test\r\n\r\n")
+                await read_until_error(reader)
+                writer.close()
+                (closed,) = await relay.wait_closed(1)
+                # EOF or RST, as the second hang-up races our CONNECT.
+                assert closed.reason in (
+                    CloseReason.UPSTREAM_PROTOCOL_ERROR,
+                    CloseReason.UPSTREAM_RESET,
+                ), closed
+                assert len(accepted) == 2  # the fast path's dial, then the Task path's
+                _assert_nothing_registered(relay)
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    run(main)
+
+
+def test_stop_ends_openings_in_progress(run, openings):
+    async def main():
+        async with (
+            Origin(echo) as origin,
+            ConnectProxy() as proxy,
+            running_relay([http_upstream(proxy)], origin.address, peek_timeout=5.0) as relay,
+        ):
+            reader, writer = await relay.connect()  # silent: the opening waits for bytes
+            await until(lambda: openings, 5, "the opening")
+            await relay.engine.stop(drain_timeout=0)
+            got, _error = await read_until_error(reader)
+            assert got == b""
+            writer.close()
+            (closed,) = relay.closed
+            assert closed.reason is CloseReason.SHUTDOWN
+
+    run(main)
