@@ -29,6 +29,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import select
 import socket
 import struct
 import time
@@ -134,7 +135,11 @@ class ReadBatching:
 
 
 class _Direction:
-    """One way of a tunnel: src socket -> pipe -> dst socket."""
+    """One way of a tunnel: src socket -> pipe -> dst socket.
+
+    The tunnel's sockets are watched edge-triggered (Poller.watch): `can_read` and
+    `can_write` say what the last events allowed, until a splice answers EAGAIN.
+    """
 
     __slots__ = (
         "tunnel",
@@ -147,6 +152,9 @@ class _Direction:
         "upstream_bound",
         "lowat",
         "moved",
+        "can_read",
+        "can_write",
+        "waiting",
     )
 
     def __init__(self, tunnel: Tunnel, src: int, dst: int, upstream_bound: bool) -> None:
@@ -160,92 +168,87 @@ class _Direction:
         self.upstream_bound = upstream_bound  # True: client -> upstream
         self.lowat = 1  # SO_RCVLOWAT of src (1 unless batching)
         self.moved = 0  # bytes read from src since the last batching tick
+        # Until a splice says EAGAIN, assume there may be something to read and room to
+        # write: bytes may have queued before the sockets were watched.
+        self.can_read = True
+        self.can_write = True
+        self.waiting = False  # a pump is scheduled (budget spent, or no pipe to be had)
 
-    def start(self) -> None:
-        self.tunnel.poller.add_reader(self.src, self.on_readable)
+    def pump(self) -> None:
+        """Move what can be moved now: flush the pipe, read, repeat.
 
-    def on_readable(self) -> None:
+        Reads go on until EAGAIN, EOF or an error, not once per wakeup: one wakeup serves
+        what came meanwhile, and an error (RST) queued behind the data is seen at once.
+        `budget` keeps one busy direction from starving the loop; past it the direction
+        carries on in a callback of its own (no new edge would come for bytes already
+        there).
+        """
         tunnel = self.tunnel
-        if self.pipe is None:
-            try:
-                self.pipe = tunnel.pool.take()
-            except OSError:
-                # No descriptor for a pipe (EMFILE/ENFILE): pause this direction briefly,
-                # as the listener does, instead of failing on every loop iteration.
-                tunnel.poller.remove_reader(self.src)
-                tunnel.loop.call_later(PIPE_RETRY, self._resume_reading)
-                return
-        # Read until the socket has nothing more (EAGAIN), EOF or an error, not once per
-        # wakeup: one wakeup then serves what came meanwhile, and an error (RST) queued
-        # behind the data is seen at once, whatever the poller does with a descriptor that
-        # reports it (libuv dropped such readers). `budget` keeps one busy direction from
-        # starving the loop.
+        self.waiting = False
         budget = DRAIN_BUDGET
-        while True:
-            try:
-                n = os.splice(self.src, self.pipe[1], self.pipe[2], flags=_SPLICE_FLAGS)
-            except BlockingIOError:
-                self._release_pipe_if_empty()
+        while not tunnel.closed:
+            if self.pending and (not self.can_write or not self._flush()):
+                return  # the destination is full: reading waits for it
+            if self.eof:
+                self._release_pipe()
+                self._finish()
                 return
+            if not self.can_read:
+                self._release_pipe()
+                return
+            if budget <= 0:
+                self._release_pipe()
+                self._later(0.0)
+                return
+            pipe = self.pipe
+            if pipe is None:
+                try:
+                    pipe = self.pipe = tunnel.pool.take()
+                except OSError:
+                    # No descriptor for a pipe (EMFILE/ENFILE): try again shortly, as the
+                    # listener does, instead of failing.
+                    self._later(PIPE_RETRY)
+                    return
+            try:
+                n = os.splice(self.src, pipe[1], pipe[2], flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                self.can_read = False
+                continue
             except OSError as exc:
                 tunnel.fail(not self.upstream_bound, exc)
                 return
             if n == 0:
-                tunnel.poller.remove_reader(self.src)
                 self.eof = True
-                self._release_pipe_if_empty()
-                if self.pending == 0:
-                    self._finish()
-                return
-            self.pending += n
+                continue
+            self.pending = n
             self.moved += n
+            budget -= n
             if n >= BATCH_START and self.lowat == 1 and tunnel.batching is not None:
                 tunnel.batching.start(self)
             tunnel.count(self.upstream_bound, n)
-            if not self.on_writable(registered=False):
-                return  # the destination is full: reading waits for it
-            budget -= n
-            if budget <= 0:
-                self._release_pipe_if_empty()
-                return
 
-    def on_writable(self, registered: bool = True) -> bool:
-        """Move the pipe's bytes on; True when all of them went (reading may go on)."""
-        assert self.pipe is not None
-        tunnel = self.tunnel
+    def _flush(self) -> bool:
+        """Move the pipe's bytes on; True when all of them went."""
+        pipe = self.pipe
+        assert pipe is not None
         while self.pending:
             try:
-                m = os.splice(self.pipe[0], self.dst, self.pending, flags=_SPLICE_FLAGS)
+                m = os.splice(pipe[0], self.dst, self.pending, flags=_SPLICE_FLAGS)
             except BlockingIOError:
-                break
-            except OSError as exc:
-                tunnel.fail(self.upstream_bound, exc)
+                self.can_write = False  # an EPOLLOUT edge comes when there is room
                 return False
-            if m == 0:  # pragma: no cover - the kernel reports EAGAIN rather than 0
-                break
+            except OSError as exc:
+                self.tunnel.fail(self.upstream_bound, exc)
+                return False
             self.pending -= m
-        poller = tunnel.poller
-        if self.pending:
-            if not registered:
-                poller.remove_reader(self.src)
-                poller.add_writer(self.dst, self.on_writable)
-            return False
-        if registered:
-            self._release_pipe_if_empty()
-            poller.remove_writer(self.dst)
-            if not self.eof:
-                poller.add_reader(self.src, self.on_readable)
-        if self.eof:
-            self._release_pipe_if_empty()
-            self._finish()
-            return False
         return True
 
-    def _resume_reading(self) -> None:
-        if not self.tunnel.closed and not self.eof and self.pipe is None:
-            self.tunnel.poller.add_reader(self.src, self.on_readable)
+    def _later(self, delay: float) -> None:
+        if not self.waiting:
+            self.waiting = True
+            self.tunnel.loop.call_later(delay, self.pump)
 
-    def _release_pipe_if_empty(self) -> None:
+    def _release_pipe(self) -> None:
         if self.pipe is not None and self.pending == 0:
             self.tunnel.pool.give_back(self.pipe)
             self.pipe = None
@@ -272,15 +275,16 @@ class _Direction:
         tunnel = self.tunnel
         if self.lowat != 1 and tunnel.batching is not None:
             tunnel.batching.forget(self)
-        poller = tunnel.poller
-        poller.remove_reader(self.src)
-        poller.remove_writer(self.dst)
         if self.pipe is not None:
             if self.pending:
                 close_pipe(self.pipe)  # still holds bytes: never lend it out again
             else:
-                self.tunnel.pool.give_back(self.pipe)
+                tunnel.pool.give_back(self.pipe)
             self.pipe = None
+
+
+_READABLE = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLERR | select.EPOLLHUP
+_WRITABLE = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
 
 
 class Tunnel:
@@ -332,8 +336,28 @@ class Tunnel:
         self._on_close = on_close
 
     def start(self) -> None:
-        self.up.start()
-        self.down.start()
+        # Once per socket for the tunnel's whole life: backpressure never re-registers.
+        # Registering reports what is ready already (bytes that queued meanwhile, room to
+        # write), so the first events start both directions.
+        self.poller.watch(self.up.src, self._on_client)
+        self.poller.watch(self.down.src, self._on_upstream)
+
+    def _on_client(self, events: int) -> None:
+        self._on_event(events, self.up, self.down)
+
+    def _on_upstream(self, events: int) -> None:
+        self._on_event(events, self.down, self.up)
+
+    def _on_event(self, events: int, reading: _Direction, writing: _Direction) -> None:
+        """`reading` reads from the socket the events are about; `writing` writes to it."""
+        if events & _READABLE:
+            reading.can_read = True
+            if not reading.finished and not reading.waiting:
+                reading.pump()
+        if events & _WRITABLE and not self.closed:
+            writing.can_write = True
+            if writing.pending and not writing.waiting:
+                writing.pump()
 
     def count(self, upstream_bound: bool, n: int) -> None:
         self.last_active = time.monotonic()
@@ -358,6 +382,8 @@ class Tunnel:
         if self.closed:
             return
         self.closed = True
+        self.poller.unwatch(self.up.src)
+        self.poller.unwatch(self.down.src)
         self.up.stop()
         self.down.stop()
         for sock in (self.client, self.upstream):

@@ -14,8 +14,13 @@ behind data went unnoticed (tests/relay/test_pipe.py). Here an error or hang-up 
 the reader and the writer, as asyncio's selector loop does, and they see it on their next
 call.
 
-Level-triggered, like `loop.add_reader`: a callback runs on every dispatch while its
-condition holds. A descriptor must be removed before it is closed.
+Two kinds of registration. `add_reader` / `add_writer` are level-triggered, like
+`loop.add_reader`: a callback runs on every dispatch while its condition holds. `watch` is
+edge-triggered for both directions at once (EPOLLET): the callback gets the event mask when
+the socket becomes readable or writable again, and the caller keeps track of what it may do
+until the kernel answers EAGAIN. A tunnel registers each socket once that way and never
+touches the registration again until it closes, however often backpressure comes and goes.
+A descriptor must be removed before it is closed.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from collections.abc import Callable
 
 _READ = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP
 _WRITE = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
+WATCH_MASK = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 _BATCH = 512  # events taken per dispatch; more wait for the next one (level-triggered)
 
 log = logging.getLogger(__name__)
@@ -41,6 +47,7 @@ class Poller:
         self._epoll = select.epoll()
         self._readers: dict[int, Callable[[], object]] = {}
         self._writers: dict[int, Callable[[], object]] = {}
+        self._watchers: dict[int, Callable[[int], object]] = {}
         self._masks: dict[int, int] = {}
         loop.add_reader(self._epoll.fileno(), self._dispatch)
 
@@ -68,6 +75,18 @@ class Poller:
         self._update(fd)
         return True
 
+    def watch(self, fd: int, callback: Callable[[int], object]) -> None:
+        """Edge-triggered readable and writable events of `fd` go to `callback(events)`;
+        any level-triggered reader or writer of `fd` is dropped."""
+        self._readers.pop(fd, None)
+        self._writers.pop(fd, None)
+        self._watchers[fd] = callback
+        self._apply(fd, WATCH_MASK, self._masks.get(fd, 0))
+
+    def unwatch(self, fd: int) -> None:
+        if self._watchers.pop(fd, None) is not None:
+            self._apply(fd, 0, self._masks.get(fd, 0))
+
     def close(self) -> None:
         if self._epoll.closed:
             return
@@ -75,6 +94,7 @@ class Poller:
         self._epoll.close()
         self._readers.clear()
         self._writers.clear()
+        self._watchers.clear()
         self._masks.clear()
 
     def _update(self, fd: int) -> None:
@@ -82,11 +102,13 @@ class Poller:
             select.EPOLLOUT if fd in self._writers else 0
         )
         old = self._masks.get(fd, 0)
-        if mask == old:
-            return
+        if mask != old:
+            self._apply(fd, mask, old)
+
+    def _apply(self, fd: int, mask: int, old: int) -> None:
         epoll = self._epoll
         if not mask:
-            del self._masks[fd]
+            self._masks.pop(fd, None)
             # Gone already if it was closed before being removed (no other reference).
             with contextlib.suppress(FileNotFoundError, OSError):
                 epoll.unregister(fd)
@@ -108,8 +130,13 @@ class Poller:
     def _dispatch(self) -> None:
         readers = self._readers
         writers = self._writers
+        watchers = self._watchers
         for fd, events in self._epoll.poll(0, _BATCH):
             try:
+                watcher = watchers.get(fd)
+                if watcher is not None:
+                    watcher(events)
+                    continue
                 if events & _READ:
                     callback = readers.get(fd)
                     if callback is not None:
