@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import ipaddress
 import logging
 import resource
@@ -208,6 +209,10 @@ class RelayEngine:
         for sock in self._listeners:
             self._loop.add_reader(sock.fileno(), self._on_acceptable, sock)
         self._schedule_sweep()
+        # Everything allocated so far (modules, settings, the loop) lives as long as the
+        # process: keep it out of the garbage collector's passes, which otherwise walk it
+        # again and again while connections come and go.
+        gc.freeze()
         log.info("relay listening on %s", ", ".join(_fmt(a) for a in self._addresses))
         self.bus.publish(EngineStarted(self._addresses))
 
