@@ -155,6 +155,7 @@ class _Direction:
         "can_read",
         "can_write",
         "waiting",
+        "muted",
     )
 
     def __init__(self, tunnel: Tunnel, src: int, dst: int, upstream_bound: bool) -> None:
@@ -173,6 +174,9 @@ class _Direction:
         self.can_read = True
         self.can_write = True
         self.waiting = False  # a pump is scheduled (budget spent, or no pipe to be had)
+        # src's readability is not reported while its bytes have nowhere to go: each arrival
+        # would otherwise wake the loop for nothing.
+        self.muted = False
 
     def pump(self) -> None:
         """Move what can be moved now: flush the pipe, read, repeat.
@@ -188,7 +192,14 @@ class _Direction:
         budget = DRAIN_BUDGET
         while not tunnel.closed:
             if self.pending and (not self.can_write or not self._flush()):
-                return  # the destination is full: reading waits for it
+                # The destination is full: reading waits for its room (an EPOLLOUT edge).
+                if not self.muted and not tunnel.closed:
+                    self.muted = True
+                    tunnel.poller.mute(self.src, True)
+                return
+            if self.muted:
+                self.muted = False
+                tunnel.poller.mute(self.src, False)
             if self.eof:
                 self._release_pipe()
                 self._finish()

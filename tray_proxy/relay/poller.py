@@ -34,6 +34,9 @@ from collections.abc import Callable
 _READ = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP
 _WRITE = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
 WATCH_MASK = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+# A watched socket whose reader must wait (its bytes have nowhere to go yet): only room to
+# write, errors and hang-ups are reported.
+WATCH_MUTED = select.EPOLLOUT | select.EPOLLET
 _BATCH = 512  # events taken per dispatch; more wait for the next one (level-triggered)
 
 log = logging.getLogger(__name__)
@@ -82,6 +85,12 @@ class Poller:
         self._writers.pop(fd, None)
         self._watchers[fd] = callback
         self._apply(fd, WATCH_MASK, self._masks.get(fd, 0))
+
+    def mute(self, fd: int, muted: bool) -> None:
+        """Stop (or resume) reporting readability of a watched `fd`. Resuming reports it
+        at once if bytes are waiting."""
+        if fd in self._watchers:
+            self._apply(fd, WATCH_MUTED if muted else WATCH_MASK, self._masks.get(fd, 0))
 
     def unwatch(self, fd: int) -> None:
         if self._watchers.pop(fd, None) is not None:
