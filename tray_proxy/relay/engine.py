@@ -283,6 +283,7 @@ class RelayEngine:
     def _on_acceptable(self, listener: socket.socket) -> None:
         loop = self._loop
         assert loop is not None
+        local = self._bound[listener]
         for _ in range(_ACCEPT_BATCH):
             try:
                 conn, addr = listener.accept()
@@ -304,7 +305,7 @@ class RelayEngine:
             conn.setblocking(False)
             self.stats["accepted"] += 1
             try:
-                self._accept_one(conn, (str(addr[0]), int(addr[1])), self._bound[listener])
+                self._accept_one(conn, (str(addr[0]), int(addr[1])), local)
             except Exception:
                 log.exception("internal error on a new connection")
                 abort(conn)

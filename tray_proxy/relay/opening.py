@@ -149,6 +149,7 @@ class Opening:
         "answer_deadline",
         "dialed_at",
         "done",
+        "writing",
     )
 
     def __init__(
@@ -182,6 +183,7 @@ class Opening:
         self.answer_deadline = 0.0
         self.dialed_at = 0.0
         self.done = False
+        self.writing = False  # the upstream socket's writability is watched (connecting)
 
     # -- start: dial and peek at once -----------------------------------------------------
 
@@ -197,6 +199,7 @@ class Opening:
         if self.peeker is not None and not self._peek_now():
             if not self.done:
                 self.poller.add_reader(self.conn.fileno(), self._on_peek)
+                self._watch_connect()
                 self._update_deadline()
             return
         if not self.done:
@@ -228,9 +231,7 @@ class Opening:
             return False
         if code == 0:
             self.connected = True
-        elif code in _IN_PROGRESS:
-            self.poller.add_writer(sock.fileno(), self._on_connected)
-        else:
+        elif code not in _IN_PROGRESS:
             # Refused at once, or no route: the coroutine path tries the other addresses
             # and says why in its own words.
             self._fall_back()
@@ -283,8 +284,17 @@ class Opening:
             self._send_request()
         else:
             # A near proxy has often answered the SYN before connect() returned: try to
-            # send now and spare a wakeup. A socket still connecting refuses with EAGAIN.
-            self._send_request(writer_registered=True, early=True)
+            # send now and spare a wakeup (and the registration to wait for writability).
+            # A socket still connecting refuses with EAGAIN.
+            self._send_request(early=True)
+
+    def _watch_connect(self) -> None:
+        """Wait for the connect to finish (writability), unless it has or we do already."""
+        if not self.connected and not self.writing:
+            sock = self.sock
+            assert sock is not None
+            self.poller.add_writer(sock.fileno(), self._on_connected)
+            self.writing = True
 
     # -- the upstream ---------------------------------------------------------------------
 
@@ -297,26 +307,24 @@ class Opening:
         if code in _IN_PROGRESS:
             return
         if code != 0:
-            self.poller.remove_writer(sock.fileno())
             self._fall_back()
             return
         self.connected = True
         if self.peeker is not None:
             # Still waiting for the client: nothing to write until then. Watch for the proxy
             # closing on us meanwhile.
-            fd = sock.fileno()
-            self.poller.add_reader(fd, self._on_early_upstream)
-            self.poller.remove_writer(fd)
+            self.poller.switch_to_reader(sock.fileno(), self._on_early_upstream)
+            self.writing = False
             self._update_deadline()
             return
-        self._send_request(writer_registered=True)
+        self._send_request()
 
     def _on_early_upstream(self) -> None:
         """The proxy spoke (or hung up) before our request: let the coroutine path retry."""
         if not self.done:
             self._fall_back()
 
-    def _send_request(self, writer_registered: bool = False, early: bool = False) -> None:
+    def _send_request(self, early: bool = False) -> None:
         """Send the CONNECT. `early`: the connect may still be in progress; if so, wait
         for it as before."""
         sock = self.sock
@@ -331,8 +339,6 @@ class Opening:
                 headers=[self.header] if self.header is not None else [],
             )
         except UsageError:
-            if writer_registered:
-                self.poller.remove_writer(sock.fileno())
             self._fall_back()  # it words the configuration error
             return
         request = handshake.data_to_send()
@@ -348,22 +354,19 @@ class Opening:
             if early and exc.errno == errno.ENOTCONN:
                 self._wait_connected()
                 return
-        fd = sock.fileno()
         if sent != len(request):
-            if writer_registered:
-                self.poller.remove_writer(fd)
             self._fall_back()
             return
         self.connected = True
         self.handshake = handshake
         self.answer_deadline = time.monotonic() + self.settings.handshake_timeout
-        self.poller.add_reader(fd, self._on_answer)
-        if writer_registered:
-            self.poller.remove_writer(fd)
+        self.poller.switch_to_reader(sock.fileno(), self._on_answer)
+        self.writing = False
         self._update_deadline()
 
     def _wait_connected(self) -> None:
         self.record.state = ConnState.CONNECTING
+        self._watch_connect()
         self._update_deadline()
 
     def _on_answer(self) -> None:

@@ -274,6 +274,13 @@ class _Direction:
         if self.finished:
             return
         self.finished = True
+        tunnel = self.tunnel
+        other = tunnel.down if self.upstream_bound else tunnel.up
+        if other.finished:
+            # The last direction: closing both sockets next sends this FIN too (and
+            # both were read to their end, so close() sends no RST).
+            tunnel.direction_finished()
+            return
         try:
             self.tunnel.socks[self.dst].shutdown(socket.SHUT_WR)
         except OSError as exc:
@@ -393,8 +400,9 @@ class Tunnel:
         if self.closed:
             return
         self.closed = True
-        self.poller.unwatch(self.up.src)
-        self.poller.unwatch(self.down.src)
+        # Both sockets are closed below, which takes them out of the epoll set.
+        self.poller.forget(self.up.src)
+        self.poller.forget(self.down.src)
         self.up.stop()
         self.down.stop()
         # The directions point back here: dropping them lets reference counting free the

@@ -78,6 +78,21 @@ class Poller:
         self._update(fd)
         return True
 
+    def switch_to_reader(self, fd: int, callback: Callable[[], object]) -> None:
+        """`callback` reads `fd` and nothing writes to it any more: one epoll_ctl at most."""
+        self._writers.pop(fd, None)
+        self._readers[fd] = callback
+        self._update(fd)
+
+    def forget(self, fd: int) -> None:
+        """Drop every registration of `fd` without telling the kernel: only right before
+        the descriptor is closed, which removes it from the epoll set anyway (one syscall
+        less per socket)."""
+        self._readers.pop(fd, None)
+        self._writers.pop(fd, None)
+        self._watchers.pop(fd, None)
+        self._masks.pop(fd, None)
+
     def watch(self, fd: int, callback: Callable[[int], object]) -> None:
         """Edge-triggered readable and writable events of `fd` go to `callback(events)`;
         any level-triggered reader or writer of `fd` is dropped."""

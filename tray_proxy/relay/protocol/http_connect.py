@@ -29,6 +29,7 @@ MAX_RESPONSE_HEADERS = 256
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # Printable ASCII, space and tab: what h11 sends without complaint (bytes >= 0x80 are obs-text).
 _FIELD_VALUE = re.compile(r"[\t\x20-\x7e]*")
+_CONTROL_OR_SPACE = re.compile(r"[\x00-\x20\x7f]")
 # Characters that would make the proxy read the authority as something else (RFC 3986 3.2).
 _URI_DELIMITERS = frozenset("/?#@[]\\")
 # We write these ourselves, or h11 would read them as a request body it must send.
@@ -83,7 +84,7 @@ def format_authority(host: str, port: int) -> str:
 def _check_host(host: str) -> None:
     if not host:
         raise UsageError("CONNECT host is empty")
-    if not host.isascii() or any(ord(c) <= 0x20 or ord(c) == 0x7F for c in host):
+    if not host.isascii() or _CONTROL_OR_SPACE.search(host):
         raise UsageError(
             f"CONNECT host {peer_excerpt(host)} must be printable ASCII (IDNA-encode names first)"
         )
