@@ -55,22 +55,26 @@ GIB = 1 << 30
 ORIGIN_PORT = 443
 SQUID_PORT = 3128
 SQUID_EXTRA = "max_filedescriptors 16384"
-# Each relay row dials Squid on a port of its own, so the TIME_WAIT sockets one row leaves
-# behind (5,000+ per round, 60 s each) never crowd the source ports another row needs to
-# reach Squid: the kernel's connect() slows down as one destination's port space fills.
+# Every row of every round gets a slot: an origin address and a Squid port of its own. A
+# row leaves 7,000+ sockets in TIME_WAIT per round (60 s each) towards the addresses it
+# dials, and the kernel's connect() slows down as one destination's port space fills: with
+# shared addresses, a row would pay for the rows and rounds before it.
 ROW_SQUID_PORT = 3130
+CHUNKS = 5  # bulk and rate run in this many slices per row, interleaved across rows
+SLOT_ADDRESS = 10  # last octet of the first slot's origin address
 
 
-def row_squid_port(key: str) -> int:
-    """The Squid port a relay row dials."""
-    relay_rows = [r.key for r in ROWS if r.relay is not None]
-    return ROW_SQUID_PORT + relay_rows.index(key)
+def slot_of(round_no: int, key: str) -> int:
+    return round_no * len(ROWS) + [r.key for r in ROWS].index(key)
 
 
-def squid_row_ports(host: str) -> str:
-    """Squid config lines: one http_port per relay row (see ROW_SQUID_PORT)."""
+def squid_slot_ports(host: str, rounds: int) -> str:
+    """Squid config lines: one http_port per slot that dials Squid (not direct)."""
     return "".join(
-        f"\nhttp_port {host}:{row_squid_port(r.key)}" for r in ROWS if r.relay is not None
+        f"\nhttp_port {host}:{ROW_SQUID_PORT + slot_of(n, r.key)}"
+        for n in range(rounds)
+        for r in ROWS
+        if r.key != "direct"
     )
 
 
@@ -170,6 +174,7 @@ class LoadGen:
         self.ns: Namespace = lab.client
         self.target = f"{lab.origin.v4}:{ORIGIN_PORT}"
         self.squid = squid
+        self.proxy_port = squid.port  # the Squid port the Squid-only row dials this round
         self.sizes = sizes
         self.budget = budget
 
@@ -181,7 +186,7 @@ class LoadGen:
             creds = self.squid.credentials
             assert creds is not None
             argv += [
-                "--proxy", f"{self.squid.host}:{self.squid.port}",
+                "--proxy", f"{self.squid.host}:{self.proxy_port}",
                 "--user", creds.username, "--password-file", str(creds.password_file),
             ]  # fmt: skip
         return [*argv, "--budget", str(self.budget), *extra]
@@ -270,10 +275,10 @@ class Bench:
         self._next_port += 1
         return self._next_port
 
-    def make_relay(self, key: str) -> Relay:
+    def make_relay(self, key: str, squid_port: int) -> Relay:
         creds = self.squid.credentials
         assert creds is not None
-        upstream = (self.squid.host, row_squid_port(key))
+        upstream = (self.squid.host, squid_port)
         common = (self.lab.client, self.workdir, self.fresh_port())
         relay: Relay
         if key == "tray-run":
@@ -288,12 +293,10 @@ class Bench:
         self.configs.setdefault(relay.label, relay.config_text())
         return relay
 
-    def row_address(self, row: Row, index: int) -> str:
-        """The origin address a row dials: its own extra one for a relay row (see run_round)."""
+    def slot_address(self, slot: int) -> str:
+        """The origin address of a slot (see slot_of): an extra one on the origin namespace."""
         assert self.lab.origin.v4 is not None
-        if row.relay is None:
-            return self.lab.origin.v4
-        address = f"{self.lab.origin.v4.rsplit('.', 1)[0]}.{10 + index}"
+        address = f"{self.lab.origin.v4.rsplit('.', 1)[0]}.{SLOT_ADDRESS + slot}"
         if address not in self._addresses:
             self.lab.origin.add_address(f"{address}/24")
             self._addresses.add(address)
@@ -315,21 +318,24 @@ class Bench:
         return "\n".join([*lines, "  }", "}"]) + "\n"
 
     def run_round(
-        self, order: list[Row], report: Callable[[Row, Sample, float], None]
+        self, order: list[Row], report: Callable[[Row, Sample, float], None], round_no: int = 0
     ) -> dict[str, Sample]:
         """Every relay of the round runs at once, each behind its own origin address.
 
         Sequential latency is measured interleaved, one connection per row in turn, so a slow
-        phase of the shared CPUs lands on every row alike; the other measurements (idle,
-        bulk, rate) then run row after row, the other relays idle meanwhile.
+        phase of the shared CPUs lands on every row alike; then the idle tunnels row after
+        row, then bulk and rate interleaved in slices (see _interleaved).
         """
         samples = {row.key: Sample() for row in order}
-        targets = {row.key: self.row_address(row, i) for i, row in enumerate(ROWS) if row in order}
+        slots = {row.key: slot_of(round_no, row.key) for row in order}
+        targets = {key: self.slot_address(slot) for key, slot in slots.items()}
+        self.loadgen.proxy_port = ROW_SQUID_PORT + slot_of(round_no, "squid")
         with contextlib.ExitStack() as stack:
             relays: dict[str, Relay] = {}
             for row in order:
                 if row.relay is not None:
-                    relays[row.key] = stack.enter_context(self.make_relay(row.relay))
+                    port = ROW_SQUID_PORT + slots[row.key]
+                    relays[row.key] = stack.enter_context(self.make_relay(row.relay, port))
             routes = {targets[key]: relay.port for key, relay in relays.items()}
             redirect = Redirect(self.lab.client, self.redirect_ruleset(routes))
             stack.enter_context(redirect.apply())
@@ -341,9 +347,10 @@ class Bench:
                 flush=True,
             )
             for row in order:
-                t0 = time.monotonic()
-                relay = relays.get(row.key)
-                self._measure(row, samples[row.key], relay, targets[row.key])
+                self._idle(row, samples[row.key], relays.get(row.key), targets[row.key])
+            t0 = time.monotonic()
+            self._interleaved(order, samples, relays, targets)
+            for row in order:
                 report(row, samples[row.key], t0)
             for key, relay in relays.items():
                 if relay.process is not None and relay.process.poll() is not None:
@@ -370,13 +377,12 @@ class Bench:
             if lat["errors"]:
                 samples[row.key].notes.append(f"{lat['errors']} latency errors")
 
-    def _measure(self, row: Row, sample: Sample, relay: Relay | None, target: str) -> None:
+    def _idle(self, row: Row, sample: Sample, relay: Relay | None, target: str) -> None:
+        """Idle tunnels first, on a relay that has not yet grown buffers for bulk or for 200
+        concurrent connections, so the RSS delta is what idle tunnels cost."""
         via = row.key == "squid"
-        s = self.sizes
         v = sample.values
         dial = f"{target}:{ORIGIN_PORT}"
-        # The idle tunnels first, on a relay that has not yet grown buffers for bulk or for
-        # 200 concurrent connections, so the RSS delta is what idle tunnels cost.
         rss: dict[str, int] = {}
         if relay is not None:
             rss["before"] = proc_rss_kib(relay.pid)
@@ -392,30 +398,63 @@ class Bench:
         v["idle_new_p50"] = idle["probe"]["p50_us"]
         if relay is not None and rss.get("open"):
             v["idle_kib"] = (rss["after"] - rss["before"]) / rss["open"]
-        for direction in ("down", "up"):
-            before = proc_cpu_seconds(relay.pid) if relay else 0.0
-            result = self.loadgen.run(
-                "bulk", via, "--direction", direction, "--bytes", str(s.bulk_bytes), target=dial
-            )
-            v[f"bulk_{direction}"] = result["gbit_s"]
-            if relay is not None:
-                used = proc_cpu_seconds(relay.pid) - before
-                v[f"cpu_{direction}"] = used / (s.bulk_bytes / GIB)
-        before = proc_cpu_seconds(relay.pid) if relay else 0.0
-        rate = self.loadgen.run(
-            "rate",
-            via,
-            "--count",
-            str(s.rate_total),
-            "--concurrency",
-            str(s.rate_concurrency),
-            target=dial,
-        )
-        v["conn_s"] = rate["conn_s"]
-        if relay is not None and rate["done"]:
-            v["cpu_conn"] = (proc_cpu_seconds(relay.pid) - before) / rate["done"] * 1e6
-        if rate["errors"]:
-            sample.notes.append(f"{rate['errors']} of {s.rate_total} connections failed")
+
+    def _interleaved(
+        self,
+        order: list[Row],
+        samples: dict[str, Sample],
+        relays: dict[str, Relay],
+        targets: dict[str, str],
+    ) -> None:
+        """Bulk each way and the connection rate, in CHUNKS slices per row taken in turn
+        (A B C, B C A, ...), so a slow phase of the shared CPUs lands on every row alike."""
+        s = self.sizes
+        totals: dict[str, dict[str, float]] = {row.key: {} for row in order}
+
+        def add(key: str, name: str, value: float) -> None:
+            totals[key][name] = totals[key].get(name, 0.0) + value
+
+        chunk_bytes = s.bulk_bytes // CHUNKS
+        chunk_conns = s.rate_total // CHUNKS
+        for kind in ("down", "up", "rate"):
+            for c in range(CHUNKS):
+                for row in order[c % len(order) :] + order[: c % len(order)]:
+                    relay = relays.get(row.key)
+                    via = row.key == "squid"
+                    dial = f"{targets[row.key]}:{ORIGIN_PORT}"
+                    before = proc_cpu_seconds(relay.pid) if relay else 0.0
+                    if kind == "rate":
+                        result = self.loadgen.run(
+                            "rate", via, "--count", str(chunk_conns),
+                            "--concurrency", str(s.rate_concurrency), target=dial,
+                        )  # fmt: skip
+                        add(row.key, "done", result["done"])
+                        add(row.key, "errors", result["errors"])
+                        add(row.key, "rate_s", result["done"] / result["conn_s"])
+                    else:
+                        result = self.loadgen.run(
+                            "bulk", via, "--direction", kind, "--bytes", str(chunk_bytes),
+                            target=dial,
+                        )  # fmt: skip
+                        add(row.key, f"{kind}_s", chunk_bytes * 8 / (result["gbit_s"] * 1e9))
+                    if relay is not None:
+                        add(row.key, f"{kind}_cpu", proc_cpu_seconds(relay.pid) - before)
+        for row in order:
+            t = totals[row.key]
+            v = samples[row.key].values
+            moved = chunk_bytes * CHUNKS
+            for kind in ("down", "up"):
+                v[f"bulk_{kind}"] = moved * 8 / t[f"{kind}_s"] / 1e9
+                if row.key in relays:
+                    v[f"cpu_{kind}"] = t[f"{kind}_cpu"] / (moved / GIB)
+            if t["done"]:
+                v["conn_s"] = t["done"] / t["rate_s"]
+                if row.key in relays:
+                    v["cpu_conn"] = t["rate_cpu"] / t["done"] * 1e6
+            if t["errors"]:
+                samples[row.key].notes.append(
+                    f"{t['errors']:.0f} of {chunk_conns * CHUNKS} connections failed"
+                )
 
 
 # -- the whole run -----------------------------------------------------------------------------
@@ -645,25 +684,29 @@ def render_doc(
             f"(`{SQUID_EXTRA}`); a plain-TCP origin (bench/origin.py, uvloop, no TLS: the relay "
             f"is measured, not TLS) on :{ORIGIN_PORT} of the origin namespace.",
             "- Relays run in the client namespace on 127.0.0.1, all of a round's at once, a "
-            "fresh port each per round. The origin namespace has one extra address per relay "
-            "row, and the client namespace's nft table redirects tcp/443 to each address to "
-            "that row's relay (Squid's address excluded). The load generator "
-            "(bench/loadgen.py) dials the row's origin address (direct and Squid only: the "
-            "origin's own); for Squid only it sends CONNECT with Basic auth itself. Each relay "
-            f"row dials Squid on a port of its own ({ROW_SQUID_PORT} and up; Squid only: "
-            f"{SQUID_PORT}), so the TIME_WAIT sockets one row leaves behind never crowd the "
-            "source ports of the next.",
-            f"- Bulk: one stream of {sizes.bulk_bytes >> 20} MiB each way. Relay CPU: utime + "
-            "stime of the relay process from /proc/PID/stat around the transfer, divided by "
-            "GiB moved (10 ms tick resolution).",
+            "fresh port each per round. Every row of every round has an origin address and a "
+            f"Squid port of its own (ports {ROW_SQUID_PORT} and up): the client namespace's "
+            "nft table redirects tcp/443 to a relay row's address to that relay, which dials "
+            "its own Squid port; the load generator (bench/loadgen.py) dials the row's "
+            "address, and for Squid only sends CONNECT with Basic auth itself. A row leaves "
+            "7,000+ sockets in TIME_WAIT per round (60 s each) towards what it dials, and "
+            "connect() slows down as one destination's port space fills: with shared "
+            "addresses a row would pay for the rows and rounds before it.",
+            f"- Bulk: {sizes.bulk_bytes >> 20} MiB each way per row, as {CHUNKS} streams of "
+            f"{sizes.bulk_bytes // CHUNKS >> 20} MiB taken by the rows in turn (each slice "
+            "starting at the next row), so a slow phase of the shared CPUs hits every row "
+            "alike. Relay CPU: utime + stime of the relay process from /proc/PID/stat around "
+            "each stream, summed, divided by GiB moved (10 ms tick resolution).",
             f"- Latency: {sizes.latency_count} sequential connections per row, each connect + "
             "one 64-byte request/response, interleaved across rows (one connection per row in "
             "turn, each cycle starting at the next row) so a slow phase of the shared CPUs "
-            "hits every row alike; added = row minus direct in the same round. Idle, bulk and "
-            "conn/s then run row after row, the other relays idle.",
+            "hits every row alike; added = row minus direct in the same round. The idle "
+            "tunnels then run row after row, the other relays idle; then bulk and conn/s, "
+            "interleaved.",
             f"- conn/s: {sizes.rate_total} connections (connect, one request/response, close) "
-            f"by {sizes.rate_concurrency} concurrent asyncio (uvloop) workers; relay CPU per "
-            "connection from /proc/PID/stat around that run.",
+            f"per row by {sizes.rate_concurrency} concurrent asyncio (uvloop) workers, as "
+            f"{CHUNKS} runs of {sizes.rate_total // CHUNKS} taken by the rows in turn; relay "
+            "CPU per connection from /proc/PID/stat around each run, summed.",
             f"- Idle: {sizes.idle_tunnels} tunnels opened (each proven by one request/response) "
             "and held; KiB per idle tunnel = relay VmRSS delta / tunnels; then "
             f"{sizes.idle_probes} sequential new connections measured with them open.",
@@ -751,14 +794,14 @@ def main(argv: list[str] | None = None) -> int:
             lab.origins.stop()
             lab.client.run(["sysctl", "-qw", f"net.ipv4.tcp_tw_reuse={args.tw_reuse}"])
             squid = lab.new_squid(auth="basic", extra_config=SQUID_EXTRA, name="bench-squid")
-            squid.extra_config += squid_row_ports(squid.host)
+            squid.extra_config += squid_slot_ports(squid.host, args.rounds)
             with squid.start(), bench_origin(lab):
                 bench = Bench(lab, squid, sizes, budget)
                 for n in range(args.rounds):
                     # Rotate the order so no row always runs first (warm caches, noise).
                     order = rows[n % len(rows) :] + rows[: n % len(rows)]
                     report = functools.partial(_progress, n, args.rounds)
-                    rounds.append(bench.run_round(order, report))
+                    rounds.append(bench.run_round(order, report, n))
                 configs = bench.configs
     except LabError as exc:
         print(f"bench: {exc}", file=sys.stderr)
