@@ -35,7 +35,7 @@ import struct
 import time
 from collections.abc import Callable
 
-from tray_proxy.relay.poller import Poller
+from tray_proxy.relay.poller import READ_EDGES, WRITE_EDGES, Poller
 from tray_proxy.relay.records import CloseReason, ConnectionRecord
 
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
@@ -156,6 +156,7 @@ class _Direction:
         "can_write",
         "waiting",
         "muted",
+        "room_watched",
     )
 
     def __init__(self, tunnel: Tunnel, src: int, dst: int, upstream_bound: bool) -> None:
@@ -177,6 +178,10 @@ class _Direction:
         # src's readability is not reported while its bytes have nowhere to go: each arrival
         # would otherwise wake the loop for nothing.
         self.muted = False
+        # dst's room to write is watched only once a splice into it met EAGAIN: most
+        # connections never fill a socket, and a socket with room reports it at once, which
+        # would wake the loop for nothing when the tunnel starts.
+        self.room_watched = False
 
     def pump(self) -> None:
         """Move what can be moved now: flush the pipe, read, repeat.
@@ -195,11 +200,11 @@ class _Direction:
                 # The destination is full: reading waits for its room (an EPOLLOUT edge).
                 if not self.muted and not tunnel.closed:
                     self.muted = True
-                    tunnel.poller.mute(self.src, True)
+                    tunnel.update_events(self.src)
                 return
             if self.muted:
                 self.muted = False
-                tunnel.poller.mute(self.src, False)
+                tunnel.update_events(self.src)
             if self.eof:
                 self._release_pipe()
                 self._finish()
@@ -247,6 +252,9 @@ class _Direction:
                 m = os.splice(pipe[0], self.dst, self.pending, flags=_SPLICE_FLAGS)
             except BlockingIOError:
                 self.can_write = False  # an EPOLLOUT edge comes when there is room
+                if not self.room_watched:
+                    self.room_watched = True
+                    self.tunnel.update_events(self.dst)
                 return False
             except OSError as exc:
                 self.tunnel.fail(self.upstream_bound, exc)
@@ -357,8 +365,17 @@ class Tunnel:
         # Once per socket for the tunnel's whole life: backpressure never re-registers.
         # Registering reports what is ready already (bytes that queued meanwhile, room to
         # write), so the first events start both directions.
-        self.poller.watch(self.up.src, self._on_client)
-        self.poller.watch(self.down.src, self._on_upstream)
+        self.poller.watch(self.up.src, self._on_client, READ_EDGES)
+        self.poller.watch(self.down.src, self._on_upstream, READ_EDGES)
+
+    def update_events(self, fd: int) -> None:
+        """Ask the poller for what the directions on `fd` need: readability unless the
+        reading one is muted, room once the writing one has met a full socket."""
+        reading, writing = (self.up, self.down) if fd == self.up.src else (self.down, self.up)
+        events = 0 if reading.muted else READ_EDGES
+        if writing.room_watched:
+            events |= WRITE_EDGES
+        self.poller.watch_events(fd, events or select.EPOLLET)
 
     def _on_client(self, events: int) -> None:
         self._on_event(events, self.up, self.down)

@@ -33,10 +33,11 @@ from collections.abc import Callable
 
 _READ = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP
 _WRITE = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
-WATCH_MASK = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
-# A watched socket whose reader must wait (its bytes have nowhere to go yet): only room to
-# write, errors and hang-ups are reported.
-WATCH_MUTED = select.EPOLLOUT | select.EPOLLET
+# What `watch` asks for by default; `watch_events` changes it (errors and hang-ups are
+# always reported).
+READ_EDGES = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
+WRITE_EDGES = select.EPOLLOUT | select.EPOLLET
+WATCH_MASK = READ_EDGES | WRITE_EDGES
 _BATCH = 512  # events taken per dispatch; more wait for the next one (level-triggered)
 
 log = logging.getLogger(__name__)
@@ -93,19 +94,19 @@ class Poller:
         self._watchers.pop(fd, None)
         self._masks.pop(fd, None)
 
-    def watch(self, fd: int, callback: Callable[[int], object]) -> None:
-        """Edge-triggered readable and writable events of `fd` go to `callback(events)`;
-        any level-triggered reader or writer of `fd` is dropped."""
+    def watch(self, fd: int, callback: Callable[[int], object], events: int = WATCH_MASK) -> None:
+        """Edge-triggered `events` of `fd` (EPOLLET and what else; errors and hang-ups
+        always) go to `callback(events)`; any level-triggered reader or writer of `fd` is
+        dropped."""
         self._readers.pop(fd, None)
         self._writers.pop(fd, None)
         self._watchers[fd] = callback
-        self._apply(fd, WATCH_MASK, self._masks.get(fd, 0))
+        self._apply(fd, events, self._masks.get(fd, 0))
 
-    def mute(self, fd: int, muted: bool) -> None:
-        """Stop (or resume) reporting readability of a watched `fd`. Resuming reports it
-        at once if bytes are waiting."""
-        if fd in self._watchers:
-            self._apply(fd, WATCH_MUTED if muted else WATCH_MASK, self._masks.get(fd, 0))
+    def watch_events(self, fd: int, events: int) -> None:
+        """Change what a watched `fd` reports. Asking again reports what is ready now."""
+        if fd in self._watchers and events != self._masks.get(fd, 0):
+            self._apply(fd, events, self._masks.get(fd, 0))
 
     def unwatch(self, fd: int) -> None:
         if self._watchers.pop(fd, None) is not None:
