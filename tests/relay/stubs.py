@@ -43,6 +43,27 @@ def sha(data: bytes | bytearray) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """Two connected non-blocking TCP sockets on loopback."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        a = socket.create_connection(server.getsockname())
+        b, _ = server.accept()
+    a.setblocking(False)
+    b.setblocking(False)
+    return a, b
+
+
+async def echo_once(address: Address, payload: bytes = b"ping") -> bytes:
+    """Connect, send `payload`, read as many bytes back (5 s at most), close."""
+    reader, writer = await asyncio.open_connection(*address)
+    try:
+        writer.write(payload)
+        await writer.drain()
+        return await asyncio.wait_for(reader.readexactly(len(payload)), 5)
+    finally:
+        writer.close()
+
+
 async def until(condition: Callable[[], Any], timeout: float = 10.0, what: str = "") -> None:
     """Poll `condition` until it is true; fail after `timeout` seconds saying what we waited for."""
     loop = asyncio.get_running_loop()

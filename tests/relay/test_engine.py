@@ -31,6 +31,7 @@ from tests.relay.stubs import (
     Origin,
     Socks5Proxy,
     echo,
+    echo_once,
     exchange,
     free_port_range,
     http_upstream,
@@ -64,16 +65,6 @@ from tray_proxy.relay.records import CloseReason, ConnState
 from tray_proxy.relay.settings import UpstreamKind, UpstreamProxy
 
 MiB = 1 << 20
-
-
-async def _echo_once(relay_addr: tuple[str, int], payload: bytes = b"ping") -> bytes:
-    reader, writer = await asyncio.open_connection(*relay_addr)
-    try:
-        writer.write(payload)
-        await writer.drain()
-        return await asyncio.wait_for(reader.readexactly(len(payload)), 5)
-    finally:
-        writer.close()
 
 
 # -- bytes both ways ---------------------------------------------------------------------
@@ -208,7 +199,7 @@ def test_upstream_reset_mid_transfer_then_keeps_serving(run):
 
             proxy.mode = Mode.OK
             origin.behaviour = echo
-            assert await _echo_once(relay.address) == b"ping"
+            assert await echo_once(relay.address) == b"ping"
             closed = await relay.wait_closed(2)
             assert closed[1].reason is CloseReason.DONE
 
@@ -474,14 +465,14 @@ def test_basic_auth_goes_only_to_its_own_upstream_and_never_into_text(run, caplo
             corp_up = http_upstream(corp, "corp", "alice")
             other_up = http_upstream(other, "other")
             async with running_relay([corp_up, other_up], origin.address, creds) as relay:
-                assert await _echo_once(relay.address) == b"ping"
+                assert await echo_once(relay.address) == b"ping"
                 await relay.wait_closed()
                 assert corp.requests[0].headers["proxy-authorization"] == f"Basic {token}"
                 texts = [repr(relay.events), repr(list(relay.records.values()))]
             async with running_relay(
                 [corp_up, other_up], origin.address, creds, upstream="other"
             ) as relay2:
-                assert await _echo_once(relay2.address) == b"ping"
+                assert await echo_once(relay2.address) == b"ping"
                 await relay2.wait_closed()
                 assert "proxy-authorization" not in other.requests[0].headers
                 texts += [repr(relay2.events), repr(list(relay2.records.values()))]
@@ -621,7 +612,7 @@ def test_rejected_credentials_are_not_sent_again_until_they_change(run):
             assert "not tried again" in relay.closed[-1].detail
             # New credentials are tried (and work).
             creds.set("corp", Credentials("alice", Secret("right")))
-            assert await _echo_once(relay.address) == b"ping"
+            assert await echo_once(relay.address) == b"ping"
             await relay.wait_closed(4)
             assert relay.closed[-1].reason is CloseReason.DONE
             assert len(proxy.requests) == 2
@@ -818,7 +809,7 @@ def test_upstream_sockets_bind_in_source_range_wrap_and_skip_busy(run):
                 ) as relay,
             ):
                 for i in range(7):
-                    assert await _echo_once(relay.address) == b"ping"
+                    assert await echo_once(relay.address) == b"ping"
                     await relay.wait_closed(i + 1)
                 ports = [r.peer[1] for r in proxy.requests]
         assert busy not in ports
@@ -852,7 +843,7 @@ def test_source_port_taken_by_same_destination_moves_on(run):
                 holder.setblocking(False)
                 await asyncio.get_running_loop().sock_connect(holder, proxy.address)
                 await until(lambda: len(proxy.requests) == 1, what="holder accepted")
-                assert await _echo_once(relay.address) == b"ping"
+                assert await echo_once(relay.address) == b"ping"
                 (closed,) = await relay.wait_closed()
                 assert closed.reason is CloseReason.DONE
                 assert proxy.requests[1].peer[1] == last
@@ -878,7 +869,7 @@ def test_upstream_on_an_unredirected_port_uses_ephemeral_source_ports(run):
                 redirect_ports=(80, 443),
             ) as relay,
         ):
-            assert await _echo_once(relay.address) == b"ping"
+            assert await echo_once(relay.address) == b"ping"
             await relay.wait_closed(1)
             (request,) = proxy.requests
             assert not first <= request.peer[1] <= last
@@ -892,7 +883,7 @@ def test_a_redirected_connection_to_the_upstream_itself_is_refused(run):
     async def main():
         async with Origin(echo) as origin, ConnectProxy() as proxy:
             async with running_relay([http_upstream(proxy)], origin.address) as relay:
-                assert await _echo_once(relay.address) == b"ping"  # the dialer learns the address
+                assert await echo_once(relay.address) == b"ping"  # the dialer learns the address
                 await relay.wait_closed(1)
             async with running_relay([http_upstream(proxy)], lambda _sock: proxy.address) as looped:
                 # A fresh engine has resolved nothing yet: prime its dialer the same way.
@@ -1045,7 +1036,7 @@ def test_out_of_file_descriptors_keeps_tunnels_and_recovers(run, loop_kind):
                 # shortage mostly shows at accept() itself, as the ListenerError above.)
                 starved = [x for x in closed() if "Too many open files" in x["detail"]]
                 assert {x["reason"] for x in starved} <= {"internal-error"}
-                assert await _echo_once(address, b"new connection") == b"new connection"
+                assert await echo_once(address, b"new connection") == b"new connection"
                 got = await asyncio.gather(*(check(i, r, w) for i, (r, w) in enumerate(clients)))
                 assert len(got) == tunnels - 3
             finally:

@@ -13,6 +13,7 @@ from tests.relay.stubs import (
     Mode,
     Origin,
     echo,
+    echo_once,
     http_upstream,
     read_until_error,
     running_relay,
@@ -36,16 +37,6 @@ def openings(monkeypatch: pytest.MonkeyPatch) -> list[opening.Opening]:
 
     monkeypatch.setattr(opening.Opening, "start", start)
     return started
-
-
-async def _round_trip(address: tuple[str, int], payload: bytes = b"ping") -> bytes:
-    reader, writer = await asyncio.open_connection(*address)
-    try:
-        writer.write(payload)
-        await writer.drain()
-        return await asyncio.wait_for(reader.readexactly(len(payload)), 5)
-    finally:
-        writer.close()
 
 
 def _assert_nothing_registered(relay) -> None:  # type: ignore[no-untyped-def]
@@ -186,11 +177,11 @@ def test_verified_basic_credentials_take_the_fast_path_and_a_later_407_is_rechec
             ConnectProxy(credentials=("alice", "right")) as proxy,
             running_relay([http_upstream(proxy, "corp", "alice")], origin.address, creds) as relay,
         ):
-            assert await _round_trip(relay.address) == b"ping"
+            assert await echo_once(relay.address) == b"ping"
             await relay.wait_closed(1)
             assert openings == []  # unverified: the Task path
             for i in range(3):
-                assert await _round_trip(relay.address) == b"ping"
+                assert await echo_once(relay.address) == b"ping"
                 await relay.wait_closed(2 + i)
             assert len(openings) == 3
             auth_headers = {r.headers.get("proxy-authorization") for r in proxy.requests}

@@ -11,23 +11,13 @@ import struct
 
 import pytest
 
-from tests.relay.stubs import pattern, sha, until
+from tests.relay.stubs import pattern, sha, tcp_pair, until
 from tray_proxy.relay import pipe as pipe_module
 from tray_proxy.relay.pipe import PipePool, ReadBatching, Tunnel
 from tray_proxy.relay.poller import Poller
 from tray_proxy.relay.records import CloseReason, ConnectionRecord
 
 MiB = 1 << 20
-
-
-def tcp_pair() -> tuple[socket.socket, socket.socket]:
-    """Two connected non-blocking TCP sockets on loopback."""
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        a = socket.create_connection(server.getsockname())
-        b, _ = server.accept()
-    a.setblocking(False)
-    b.setblocking(False)
-    return a, b
 
 
 class Rig:

@@ -9,17 +9,8 @@ import struct
 
 import pytest
 
-from tests.relay.stubs import until
+from tests.relay.stubs import tcp_pair, until
 from tray_proxy.relay.poller import Poller
-
-
-def tcp_pair() -> tuple[socket.socket, socket.socket]:
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        a = socket.create_connection(server.getsockname())
-        b, _ = server.accept()
-    a.setblocking(False)
-    b.setblocking(False)
-    return a, b
 
 
 def test_reader_runs_while_data_waits_and_stops_when_removed(run):

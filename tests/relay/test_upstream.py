@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.relay.stubs import free_port_range
+from tests.relay.stubs import free_port_range, tcp_pair
 from tray_proxy.relay.credentials import Credentials, Secret, StaticCredentialSource
 from tray_proxy.relay.protocol.http_connect import ConnectHandshake
 from tray_proxy.relay.protocol.socks5 import Socks5Handshake
@@ -253,15 +253,6 @@ def test_make_handshake_socks5_offers_user_pass_only_with_credentials():
 # -- run_handshake ---------------------------------------------------------------------------
 
 
-def _tcp_pair() -> tuple[socket.socket, socket.socket]:
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        a = socket.create_connection(server.getsockname())
-        b, _ = server.accept()
-    a.setblocking(False)
-    b.setblocking(False)
-    return a, b
-
-
 ANSWERS = {
     "ok-glued": (b"HTTP/1.1 200 Connection established\r\n\r\ntunnel bytes", None),
     "407": (
@@ -282,7 +273,7 @@ def test_run_handshake_outcomes(run, case):
 
     async def main():
         loop = asyncio.get_running_loop()
-        ours, proxy = _tcp_pair()
+        ours, proxy = tcp_pair()
         try:
             hs = ConnectHandshake("www.example.test", 443)
 

@@ -6,8 +6,10 @@ The common case: an HTTP CONNECT upstream whose address is known (an IP literal 
 lookup), no reserved source port needed, and either no credentials or credentials the proxy
 already accepted with Basic. Then one connection costs a handful of callbacks: the accept
 dials the upstream at once, in parallel with reading the client's first bytes (peek), the
-CONNECT goes out when both are done, and a plain 2xx answer starts the splice tunnel. No
-Task, no future, no timer per connection: one shared tick checks the deadlines.
+CONNECT goes out as soon as both are done (often within the accept callback itself: a near
+proxy has answered the SYN before connect() returns), and a plain 2xx answer starts the
+splice tunnel. No Task, no future, no timer per connection: one shared tick checks the
+deadlines.
 
 Anything else hands the connection to the engine's coroutine path (`Hooks.fall_back`), which
 redials and does the whole handshake (407 challenges, Digest, NTLM, Negotiate, SOCKS5,
