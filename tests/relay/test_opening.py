@@ -266,3 +266,25 @@ def test_stop_ends_openings_in_progress(run, openings):
             assert closed.reason is CloseReason.SHUTDOWN
 
     run(main)
+
+
+def test_both_sides_of_a_tunnel_send_without_nagle_delay(run):
+    """The relay adds no Nagle wait of its own: each splice goes out at once on both sides
+    (the sender's stack already coalesced what it wanted to)."""
+
+    async def main():
+        async with (
+            Origin(echo) as origin,
+            ConnectProxy() as proxy,
+            running_relay([http_upstream(proxy)], origin.address) as relay,
+        ):
+            reader, writer = await relay.connect()
+            writer.write(b"x")
+            assert await asyncio.wait_for(reader.readexactly(1), 5) == b"x"
+            (tunnel,) = relay.engine._tunnels.values()
+            for sock in (tunnel.client, tunnel.upstream):
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+            writer.close()
+            await relay.wait_closed(1)
+
+    run(main)
