@@ -373,9 +373,7 @@ class RelayEngine:
             return
         upstream, address, header = fast
         record.upstream = upstream.name
-        loop = self._loop
-        assert loop is not None and self._deadlines is not None
-        assert self._poller is not None
+        assert self._poller is not None and self._deadlines is not None
         Opening(
             self._poller,
             self,
@@ -412,7 +410,9 @@ class RelayEngine:
             creds = self.credentials.get(upstream.name, upstream.username)
             self._fast_creds = (upstream, now + _CREDENTIALS_TTL, creds)
         if creds is None:
-            return upstream, known[0], None
+            # A username without a password: the Task path says what is missing, without
+            # first asking the proxy for a 407.
+            return None if upstream.username else (upstream, known[0], None)
         auth = self._auth_of(upstream)
         pinned = None if upstream.auth.value == "auto" else upstream.auth.value
         # Only credentials the proxy took, with Basic: anything else (new, changed, refused,
