@@ -32,15 +32,28 @@ from typing import Protocol
 
 from tray_proxy.relay.poller import Poller
 from tray_proxy.relay.protocol.errors import HandshakeRefused, ProtocolError, UsageError
-from tray_proxy.relay.protocol.http_connect import ConnectHandshake
+from tray_proxy.relay.protocol.http_connect import (
+    ConnectHandshake,
+    connect_request,
+    plain_2xx_end,
+)
 from tray_proxy.relay.protocol.peek import HostPeeker
 from tray_proxy.relay.records import Address, CloseReason, ConnectionRecord, ConnState
 from tray_proxy.relay.settings import RelaySettings, UpstreamProxy
 from tray_proxy.relay.upstream import UpstreamError, refusal_words
 
+_REQUESTS_KEPT = 512  # CONNECT requests kept ready, by target and header
 _PEEK_RECV = 16384
 _ANSWER_RECV = 65536
 _IN_PROGRESS = frozenset({errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK})
+
+
+class _Requests:
+    """CONNECT request bytes by target, for one Proxy-Authorization header at a time: a new
+    header (changed credentials) drops them all, so no old secret lingers here."""
+
+    header: tuple[str, str] | None = None
+    by_target: dict[tuple[str, int], bytes] = {}
 
 
 class Hooks(Protocol):
@@ -146,6 +159,7 @@ class Opening:
         "peeked",
         "connected",
         "handshake",
+        "asked",
         "deadline",
         "peek_deadline",
         "answer_deadline",
@@ -179,7 +193,9 @@ class Opening:
         self.peeker: HostPeeker | None = None
         self.peeked = b""
         self.connected = False
+        # Made only for an answer that is not one plain 2xx head (see _on_answer).
         self.handshake: ConnectHandshake | None = None
+        self.asked = False  # the CONNECT went out; its answer is awaited
         self.deadline = 0.0
         self.peek_deadline = 0.0
         self.answer_deadline = 0.0
@@ -247,7 +263,7 @@ class Opening:
             limits.append(self.peek_deadline)
         if not self.connected:
             limits.append(self.dialed_at + self.settings.connect_timeout)
-        if self.handshake is not None:
+        if self.asked:
             limits.append(self.answer_deadline)
         self.deadline = min(limits) if limits else float("inf")
 
@@ -332,18 +348,10 @@ class Opening:
         sock = self.sock
         assert sock is not None
         self.record.state = ConnState.HANDSHAKING
-        dst = self.record.original_dst
-        assert dst is not None
-        try:
-            handshake = ConnectHandshake(
-                self.record.host or dst[0],
-                dst[1],
-                headers=[self.header] if self.header is not None else [],
-            )
-        except UsageError:
+        request = self._request()
+        if request is None:
             self._fall_back()  # it words the configuration error
             return
-        request = handshake.data_to_send()
         try:
             sent = sock.send(request)
         except (BlockingIOError, InterruptedError):
@@ -360,11 +368,36 @@ class Opening:
             self._fall_back()
             return
         self.connected = True
-        self.handshake = handshake
+        self.asked = True
         self.answer_deadline = time.monotonic() + self.settings.handshake_timeout
         self.poller.switch_to_reader(sock.fileno(), self._on_answer)
         self.writing = False
         self._update_deadline()
+
+    def _target(self) -> tuple[str, int]:
+        dst = self.record.original_dst
+        assert dst is not None
+        return self.record.host or dst[0], dst[1]
+
+    def _request(self) -> bytes | None:
+        """The CONNECT bytes for this target and header, checked once and then kept;
+        None if they cannot be written (ConnectHandshake says why, on the Task path)."""
+        kept = _Requests.by_target
+        if _Requests.header != self.header:
+            kept.clear()
+            _Requests.header = self.header
+        target = self._target()
+        request = kept.get(target)
+        if request is None:
+            header = self.header
+            try:
+                request = connect_request(*target, [header] if header is not None else [])
+            except UsageError:
+                return None
+            if len(kept) >= _REQUESTS_KEPT:
+                kept.clear()
+            kept[target] = request
+        return request
 
     def _wait_connected(self) -> None:
         self.record.state = ConnState.CONNECTING
@@ -375,8 +408,7 @@ class Opening:
         if self.done:
             return
         sock = self.sock
-        handshake = self.handshake
-        assert sock is not None and handshake is not None
+        assert sock is not None
         try:
             data = sock.recv(_ANSWER_RECV)
         except (BlockingIOError, InterruptedError):
@@ -389,6 +421,18 @@ class Opening:
                 )
             )
             return
+        handshake = self.handshake
+        if handshake is None:
+            # The usual answer, one plain 2xx head in one segment, needs no parser object.
+            end = plain_2xx_end(data)
+            if end is not None:
+                self._established(data[end:])
+                return
+            host, port = self._target()
+            handshake = self.handshake = ConnectHandshake(
+                host, port, headers=[self.header] if self.header is not None else []
+            )
+            handshake.data_to_send()  # sent already, as connect_request() wrote them
         try:
             handshake.receive_data(data)
         except HandshakeRefused as exc:
@@ -472,7 +516,7 @@ class Opening:
                 )
             )
             return
-        if self.handshake is not None and now >= self.answer_deadline:
+        if self.asked and now >= self.answer_deadline:
             self._fail(
                 UpstreamError(
                     CloseReason.UPSTREAM_TIMEOUT,

@@ -12,7 +12,9 @@ from tray_proxy.relay.protocol.errors import HandshakeRefused, ProtocolError, Us
 from tray_proxy.relay.protocol.http_connect import (
     MAX_RESPONSE_HEADERS,
     ConnectHandshake,
+    connect_request,
     format_authority,
+    plain_2xx_end,
 )
 
 FUZZ = settings(max_examples=400, deadline=None)
@@ -578,3 +580,62 @@ def test_random_heads_end_alike_with_and_without_the_fast_path(
 ) -> None:
     ends_alike(b"HTTP/1.1 200 OK\r\n" + b"".join(pieces) + b"\r\n" + tail, max_head=200)
     ends_alike(b"".join(pieces) + tail, max_head=200)
+
+
+# -- the pieces the relay's fast path uses without a ConnectHandshake ---------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "headers"),
+    [
+        ("example.com", 443, []),
+        ("10.0.0.1", 80, [("Proxy-Authorization", "Basic YWxpY2U6cHc=")]),
+        ("2001:db8::1", 8443, [("User-Agent", "x"), ("Proxy-Authorization", "Basic eA==")]),
+    ],
+)
+def test_connect_request_is_the_handshakes_own_bytes(host, port, headers):
+    assert (
+        connect_request(host, port, headers)
+        == ConnectHandshake(host, port, headers=headers).data_to_send()
+    )
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "headers"),
+    [
+        ("bad host", 443, []),
+        ("example.com", 0, []),
+        ("example.com", 443, [("Host", "x")]),
+        ("example.com", 443, [("X", "a\r\nb")]),
+    ],
+)
+def test_connect_request_refuses_what_the_handshake_refuses(host, port, headers):
+    with pytest.raises(UsageError):
+        ConnectHandshake(host, port, headers=headers)
+    with pytest.raises(UsageError):
+        connect_request(host, port, headers)
+
+
+@pytest.mark.parametrize(
+    ("data", "end"),
+    [
+        (b"HTTP/1.1 200 Connection established\r\n\r\n", 39),
+        (b"HTTP/1.0 200 OK\r\nVia: x\r\n\r\nGLUED", 27),
+        (b"HTTP/1.1 200 OK\r\n", None),  # not whole yet: h11's to judge
+        (b"HTTP/1.1 407 Auth\r\n\r\n", None),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", None),
+    ],
+)
+def test_plain_2xx_end(data, end):
+    assert plain_2xx_end(data) == end
+    handshake = ConnectHandshake("example.com", 443)
+    handshake.data_to_send()
+    if end is not None:
+        handshake.receive_data(data)
+        assert handshake.done and handshake.trailing == data[end:]
+
+
+def test_plain_2xx_end_honours_the_head_cap():
+    data = b"HTTP/1.1 200 OK\r\n" + b"X: " + b"y" * 100 + b"\r\n\r\n"
+    assert plain_2xx_end(data, max_head=50) is None
+    assert plain_2xx_end(data) == len(data)

@@ -19,7 +19,13 @@ import h11
 
 from .errors import HandshakeRefused, ProtocolError, UsageError, peer_excerpt
 
-__all__ = ["ConnectHandshake", "ProxyAuthRequired", "format_authority"]
+__all__ = [
+    "ConnectHandshake",
+    "ProxyAuthRequired",
+    "connect_request",
+    "format_authority",
+    "plain_2xx_end",
+]
 
 # A real proxy answers a CONNECT with a handful of headers; thousands mean a broken or hostile
 # peer, and each one costs memory in the HandshakeRefused we hand to the UI.
@@ -132,6 +138,31 @@ def _send_request(conn: h11.Connection, authority: str, headers: list[tuple[str,
         raise UsageError("h11 refused the CONNECT request") from None
 
 
+def connect_request(host: str, port: int, headers: Sequence[tuple[str, str]] = ()) -> bytes:
+    """The bytes of ``CONNECT host:port`` with `headers` (after Host), checked as
+    ``ConnectHandshake`` checks them; raises ``UsageError``. The same bytes it sends."""
+    _check_host(host)
+    if not 1 <= port <= 65535:
+        raise UsageError(f"CONNECT port {port} is outside 1-65535")
+    authority = format_authority(host, port)
+    return _request_bytes(authority, [("Host", authority), *_check_headers(headers)])
+
+
+def plain_2xx_end(data: bytes, max_head: int = 16384) -> int | None:
+    """Where a whole plain 2xx head that opens `data` ends, when h11 would take it as is;
+    else None (h11's to judge: see ConnectHandshake). Bytes after it are tunnel data."""
+    head = _PLAIN_2XX_HEAD.match(data)
+    if head is None:
+        return None
+    end = head.end()
+    # A head line ends with CRLF: the status line's and the blank line's are not headers.
+    if end > max_head or head.group().count(b"\r\n") - 2 > MAX_RESPONSE_HEADERS:
+        return None
+    if _FRAMING_HEADER.search(data, 0, end):
+        return None
+    return end
+
+
 class ConnectHandshake:
     """Client side of ``CONNECT host:port``: any 2xx opens the tunnel, anything else refuses.
 
@@ -238,14 +269,8 @@ class ConnectHandshake:
 
         Then the tunnel is open and the rest of `data` is tunnel data, as h11 would decide.
         """
-        head = _PLAIN_2XX_HEAD.match(data)
-        if head is None:
-            return False
-        end = head.end()
-        # A head line ends with CRLF: the status line's and the blank line's are not headers.
-        if end > self._max_head or head.group().count(b"\r\n") - 2 > MAX_RESPONSE_HEADERS:
-            return False
-        if _FRAMING_HEADER.search(data, 0, end):
+        end = plain_2xx_end(data, self._max_head)
+        if end is None:
             return False
         self._trailing = data[end:]
         self._done = True
