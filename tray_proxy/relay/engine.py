@@ -64,6 +64,7 @@ _ACCEPT_BACKOFF = 0.5
 # How long the fast path reuses a credentials lookup (a stat of $CREDENTIALS_DIRECTORY/NAME
 # or a keyring cache read): a changed password is used within this time.
 _CREDENTIALS_TTL = 0.5
+_gc_frozen = False  # see RelayEngine.start
 # accept() failures that mean "out of a resource for now": keep serving, retry later.
 _ACCEPT_PRESSURE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _FAILURES = frozenset(
@@ -211,8 +212,12 @@ class RelayEngine:
         self._schedule_sweep()
         # Everything allocated so far (modules, settings, the loop) lives as long as the
         # process: keep it out of the garbage collector's passes, which otherwise walk it
-        # again and again while connections come and go.
-        gc.freeze()
+        # again and again while connections come and go. Once per process: frozen garbage
+        # is never collected, so a later start (new settings) must not freeze again.
+        global _gc_frozen
+        if not _gc_frozen:
+            _gc_frozen = True
+            gc.freeze()
         log.info("relay listening on %s", ", ".join(_fmt(a) for a in self._addresses))
         self.bus.publish(EngineStarted(self._addresses))
 
