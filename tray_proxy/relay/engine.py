@@ -40,6 +40,7 @@ from tray_proxy.relay.pipe import PipePool, ReadBatching, Tunnel, abort
 from tray_proxy.relay.poller import Poller
 from tray_proxy.relay.protocol.auth import basic_proxy_authorization
 from tray_proxy.relay.protocol.errors import UsageError
+from tray_proxy.relay.protocol.http_connect import format_authority
 from tray_proxy.relay.protocol.peek import HostPeeker
 from tray_proxy.relay.records import (
     Address,
@@ -94,11 +95,6 @@ def raise_nofile_limit() -> tuple[int, int]:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)
-
-
-def _fmt(addr: Address) -> str:
-    ip, port = addr
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 class RelayEngine:
@@ -218,7 +214,7 @@ class RelayEngine:
         if not _gc_frozen:
             _gc_frozen = True
             gc.freeze()
-        log.info("relay listening on %s", ", ".join(_fmt(a) for a in self._addresses))
+        log.info("relay listening on %s", ", ".join(format_authority(*a) for a in self._addresses))
         self.bus.publish(EngineStarted(self._addresses))
 
     async def stop(self, drain_timeout: float | None = None) -> None:
@@ -267,7 +263,7 @@ class RelayEngine:
             sock.setblocking(False)
         except OSError as exc:
             sock.close()
-            where = _fmt((host, port))
+            where = format_authority(host, port)
             if exc.errno == errno.EADDRINUSE:
                 raise RelayStartError(
                     f"cannot listen on {where}: the port is in use by another program; "
@@ -532,7 +528,7 @@ class RelayEngine:
                         conn,
                         CloseReason.LOOP,
                         f"the redirect caught a connection to the upstream itself "
-                        f"({_fmt(dst)}); its address is not excluded yet",
+                        f"({format_authority(*dst)}); its address is not excluded yet",
                         reset=True,
                     )
                     return
@@ -702,7 +698,7 @@ class RelayEngine:
             log.warning(
                 "conn %d %s -> %s via %s: %s: %s",
                 record.id,
-                _fmt(record.client),
+                format_authority(*record.client),
                 record.destination,
                 record.upstream or "-",
                 reason.value,
@@ -712,7 +708,7 @@ class RelayEngine:
             log.info(
                 "conn %d %s -> %s via %s: %s, %d B up, %d B down%s",
                 record.id,
-                _fmt(record.client),
+                format_authority(*record.client),
                 record.destination,
                 record.upstream or "-",
                 reason.value,

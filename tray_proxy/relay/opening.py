@@ -35,6 +35,7 @@ from tray_proxy.relay.protocol.errors import HandshakeRefused, ProtocolError, Us
 from tray_proxy.relay.protocol.http_connect import (
     ConnectHandshake,
     connect_request,
+    format_authority,
     plain_2xx_end,
 )
 from tray_proxy.relay.protocol.peek import HostPeeker
@@ -508,11 +509,11 @@ class Opening:
             if self.done:
                 return
         if not self.connected and now >= self.dialed_at + self.settings.connect_timeout:
-            family, addr = self.address
+            where = format_authority(*self.address[1])
             self._fail(
                 UpstreamError(
                     CloseReason.UPSTREAM_TIMEOUT,
-                    f"connecting to {_fmt(addr)} took over {self.settings.connect_timeout:g}s",
+                    f"connecting to {where} took over {self.settings.connect_timeout:g}s",
                 )
             )
             return
@@ -573,8 +574,3 @@ class Opening:
             self.poller.remove_reader(fd)
             self.poller.remove_writer(fd)
         sock.close()
-
-
-def _fmt(addr: Address) -> str:
-    ip, port = addr
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"

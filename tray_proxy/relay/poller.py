@@ -108,10 +108,6 @@ class Poller:
         if fd in self._watchers and events != self._masks.get(fd, 0):
             self._apply(fd, events, self._masks.get(fd, 0))
 
-    def unwatch(self, fd: int) -> None:
-        if self._watchers.pop(fd, None) is not None:
-            self._apply(fd, 0, self._masks.get(fd, 0))
-
     def close(self) -> None:
         if self._epoll.closed:
             return

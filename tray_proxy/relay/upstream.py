@@ -209,13 +209,13 @@ class Dialer:
                     sock.close()
                     raise UpstreamError(
                         CloseReason.UPSTREAM_TIMEOUT,
-                        f"connecting to {_fmt(addr)} took over {timeout:g}s",
+                        f"connecting to {format_authority(*addr)} took over {timeout:g}s",
                     ) from None
                 except OSError as exc:
                     sock.close()
                     # asyncio's strerror is "Connect call failed (addr)": say why instead.
                     why = os.strerror(exc.errno) if exc.errno else str(exc)
-                    last = f"{_fmt(addr)}: {why}"
+                    last = f"{format_authority(*addr)}: {why}"
                     last_errno = exc.errno
                     if exc.errno not in _PORT_CLASH or ports is None:
                         break
@@ -236,11 +236,6 @@ def _ip_literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | No
         return ipaddress.ip_address(host)
     except ValueError:
         return None
-
-
-def _fmt(addr: Address) -> str:
-    ip, port = addr
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 def make_handshake(

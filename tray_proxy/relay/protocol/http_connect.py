@@ -141,11 +141,19 @@ def _send_request(conn: h11.Connection, authority: str, headers: list[tuple[str,
 def connect_request(host: str, port: int, headers: Sequence[tuple[str, str]] = ()) -> bytes:
     """The bytes of ``CONNECT host:port`` with `headers` (after Host), checked as
     ``ConnectHandshake`` checks them; raises ``UsageError``. The same bytes it sends."""
+    authority, request_headers = _checked_request(host, port, headers)
+    return _request_bytes(authority, request_headers)
+
+
+def _checked_request(
+    host: str, port: int, headers: Sequence[tuple[str, str]]
+) -> tuple[str, list[tuple[str, str]]]:
+    """The authority and the request's headers (Host first), or UsageError."""
     _check_host(host)
     if not 1 <= port <= 65535:
         raise UsageError(f"CONNECT port {port} is outside 1-65535")
     authority = format_authority(host, port)
-    return _request_bytes(authority, [("Host", authority), *_check_headers(headers)])
+    return authority, [("Host", authority), *_check_headers(headers)]
 
 
 def plain_2xx_end(data: bytes, max_head: int = 16384) -> int | None:
@@ -182,13 +190,8 @@ class ConnectHandshake:
         """`max_refusal_body` > 0: read the body of a 407 (up to that many bytes) before
         raising ``ProxyAuthRequired``, so the connection can carry the next leg; see
         ``next_request``. With 0 the 407 is raised as soon as its head is in."""
-        _check_host(host)
-        if not 1 <= port <= 65535:
-            raise UsageError(f"CONNECT port {port} is outside 1-65535")
-        extra = _check_headers(headers)
-        self.authority = format_authority(host, port)
+        self.authority, self._request_headers = _checked_request(host, port, headers)
         self._max_head = max_head
-        self._request_headers = [("Host", self.authority), *extra]
         # Created on the first answer that is not a plain 2xx head (see _plain_2xx).
         self._conn: h11.Connection | None = None
         self._outgoing = _request_bytes(self.authority, self._request_headers)
