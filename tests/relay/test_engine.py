@@ -974,6 +974,7 @@ def test_out_of_file_descriptors_keeps_tunnels_and_recovers(run, loop_kind):
 
             collector = asyncio.ensure_future(collect())
             clients = []
+            pending: list[socket.socket] = []
             try:
                 await until(lambda: lines, 20, "the child engine to start")
                 assert lines[0]["type"] == "EngineStarted", lines
@@ -989,7 +990,6 @@ def test_out_of_file_descriptors_keeps_tunnels_and_recovers(run, loop_kind):
                 # Queue a burst while the engine cannot run, so one wake-up meets more
                 # pending connections than it has descriptors for.
                 os.kill(child.pid, signal.SIGSTOP)
-                pending = []
                 try:
                     for _ in range(burst):
                         s = socket.socket()
@@ -999,11 +999,20 @@ def test_out_of_file_descriptors_keeps_tunnels_and_recovers(run, loop_kind):
                         assert err in (0, errno.EINPROGRESS), os.strerror(err)
                 finally:
                     os.kill(child.pid, signal.SIGCONT)
-                await until(
-                    lambda: any(x["type"] == "ListenerError" for x in lines), 10, "ListenerError"
-                )
-                (error, *_) = [x for x in lines if x["type"] == "ListenerError"]
-                assert "Too many open files" in error["detail"]
+
+                # The shortage is reported: at accept() (ListenerError) when no descriptor is
+                # left for the client, or as the connection's own end when one is left for the
+                # client but none for its upstream. Which one a run meets depends on how many
+                # descriptors the loop itself holds, so either counts; one of them must show.
+                def shortage():
+                    return [
+                        x
+                        for x in lines
+                        if x["type"] in ("ListenerError", "ConnectionClosed")
+                        and "Too many open files" in x.get("detail", "")
+                    ]
+
+                await until(shortage, 10, "a Too many open files report")
 
                 async def check(i, r, w):
                     w.write(b"again%d" % i)
@@ -1040,6 +1049,8 @@ def test_out_of_file_descriptors_keeps_tunnels_and_recovers(run, loop_kind):
                 got = await asyncio.gather(*(check(i, r, w) for i, (r, w) in enumerate(clients)))
                 assert len(got) == tunnels - 3
             finally:
+                for s in pending:
+                    s.close()
                 for _r, w in clients:
                     w.close()
                 if child.returncode is None:
