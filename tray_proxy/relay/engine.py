@@ -13,6 +13,7 @@ import errno
 import gc
 import ipaddress
 import logging
+import os
 import resource
 import socket
 import time
@@ -51,6 +52,7 @@ from tray_proxy.relay.records import (
 )
 from tray_proxy.relay.settings import RelaySettings, UpstreamKind, UpstreamProxy
 from tray_proxy.relay.upstream import (
+    CredentialState,
     Dialer,
     UpstreamAuth,
     UpstreamError,
@@ -64,7 +66,7 @@ _PEEK_RECV = 16384
 _ACCEPT_BACKOFF = 0.5
 # How long the fast path reuses a credentials lookup (a stat of $CREDENTIALS_DIRECTORY/NAME
 # or a keyring cache read): a changed password is used within this time.
-_CREDENTIALS_TTL = 0.5
+_ROUTE_TTL = 0.5  # seconds the fast path's route (and credential lookup) is reused
 _gc_frozen = False  # see RelayEngine.start
 # accept() failures that mean "out of a resource for now": keep serving, retry later.
 _ACCEPT_PRESSURE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -97,6 +99,26 @@ def raise_nofile_limit() -> tuple[int, int]:
     return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
+class _Route:
+    """The fast path's answer for the active upstream, and what it depends on."""
+
+    __slots__ = ("expires", "settings", "auth", "auth_state", "route")
+
+    def __init__(
+        self,
+        expires: float,
+        settings: RelaySettings,
+        auth: UpstreamAuth | None,
+        auth_state: CredentialState | None,
+        route: tuple[UpstreamProxy, tuple[int, Address], tuple[str, str] | None] | None,
+    ) -> None:
+        self.expires = expires
+        self.settings = settings
+        self.auth = auth
+        self.auth_state = auth_state
+        self.route = route
+
+
 class RelayEngine:
     """A transparent relay. Use: `await start()`, then later `await stop()`."""
 
@@ -107,9 +129,10 @@ class RelayEngine:
         credentials: CredentialSource | None = None,
         bus: EventBus | None = None,
         *,
-        destination_of: Callable[[socket.socket], Address | None] = original_destination,
+        destination_of: Callable[[socket.socket], Address | None] | None = None,
     ) -> None:
-        """`destination_of` finds a connection's original destination; tests may swap it."""
+        """`destination_of` finds a connection's original destination (default:
+        SO_ORIGINAL_DST); tests may swap it."""
         self.settings = settings
         self.upstreams = tuple(upstreams)
         self.credentials: CredentialSource = credentials or StaticCredentialSource()
@@ -118,6 +141,7 @@ class RelayEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listeners: list[socket.socket] = []
         self._bound: dict[socket.socket, Address] = {}  # listener -> its address
+        self._families: dict[socket.socket, int] = {}  # listener -> its address family
         self._addresses: tuple[Address, ...] = ()
         self._records: dict[int, ConnectionRecord] = {}
         self._tunnels: dict[int, Tunnel] = {}
@@ -126,10 +150,8 @@ class RelayEngine:
         self._batching: ReadBatching | None = None
         self._deadlines: Deadlines | None = None
         self._poller: Poller | None = None
-        # The Basic Proxy-Authorization of the last credentials seen (fast path).
-        self._basic: tuple[Credentials, tuple[str, str]] | None = None
-        # The fast path looks credentials up at most every _CREDENTIALS_TTL seconds.
-        self._fast_creds: tuple[UpstreamProxy, float, Credentials | None] | None = None
+        # The fast path's last route, reused for _ROUTE_TTL seconds (see _fast_route).
+        self._route: _Route | None = None
         self._dialer = Dialer(settings.source_ports)
         self._sweeper: asyncio.TimerHandle | None = None
         self._idle = asyncio.Event()
@@ -203,6 +225,7 @@ class RelayEngine:
             s: (str(s.getsockname()[0]), int(s.getsockname()[1])) for s in self._listeners
         }
         self._addresses = tuple(self._bound.values())
+        self._families = {s: int(s.family) for s in self._listeners}
         for sock in self._listeners:
             self._loop.add_reader(sock.fileno(), self._on_acceptable, sock)
         self._schedule_sweep()
@@ -288,9 +311,13 @@ class RelayEngine:
         loop = self._loop
         assert loop is not None
         local = self._bound[listener]
+        family = self._families[listener]
+        # socket.accept() without its wrapper, which asks for the listener's family and type
+        # as enums per call: this is the start of every connection's latency.
+        accept = listener._accept  # type: ignore[attr-defined]  # CPython's own, since 3.2
         for _ in range(_ACCEPT_BATCH):
             try:
-                conn, addr = listener.accept()
+                fd, addr = accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -306,10 +333,15 @@ class RelayEngine:
                     loop.remove_reader(listener.fileno())
                     loop.call_later(_ACCEPT_BACKOFF, self._resume_accepting, listener)
                 return
+            try:
+                conn = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+            except OSError:
+                os.close(fd)
+                continue
             conn.setblocking(False)
             self.stats["accepted"] += 1
             try:
-                self._accept_one(conn, (str(addr[0]), int(addr[1])), local)
+                self._accept_one(conn, (str(addr[0]), int(addr[1])), local, family)
             except Exception:
                 log.exception("internal error on a new connection")
                 abort(conn)
@@ -339,12 +371,17 @@ class RelayEngine:
             return False
         return addr.is_loopback or any(ip == a[0] for a in self._addresses)
 
-    def _accept_one(self, conn: socket.socket, client: Address, local: Address) -> None:
+    def _accept_one(
+        self, conn: socket.socket, client: Address, local: Address, family: int
+    ) -> None:
         """A new connection to the listener at `local`: check where it was going, then open
         its tunnel, on the fast path (relay/opening.py) when it applies, else in a Task."""
         record = ConnectionRecord(id=next_connection_id(), client=client)
         self._records[record.id] = record
-        dst = self._destination_of(conn)
+        if self._destination_of is None:
+            dst = original_destination(conn, family)
+        else:
+            dst = self._destination_of(conn)
         record.original_dst = dst
         if self.bus.observed:
             self.bus.publish(ConnectionOpened(record.id, client, dst))
@@ -391,43 +428,55 @@ class RelayEngine:
         self, dst: Address
     ) -> tuple[UpstreamProxy, tuple[int, Address], tuple[str, str] | None] | None:
         """Upstream, its address and the Proxy-Authorization header, when the fast path
-        applies (see relay/opening.py); else None."""
+        applies (see relay/opening.py); else None.
+
+        The answer is worked out at most every _ROUTE_TTL seconds, and again at once when
+        the proxy's verdict on the credentials changes (a 407 makes them doubtful: the next
+        connection goes to the Task path to re-check them)."""
+        if self._dialer.is_upstream_address(dst):
+            return None  # a loop: the Task path refuses it
+        now = time.monotonic()
+        route = self._route
+        if (
+            route is None
+            or route.expires <= now
+            or route.settings is not self.settings
+            or (route.auth is not None and route.auth.state is not route.auth_state)
+        ):
+            route = self._route = self._new_route(now)
+        return route.route
+
+    def _new_route(self, now: float) -> _Route:
         upstream = self.active_upstream
+        expires = now + _ROUTE_TTL
         if (
             upstream is None
             or upstream.kind is not UpstreamKind.HTTP
             or upstream.port in self.settings.redirect_ports  # needs a reserved port
-            or self._dialer.is_upstream_address(dst)  # a loop: the Task path refuses it
         ):
-            return None
+            return _Route(expires, self.settings, None, None, None)
         known = self._dialer.known_addresses(upstream.host, upstream.port)
         if not known:
-            return None
-        now = time.monotonic()
-        cached_creds = self._fast_creds
-        if cached_creds is not None and cached_creds[0] is upstream and cached_creds[1] > now:
-            creds = cached_creds[2]
-        else:
-            creds = self.credentials.get(upstream.name, upstream.username)
-            self._fast_creds = (upstream, now + _CREDENTIALS_TTL, creds)
+            return _Route(expires, self.settings, None, None, None)
+        creds = self.credentials.get(upstream.name, upstream.username)
         if creds is None:
             # A username without a password: the Task path says what is missing, without
             # first asking the proxy for a 407.
-            return None if upstream.username else (upstream, known[0], None)
+            route = None if upstream.username else (upstream, known[0], None)
+            return _Route(expires, self.settings, None, None, route)
         auth = self._auth_of(upstream)
+        state = auth.state
         pinned = None if upstream.auth.value == "auto" else upstream.auth.value
         # Only credentials the proxy took, with Basic: anything else (new, changed, refused,
         # another scheme) is the Task path's to verify, one connection at a time.
         if not auth.verified(creds) or not auth.sends_basic(pinned):
-            return None
-        cached = self._basic
-        if cached is None or cached[0] != creds:
-            try:
-                header = basic_proxy_authorization(creds.username, creds.password.reveal())
-            except UsageError:
-                return None  # the Task path words the configuration error
-            cached = self._basic = (creds, header)
-        return upstream, known[0], cached[1]
+            return _Route(expires, self.settings, auth, state, None)
+        try:
+            header = basic_proxy_authorization(creds.username, creds.password.reveal())
+        except UsageError:
+            # The Task path words the configuration error.
+            return _Route(expires, self.settings, auth, state, None)
+        return _Route(expires, self.settings, auth, state, (upstream, known[0], header))
 
     # -- the fast path's hooks (relay/opening.py) -----------------------------------------
 

@@ -227,7 +227,7 @@ class Opening:
     def _dial(self, now: float) -> bool:
         family, addr = self.address
         try:
-            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         except OSError as exc:
             # Out of descriptors or memory: our own shortage, not the client's doing.
             self._end()
@@ -242,7 +242,6 @@ class Opening:
         self.sock = sock
         self.dialed_at = now
         try:
-            sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             code = sock.connect_ex(addr)
         except OSError:

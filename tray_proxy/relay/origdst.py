@@ -24,19 +24,22 @@ def parse_sockaddr(family: int, raw: bytes) -> Address:
     return socket.inet_ntop(socket.AF_INET6, raw[8:24]), port
 
 
-def original_destination(sock: socket.socket) -> Address | None:
+def original_destination(sock: socket.socket, family: int | None = None) -> Address | None:
     """The destination the client dialed before nftables redirected it, or None.
 
     None means the kernel has no NAT record of this connection (nothing redirected it).
-    The family of the accepted socket decides which option to ask.
+    The family of the accepted socket decides which option to ask; a caller that knows it
+    (the listener's) passes it, sparing the enum conversion of `sock.family`.
     """
+    if family is None:
+        family = sock.family
     try:
-        if sock.family == socket.AF_INET:
+        if family == socket.AF_INET:
             raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, _SOCKADDR_IN_LEN)
-        elif sock.family == socket.AF_INET6:
+        elif family == socket.AF_INET6:
             raw = sock.getsockopt(socket.IPPROTO_IPV6, IP6T_SO_ORIGINAL_DST, _SOCKADDR_IN6_LEN)
         else:
             return None
     except OSError:
         return None
-    return parse_sockaddr(sock.family, raw)
+    return parse_sockaddr(family, raw)

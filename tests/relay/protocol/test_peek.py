@@ -209,6 +209,7 @@ def test_eof_mid_client_hello_that_is_already_malformed() -> None:
 @pytest.mark.parametrize(
     ("hello", "why"),
     [
+        (b"\x01\x00\x00\x0a\x03\x03" + b"\x00" * 8, "shorter than version and random"),
         (client_hello(None), "no extensions block"),
         (client_hello([]), "empty extensions block"),
         (client_hello([(PADDING, b"\x00" * 10), (16, vec16(vec8(b"h2")))]), "no server_name"),
@@ -233,6 +234,14 @@ def test_odd_client_hellos_give_no_name(hello: bytes, why: str) -> None:
     if not peeker.feed(records(hello)):
         assert peeker.feed(b"")
     assert (peeker.kind, peeker.host) == ("tls", None), why
+
+
+def test_extensions_block_with_a_stray_byte_gives_no_name() -> None:
+    body = client_hello(None)[4:] + vec16(b"\x00")  # too short for an extension's type
+    hello = b"\x01" + len(body).to_bytes(3, "big") + body
+    peeker = HostPeeker()
+    assert peeker.feed(records(hello))
+    assert (peeker.kind, peeker.host) == ("tls", None)
 
 
 def test_client_hello_whose_lengths_disagree_gives_no_name() -> None:

@@ -85,6 +85,7 @@ _METHODS = tuple(
     ]
 )
 _LONGEST_METHOD = max(len(m) for m in _METHODS)
+_METHOD_INITIALS = frozenset(m[0] for m in _METHODS)
 _HTTP_VERSION = re.compile(rb"HTTP/1\.[0-9]")
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _ABSOLUTE_FORM = re.compile(rb"[hH][tT][tT][pP][sS]?://([^/?#]*)")
@@ -104,74 +105,71 @@ class _Malformed(Exception):
     """The bytes contradict the structure's own lengths or rules."""
 
 
-class _Reader:
-    """A cursor over ``data[pos:end]``; ``end`` may lie beyond the bytes received so far."""
-
-    def __init__(self, data: bytes, pos: int, end: int) -> None:
-        self.data, self.pos, self.end = data, pos, end
-
-    def take(self, size: int) -> bytes:
-        stop = self.pos + size
-        if stop > self.end:
-            raise _Malformed
-        if stop > len(self.data):
-            raise _Truncated
-        chunk = self.data[self.pos : stop]
-        self.pos = stop
-        return chunk
-
-    def number(self, size: int) -> int:
-        return int.from_bytes(self.take(size), "big")
-
-    def vector(self, length_size: int) -> _Reader:
-        """The sub-structure prefixed by a ``length_size``-byte length (RFC 8446 3.4)."""
-        length = self.number(length_size)
-        stop = self.pos + length
-        if stop > self.end:
-            raise _Malformed
-        inner = _Reader(self.data, self.pos, stop)
-        self.pos = stop
-        return inner
-
-    def rest(self) -> bytes:
-        return self.take(self.end - self.pos)
-
-    def at_end(self) -> bool:
-        return self.pos >= self.end
-
-
 def _server_name(hello: bytes, found: list[bytes]) -> None:
     """Walk a ClientHello handshake message (header included) and collect its host_name.
 
     Appends to ``found`` as soon as the name is seen, so a hello cut short after its
     server_name extension still yields the name (the caller catches ``_Truncated``).
+
+    Every structure lies within the one around it (RFC 8446 section 3.4 vectors): a length
+    that reaches past its container is ``_Malformed``; one that reaches past the bytes
+    received so far is ``_Truncated``. Plain index arithmetic, no object per field: this
+    runs for every HTTPS connection, before its CONNECT can go out.
     """
-    body = _Reader(hello, 4, 4 + int.from_bytes(hello[1:4], "big"))
-    body.take(2 + 32)  # legacy_version, random
-    body.vector(1)  # legacy_session_id
-    body.vector(2)  # cipher_suites
-    body.vector(1)  # legacy_compression_methods
-    if body.at_end():
+    have = len(hello)
+
+    def vector(pos: int, size: int, limit: int) -> int:
+        """The end of the vector at `pos` with a `size`-byte length, inside `limit`."""
+        start = pos + size
+        if start > limit:
+            raise _Malformed
+        if start > have:
+            raise _Truncated
+        stop = start + (hello[pos] if size == 1 else hello[pos] << 8 | hello[pos + 1])
+        if stop > limit:
+            raise _Malformed
+        return stop
+
+    end = 4 + int.from_bytes(hello[1:4], "big")
+    pos = 4 + 2 + 32  # legacy_version, random
+    if pos > end:
+        raise _Malformed
+    if pos > have:
+        raise _Truncated
+    pos = vector(pos, 1, end)  # legacy_session_id
+    pos = vector(pos, 2, end)  # cipher_suites
+    pos = vector(pos, 1, end)  # legacy_compression_methods
+    if pos >= end:
         return  # a hello without extensions (TLS 1.0 era) has no server_name
-    extensions = body.vector(2)
-    while not extensions.at_end():
-        ext_type = extensions.number(2)
-        ext = extensions.vector(2)
+    extensions_end = vector(pos, 2, end)
+    pos += 2
+    while pos < extensions_end:
+        if pos + 2 > extensions_end:
+            raise _Malformed
+        if pos + 2 > have:
+            raise _Truncated
+        ext_end = vector(pos + 2, 2, extensions_end)  # after the extension_type
+        ext_start = pos + 4
+        ext_type = hello[pos] << 8 | hello[pos + 1]
+        pos = ext_end
         if ext_type != _EXT_SERVER_NAME:
             continue
         if found:  # RFC 8446 4.2: one extension of each type at most
             raise _Malformed
-        names = ext.vector(2)
-        if not ext.at_end():  # the list must fill the extension exactly
+        names_end = vector(ext_start, 2, ext_end)
+        if names_end != ext_end:  # the list must fill the extension exactly
             raise _Malformed
         host = None
-        while not names.at_end():
-            name_type = names.number(1)
-            value = names.vector(2).rest()
-            if name_type == _NAME_TYPE_HOST:
+        at = ext_start + 2
+        while at < names_end:
+            value_end = vector(at + 1, 2, names_end)  # after the name_type byte
+            if value_end > have:
+                raise _Truncated
+            if hello[at] == _NAME_TYPE_HOST:
                 if host is not None:  # RFC 6066 section 3: one name per type
                     raise _Malformed
-                host = value
+                host = hello[at + 3 : value_end]
+            at = value_end
         if host is None:
             raise _Malformed
         found.append(host)
@@ -264,6 +262,9 @@ class HostPeeker:
                 self.kind, self._classified = "tls", True
             else:
                 self._decide(None)
+            return
+        if buf[0] not in _METHOD_INITIALS:
+            self._decide(None)  # no method starts so: the usual answer for non-HTTP bytes
             return
         head = bytes(buf[: _LONGEST_METHOD + 1])
         could_be_http = False
