@@ -639,3 +639,15 @@ def test_plain_2xx_end_honours_the_head_cap():
     data = b"HTTP/1.1 200 OK\r\n" + b"X: " + b"y" * 100 + b"\r\n\r\n"
     assert plain_2xx_end(data, max_head=50) is None
     assert plain_2xx_end(data) == len(data)
+    # Remembered as a whole answer now, and still held to the cap.
+    assert plain_2xx_end(data, max_head=50) is None
+    assert plain_2xx_end(data) == len(data)
+
+
+def test_plain_2xx_end_remembers_a_few_whole_answers_and_still_judges_the_rest():
+    answers = [b"HTTP/1.1 200 OK\r\nVia: proxy-%d\r\n\r\n" % i for i in range(40)]
+    for _ in range(2):
+        assert [plain_2xx_end(a) for a in answers] == [len(a) for a in answers]
+        # Glued tunnel bytes are never remembered, and are not part of the head.
+        assert [plain_2xx_end(a + b"DATA") for a in answers] == [len(a) for a in answers]
+    assert plain_2xx_end(answers[0].replace(b"200", b"407")) is None
