@@ -341,7 +341,8 @@ class RelayEngine:
             conn.setblocking(False)
             self.stats["accepted"] += 1
             try:
-                self._accept_one(conn, (str(addr[0]), int(addr[1])), local, family)
+                # An IPv6 address comes with flow info and scope id: keep (host, port).
+                self._accept_one(conn, addr if len(addr) == 2 else addr[:2], local, family)
             except Exception:
                 log.exception("internal error on a new connection")
                 abort(conn)

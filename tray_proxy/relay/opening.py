@@ -372,7 +372,7 @@ class Opening:
         self.answer_deadline = time.monotonic() + self.settings.handshake_timeout
         self.poller.switch_to_reader(sock.fileno(), self._on_answer)
         self.writing = False
-        self._update_deadline()
+        self.deadline = self.answer_deadline  # the peek is over and the connect done
 
     def _target(self) -> tuple[str, int]:
         dst = self.record.original_dst

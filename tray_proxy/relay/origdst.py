@@ -14,6 +14,10 @@ SO_ORIGINAL_DST = 80
 IP6T_SO_ORIGINAL_DST = 80
 _SOCKADDR_IN_LEN = 16
 _SOCKADDR_IN6_LEN = 28
+# Raw sockaddr -> address, for destinations seen before: formatting an address (inet_ntop)
+# runs on every new connection's path, and most connections go where others went.
+_SEEN: dict[bytes, Address] = {}
+_SEEN_KEPT = 4096
 
 
 def parse_sockaddr(family: int, raw: bytes) -> Address:
@@ -42,4 +46,10 @@ def original_destination(sock: socket.socket, family: int | None = None) -> Addr
             return None
     except OSError:
         return None
-    return parse_sockaddr(family, raw)
+    dst = _SEEN.get(raw)
+    if dst is None:
+        dst = parse_sockaddr(family, raw)
+        if len(_SEEN) >= _SEEN_KEPT:
+            _SEEN.clear()
+        _SEEN[raw] = dst
+    return dst
