@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -268,9 +269,9 @@ def test_stop_ends_openings_in_progress(run, openings):
     run(main)
 
 
-def test_both_sides_of_a_tunnel_send_without_nagle_delay(run):
+def test_both_sides_of_a_tunnel_send_without_nagle_delay_and_the_local_side_with_reno(run):
     """The relay adds no Nagle wait of its own: each splice goes out at once on both sides
-    (the sender's stack already coalesced what it wanted to)."""
+    (the sender's stack already coalesced what it wanted to). The client side uses Reno."""
 
     async def main():
         async with (
@@ -284,6 +285,15 @@ def test_both_sides_of_a_tunnel_send_without_nagle_delay(run):
             (tunnel,) = relay.engine._tunnels.values()
             for sock in (tunnel.client, tunnel.upstream):
                 assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+            # The client side is local: Reno, whatever the system's default; the upstream
+            # side keeps the default, as it may cross a real network.
+            def congestion(sock: socket.socket) -> bytes:
+                return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).rstrip(b"\0")
+
+            system = Path("/proc/sys/net/ipv4/tcp_congestion_control").read_bytes().strip()
+            assert congestion(tunnel.client) == b"reno"
+            assert congestion(tunnel.upstream) == system
             writer.close()
             await relay.wait_closed(1)
 

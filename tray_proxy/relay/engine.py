@@ -279,6 +279,13 @@ class RelayEngine:
             # Accepted sockets inherit it: the relay passes on what the sender wrote at once,
             # as the upstream side does; the sender's own stack already applied Nagle.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # The client side never leaves this host (loopback, or a container's bridge), so
+            # a congestion control that paces, like BBR when it is the system's default,
+            # only costs timer interrupts there: accepted sockets inherit Reno, which every
+            # user may pick. About a fifth less relay CPU per GiB downloaded (bench/). The
+            # upstream side keeps the system's choice: it may cross a real network.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, b"reno")
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind((host, port))
