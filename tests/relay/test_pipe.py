@@ -215,6 +215,49 @@ def test_batching_raises_the_mark_and_releases_a_tail(run):
     run(main)
 
 
+@pytest.mark.parametrize("deep", [True, False], ids=["deep-destination", "young-destination"])
+def test_a_batching_direction_waits_for_room_on_the_tick_once_the_destination_is_deep(
+    run, monkeypatch, deep
+):
+    """Bulk into a slow reader. Once the destination's send buffer is deep, a full one is
+    retried on the batching tick instead of on each EPOLLOUT (a socket reports room once a
+    third of its buffer is free, and each report would wake the loop); a young one, whose
+    buffer could run dry within a tick, is waited for on EPOLLOUT. Every byte arrives."""
+    monkeypatch.setattr(pipe_module, "DEEP_SNDBUF", 64 * 1024 if deep else 1 << 40)
+    burst = pattern(22, 48 * MiB)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        batching = ReadBatching(loop)
+        async with rig(batching=batching) as r:
+
+            async def slow_reader() -> bytes:
+                out = bytearray()
+                for _ in range(200_000):  # bounded; each read brings bytes or ends
+                    chunk = await loop.sock_recv(r.client_peer, 1 << 20)
+                    if not chunk:
+                        break
+                    out += chunk
+                    if len(out) >= len(burst):
+                        break
+                    await asyncio.sleep(0.001)
+                return bytes(out)
+
+            got, _ = await asyncio.wait_for(
+                asyncio.gather(slow_reader(), send_all(r.upstream_peer, burst, False)), 60
+            )
+            assert sha(got) == sha(burst)
+            if deep:
+                assert batching.room_waits > 0
+                assert not r.tunnel.down.room_watched  # EPOLLOUT was never asked for
+            else:
+                assert batching.room_waits == 0
+                assert r.tunnel.down.room_watched
+            await until(lambda: len(batching) == 0, what="batching to end", timeout=5)
+
+    run(main)
+
+
 def test_small_exchanges_never_batch(run):
     async def main():
         batching = ReadBatching(asyncio.get_running_loop())

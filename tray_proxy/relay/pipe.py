@@ -20,6 +20,10 @@ and a window-update ACK, so fewer, larger ones cut the relay's CPU per GiB by ab
 the batch to what arrived in the last tick; a direction that moved nothing for a tick drops
 to the lowest mark, and after another one stops batching: the bytes of a burst's tail that
 wait below the mark are released within three ticks (6 ms). Small exchanges never batch.
+A batching direction whose destination is full waits for room on the same tick rather than
+on EPOLLOUT: a socket reports room once a third of its buffer is free, which would wake the
+loop for each third, while the two thirds still queued keep it sending until the tick
+(about a fifth less relay CPU per GiB uploaded, and no loss of throughput, in bench/).
 """
 
 from __future__ import annotations
@@ -46,6 +50,10 @@ BATCH_TICK = 0.002  # seconds between batch resizes; a burst's tail waits three 
 BATCH_START = 64 * 1024  # a splice this large starts batching, with this mark
 BATCH_MAX = 2 << 20  # the highest mark; a wakeup then drains it in a few splices
 DRAIN_BUDGET = 4 << 20  # bytes one readiness callback moves at most
+# A destination whose send buffer has grown this large still holds enough when it reports
+# room (two thirds of it) to keep sending through a batching tick: a batching direction then
+# waits for room on the tick. A smaller one (a young connection) is waited for on EPOLLOUT.
+DEEP_SNDBUF = 3 << 20
 
 
 class PipePool:
@@ -93,6 +101,8 @@ class ReadBatching:
         self._loop = loop
         self._tick_seconds = tick
         self._batching: set[_Direction] = set()
+        self._room: set[_Direction] = set()  # batching directions whose destination is full
+        self.room_waits = 0  # times a batching direction waited for room on the tick
         self._timer: asyncio.TimerHandle | None = None
 
     def __len__(self) -> int:
@@ -104,15 +114,30 @@ class ReadBatching:
         self._batching.add(direction)
         direction.set_lowat(BATCH_MAX)
 
+    def wait_room(self, direction: _Direction) -> None:
+        """`direction` (batching) found its destination full: try again on the next tick
+        rather than on each EPOLLOUT. The destination still holds most of what was written
+        (a socket reports room once a third of its buffer is free), so it keeps sending
+        meanwhile, and the next write finds room for a whole batch."""
+        self._room.add(direction)
+        self.room_waits += 1
+
     def forget(self, direction: _Direction) -> None:
         """The direction ended: no mark to reset, only the reference to drop."""
         self._batching.discard(direction)
+        self._room.discard(direction)
         if not self._batching and self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
     def _tick(self) -> None:
         self._timer = None
+        if self._room:
+            room, self._room = self._room, set()
+            for direction in room:
+                if not direction.tunnel.closed and not direction.waiting:
+                    direction.can_write = True
+                    direction.pump()
         for direction in list(self._batching):
             moved, direction.moved = direction.moved, 0
             if moved:
@@ -157,6 +182,7 @@ class _Direction:
         "waiting",
         "muted",
         "room_watched",
+        "deep",
     )
 
     def __init__(self, tunnel: Tunnel, src: int, dst: int, upstream_bound: bool) -> None:
@@ -182,6 +208,7 @@ class _Direction:
         # connections never fill a socket, and a socket with room reports it at once, which
         # would wake the loop for nothing when the tunnel starts.
         self.room_watched = False
+        self.deep = False  # dst's send buffer reached DEEP_SNDBUF (see _deep)
 
     def pump(self) -> None:
         """Move what can be moved now: flush the pipe, read, repeat.
@@ -226,7 +253,12 @@ class _Direction:
                 if pending:
                     # The destination is full: reading waits for its room.
                     self.muted = True
-                    if not self.room_watched:
+                    if self.lowat != 1 and tunnel.batching is not None and self._deep():
+                        tunnel.batching.wait_room(self)
+                        if self.room_watched:
+                            self.room_watched = False
+                            tunnel.update_events(dst)
+                    elif not self.room_watched:
                         self.room_watched = True
                         tunnel.update_events(dst)
                     break
@@ -278,6 +310,15 @@ class _Direction:
             tunnel.last_active = time.monotonic()
         if self.muted != was_muted and not tunnel.closed:
             tunnel.update_events(src)
+
+    def _deep(self) -> bool:
+        if not self.deep:
+            # Autotuning only grows a send buffer (short of memory pressure): once deep,
+            # it stays deep enough, and the question is not asked again.
+            with contextlib.suppress(OSError):
+                size = self.tunnel.socks[self.dst].getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+                self.deep = size >= DEEP_SNDBUF
+        return self.deep
 
     def _later(self, delay: float) -> None:
         if not self.waiting:
