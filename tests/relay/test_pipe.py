@@ -249,11 +249,37 @@ def test_a_batching_direction_waits_for_room_on_the_tick_once_the_destination_is
             assert sha(got) == sha(burst)
             if deep:
                 assert batching.room_waits > 0
-                assert not r.tunnel.down.room_watched  # EPOLLOUT was never asked for
             else:
                 assert batching.room_waits == 0
                 assert r.tunnel.down.room_watched
             await until(lambda: len(batching) == 0, what="batching to end", timeout=5)
+
+    run(main)
+
+
+def test_a_stalled_reader_is_waited_for_on_epollout_not_polled(run, monkeypatch):
+    """A deep destination whose reader stops (a paused download): after a tick that moved
+    nothing, the tunnel waits on EPOLLOUT instead of asking again every tick; when the
+    reader resumes, every byte arrives."""
+    monkeypatch.setattr(pipe_module, "DEEP_SNDBUF", 64 * 1024)
+    burst = pattern(23, 32 * MiB)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        batching = ReadBatching(loop)
+        async with rig(batching=batching) as r:
+            sender = asyncio.ensure_future(send_all(r.upstream_peer, burst, False))
+            # Nobody reads the client side: the tunnel fills it, waits on the tick, and
+            # then, seeing no progress, on EPOLLOUT.
+            await until(lambda: r.tunnel.down.room_watched, what="EPOLLOUT watch", timeout=10)
+            assert batching.room_waits > 0
+            waits = batching.room_waits
+            # Ten ticks later, it has not been asked again.
+            await asyncio.sleep(10 * pipe_module.BATCH_TICK)
+            assert batching.room_waits == waits
+            got = await asyncio.wait_for(_recv_exactly(r.client_peer, len(burst)), 30)
+            await asyncio.wait_for(sender, 10)
+            assert sha(got) == sha(burst)
 
     run(main)
 

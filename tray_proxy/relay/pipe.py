@@ -135,9 +135,16 @@ class ReadBatching:
         if self._room:
             room, self._room = self._room, set()
             for direction in room:
-                if not direction.tunnel.closed and not direction.waiting:
-                    direction.can_write = True
-                    direction.pump()
+                if direction.tunnel.closed or direction.waiting:
+                    continue
+                pending = direction.pending
+                direction.can_write = True
+                direction.pump()
+                if direction in self._room and direction.pending == pending:
+                    # Not a byte went: the reader stalled (a paused download, say). Wait for
+                    # its room on EPOLLOUT rather than asking every tick until it resumes.
+                    self._room.discard(direction)
+                    direction.watch_room()
         for direction in list(self._batching):
             moved, direction.moved = direction.moved, 0
             if moved:
@@ -258,9 +265,8 @@ class _Direction:
                         if self.room_watched:
                             self.room_watched = False
                             tunnel.update_events(dst)
-                    elif not self.room_watched:
-                        self.room_watched = True
-                        tunnel.update_events(dst)
+                    else:
+                        self.watch_room()
                     break
             self.muted = False
             if self.eof:
@@ -310,6 +316,12 @@ class _Direction:
             tunnel.last_active = time.monotonic()
         if self.muted != was_muted and not tunnel.closed:
             tunnel.update_events(src)
+
+    def watch_room(self) -> None:
+        """Wait for the destination's room on EPOLLOUT."""
+        if not self.room_watched:
+            self.room_watched = True
+            self.tunnel.update_events(self.dst)
 
     def _deep(self) -> bool:
         if not self.deep:
