@@ -95,7 +95,8 @@ def close_pipe(pipe: tuple[int, int, int]) -> None:
 
 
 class ReadBatching:
-    """The SO_RCVLOWAT marks of the directions that batch, resized on one shared tick."""
+    """The SO_RCVLOWAT marks of the directions that batch, resized on one shared tick, which
+    also retries the batching directions that wait for room (wait_room)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, tick: float = BATCH_TICK) -> None:
         self._loop = loop
@@ -250,7 +251,7 @@ class _Direction:
                         try:
                             m = splice(pipe[0], dst, pending, flags=_SPLICE_FLAGS)
                         except BlockingIOError:
-                            self.can_write = False  # an EPOLLOUT edge comes when there is room
+                            self.can_write = False  # see _wait_for_room
                             break
                         except OSError as exc:
                             tunnel.fail(self.upstream_bound, exc)
@@ -260,13 +261,7 @@ class _Direction:
                 if pending:
                     # The destination is full: reading waits for its room.
                     self.muted = True
-                    if self.lowat != 1 and tunnel.batching is not None and self._deep():
-                        tunnel.batching.wait_room(self)
-                        if self.room_watched:
-                            self.room_watched = False
-                            tunnel.update_events(dst)
-                    else:
-                        self.watch_room()
+                    self._wait_for_room()
                     break
             self.muted = False
             if self.eof:
@@ -316,6 +311,18 @@ class _Direction:
             tunnel.last_active = time.monotonic()
         if self.muted != was_muted and not tunnel.closed:
             tunnel.update_events(src)
+
+    def _wait_for_room(self) -> None:
+        """The destination is full: a batching direction whose destination is deep asks
+        again on the batching tick (see ReadBatching.wait_room), any other on EPOLLOUT."""
+        batching = self.tunnel.batching
+        if self.lowat != 1 and batching is not None and self._deep():
+            batching.wait_room(self)
+            if self.room_watched:
+                self.room_watched = False
+                self.tunnel.update_events(self.dst)
+        else:
+            self.watch_room()
 
     def watch_room(self) -> None:
         """Wait for the destination's room on EPOLLOUT."""
