@@ -23,7 +23,7 @@ from tests.relay.stubs import (
 from tray_proxy.relay import opening
 from tray_proxy.relay.credentials import Credentials, Secret, StaticCredentialSource
 from tray_proxy.relay.events import CredentialsRejected, UpstreamFailed
-from tray_proxy.relay.records import CloseReason
+from tray_proxy.relay.records import CloseReason, ConnectionRecord
 
 
 @pytest.fixture
@@ -32,9 +32,9 @@ def openings(monkeypatch: pytest.MonkeyPatch) -> list[opening.Opening]:
     started: list[opening.Opening] = []
     original = opening.Opening.start
 
-    def start(self: opening.Opening) -> None:
+    def start(self: opening.Opening, record: ConnectionRecord) -> None:
         started.append(self)
-        original(self)
+        original(self, record)
 
     monkeypatch.setattr(opening.Opening, "start", start)
     return started
@@ -48,15 +48,25 @@ def _assert_nothing_registered(relay) -> None:  # type: ignore[no-untyped-def]
 
 def test_the_request_goes_out_without_waiting_for_writability(run, openings, monkeypatch):
     """A client that spoke before the accept and a proxy that answered the SYN within
-    connect(): the CONNECT leaves in the accept callback itself."""
+    connect(): the CONNECT leaves in the accept callback itself, from Opening.begin, before
+    the engine makes the connection's record, publishes its event or registers anything
+    (that work would otherwise count in every connection's latency)."""
     waits: list[int] = []
+    seen: list[tuple[bool, int, int]] = []
     original = opening.Opening._on_connected
+    original_begin = opening.Opening.begin
 
     def on_connected(self: opening.Opening) -> None:
         waits.append(1)
         original(self)
 
+    def begin(self: opening.Opening) -> None:
+        original_begin(self)
+        engine = self.hooks
+        seen.append((self.asked, len(engine._records), len(engine._poller)))  # type: ignore[attr-defined]
+
     monkeypatch.setattr(opening.Opening, "_on_connected", on_connected)
+    monkeypatch.setattr(opening.Opening, "begin", begin)
 
     async def main():
         async with (
@@ -77,6 +87,8 @@ def test_the_request_goes_out_without_waiting_for_writability(run, openings, mon
             assert proxy.requests[0].target == ("example.test", origin.address[1])
             await relay.wait_closed(1)
             assert len(openings) == 1 and waits == []
+            assert seen == [(True, 0, 0)]  # asked; no record, no registration yet
+            assert relay.record().host == "example.test"
             _assert_nothing_registered(relay)
 
     run(main)
@@ -298,3 +310,126 @@ def test_both_sides_of_a_tunnel_send_without_nagle_delay_and_the_local_side_with
             await relay.wait_closed(1)
 
     run(main)
+
+
+class _Hooks:
+    """What the engine would be told, as a list."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[object, ...]] = []
+
+    def routed(self, record: ConnectionRecord) -> None:
+        self.calls.append(("routed",))
+
+    def opened(self, record, conn, upstream) -> None:  # type: ignore[no-untyped-def]
+        self.calls.append(("opened",))
+
+    def failed(self, record, conn, exc) -> None:  # type: ignore[no-untyped-def]
+        self.calls.append(("failed", exc.reason))
+
+    def closed(self, record, conn, reason, detail, reset) -> None:  # type: ignore[no-untyped-def]
+        self.calls.append(("closed", reason, detail, reset))
+
+    def fall_back(self, record, conn, peeker, peeked, reauthenticate) -> None:  # type: ignore[no-untyped-def]
+        self.calls.append(("fall_back", peeked))
+
+    def finish_slowly(self, record, conn, upstream, to_upstream, to_client) -> None:  # type: ignore[no-untyped-def]
+        self.calls.append(("finish_slowly",))
+
+
+@pytest.mark.parametrize("setback", ["undialable", "no-descriptor", "client-reset", "bad-target"])
+def test_what_stops_begin_is_reported_by_start(run, monkeypatch, setback):
+    """begin() runs before the connection has a record, so it reports nothing itself: what
+    stopped it reaches the engine through start(), in the words of the stepwise path, and
+    the upstream socket, registrations and deadlines are all gone."""
+    from tray_proxy.relay.poller import Poller
+    from tray_proxy.relay.records import ConnState
+    from tray_proxy.relay.settings import RelaySettings, UpstreamKind, UpstreamProxy
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        poller = Poller(loop)
+        deadlines = opening.Deadlines(loop, 0.05)
+        proxy = socket.socket()
+        proxy.bind(("127.0.0.1", 0))
+        proxy.listen(8)
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        client = socket.create_connection(listener.getsockname())
+        conn, _ = listener.accept()
+        try:
+            if setback != "client-reset":
+                client.sendall(b"\x16\x03\x01")  # a TLS record header: the peek waits
+            port = proxy.getsockname()[1]
+            dst = ("10.9.9.9", 443)
+            family = socket.AF_INET
+            if setback == "undialable":
+                family = socket.AF_INET6  # an IPv4 address on an IPv6 socket: connect fails
+            elif setback == "client-reset":
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+                client.close()
+                await until(lambda: _reset(conn), 5, "the reset")
+            elif setback == "bad-target":
+                dst = ("10.9.9.9", 0)
+                client.sendall(b"\0" * 64)  # not TLS after all: decided on the IP
+            hooks = _Hooks()
+            upstream = UpstreamProxy("corp", UpstreamKind.HTTP, "127.0.0.1", port)
+            o = opening.Opening(
+                poller,
+                hooks,
+                deadlines,
+                RelaySettings(),
+                dst,
+                conn,
+                upstream,
+                (family, ("127.0.0.1", port)),
+            )
+            if setback == "no-descriptor":
+
+                def no_descriptor(*args: object) -> socket.socket:
+                    raise OSError(24, "Too many open files")
+
+                with monkeypatch.context() as m:
+                    m.setattr(opening.socket, "socket", no_descriptor)
+                    o.begin()
+            else:
+                o.begin()
+            assert hooks.calls == [], "begin() reports nothing"
+            record = ConnectionRecord(id=1, client=("127.0.0.1", 1), original_dst=dst)
+            o.start(record)
+            expected: tuple[object, ...] = {
+                "undialable": ("fall_back", b""),
+                "bad-target": ("fall_back", b""),
+                "client-reset": (
+                    "closed",
+                    CloseReason.CLIENT_RESET,
+                    "client side: Connection reset by peer",
+                    False,
+                ),
+                "no-descriptor": (
+                    "closed",
+                    CloseReason.INTERNAL_ERROR,
+                    "the relay is out of resources: Too many open files",
+                    True,
+                ),
+            }[setback]
+            assert hooks.calls == [expected]
+            assert o.sock is None and o.done and record.state is ConnState.PEEKING
+            assert len(poller) == 0 and not deadlines.pending
+        finally:
+            for s in (proxy, listener, client, conn):
+                s.close()
+            poller.close()
+            deadlines.close()
+
+    run(main)
+
+
+def _reset(conn: socket.socket) -> bool:
+    """The peer's RST has arrived (seen by poll, which leaves the error to the next read)."""
+    import select
+
+    p = select.poll()
+    p.register(conn, select.POLLIN)
+    return any(events & select.POLLERR for _, events in p.poll(0))

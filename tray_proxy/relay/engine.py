@@ -227,7 +227,7 @@ class RelayEngine:
         self._addresses = tuple(self._bound.values())
         self._families = {s: int(s.family) for s in self._listeners}
         for sock in self._listeners:
-            self._loop.add_reader(sock.fileno(), self._on_acceptable, sock)
+            self._watch_listener(sock)
         self._schedule_sweep()
         # Everything allocated so far (modules, settings, the loop) lives as long as the
         # process: keep it out of the garbage collector's passes, which otherwise walk it
@@ -314,14 +314,15 @@ class RelayEngine:
             sock.close()
         self._listeners.clear()
 
-    def _on_acceptable(self, listener: socket.socket) -> None:
-        loop = self._loop
-        assert loop is not None
-        local = self._bound[listener]
-        family = self._families[listener]
-        # socket.accept() without its wrapper, which asks for the listener's family and type
-        # as enums per call: this is the start of every connection's latency.
-        accept = listener._accept  # type: ignore[attr-defined]  # CPython's own, since 3.2
+    def _on_acceptable(
+        self,
+        listener: socket.socket,
+        local: Address,
+        family: int,
+        accept: Callable[[], tuple[int, tuple[Any, ...]]],
+    ) -> None:
+        """Accept what is pending. This is where every connection's latency starts: see
+        _accept_one for what happens before its CONNECT leaves."""
         for _ in range(_ACCEPT_BATCH):
             try:
                 fd, addr = accept()
@@ -337,6 +338,8 @@ class RelayEngine:
                 if exc.errno in _ACCEPT_PRESSURE:
                     # Out of descriptors or memory: pause this listener briefly instead of
                     # spinning on a readiness that accept() cannot serve.
+                    loop = self._loop
+                    assert loop is not None
                     loop.remove_reader(listener.fileno())
                     loop.call_later(_ACCEPT_BACKOFF, self._resume_accepting, listener)
                 return
@@ -345,18 +348,30 @@ class RelayEngine:
             except OSError:
                 os.close(fd)
                 continue
-            conn.setblocking(False)
-            self.stats["accepted"] += 1
             try:
-                # An IPv6 address comes with flow info and scope id: keep (host, port).
-                self._accept_one(conn, addr if len(addr) == 2 else addr[:2], local, family)
+                self._accept_one(conn, addr, local, family)
             except Exception:
                 log.exception("internal error on a new connection")
                 abort(conn)
+            self.stats["accepted"] += 1
 
     def _resume_accepting(self, listener: socket.socket) -> None:
         if self._loop is not None and not self._stopping and listener.fileno() >= 0:
-            self._loop.add_reader(listener.fileno(), self._on_acceptable, listener)
+            self._watch_listener(listener)
+
+    def _watch_listener(self, listener: socket.socket) -> None:
+        assert self._loop is not None
+        # What _on_acceptable needs comes as arguments: no lookups before the accept.
+        # listener._accept: socket.accept() without its wrapper, which asks for the
+        # listener's family and type as enums per call (CPython's own, since 3.2).
+        self._loop.add_reader(
+            listener.fileno(),
+            self._on_acceptable,
+            listener,
+            self._bound[listener],
+            self._families[listener],
+            listener._accept,  # type: ignore[attr-defined]
+        )
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         """The only place the engine creates tasks: named, referenced, reaped."""
@@ -380,19 +395,42 @@ class RelayEngine:
         return addr.is_loopback or any(ip == a[0] for a in self._addresses)
 
     def _accept_one(
-        self, conn: socket.socket, client: Address, local: Address, family: int
+        self, conn: socket.socket, client: tuple[Any, ...], local: Address, family: int
     ) -> None:
-        """A new connection to the listener at `local`: check where it was going, then open
-        its tunnel, on the fast path (relay/opening.py) when it applies, else in a Task."""
-        record = ConnectionRecord(id=next_connection_id(), client=client)
-        self._records[record.id] = record
+        """A new connection to the listener at `local` (`conn` still blocking): check
+        where it was going, then open its tunnel, on the fast path (relay/opening.py) when
+        it applies, else in a Task.
+
+        On the fast path the CONNECT leaves before anything else is done (Opening.begin):
+        the record, the event, the non-blocking mode of `conn` and the registrations come
+        after it, while the proxy is already working on the request. Every step before it
+        counts in every connection's latency.
+        """
         if self._destination_of is None:
             dst = original_destination(conn, family)
         else:
             dst = self._destination_of(conn)
-        record.original_dst = dst
+        redirected = dst is not None and not self._is_relay_address(dst, local)
+        opening = None
+        if redirected:
+            assert dst is not None
+            fast = self._fast_route(dst)
+            if fast is not None:
+                assert self._poller is not None and self._deadlines is not None
+                opening = Opening(
+                    self._poller, self, self._deadlines, self.settings, dst, conn, *fast
+                )
+                opening.begin()
+        conn.setblocking(False)
+        # An IPv6 address comes with flow info and scope id: keep (host, port).
+        record = ConnectionRecord(
+            id=next_connection_id(),
+            client=(client[0], client[1]),
+            original_dst=dst,
+        )
+        self._records[record.id] = record
         if self.bus.observed:
-            self.bus.publish(ConnectionOpened(record.id, client, dst))
+            self.bus.publish(ConnectionOpened(record.id, record.client, dst))
         if dst is None:
             self._finish(
                 record,
@@ -402,7 +440,7 @@ class RelayEngine:
                 "directly, not redirected by nftables)",
             )
             return
-        if self._is_relay_address(dst, local):
+        if not redirected:
             self._finish(
                 record,
                 conn,
@@ -410,27 +448,14 @@ class RelayEngine:
                 "connection made to the relay port directly, not redirected",
             )
             return
-        fast = self._fast_route(dst)
-        if fast is None:
+        if opening is None:
             peeker = None
             if self.settings.peek_timeout > 0:
                 peeker = HostPeeker(self.settings.peek_max_bytes)
             self._spawn(self._serve(record, conn, peeker, b""), "conn")
             return
-        upstream, address, header = fast
-        record.upstream = upstream.name
-        assert self._poller is not None and self._deadlines is not None
-        Opening(
-            self._poller,
-            self,
-            self._deadlines,
-            self.settings,
-            record,
-            conn,
-            upstream,
-            address,
-            header,
-        ).start()
+        record.upstream = opening.upstream.name
+        opening.start(record)
 
     def _fast_route(
         self, dst: Address

@@ -143,7 +143,8 @@ class Deadlines:
 
 
 class Opening:
-    """One connection from accept to an open tunnel, on the fast path."""
+    """One connection from accept to an open tunnel, on the fast path: `begin` right after
+    the accept, `start` once the engine made the connection's record."""
 
     __slots__ = (
         "poller",
@@ -167,7 +168,12 @@ class Opening:
         "dialed_at",
         "done",
         "writing",
+        "dst",
+        "host",
+        "setback",
     )
+
+    record: ConnectionRecord  # given by start(); begin() runs without it
 
     def __init__(
         self,
@@ -175,7 +181,7 @@ class Opening:
         hooks: Hooks,
         deadlines: Deadlines,
         settings: RelaySettings,
-        record: ConnectionRecord,
+        dst: Address,
         conn: socket.socket,
         upstream: UpstreamProxy,
         address: tuple[int, Address],
@@ -185,7 +191,10 @@ class Opening:
         self.hooks = hooks
         self.deadlines = deadlines
         self.settings = settings
-        self.record = record
+        self.dst = dst
+        self.host: str | None = None  # the peek's verdict, once decided
+        # What stopped begin() before the record existed: reported by start().
+        self.setback: tuple[CloseReason, OSError | None] | None = None
         self.conn = conn
         self.upstream = upstream
         self.address = address
@@ -204,57 +213,95 @@ class Opening:
         self.done = False
         self.writing = False  # the upstream socket's writability is watched (connecting)
 
-    # -- start: dial and peek at once -----------------------------------------------------
+    # -- begin and start: dial, peek and ask at once, then the bookkeeping ---------------
 
-    def start(self) -> None:
-        now = time.monotonic()
-        self.record.state = ConnState.PEEKING
-        self.deadlines.add(self)
-        if self.settings.peek_timeout > 0:
-            self.peeker = HostPeeker(self.settings.peek_max_bytes)
-            self.peek_deadline = now + self.settings.peek_timeout
-        if not self._dial(now):
-            return
-        if self.peeker is not None and not self._peek_now():
-            if not self.done:
-                self.poller.add_reader(self.conn.fileno(), self._on_peek)
-                self._watch_connect()
-                self._update_deadline()
-            return
-        if not self.done:
-            self._peek_done()
+    def begin(self) -> None:
+        """The part of the opening that sets its latency, done before the engine makes the
+        connection's record: dial the proxy, read the client's first bytes and, when both
+        are ready, send the CONNECT (often all within this call: a near proxy has answered
+        the SYN before connect() returns, and the client has spoken before the accept).
 
-    def _dial(self, now: float) -> bool:
+        Nothing here reports or registers: a failure is kept in `setback`, and `start`
+        reports it once the record exists. Each step before the CONNECT costs every
+        connection latency; everything else waits for `start`.
+        """
         family, addr = self.address
         try:
             sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         except OSError as exc:
             # Out of descriptors or memory: our own shortage, not the client's doing.
-            self._end()
-            self.hooks.closed(
-                self.record,
-                self.conn,
-                CloseReason.INTERNAL_ERROR,
-                f"the relay is out of resources: {exc.strerror or exc}",
-                True,
-            )
-            return False
+            self.setback = (CloseReason.INTERNAL_ERROR, exc)
+            return
         self.sock = sock
-        self.dialed_at = now
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             code = sock.connect_ex(addr)
         except OSError:
-            self._fall_back()
-            return False
+            code = -1
         if code == 0:
             self.connected = True
         elif code not in _IN_PROGRESS:
             # Refused at once, or no route: the coroutine path tries the other addresses
             # and says why in its own words.
+            self.setback = (CloseReason.UPSTREAM_UNREACHABLE, None)
+            return
+        if self.settings.peek_timeout > 0:
+            self.peeker = HostPeeker(self.settings.peek_max_bytes)
+            try:
+                if not self._read_peek():
+                    return
+            except OSError as exc:
+                self.setback = (CloseReason.CLIENT_RESET, exc)
+                return
+        if self._ask() is None:
+            self.setback = (CloseReason.UPSTREAM_UNREACHABLE, None)
+
+    def start(self, record: ConnectionRecord) -> None:
+        """Carry on from where `begin` got, now that the connection has its record."""
+        self.record = record
+        now = time.monotonic()
+        self.dialed_at = now
+        record.state = ConnState.PEEKING
+        setback = self.setback
+        if setback is not None:
+            reason, exc = setback
+            if reason is CloseReason.INTERNAL_ERROR and exc is not None:
+                self._end()
+                self.hooks.closed(
+                    record,
+                    self.conn,
+                    reason,
+                    f"the relay is out of resources: {exc.strerror or exc}",
+                    True,
+                )
+            elif reason is CloseReason.CLIENT_RESET and exc is not None:
+                self._client_gone(exc)
+            else:
+                self._fall_back()
+            return
+        sock = self.sock
+        assert sock is not None
+        try:
+            # After the CONNECT: it concerns the tunnel's small writes, not the request.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
             self._fall_back()
-            return False
-        return True
+            return
+        self.deadlines.add(self)
+        peeker = self.peeker
+        if peeker is not None:
+            self.peek_deadline = now + self.settings.peek_timeout
+            if not peeker.decided:
+                self.poller.add_reader(self.conn.fileno(), self._on_peek)
+                self._watch_connect()
+                self._update_deadline()
+                return
+            self._peek_taken()
+        self.hooks.routed(record)
+        if self.asked:
+            self._asked()
+        else:
+            # Still connecting: the request goes out once the socket is writable.
+            self._wait_connected()
 
     def _update_deadline(self) -> None:
         """The nearest limit of what is still outstanding."""
@@ -269,42 +316,53 @@ class Opening:
 
     # -- the client's first bytes ---------------------------------------------------------
 
-    def _peek_now(self) -> bool:
-        """Read what the client sent; True when the peek has decided."""
+    def _read_peek(self) -> bool:
+        """Read what the client sent; True when the peek has decided. Raises OSError when
+        the client is gone. MSG_DONTWAIT: begin() reads before the client socket is made
+        non-blocking."""
         peeker = self.peeker
         assert peeker is not None
         try:
-            data = self.conn.recv(_PEEK_RECV)
+            data = self.conn.recv(_PEEK_RECV, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return False
-        except OSError as exc:
-            self._client_gone(exc)
+        if peeker.feed(data):
+            self.host = peeker.host
             return True
-        return peeker.feed(data)
+        return False
+
+    def _peek_taken(self) -> None:
+        """The peek has decided: its host name goes to the record, its bytes upstream."""
+        peeker = self.peeker
+        assert peeker is not None
+        self.record.host = peeker.host
+        self.peeked = peeker.buffered
+        self.peeker = None
 
     def _on_peek(self) -> None:
         if self.done:
             return
-        if self._peek_now() and not self.done:
+        try:
+            decided = self._read_peek()
+        except OSError as exc:
+            self._client_gone(exc)
+            return
+        if decided:
             self.poller.remove_reader(self.conn.fileno())
             self._peek_done()
 
     def _peek_done(self) -> None:
         peeker = self.peeker
-        if peeker is not None:
-            if not peeker.decided:
-                peeker.feed(b"")  # time is up: decide on what arrived
-            self.record.host = peeker.host
-            self.peeked = peeker.buffered
-            self.peeker = None
+        assert peeker is not None
+        if not peeker.decided:
+            peeker.feed(b"")  # time is up: decide on what arrived
+            self.host = peeker.host
+        self._peek_taken()
         self.hooks.routed(self.record)
-        if self.connected:
-            self._send_request()
-        else:
-            # A near proxy has often answered the SYN before connect() returned: try to
-            # send now and spare a wakeup (and the registration to wait for writability).
-            # A socket still connecting refuses with EAGAIN.
-            self._send_request(early=True)
+        # A near proxy has often answered the SYN by now: try to send and spare a wakeup
+        # (and the registration to wait for writability). A socket still connecting
+        # refuses with EAGAIN.
+        self._send_request()
 
     def _watch_connect(self) -> None:
         """Wait for the connect to finish (writability), unless it has or we do already."""
@@ -342,42 +400,49 @@ class Opening:
         if not self.done:
             self._fall_back()
 
-    def _send_request(self, early: bool = False) -> None:
-        """Send the CONNECT. `early`: the connect may still be in progress; if so, wait
-        for it as before."""
+    def _ask(self) -> bool | None:
+        """Send the CONNECT: True once sent, False while the socket is still connecting,
+        None when it cannot go (the coroutine path then words why)."""
         sock = self.sock
         assert sock is not None
-        self.record.state = ConnState.HANDSHAKING
         request = self._request()
         if request is None:
-            self._fall_back()  # it words the configuration error
-            return
+            return None
         try:
             sent = sock.send(request)
         except (BlockingIOError, InterruptedError):
-            sent = -1
-            if early:
-                self._wait_connected()
-                return
+            return None if self.connected else False
         except OSError as exc:
-            sent = -1
-            if early and exc.errno == errno.ENOTCONN:
-                self._wait_connected()
-                return
+            return False if exc.errno == errno.ENOTCONN and not self.connected else None
         if sent != len(request):
-            self._fall_back()
-            return
+            return None
         self.connected = True
         self.asked = True
+        return True
+
+    def _send_request(self) -> None:
+        """Send the CONNECT now if the socket lets us, else once it is writable."""
+        asked = self._ask()
+        if asked is None:
+            self._fall_back()  # it words the configuration error
+        elif asked:
+            self._asked()
+        else:
+            self._wait_connected()
+
+    def _asked(self) -> None:
+        """The CONNECT went out: wait for the answer."""
+        sock = self.sock
+        assert sock is not None
+        self.record.state = ConnState.HANDSHAKING
         self.answer_deadline = time.monotonic() + self.settings.handshake_timeout
         self.poller.switch_to_reader(sock.fileno(), self._on_answer)
         self.writing = False
         self.deadline = self.answer_deadline  # the peek is over and the connect done
 
     def _target(self) -> tuple[str, int]:
-        dst = self.record.original_dst
-        assert dst is not None
-        return self.record.host or dst[0], dst[1]
+        dst = self.dst
+        return self.host or dst[0], dst[1]
 
     def _request(self) -> bytes | None:
         """The CONNECT bytes for this target and header, checked once and then kept;
