@@ -141,7 +141,6 @@ class RelayEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listeners: list[socket.socket] = []
         self._bound: dict[socket.socket, Address] = {}  # listener -> its address
-        self._families: dict[socket.socket, int] = {}  # listener -> its address family
         self._addresses: tuple[Address, ...] = ()
         self._records: dict[int, ConnectionRecord] = {}
         self._tunnels: dict[int, Tunnel] = {}
@@ -225,7 +224,6 @@ class RelayEngine:
             s: (str(s.getsockname()[0]), int(s.getsockname()[1])) for s in self._listeners
         }
         self._addresses = tuple(self._bound.values())
-        self._families = {s: int(s.family) for s in self._listeners}
         for sock in self._listeners:
             self._watch_listener(sock)
         self._schedule_sweep()
@@ -369,7 +367,7 @@ class RelayEngine:
             self._on_acceptable,
             listener,
             self._bound[listener],
-            self._families[listener],
+            int(listener.family),
             listener._accept,  # type: ignore[attr-defined]
         )
 

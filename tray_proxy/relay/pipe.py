@@ -367,12 +367,12 @@ class _Direction:
             tunnel.direction_finished()
             return
         try:
-            self.tunnel.socks[self.dst].shutdown(socket.SHUT_WR)
+            tunnel.socks[self.dst].shutdown(socket.SHUT_WR)
         except OSError as exc:
             if exc.errno != errno.ENOTCONN:
-                self.tunnel.fail(self.upstream_bound, exc)
+                tunnel.fail(self.upstream_bound, exc)
                 return
-        self.tunnel.direction_finished()
+        tunnel.direction_finished()
 
     def stop(self) -> None:
         tunnel = self.tunnel
