@@ -65,6 +65,8 @@ def test_full_example_parses_to_settings() -> None:
         peek_timeout = 0
         source_ports = [50000, 50999]
         drain_timeout = 0
+        spare_connections = 0
+        spare_max_age = 2.5
 
         [[upstream]]
         name = "corp"
@@ -88,6 +90,8 @@ def test_full_example_parses_to_settings() -> None:
         peek_timeout=0.0,
         source_ports=(50000, 50999),
         drain_timeout=0.0,
+        spare_connections=0,
+        spare_max_age=2.5,
     )
     assert config.upstreams == (
         UpstreamProxy("corp", UpstreamKind.HTTP, "proxy.corp.example", 8080, "CORP\\alice"),
@@ -225,6 +229,13 @@ def test_default_path_is_in_the_user_config_dir(monkeypatch: pytest.MonkeyPatch)
         ("[relay]\npeek_timeout = 31", "relay.peek_timeout: must be a number of seconds >= 0"),
         ("[relay]\ndrain_timeout = -1", "relay.drain_timeout: must be a number of seconds >= 0"),
         ("[relay]\ndrain_timeout = 1e9", "relay.drain_timeout: must be a number of seconds"),
+        ("[relay]\nspare_max_age = 0", "relay.spare_max_age: must be a number of seconds > 0"),
+        ("[relay]\nspare_max_age = 301", "relay.spare_max_age: must be a number of seconds"),
+        # relay.spare_connections
+        ("[relay]\nspare_connections = -1", "relay.spare_connections: must be an integer 0-16"),
+        ("[relay]\nspare_connections = 17", "relay.spare_connections: must be an integer 0-16"),
+        ("[relay]\nspare_connections = 1.5", "relay.spare_connections: must be an integer 0-16"),
+        ("[relay]\nspare_connections = true", "relay.spare_connections: must be an integer"),
         # relay.source_ports
         ("[relay]\nsource_ports = true", "relay.source_ports: must be [low, high]"),
         ("[relay]\nsource_ports = [61000]", "relay.source_ports: must be [low, high]"),
@@ -536,6 +547,8 @@ def _configs(draw: st.DrawFn) -> Config:
         peek_timeout=draw(st.floats(0.0, 30.0)),
         source_ports=(source_ports[0], source_ports[1]) if source_ports else None,
         drain_timeout=draw(st.floats(0.0, 300.0)),
+        spare_connections=draw(st.integers(0, 16)),
+        spare_max_age=draw(_timeout),
     )
     capture = draw(st.booleans())
     redirect = RedirectSettings(

@@ -77,6 +77,8 @@ _RELAY_KEYS = (
     "peek_timeout",
     "source_ports",
     "drain_timeout",
+    "spare_connections",
+    "spare_max_age",
 )
 _UPSTREAM_KEYS = ("name", "url", "username", "auth")
 _REDIRECT_KEYS = ("exclude", "capture_containers", "container_interfaces", "reject_quic")
@@ -92,7 +94,9 @@ _TIMEOUTS: dict[str, tuple[float, bool, float]] = {
     "idle_timeout": (0.0, False, 86400.0),
     "peek_timeout": (0.0, True, 30.0),
     "drain_timeout": (0.0, True, 300.0),
+    "spare_max_age": (0.0, False, 300.0),
 }
+_MAX_SPARES = 16
 
 
 def default_config_path() -> Path:
@@ -288,6 +292,14 @@ class _Parser:
                 "move one of them so the listener and the outbound range do not clash",
             )
 
+        spares = doc.get("spare_connections", defaults.spare_connections)
+        if not _is_int(spares) or not 0 <= spares <= _MAX_SPARES:
+            raise self.fail(
+                "relay.spare_connections",
+                f"must be an integer 0-{_MAX_SPARES} (0 opens no spare connections to the "
+                f"proxy), got {_show(spares)}",
+            )
+
         return RelaySettings(
             port=port,
             listen=listen,
@@ -299,6 +311,8 @@ class _Parser:
             peek_timeout=timeouts["peek_timeout"],
             source_ports=source_ports,
             drain_timeout=timeouts["drain_timeout"],
+            spare_connections=spares,
+            spare_max_age=timeouts["spare_max_age"],
         )
 
     def port(self, value: object, field: str) -> int:
@@ -669,6 +683,7 @@ def dump_config(config: Config) -> str:
         "upstream": relay.upstream,
         **{key: float(getattr(relay, key)) for key in _TIMEOUTS},
         "source_ports": list(relay.source_ports) if relay.source_ports is not None else False,
+        "spare_connections": relay.spare_connections,
     }
     redirect = config.redirect
     redirect_doc: dict[str, object] = {

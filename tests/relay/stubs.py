@@ -146,6 +146,11 @@ class _Server:
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         raise NotImplementedError
 
+    @property
+    def open_connections(self) -> int:
+        """Connections accepted and not yet closed by either side."""
+        return len(self._writers)
+
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
@@ -330,6 +335,7 @@ class Mode(enum.Enum):
     CLOSE_MID = "close-mid"  # FIN after `cut_after` bytes towards the client
     RST_MID = "rst-mid"  # RST after `cut_after` bytes towards the client
     SILENT = "silent"  # never answer
+    HANG_UP = "hang-up"  # close without answering (as a proxy that timed out an idle one)
 
 
 HUGE_HEAD_SIZE = 1 << 20
@@ -344,7 +350,8 @@ GLUED_BYTES = b"GLUED-BEFORE-ANYTHING-ELSE\n"
 
 @dataclass
 class ProxyRequest:
-    """One connection the proxy stub accepted (from the relay's upstream socket)."""
+    """One connection the proxy stub accepted (from the relay's upstream socket) that sent
+    a request."""
 
     peer: Address
     target: Address | None = None
@@ -425,14 +432,24 @@ class ConnectProxy(_Server):
         self.cut_after = cut_after
         # Modes for the next connections, taken first to last; then `mode` for the rest.
         self.plan: list[Mode] = []
+        # Connections that sent a request, in order; `accepted` counts every connection,
+        # also the relay's spares that closed unused (relay/spares.py).
         self.requests: list[ProxyRequest] = []
+        self.accepted: list[Address] = []
+        self._idle: set[asyncio.StreamWriter] = set()  # no request yet
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         req = ProxyRequest((str(peer[0]), int(peer[1])))
-        self.requests.append(req)
+        self.accepted.append(req.peer)
+        self._idle.add(writer)
         for _ in range(MAX_AUTH_ROUNDS):
-            head = await reader.readuntil(b"\r\n\r\n")
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            finally:
+                self._idle.discard(writer)
+            if not req.rounds:
+                self.requests.append(req)
             self._parse(req, head)
             answer = self.authenticate(req)
             if answer is None:
@@ -444,6 +461,14 @@ class ConnectProxy(_Server):
         else:
             return
         await self.misbehave(req, reader, writer)
+
+    async def close_idle(self) -> None:
+        """Close (FIN) every connection that has sent no request, as a proxy's idle timeout
+        would, and wait until their handlers are done."""
+        idle = list(self._idle)
+        for writer in idle:
+            writer.close()
+        await until(lambda: not any(w in self._writers for w in idle), 5, "idle ones closed")
 
     @staticmethod
     def _parse(req: ProxyRequest, head: bytes) -> None:
@@ -482,6 +507,8 @@ class ConnectProxy(_Server):
         self, req: ProxyRequest, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         mode = self.plan.pop(0) if self.plan else self.mode
+        if mode is Mode.HANG_UP:
+            return
         if mode is Mode.SILENT:
             await reader.read()  # until the relay gives up
             return

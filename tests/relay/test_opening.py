@@ -237,8 +237,12 @@ def test_a_proxy_that_hangs_up_before_the_request_hands_over_to_the_task_path(ru
         try:
             async with (
                 Origin(echo) as origin,
+                # No spares (tests/relay/test_spares.py): the dials are counted here.
                 running_relay(
-                    [opening_upstream(host, port)], origin.address, peek_timeout=2.0
+                    [opening_upstream(host, port)],
+                    origin.address,
+                    peek_timeout=2.0,
+                    spare_connections=0,
                 ) as relay,
             ):
                 reader, writer = await relay.connect()

@@ -51,6 +51,7 @@ from tray_proxy.relay.records import (
     next_connection_id,
 )
 from tray_proxy.relay.settings import RelaySettings, UpstreamKind, UpstreamProxy
+from tray_proxy.relay.spares import Spares
 from tray_proxy.relay.upstream import (
     CredentialState,
     Dialer,
@@ -149,6 +150,7 @@ class RelayEngine:
         self._batching: ReadBatching | None = None
         self._deadlines: Deadlines | None = None
         self._poller: Poller | None = None
+        self._spares: Spares | None = None  # connections to the proxy made ahead of need
         # The fast path's last route, reused for _ROUTE_TTL seconds (see _fast_route).
         self._route: _Route | None = None
         self._dialer = Dialer(settings.source_ports)
@@ -209,6 +211,13 @@ class RelayEngine:
         if self.settings.peek_timeout > 0:
             limits.append(self.settings.peek_timeout)
         self._deadlines = Deadlines(self._loop, max(0.001, min(0.05, min(limits) / 4)))
+        if self.settings.spare_connections > 0:
+            self._spares = Spares(
+                self._loop,
+                self.settings.spare_connections,
+                self.settings.spare_max_age,
+                self.stats,
+            )
         raise_nofile_limit()
         port = self.settings.port
         try:
@@ -246,6 +255,8 @@ class RelayEngine:
         self._close_listeners()
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self._spares is not None:
+            self._spares.close()
         timeout = self.settings.drain_timeout if drain_timeout is None else drain_timeout
         if self._records and timeout > 0:
             self._idle.clear()
@@ -416,7 +427,14 @@ class RelayEngine:
             if fast is not None:
                 assert self._poller is not None and self._deadlines is not None
                 opening = Opening(
-                    self._poller, self, self._deadlines, self.settings, dst, conn, *fast
+                    self._poller,
+                    self,
+                    self._deadlines,
+                    self.settings,
+                    dst,
+                    conn,
+                    *fast,
+                    self._spares,
                 )
                 opening.begin()
         conn.setblocking(False)

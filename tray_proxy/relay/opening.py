@@ -41,6 +41,7 @@ from tray_proxy.relay.protocol.http_connect import (
 from tray_proxy.relay.protocol.peek import HostPeeker
 from tray_proxy.relay.records import Address, CloseReason, ConnectionRecord, ConnState
 from tray_proxy.relay.settings import RelaySettings, UpstreamProxy
+from tray_proxy.relay.spares import Spares
 from tray_proxy.relay.upstream import UpstreamError, refusal_words
 
 _REQUESTS_KEPT = 512  # CONNECT requests kept ready, by target and header
@@ -171,6 +172,8 @@ class Opening:
         "dst",
         "host",
         "setback",
+        "spares",
+        "spare",
     )
 
     record: ConnectionRecord  # given by start(); begin() runs without it
@@ -186,6 +189,7 @@ class Opening:
         upstream: UpstreamProxy,
         address: tuple[int, Address],
         header: tuple[str, str] | None = None,
+        spares: Spares | None = None,
     ) -> None:
         self.poller = poller
         self.hooks = hooks
@@ -212,6 +216,8 @@ class Opening:
         self.dialed_at = 0.0
         self.done = False
         self.writing = False  # the upstream socket's writability is watched (connecting)
+        self.spares = spares
+        self.spare = False  # the upstream socket is a spare (relay/spares.py)
 
     # -- begin and start: dial, peek and ask at once, then the bookkeeping ---------------
 
@@ -225,24 +231,14 @@ class Opening:
         reports it once the record exists. Each step before the CONNECT costs every
         connection latency; everything else waits for `start`.
         """
-        family, addr = self.address
-        try:
-            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-        except OSError as exc:
-            # Out of descriptors or memory: our own shortage, not the client's doing.
-            self.setback = (CloseReason.INTERNAL_ERROR, exc)
-            return
-        self.sock = sock
-        try:
-            code = sock.connect_ex(addr)
-        except OSError:
-            code = -1
-        if code == 0:
-            self.connected = True
-        elif code not in _IN_PROGRESS:
-            # Refused at once, or no route: the coroutine path tries the other addresses
-            # and says why in its own words.
-            self.setback = (CloseReason.UPSTREAM_UNREACHABLE, None)
+        spares = self.spares
+        sock = spares.take(self.address) if spares is not None else None
+        if sock is not None:
+            # Connected already, most likely: _ask finds out (a spare still connecting
+            # refuses the send with EAGAIN, like a fresh dial).
+            self.sock = sock
+            self.spare = True
+        elif not self._dial():
             return
         if self.settings.peek_timeout > 0:
             self.peeker = HostPeeker(self.settings.peek_max_bytes)
@@ -254,6 +250,29 @@ class Opening:
                 return
         if self._ask() is None:
             self.setback = (CloseReason.UPSTREAM_UNREACHABLE, None)
+
+    def _dial(self) -> bool:
+        """Open the connection to the proxy; False (and a setback) if it failed at once."""
+        family, addr = self.address
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        except OSError as exc:
+            # Out of descriptors or memory: our own shortage, not the client's doing.
+            self.setback = (CloseReason.INTERNAL_ERROR, exc)
+            return False
+        self.sock = sock
+        try:
+            code = sock.connect_ex(addr)
+        except OSError:
+            code = -1
+        if code == 0:
+            self.connected = True
+        elif code not in _IN_PROGRESS:
+            # Refused at once, or no route: the coroutine path tries the other addresses
+            # and says why in its own words.
+            self.setback = (CloseReason.UPSTREAM_UNREACHABLE, None)
+            return False
+        return True
 
     def start(self, record: ConnectionRecord) -> None:
         """Carry on from where `begin` got, now that the connection has its record."""
@@ -280,12 +299,13 @@ class Opening:
             return
         sock = self.sock
         assert sock is not None
-        try:
-            # After the CONNECT: it concerns the tunnel's small writes, not the request.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            self._fall_back()
-            return
+        if not self.spare:  # a spare has it already
+            try:
+                # After the CONNECT: it concerns the tunnel's small writes, not the request.
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                self._fall_back()
+                return
         self.deadlines.add(self)
         peeker = self.peeker
         if peeker is not None:
@@ -294,6 +314,7 @@ class Opening:
                 self.poller.add_reader(self.conn.fileno(), self._on_peek)
                 self._watch_connect()
                 self._update_deadline()
+                self._refill()
                 return
             self._peek_taken()
         self.hooks.routed(record)
@@ -302,6 +323,14 @@ class Opening:
         else:
             # Still connecting: the request goes out once the socket is writable.
             self._wait_connected()
+        self._refill()
+
+    def _refill(self) -> None:
+        """Dial the spares of the next connections now, while the proxy works on this one's
+        request (or while this one waits): last, so this CONNECT never waits for them."""
+        spares = self.spares
+        if spares is not None:
+            spares.refill(self.address)
 
     def _update_deadline(self) -> None:
         """The nearest limit of what is still outstanding."""
@@ -479,6 +508,9 @@ class Opening:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
+            if self.spare and self.handshake is None:
+                self._spare_gone()
+                return
             self._fail(
                 UpstreamError(
                     CloseReason.UPSTREAM_RESET,
@@ -492,6 +524,9 @@ class Opening:
             end = plain_2xx_end(data)
             if end is not None:
                 self._established(data[end:])
+                return
+            if not data and self.spare:
+                self._spare_gone()
                 return
             host, port = self._target()
             handshake = self.handshake = ConnectHandshake(
@@ -615,6 +650,15 @@ class Opening:
         self._end()
         self._close_upstream()
         self.hooks.failed(self.record, self.conn, exc)
+
+    def _spare_gone(self) -> None:
+        """The proxy closed a spare before answering our request: it had timed the idle
+        connection out just as we wrote to it. Nothing of the client went upstream yet, so
+        the coroutine path dials afresh."""
+        spares = self.spares
+        if spares is not None:
+            spares.stats["spare_stale"] += 1
+        self._fall_back()
 
     def _fall_back(self, reauthenticate: bool = False) -> None:
         self._end()

@@ -66,3 +66,7 @@ class RelaySettings:
     # "Loops and exposure"). It lies above the default ip_local_port_range.
     source_ports: tuple[int, int] | None = (61000, 64999)
     drain_timeout: float = 5.0
+    # Connections to the proxy opened ahead of need (relay/spares.py): how many, and for how
+    # long at most. 0 opens none.
+    spare_connections: int = 2
+    spare_max_age: float = 10.0
