@@ -512,6 +512,63 @@ MAX_SIZE = 2 * 1024 * 1024
 
 
 @pytest.mark.timeout(240)
+# spare connections --------------------------------------------------------------------------------
+
+
+def _relay_sockets_to(lab: Lab, squid: SquidProxy, state: str) -> set[int]:
+    """Local ports of the client namespace's TCP sockets to `squid` in `state` (ss's name)."""
+    out = lab.client.run(
+        ["ss", "-Htn", "state", state, "dst", f"{squid.host}:{squid.port}"]
+    ).stdout.decode()
+    return {int(line.split()[-2].rpartition(":")[2]) for line in out.splitlines() if line.strip()}
+
+
+def _wait_sockets(lab: Lab, squid: SquidProxy, state: str, count: int) -> set[int]:
+    deadline = time.monotonic() + 15
+    while True:
+        ports = _relay_sockets_to(lab, squid, state)
+        if len(ports) == count:
+            return ports
+        assert time.monotonic() < deadline, f"{count} sockets {state} to Squid, saw {ports}"
+        time.sleep(0.05)
+
+
+def test_spares_carry_connections_and_survive_squid_timing_them_out(
+    lab: Lab, squid_factory: Callable[..., SquidProxy]
+) -> None:
+    """The relay keeps two connections to real Squid open ahead of need; the next request's
+    CONNECT goes out on one of them. When Squid drops idle ones (request_start_timeout),
+    the next request notices, dials afresh and works."""
+    squid = squid_factory(port=3131, extra_config="request_start_timeout 2 seconds")
+    spec = UpstreamSpec.for_squid(squid, name="spares")
+    settings = {"spare_connections": 2, "spare_max_age": 120.0}
+
+    def get(relay: RelayProcess) -> AccessLogEntry:
+        mark, t0 = relay.mark(), time.time()
+        request = Request("https", 4, True, 100_000 + random.randrange(1000), _seed())
+        request.check(lab, request.run(lab))
+        _relay_line(relay, mark, request.destination(lab), "done", "spares")
+        return squid.wait_for_entry(
+            lambda e: e.method == "CONNECT" and e.time >= t0 - 0.002 and e.status == 200
+        )
+
+    with (
+        RelayProcess(lab, spec, redirect_ports=TCP_PORTS, settings=settings) as relay,
+        relay.redirect(),
+    ):
+        get(relay)  # verifies the credentials (Task path); the next ones take the fast path
+        get(relay)  # dials two spares once its CONNECT is out
+        spares = _wait_sockets(lab, squid, "established", 2)
+        third = get(relay)
+        assert int(third.fields["port"]) in spares, (third, spares)
+
+        # Squid closes the two spares left (one new) after 2 s without a request.
+        stale = _wait_sockets(lab, squid, "close-wait", 2)
+        fourth = get(relay)
+        assert int(fourth.fields["port"]) not in stale | spares, (fourth, stale)
+        assert relay.alive()
+
+
 def test_many_mixed_transfers(lab: Lab, squid_relay: RelayProcess) -> None:
     rng = random.Random(0x7E57)
     # Log-uniform sizes 1 B .. 2 MiB with both ends present: many small, some large.

@@ -29,7 +29,7 @@ HELPER_DIR = Path("/usr/lib/squid")
 SQUID_USER = "proxy"  # Debian's cache_effective_user; Squid refuses to keep running as root
 # One record per line, key=value, so tests can parse it without guessing columns.
 LOG_FORMAT = (
-    "%ts.%03tu client=%>a user=%un method=%rm uri=%ru status=%>Hs result=%Ss "
+    "%ts.%03tu client=%>a port=%>p user=%un method=%rm uri=%ru status=%>Hs result=%Ss "
     "server=%<a to_client=%<st from_client=%>st"
 )
 
