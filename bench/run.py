@@ -695,8 +695,9 @@ def render_doc(
             f"- Bulk: {sizes.bulk_bytes >> 20} MiB each way per row, as {CHUNKS} streams of "
             f"{sizes.bulk_bytes // CHUNKS >> 20} MiB taken by the rows in turn (each slice "
             "starting at the next row), so a slow phase of the shared CPUs hits every row "
-            "alike. Relay CPU: utime + stime of the relay process from /proc/PID/stat around "
-            "each stream, summed, divided by GiB moved (10 ms tick resolution).",
+            "alike. Relay CPU: the relay process's CPU clock (user + system, all threads; "
+            "clock_getcpuclockid, ns resolution) around each stream, summed, divided by GiB "
+            "moved.",
             f"- Latency: {sizes.latency_count} sequential connections per row, each connect + "
             "one 64-byte request/response, interleaved across rows (one connection per row in "
             "turn, each cycle starting at the next row) so a slow phase of the shared CPUs "
@@ -706,7 +707,7 @@ def render_doc(
             f"- conn/s: {sizes.rate_total} connections (connect, one request/response, close) "
             f"per row by {sizes.rate_concurrency} concurrent asyncio (uvloop) workers, as "
             f"{CHUNKS} runs of {sizes.rate_total // CHUNKS} taken by the rows in turn; relay "
-            "CPU per connection from /proc/PID/stat around each run, summed.",
+            "CPU per connection from the same clock around each run, summed.",
             f"- Idle: {sizes.idle_tunnels} tunnels opened (each proven by one request/response) "
             "and held; KiB per idle tunnel = relay VmRSS delta / tunnels; then "
             f"{sizes.idle_probes} sequential new connections measured with them open.",

@@ -358,3 +358,31 @@ def test_a_spare_found_closed_is_skipped_for_a_fresh_dial(run):
             assert "spare_taken" not in relay.engine.stats
 
     run(main)
+
+
+def test_no_refill_while_another_opening_is_in_progress(run):
+    """Spares serve connections that come one by one; in a burst the proxy is busy already
+    and a spare would only cost it an extra wakeup per connection."""
+
+    async def main():
+        async with (
+            Origin(echo) as origin,
+            ConnectProxy() as proxy,
+            running_relay([http_upstream(proxy)], origin.address, spare_connections=2) as relay,
+        ):
+            proxy.plan = [Mode.SILENT]  # the first request stays unanswered: still opening
+            first_reader, first_writer = await relay.connect()
+            first_writer.write(b"first")
+            await until(lambda: len(proxy.accepted) == 3, what="the first dial and two spares")
+            spares = relay.engine._spares
+            assert spares is not None and len(spares) == 2
+
+            assert await echo_once(relay.address, b"second") == b"second"
+            # The second took a spare and, the first still opening, dialed none.
+            assert len(proxy.requests) == 2
+            assert proxy.requests[1].peer in proxy.accepted[1:3]
+            assert len(spares) == 1
+            assert len(proxy.accepted) == 3
+            first_writer.close()
+
+    run(main)
