@@ -557,7 +557,7 @@ def test_spares_carry_connections_and_survive_squid_timing_them_out(
         relay.redirect(),
     ):
         get(relay)  # verifies the credentials (Task path); the next ones take the fast path
-        get(relay)  # dials two spares once its CONNECT is out
+        get(relay)  # two spares are dialed once it ends
         spares = _wait_sockets(lab, squid, "established", 2)
         third = get(relay)
         assert int(third.fields["port"]) in spares, (third, spares)

@@ -113,6 +113,9 @@ def abort_with_rst(writer: asyncio.StreamWriter) -> None:
     writer.transport.abort()
 
 
+_ACCEPT_PASSES = 10
+
+
 class _Server:
     """An asyncio server that tracks its connections so close() leaves nothing behind."""
 
@@ -122,6 +125,7 @@ class _Server:
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.address: Address = (host, 0)
+        self._closing = False
 
     async def start(self) -> _Server:
         self._server = await asyncio.start_server(self._accepted, self.host, 0)
@@ -130,6 +134,9 @@ class _Server:
         return self
 
     async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._closing:  # accepted just before close(): no handler any more
+            writer.transport.abort()
+            return
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
@@ -152,6 +159,14 @@ class _Server:
         return len(self._writers)
 
     async def close(self) -> None:
+        self._closing = True
+        # A connection accepted just before (the relay dials spares when a tunnel ends) gets
+        # its transport and handler a few loop passes later (asyncio's selector loop accepts,
+        # then makes the transport in a task, then starts the handler): give them those
+        # passes, a bounded number, before the server closes (a transport made after that
+        # fails and leaks its socket); each handler aborts itself, seeing _closing.
+        for _ in range(_ACCEPT_PASSES):
+            await asyncio.sleep(0)
         if self._server is not None:
             self._server.close()
         for writer in list(self._writers):
@@ -164,6 +179,9 @@ class _Server:
                 task.cancel()
             if stragglers:
                 await asyncio.gather(*stragglers, return_exceptions=True)
+        # An aborted transport closes its socket one loop pass later (connection_lost).
+        for _ in range(_ACCEPT_PASSES):
+            await asyncio.sleep(0)
         if self._server is not None:
             await self._server.wait_closed()
 

@@ -253,7 +253,7 @@ def test_the_next_connection_rides_a_spare_dialed_before_it_came(run):
             running_relay([http_upstream(proxy)], origin.address, spare_connections=2) as relay,
         ):
             assert await echo_once(relay.address) == b"ping"
-            # The first connection dialed for itself and then two spares.
+            # The first connection dialed for itself; two spares once it ended.
             await until(lambda: len(proxy.accepted) == 3, what="two spares accepted")
             spare_peers = set(proxy.accepted[1:])
 
@@ -345,6 +345,7 @@ def test_a_spare_found_closed_is_skipped_for_a_fresh_dial(run):
             ) as relay,
         ):
             assert await echo_once(relay.address) == b"ping"
+            await until(lambda: len(proxy.accepted) == 2, what="a spare")
             await until(lambda: proxy.open_connections == 1, what="the spare, alone")
             await proxy.close_idle()
             spare = relay.engine._spares
@@ -368,21 +369,28 @@ def test_no_refill_while_another_opening_is_in_progress(run):
         async with (
             Origin(echo) as origin,
             ConnectProxy() as proxy,
-            running_relay([http_upstream(proxy)], origin.address, spare_connections=2) as relay,
+            running_relay(
+                [http_upstream(proxy)], origin.address, spare_connections=2, handshake_timeout=0.5
+            ) as relay,
         ):
             proxy.plan = [Mode.SILENT]  # the first request stays unanswered: still opening
-            first_reader, first_writer = await relay.connect()
-            first_writer.write(b"first")
-            await until(lambda: len(proxy.accepted) == 3, what="the first dial and two spares")
-            spares = relay.engine._spares
-            assert spares is not None and len(spares) == 2
+            _reader, first = await relay.connect()
+            first.write(b"first")
+            await until(lambda: len(proxy.requests) == 1, what="the first CONNECT")
 
             assert await echo_once(relay.address, b"second") == b"second"
-            # The second took a spare and, the first still opening, dialed none.
-            assert len(proxy.requests) == 2
-            assert proxy.requests[1].peer in proxy.accepted[1:3]
-            assert len(spares) == 1
-            assert len(proxy.accepted) == 3
-            first_writer.close()
+            await until(lambda: len(relay.closed) == 1, what="the second connection closed")
+            spares = relay.engine._spares
+            assert spares is not None and len(spares) == 0
+            assert len(proxy.accepted) == 2  # no spare: the first was still opening
+
+            # Once nothing is opening, the next tunnel to end dials them.
+            await relay.wait_closed(2)  # the first, by its handshake timeout
+            assert relay.closed[1].reason is CloseReason.UPSTREAM_TIMEOUT
+            assert len(spares) == 0  # a failed opening dials none
+            assert await echo_once(relay.address, b"third") == b"third"
+            await until(lambda: len(proxy.accepted) == 5, what="two spares after the third")
+            assert len(spares) == 2
+            first.close()
 
     run(main)

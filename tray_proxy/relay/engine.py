@@ -759,6 +759,27 @@ class RelayEngine:
     def _tunnel_closed(self, record: ConnectionRecord, reason: CloseReason, detail: str) -> None:
         self._tunnels.pop(record.id, None)
         self._record_closed(record, reason, detail)
+        self._refill_spares()
+
+    def _refill_spares(self) -> None:
+        """A tunnel ended: dial spares for the next connection (relay/spares.py), when the fast
+        path applies and no other connection is opening.
+
+        Now, not when a connection's CONNECT leaves: a dial then makes the proxy accept a
+        connection while it works on that CONNECT, which cost the lab's sequential connections
+        more than the spare saved the next one. In a burst (openings in progress) the proxy
+        is busy anyway, and a connection it accepted early costs it one more wakeup than one
+        whose request is there when it accepts."""
+        spares, route, deadlines = self._spares, self._route, self._deadlines
+        if (
+            spares is None
+            or self._stopping
+            or route is None
+            or route.route is None
+            or (deadlines is not None and deadlines.pending)
+        ):
+            return
+        spares.refill(route.route[1])
 
     def _finish(
         self,

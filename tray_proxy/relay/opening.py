@@ -314,7 +314,6 @@ class Opening:
                 self.poller.add_reader(self.conn.fileno(), self._on_peek)
                 self._watch_connect()
                 self._update_deadline()
-                self._refill()
                 return
             self._peek_taken()
         self.hooks.routed(record)
@@ -323,20 +322,6 @@ class Opening:
         else:
             # Still connecting: the request goes out once the socket is writable.
             self._wait_connected()
-        self._refill()
-
-    def _refill(self) -> None:
-        """Dial the spares of the next connections now, while the proxy works on this one's
-        request (or while this one waits): last, so this CONNECT never waits for them.
-
-        Only when this is the only opening in progress: spares save the next connection a
-        round trip when connections come one by one. In a burst the proxy is busy already,
-        and an idle connection it accepted early costs it one more wakeup per connection
-        than a connection whose request is there when it accepts (bench: 200 concurrent
-        connections ran about a fifth slower with spares)."""
-        spares = self.spares
-        if spares is not None and len(self.deadlines.pending) <= 1:
-            spares.refill(self.address)
 
     def _update_deadline(self) -> None:
         """The nearest limit of what is still outstanding."""
