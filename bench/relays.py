@@ -141,11 +141,15 @@ class TrayProxyRelay(Relay):
         self.creds_dir.mkdir(mode=0o700)
         _write_private(self.creds_dir / UPSTREAM_NAME, password_file.read_text().strip())
 
+    # More [relay] lines, for a variant row.
+    relay_extra = ""
+
     def config_text(self) -> str:
         host, port = self.upstream
         return (
             "[relay]\n"
             f"port = {self.port}\n"
+            f"{self.relay_extra}"
             'listen = ["127.0.0.1"]\n'
             "redirect_ports = [443]\n"
             f'upstream = "{UPSTREAM_NAME}"\n'
@@ -175,6 +179,14 @@ class TrayProxyRun(TrayProxyRelay):
             sys.executable, "-m", "tray_proxy", "run",
             "--config", str(self.config_path), "--no-redirect",
         ]  # fmt: skip
+
+
+class TrayProxyRunNoSpares(TrayProxyRun):
+    """`tray-proxy run` without spare connections to the proxy: what the spares add."""
+
+    label = "tray-proxy run, spare_connections = 0"
+    key = "tray-run-nospare"
+    relay_extra = "spare_connections = 0\n"
 
 
 class TrayProxyQasync(TrayProxyRelay):
