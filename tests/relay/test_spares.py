@@ -394,3 +394,25 @@ def test_no_refill_while_another_opening_is_in_progress(run):
             first.close()
 
     run(main)
+
+
+def test_a_tunnel_that_outlives_the_route_still_leaves_spares(run, monkeypatch):
+    """The fast path reuses its route for a fraction of a second; most tunnels last longer.
+    The refill works the route out again instead of giving up on an expired one."""
+    import tray_proxy.relay.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_ROUTE_TTL", 0.0)  # every route expired at once
+
+    async def main():
+        async with (
+            Origin(echo) as origin,
+            ConnectProxy() as proxy,
+            running_relay([http_upstream(proxy)], origin.address, spare_connections=2) as relay,
+        ):
+            assert await echo_once(relay.address) == b"ping"
+            await until(lambda: len(proxy.accepted) == 3, what="two spares")
+            assert await echo_once(relay.address, b"pong") == b"pong"
+            await relay.wait_closed(2)
+            assert relay.engine.stats["spare_taken"] == 1
+
+    run(main)

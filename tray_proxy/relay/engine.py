@@ -484,6 +484,9 @@ class RelayEngine:
         connection goes to the Task path to re-check them)."""
         if self._dialer.is_upstream_address(dst):
             return None  # a loop: the Task path refuses it
+        return self._current_route().route
+
+    def _current_route(self) -> _Route:
         now = time.monotonic()
         route = self._route
         if (
@@ -493,7 +496,7 @@ class RelayEngine:
             or (route.auth is not None and route.auth.state is not route.auth_state)
         ):
             route = self._route = self._new_route(now)
-        return route.route
+        return route
 
     def _new_route(self, now: float) -> _Route:
         upstream = self.active_upstream
@@ -770,16 +773,14 @@ class RelayEngine:
         more than the spare saved the next one. In a burst (openings in progress) the proxy
         is busy anyway, and a connection it accepted early costs it one more wakeup than one
         whose request is there when it accepts."""
-        spares, route, deadlines = self._spares, self._route, self._deadlines
-        if (
-            spares is None
-            or self._stopping
-            or route is None
-            or route.route is None
-            or (deadlines is not None and deadlines.pending)
-        ):
+        spares, deadlines = self._spares, self._deadlines
+        if spares is None or self._stopping or (deadlines is not None and deadlines.pending):
             return
-        spares.refill(route.route[1])
+        # The route as a connection now would get it: the proxy's address may have moved
+        # while the tunnel lasted (a tunnel outlives the route's few-tenths-of-a-second reuse).
+        route = self._current_route().route
+        if route is not None:
+            spares.refill(route[1])
 
     def _finish(
         self,
