@@ -589,7 +589,11 @@ def test_many_mixed_transfers(lab: Lab, squid_relay: RelayProcess) -> None:
     mismatches = [
         r for r, res in results if res.sha256 != lab.origins.expected_sha256(r.size, r.seed)
     ]
-    assert not failures, f"{len(failures)} failed, first: {failures[:3]}"
+    # Seen once in CI: two plain-HTTP curls refused at once. Keep what the relay said then.
+    assert not failures, (
+        f"{len(failures)} failed, first: {failures[:3]}; relay log tail:\n"
+        + "\n".join(squid_relay.lines[-30:])
+    )
     assert not mismatches, f"{len(mismatches)} SHA-256 mismatches, first: {mismatches[:3]}"
     assert took < 150, f"{TRANSFERS} transfers took {took:.0f}s"
     done = squid_relay.wait_for_count(" via squid: done, ", TRANSFERS, since=mark, timeout=15)
