@@ -110,17 +110,16 @@ class Spares:
                 return
             kept.append((time.monotonic(), sock))
         if self._timer is None:
-            self._timer = self._loop.call_at(self._expiry(), self._expire)
+            self._timer = self._loop.call_later(self._until_oldest_expires(), self._expire)
 
     def close(self) -> None:
         """Close every spare and make no more (the engine stops)."""
         self._closed = True
         self._close_all()
 
-    def _expiry(self) -> float:
-        """Loop time at which the oldest spare reaches max_age."""
-        made = self._kept[0][0]
-        return self._loop.time() + max(0.0, made + self.max_age - time.monotonic())
+    def _until_oldest_expires(self) -> float:
+        """Seconds until the oldest spare reaches max_age."""
+        return max(0.0, self._kept[0][0] + self.max_age - time.monotonic())
 
     def _expire(self) -> None:
         self._timer = None
@@ -130,7 +129,7 @@ class Spares:
             kept.popleft()[1].close()
             self.stats["spare_expired"] += 1
         if kept:
-            self._timer = self._loop.call_at(self._expiry(), self._expire)
+            self._timer = self._loop.call_later(self._until_oldest_expires(), self._expire)
 
     def _close_all(self) -> None:
         if self._timer is not None:
