@@ -35,12 +35,15 @@ pytestmark = pytest.mark.lab
 SquidFactory = Callable[..., SquidProxy]
 
 
-def _get(lab: Lab, size: int = 20_000, max_time: float = 30.0) -> tuple[CurlResult, str]:
+def _get(
+    lab: Lab, size: int = 20_000, max_time: float = 30.0, verbose: bool = False
+) -> tuple[CurlResult, str]:
     """curl https://origin.lab.test/bytes/... through the redirect (no proxy settings)."""
     seed = secrets.token_hex(6)
     url = lab.origins.url("https", lab.origins.bytes_path(size, seed))
     resolve = [f"{HOSTNAME}:443:{lab.origins.v4}"]
-    result = lab.curl(url, resolve=resolve, max_time=max_time)
+    options = ["verbose"] if verbose else []
+    result = lab.curl(url, resolve=resolve, max_time=max_time, options=options)
     return result, lab.origins.expected_sha256(size, seed)
 
 
@@ -153,7 +156,7 @@ def test_407_storm_fifty_parallel_curls_cost_one_failed_login(
     ):
         started = time.monotonic()
         with concurrent.futures.ThreadPoolExecutor(max_workers=50) as pool:
-            results = list(pool.map(lambda _i: _get(lab, max_time=30)[0], range(50)))
+            results = list(pool.map(lambda _i: _get(lab, max_time=30, verbose=True)[0], range(50)))
         took = time.monotonic() - started
         assert all(r.returncode != 0 and r.body == b"" for r in results), results
         assert took < timeout, f"50 curls took {took:.1f}s to fail on a refused password"
@@ -166,7 +169,8 @@ def test_407_storm_fifty_parallel_curls_cost_one_failed_login(
             )
             raise AssertionError(
                 f"{exc}\nclose reasons: {dict(reasons)}; relay lines: {len(relay.lines)}; "
-                f"curl exit codes: {collections.Counter(r.returncode for r in results)}"
+                f"curl exit codes: {collections.Counter(r.returncode for r in results)}; "
+                f"connect errors: {collections.Counter(r.connect_error for r in results)}"
             ) from None
         assert relay.find_lines(f"rejected the credentials of {creds.username}")
         assert any("not tried again" in line for line in lines)

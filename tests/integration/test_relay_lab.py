@@ -91,9 +91,15 @@ class Request:
         host = HOSTNAME if self.by_name else _origin_ip(lab, self.family)
         return _authority(host, self.port)
 
-    def run(self, lab: Lab, max_time: float = 30.0) -> CurlResult:
+    def run(self, lab: Lab, max_time: float = 30.0, verbose: bool = False) -> CurlResult:
         # No `via`: curl has no proxy settings at all; only the redirect moves its traffic.
-        return lab.curl(self.url(lab), resolve=self.resolve(lab), max_time=max_time)
+        # `verbose` lets a failure say why the system refused a connect (`connect_error`).
+        return lab.curl(
+            self.url(lab),
+            resolve=self.resolve(lab),
+            max_time=max_time,
+            options=["verbose"] if verbose else [],
+        )
 
     def check(self, lab: Lab, result: CurlResult) -> None:
         assert result.returncode == 0, (self, result)
@@ -583,7 +589,7 @@ def test_many_mixed_transfers(lab: Lab, squid_relay: RelayProcess) -> None:
         squid_relay.redirect(),
         concurrent.futures.ThreadPoolExecutor(max_workers=CONCURRENCY) as pool,
     ):
-        results = list(pool.map(lambda r: (r, r.run(lab, max_time=60)), requests))
+        results = list(pool.map(lambda r: (r, r.run(lab, max_time=60, verbose=True)), requests))
     took = time.monotonic() - started
     failures = [(r, res) for r, res in results if res.returncode != 0 or res.http_code != 200]
     mismatches = [

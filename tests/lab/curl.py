@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import tempfile
 from collections.abc import Sequence
@@ -40,6 +41,14 @@ class CurlResult:
         return int(self.info.get("http_connect") or 0)
 
     @property
+    def connect_error(self) -> str:
+        """The system's reason a connect failed ("Connection refused"), from `verbose` output."""
+        found = re.search(
+            r"(?:connect to \S+ port \d+ failed|Immediate connect fail[^:]*): (.+)", self.stderr
+        )
+        return found[1].strip() if found else ""
+
+    @property
     def sha256(self) -> str:
         return hashlib.sha256(self.body).hexdigest()
 
@@ -47,6 +56,7 @@ class CurlResult:
         return (
             f"CurlResult(rc={self.returncode}, http={self.http_code}, "
             f"connect={self.connect_code}, body={len(self.body)} bytes, "
+            f"local_port={self.info.get('local_port')}, connect_error={self.connect_error!r}, "
             f"stderr={self.stderr.strip()[-300:]!r})"
         )
 
