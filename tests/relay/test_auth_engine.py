@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import hashlib
 import logging
 import secrets
 import socket
+import threading
 from pathlib import Path
 
 import pytest
@@ -36,6 +38,7 @@ from tray_proxy.relay.probe import ProbeOutcome, probe_upstream
 from tray_proxy.relay.protocol.challenge import parse_challenges
 from tray_proxy.relay.records import CloseReason
 from tray_proxy.relay.settings import AuthScheme, UpstreamKind, UpstreamProxy
+from tray_proxy.relay.spnego_auth import SpnegoContext
 
 
 def _407(*challenges: str, close: bool = False) -> bytes:
@@ -290,6 +293,73 @@ def test_pinned_ntlm_starts_with_its_first_token(run, ntlm_users):
             async with running_relay([up], origin.address, creds) as relay:
                 assert await _fetch(relay) == b"ping"
             assert [r["proxy-authorization"][:4] for r in proxy.requests[0].rounds] == ["NTLM"] * 2
+
+    run(main)
+
+
+def test_ntlm_steps_run_off_the_loop(run, ntlm_users, monkeypatch):
+    """A Kerberos step may wait seconds on the KDC, so NTLM/Negotiate steps run in a worker
+    thread. Each step here asks the loop to run a coroutine and waits for it: on the loop
+    thread itself that could never happen, and the wait would end at its timeout."""
+    original = SpnegoContext.step
+    seen: list[str] = []
+    loop_box: list[asyncio.AbstractEventLoop] = []
+
+    def step(self, token):
+        try:
+            asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop_box[0]).result(timeout=2)
+            seen.append("loop free")
+        except concurrent.futures.TimeoutError:
+            seen.append("loop blocked")
+        return original(self, token)
+
+    monkeypatch.setattr(SpnegoContext, "step", step)
+
+    async def main():
+        loop_box.append(asyncio.get_running_loop())
+        async with Origin(echo) as origin, NtlmProxy() as proxy:
+            host, port = proxy.address
+            up = UpstreamProxy(
+                "corp", UpstreamKind.HTTP, host, port, "CORP\\alice", AuthScheme.NTLM
+            )
+            creds = _creds("corp", "CORP\\alice", ntlm_users)
+            async with running_relay([up], origin.address, creds) as relay:
+                assert await _fetch(relay) == b"ping"
+        assert seen == ["loop free", "loop free"]  # the type 1 token, then the type 3 answer
+
+    run(main)
+
+
+def test_a_token_step_that_hangs_ends_at_the_handshake_timeout(run, ntlm_users, monkeypatch):
+    """A KDC that never answers: the tunnel fails at handshake_timeout, and says which step."""
+    release = threading.Event()
+
+    def step(self, token):
+        release.wait(10)
+        raise RuntimeError("released")
+
+    monkeypatch.setattr(SpnegoContext, "step", step)
+
+    async def main():
+        async with Origin(echo) as origin, NtlmProxy() as proxy:
+            host, port = proxy.address
+            up = UpstreamProxy(
+                "corp", UpstreamKind.HTTP, host, port, "CORP\\alice", AuthScheme.NTLM
+            )
+            creds = _creds("corp", "CORP\\alice", ntlm_users)
+            try:
+                async with running_relay(
+                    [up], origin.address, creds, handshake_timeout=0.3
+                ) as relay:
+                    reader, writer = await relay.connect()
+                    await read_until_error(reader)
+                    writer.close()
+                    (closed,) = await relay.wait_closed()
+            finally:
+                release.set()
+            assert closed.reason is CloseReason.UPSTREAM_TIMEOUT, closed
+            assert "NTLM/Negotiate step did not finish within 0.3s" in closed.detail
+            assert proxy.requests == []  # the step came before any CONNECT
 
     run(main)
 

@@ -2,8 +2,10 @@
 
 pyspnego imports ``socket`` (NTLM asks for the host name) and Kerberos talks to the KDC to get
 a service ticket (once per proxy: it is kept in the ticket cache), so the glue lives here and
-not in the sans-IO protocol package. Kerberos needs pyspnego's GSSAPI backend, the ``gssapi``
-and ``krb5`` modules (the ``kerberos`` extra); without them Negotiate can only wrap NTLM.
+not in the sans-IO protocol package. The relay runs these steps in a worker thread
+(relay/upstream.py), so a slow KDC never stalls the loop. Kerberos needs pyspnego's GSSAPI
+backend, the ``gssapi`` and ``krb5`` modules (the ``kerberos`` extra); without them Negotiate
+can only wrap NTLM.
 
 Kerberos uses the user's ticket cache (``KRB5CCNAME``, else the system default) when it holds
 a live ticket: Negotiate then goes without the stored password, which is kept for NTLM, Digest

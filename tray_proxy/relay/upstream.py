@@ -7,8 +7,10 @@ only does the I/O around it.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import enum
 import errno
+import functools
 import ipaddress
 import itertools
 import os
@@ -32,7 +34,13 @@ from tray_proxy.relay.protocol.http_connect import (
     ProxyAuthRequired,
     format_authority,
 )
-from tray_proxy.relay.protocol.proxy_auth import AuthMemo, CredentialsRejected, ProxyAuth
+from tray_proxy.relay.protocol.proxy_auth import (
+    CONNECTION_BOUND,
+    AuthMemo,
+    AuthStep,
+    CredentialsRejected,
+    ProxyAuth,
+)
 from tray_proxy.relay.protocol.socks5 import Socks5Handshake
 from tray_proxy.relay.records import Address, CloseReason
 from tray_proxy.relay.settings import AuthScheme, UpstreamKind, UpstreamProxy
@@ -473,6 +481,18 @@ _MAX_407_BODY = 64 * 1024
 _RECONNECTS = 1
 
 
+# NTLM and Negotiate steps run here (see _Opener._auth_step): a few threads of their own, so
+# a slow KDC holding them never delays the name lookups of the default executor.
+_AUTH_THREADS: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _auth_threads() -> concurrent.futures.ThreadPoolExecutor:
+    global _AUTH_THREADS
+    if _AUTH_THREADS is None:
+        _AUTH_THREADS = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="proxy-auth")
+    return _AUTH_THREADS
+
+
 class _ClosedBeforeAnswer(Exception):
     """A kept-alive connection ended before any answer to the next request."""
 
@@ -600,6 +620,32 @@ class _Opener:
             f"({scheme}); they are not sent again until they change"
         )
 
+    async def _auth_step(self, call: Callable[[], AuthStep], token: bool) -> AuthStep:
+        """Run one ProxyAuth call; one that may step an NTLM or Negotiate context (`token`)
+        runs in a worker thread, within the handshake's time. Kerberos asks the KDC for a
+        service ticket inside that step: a network round trip, seconds when the KDC is slow
+        or away, which on the loop would stop every other tunnel meanwhile. Basic and Digest
+        steps are pure computation and stay on the loop.
+
+        Only this coroutine uses the ProxyAuth, and it waits for the thread; the shared
+        AuthMemo is only read there (a stale read equals another tunnel's `succeeded()`
+        landing a moment later).
+        """
+        if not token:
+            return call()
+        loop = asyncio.get_running_loop()
+        remaining = self.deadline - loop.time()
+        try:
+            if remaining <= 0:
+                raise asyncio.TimeoutError
+            return await within(remaining, loop.run_in_executor(_auth_threads(), call))
+        except asyncio.TimeoutError:
+            raise UpstreamError(
+                CloseReason.UPSTREAM_TIMEOUT,
+                f"proxy {self.upstream}: the NTLM/Negotiate step did not finish within "
+                f"{self.timeout:g}s (with Kerberos: is the KDC reachable?)",
+            ) from None
+
     async def http(self) -> bytes:
         loop = asyncio.get_running_loop()
         host, port = self.target
@@ -617,7 +663,9 @@ class _Opener:
             kerberos=kerberos_available(),
         )
         self.deadline = loop.time() + self.timeout
-        step = proxy_auth.first()
+        step = await self._auth_step(
+            proxy_auth.first, (pinned or self.auth.memo.scheme) in CONNECTION_BOUND
+        )
         reconnects = 0
         sock = await self.dial()
         handshake: ConnectHandshake | None = None
@@ -638,7 +686,10 @@ class _Opener:
             except ProxyAuthRequired as exc:
                 keep = exc.reusable
                 try:
-                    step = proxy_auth.challenged(exc.headers, same_connection=keep)
+                    step = await self._auth_step(
+                        functools.partial(proxy_auth.challenged, exc.headers, same_connection=keep),
+                        True,
+                    )
                 except CredentialsRejected as rejected:
                     raise UpstreamError(
                         CloseReason.UPSTREAM_AUTH_FAILED,
@@ -677,7 +728,9 @@ class _Opener:
                         "the next authentication step",
                     ) from None
                 reconnects += 1
-                step = proxy_auth.restart()
+                step = await self._auth_step(
+                    proxy_auth.restart, proxy_auth.scheme in CONNECTION_BOUND
+                )
                 sock = await self.dial()
                 handshake = None
                 continue

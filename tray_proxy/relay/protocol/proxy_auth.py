@@ -103,7 +103,8 @@ class AuthStep:
 
 
 class AuthMemo:
-    """What worked last time with one upstream; shared by its tunnels (one thread only)."""
+    """What worked last time with one upstream; shared by its tunnels. Written on the
+    relay loop only; an NTLM/Negotiate step in a worker thread may read it."""
 
     def __init__(self) -> None:
         self.scheme: str | None = None
