@@ -282,14 +282,17 @@ def test_ntlm_needs_a_kept_connection(run, ntlm_users):
     run(main)
 
 
+def _pinned_ntlm(proxy: NtlmProxy, password: str) -> tuple[UpstreamProxy, StaticCredentialSource]:
+    """An upstream with `auth = "ntlm"` for CORP\\alice, and her credentials."""
+    host, port = proxy.address
+    up = UpstreamProxy("corp", UpstreamKind.HTTP, host, port, "CORP\\alice", AuthScheme.NTLM)
+    return up, _creds("corp", "CORP\\alice", password)
+
+
 def test_pinned_ntlm_starts_with_its_first_token(run, ntlm_users):
     async def main():
         async with Origin(echo) as origin, NtlmProxy() as proxy:
-            host, port = proxy.address
-            up = UpstreamProxy(
-                "corp", UpstreamKind.HTTP, host, port, "CORP\\alice", AuthScheme.NTLM
-            )
-            creds = _creds("corp", "CORP\\alice", ntlm_users)
+            up, creds = _pinned_ntlm(proxy, ntlm_users)
             async with running_relay([up], origin.address, creds) as relay:
                 assert await _fetch(relay) == b"ping"
             assert [r["proxy-authorization"][:4] for r in proxy.requests[0].rounds] == ["NTLM"] * 2
@@ -318,11 +321,7 @@ def test_ntlm_steps_run_off_the_loop(run, ntlm_users, monkeypatch):
     async def main():
         loop_box.append(asyncio.get_running_loop())
         async with Origin(echo) as origin, NtlmProxy() as proxy:
-            host, port = proxy.address
-            up = UpstreamProxy(
-                "corp", UpstreamKind.HTTP, host, port, "CORP\\alice", AuthScheme.NTLM
-            )
-            creds = _creds("corp", "CORP\\alice", ntlm_users)
+            up, creds = _pinned_ntlm(proxy, ntlm_users)
             async with running_relay([up], origin.address, creds) as relay:
                 assert await _fetch(relay) == b"ping"
         assert seen == ["loop free", "loop free"]  # the type 1 token, then the type 3 answer
@@ -342,11 +341,7 @@ def test_a_token_step_that_hangs_ends_at_the_handshake_timeout(run, ntlm_users, 
 
     async def main():
         async with Origin(echo) as origin, NtlmProxy() as proxy:
-            host, port = proxy.address
-            up = UpstreamProxy(
-                "corp", UpstreamKind.HTTP, host, port, "CORP\\alice", AuthScheme.NTLM
-            )
-            creds = _creds("corp", "CORP\\alice", ntlm_users)
+            up, creds = _pinned_ntlm(proxy, ntlm_users)
             try:
                 async with running_relay(
                     [up], origin.address, creds, handshake_timeout=0.3
