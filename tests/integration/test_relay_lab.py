@@ -517,7 +517,6 @@ CONCURRENCY = 20
 MAX_SIZE = 2 * 1024 * 1024
 
 
-@pytest.mark.timeout(240)
 # spare connections --------------------------------------------------------------------------------
 
 
@@ -575,6 +574,7 @@ def test_spares_carry_connections_and_survive_squid_timing_them_out(
         assert relay.alive()
 
 
+@pytest.mark.timeout(240)
 def test_many_mixed_transfers(lab: Lab, squid_relay: RelayProcess) -> None:
     rng = random.Random(0x7E57)
     # Log-uniform sizes 1 B .. 2 MiB with both ends present: many small, some large.

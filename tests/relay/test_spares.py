@@ -11,6 +11,7 @@ import contextlib
 import socket
 import struct
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -18,6 +19,7 @@ from tests.relay.stubs import (
     ConnectProxy,
     Mode,
     Origin,
+    Relay,
     echo,
     echo_once,
     http_upstream,
@@ -245,6 +247,17 @@ def test_keep_zero_dials_nothing_and_a_refused_dial_keeps_nothing(run):
 # -- the engine -----------------------------------------------------------------------------
 
 
+@contextlib.asynccontextmanager
+async def _relay_through_stub(**settings: Any) -> AsyncIterator[tuple[ConnectProxy, Relay]]:
+    """An echo origin, the CONNECT proxy stub, and a relay through it with `settings`."""
+    async with (
+        Origin(echo) as origin,
+        ConnectProxy() as proxy,
+        running_relay([http_upstream(proxy)], origin.address, **settings) as relay,
+    ):
+        yield proxy, relay
+
+
 def test_the_next_connection_rides_a_spare_dialed_before_it_came(run):
     async def main():
         async with (
@@ -274,11 +287,7 @@ def test_the_next_connection_rides_a_spare_dialed_before_it_came(run):
 
 def test_no_spares_when_turned_off(run):
     async def main():
-        async with (
-            Origin(echo) as origin,
-            ConnectProxy() as proxy,
-            running_relay([http_upstream(proxy)], origin.address, spare_connections=0) as relay,
-        ):
+        async with _relay_through_stub(spare_connections=0) as (proxy, relay):
             for payload in (b"one", b"two", b"three"):
                 assert await echo_once(relay.address, payload) == payload
             await relay.wait_closed(3)
@@ -314,11 +323,7 @@ def test_a_spare_the_proxy_drops_under_our_request_is_retried_on_a_fresh_dial(ru
     client went upstream, so the Task path dials again and the client never notices."""
 
     async def main():
-        async with (
-            Origin(echo) as origin,
-            ConnectProxy() as proxy,
-            running_relay([http_upstream(proxy)], origin.address, spare_connections=1) as relay,
-        ):
+        async with _relay_through_stub(spare_connections=1) as (proxy, relay):
             assert await echo_once(relay.address) == b"ping"
             await until(lambda: len(proxy.accepted) == 2, what="a spare")
             spare_peer = proxy.accepted[1]
@@ -337,13 +342,7 @@ def test_a_spare_the_proxy_drops_under_our_request_is_retried_on_a_fresh_dial(ru
 
 def test_a_spare_found_closed_is_skipped_for_a_fresh_dial(run):
     async def main():
-        async with (
-            Origin(echo) as origin,
-            ConnectProxy() as proxy,
-            running_relay(
-                [http_upstream(proxy)], origin.address, spare_connections=1, spare_max_age=30.0
-            ) as relay,
-        ):
+        async with _relay_through_stub(spare_connections=1, spare_max_age=30.0) as (proxy, relay):
             assert await echo_once(relay.address) == b"ping"
             await until(lambda: len(proxy.accepted) == 2, what="a spare")
             await until(lambda: proxy.open_connections == 1, what="the spare, alone")
@@ -366,12 +365,9 @@ def test_no_refill_while_another_opening_is_in_progress(run):
     and a spare would only cost it an extra wakeup per connection."""
 
     async def main():
-        async with (
-            Origin(echo) as origin,
-            ConnectProxy() as proxy,
-            running_relay(
-                [http_upstream(proxy)], origin.address, spare_connections=2, handshake_timeout=0.5
-            ) as relay,
+        async with _relay_through_stub(spare_connections=2, handshake_timeout=0.5) as (
+            proxy,
+            relay,
         ):
             proxy.plan = [Mode.SILENT]  # the first request stays unanswered: still opening
             _reader, first = await relay.connect()
@@ -404,11 +400,7 @@ def test_a_tunnel_that_outlives_the_route_still_leaves_spares(run, monkeypatch):
     monkeypatch.setattr(engine_module, "_ROUTE_TTL", 0.0)  # every route expired at once
 
     async def main():
-        async with (
-            Origin(echo) as origin,
-            ConnectProxy() as proxy,
-            running_relay([http_upstream(proxy)], origin.address, spare_connections=2) as relay,
-        ):
+        async with _relay_through_stub(spare_connections=2) as (proxy, relay):
             assert await echo_once(relay.address) == b"ping"
             await until(lambda: len(proxy.accepted) == 3, what="two spares")
             assert await echo_once(relay.address, b"pong") == b"pong"

@@ -16,8 +16,9 @@ import itertools
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from tray_proxy.relay.aio import within
 from tray_proxy.relay.credentials import Credentials, CredentialSource
@@ -480,6 +481,8 @@ def check_credentials(upstream: UpstreamProxy, creds: Credentials | None) -> Non
 _MAX_407_BODY = 64 * 1024
 _RECONNECTS = 1
 
+T = TypeVar("T")
+
 
 # NTLM and Negotiate steps run here (see _Opener._auth_step): a few threads of their own, so
 # a slow KDC holding them never delays the name lookups of the default executor.
@@ -634,17 +637,22 @@ class _Opener:
         if not token:
             return call()
         loop = asyncio.get_running_loop()
-        remaining = self.deadline - loop.time()
+        return await self._in_time(
+            lambda: loop.run_in_executor(_auth_threads(), call),
+            f"proxy {self.upstream}: the NTLM/Negotiate step did not finish within "
+            f"{self.timeout:g}s (with Kerberos: is the KDC reachable?)",
+        )
+
+    async def _in_time(self, work: Callable[[], Awaitable[T]], late: str) -> T:
+        """Await `work()` within what is left of the handshake's time; past it, the tunnel
+        fails with upstream-timeout and the words `late`."""
+        remaining = self.deadline - asyncio.get_running_loop().time()
         try:
             if remaining <= 0:
                 raise asyncio.TimeoutError
-            return await within(remaining, loop.run_in_executor(_auth_threads(), call))
+            return await within(remaining, work())
         except asyncio.TimeoutError:
-            raise UpstreamError(
-                CloseReason.UPSTREAM_TIMEOUT,
-                f"proxy {self.upstream}: the NTLM/Negotiate step did not finish within "
-                f"{self.timeout:g}s (with Kerberos: is the KDC reachable?)",
-            ) from None
+            raise UpstreamError(CloseReason.UPSTREAM_TIMEOUT, late) from None
 
     async def http(self) -> bytes:
         loop = asyncio.get_running_loop()
@@ -777,16 +785,11 @@ class _Opener:
                 handshake.receive_data(data)
             return handshake.trailing
 
-        remaining = self.deadline - loop.time()
         try:
-            if remaining <= 0:
-                raise asyncio.TimeoutError
-            return await within(remaining, exchange())
-        except asyncio.TimeoutError:
-            raise UpstreamError(
-                CloseReason.UPSTREAM_TIMEOUT,
+            return await self._in_time(
+                exchange,
                 f"proxy {self.upstream} did not complete the handshake within {self.timeout:g}s",
-            ) from None
+            )
         except OSError as exc:
             if reused and received == 0:
                 raise _ClosedBeforeAnswer from None
