@@ -42,7 +42,7 @@ class Rig:
             self.client,
             self.upstream,
             self.record,
-            lambda reason, detail: self.closes.append((reason, detail)),
+            lambda record, reason, detail: self.closes.append((reason, detail)),
             batching,
         )
         if start:

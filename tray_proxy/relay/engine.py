@@ -71,6 +71,7 @@ _ROUTE_TTL = 0.5  # seconds the fast path's route (and credential lookup) is reu
 _gc_frozen = False  # see RelayEngine.start
 # accept() failures that mean "out of a resource for now": keep serving, retry later.
 _ACCEPT_PRESSURE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_STAT_KEYS = {reason: reason.value for reason in CloseReason}  # .value is a Python call
 _FAILURES = frozenset(
     {
         CloseReason.NO_UPSTREAM,
@@ -419,7 +420,10 @@ class RelayEngine:
             dst = original_destination(conn, family)
         else:
             dst = self._destination_of(conn)
-        redirected = dst is not None and not self._is_relay_address(dst, local)
+        # Only a connection to the relay's own port can have been made to the relay itself.
+        redirected = dst is not None and (
+            dst[1] != local[1] or not self._is_relay_address(dst, local)
+        )
         opening = None
         if redirected:
             assert dst is not None
@@ -736,7 +740,7 @@ class RelayEngine:
             conn,
             upstream_sock,
             record,
-            lambda reason, detail: self._tunnel_closed(record, reason, detail),
+            self._tunnel_closed,
             self._batching,
         )
         self._tunnels[record.id] = tunnel
@@ -802,7 +806,7 @@ class RelayEngine:
         record.close_reason = reason
         record.close_detail = detail
         self._records.pop(record.id, None)
-        self.stats[reason.value] += 1
+        self.stats[_STAT_KEYS[reason]] += 1
         if self.bus.observed:
             self.bus.publish(
                 ConnectionClosed(

@@ -101,18 +101,19 @@ class EventBus:
 
     def __init__(self) -> None:
         self._observers: list[Observer] = []
-
-    @property
-    def observed(self) -> bool:
-        """Anyone listening? (The engine skips building per-connection events otherwise.)"""
-        return bool(self._observers)
+        # Anyone listening? The engine asks several times per connection and skips building
+        # per-connection events when not: an attribute, kept current by (un)subscribe, costs
+        # no call.
+        self.observed = False
 
     def subscribe(self, observer: Observer) -> Callable[[], None]:
         self._observers.append(observer)
+        self.observed = True
 
         def unsubscribe() -> None:
             if observer in self._observers:
                 self._observers.remove(observer)
+                self.observed = bool(self._observers)
 
         return unsubscribe
 

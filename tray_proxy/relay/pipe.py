@@ -28,10 +28,12 @@ loop for each third, while the two thirds still queued keep it sending until the
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import contextlib
 import errno
 import fcntl
+import functools
 import os
 import select
 import socket
@@ -60,15 +62,17 @@ class PipePool:
     """Kernel pipes lent to directions while they have bytes in flight."""
 
     def __init__(self, size: int = PIPE_SIZE, keep: int = 32) -> None:
-        self._free: list[tuple[int, int, int]] = []
+        # Empty pipes ready to lend. _Direction.pump pops from it itself (a call less per
+        # wakeup of every tunnel); take() makes a new pipe when it is empty.
+        self.free: list[tuple[int, int, int]] = []
         self._size = size
         self._keep = keep
         self.created = 0
 
     def take(self) -> tuple[int, int, int]:
         """(read fd, write fd, capacity in bytes)."""
-        if self._free:
-            return self._free.pop()
+        if self.free:
+            return self.free.pop()
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         capacity = 65536
         with contextlib.suppress(OSError):  # over pipe-max-size or the user's pipe quota
@@ -78,14 +82,14 @@ class PipePool:
 
     def give_back(self, pipe: tuple[int, int, int]) -> None:
         """Return an EMPTY pipe. A pipe that may still hold bytes must be closed instead."""
-        if len(self._free) < self._keep:
-            self._free.append(pipe)
+        if len(self.free) < self._keep:
+            self.free.append(pipe)
         else:
             close_pipe(pipe)
 
     def close(self) -> None:
-        while self._free:
-            close_pipe(self._free.pop())
+        while self.free:
+            close_pipe(self.free.pop())
 
 
 def close_pipe(pipe: tuple[int, int, int]) -> None:
@@ -265,25 +269,26 @@ class _Direction:
                     break
             self.muted = False
             if self.eof:
-                self._release_pipe()
-                self._finish()
+                self._finish()  # a tunnel it closes takes the empty pipe back (stop)
                 break
             if not self.can_read:
-                self._release_pipe()
                 break
             if budget <= 0:
-                self._release_pipe()
                 self._later(0.0)
                 break
             pipe = self.pipe
             if pipe is None:
-                try:
-                    pipe = self.pipe = tunnel.pool.take()
-                except OSError:
-                    # No descriptor for a pipe (EMFILE/ENFILE): try again shortly, as the
-                    # listener does, instead of failing.
-                    self._later(PIPE_RETRY)
-                    break
+                free = tunnel.pool.free
+                if free:
+                    pipe = self.pipe = free.pop()
+                else:
+                    try:
+                        pipe = self.pipe = tunnel.pool.take()
+                    except OSError:
+                        # No descriptor for a pipe (EMFILE/ENFILE): try again shortly, as
+                        # the listener does, instead of failing.
+                        self._later(PIPE_RETRY)
+                        break
             try:
                 n = splice(src, pipe[1], pipe[2], flags=_SPLICE_FLAGS)
             except BlockingIOError:
@@ -306,6 +311,11 @@ class _Direction:
                 tunnel.record.bytes_down += n
             if n >= BATCH_START and self.lowat == 1 and tunnel.batching is not None:
                 tunnel.batching.start(self)
+        # An empty pipe goes back to the pool between wakeups: an idle tunnel holds none.
+        pipe = self.pipe
+        if pipe is not None and not self.pending:
+            self.pipe = None
+            tunnel.pool.give_back(pipe)
         if moved:
             self.moved += moved
             tunnel.last_active = time.monotonic()
@@ -344,11 +354,6 @@ class _Direction:
             self.waiting = True
             self.tunnel.loop.call_later(delay, self.pump)
 
-    def _release_pipe(self) -> None:
-        if self.pipe is not None and self.pending == 0:
-            self.tunnel.pool.give_back(self.pipe)
-            self.pipe = None
-
     def set_lowat(self, mark: int) -> None:
         self.lowat = mark
         # Fails only on a socket that is going away; its direction ends with it.
@@ -386,6 +391,9 @@ class _Direction:
             self.pipe = None
 
 
+# socket.socket.close without its two Python-level steps (it only marks the object closed
+# for makefile(), which the relay never uses): two calls less per socket of every tunnel.
+_close = _socket.socket.close
 _READABLE = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLERR | select.EPOLLHUP
 _WRITABLE = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
 
@@ -393,7 +401,8 @@ _WRITABLE = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
 class Tunnel:
     """Both directions between a client socket and an upstream socket.
 
-    `on_close(reason, detail)` is called exactly once, after both sockets are closed.
+    `on_close(record, reason, detail)` is called exactly once, after both sockets are
+    closed.
     The byte counters of `record` are kept current as chunks move.
     """
 
@@ -421,7 +430,7 @@ class Tunnel:
         client: socket.socket,
         upstream: socket.socket,
         record: ConnectionRecord,
-        on_close: Callable[[CloseReason, str], None],
+        on_close: Callable[[ConnectionRecord, CloseReason, str], None],
         batching: ReadBatching | None = None,
     ) -> None:
         self.loop = loop
@@ -442,8 +451,10 @@ class Tunnel:
         # Once per socket for the tunnel's whole life: backpressure never re-registers.
         # Registering reports what is ready already (bytes that queued meanwhile, room to
         # write), so the first events start both directions.
-        self.poller.watch(self.up.src, self._on_client, READ_EDGES)
-        self.poller.watch(self.down.src, self._on_upstream, READ_EDGES)
+        # partial: the poller calls _on_event without a Python frame in between.
+        up, down = self.up, self.down
+        self.poller.watch(up.src, functools.partial(self._on_event, up, down), READ_EDGES)
+        self.poller.watch(down.src, functools.partial(self._on_event, down, up), READ_EDGES)
 
     def update_events(self, fd: int) -> None:
         """Ask the poller for what the directions on `fd` need: readability unless the
@@ -454,13 +465,7 @@ class Tunnel:
             events |= WRITE_EDGES
         self.poller.watch_events(fd, events or select.EPOLLET)
 
-    def _on_client(self, events: int) -> None:
-        self._on_event(events, self.up, self.down)
-
-    def _on_upstream(self, events: int) -> None:
-        self._on_event(events, self.down, self.up)
-
-    def _on_event(self, events: int, reading: _Direction, writing: _Direction) -> None:
+    def _on_event(self, reading: _Direction, writing: _Direction, events: int) -> None:
         """`reading` reads from the socket the events are about; `writing` writes to it."""
         if events & _READABLE:
             reading.can_read = True
@@ -500,8 +505,8 @@ class Tunnel:
             if reset:
                 abort(sock)
             else:
-                sock.close()
-        self._on_close(reason, detail)
+                _close(sock)
+        self._on_close(self.record, reason, detail)
 
 
 def abort(sock: socket.socket) -> None:

@@ -24,6 +24,10 @@ class ConnState(enum.Enum):
 class CloseReason(enum.Enum):
     """Why a connection ended: exactly one per connection."""
 
+    # Members are singletons compared by identity: hash them by identity too, in C. Enum's
+    # own __hash__ is a Python call, made for every closed connection's set and dict lookups.
+    __hash__ = object.__hash__
+
     DONE = "done"  # both sides finished normally
     NOT_REDIRECTED = "not-redirected"  # someone connected to the relay port directly
     NO_ORIGINAL_DST = "no-original-destination"
@@ -45,10 +49,8 @@ class CloseReason(enum.Enum):
 
 
 _ids = iter(range(1, 1 << 62))
-
-
-def next_connection_id() -> int:
-    return next(_ids)
+# The engine's accept path calls this without a Python frame around it.
+next_connection_id = _ids.__next__
 
 
 @dataclass(slots=True, eq=False)
