@@ -65,6 +65,21 @@ def test_unsubscribe_stops_delivery_and_is_idempotent():
     assert seen == [EngineStopped()]
 
 
+def test_observed_follows_subscriptions():
+    """The engine builds per-connection events only while `observed` is true."""
+    bus = EventBus()
+    assert bus.observed is False
+    first = bus.subscribe(lambda event: None)
+    second = bus.subscribe(lambda event: None)
+    assert bus.observed is True
+    first()
+    assert bus.observed is True  # one observer is left
+    second()
+    assert bus.observed is False
+    second()  # idempotent: stays false
+    assert bus.observed is False
+
+
 def test_failing_observer_is_logged_and_does_not_stop_the_others(caplog):
     bus = EventBus()
     seen = []
