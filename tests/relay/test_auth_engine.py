@@ -32,6 +32,7 @@ from tests.relay.stubs import (
     running_relay,
     socks_upstream,
 )
+from tray_proxy.relay import upstream as upstream_module
 from tray_proxy.relay.credentials import Credentials, Secret, StaticCredentialSource
 from tray_proxy.relay.events import CredentialsRejected, TunnelEstablished, UpstreamFailed
 from tray_proxy.relay.probe import ProbeOutcome, probe_upstream
@@ -327,6 +328,39 @@ def test_ntlm_steps_run_off_the_loop(run, ntlm_users, monkeypatch):
         assert seen == ["loop free", "loop free"]  # the type 1 token, then the type 3 answer
 
     run(main)
+
+
+def test_basic_and_digest_steps_stay_on_the_loop(run, monkeypatch):
+    """Answering a Basic or Digest 407 is computation: no hop to the proxy-auth threads."""
+    hops: list[object] = []
+
+    class Watching(concurrent.futures.ThreadPoolExecutor):
+        def submit(self, fn, /, *args, **kwargs):
+            hops.append(fn)
+            return super().submit(fn, *args, **kwargs)
+
+    watching = Watching(1)
+    monkeypatch.setattr(upstream_module, "_auth_threads", lambda: watching)
+
+    async def main():
+        async with (
+            Origin(echo) as origin,
+            CountingBasicProxy(credentials=("alice", "right")) as basic,
+            DigestProxy("alice", "right") as digest,
+        ):
+            ups = [http_upstream(basic, "basic", "alice"), http_upstream(digest, "digest", "alice")]
+            creds = StaticCredentialSource(
+                {name: Credentials("alice", Secret("right")) for name in ("basic", "digest")}
+            )
+            for up in ups:
+                async with running_relay([up], origin.address, creds) as relay:
+                    assert await _fetch(relay) == b"ping"
+        assert hops == []
+
+    try:
+        run(main)
+    finally:
+        watching.shutdown()
 
 
 def test_a_token_step_that_hangs_ends_at_the_handshake_timeout(run, ntlm_users, monkeypatch):

@@ -696,7 +696,7 @@ class _Opener:
                 try:
                     step = await self._auth_step(
                         functools.partial(proxy_auth.challenged, exc.headers, same_connection=keep),
-                        True,
+                        proxy_auth.steps_token(exc.headers),
                     )
                 except CredentialsRejected as rejected:
                     raise UpstreamError(

@@ -479,3 +479,27 @@ def test_random_challenges_raise_only_our_errors(rounds: list[list[str]], keep: 
             assert PASSWORD not in str(exc)
             return
         assert step.header is not None
+
+
+def _hdrs(*values: str) -> list[tuple[str, str]]:
+    return [("Proxy-Authenticate", v) for v in values] + [("Content-Length", "0")]
+
+
+def test_steps_token_only_where_a_token_context_may_step():
+    """The engine runs challenged() off the loop only when this says a token context may
+    step: a Basic or Digest answer stays on the loop."""
+    log: list[str] = []
+    auth = ProxyAuth(
+        authority="origin.test:443", username="alice", password="pw", contexts=contexts(log)
+    )
+    auth.first()
+    assert not auth.steps_token(_hdrs('Basic realm="corp"'))
+    assert not auth.steps_token(_hdrs('Digest realm="corp", nonce="n1"'))
+    assert auth.steps_token(_hdrs('Basic realm="corp"', "NTLM"))
+    assert auth.steps_token([("proxy-authenticate", "Negotiate")])
+    assert not auth.steps_token(_hdrs("Basic realm=\x00"))  # malformed: challenged() says so
+    assert log == []  # asking steps nothing
+    # After an NTLM request, the next 407 continues (or ends) that context.
+    auth.challenged(_hdrs("NTLM"), same_connection=True)
+    assert auth.scheme == "ntlm"
+    assert auth.steps_token(_hdrs('Basic realm="corp"'))

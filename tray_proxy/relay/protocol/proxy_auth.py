@@ -232,6 +232,20 @@ class ProxyAuth:
         # No credentials sent yet, or the proxy stopped offering what we used: choose anew.
         return self._sent(self._choose(challenges))
 
+    def steps_token(self, headers: Sequence[tuple[str, str]]) -> bool:
+        """Could `challenged(headers)` step an NTLM or Negotiate context? Only when the
+        last request used one, or the proxy offers one. The driver runs such a step off the
+        loop (a Kerberos step may ask the KDC); a Basic or Digest answer is computation."""
+        if self._last.scheme in CONNECTION_BOUND:
+            return True
+        try:
+            challenges = parse_challenges(
+                v for n, v in headers if n.lower() == "proxy-authenticate"
+            )
+        except ProtocolError:
+            return False  # challenged() raises the same error, on the loop
+        return any(c.scheme in CONNECTION_BOUND for c in challenges)
+
     def restart(self) -> AuthStep:
         """The connection ended between two requests: the next one goes on a new connection."""
         scheme = self._last.scheme
