@@ -293,7 +293,8 @@ class RelayEngine:
             # a congestion control that paces, like BBR when it is the system's default,
             # only costs timer interrupts there: accepted sockets inherit Reno, which every
             # user may pick. About a fifth less relay CPU per GiB downloaded (bench/). The
-            # upstream side keeps the system's choice: it may cross a real network.
+            # upstream side keeps the system's choice, as it may cross a real network,
+            # unless the proxy is on this host too (upstream.keep_on_host).
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, b"reno")
             if family == socket.AF_INET6:

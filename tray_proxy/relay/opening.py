@@ -42,7 +42,7 @@ from tray_proxy.relay.protocol.peek import HostPeeker
 from tray_proxy.relay.records import Address, CloseReason, ConnectionRecord, ConnState
 from tray_proxy.relay.settings import RelaySettings, UpstreamProxy
 from tray_proxy.relay.spares import Spares
-from tray_proxy.relay.upstream import UpstreamError, refusal_words
+from tray_proxy.relay.upstream import UpstreamError, keep_on_host, refusal_words
 
 _REQUESTS_KEPT = 512  # CONNECT requests kept ready, by target and header
 _PEEK_RECV = 16384
@@ -261,6 +261,7 @@ class Opening:
             self.setback = (CloseReason.INTERNAL_ERROR, exc)
             return False
         self.sock = sock
+        keep_on_host(sock, addr[0])
         try:
             code = sock.connect_ex(addr)
         except OSError:

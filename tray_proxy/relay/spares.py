@@ -27,6 +27,7 @@ import socket
 import time
 
 from tray_proxy.relay.records import Address
+from tray_proxy.relay.upstream import keep_on_host
 
 _IN_PROGRESS = frozenset({errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK})
 
@@ -100,6 +101,7 @@ class Spares:
                 sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
             except OSError:
                 return
+            keep_on_host(sock, sockaddr[0])
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 code = sock.connect_ex(sockaddr)
