@@ -37,7 +37,6 @@ from tray_proxy.relay.protocol.http_connect import (
     format_authority,
 )
 from tray_proxy.relay.protocol.proxy_auth import (
-    CONNECTION_BOUND,
     AuthMemo,
     AuthStep,
     CredentialsRejected,
@@ -684,9 +683,7 @@ class _Opener:
             kerberos=kerberos_available(),
         )
         self.deadline = loop.time() + self.timeout
-        step = await self._auth_step(
-            proxy_auth.first, (pinned or self.auth.memo.scheme) in CONNECTION_BOUND
-        )
+        step = await self._auth_step(proxy_auth.first, proxy_auth.steps_token())
         reconnects = 0
         sock = await self.dial()
         handshake: ConnectHandshake | None = None
@@ -749,9 +746,7 @@ class _Opener:
                         "the next authentication step",
                     ) from None
                 reconnects += 1
-                step = await self._auth_step(
-                    proxy_auth.restart, proxy_auth.scheme in CONNECTION_BOUND
-                )
+                step = await self._auth_step(proxy_auth.restart, proxy_auth.steps_token())
                 sock = await self.dial()
                 handshake = None
                 continue

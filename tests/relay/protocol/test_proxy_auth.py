@@ -503,3 +503,36 @@ def test_steps_token_only_where_a_token_context_may_step():
     auth.challenged(_hdrs("NTLM"), same_connection=True)
     assert auth.scheme == "ntlm"
     assert auth.steps_token(_hdrs('Basic realm="corp"'))
+
+
+def test_steps_token_for_first_and_restart():
+    """No headers: the question is asked of first() (before any request) or restart()
+    (after a challenge), each by the scheme it would use."""
+    log: list[str] = []
+
+    def auth(pinned: str | None = None, memo: AuthMemo | None = None) -> ProxyAuth:
+        return ProxyAuth(
+            authority="origin.test:443",
+            username="alice",
+            password="pw",
+            pinned=pinned,
+            memo=memo,
+            contexts=contexts(log),
+        )
+
+    assert auth(pinned="ntlm").steps_token()  # first() starts its token at once
+    assert not auth(pinned="basic").steps_token()
+    assert not auth().steps_token()  # nothing known: first() sends no header
+    memo = AuthMemo()
+    memo.scheme = "negotiate"
+    assert auth(memo=memo).steps_token()
+    # restart() repeats what the last request used.
+    basic = auth()
+    basic.first()
+    basic.challenged(_hdrs('Basic realm="corp"'), same_connection=False)
+    assert not basic.steps_token()
+    ntlm = auth()
+    ntlm.first()
+    ntlm.challenged(_hdrs("NTLM"), same_connection=False)
+    assert ntlm.steps_token()
+    assert log == ["ntlm:None"]  # only challenged() stepped a context

@@ -232,12 +232,18 @@ class ProxyAuth:
         # No credentials sent yet, or the proxy stopped offering what we used: choose anew.
         return self._sent(self._choose(challenges))
 
-    def steps_token(self, headers: Sequence[tuple[str, str]]) -> bool:
-        """Could `challenged(headers)` step an NTLM or Negotiate context? Only when the
-        last request used one, or the proxy offers one. The driver runs such a step off the
-        loop (a Kerberos step may ask the KDC); a Basic or Digest answer is computation."""
+    def steps_token(self, headers: Sequence[tuple[str, str]] | None = None) -> bool:
+        """Could the next call step an NTLM or Negotiate context? `headers` None: `first()`
+        (a pinned or remembered token scheme starts at once) or `restart()` (it repeats
+        the last scheme); else `challenged(headers)` (the last request used a token scheme,
+        or the proxy offers one). The driver runs such a step off the loop (a Kerberos step
+        may ask the KDC); a Basic or Digest step is computation."""
         if self._last.scheme in CONNECTION_BOUND:
             return True
+        if headers is None:
+            # Before first() nothing was sent and no challenge came; restart() follows one.
+            first = self.rounds == 0 and self._last.scheme is None
+            return first and (self._pinned or self._memo.scheme) in CONNECTION_BOUND
         try:
             challenges = parse_challenges(
                 v for n, v in headers if n.lower() == "proxy-authenticate"
