@@ -36,6 +36,8 @@ from tray_proxy.config import Config, ConfigError
 from tray_proxy.credentials import CredentialStoreError
 from tray_proxy.firewall.client import RedirectError, RedirectStatus
 from tray_proxy.firewall.ruleset import IPAddress, RuleSpec, SpecError
+from tray_proxy.monitor.health import HealthSnapshot
+from tray_proxy.monitor.rows import RowChanges
 from tray_proxy.redirect import RESOLVE_INTERVAL_SECONDS, ManagedRedirect, check_redirect_settings
 from tray_proxy.relay.credentials import Credentials, CredentialSource
 from tray_proxy.relay.events import (
@@ -56,6 +58,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "ConfigStore",
+    "ConnectionsChanged",
     "ErrorEntry",
     "Notice",
     "NoticeKind",
@@ -175,6 +178,8 @@ class Status:
     total_connections: int = 0
     last_errors: tuple[ErrorEntry, ...] = ()
     relay_addresses: tuple[Address, ...] = ()
+    # Per-upstream latency and failures, traffic rates, failures of the last hour in words.
+    health: HealthSnapshot = field(default_factory=HealthSnapshot)
 
     @property
     def last_error(self) -> str | None:
@@ -224,7 +229,14 @@ class Notice:
     text: str
 
 
-ControllerEvent = StateChanged | StatusUpdated | Notice
+@dataclass(frozen=True, slots=True)
+class ConnectionsChanged:
+    """Connection rows that opened, changed or closed (the dashboard's live tables)."""
+
+    changes: RowChanges
+
+
+ControllerEvent = StateChanged | StatusUpdated | Notice | ConnectionsChanged
 ControllerObserver = Callable[[ControllerEvent], None]
 
 

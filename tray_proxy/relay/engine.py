@@ -451,7 +451,7 @@ class RelayEngine:
         )
         self._records[record.id] = record
         if self.bus.observed:
-            self.bus.publish(ConnectionOpened(record.id, record.client, dst))
+            self.bus.publish(ConnectionOpened(record.id, record.client, dst, record.opened_at))
         if dst is None:
             self._finish(
                 record,
@@ -547,7 +547,9 @@ class RelayEngine:
         self._start_tunnel(record, conn, upstream)
 
     def failed(self, record: ConnectionRecord, conn: socket.socket, exc: UpstreamError) -> None:
-        self.bus.publish(UpstreamFailed(record.upstream or "?", exc.reason, exc.detail))
+        self.bus.publish(
+            UpstreamFailed(record.upstream or "?", exc.reason, exc.detail, time.time(), record.id)
+        )
         self._finish(record, conn, exc.reason, exc.detail, reset=True)
 
     def closed(
@@ -731,7 +733,9 @@ class RelayEngine:
         assert record.handshake_latency is not None
         if self.bus.observed:
             self.bus.publish(
-                TunnelEstablished(record.id, record.upstream, record.handshake_latency)
+                TunnelEstablished(
+                    record.id, record.upstream, record.handshake_latency, record.established_at
+                )
             )
         assert self._poller is not None
         tunnel = Tunnel(
@@ -817,6 +821,7 @@ class RelayEngine:
                     record.bytes_up,
                     record.bytes_down,
                     record.closed_at - record.opened_at,
+                    record.closed_at,
                 )
             )
         if reason in _FAILURES:

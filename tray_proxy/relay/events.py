@@ -31,6 +31,7 @@ class ConnectionOpened:
     conn_id: int
     client: Address
     original_dst: Address | None
+    at: float = 0.0  # time.time() of the accept (the record's opened_at)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +46,7 @@ class TunnelEstablished:
     conn_id: int
     upstream: str | None
     handshake_latency: float
+    at: float = 0.0  # time.time() the tunnel opened (the record's established_at)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +57,7 @@ class ConnectionClosed:
     bytes_up: int
     bytes_down: int
     duration: float
+    at: float = 0.0  # time.time() of the close (the record's closed_at)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +67,8 @@ class UpstreamFailed:
     upstream: str
     reason: CloseReason
     detail: str
+    at: float = 0.0  # time.time() of the failure
+    conn_id: int | None = None  # the connection it failed, when there was one
 
 
 @dataclass(frozen=True, slots=True)

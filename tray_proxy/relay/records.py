@@ -45,6 +45,7 @@ class CloseReason(enum.Enum):
     CLIENT_RESET = "client-reset"  # the client side failed mid-tunnel
     IDLE_TIMEOUT = "idle-timeout"
     SHUTDOWN = "shutdown"  # the relay stopped
+    CLOSED_BY_USER = "closed-by-user"  # the user closed it (dashboard, Close selected)
     INTERNAL_ERROR = "internal-error"
 
 
