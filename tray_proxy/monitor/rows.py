@@ -179,7 +179,8 @@ class RowTracker:
                 )
             elif isinstance(event, ConnectionClosed):
                 row = self._open.pop(event.conn_id, None)
-                self._dirty.pop(event.conn_id, row)
+                if event.conn_id in self._dirty:
+                    del self._dirty[event.conn_id]
                 self._new.discard(event.conn_id)
                 if row is None:
                     continue  # opened before we listened (a restart of the observer)
