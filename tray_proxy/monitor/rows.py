@@ -178,16 +178,16 @@ class RowTracker:
                     handshake_latency=event.handshake_latency,
                 )
             elif isinstance(event, ConnectionClosed):
-                row = self._open.pop(event.conn_id, None)
+                gone = self._open.pop(event.conn_id, None)
                 if event.conn_id in self._dirty:
                     del self._dirty[event.conn_id]
                 self._new.discard(event.conn_id)
-                if row is None:
+                if gone is None:
                     continue  # opened before we listened (a restart of the observer)
                 failed = event.reason in FAILURE_REASONS
                 closed.append(
                     replace(
-                        row,
+                        gone,
                         state=RowState.FAILED if failed else RowState.CLOSED,
                         bytes_up=event.bytes_up,
                         bytes_down=event.bytes_down,
