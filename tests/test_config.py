@@ -868,3 +868,56 @@ def test_upstream_auth_round_trips_and_auto_is_not_written() -> None:
     assert parse_config(text) == pinned
     assert "auth" not in dump_config(parse_config(CORP)).split("[[upstream]]")[1]
     assert parse_config(dump_config(parse_config(CORP))).upstreams[0].auth is AuthScheme.AUTO
+
+
+# --------------------------------------------------------------------------- [log]
+
+
+def test_log_defaults_when_the_table_is_missing() -> None:
+    from tray_proxy.config import LogSettings
+
+    log = parse_config(CORP).log
+    assert log == LogSettings()
+    assert (log.enabled, log.path, log.max_age_days, log.max_size_mb) == (True, None, 30.0, 200.0)
+
+
+def test_log_table_is_read_and_round_trips(tmp_path: Path) -> None:
+    text = (
+        CORP + '[log]\nenabled = false\npath = "/var/tmp/h.sqlite3"\n'
+        "max_age_days = 7\nmax_size_mb = 50.5\n"
+    )
+    config = parse_config(text)
+    assert config.log.enabled is False
+    assert config.log.path == Path("/var/tmp/h.sqlite3")
+    assert (config.log.max_age_days, config.log.max_size_mb) == (7.0, 50.5)
+    assert parse_config(dump_config(config)) == config
+    path = tmp_path / "config.toml"
+    save_config(config, path)
+    assert load_config(path).log == config.log
+    # The default path is not written: the file keeps following the XDG state dir.
+    assert "path" not in dump_config(parse_config(CORP)).split("[log]")[1]
+
+
+def test_log_path_expands_the_home_directory() -> None:
+    config = parse_config(CORP + '[log]\npath = "~/h.sqlite3"\n')
+    assert config.log.path == Path.home() / "h.sqlite3"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("log = 1", "log: must be a table written [log]"),
+        ("[log]\nenable = true", 'log.enable: unknown key; did you mean "enabled"?'),
+        ('[log]\nenabled = "yes"', 'log.enabled: must be true or false, got "yes"'),
+        ('[log]\npath = "history.sqlite3"', "log.path: must be an absolute path"),
+        ('[log]\npath = ""', "log.path: must be the path of the history file"),
+        ("[log]\npath = 3", "log.path: must be the path of the history file"),
+        ("[log]\nmax_age_days = 0", "log.max_age_days: must be a number of days > 0"),
+        ("[log]\nmax_age_days = nan", "log.max_age_days: must be a number of days"),
+        ("[log]\nmax_age_days = true", "log.max_age_days: must be a number of days"),
+        ("[log]\nmax_size_mb = -1", "log.max_size_mb: must be a number of MiB > 0"),
+        ('[log]\nmax_size_mb = "200"', "log.max_size_mb: must be a number of MiB"),
+    ],
+)
+def test_log_errors_name_the_field(text: str, expected: str) -> None:
+    assert expected in error_of(text + "\n" + CORP)

@@ -26,6 +26,7 @@ from typing import TypeGuard
 import tomli_w
 from platformdirs import user_config_path
 
+from tray_proxy.errors import UserError
 from tray_proxy.firewall.ruleset import (
     DEFAULT_CONTAINER_INTERFACES,
     DEFAULT_EXCLUDED_NETWORKS,
@@ -43,6 +44,7 @@ else:  # pragma: no cover - exercised on 3.10 only
 __all__ = [
     "Config",
     "ConfigError",
+    "LogSettings",
     "RedirectSettings",
     "default_config_path",
     "dump_config",
@@ -82,7 +84,8 @@ _RELAY_KEYS = (
 )
 _UPSTREAM_KEYS = ("name", "url", "username", "auth")
 _REDIRECT_KEYS = ("exclude", "capture_containers", "container_interfaces", "reject_quic")
-_TOP_KEYS = ("relay", "redirect", "upstream")
+_LOG_KEYS = ("enabled", "path", "max_age_days", "max_size_mb")
+_TOP_KEYS = ("relay", "redirect", "log", "upstream")
 # The root helper refuses more than this many excluded networks.
 _MAX_EXCLUDE = 256
 _MAX_INTERFACES = 32
@@ -104,7 +107,7 @@ def default_config_path() -> Path:
     return user_config_path(APP_NAME) / "config.toml"
 
 
-class ConfigError(Exception):
+class ConfigError(UserError):
     """A settings file that cannot be used. `str()` is the message to show the user.
 
     `source` is the file, `field` the dotted path (`upstream[1].url`, empty when the
@@ -134,6 +137,20 @@ class RedirectSettings:
 
 
 @dataclass(frozen=True)
+class LogSettings:
+    """The connection history (monitor/history.py): on or off, where, and how much to keep.
+
+    `path` None means the default file in the XDG state dir. Retention removes the oldest
+    connections first, by age and by the file's size, whichever limit is reached first.
+    """
+
+    enabled: bool = True
+    path: Path | None = None
+    max_age_days: float = 30.0
+    max_size_mb: float = 200.0
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole settings file. `path` is where it was loaded from (None when parsed from text)."""
 
@@ -141,6 +158,7 @@ class Config:
     upstreams: tuple[UpstreamProxy, ...]
     path: Path | None = None
     redirect: RedirectSettings = field(default_factory=RedirectSettings)
+    log: LogSettings = field(default_factory=LogSettings)
 
     def active_upstream(self) -> UpstreamProxy | None:
         """The upstream named by `relay.upstream`; without a name, the first one.
@@ -183,7 +201,11 @@ def load_config(path: Path, *, missing_ok: bool = False) -> Config:
         ) from None
     config = parse_config(text, source)
     return Config(
-        relay=config.relay, upstreams=config.upstreams, path=path, redirect=config.redirect
+        relay=config.relay,
+        upstreams=config.upstreams,
+        path=path,
+        redirect=config.redirect,
+        log=config.log,
     )
 
 
@@ -241,7 +263,11 @@ class _Parser:
                 "redirect", f"must be a table written [redirect], got {_show(redirect_doc)}"
             )
         redirect = self.redirect(redirect_doc)
-        return Config(relay=relay, upstreams=upstreams, path=None, redirect=redirect)
+        log_doc = doc.get("log", {})
+        if not isinstance(log_doc, dict):
+            raise self.fail("log", f"must be a table written [log], got {_show(log_doc)}")
+        log = self.log(log_doc)
+        return Config(relay=relay, upstreams=upstreams, path=None, redirect=redirect, log=log)
 
     def no_unknown_keys(self, table: Mapping[str, object], known: tuple[str, ...], at: str) -> None:
         for key in table:
@@ -485,6 +511,43 @@ class _Parser:
             out.append(item)
         return tuple(out)
 
+    # -- [log]
+
+    def log(self, doc: Mapping[str, object]) -> LogSettings:
+        self.no_unknown_keys(doc, _LOG_KEYS, "log")
+        defaults = LogSettings()
+        enabled = self.flag(doc.get("enabled", defaults.enabled), "log.enabled")
+        path: Path | None = None
+        value = doc.get("path")
+        if value is not None:
+            if not isinstance(value, str) or not value.strip() or not value.isprintable():
+                raise self.fail(
+                    "log.path",
+                    "must be the path of the history file, like "
+                    f'"~/.local/state/tray-proxy/history.sqlite3", got {_show(value)}',
+                )
+            path = Path(value).expanduser()
+            if not path.is_absolute():
+                raise self.fail(
+                    "log.path",
+                    f"must be an absolute path (or start with ~/), got {_show(value)}",
+                )
+        max_age = self.amount(
+            doc.get("max_age_days", defaults.max_age_days), "log.max_age_days", "days", 3650
+        )
+        max_size = self.amount(
+            doc.get("max_size_mb", defaults.max_size_mb), "log.max_size_mb", "MiB", 1_000_000
+        )
+        return LogSettings(enabled=enabled, path=path, max_age_days=max_age, max_size_mb=max_size)
+
+    def amount(self, value: object, field: str, unit: str, hi: float) -> float:
+        expected = f"must be a number of {unit} > 0 and <= {hi:g}"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.fail(field, f"{expected}, got {_show(value)}")
+        if math.isnan(value) or not 0 < value <= hi:
+            raise self.fail(field, f"{expected}, got {_show(value)}")
+        return float(value)
+
     # -- [[upstream]]
 
     def upstream(self, doc: Mapping[str, object], at: str) -> UpstreamProxy:
@@ -692,6 +755,13 @@ def dump_config(config: Config) -> str:
         "container_interfaces": list(redirect.container_interfaces),
         "reject_quic": redirect.reject_quic,
     }
+    log = config.log
+    log_doc: dict[str, object] = {
+        "enabled": log.enabled,
+        "path": str(log.path) if log.path is not None else None,
+        "max_age_days": float(log.max_age_days),
+        "max_size_mb": float(log.max_size_mb),
+    }
     lines = [
         "# tray-proxy settings (docs/config.md). No passwords here: they live in the keyring,",
         "# set with `tray-proxy credentials set NAME`.",
@@ -701,6 +771,9 @@ def dump_config(config: Config) -> str:
         "",
         "[redirect]",
         *_toml_lines(redirect_doc, _REDIRECT_KEYS),
+        "",
+        "[log]",
+        *_toml_lines(log_doc, _LOG_KEYS),
     ]
     for u in config.upstreams:
         entry: dict[str, object] = {"name": u.name, "url": u.url, "username": u.username}
