@@ -3,7 +3,10 @@
 `post()` may be called from any thread. Events are queued; a single-shot QTimer on the
 bridge's thread drains the queue at most once per `interval_ms`, emitting every
 `stateChanged` and `notice` in order but only the newest `statusChanged`, so 1,000 new
-connections a second become a handful of repaints, not 1,000.
+connections a second become a handful of repaints, not 1,000. `connectionsChanged` carries
+every ConnectionsChanged of the window merged into one RowChanges (a row opened and closed
+within the window arrives only as closed; a row changed twice arrives once, newest), so the
+tables apply one batch per flush.
 
 Must not import keyring, socket or subprocess.
 """
@@ -18,6 +21,7 @@ from collections.abc import Callable
 from PySide6.QtCore import QObject, Qt, QTimer, Signal
 
 from tray_proxy.controller import (
+    ConnectionsChanged,
     ControllerEvent,
     Notice,
     ProxyController,
@@ -25,6 +29,7 @@ from tray_proxy.controller import (
     Status,
     StatusUpdated,
 )
+from tray_proxy.monitor.rows import ConnectionRow, RowChanges
 
 DEFAULT_INTERVAL_MS = 100
 
@@ -33,6 +38,7 @@ class UiBridge(QObject):
     statusChanged = Signal(object)  # Status
     stateChanged = Signal(object)  # StateChanged
     notice = Signal(object)  # Notice
+    connectionsChanged = Signal(object)  # RowChanges, merged over one flush
     _wake = Signal()
 
     def __init__(self, interval_ms: int = DEFAULT_INTERVAL_MS, parent: QObject | None = None):
@@ -75,15 +81,54 @@ class UiBridge(QObject):
             self._pending = False
         self._last_flush = time.monotonic()
         status: Status | None = None
+        rows = _RowMerger()
         while self._queue:
             event = self._queue.popleft()
             if isinstance(event, StatusUpdated):
                 status = event.status
+            elif isinstance(event, ConnectionsChanged):
+                rows.add(event.changes)
             elif isinstance(event, StateChanged):
                 self.stateChanged.emit(event)
             elif isinstance(event, Notice):
                 self.notice.emit(event)
+        merged = rows.merged()
+        if merged:
+            self.connectionsChanged.emit(merged)
         if status is not None:
             self.latest = status
             self.flushes += 1
             self.statusChanged.emit(status)
+
+
+class _RowMerger:
+    """Folds successive RowChanges into one, keeping RowChanges' rule: each row once, in
+    its newest form, under closed > opened > updated."""
+
+    def __init__(self) -> None:
+        self._opened: dict[int, ConnectionRow] = {}
+        self._updated: dict[int, ConnectionRow] = {}
+        self._closed: dict[int, ConnectionRow] = {}
+
+    def add(self, changes: RowChanges) -> None:
+        for row in changes.opened:
+            if row.conn_id not in self._closed:
+                self._opened[row.conn_id] = row
+        for row in changes.updated:
+            if row.conn_id in self._closed:
+                continue  # a late update must not bring a closed row back
+            if row.conn_id in self._opened:
+                self._opened[row.conn_id] = row
+            else:
+                self._updated[row.conn_id] = row
+        for row in changes.closed:
+            self._opened.pop(row.conn_id, None)
+            self._updated.pop(row.conn_id, None)
+            self._closed[row.conn_id] = row
+
+    def merged(self) -> RowChanges:
+        return RowChanges(
+            tuple(self._opened.values()),
+            tuple(self._updated.values()),
+            tuple(self._closed.values()),
+        )

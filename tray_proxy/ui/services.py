@@ -5,10 +5,14 @@ Must not import keyring, socket or subprocess. Tests pass a small fake of this p
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from tray_proxy.controller import Status
+from tray_proxy.monitor.query import HistoryCursor, HistoryFilter, HistoryPage
+from tray_proxy.monitor.rows import ConnectionRow
 from tray_proxy.relay.credentials import Credentials, Secret
 from tray_proxy.relay.probe import ProbeResult
 from tray_proxy.relay.settings import UpstreamProxy
@@ -36,6 +40,46 @@ class AppServices(Protocol):
         ...
 
     def quit(self) -> None: ...
+
+    def close_connections(self, ids: Sequence[int]) -> None:
+        """Close these connections (the engine ends them with CLOSED_BY_USER); ids that
+        have closed meanwhile are skipped. Returns at once: the rows move to Closed when
+        the engine's events arrive."""
+        ...
+
+    def test_upstream(self, name: str) -> None:
+        """Probe the upstream `name` now ("Test now"); the result arrives in the health
+        snapshot (UpstreamHealth.last_probe) and as a notice."""
+        ...
+
+    def open_rows(self) -> Sequence[ConnectionRow]:
+        """The connections open now (seeds the Active table when the window is built)."""
+        ...
+
+    def history(self) -> HistoryReader | None:
+        """The connection history, or None when it is switched off ([log] enabled = false)."""
+        ...
+
+
+class HistoryReader(Protocol):
+    """What the Log tab reads (monitor/history.py's HistoryStore behind it).
+
+    `page` is called on the UI thread (one page of about 200 rows: an index lookup);
+    `export` is called from a worker thread, so an implementation must not share one
+    sqlite3 connection between the two (open one per thread or per call). Both raise
+    exceptions whose text is written for the user (HistoryError).
+    """
+
+    def page(
+        self, filter: HistoryFilter, *, after: HistoryCursor | None = None, limit: int = 200
+    ) -> HistoryPage:
+        """The newest `limit` rows matching `filter` that are older than `after`."""
+        ...
+
+    def export(self, filter: HistoryFilter, path: Path, fmt: str) -> int:
+        """Write every row matching `filter` to `path` as "csv" or "json"; returns how
+        many rows were written."""
+        ...
 
 
 class KeyringService(Protocol):
