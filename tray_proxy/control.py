@@ -32,6 +32,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
+from tray_proxy.errors import UserError
+
 log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION: Final = 1
@@ -45,7 +47,7 @@ DEFAULT_TIMEOUT: Final = 10.0
 Handler = Callable[[str], Awaitable[dict[str, Any]]]
 
 
-class ControlError(Exception):
+class ControlError(UserError):
     """The control socket cannot be used; the message says why and what to do."""
 
 

@@ -34,6 +34,7 @@ from typing import Any, Protocol
 from tray_proxy import __version__
 from tray_proxy.config import Config, ConfigError
 from tray_proxy.credentials import CredentialStoreError
+from tray_proxy.errors import UserError
 from tray_proxy.firewall.client import RedirectError, RedirectStatus
 from tray_proxy.firewall.ruleset import IPAddress, RuleSpec, SpecError
 from tray_proxy.monitor.health import HealthSnapshot
@@ -322,24 +323,14 @@ class NoticeLimiter:
         return True
 
 
-class _UserError(Exception):
-    """A failure whose message is already written for the user."""
-
-
 def _user_message(exc: BaseException) -> str:
-    # Our core errors (RelayStartError, RedirectError, ConfigError) carry user-facing text.
-    if isinstance(exc, _UserError | ConfigError | SpecError):
-        return str(exc)
-    module = type(exc).__module__
-    if module.startswith("tray_proxy.") and str(exc):
+    # A UserError (config, redirect, relay start, keyring) carries user-facing text; so does
+    # the ruleset's SpecError, which cannot subclass it (the root helper is standalone).
+    if isinstance(exc, UserError | SpecError):
         return str(exc)
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
         return "A step took too long and was abandoned. Try again; see the log for details."
     return f"Unexpected {type(exc).__name__}: {exc}. See the log for details."
-
-
-def _is_redirect_error(exc: BaseException) -> bool:
-    return type(exc).__module__ == "tray_proxy.firewall.client"
 
 
 class _EngineInbox:
@@ -593,7 +584,7 @@ class ProxyController:
             upstream = config.active_upstream()
             if upstream is None:
                 where = f" in {config.path}" if config.path is not None else ""
-                raise _UserError(
+                raise UserError(
                     f"No upstream proxy is set up. Add one{where} ([[upstream]] with a name "
                     "and url, see docs/config.md), then switch on again."
                 )
@@ -625,7 +616,7 @@ class ProxyController:
             log.warning("switching on failed: %s", text, exc_info=not _is_known(exc))
             self._error(text)
             await self._teardown()
-            if _is_redirect_error(exc):
+            if isinstance(exc, RedirectError):
                 self._notice(NoticeKind.HELPER_REFUSED, "Redirect not switched on", text)
             self._transition(State.ERROR, text)
             return
@@ -823,7 +814,7 @@ class ProxyController:
             try:
                 config = self._store.load()
                 if name not in {u.name for u in config.upstreams}:
-                    raise _UserError(f"There is no upstream named {name!r} in the settings.")
+                    raise UserError(f"There is no upstream named {name!r} in the settings.")
                 config = replace(config, relay=replace(config.relay, upstream=name))
                 self._store.save(config)
             except Exception as exc:
@@ -977,9 +968,8 @@ def _probe_advice(result: ProbeResult) -> str:
 
 
 def _is_known(exc: BaseException) -> bool:
-    return isinstance(exc, _UserError | ConfigError | SpecError) or type(exc).__module__.startswith(
-        "tray_proxy."
-    )
+    """Is this a failure the user can act on (no traceback in the log needed)?"""
+    return isinstance(exc, UserError | SpecError)
 
 
 # --------------------------------------------------------------------------- the real relay

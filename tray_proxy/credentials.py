@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, cast
 
+from tray_proxy.errors import UserError
 from tray_proxy.relay.credentials import (
     ChainedCredentialSource,
     Credentials,
@@ -85,7 +86,7 @@ _FIX_NO_KEYRING = (
 # --------------------------------------------------------------------------- errors
 
 
-class CredentialStoreError(Exception):
+class CredentialStoreError(UserError):
     """The keyring cannot be used right now. `str()` says what happened and what to do."""
 
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from tray_proxy.errors import UserError
 from tray_proxy.firewall.helper import PROTOCOL_VERSION
 from tray_proxy.firewall.ruleset import IPAddress, RuleSpec, SpecError, spec_from_wire, spec_to_wire
 
@@ -52,7 +53,7 @@ _ANSWER_LIMIT: Final = 1024 * 1024
 _STDERR_TAIL: Final = 20
 
 
-class RedirectError(Exception):
+class RedirectError(UserError):
     """The redirect could not be switched or queried; the message is for the user."""
 
 

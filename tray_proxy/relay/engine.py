@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
+from tray_proxy.errors import UserError
 from tray_proxy.relay.aio import within
 from tray_proxy.relay.credentials import Credentials, CredentialSource, StaticCredentialSource
 from tray_proxy.relay.events import (
@@ -87,7 +88,7 @@ _FAILURES = frozenset(
 )
 
 
-class RelayStartError(Exception):
+class RelayStartError(UserError):
     """The relay could not start listening; the message says why and what to do."""
 
 
