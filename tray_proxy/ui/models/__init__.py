@@ -1,0 +1,1 @@
+"""The dashboard's table models: one QAbstractTableModel class per table."""

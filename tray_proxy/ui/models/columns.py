@@ -1,0 +1,99 @@
+"""The columns a connection row shows in, shared by the live tables and the log.
+
+`cell_text` is what a cell displays; `sort_key` what it sorts by (numbers sort as numbers).
+Must not import keyring, socket or subprocess.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from PySide6.QtCore import Qt
+from PySide6.QtGui import QBrush, QColor
+
+from tray_proxy.monitor.rows import ConnectionRow
+from tray_proxy.ui.format import fmt_bytes, fmt_clock, fmt_duration, fmt_latency, outcome_text
+
+# The row itself, for views and proxies that need more than a cell's text.
+ROW_ROLE = Qt.ItemDataRole.UserRole + 1
+# What a column sorts by (QSortFilterProxyModel.setSortRole).
+SORT_ROLE = Qt.ItemDataRole.UserRole + 2
+
+
+class Column(enum.IntEnum):
+    TIME = 0
+    PROCESS = 1
+    DESTINATION = 2
+    IP = 3
+    UPSTREAM = 4
+    STATE = 5
+    UP = 6
+    DOWN = 7
+    LATENCY = 8
+    DURATION = 9
+    OUTCOME = 10
+
+
+HEADERS = {
+    Column.TIME: "Time",
+    Column.PROCESS: "Process",
+    Column.DESTINATION: "Destination",
+    Column.IP: "IP",
+    Column.UPSTREAM: "Proxy",
+    Column.STATE: "State",
+    Column.UP: "Sent",
+    Column.DOWN: "Received",
+    Column.LATENCY: "Latency",
+    Column.DURATION: "Duration",
+    Column.OUTCOME: "Outcome",
+}
+
+FAILED_BRUSH = QBrush(QColor(190, 30, 30))  # a failed connection's text
+RIGHT = Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter  # numbers
+
+NUMERIC = frozenset({Column.UP, Column.DOWN, Column.LATENCY, Column.DURATION})
+
+
+def cell_text(row: ConnectionRow, column: int) -> str:
+    if column == Column.TIME:
+        return fmt_clock(row.started)
+    if column == Column.PROCESS:
+        return "-" if row.process is None else row.process.label
+    if column == Column.DESTINATION:
+        return row.destination
+    if column == Column.IP:
+        return "-" if row.original_dst is None else row.original_dst[0]
+    if column == Column.UPSTREAM:
+        return row.upstream or "-"
+    if column == Column.STATE:
+        return row.state.value
+    if column == Column.UP:
+        return fmt_bytes(row.bytes_up)
+    if column == Column.DOWN:
+        return fmt_bytes(row.bytes_down)
+    if column == Column.LATENCY:
+        return fmt_latency(row.handshake_latency)
+    if column == Column.DURATION:
+        return fmt_duration(row.duration)
+    if column == Column.OUTCOME:
+        return "" if row.ended is None else outcome_text(row)
+    return ""
+
+
+def sort_key(row: ConnectionRow, column: int) -> str | float | int:
+    if column == Column.TIME:
+        return row.started
+    if column == Column.UP:
+        return row.bytes_up
+    if column == Column.DOWN:
+        return row.bytes_down
+    if column == Column.LATENCY:
+        return -1.0 if row.handshake_latency is None else row.handshake_latency
+    if column == Column.DURATION:
+        return -1.0 if row.duration is None else row.duration
+    return cell_text(row, column).lower()
+
+
+def row_text(row: ConnectionRow) -> str:
+    """One line per row for "Copy": the cells, tab-separated."""
+    return "\t".join(cell_text(row, c) for c in Column)
