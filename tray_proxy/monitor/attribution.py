@@ -1,0 +1,627 @@
+"""Which program made a connection: the client socket's 4-tuple -> socket inode -> PID ->
+name, executable and user, looked up off the engine's loop, one pass per burst of requests.
+
+A redirected connection reaches the relay from the program's own socket, whose local address
+is the relay's peer (`client`) and whose remote address is the original destination (before
+the NAT). One pass answers every request that arrived meanwhile:
+
+1. the kernel's socket table, asked for exactly those 4-tuples over netlink `sock_diag`
+   (an exact lookup per tuple, all in one message: the cost follows the requests, not the
+   thousands of TIME_WAIT lines /proc/net/tcp lists on a busy relay). A request without an
+   original destination (a connection that was not redirected) reads /proc/net/tcp{,6}
+   and matches the client address alone, only when exactly one socket has it;
+2. the inodes' owners, from /proc/<pid>/fd: recently seen processes first, stopping as soon
+   as every inode has its owner, processes of other users skipped when their uid cannot
+   own the socket;
+3. the process's name, executable and user with psutil.
+
+Matching is on the full 4-tuple (IPv4-mapped IPv6 forms both ways); a lookup that would
+need a guess answers less instead. What each outcome answers:
+
+- found:                         ProcessInfo(pid, name, exe, user)
+- socket found, its process gone (the socket has no inode, no process holds it, or the pid
+  ended between the steps):      ProcessInfo(pid or None, name or "?", user, exited=True)
+- socket found, its owner not readable (another user's process):
+                                 ProcessInfo(None, "?", user from the socket's uid)
+- client address not of this host (container traffic through prerouting):
+                                 ProcessInfo(None, "?", remote=True, container=name or None)
+- no socket with that 4-tuple at all (closed and gone): None
+
+Sockets and the process table are read from the network namespace of the thread that made
+the first request (the engine's loop thread): the worker thread starts from it.
+
+Must not import PySide6.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import pwd
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import psutil
+
+from tray_proxy.monitor.rows import ProcessInfo
+from tray_proxy.relay.records import Address
+
+log = logging.getLogger(__name__)
+
+Deliver = Callable[[list[tuple[int, ProcessInfo | None]]], None]
+Any4 = tuple[Address, Address]  # (local, remote) of one TCP socket, IPv4 written plainly
+
+# Requests waiting for a pass; beyond this, a request is answered None at once (a relay
+# taking thousands of connections per burst would otherwise grow this without bound).
+MAX_PENDING = 4096
+# close() waits this long for a pass in progress.
+JOIN_TIMEOUT = 2.0
+# The pids that owned sockets lately, scanned first (a browser opens many connections).
+_RECENT_PIDS = 64
+# How long this host's addresses and Docker's container addresses are trusted.
+_LOCAL_ADDRESSES_TTL = 5.0
+_DOCKER_TTL = 10.0
+_DOCKER_TIMEOUT = 3.0
+
+_TCP_LISTEN = 10
+_TCP_TIME_WAIT = 6
+
+
+class Attributor:
+    """Finds the program behind connections, in batches, in a worker thread.
+
+    `request()` is called on the loop thread and only queues; `deliver` is called on the
+    loop thread (call_soon_threadsafe) with every requested id answered exactly once
+    (None: nothing found). `close()` stops the worker; requests still queued then are not
+    answered (the loop is going away).
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        deliver: Deliver,
+        *,
+        delay: float = 0.02,
+    ) -> None:
+        self._loop = loop
+        self._deliver = deliver
+        self._delay = delay
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._pending: list[tuple[int, Address, Address | None]] = []
+        self._first_at = 0.0  # monotonic time the oldest pending request arrived
+        self._overflow: list[tuple[int, ProcessInfo | None]] = []
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._lookup = ProcessLookup()
+        self.passes = 0  # lookup passes run so far (one per burst)
+
+    def request(self, conn_id: int, client: Address, original_dst: Address | None) -> None:
+        """Ask who made connection `conn_id`; the answer comes later through `deliver`."""
+        with self._lock:
+            if self._closed:
+                return
+            if len(self._pending) >= MAX_PENDING:
+                self._overflow.append((conn_id, None))
+                if len(self._overflow) == 1:
+                    self._loop.call_soon(self._deliver_overflow)
+                return
+            if not self._pending:
+                self._first_at = time.monotonic()
+            self._pending.append((conn_id, client, original_dst))
+            self._wake.notify()
+            if self._thread is None:
+                # Started here, on the loop thread, so the worker shares its network
+                # namespace: the sockets asked about live there.
+                self._thread = threading.Thread(
+                    target=self._run, name="tray-proxy-attribution", daemon=True
+                )
+                self._thread.start()
+
+    def close(self) -> None:
+        """Stop the worker (a pass in progress ends first, bounded by JOIN_TIMEOUT)."""
+        with self._lock:
+            self._closed = True
+            self._pending.clear()
+            self._wake.notify()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(JOIN_TIMEOUT)
+            if thread.is_alive():
+                log.warning("process attribution did not stop within %.0f s", JOIN_TIMEOUT)
+        self._lookup.close()
+
+    def _deliver_overflow(self) -> None:
+        with self._lock:
+            answers, self._overflow = self._overflow, []
+        if answers:
+            self._deliver(answers)
+
+    def _take_burst(self) -> list[tuple[int, Address, Address | None]] | None:
+        """Wait for requests, let the burst gather for `delay`, take it (None: closed)."""
+        with self._lock:
+            while not self._pending and not self._closed:
+                self._wake.wait()
+            while not self._closed:
+                left = self._first_at + self._delay - time.monotonic()
+                if left <= 0:
+                    break
+                self._wake.wait(left)
+            if self._closed:
+                return None
+            burst, self._pending = self._pending, []
+            return burst
+
+    def _run(self) -> None:
+        while True:
+            burst = self._take_burst()
+            if burst is None:
+                return
+            try:
+                answers = self._lookup.find(burst)
+            except Exception:  # a bug here must not leave the rows waiting forever
+                log.exception("process attribution failed for %d connections", len(burst))
+                answers = [(conn_id, None) for conn_id, _, _ in burst]
+            self.passes += 1
+            try:
+                self._loop.call_soon_threadsafe(self._deliver, answers)
+            except RuntimeError:  # the loop has closed: nobody waits for these any more
+                return
+
+
+# The lookup ----------------------------------------------------------------------------------
+
+
+def _plain(address: Address) -> Address:
+    """The address with an IPv4-mapped IPv6 form written as IPv4 (and no scope)."""
+    ip, port = address[0], address[1]
+    ip = ip.split("%", 1)[0]
+    if ":" in ip:
+        with contextlib.suppress(ValueError):
+            mapped = ipaddress.IPv6Address(ip).ipv4_mapped
+            if mapped is not None:
+                return (str(mapped), port)
+            return (str(ipaddress.IPv6Address(ip)), port)
+    return (ip, port)
+
+
+@dataclass(frozen=True, slots=True)
+class SocketEntry:
+    """One TCP socket of the kernel's table, as far as attribution needs it."""
+
+    state: int
+    uid: int
+    inode: int
+
+
+class ProcessLookup:
+    """One lookup pass over the kernel's tables. Not thread-safe: the worker owns it."""
+
+    def __init__(self) -> None:
+        self._diag: socket.socket | None = None
+        self._diag_broken = False
+        self._recent: OrderedDict[int, None] = OrderedDict()
+        self._users: dict[int, str] = {}
+        self._local: frozenset[str] = frozenset()
+        self._local_at = -_LOCAL_ADDRESSES_TTL
+        self._docker = DockerNames()
+        self._me = os.geteuid()
+
+    def close(self) -> None:
+        if self._diag is not None:
+            self._diag.close()
+            self._diag = None
+
+    def find(
+        self, burst: Sequence[tuple[int, Address, Address | None]]
+    ) -> list[tuple[int, ProcessInfo | None]]:
+        """Answer every request of the burst: conn id -> ProcessInfo or None."""
+        wanted = [
+            (conn_id, _plain(client), None if dst is None else _plain(dst))
+            for conn_id, client, dst in burst
+        ]
+        exact = {(client, dst) for _, client, dst in wanted if dst is not None}
+        sockets = self._sockets(exact)
+        loose = [client for _, client, dst in wanted if dst is None]
+        by_client = self._sockets_by_client(loose) if loose else {}
+        found: dict[int, SocketEntry | None] = {}
+        for conn_id, client, dst in wanted:
+            found[conn_id] = by_client.get(client) if dst is None else sockets.get((client, dst))
+        inodes = {entry.inode: entry.uid for entry in found.values() if entry and entry.inode}
+        owners, unreadable = self._owners(inodes)
+        answers: list[tuple[int, ProcessInfo | None]] = []
+        details: dict[int, ProcessInfo] = {}
+        for conn_id, client, _ in wanted:
+            entry = found[conn_id]
+            if entry is None:
+                answers.append((conn_id, self._not_found(client[0])))
+                continue
+            user = None if entry.state == _TCP_TIME_WAIT else self._user(entry.uid)
+            pid = owners.get(entry.inode) if entry.inode else None
+            if pid is not None:
+                info = details.get(pid)
+                if info is None:
+                    info = details[pid] = self._process(pid, user)
+                answers.append((conn_id, info))
+            elif entry.inode and (unreadable is None or entry.uid in unreadable):
+                answers.append((conn_id, ProcessInfo(pid=None, name="?", user=user)))
+            else:
+                answers.append((conn_id, ProcessInfo(pid=None, name="?", user=user, exited=True)))
+        return answers
+
+    # 1. sockets --------------------------------------------------------------------------------
+
+    def _sockets(self, exact: Iterable[Any4]) -> dict[Any4, SocketEntry]:
+        tuples = list(exact)
+        if not tuples:
+            return {}
+        if not self._diag_broken:
+            try:
+                return self._sock_diag(tuples)
+            except OSError as exc:
+                # A socket that cannot be made means no sock_diag here (a kernel without
+                # inet_diag, a sandbox): /proc from now on. A failed exchange (a reply lost
+                # to a full buffer, a timeout) costs this pass a /proc read and a new socket.
+                if self._diag is None:
+                    log.info("sock_diag unavailable (%s); reading /proc/net/tcp instead", exc)
+                    self._diag_broken = True
+                else:
+                    log.debug("sock_diag lookup failed (%s); reading /proc/net/tcp", exc)
+                    self.close()
+        table = _read_proc_tcp({client[1] for client, _ in tuples})
+        return {key: table[key] for key in tuples if key in table}
+
+    def _sock_diag(self, tuples: list[Any4]) -> dict[Any4, SocketEntry]:
+        if self._diag is None:
+            diag = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG)
+            diag.settimeout(2.0)
+            self._diag = diag
+        result: dict[Any4, SocketEntry] = {}
+        for start in range(0, len(tuples), _DIAG_CHUNK):
+            chunk = tuples[start : start + _DIAG_CHUNK]
+            self._diag.send(b"".join(_diag_request(i, *key) for i, key in enumerate(chunk)))
+            for seq, entry in _diag_replies(self._diag, len(chunk)):
+                # An exact lookup falls back to a listener on the local port: only the very
+                # 4-tuple asked counts.
+                if entry is not None and 0 <= seq < len(chunk) and entry[0] == chunk[seq]:
+                    result[chunk[seq]] = entry[1]
+        return result
+
+    def _sockets_by_client(self, clients: Sequence[Address]) -> dict[Address, SocketEntry]:
+        table = _read_proc_tcp({port for _, port in clients})
+        matches: dict[Address, list[SocketEntry]] = {}
+        for (local, _), entry in table.items():
+            if entry.state != _TCP_LISTEN:
+                matches.setdefault(local, []).append(entry)
+        # Several sockets share that local address (each to another destination): no guess.
+        return {c: matches[c][0] for c in clients if len(matches.get(c, ())) == 1}
+
+    # 2. owners ---------------------------------------------------------------------------------
+
+    def _owners(self, inodes: Mapping[int, int]) -> tuple[dict[int, int], set[int] | None]:
+        """inode -> pid for the inodes given (inode -> the socket's uid); and the uids whose
+        processes could not all be read (None: some process of unknown uid)."""
+        if not inodes:
+            return {}, set()
+        targets = {f"socket:[{inode}]": inode for inode in inodes}
+        uids = set(inodes.values())
+        owners: dict[int, int] = {}
+        unreadable: set[int] | None = set()
+        try:
+            pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+        except OSError:
+            return {}, None
+        running = set(pids)
+        recent = [pid for pid in reversed(self._recent) if pid in running]
+        order = recent + [pid for pid in pids if pid not in self._recent]
+        for pid in order:
+            uid = -1
+            if self._me != 0:
+                # A socket's uid is its creator's; another user's process holds it only if
+                # it was passed along, and that process's fds cannot be read anyway.
+                try:
+                    uid = os.stat(f"/proc/{pid}").st_uid
+                except OSError:
+                    continue
+                if uid not in uids:
+                    continue
+            try:
+                fd_dir = os.open(f"/proc/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY)
+            except FileNotFoundError:
+                continue  # ended meanwhile
+            except OSError:
+                if uid < 0 or unreadable is None:
+                    unreadable = None
+                else:
+                    unreadable.add(uid)
+                continue
+            try:
+                for fd in os.listdir(fd_dir):
+                    try:
+                        link = os.readlink(fd, dir_fd=fd_dir)
+                    except OSError:
+                        continue  # closed meanwhile
+                    inode = targets.pop(link, None)
+                    if inode is not None:
+                        owners[inode] = pid
+                        self._remember(pid)
+            except OSError:
+                pass  # ended while being read
+            finally:
+                os.close(fd_dir)
+            if not targets:
+                break
+        return owners, unreadable
+
+    def _remember(self, pid: int) -> None:
+        self._recent[pid] = None
+        self._recent.move_to_end(pid)
+        while len(self._recent) > _RECENT_PIDS:
+            self._recent.popitem(last=False)
+
+    # 3. processes ------------------------------------------------------------------------------
+
+    def _process(self, pid: int, socket_user: str | None) -> ProcessInfo:
+        try:
+            proc = psutil.Process(pid)
+            with proc.oneshot():
+                name = proc.name()
+                try:
+                    exe: str | None = proc.exe() or None
+                except psutil.AccessDenied:
+                    exe = None
+                try:
+                    user: str | None = proc.username()
+                except (psutil.AccessDenied, KeyError):
+                    user = socket_user
+        except psutil.NoSuchProcess:
+            return ProcessInfo(pid=pid, name=_comm(pid), user=socket_user, exited=True)
+        except psutil.AccessDenied:
+            return ProcessInfo(pid=pid, name=_comm(pid), user=socket_user)
+        return ProcessInfo(pid=pid, name=name or "?", exe=exe, user=user)
+
+    def _user(self, uid: int) -> str:
+        name = self._users.get(uid)
+        if name is None:
+            try:
+                name = pwd.getpwuid(uid).pw_name
+            except KeyError:
+                name = str(uid)
+            self._users[uid] = name
+        return name
+
+    def _not_found(self, ip: str) -> ProcessInfo | None:
+        if self._is_local(ip):
+            return None
+        return ProcessInfo(pid=None, name="?", remote=True, container=self._docker.name_for(ip))
+
+    def _is_local(self, ip: str) -> bool:
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return True
+        if address.is_loopback:
+            return True
+        now = time.monotonic()
+        if now - self._local_at > _LOCAL_ADDRESSES_TTL or (
+            ip not in self._local and now - self._local_at > 1.0
+        ):
+            self._local = _local_addresses()
+            self._local_at = now
+        return ip in self._local
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as handle:
+            return handle.read().strip() or "?"
+    except OSError:
+        return "?"
+
+
+def _local_addresses() -> frozenset[str]:
+    """This host's addresses (in this thread's network namespace)."""
+    found: set[str] = set()
+    with contextlib.suppress(OSError):
+        for addrs in psutil.net_if_addrs().values():
+            for addr in addrs:
+                if addr.family in (socket.AF_INET, socket.AF_INET6):
+                    found.add(_plain((addr.address, 0))[0])
+    return frozenset(found)
+
+
+# sock_diag (linux/inet_diag.h) -----------------------------------------------------------------
+
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLM_F_REQUEST = 1
+_NLMSG_ERROR = 2
+_NLMSG_HEADER = struct.Struct("=IHHII")  # len, type, flags, seq, pid
+_DIAG_REQ = struct.Struct("=BBBBI")  # family, protocol, ext, pad, states
+_DIAG_MSG = struct.Struct("=BBBB")  # family, state, timer, retrans
+_DIAG_TAIL = struct.Struct("=IIIII")  # expires, rqueue, wqueue, uid, inode
+_NO_COOKIE = struct.pack("=III", 0, 0xFFFFFFFF, 0xFFFFFFFF)  # if, cookie[2]
+# Requests per message: their replies must fit the netlink socket's receive buffer.
+_DIAG_CHUNK = 128
+
+
+def _diag_request(seq: int, local: Address, remote: Address) -> bytes:
+    family = socket.AF_INET6 if ":" in local[0] or ":" in remote[0] else socket.AF_INET
+
+    def addr(ip: str) -> bytes:
+        if family == socket.AF_INET:
+            return socket.inet_pton(socket.AF_INET, ip) + bytes(12)
+        if ":" not in ip:
+            ip = f"::ffff:{ip}"
+        return socket.inet_pton(socket.AF_INET6, ip)
+
+    body = (
+        _DIAG_REQ.pack(family, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF)
+        + struct.pack("!HH", local[1], remote[1])
+        + addr(local[0])
+        + addr(remote[0])
+        + _NO_COOKIE
+    )
+    header = _NLMSG_HEADER.pack(
+        _NLMSG_HEADER.size + len(body), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, seq, 0
+    )
+    return header + body
+
+
+def _diag_address(family: int, raw: bytes) -> str:
+    if family == socket.AF_INET:
+        return socket.inet_ntop(socket.AF_INET, raw[:4])
+    return _plain((socket.inet_ntop(socket.AF_INET6, raw), 0))[0]
+
+
+def _diag_replies(
+    sock: socket.socket, count: int
+) -> Iterable[tuple[int, tuple[Any4, SocketEntry] | None]]:
+    """Each request's reply: (seq, ((local, remote), entry)) or (seq, None) for no socket."""
+    answered = 0
+    for _ in range(count):  # a reply message per request, usually many per datagram
+        if answered >= count:
+            return
+        data = sock.recv(1 << 16)
+        offset = 0
+        while offset + _NLMSG_HEADER.size <= len(data):
+            length, kind, _, seq, _ = _NLMSG_HEADER.unpack_from(data, offset)
+            if length < _NLMSG_HEADER.size:
+                break
+            body = offset + _NLMSG_HEADER.size
+            answered += 1
+            if kind == _NLMSG_ERROR:
+                (errno,) = struct.unpack_from("=i", data, body)
+                if -errno not in (0, 2):  # ENOENT: no such socket
+                    log.debug("sock_diag lookup %d failed: %s", seq, os.strerror(-errno))
+                yield seq, None
+            elif kind == _SOCK_DIAG_BY_FAMILY:
+                family, state, _, _ = _DIAG_MSG.unpack_from(data, body)
+                sport, dport = struct.unpack_from("!HH", data, body + 4)
+                local = _diag_address(family, data[body + 8 : body + 24])
+                remote = _diag_address(family, data[body + 24 : body + 40])
+                _, _, _, uid, inode = _DIAG_TAIL.unpack_from(data, body + 52)
+                if state == _TCP_LISTEN:
+                    yield seq, None
+                else:
+                    key = ((local, sport), (remote, dport))
+                    yield seq, (key, SocketEntry(state=state, uid=uid, inode=inode))
+            offset += (length + 3) & ~3
+
+
+# /proc/net/tcp{,6} (the fallback, and lookups by client address alone) -------------------------
+
+
+def _proc_address(text: str) -> Address:
+    ip_hex, port_hex = text.split(":")
+    raw = bytes.fromhex(ip_hex)
+    # Each 32-bit word is printed in host byte order.
+    if sys.byteorder == "little":
+        raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+    family = socket.AF_INET if len(raw) == 4 else socket.AF_INET6
+    return _plain((socket.inet_ntop(family, raw), int(port_hex, 16)))
+
+
+def _read_proc_tcp(local_ports: set[int]) -> dict[Any4, SocketEntry]:
+    """The sockets of /proc/thread-self/net/tcp{,6} whose local port is one of `local_ports`."""
+    ports = {f":{port:04X}" for port in local_ports}
+    table: dict[Any4, SocketEntry] = {}
+    for name in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/thread-self/net/{name}", encoding="ascii") as handle:
+                lines = handle.readlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 10 or fields[1][-5:] not in ports:
+                continue
+            key = (_proc_address(fields[1]), _proc_address(fields[2]))
+            table[key] = SocketEntry(
+                state=int(fields[3], 16), uid=int(fields[7]), inode=int(fields[9])
+            )
+    return table
+
+
+# Docker ----------------------------------------------------------------------------------------
+
+
+class DockerNames:
+    """Container address -> container name, from the `docker` CLI, cached for a while.
+
+    Only asked for connections from another address; a host without Docker costs one PATH
+    lookup per _DOCKER_TTL.
+    """
+
+    def __init__(self, ttl: float = _DOCKER_TTL) -> None:
+        self._ttl = ttl
+        self._names: dict[str, str] = {}
+        self._at = -ttl
+
+    def name_for(self, ip: str) -> str | None:
+        now = time.monotonic()
+        if now - self._at > self._ttl or (ip not in self._names and now - self._at > 1.0):
+            self._names = _docker_addresses()
+            self._at = time.monotonic()
+        return self._names.get(ip)
+
+
+def _docker(args: Sequence[str], docker: str) -> str | None:
+    try:
+        done = subprocess.run(
+            [docker, *args],
+            capture_output=True,
+            timeout=_DOCKER_TIMEOUT,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.debug("docker %s: %s", args[0], exc)
+        return None
+    if done.returncode != 0:
+        log.debug("docker %s exited %d", " ".join(args[:2]), done.returncode)
+        return None
+    return done.stdout.decode("utf-8", "replace")
+
+
+def _docker_addresses() -> dict[str, str]:
+    """Every running container's addresses -> its name, from `docker network inspect`."""
+    docker = shutil.which("docker")
+    if docker is None:
+        return {}
+    listing = _docker(["network", "ls", "--quiet", "--no-trunc"], docker)
+    ids = listing.split() if listing else []
+    if not ids:
+        return {}
+    text = _docker(["network", "inspect", *ids], docker)
+    if text is None:
+        return {}
+    try:
+        networks = json.loads(text)
+    except ValueError:
+        return {}
+    names: dict[str, str] = {}
+    for network in networks if isinstance(networks, list) else ():
+        containers = network.get("Containers") if isinstance(network, dict) else None
+        if not isinstance(containers, dict):
+            continue
+        for container in containers.values():
+            if not isinstance(container, dict) or not container.get("Name"):
+                continue
+            for key in ("IPv4Address", "IPv6Address"):
+                cidr = container.get(key)
+                if isinstance(cidr, str) and cidr:
+                    names[_plain((cidr.split("/", 1)[0], 0))[0]] = str(container["Name"])
+    return names
