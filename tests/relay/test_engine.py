@@ -1069,3 +1069,206 @@ def test_out_of_file_descriptors_keeps_tunnels_and_recovers(run, loop_kind):
             assert "Traceback" not in stderr and "Exception in callback" not in stderr, stderr
 
     run(main)
+
+
+# -- the dashboard's controls: close by id, traffic ------------------------------------------
+
+
+async def _open_tunnels(relay, count):
+    """`count` echo tunnels, each having moved one byte both ways, with their ids."""
+    clients = []
+    for i in range(count):
+        reader, writer = await relay.connect()
+        writer.write(b"%d" % i)
+        assert await asyncio.wait_for(reader.readexactly(1), 5) == b"%d" % i
+        clients.append((reader, writer))
+    ids = [e.conn_id for e in relay.of(ConnectionOpened)]
+    assert len(ids) == count and set(ids) == set(relay.engine._tunnels)
+    return clients, ids
+
+
+@pytest.mark.parametrize("run", ALL_LOOPS, indirect=True)
+def test_close_connections_ends_the_chosen_tunnels_mid_transfer_and_no_others(run):
+    async def main():
+        async with (
+            Origin(echo) as origin,
+            ConnectProxy() as proxy,
+            running_relay([http_upstream(proxy)], origin.address, spare_connections=0) as relay,
+        ):
+            engine = relay.engine
+            clients, ids = await _open_tunnels(relay, 3)
+            (busy_r, busy_w), (quiet_r, quiet_w), (kept_r, kept_w) = clients
+
+            async def keep_sending():
+                # Bounded: the tunnel is closed long before this many chunks.
+                for _ in range(10_000):
+                    busy_w.write(b"x" * 65536)
+                    await busy_w.drain()
+
+            async def keep_reading():
+                return await read_until_error(busy_r)
+
+            sending = asyncio.ensure_future(keep_sending())
+            reading = asyncio.ensure_future(keep_reading())
+            await until(lambda: engine._records[ids[0]].bytes_down > 1 << 20, what="1 MiB echoed")
+
+            assert engine.close_connections([ids[0], ids[1], 10**12, ids[0]]) == 2
+            # At once: the relay's side is gone before this returns.
+            assert set(engine._tunnels) == {ids[2]}
+            closed = relay.closed
+            assert sorted(e.conn_id for e in closed) == ids[:2]
+            for event in closed:
+                assert event.reason is CloseReason.CLOSED_BY_USER
+                assert event.detail == "closed from the dashboard"
+                assert relay.record(event.conn_id).close_reason is CloseReason.CLOSED_BY_USER
+            # The clients see a reset (a failed transfer, not a complete one), well before
+            # any of the relay's own time limits.
+            with pytest.raises((ConnectionError, OSError)):
+                await asyncio.wait_for(sending, 5)
+            got, error = await asyncio.wait_for(reading, 5)
+            assert isinstance(error, ConnectionResetError), (len(got), error)
+            _got, error = await asyncio.wait_for(read_until_error(quiet_r), 5)
+            assert isinstance(error, ConnectionResetError), error
+            # The upstream side ends too: the proxy's connections for both are gone.
+            await until(lambda: proxy.open_connections == 1, 5, "the proxy's side closed")
+            await until(lambda: sum(not c.done for c in origin.conns) == 1, 5, "origins done")
+            # The third tunnel carries on, and closing it again or unknown ids is a no-op.
+            assert engine.close_connections(ids[:2]) == 0
+            kept_w.write(b"still here")
+            kept_w.write_eof()
+            assert await read_all(kept_r) == b"still here"
+            for _r, w in clients:
+                w.close()
+            (*_, last) = await relay.wait_closed(3)
+            assert last.conn_id == ids[2] and last.reason is CloseReason.DONE
+
+    run(main)
+
+
+@pytest.mark.parametrize("run", ALL_LOOPS, indirect=True)
+def test_close_connections_while_the_proxy_has_not_answered(run):
+    """Still opening, on the fast path (waiting in Deadlines) and on the Task path (a
+    coroutine in its handshake): both end at once with CLOSED_BY_USER."""
+    creds = StaticCredentialSource({"auth": Credentials("alice", Secret("pw"))})
+
+    async def main():
+        async with (
+            Origin(echo) as origin,
+            ConnectProxy(Mode.SILENT) as fast_proxy,
+            ConnectProxy(Mode.SILENT, credentials=("alice", "pw")) as task_proxy,
+        ):
+            for proxy, upstream, path in (
+                (fast_proxy, http_upstream(fast_proxy), "fast"),
+                (task_proxy, http_upstream(task_proxy, "auth", "alice"), "task"),
+            ):
+                async with running_relay(
+                    [upstream], origin.address, creds, handshake_timeout=30, spare_connections=0
+                ) as relay:
+                    engine = relay.engine
+                    reader, writer = await relay.connect()
+                    await until(lambda p=proxy: len(p.requests) == 1, what="the CONNECT")
+                    (conn_id,) = engine._records
+                    assert engine._deadlines is not None
+                    if path == "fast":
+                        assert conn_id in engine._deadlines.pending
+                    else:
+                        assert not engine._deadlines.pending and conn_id in engine._serving
+                    assert engine.close_connections([conn_id]) == 1
+                    assert engine.close_connections([conn_id]) == 0  # not twice
+                    (closed,) = await relay.wait_closed(1, timeout=5)
+                    assert closed.conn_id == conn_id, path
+                    assert closed.reason is CloseReason.CLOSED_BY_USER, (path, closed)
+                    assert closed.detail == "closed from the dashboard"
+                    got, error = await asyncio.wait_for(read_until_error(reader), 5)
+                    writer.close()
+                    assert got == b"" and isinstance(error, ConnectionResetError), (path, error)
+                    await until(lambda p=proxy: p.open_connections == 0, 5, "proxy side closed")
+                    await until(lambda e=engine: not e._tasks and not e._serving, 5, "tasks")
+                    assert engine._records == {} and not engine._deadlines.pending
+                    assert not relay.of(UpstreamFailed)
+            assert origin.conns == []
+
+    run(main)
+
+
+def test_close_connections_before_its_task_first_ran(run):
+    """A Task-path connection closed between its task's creation and its first step: the
+    coroutine never runs, and the connection still ends, once, with CLOSED_BY_USER."""
+    creds = StaticCredentialSource({"auth": Credentials("alice", Secret("pw"))})
+    answers: list[int] = []
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        async with (
+            Origin(echo) as origin,
+            ConnectProxy(credentials=("alice", "pw")) as proxy,
+            running_relay(
+                [http_upstream(proxy, "auth", "alice")], origin.address, creds, spare_connections=0
+            ) as relay,
+        ):
+            engine = relay.engine
+
+            def on_event(event):
+                # Published in the accept callback just before the task is made: this
+                # callback runs before the task's first step (both queued, in order).
+                if isinstance(event, ConnectionOpened):
+                    loop.call_soon(
+                        lambda: answers.append(engine.close_connections([event.conn_id]))
+                    )
+
+            engine.bus.subscribe(on_event)
+            reader, writer = await relay.connect()
+            (closed,) = await relay.wait_closed(1, timeout=5)
+            got, _error = await asyncio.wait_for(read_until_error(reader), 5)
+            writer.close()
+            assert answers == [1]
+            assert closed.reason is CloseReason.CLOSED_BY_USER and got == b""
+            # The coroutine never ran: it neither routed nor dialed.
+            assert proxy.requests == [] and not relay.of(ConnectionRouted)
+            await until(lambda: not engine._tasks and not engine._serving, 5, "tasks reaped")
+            assert engine._records == {} and engine._closing_by_user == set()
+            await asyncio.sleep(0)
+            assert len(relay.closed) == 1
+
+    run(main)
+
+
+@pytest.mark.parametrize("run", ALL_LOOPS, indirect=True)
+def test_traffic_counts_open_connections_and_totals_since_start(run):
+    async def main():
+        async with (
+            Origin(echo) as origin,
+            ConnectProxy() as proxy,
+            running_relay([http_upstream(proxy)], origin.address, spare_connections=0) as relay,
+        ):
+            engine = relay.engine
+            assert engine.traffic() == ({}, 0, 0)
+            sizes = [100_000, 3 * MiB]
+            clients = []
+            for size in sizes:
+                reader, writer = await relay.connect()
+                writer.write(pattern(size, size))
+                assert await reader.readexactly(size) == pattern(size, size)
+                clients.append((reader, writer))
+            ids = [e.conn_id for e in relay.of(ConnectionOpened)]
+            counters, up, down = engine.traffic()
+            assert counters == {i: (s, s) for i, s in zip(ids, sizes, strict=True)}
+            assert up == down == sum(sizes)
+            # The first one ends with a little more each way: it leaves the counters, its
+            # bytes stay in the totals.
+            reader, writer = clients[0]
+            writer.write(b"bye")
+            writer.write_eof()
+            assert await read_all(reader) == b"bye"
+            writer.close()
+            (closed,) = await relay.wait_closed(1)
+            assert (closed.bytes_up, closed.bytes_down) == (sizes[0] + 3, sizes[0] + 3)
+            counters, up, down = engine.traffic()
+            assert counters == {ids[1]: (sizes[1], sizes[1])}
+            assert up == down == sum(sizes) + 3
+            # A connection closed by the user counts the same way.
+            assert engine.close_connections([ids[1]]) == 1
+            clients[1][1].close()
+            assert engine.traffic() == ({}, sum(sizes) + 3, sum(sizes) + 3)
+
+    run(main)

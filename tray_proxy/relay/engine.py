@@ -10,15 +10,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import gc
 import ipaddress
 import logging
 import os
 import resource
 import socket
+import struct
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any
 
 from tray_proxy.errors import UserError
@@ -73,6 +75,8 @@ _gc_frozen = False  # see RelayEngine.start
 # accept() failures that mean "out of a resource for now": keep serving, retry later.
 _ACCEPT_PRESSURE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _STAT_KEYS = {reason: reason.value for reason in CloseReason}  # .value is a Python call
+_CLOSED_BY_USER = "closed from the dashboard"
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 _FAILURES = frozenset(
     {
         CloseReason.NO_UPSTREAM,
@@ -148,6 +152,13 @@ class RelayEngine:
         self._records: dict[int, ConnectionRecord] = {}
         self._tunnels: dict[int, Tunnel] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # Connections on the Task path, by id, so the user can close them (close_connections);
+        # the ids among them the user closed, so their cancellation says so.
+        self._serving: dict[int, asyncio.Task[None]] = {}
+        self._closing_by_user: set[int] = set()
+        # Bytes of the connections that closed since start (traffic()).
+        self._closed_up = 0
+        self._closed_down = 0
         self._pool = PipePool()
         self._batching: ReadBatching | None = None
         self._deadlines: Deadlines | None = None
@@ -204,6 +215,50 @@ class RelayEngine:
     def connections(self) -> list[ConnectionRecord]:
         """Snapshots of the connections open right now."""
         return [record.snapshot() for record in self._records.values()]
+
+    def traffic(self) -> tuple[dict[int, tuple[int, int]], int, int]:
+        """The open connections' (bytes up, bytes down) by id, and the bytes up and down
+        since start, closed connections included. Call on the engine's loop."""
+        counters = {i: (r.bytes_up, r.bytes_down) for i, r in self._records.items()}
+        up, down = self._closed_up, self._closed_down
+        for conn_up, conn_down in counters.values():
+            up += conn_up
+            down += conn_down
+        return counters, up, down
+
+    def close_connections(self, ids: Iterable[int]) -> int:
+        """Close the open connections with these ids (the user asked to, from the
+        dashboard), whatever phase they are in; unknown or closed ids are ignored. Returns
+        how many it closed. Call on the engine's loop.
+
+        The client gets a reset, so the program sees a failed transfer rather than a
+        complete one; the upstream side is closed. Each ends with CLOSED_BY_USER: a tunnel
+        or a fast-path opening at once, a connection on the Task path once its task has
+        unwound (within this loop iteration or the next).
+        """
+        tunnels = self._tunnels
+        pending = self._deadlines.pending if self._deadlines is not None else {}
+        closed = 0
+        for conn_id in ids:
+            tunnel = tunnels.get(conn_id)
+            if tunnel is not None:
+                if not tunnel.closed:
+                    with contextlib.suppress(OSError):
+                        tunnel.client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+                    tunnel.close(CloseReason.CLOSED_BY_USER, _CLOSED_BY_USER)
+                    closed += 1
+                continue
+            opening = pending.get(conn_id)
+            if opening is not None:
+                opening.abort(CloseReason.CLOSED_BY_USER, _CLOSED_BY_USER)
+                closed += 1
+                continue
+            task = self._serving.get(conn_id)
+            if task is not None and conn_id not in self._closing_by_user and not task.done():
+                self._closing_by_user.add(conn_id)
+                task.cancel()
+                closed += 1
+        return closed
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -385,12 +440,45 @@ class RelayEngine:
             listener._accept,  # type: ignore[attr-defined]
         )
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         """The only place the engine creates tasks: named, referenced, reaped."""
         assert self._loop is not None
         task = self._loop.create_task(coro, name=f"tray-proxy {name}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _spawn_serve(
+        self,
+        record: ConnectionRecord,
+        conn: socket.socket,
+        peeker: HostPeeker | None,
+        peeked: bytes,
+        *,
+        routed: bool = False,
+        opened: tuple[socket.socket, bytes] | None = None,
+    ) -> None:
+        """A connection goes on in a Task (_serve), found by its id while it lasts."""
+        task = self._spawn(
+            self._serve(record, conn, peeker, peeked, routed=routed, opened=opened), "conn"
+        )
+        self._serving[record.id] = task
+        task.add_done_callback(functools.partial(self._served, record, conn))
+
+    def _served(
+        self, record: ConnectionRecord, conn: socket.socket, _task: asyncio.Task[None]
+    ) -> None:
+        self._serving.pop(record.id, None)
+        by_user = record.id in self._closing_by_user
+        if by_user:
+            self._closing_by_user.discard(record.id)
+        if record.id in self._records and record.id not in self._tunnels:
+            # Cancelled before its first step: the coroutine never ran, nor its cleanup.
+            if by_user:
+                reason, detail = CloseReason.CLOSED_BY_USER, _CLOSED_BY_USER
+            else:
+                reason, detail = CloseReason.SHUTDOWN, "the relay stopped"
+            self._finish(record, conn, reason, detail, reset=True)
 
     # -- one connection -------------------------------------------------------------------
 
@@ -474,7 +562,7 @@ class RelayEngine:
             peeker = None
             if self.settings.peek_timeout > 0:
                 peeker = HostPeeker(self.settings.peek_max_bytes)
-            self._spawn(self._serve(record, conn, peeker, b""), "conn")
+            self._spawn_serve(record, conn, peeker, b"")
             return
         record.upstream = opening.upstream.name
         opening.start(record)
@@ -576,7 +664,7 @@ class RelayEngine:
             creds = self.credentials.get(upstream.name, upstream.username)
             if creds is not None:
                 self._auth_of(upstream).doubt(creds)
-        self._spawn(self._serve(record, conn, peeker, peeked, routed=peeker is None), "conn")
+        self._spawn_serve(record, conn, peeker, peeked, routed=peeker is None)
 
     def finish_slowly(
         self,
@@ -586,9 +674,8 @@ class RelayEngine:
         to_upstream: bytes,
         to_client: bytes,
     ) -> None:
-        self._spawn(
-            self._serve(record, conn, None, to_upstream, routed=True, opened=(upstream, to_client)),
-            "conn",
+        self._spawn_serve(
+            record, conn, None, to_upstream, routed=True, opened=(upstream, to_client)
         )
 
     # -- the Task path --------------------------------------------------------------------
@@ -662,7 +749,10 @@ class RelayEngine:
         except asyncio.CancelledError:
             if upstream_sock is not None:
                 upstream_sock.close()
-            self._finish(record, conn, CloseReason.SHUTDOWN, "the relay stopped", reset=True)
+            if record.id in self._closing_by_user:
+                self._finish(record, conn, CloseReason.CLOSED_BY_USER, _CLOSED_BY_USER, True)
+            else:
+                self._finish(record, conn, CloseReason.SHUTDOWN, "the relay stopped", reset=True)
             raise
         except OSError as exc:
             if upstream_sock is not None:
@@ -812,6 +902,8 @@ class RelayEngine:
         record.close_reason = reason
         record.close_detail = detail
         self._records.pop(record.id, None)
+        self._closed_up += record.bytes_up
+        self._closed_down += record.bytes_down
         self.stats[_STAT_KEYS[reason]] += 1
         if self.bus.observed:
             self.bus.publish(

@@ -13,11 +13,12 @@ import asyncio
 import concurrent.futures
 import threading
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, TypeVar, TypeVarTuple, Unpack
 
 from tray_proxy.relay.engine import RelayEngine
 
 T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
 
 
 def new_fast_loop() -> asyncio.AbstractEventLoop:
@@ -72,6 +73,31 @@ class EngineThread:
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         """Schedule a coroutine on the engine loop; await the result with asyncio.wrap_future."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def call_soon(self, fn: Callable[[Unpack[Ts]], object], *args: Unpack[Ts]) -> None:
+        """Call `fn(*args)` on the engine loop, from any thread; no answer comes back.
+
+        Raises RuntimeError when the loop has stopped (the relay is off)."""
+        self.loop.call_soon_threadsafe(fn, *args)
+
+    def run(self, fn: Callable[[Unpack[Ts]], T], *args: Unpack[Ts]) -> concurrent.futures.Future[T]:
+        """Call `fn(*args)` on the engine loop, from any thread; the future has its result
+        or its exception (`future.result(timeout)`, or `asyncio.wrap_future` on another
+        loop). A plain function, not a coroutine: one callback, no Task.
+
+        Raises RuntimeError when the loop has stopped (the relay is off)."""
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def call() -> None:
+            if not future.set_running_or_notify_cancel():
+                return  # the caller gave up meanwhile
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # handed to the caller, whatever it is
+                future.set_exception(exc)
+
+        self.loop.call_soon_threadsafe(call)
+        return future
 
     def start(self, timeout: float = 10.0) -> None:
         """Start the thread and the engine; raises what engine.start() raises."""
