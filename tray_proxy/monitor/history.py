@@ -1,0 +1,984 @@
+"""The connection history: one SQLite row per closed connection, kept across restarts.
+
+`HistoryWriter` is what the app and `tray-proxy run` feed: `submit(rows)` only appends to a
+bounded in-memory queue; its own thread writes batches, one transaction each, at least every
+`flush_interval` (0.5 s), and enforces retention. So no disk write ever happens on the
+engine's loop or the UI thread, and a `kill -9` loses at most the last unflushed batch:
+SQLite's WAL with synchronous=NORMAL loses no committed transaction when a process dies
+(only a power cut can cost the last ones), and never corrupts the file.
+
+`HistoryStore` is what readers use (the dashboard's Log tab, `tray-proxy log`, exports):
+keyset pages newest first, filters backed by indexes, `after_rowid` for --follow.
+
+Layout, and why:
+- Host names go to a `hosts` dictionary (one row per distinct name) and each connection keeps
+  the host's id. A host filter of any shape (exact, `*.suffix` glob, `%substring%`) is then
+  matched against the few thousand distinct names, never against a million rows, and the
+  matching ids are looked up in the (host_id, started) index.
+- Every filtered column has an index ending in `started`, so a page is an index range read
+  newest first; a page first selects (id, started) only (covered by the index) and then
+  reads the full rows of that page by id.
+- Free pages are reused, not vacuumed: retention deletes the oldest rows in chunks, and the
+  pages they free hold the next rows, so the file stays near its size limit without the
+  write cost of moving pages. The database is created with auto_vacuum=INCREMENTAL only so
+  that a lowered size limit can give space back (`incremental_vacuum`, run when a third of
+  the file is free pages).
+
+A row holds nothing secret (see monitor/rows.py); no column takes free-form text other than
+the engine's `detail` and the failure's `words`.
+
+Must not import PySide6 or asyncio.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime as dt
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from platformdirs import user_state_path
+
+from tray_proxy.errors import UserError
+from tray_proxy.monitor.query import HistoryCursor, HistoryEntry, HistoryFilter, HistoryPage
+from tray_proxy.monitor.rows import ConnectionRow, ProcessInfo, RowState
+from tray_proxy.relay.records import CloseReason
+
+__all__ = [
+    "HistoryError",
+    "HistoryStore",
+    "HistoryWriter",
+    "default_history_path",
+    "export_rows",
+]
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "tray-proxy"
+FILE_NAME = "history.sqlite3"
+# PRAGMA application_id marks the file as ours ("TPXH"); user_version is the schema version.
+APPLICATION_ID = 0x54505848
+SCHEMA_VERSION = 1
+# More pending rows than this means the disk cannot keep up: the oldest are dropped.
+MAX_PENDING = 100_000
+RETENTION_INTERVAL = 60.0  # seconds between retention passes of the writer
+_CHUNK = 5_000  # rows deleted per retention transaction (readers and the writer interleave)
+_MAX_CHUNKS = 2_000  # bound of one retention pass (10 million rows)
+# A host filter matching more names than this is passed to SQLite as a subquery.
+_MAX_HOST_IDS = 500
+
+
+class HistoryError(UserError):
+    """The history cannot be read or written. `str()` says what happened and what to do."""
+
+
+def default_history_path() -> Path:
+    """Where the app and `tray-proxy run` keep the history ([log] path overrides it)."""
+    return user_state_path(APP_NAME) / FILE_NAME
+
+
+# --------------------------------------------------------------------------- schema
+
+_SCHEMA = """
+CREATE TABLE hosts (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE
+);
+CREATE TABLE connections (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    conn_id INTEGER NOT NULL,
+    started REAL NOT NULL,
+    established REAL,
+    ended REAL,
+    client_ip TEXT NOT NULL,
+    client_port INTEGER NOT NULL,
+    dst_ip TEXT,
+    dst_port INTEGER,
+    host_id INTEGER REFERENCES hosts(id),
+    upstream TEXT,
+    state TEXT NOT NULL,
+    failed INTEGER NOT NULL,
+    handshake_latency REAL,
+    bytes_up INTEGER NOT NULL,
+    bytes_down INTEGER NOT NULL,
+    close_reason TEXT,
+    detail TEXT NOT NULL,
+    words TEXT NOT NULL,
+    process_name TEXT,
+    pid INTEGER,
+    exe TEXT,
+    user TEXT,
+    container TEXT,
+    exited INTEGER NOT NULL,
+    remote INTEGER NOT NULL
+);
+CREATE INDEX ix_started ON connections(started);
+CREATE INDEX ix_host ON connections(host_id, started);
+CREATE INDEX ix_process ON connections(process_name COLLATE NOCASE, started);
+CREATE INDEX ix_upstream ON connections(upstream, started);
+CREATE INDEX ix_reason ON connections(close_reason, started);
+CREATE INDEX ix_failed ON connections(started) WHERE failed = 1;
+"""
+
+_COLUMNS = (
+    "conn_id",
+    "started",
+    "established",
+    "ended",
+    "client_ip",
+    "client_port",
+    "dst_ip",
+    "dst_port",
+    "host_id",
+    "upstream",
+    "state",
+    "failed",
+    "handshake_latency",
+    "bytes_up",
+    "bytes_down",
+    "close_reason",
+    "detail",
+    "words",
+    "process_name",
+    "pid",
+    "exe",
+    "user",
+    "container",
+    "exited",
+    "remote",
+)
+_INSERT = (
+    f"INSERT INTO connections ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' for _ in _COLUMNS)})"
+)
+_SELECT = (
+    "SELECT c.id, "
+    + ", ".join(f"c.{name}" for name in _COLUMNS if name != "host_id")
+    + ", h.name FROM connections AS c LEFT JOIN hosts AS h ON h.id = c.host_id"
+)
+
+
+def _row_values(row: ConnectionRow, host_id: int | None) -> tuple[object, ...]:
+    process = row.process
+    dst_ip, dst_port = row.original_dst if row.original_dst is not None else (None, None)
+    return (
+        row.conn_id,
+        row.started,
+        row.established,
+        row.ended,
+        row.client[0],
+        row.client[1],
+        dst_ip,
+        dst_port,
+        host_id,
+        row.upstream,
+        row.state.value,
+        1 if row.failed else 0,
+        row.handshake_latency,
+        row.bytes_up,
+        row.bytes_down,
+        row.close_reason.value if row.close_reason is not None else None,
+        row.detail,
+        row.words,
+        process.name if process is not None else None,
+        process.pid if process is not None else None,
+        process.exe if process is not None else None,
+        process.user if process is not None else None,
+        process.container if process is not None else None,
+        1 if process is not None and process.exited else 0,
+        1 if process is not None and process.remote else 0,
+    )
+
+
+def _entry(values: Sequence[Any]) -> HistoryEntry:
+    (
+        rowid,
+        conn_id,
+        started,
+        established,
+        ended,
+        client_ip,
+        client_port,
+        dst_ip,
+        dst_port,
+        upstream,
+        state,
+        _failed,
+        handshake_latency,
+        bytes_up,
+        bytes_down,
+        close_reason,
+        detail,
+        words,
+        process_name,
+        pid,
+        exe,
+        user,
+        container,
+        exited,
+        remote,
+        host,
+    ) = values
+    process = None
+    if process_name is not None:
+        process = ProcessInfo(
+            pid=pid,
+            name=process_name,
+            exe=exe,
+            user=user,
+            exited=bool(exited),
+            container=container,
+            remote=bool(remote),
+        )
+    try:
+        reason = CloseReason(close_reason) if close_reason is not None else None
+    except ValueError:  # written by a newer version with a reason this one does not know
+        reason = CloseReason.INTERNAL_ERROR
+    try:
+        row_state = RowState(state)
+    except ValueError:
+        row_state = RowState.CLOSED
+    row = ConnectionRow(
+        conn_id=conn_id,
+        started=started,
+        client=(client_ip, client_port),
+        original_dst=(dst_ip, dst_port) if dst_ip is not None else None,
+        host=host,
+        upstream=upstream,
+        state=row_state,
+        established=established,
+        handshake_latency=handshake_latency,
+        bytes_up=bytes_up,
+        bytes_down=bytes_down,
+        ended=ended,
+        close_reason=reason,
+        detail=detail,
+        words=words,
+        process=process,
+    )
+    return HistoryEntry(rowid=rowid, row=row)
+
+
+# --------------------------------------------------------------------------- filters
+
+
+def _like_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def host_condition(pattern: str) -> tuple[str, list[object]]:
+    """The WHERE clause over `hosts.name` for a host pattern (case-insensitive):
+    `*` or `?` make it a glob (`*.example.com`: the subdomains of example.com), `%` a LIKE
+    pattern (`%corp%`: contains "corp"); anything else is the exact name."""
+    text = pattern.strip().lower()
+    if "*" in text or "?" in text:
+        return "lower(name) GLOB ?", [text]
+    if "%" in text:
+        return "name LIKE ?", [text]
+    return "name = ? COLLATE NOCASE", [text]
+
+
+class _Query:
+    """A HistoryFilter turned into SQL over `connections AS c`."""
+
+    def __init__(self, conn: sqlite3.Connection, flt: HistoryFilter) -> None:
+        self.where: list[str] = []
+        self.params: list[object] = []
+        self.empty = False  # a filter that can match nothing (an unknown host)
+        if flt.since is not None:
+            self.where.append("c.started >= ?")
+            self.params.append(flt.since)
+        if flt.until is not None:
+            self.where.append("c.started < ?")
+            self.params.append(flt.until)
+        if flt.host:
+            clause, args = host_condition(flt.host)
+            ids = [
+                int(r[0])
+                for r in conn.execute(
+                    f"SELECT id FROM hosts WHERE {clause} LIMIT {_MAX_HOST_IDS + 1}", args
+                )
+            ]
+            if not ids:
+                self.empty = True
+            elif len(ids) == 1:
+                self.where.append("c.host_id = ?")
+                self.params.append(ids[0])
+            elif len(ids) <= _MAX_HOST_IDS:
+                self.where.append(f"c.host_id IN ({', '.join(str(i) for i in ids)})")
+            else:
+                self.where.append(f"c.host_id IN (SELECT id FROM hosts WHERE {clause})")
+                self.params.extend(args)
+        if flt.process:
+            self.where.append("c.process_name = ? COLLATE NOCASE")
+            self.params.append(flt.process)
+        if flt.upstream:
+            self.where.append("c.upstream = ?")
+            self.params.append(flt.upstream)
+        if flt.failed_only:
+            self.where.append("c.failed = 1")  # a literal, so the partial index applies
+        if flt.reason:
+            self.where.append("c.close_reason = ?")
+            self.params.append(flt.reason)
+        if flt.text:
+            # No index serves a substring of five columns: this one scans newest first until
+            # a page is full (fast when it matches often, a full scan when it never does).
+            like = f"%{_like_escape(flt.text)}%"
+            columns = ("c.process_name", "c.upstream", "c.dst_ip", "c.words")
+            self.where.append(
+                "(c.host_id IN (SELECT id FROM hosts WHERE name LIKE ? ESCAPE '\\')"
+                + "".join(f" OR {column} LIKE ? ESCAPE '\\'" for column in columns)
+                + ")"
+            )
+            self.params.extend([like] * 5)
+
+    def sql(self, extra: str = "") -> str:
+        clauses = [*self.where, extra] if extra else self.where
+        return " WHERE " + " AND ".join(clauses) if clauses else ""
+
+
+# --------------------------------------------------------------------------- the store
+
+
+def _move_aside(path: Path, why: str) -> Path:
+    """Rename a database we cannot use (and its WAL) out of the way; returns the new name."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = path.with_name(f"{path.name}.corrupt-{stamp}")
+    for n in range(1, 100):
+        if not target.exists():
+            break
+        target = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+    os.replace(path, target)
+    wal = path.with_name(path.name + "-wal")
+    if wal.exists():
+        os.replace(wal, target.with_name(target.name + "-wal"))
+    with contextlib.suppress(FileNotFoundError):
+        path.with_name(path.name + "-shm").unlink()
+    log.warning(
+        "The connection history %s %s; moved it to %s and started a new, empty history.",
+        path,
+        why,
+        target,
+    )
+    return target
+
+
+def _create_file(path: Path) -> None:
+    """Make the directory (0700) and an empty file (0600) before SQLite does: SQLite gives
+    the -wal and -shm files the database's own mode."""
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except FileExistsError:
+        return
+    except OSError as exc:
+        raise HistoryError(
+            f"Cannot create the connection history {path}: {exc.strerror or exc}. "
+            "Check that the directory is writable, or set [log] path in the settings."
+        ) from None
+    os.close(fd)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    # Autocommit mode: transactions are explicit (BEGIN ... COMMIT), one per batch.
+    conn = sqlite3.connect(path, timeout=5.0, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA busy_timeout = 5000")
+    return conn
+
+
+def _classify(conn: sqlite3.Connection) -> str:
+    """ "new", "ours", "newer" or "foreign"; raises sqlite3.DatabaseError for a corrupt file."""
+    app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+    if app_id == 0 and version == 0 and tables == 0:
+        return "new"
+    if app_id != APPLICATION_ID:
+        return "foreign"
+    return "newer" if version > SCHEMA_VERSION else "ours"
+
+
+def _create_schema(conn: sqlite3.Connection) -> None:
+    # auto_vacuum must be set before the first table exists.
+    conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if _classify(conn) == "new":  # another process may have won the race
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _open(path: Path, *, check: bool = False) -> sqlite3.Connection:
+    """Open (creating if needed) the history at `path`, moving a corrupt or foreign file
+    aside. `check` runs SQLite's quick_check as well (a full read: the writer does it once,
+    on its own thread)."""
+    _create_file(path)
+    for _attempt in range(2):  # a second time after moving a bad file aside
+        conn: sqlite3.Connection | None = None
+        try:
+            conn = _connect(path)
+            kind = _classify(conn)
+            if kind == "foreign":
+                conn.close()
+                _move_aside(path, "is an SQLite database of another program")
+                _create_file(path)
+                continue
+            if kind == "newer":
+                conn.close()
+                raise HistoryError(
+                    f"The connection history {path} was written by a newer tray-proxy. "
+                    "Update tray-proxy, or set [log] path to another file in the settings."
+                )
+            if kind == "new":
+                _create_schema(conn)
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            # Keep the WAL from staying large after a burst (it is truncated at checkpoints).
+            conn.execute("PRAGMA journal_size_limit = 16777216")
+            if check:
+                result = conn.execute("PRAGMA quick_check(1)").fetchone()[0]
+                if result != "ok":
+                    raise sqlite3.DatabaseError(f"quick_check: {result}")
+            return conn
+        except sqlite3.DatabaseError as exc:
+            if conn is not None:
+                conn.close()
+            if _is_transient(exc):
+                raise HistoryError(
+                    f"The connection history {path} cannot be opened: {exc}. "
+                    "Check the disk and the file's permissions."
+                ) from None
+            _move_aside(path, f"cannot be read ({exc})")
+            _create_file(path)
+        except OSError as exc:
+            if conn is not None:
+                conn.close()
+            raise HistoryError(
+                f"The connection history {path} cannot be opened: {exc.strerror or exc}. "
+                "Check the disk and the file's permissions."
+            ) from None
+    raise HistoryError(
+        f"The connection history {path} cannot be used even after moving it aside. "
+        "Set [log] path in the settings to another file."
+    )
+
+
+# SQLite's primary result codes that say nothing about the file's content: permissions,
+# busy, locked, no memory, read-only, I/O error, disk full, cannot open.
+_TRANSIENT_CODES = frozenset({3, 5, 6, 7, 8, 10, 13, 14})
+
+
+def _is_transient(exc: sqlite3.DatabaseError) -> bool:
+    """The file may be fine (locked, busy, disk full, ...): never move it aside for this."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return (code & 0xFF) in _TRANSIENT_CODES
+    text = str(exc).lower()
+    return any(w in text for w in ("locked", "busy", "readonly", "disk i/o", "is full", "unable"))
+
+
+class HistoryStore:
+    """One connection to the history file. Thread-safe (one lock); `export` opens its own
+    connection so that a long export does not hold up `page` on another thread."""
+
+    def __init__(self, path: Path, *, check: bool = False) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._conn = _open(path, check=check)
+        self._host_ids: dict[str, int] = {}
+
+    # -- reading
+
+    def page(
+        self,
+        filter: HistoryFilter,  # the name HistoryReader's protocol uses
+        *,
+        after: HistoryCursor | None = None,
+        limit: int = 200,
+    ) -> HistoryPage:
+        """The newest `limit` rows matching `filter`, older than `after` (keyset paging)."""
+        limit = max(1, limit)
+        with self._lock, self._errors():
+            query = _Query(self._conn, filter)
+            if query.empty:
+                return HistoryPage((), None)
+            params = list(query.params)
+            extra = ""
+            if after is not None:
+                extra = "(c.started, c.id) < (?, ?)"
+                params += [after.started, after.rowid]
+            # Ids first (read from the index alone), then the rows of this page only.
+            keys = self._conn.execute(
+                f"SELECT c.id, c.started FROM connections AS c{query.sql(extra)} "
+                "ORDER BY c.started DESC, c.id DESC LIMIT ?",
+                [*params, limit + 1],
+            ).fetchall()
+            more = len(keys) > limit
+            keys = keys[:limit]
+            entries = self._fetch([k[0] for k in keys])
+        entries.sort(key=lambda e: (e.row.started, e.rowid), reverse=True)
+        cursor = None
+        if more and entries:
+            cursor = HistoryCursor(started=entries[-1].row.started, rowid=entries[-1].rowid)
+        return HistoryPage(tuple(entries), cursor)
+
+    def iter_rows(self, filter: HistoryFilter) -> Iterator[HistoryEntry]:
+        """Every row matching `filter`, newest first, read a page at a time."""
+        cursor: HistoryCursor | None = None
+        while True:
+            page = self.page(filter, after=cursor, limit=1000)
+            yield from page.entries
+            if page.next is None:
+                return
+            cursor = page.next
+
+    def latest_rowid(self) -> int:
+        """The id of the newest row written (0 when empty); --follow starts after it."""
+        with self._lock, self._errors():
+            value = self._conn.execute("SELECT max(id) FROM connections").fetchone()[0]
+        return int(value or 0)
+
+    def after_rowid(
+        self,
+        rowid: int,
+        filter: HistoryFilter,
+        limit: int = 10_000,
+    ) -> list[HistoryEntry]:
+        """Rows written after `rowid` that match `filter`, oldest first (for --follow)."""
+        with self._lock, self._errors():
+            query = _Query(self._conn, filter)
+            if query.empty:
+                # A host that did not exist yet may appear later: only the ids move on.
+                return []
+            ids = [
+                r[0]
+                for r in self._conn.execute(
+                    f"SELECT c.id FROM connections AS c{query.sql('c.id > ?')} "
+                    "ORDER BY c.id LIMIT ?",
+                    [*query.params, rowid, limit],
+                )
+            ]
+            entries = self._fetch(ids)
+        entries.sort(key=lambda e: e.rowid)
+        return entries
+
+    def count(self) -> int:
+        with self._lock, self._errors():
+            return int(self._conn.execute("SELECT count(*) FROM connections").fetchone()[0])
+
+    def export(self, filter: HistoryFilter, path: Path, fmt: str) -> int:
+        """Write every row matching `filter` to `path` ("csv" or "json": JSON lines)."""
+        if fmt not in ("csv", "json"):
+            raise ValueError(f"unknown export format {fmt!r}")
+        reader = HistoryStore(self.path)
+        try:
+            with open(path, "w", encoding="utf-8", newline="") as fp:
+                return export_rows(reader.iter_rows(filter), fp, fmt)
+        except OSError as exc:
+            raise HistoryError(
+                f"Cannot write the export to {path}: {exc.strerror or exc}. "
+                "Choose another file or folder."
+            ) from None
+        finally:
+            reader.close()
+
+    def _fetch(self, ids: Sequence[int]) -> list[HistoryEntry]:
+        if not ids:
+            return []
+        marks = ", ".join("?" for _ in ids)
+        rows = self._conn.execute(f"{_SELECT} WHERE c.id IN ({marks})", list(ids)).fetchall()
+        return [_entry(values) for values in rows]
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise HistoryError(
+                f"Cannot read the connection history {self.path}: {exc}. "
+                "If this persists, quit tray-proxy and move the file away; a new one is made."
+            ) from None
+
+    # -- writing (the writer thread; tests and the bench call these directly)
+
+    def write(self, rows: Sequence[ConnectionRow]) -> None:
+        """Append `rows` in one transaction."""
+        if not rows:
+            return
+        with self._lock:
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                values = [_row_values(row, self._host_id(row.host)) for row in rows]
+                conn.executemany(_INSERT, values)
+                conn.execute("COMMIT")
+            except BaseException:
+                self._host_ids.clear()  # ids made inside the rolled-back transaction
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise
+
+    def _host_id(self, host: str | None) -> int | None:
+        if not host:
+            return None
+        name = host.lower()
+        cached = self._host_ids.get(name)
+        if cached is not None:
+            return cached
+        conn = self._conn
+        found = conn.execute("SELECT id FROM hosts WHERE name = ?", (name,)).fetchone()
+        if found is None:
+            cursor = conn.execute("INSERT INTO hosts (name) VALUES (?)", (name,))
+            host_id = int(cursor.lastrowid or 0)
+        else:
+            host_id = int(found[0])
+        if len(self._host_ids) > 50_000:
+            self._host_ids.clear()
+        self._host_ids[name] = host_id
+        return host_id
+
+    def retention(self, now: float, *, max_age_days: float, max_bytes: int) -> int:
+        """Delete the oldest rows until none is older than `max_age_days` and the file's
+        used pages fit in `max_bytes`. Chunked, one transaction per chunk. Returns how many
+        rows went."""
+        removed = 0
+        cutoff = now - max_age_days * 86400.0
+        for _ in range(_MAX_CHUNKS):
+            n = self._delete_oldest("started < ?", [cutoff], _CHUNK)
+            removed += n
+            if n < _CHUNK:
+                break
+        for _ in range(_MAX_CHUNKS):
+            used = self._used_bytes()
+            if used <= max_bytes:
+                break
+            rows = self.count()
+            if rows == 0:
+                break
+            # Aim a tenth below the limit, so that the next pass is not one row later.
+            share = (used - 0.9 * max_bytes) / used
+            n = self._delete_oldest("1", [], max(100, min(_CHUNK, int(rows * share) + 1)))
+            removed += n
+            if n == 0:
+                break
+        if removed:
+            with self._lock:
+                self._conn.execute(
+                    "DELETE FROM hosts WHERE NOT EXISTS "
+                    "(SELECT 1 FROM connections WHERE host_id = hosts.id)"
+                )
+                self._host_ids.clear()
+                pages, free = self._pages()
+                if free * 3 > pages:
+                    self._conn.execute(f"PRAGMA incremental_vacuum({free})").fetchall()
+        return removed
+
+    def _delete_oldest(self, where: str, params: list[object], limit: int) -> int:
+        with self._lock:
+            cursor = self._conn.execute(
+                "DELETE FROM connections WHERE id IN (SELECT id FROM connections "
+                f"WHERE {where} ORDER BY started LIMIT ?)",
+                [*params, limit],
+            )
+            return max(0, cursor.rowcount)
+
+    def _pages(self) -> tuple[int, int]:
+        pages = self._conn.execute("PRAGMA page_count").fetchone()[0]
+        free = self._conn.execute("PRAGMA freelist_count").fetchone()[0]
+        return int(pages), int(free)
+
+    def _used_bytes(self) -> int:
+        with self._lock:
+            pages, free = self._pages()
+            size = self._conn.execute("PRAGMA page_size").fetchone()[0]
+        return (pages - free) * int(size)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> HistoryStore:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------- the writer
+
+
+class HistoryWriter:
+    """Writes closed connections to the history on its own thread.
+
+    `submit` may be called from any thread and never blocks on the disk. Rows are written
+    in batches, one transaction each, at least every `flush_interval`; retention runs at
+    start and every RETENTION_INTERVAL. When the disk cannot keep up, the queue keeps the
+    newest MAX_PENDING rows and counts the dropped ones (`dropped`), logged once.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_age_days: float = 30.0,
+        max_bytes: int = 200 * 1024 * 1024,
+        flush_interval: float = 0.5,
+        max_pending: int = MAX_PENDING,
+        retention_interval: float = RETENTION_INTERVAL,
+    ) -> None:
+        self.path = path
+        self.max_age_days = max_age_days
+        self.max_bytes = max_bytes
+        self.flush_interval = flush_interval
+        self.retention_interval = retention_interval
+        self.dropped = 0
+        self.written = 0
+        self.error: str | None = None  # the last failure, written for the user
+        self._max_pending = max_pending
+        self._pending: deque[ConnectionRow] = deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._flushed = threading.Condition(self._lock)
+        self._submitted = 0
+        self._done = 0  # rows taken off the queue (written, dropped by an error or dropped)
+        self._thread = threading.Thread(target=self._run, name="history-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, rows: Sequence[ConnectionRow]) -> None:
+        """Queue `rows` for writing (any thread; never touches the disk)."""
+        if not rows:
+            return
+        with self._lock:
+            self._pending.extend(rows)
+            self._submitted += len(rows)
+            over = len(self._pending) - self._max_pending
+            if over > 0:
+                for _ in range(over):
+                    self._pending.popleft()
+                self._done += over
+                if self.dropped == 0:
+                    log.warning(
+                        "The connection history cannot keep up (disk too slow?): "
+                        "dropping the oldest unwritten rows."
+                    )
+                self.dropped += over
+        self._wake.set()
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until everything submitted so far is written (tests, shutdown)."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            target = self._submitted
+            self._wake.set()
+            while self._done < target:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._thread.is_alive():
+                    return False
+                self._flushed.wait(min(left, 0.1))
+        return True
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is queued, then stop the thread (waits at most `timeout`)."""
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("The connection history writer did not finish within %g s.", timeout)
+
+    # -- the thread
+
+    def _run(self) -> None:
+        store: HistoryStore | None = None
+        try:
+            store = HistoryStore(self.path, check=True)
+        except HistoryError as exc:
+            self._fail(str(exc))
+        except Exception:  # noqa: BLE001 - a bug here must not kill the app: log it
+            log.exception("The connection history could not be opened")
+            self._fail(f"The connection history {self.path} could not be opened.")
+        if store is None:
+            self._discard_until_stopped()
+            return
+        next_retention = 0.0
+        try:
+            while True:
+                stopping = self._stop.is_set()
+                if time.monotonic() >= next_retention and not stopping:
+                    self._retention(store)
+                    next_retention = time.monotonic() + self.retention_interval
+                if not stopping:
+                    self._wake.wait(self.retention_interval)
+                    # Let a burst gather into one transaction (or leave at once on close).
+                    self._stop.wait(self.flush_interval)
+                    self._wake.clear()
+                batch = self._take()
+                if batch:
+                    self._write(store, batch)
+                if self._stop.is_set() and not self._pending_count():
+                    return
+        finally:
+            store.close()
+
+    def _take(self) -> list[ConnectionRow]:
+        with self._lock:
+            batch = list(self._pending)
+            self._pending.clear()
+        return batch
+
+    def _pending_count(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def _write(self, store: HistoryStore, batch: list[ConnectionRow]) -> None:
+        try:
+            store.write(batch)
+            self.written += len(batch)
+            self.error = None
+        except sqlite3.Error as exc:
+            self._fail(
+                f"Could not write {len(batch)} connections to the history {self.path}: {exc}. "
+                "Check the free disk space."
+            )
+        except Exception:  # noqa: BLE001 - keep the thread alive
+            log.exception("The connection history could not write a batch")
+        with self._lock:
+            self._done += len(batch)
+            self._flushed.notify_all()
+
+    def _retention(self, store: HistoryStore) -> None:
+        try:
+            removed = store.retention(
+                time.time(), max_age_days=self.max_age_days, max_bytes=self.max_bytes
+            )
+        except sqlite3.Error as exc:
+            self._fail(f"Could not remove old connections from the history {self.path}: {exc}.")
+            return
+        if removed:
+            log.info("Connection history: removed %d old connections", removed)
+
+    def _fail(self, message: str) -> None:
+        if message != self.error:
+            log.warning("%s", message)
+        self.error = message
+
+    def _discard_until_stopped(self) -> None:
+        # No history: keep the queue empty (bounded) until close.
+        while True:
+            self._wake.wait(1.0)
+            self._wake.clear()
+            with self._lock:
+                self._done += len(self._pending)
+                self._pending.clear()
+                self._flushed.notify_all()
+            if self._stop.is_set():
+                return
+
+
+# --------------------------------------------------------------------------- export
+
+EXPORT_FIELDS = (
+    "id",
+    "started",
+    "ended",
+    "duration_s",
+    "process",
+    "pid",
+    "exe",
+    "user",
+    "container",
+    "process_exited",
+    "client",
+    "original_destination",
+    "host",
+    "upstream",
+    "state",
+    "bytes_up",
+    "bytes_down",
+    "handshake_ms",
+    "close_reason",
+    "detail",
+    "words",
+)
+
+
+def iso_time(stamp: float | None) -> str | None:
+    """Local time with its UTC offset, millisecond precision."""
+    if stamp is None:
+        return None
+    return dt.datetime.fromtimestamp(stamp).astimezone().isoformat(timespec="milliseconds")
+
+
+def _address(address: tuple[str, int] | None) -> str | None:
+    if address is None:
+        return None
+    ip, port = address
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def export_record(entry: HistoryEntry) -> dict[str, object]:
+    """One row as the exports write it (the field names are EXPORT_FIELDS)."""
+    row = entry.row
+    process = row.process
+    duration = row.duration
+    return {
+        "id": entry.rowid,
+        "started": iso_time(row.started),
+        "ended": iso_time(row.ended),
+        "duration_s": round(duration, 3) if duration is not None else None,
+        "process": process.name if process is not None else None,
+        "pid": process.pid if process is not None else None,
+        "exe": process.exe if process is not None else None,
+        "user": process.user if process is not None else None,
+        "container": process.container if process is not None else None,
+        "process_exited": process.exited if process is not None else None,
+        "client": _address(row.client),
+        "original_destination": _address(row.original_dst),
+        "host": row.host,
+        "upstream": row.upstream,
+        "state": row.state.value,
+        "bytes_up": row.bytes_up,
+        "bytes_down": row.bytes_down,
+        "handshake_ms": (
+            round(row.handshake_latency * 1000, 1) if row.handshake_latency is not None else None
+        ),
+        "close_reason": row.close_reason.value if row.close_reason is not None else None,
+        "detail": row.detail,
+        "words": row.words,
+    }
+
+
+def export_rows(entries: Iterable[HistoryEntry], fp: TextIO, fmt: str) -> int:
+    """Write `entries` to `fp`: "csv" with a header line, or "json" as JSON lines (one
+    object per line, so a stream can be read before it ends). Returns the row count."""
+    count = 0
+    if fmt == "csv":
+        writer = csv.DictWriter(fp, fieldnames=EXPORT_FIELDS, lineterminator="\n")
+        writer.writeheader()
+        for entry in entries:
+            record = export_record(entry)
+            writer.writerow({k: "" if v is None else v for k, v in record.items()})
+            count += 1
+    elif fmt == "json":
+        for entry in entries:
+            fp.write(json.dumps(export_record(entry), ensure_ascii=False) + "\n")
+            count += 1
+    else:
+        raise ValueError(f"unknown export format {fmt!r}")
+    return count
