@@ -1,0 +1,110 @@
+"""What the controller needs of the world, as protocols: the relay (`RelayHandle`, started by
+a `RelayFactory`), the redirect's root helper (`RedirectService`), the keyring
+(`CredentialRefresher`), the settings file (`ConfigStore`), name resolution and the upstream
+probe. The app and `tray-proxy run` inject the real ones; tests inject small fakes.
+
+Must not import PySide6, qasync or the relay engine (engine_relay.py adapts it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Final, Protocol
+
+from tray_proxy.config import Config
+from tray_proxy.firewall.client import RedirectStatus
+from tray_proxy.firewall.ruleset import IPAddress, RuleSpec
+from tray_proxy.relay.credentials import Credentials
+from tray_proxy.relay.events import Observer
+from tray_proxy.relay.probe import ProbeResult, probe_upstream
+from tray_proxy.relay.records import Address
+from tray_proxy.relay.settings import UpstreamProxy
+
+__all__ = [
+    "PROBE_TARGET",
+    "PROBE_TIMEOUT",
+    "ConfigStore",
+    "CredentialRefresher",
+    "Probe",
+    "RedirectService",
+    "RelayFactory",
+    "RelayHandle",
+    "Resolver",
+    "Traffic",
+    "connect_probe",
+]
+
+# Where Test connection (and the credentials dialog's Test) asks the proxy to connect.
+PROBE_TARGET: Final = ("pypi.org", 443)
+PROBE_TIMEOUT: Final = 10.0
+
+# The open connections' (bytes up, bytes down) by id, and the bytes up and down since the
+# relay started, closed connections included.
+Traffic = tuple[dict[int, tuple[int, int]], int, int]
+
+
+class RelayHandle(Protocol):
+    """A running relay. Every method may be called from any thread; `stop`, `traffic` and
+    `close_connections` block until the relay's loop answered (call them off the UI loop)."""
+
+    @property
+    def addresses(self) -> tuple[Address, ...]: ...
+
+    def stop(self, timeout: float) -> None: ...
+
+    def retry_credentials(self, upstream: str) -> None:
+        """Forget that `upstream` rejected the credentials (they were just changed)."""
+        ...
+
+    def close_connections(self, ids: Iterable[int]) -> int:
+        """Close these connections (CloseReason.CLOSED_BY_USER); returns how many were open."""
+        ...
+
+    def traffic(self) -> Traffic: ...
+
+
+class RelayFactory(Protocol):
+    """Starts a relay for `config` whose events go to `observer`; blocks; raises on failure."""
+
+    def __call__(self, config: Config, observer: Observer) -> RelayHandle: ...
+
+
+class RedirectService(Protocol):
+    """What the controller needs of `firewall.client.RedirectController`."""
+
+    @property
+    def running(self) -> bool: ...
+
+    async def start(self) -> None: ...
+
+    async def apply(self, spec: RuleSpec) -> None: ...
+
+    async def status(self) -> RedirectStatus: ...
+
+    async def remove(self) -> bool: ...
+
+    async def stop(self) -> int | None: ...
+
+
+class CredentialRefresher(Protocol):
+    """Re-reads the relay's passwords (`credentials.KeyringCredentialSource`); raises
+    CredentialStoreError when the keyring cannot be used."""
+
+    async def refresh(self, names: Iterable[str]) -> None: ...
+
+
+class ConfigStore(Protocol):
+    """Reads and writes the settings file (tray_proxy.config underneath)."""
+
+    def load(self) -> Config: ...
+
+    def save(self, config: Config) -> None: ...
+
+
+Resolver = Callable[[Iterable[tuple[str, int]]], Awaitable[tuple[tuple[IPAddress, int], ...]]]
+Probe = Callable[[UpstreamProxy, Credentials | None], Awaitable[ProbeResult]]
+
+
+async def connect_probe(upstream: UpstreamProxy, credentials: Credentials | None) -> ProbeResult:
+    """A real CONNECT (or SOCKS5) through the proxy to PROBE_TARGET, with the login."""
+    return await probe_upstream(upstream, credentials, PROBE_TARGET, PROBE_TIMEOUT)
