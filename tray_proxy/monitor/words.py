@@ -27,7 +27,7 @@ __all__ = ["failure_words", "proxy_authority"]
 
 # "proxy answered 403 Forbidden" (HandshakeRefused.__str__), inside the engine's detail.
 _ANSWERED = re.compile(r"proxy answered (\d+)\s*(.*)$")
-_WITHIN = re.compile(r"(?:within|over) (\d+(?:\.\d+)?)\s?s\b")
+_WITHIN = re.compile(r"(?:within|over|waited) (\d+(?:\.\d+)?)\s?s\b")
 # "cannot connect to 10.0.0.1:8080: Connection refused" (Dialer.connect)
 _CANNOT_CONNECT = re.compile(r"cannot connect to (.+?): (.+)$")
 _CANNOT_RESOLVE = re.compile(r"cannot resolve (\S+): (.+)$")
@@ -164,7 +164,8 @@ def _refused(c: _Context) -> str:
 
 
 def _timeout(c: _Context) -> str:
-    within = f" within {c.seconds}" if c.seconds else " in time"
+    limit = c.seconds
+    within = f" within {limit}" if limit else " in time"
     if "did not complete the handshake" in c.detail:
         return f"No answer from {c.proxy}{within}. {_TEST}"
     if c.detail.startswith("connecting to"):
@@ -173,8 +174,9 @@ def _timeout(c: _Context) -> str:
         )
     resolving = _RESOLVING.search(c.detail)
     if resolving:
+        over = f" over {limit}" if limit else " too long"
         return (
-            f"Looking up the proxy's name {resolving.group(1)} took too long{within}. "
+            f"Looking up the proxy's name {resolving.group(1)} took{over}. "
             f"Check your network and DNS."
         )
     if "NTLM/Negotiate step" in c.detail:
@@ -184,7 +186,8 @@ def _timeout(c: _Context) -> str:
         )
     if "to check the credentials" in c.detail:
         user = f" of {c.username}" if c.username else ""
-        return f"Waited{within} for {c.proxy} to check the password{user}. {_TEST}"
+        waited = f" {limit}" if limit else ""
+        return f"Waited{waited} for {c.proxy} to check the password{user}, in vain. {_TEST}"
     return f"No answer from {c.proxy}{within}. {_TEST}"
 
 
