@@ -10,9 +10,13 @@ import os
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
+from collections.abc import Sequence  # noqa: E402
+
 import pytest  # noqa: E402
 
 from tray_proxy.controller import ErrorEntry, State, Status, UpstreamInfo  # noqa: E402
+from tray_proxy.monitor.rows import ConnectionRow  # noqa: E402
+from tray_proxy.ui.services import HistoryReader  # noqa: E402
 
 
 def make_status(state: State = State.ON, **overrides: object) -> Status:
@@ -40,6 +44,8 @@ class FakeServices:
         self.calls: list[tuple[str, object]] = []
         self.autostart = False
         self.autostart_error: OSError | None = None
+        self.rows: list[ConnectionRow] = []  # what open_rows() answers
+        self.reader: HistoryReader | None = None  # what history() answers
 
     def status(self) -> Status:
         return self.current
@@ -74,6 +80,18 @@ class FakeServices:
 
     def quit(self) -> None:
         self.calls.append(("quit", None))
+
+    def close_connections(self, ids: Sequence[int]) -> None:
+        self.calls.append(("close_connections", list(ids)))
+
+    def test_upstream(self, name: str) -> None:
+        self.calls.append(("test_upstream", name))
+
+    def open_rows(self) -> Sequence[ConnectionRow]:
+        return list(self.rows)
+
+    def history(self) -> HistoryReader | None:
+        return self.reader
 
 
 @pytest.fixture

@@ -1,4 +1,6 @@
-"""The small main window: state, on/off, proxy, open connections, last errors, actions.
+"""The dashboard window: tabs Overview (state, on/off, proxy, traffic, errors in words,
+actions), Connections (live tables), Upstreams (health and latency per proxy) and Log (the
+connection history), with Start at login, the menu and Quit below them.
 
 It is also the whole UI when there is no system tray. Closing it then asks whether to keep
 running in the background (the redirect stays as it is; `tray-proxy` brings the window back)
@@ -10,31 +12,32 @@ Must not import keyring, socket or subprocess.
 from __future__ import annotations
 
 import enum
-import time
 from collections.abc import Callable
 
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QCloseEvent
 from PySide6.QtWidgets import (
     QCheckBox,
-    QComboBox,
-    QFormLayout,
-    QGroupBox,
     QHBoxLayout,
     QLabel,
-    QListWidget,
     QMenu,
     QMessageBox,
     QPushButton,
+    QTabWidget,
     QVBoxLayout,
     QWidget,
 )
 
-from tray_proxy.controller import Notice, State, Status
+from tray_proxy.controller import Notice, Status
 from tray_proxy.ui.bridge import UiBridge
 from tray_proxy.ui.credentials_dialog import CredentialsDialog
-from tray_proxy.ui.icons import app_icon, state_icon
-from tray_proxy.ui.menu import MenuBuilder, toggle_text, upstream_text
+from tray_proxy.ui.dashboard.connections import ConnectionsTab
+from tray_proxy.ui.dashboard.log import ChooseExportPath, LogTab, ask_export_path
+from tray_proxy.ui.dashboard.overview import OverviewTab
+from tray_proxy.ui.dashboard.upstreams import UpstreamsTab
+from tray_proxy.ui.icons import app_icon
+from tray_proxy.ui.menu import MenuBuilder
+from tray_proxy.ui.models.connections import DEFAULT_CLOSED_CAP
 from tray_proxy.ui.services import AppServices, CredentialsServices
 
 CREDENTIALS_PLACEHOLDER = (
@@ -81,6 +84,8 @@ class MainWindow(QWidget):
         tray_available: bool,
         ask_close: Callable[[QWidget], CloseChoice] = ask_close_dialog,
         credentials: CredentialsServices | None = None,
+        closed_cap: int = DEFAULT_CLOSED_CAP,
+        choose_export_path: ChooseExportPath = ask_export_path,
         parent: QWidget | None = None,
     ) -> None:
         super().__init__(parent)
@@ -94,71 +99,44 @@ class MainWindow(QWidget):
         self.setWindowIcon(app_icon())
         self.setObjectName("main-window")
 
-        self.state_icon = QLabel()
-        self.state_label = QLabel()
-        self.state_label.setObjectName("state")
-        font = self.state_label.font()
-        font.setPointSizeF(font.pointSizeF() * 1.4)
-        font.setBold(True)
-        self.state_label.setFont(font)
-        self.message_label = QLabel()
-        self.message_label.setWordWrap(True)
-        self.message_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        self.toggle_button = QPushButton()
-        self.toggle_button.setObjectName("toggle")
-        self.toggle_button.clicked.connect(self._toggle)
-
-        head_text = QVBoxLayout()
-        head_text.addWidget(self.state_label)
-        head_text.addWidget(self.message_label)
-        head = QHBoxLayout()
-        head.addWidget(self.state_icon, 0, Qt.AlignmentFlag.AlignTop)
-        head.addLayout(head_text, 1)
-        head.addWidget(self.toggle_button, 0, Qt.AlignmentFlag.AlignTop)
-
-        self.upstream_combo = QComboBox()
-        self.upstream_combo.setObjectName("upstream")
-        self.upstream_combo.activated.connect(self._upstream_chosen)
-        self.address_label = QLabel()
-        self.address_label.setObjectName("address")
-        self.address_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        self.connections_label = QLabel("0")
-        self.connections_label.setObjectName("connections")
-        form = QFormLayout()
-        form.addRow("Proxy:", self.upstream_combo)
-        form.addRow("Proxy address:", self.address_label)
-        form.addRow("Open connections:", self.connections_label)
-
-        self.errors = QListWidget()
-        self.errors.setObjectName("errors")
-        self.errors.setWordWrap(True)
-        self.errors.setMinimumHeight(70)
-        errors_box = QGroupBox("Last errors")
-        errors_layout = QVBoxLayout(errors_box)
-        errors_layout.addWidget(self.errors)
-
-        self.notice_label = QLabel()
-        self.notice_label.setObjectName("notice")
-        self.notice_label.setWordWrap(True)
-        self.notice_label.hide()
-
         self.builder = MenuBuilder(
             services,
             show_window=None,
             open_credentials=self.open_credentials,
             report_error=self.report_error,
         )
-        self.test_button = QPushButton("Test connection")
-        self.test_button.clicked.connect(services.test_connection)
-        self.copy_button = QPushButton("Copy diagnostics")
-        self.copy_button.clicked.connect(self.builder.copy_diagnostics)
-        self.credentials_button = QPushButton("Credentials…")
-        self.credentials_button.clicked.connect(self.open_credentials)
-        actions = QHBoxLayout()
-        actions.addWidget(self.test_button)
-        actions.addWidget(self.copy_button)
-        actions.addWidget(self.credentials_button)
-        actions.addStretch(1)
+        self.overview = OverviewTab(
+            services,
+            copy_diagnostics=self.builder.copy_diagnostics,
+            open_credentials=self.open_credentials,
+        )
+        self.connections = ConnectionsTab(services, closed_cap=closed_cap)
+        self.upstreams = UpstreamsTab(services)
+        self.log = LogTab(services, choose_export_path=choose_export_path)
+        self.tabs = QTabWidget()
+        self.tabs.setObjectName("tabs")
+        self.tabs.addTab(self.overview, "Overview")
+        self.tabs.addTab(self.connections, "Connections")
+        self.tabs.addTab(self.upstreams, "Upstreams")
+        self.tabs.addTab(self.log, "Log")
+
+        # The overview's controls under the names the window always had (tests, app.py).
+        self.state_icon = self.overview.state_icon
+        self.state_label = self.overview.state_label
+        self.message_label = self.overview.message_label
+        self.toggle_button = self.overview.toggle_button
+        self.upstream_combo = self.overview.upstream_combo
+        self.address_label = self.overview.address_label
+        self.connections_label = self.overview.connections_label
+        self.errors = self.overview.errors
+        self.test_button = self.overview.test_button
+        self.copy_button = self.overview.copy_button
+        self.credentials_button = self.overview.credentials_button
+
+        self.notice_label = QLabel()
+        self.notice_label.setObjectName("notice")
+        self.notice_label.setWordWrap(True)
+        self.notice_label.hide()
 
         self.autostart_box = QCheckBox("Start at login")
         self.autostart_box.setObjectName("autostart")
@@ -167,6 +145,7 @@ class MainWindow(QWidget):
         self.menu = QMenu(self)
         self.menu.aboutToShow.connect(lambda: self.builder.rebuild(self.menu))
         self.menu_button = QPushButton("Menu")
+        self.menu_button.setObjectName("menu")
         self.menu_button.setMenu(self.menu)
         self.quit_button = QPushButton("Quit")
         self.quit_button.setObjectName("quit")
@@ -178,49 +157,23 @@ class MainWindow(QWidget):
         bottom.addWidget(self.quit_button)
 
         layout = QVBoxLayout(self)
-        layout.addLayout(head)
-        layout.addLayout(form)
-        layout.addWidget(errors_box, 1)
+        layout.addWidget(self.tabs, 1)
         layout.addWidget(self.notice_label)
-        layout.addLayout(actions)
         layout.addLayout(bottom)
-        self.resize(500, 340)
+        self.resize(1000, 700)
 
         bridge.statusChanged.connect(self.show_status)
         bridge.notice.connect(self.show_notice)
+        bridge.connectionsChanged.connect(self.connections.apply)
         self.show_status(services.status())
 
     # -- showing state --------------------------------------------------------------------
 
     def show_status(self, status: Status) -> None:
-        self.state_icon.setPixmap(state_icon(status.state).pixmap(48, 48))
-        self.state_label.setText(status.state.label)
-        self.message_label.setText(status.message)
-        self.toggle_button.setText(toggle_text(status.state))
-        self.toggle_button.setEnabled(status.state is not State.DISABLING)
-        self.connections_label.setText(str(status.active_connections))
-
-        combo = self.upstream_combo
-        combo.blockSignals(True)
-        combo.clear()
-        for u in status.upstreams:
-            combo.addItem(upstream_text(u), u.name)
-            combo.setItemData(combo.count() - 1, u.url, Qt.ItemDataRole.ToolTipRole)
-            if u.active:
-                combo.setCurrentIndex(combo.count() - 1)
-        active = next((u for u in status.upstreams if u.active), None)
-        self.address_label.setText(active.url if active is not None else "-")
-        if not status.upstreams:
-            combo.addItem("No proxy set up (see docs/config.md)")
-        combo.setEnabled(bool(status.upstreams) and status.state is not State.DISABLING)
-        combo.blockSignals(False)
-
-        self.errors.clear()
-        for entry in reversed(status.last_errors):
-            stamp = time.strftime("%H:%M:%S", time.localtime(entry.at))
-            self.errors.addItem(f"{stamp}  {entry.display}")
-        if not status.last_errors:
-            self.errors.addItem("No errors.")
+        self.overview.show_status(status)
+        self.connections.show_status(status)
+        self.upstreams.show_status(status)
+        self.log.show_status(status)
 
     def show_notice(self, notice: Notice) -> None:
         # With a tray the tray shows notices as desktop notifications; without one, here.
@@ -236,14 +189,6 @@ class MainWindow(QWidget):
         self.activateWindow()
 
     # -- actions --------------------------------------------------------------------------
-
-    def _toggle(self) -> None:
-        self._services.toggle()
-
-    def _upstream_chosen(self, index: int) -> None:
-        name = self.upstream_combo.itemData(index)
-        if isinstance(name, str):
-            self._services.select_upstream(name)
 
     def _autostart_toggled(self, enabled: bool) -> None:
         self.builder.set_autostart(enabled)
