@@ -76,7 +76,9 @@ _DOCKER_TTL = 10.0
 _DOCKER_TIMEOUT = 3.0
 
 _TCP_LISTEN = 10
-_TCP_TIME_WAIT = 6
+# Closed sockets the kernel keeps as full sockets (their uid is still theirs); a closed
+# socket in any other state is a timewait sock (FIN_WAIT2, TIME_WAIT), listed with uid 0.
+_TCP_ORPHAN_STATES = frozenset({4, 9, 11})  # FIN_WAIT1, LAST_ACK, CLOSING
 
 
 class Attributor:
@@ -209,9 +211,10 @@ class SocketEntry:
 class ProcessLookup:
     """One lookup pass over the kernel's tables. Not thread-safe: the worker owns it."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, use_sock_diag: bool = True) -> None:
+        """`use_sock_diag=False` reads /proc/net/tcp{,6} only (the fallback; for tests)."""
         self._diag: socket.socket | None = None
-        self._diag_broken = False
+        self._diag_broken = not use_sock_diag
         self._recent: OrderedDict[int, None] = OrderedDict()
         self._users: dict[int, str] = {}
         self._local: frozenset[str] = frozenset()
@@ -248,7 +251,8 @@ class ProcessLookup:
             if entry is None:
                 answers.append((conn_id, self._not_found(client[0])))
                 continue
-            user = None if entry.state == _TCP_TIME_WAIT else self._user(entry.uid)
+            known = entry.inode != 0 or entry.state in _TCP_ORPHAN_STATES
+            user = self._user(entry.uid) if known else None
             pid = owners.get(entry.inode) if entry.inode else None
             if pid is not None:
                 info = details.get(pid)

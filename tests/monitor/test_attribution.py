@@ -1,0 +1,677 @@
+"""Process attribution with real sockets: this process's, and real child processes' (python
+-c, connecting to a listener of this test and waiting). Every answer comes through the
+Attributor on a real asyncio loop, from its worker thread, in batches.
+
+The only fake is `docker` (Docker cannot run here): an executable on PATH that prints the
+output formats of `docker network ls --quiet --no-trunc` and `docker network inspect`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import os
+import pwd
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from tray_proxy.monitor import attribution
+from tray_proxy.monitor.attribution import Attributor, ProcessLookup
+from tray_proxy.monitor.rows import ProcessInfo
+from tray_proxy.relay.records import Address
+
+Request = tuple[int, Address, Address | None]
+Answers = dict[int, ProcessInfo | None]
+
+MY_USER = pwd.getpwuid(os.geteuid()).pw_name
+ANSWER_TIMEOUT = 10.0
+REPO = Path(__file__).resolve().parents[2]
+
+
+# helpers ---------------------------------------------------------------------------------------
+
+
+class Collector:
+    """The `deliver` callback: records every answer, on which thread, in how many batches."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, expected: int) -> None:
+        self.loop = loop
+        self.expected = expected
+        self.answers: Answers = {}
+        self.batches = 0
+        self.threads: set[int] = set()
+        self.done: asyncio.Future[None] = loop.create_future()
+
+    def __call__(self, batch: list[tuple[int, ProcessInfo | None]]) -> None:
+        self.threads.add(threading.get_ident())
+        self.batches += 1
+        for conn_id, info in batch:
+            assert conn_id not in self.answers, f"{conn_id} answered twice"
+            self.answers[conn_id] = info
+        if len(self.answers) >= self.expected and not self.done.done():
+            self.done.set_result(None)
+
+
+def attribute(
+    requests: Sequence[Request], *, delay: float = 0.02
+) -> tuple[Answers, int, Collector]:
+    """Ask an Attributor on a fresh loop; wait (bounded) for every answer."""
+
+    async def main() -> tuple[Answers, int, Collector]:
+        loop = asyncio.get_running_loop()
+        collector = Collector(loop, len(requests))
+        attributor = Attributor(loop, collector, delay=delay)
+        try:
+            for request in requests:
+                attributor.request(*request)
+            await asyncio.wait_for(collector.done, ANSWER_TIMEOUT)
+        finally:
+            attributor.close()
+        assert collector.threads == {threading.get_ident()}, "deliver ran off the loop thread"
+        return collector.answers, attributor.passes, collector
+
+    with asyncio.Runner() as runner:
+        return runner.run(main())
+
+
+@contextlib.contextmanager
+def listener(host: str = "127.0.0.1") -> Iterator[socket.socket]:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.create_server((host, 0), family=family, backlog=256) as sock:
+        yield sock
+
+
+CHILD = textwrap.dedent(
+    """
+    import socket, sys
+    host, port = sys.argv[1], int(sys.argv[2])
+    sys.stdin.readline()  # "go": every child connects at the same moment
+    sock = socket.create_connection((host, port))
+    local = sock.getsockname()
+    print(local[0], local[1], flush=True)
+    if sys.argv[3] == "wait":
+        sys.stdin.read()  # until the test closes our stdin
+    elif sys.argv[3] == "reset":
+        import struct
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # RST: the socket is gone at once
+    """
+)
+
+
+class Child:
+    """A python process that connects to `target` once told to, and reports its address."""
+
+    def __init__(self, target: Address, mode: str = "wait") -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", CHILD, target[0], str(target[1]), mode],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.local: Address = ("", 0)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def go(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+
+    def read_address(self) -> Address:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().split()
+        assert len(line) == 2, f"child {self.pid} did not connect"
+        self.local = (line[0], int(line[1]))
+        return self.local
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=5)
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+@contextlib.contextmanager
+def children(target: Address, count: int, mode: str = "wait") -> Iterator[list[Child]]:
+    made: list[Child] = []
+    try:
+        for _ in range(count):
+            made.append(Child(target, mode))
+        yield made
+    finally:
+        for child in made:
+            child.stop()
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
+def tcp_state(local: Address) -> set[str]:
+    """The states of sockets with this local address, from ss (for waiting on the kernel)."""
+    out = subprocess.run(
+        ["ss", "-tanH", "src", f"{local[0]}:{local[1]}"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
+    ).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+def assert_me(info: ProcessInfo | None) -> None:
+    assert info is not None
+    assert info.pid == os.getpid()
+    assert info.exe == os.path.realpath(sys.executable)
+    assert info.user == MY_USER
+    assert not info.exited and not info.remote and info.container is None
+
+
+@pytest.fixture(params=["sock_diag", "proc"])
+def method(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways to read the socket table: netlink sock_diag, and /proc/net/tcp{,6}."""
+    if request.param == "proc":
+        monkeypatch.setattr(
+            attribution, "ProcessLookup", functools.partial(ProcessLookup, use_sock_diag=False)
+        )
+    return str(request.param)
+
+
+# this process's own sockets ----------------------------------------------------------------------
+
+
+def test_own_connections_ipv4_ipv6_and_mapped_forms(method: str) -> None:
+    with (
+        listener("127.0.0.1") as v4,
+        listener("::1") as v6,
+        socket.create_server(("::", 0), family=socket.AF_INET6, dualstack_ipv6=True) as dual,
+        socket.create_connection(v4.getsockname()) as a,
+        socket.create_connection(v6.getsockname()[:2]) as b,
+        socket.create_connection(("127.0.0.1", dual.getsockname()[1])) as c,
+    ):
+        requests: list[Request] = [
+            (1, a.getsockname(), a.getpeername()),
+            (2, b.getsockname()[:2], b.getpeername()[:2]),
+            # How a dual-stack relay listener sees an IPv4 client: IPv4-mapped.
+            (3, (f"::ffff:{a.getsockname()[0]}", a.getsockname()[1]), a.getpeername()),
+            # A dual-stack program socket (mapped on its side), asked in plain IPv4.
+            (4, c.getsockname(), ("127.0.0.1", dual.getsockname()[1])),
+        ]
+        answers, passes, _ = attribute(requests)
+    assert sorted(answers) == [1, 2, 3, 4]
+    for info in answers.values():
+        assert_me(info)
+    assert passes == 1
+
+
+def test_never_a_guess_on_the_port_alone(method: str) -> None:
+    with (
+        listener() as a_listener,
+        listener() as other,
+        socket.create_connection(a_listener.getsockname()) as a,
+    ):
+        client = a.getsockname()
+        requests: list[Request] = [
+            (1, client, other.getsockname()),  # right client, wrong destination
+            (2, ("127.0.0.2", client[1]), a.getpeername()),  # right port, wrong address
+            # The listener's own address as the client: an exact lookup would fall back to
+            # the listener; that is not the connection asked about.
+            (3, a_listener.getsockname(), ("127.0.0.1", 9)),
+            (4, client, a.getpeername()),
+        ]
+        answers, _, _ = attribute(requests)
+    assert answers[1] is None and answers[2] is None and answers[3] is None
+    assert_me(answers[4])
+
+
+def test_client_address_alone_when_the_destination_is_unknown(method: str) -> None:
+    """A connection that reached the relay without a redirect has no original destination;
+    the client address is enough only while exactly one socket has it."""
+    with (
+        listener() as one,
+        socket.socket() as shared_a,
+        socket.socket() as shared_b,
+        listener() as two,
+        socket.create_connection(one.getsockname()) as single,
+    ):
+        # Two sockets share one local address (SO_REUSEADDR, different destinations).
+        for sock in (shared_a, shared_b):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        shared_a.bind(("127.0.0.1", 0))
+        shared_b.bind(shared_a.getsockname())
+        shared_a.connect(one.getsockname())
+        shared_b.connect(two.getsockname())
+        answers, _, _ = attribute(
+            [(1, single.getsockname(), None), (2, shared_a.getsockname(), None)]
+        )
+    assert_me(answers[1])
+    assert answers[2] is None
+
+
+# other processes ---------------------------------------------------------------------------------
+
+
+def test_two_processes_connecting_at_once_to_the_same_destination(method: str) -> None:
+    with listener() as server, children(server.getsockname(), 2) as (first, second):
+        first.go()
+        second.go()
+        addresses = {child.pid: child.read_address() for child in (first, second)}
+        accepted = [server.accept()[0] for _ in range(2)]
+        try:
+            requests: list[Request] = [
+                (pid, address, server.getsockname()) for pid, address in addresses.items()
+            ]
+            answers, passes, _ = attribute(requests)
+        finally:
+            for sock in accepted:
+                sock.close()
+    assert passes == 1
+    for pid, info in answers.items():
+        assert info is not None
+        assert info.pid == pid, "each connection belongs to its own process"
+        assert info.name.startswith("python")
+        assert info.exe == os.path.realpath(sys.executable)
+        assert info.user == MY_USER
+        assert not info.exited
+
+
+def test_a_burst_is_answered_by_one_pass(method: str) -> None:
+    count = 20
+    with listener() as server, children(server.getsockname(), count) as made:
+        for child in made:
+            child.go()
+        requests: list[Request] = [
+            (index, child.read_address(), server.getsockname()) for index, child in enumerate(made)
+        ]
+        own = [socket.create_connection(server.getsockname()) for _ in range(30)]
+        try:
+            requests += [
+                (100 + index, sock.getsockname(), sock.getpeername())
+                for index, sock in enumerate(own)
+            ]
+            # Requests spread over part of the delay still form one burst.
+            answers, passes, collector = attribute(requests, delay=0.2)
+        finally:
+            for sock in own:
+                sock.close()
+    assert passes == 1 and collector.batches == 1
+    assert len(answers) == 50
+    for index, child in enumerate(made):
+        info = answers[index]
+        assert info is not None and info.pid == child.pid
+    for index in range(30):
+        assert_me(answers[100 + index])
+
+
+@pytest.mark.parametrize("after", ["fin-wait-2", "time-wait", "reset"])
+def test_a_process_that_exited_before_the_lookup(method: str, after: str) -> None:
+    """Its socket may outlive it (FIN_WAIT2, TIME_WAIT): "exited". A socket that is gone
+    too leaves nothing to answer: None."""
+    mode = "reset" if after == "reset" else "exit"
+    with listener() as server, children(server.getsockname(), 1, mode) as (child,):
+        child.go()
+        local = child.read_address()
+        peer, _ = server.accept()
+        with peer:
+            child.proc.wait(timeout=5)
+            if after == "time-wait":
+                peer.close()  # our FIN: the child's side goes to TIME_WAIT
+                wait_until(lambda: tcp_state(local) == {"TIME-WAIT"}, "TIME-WAIT")
+            elif after == "reset":
+                wait_until(lambda: not tcp_state(local), "the socket to be gone")
+            else:
+                wait_until(lambda: tcp_state(local) == {"FIN-WAIT-2"}, "FIN-WAIT-2")
+            answers, _, _ = attribute([(1, local, server.getsockname())])
+    info = answers[1]
+    if after == "reset":
+        assert info is None
+    else:
+        assert info is not None
+        # The kernel keeps these as timewait socks: no owner, no uid.
+        assert info == ProcessInfo(pid=None, name="?", exited=True)
+
+
+def test_a_process_that_ended_between_the_steps() -> None:
+    """Its socket was found with its pid, then the process ended before psutil read it."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait(timeout=10)
+    info = ProcessLookup()._process(child.pid, MY_USER)
+    assert info == ProcessInfo(pid=child.pid, name="?", user=MY_USER, exited=True)
+
+
+def test_another_users_process_answers_what_can_be_known(tmp_path: Path) -> None:
+    """The relay runs as the user; a connection from another user's program (here: this
+    root-owned test process, looked up by a lookup running as `nobody`) cannot be followed
+    to its process, but the kernel says whose socket it is."""
+    if os.geteuid() != 0:
+        pytest.fail("this test needs root, to run the lookup as another user", pytrace=False)
+    script = textwrap.dedent(
+        """
+        import json, sys
+        from tray_proxy.monitor.attribution import ProcessLookup
+        requests = [(i, tuple(c), tuple(d)) for i, c, d in json.loads(sys.argv[1])]
+        answers = ProcessLookup().find(requests)
+        print(json.dumps({i: None if a is None else [a.pid, a.name, a.user, a.exited]
+                          for i, a in answers}))
+        """
+    )
+    with listener() as server, socket.create_connection(server.getsockname()) as mine:
+        requests = [[1, list(mine.getsockname()), list(mine.getpeername())]]
+        done = subprocess.run(
+            [sys.executable, "-c", script, json.dumps(requests)],
+            user="nobody",
+            group="nogroup",
+            cwd=tmp_path,
+            env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(REPO)},
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"1": [None, "?", MY_USER, False]}
+
+
+# container traffic -------------------------------------------------------------------------------
+
+# The formats of `docker network ls --quiet --no-trunc` and `docker network inspect` (Docker
+# 24-27); ids and names are this test's.
+NETWORK_IDS = [
+    "3f1c8e5a2b7d4c6e9f0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60",
+    "9a8b7c6d5e4f30211f2e3d4c5b6a79880f1e2d3c4b5a69788796a5b4c3d2e1f0",
+    "0d1e2f3a4b5c6d7e8f9a0b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e",
+]
+NETWORK_INSPECT = [
+    {
+        "Name": "bridge",
+        "Id": NETWORK_IDS[0],
+        "Created": "2026-11-30T08:12:44.501236815Z",
+        "Scope": "local",
+        "Driver": "bridge",
+        "EnableIPv6": False,
+        "IPAM": {
+            "Driver": "default",
+            "Options": None,
+            "Config": [{"Subnet": "172.17.0.0/16", "Gateway": "172.17.0.1"}],
+        },
+        "Internal": False,
+        "Attachable": False,
+        "Ingress": False,
+        "ConfigFrom": {"Network": ""},
+        "ConfigOnly": False,
+        "Containers": {
+            "5be1a4f0c3d2e1b0a9f8e7d6c5b4a3928170f6e5d4c3b2a1908f7e6d5c4b3a29": {
+                "Name": "build-runner",
+                "EndpointID": "c0ffee11d2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f9",
+                "MacAddress": "02:42:ac:11:00:02",
+                "IPv4Address": "172.17.0.2/16",
+                "IPv6Address": "",
+            }
+        },
+        "Options": {
+            "com.docker.network.bridge.default_bridge": "true",
+            "com.docker.network.bridge.enable_icc": "true",
+            "com.docker.network.bridge.enable_ip_masquerade": "true",
+            "com.docker.network.bridge.host_binding_ipv4": "0.0.0.0",
+            "com.docker.network.bridge.name": "docker0",
+            "com.docker.network.driver.mtu": "1500",
+        },
+        "Labels": {},
+    },
+    {
+        "Name": "webapp_default",
+        "Id": NETWORK_IDS[1],
+        "Created": "2026-12-01T10:02:13.118830104Z",
+        "Scope": "local",
+        "Driver": "bridge",
+        "EnableIPv6": True,
+        "IPAM": {
+            "Driver": "default",
+            "Options": None,
+            "Config": [
+                {"Subnet": "172.20.0.0/16", "Gateway": "172.20.0.1"},
+                {"Subnet": "fd00:dead:beef::/64", "Gateway": "fd00:dead:beef::1"},
+            ],
+        },
+        "Internal": False,
+        "Attachable": False,
+        "Ingress": False,
+        "ConfigFrom": {"Network": ""},
+        "ConfigOnly": False,
+        "Containers": {
+            "7d6c5b4a39281706f5e4d3c2b1a09f8e7d6c5b4a39281706f5e4d3c2b1a09f8e": {
+                "Name": "webapp-api-1",
+                "EndpointID": "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90",
+                "MacAddress": "02:42:ac:14:00:03",
+                "IPv4Address": "172.20.0.3/16",
+                "IPv6Address": "fd00:dead:beef::3/64",
+            }
+        },
+        "Options": {},
+        "Labels": {
+            "com.docker.compose.network": "default",
+            "com.docker.compose.project": "webapp",
+            "com.docker.compose.version": "2.29.7",
+        },
+    },
+    {
+        "Name": "host",
+        "Id": NETWORK_IDS[2],
+        "Created": "2026-11-02T14:40:02.914611922Z",
+        "Scope": "local",
+        "Driver": "host",
+        "EnableIPv6": False,
+        "IPAM": {"Driver": "default", "Options": None, "Config": []},
+        "Internal": False,
+        "Attachable": False,
+        "Ingress": False,
+        "ConfigFrom": {"Network": ""},
+        "ConfigOnly": False,
+        "Containers": {},
+        "Options": {},
+        "Labels": {},
+    },
+]
+
+
+@pytest.fixture
+def fake_docker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A FAKE `docker` on PATH (Docker cannot run here) that answers the two commands the
+    lookup uses with their real output formats, and logs each call."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (tmp_path / "inspect.json").write_text(json.dumps(NETWORK_INSPECT, indent=4) + "\n")
+    (tmp_path / "ids.txt").write_text("\n".join(NETWORK_IDS) + "\n")
+    calls = tmp_path / "calls.log"
+    script = bin_dir / "docker"
+    script.write_text(
+        textwrap.dedent(
+            f"""\
+            #!/bin/sh
+            echo "$*" >> {calls}
+            case "$1 $2" in
+              "network ls") exec cat {tmp_path / "ids.txt"} ;;
+              "network inspect") exec cat {tmp_path / "inspect.json"} ;;
+            esac
+            echo "docker: unknown command" >&2
+            exit 1
+            """
+        )
+    )
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    return calls
+
+
+def test_container_traffic_is_named_after_its_container(fake_docker: Path) -> None:
+    # Addresses of no interface here: what the relay sees of prerouting traffic.
+    requests: list[Request] = [
+        (1, ("172.17.0.2", 40001), ("93.184.215.14", 443)),
+        (2, ("::ffff:172.20.0.3", 40002), ("93.184.215.14", 443)),
+        (3, ("fd00:dead:beef::3", 40003), ("2606:2800:21f:cb07:6820:80da:af6b:8b2c", 443)),
+        (4, ("172.17.0.99", 40004), ("93.184.215.14", 80)),  # no such container
+    ]
+    answers, passes, _ = attribute(requests)
+    assert answers[1] == ProcessInfo(pid=None, name="?", remote=True, container="build-runner")
+    assert answers[2] == ProcessInfo(pid=None, name="?", remote=True, container="webapp-api-1")
+    assert answers[3] == ProcessInfo(pid=None, name="?", remote=True, container="webapp-api-1")
+    assert answers[4] == ProcessInfo(pid=None, name="?", remote=True)
+    assert passes == 1
+    # One listing for the whole burst, not one per connection.
+    calls = fake_docker.read_text().splitlines()
+    assert calls == [
+        "network ls --quiet --no-trunc",
+        "network inspect " + " ".join(NETWORK_IDS),
+    ]
+
+
+def test_container_traffic_without_docker(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no docker here
+    answers, _, _ = attribute([(1, ("172.17.0.2", 40001), ("93.184.215.14", 443))])
+    assert answers[1] == ProcessInfo(pid=None, name="?", remote=True)
+
+
+# bounds ------------------------------------------------------------------------------------------
+
+
+class Gate:
+    """Holds the worker inside its first lookup pass until opened (to make it busy)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.calls = 0
+        real = ProcessLookup.find
+
+        def find(lookup: ProcessLookup, burst: Sequence[Request]) -> object:
+            self.calls += 1
+            if self.calls == 1:
+                self.entered.set()
+                self.release.wait(ANSWER_TIMEOUT)
+            return real(lookup, burst)
+
+        monkeypatch.setattr(ProcessLookup, "find", find)
+
+
+def test_a_busy_worker_coalesces_the_next_burst(monkeypatch: pytest.MonkeyPatch) -> None:
+    gate = Gate(monkeypatch)
+    with listener() as server:
+        own = [socket.create_connection(server.getsockname()) for _ in range(41)]
+        try:
+
+            async def main() -> tuple[Collector, int]:
+                loop = asyncio.get_running_loop()
+                collector = Collector(loop, len(own))
+                attributor = Attributor(loop, collector, delay=0.01)
+                try:
+                    sock = own[0]
+                    attributor.request(0, sock.getsockname(), sock.getpeername())
+                    await loop.run_in_executor(None, gate.entered.wait, ANSWER_TIMEOUT)
+                    for index, sock in enumerate(own[1:], 1):
+                        attributor.request(index, sock.getsockname(), sock.getpeername())
+                    gate.release.set()
+                    await asyncio.wait_for(collector.done, ANSWER_TIMEOUT)
+                finally:
+                    gate.release.set()
+                    attributor.close()
+                return collector, attributor.passes
+
+            with asyncio.Runner() as runner:
+                collector, passes = runner.run(main())
+        finally:
+            for sock in own:
+                sock.close()
+    assert passes == 2 and collector.batches == 2
+    for info in collector.answers.values():
+        assert_me(info)
+
+
+def test_pending_requests_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Beyond the cap a request is answered None at once (on the loop), not queued."""
+    monkeypatch.setattr(attribution, "MAX_PENDING", 5)
+    gate = Gate(monkeypatch)
+    with listener() as server, socket.create_connection(server.getsockname()) as sock:
+        client, dst = sock.getsockname(), sock.getpeername()
+
+        async def main() -> Collector:
+            loop = asyncio.get_running_loop()
+            collector = Collector(loop, 1 + 5 + 3)
+            attributor = Attributor(loop, collector, delay=0.0)
+            try:
+                attributor.request(0, client, dst)
+                await loop.run_in_executor(None, gate.entered.wait, ANSWER_TIMEOUT)
+                for conn_id in range(1, 9):  # 5 fit, 3 do not
+                    attributor.request(conn_id, client, dst)
+                await asyncio.sleep(0)  # the overflow answer is already scheduled
+                await asyncio.sleep(0)
+                assert {c: collector.answers[c] for c in (6, 7, 8)} == dict.fromkeys((6, 7, 8)), (
+                    "the overflow was not answered at once"
+                )
+                gate.release.set()
+                await asyncio.wait_for(collector.done, ANSWER_TIMEOUT)
+            finally:
+                gate.release.set()
+                attributor.close()
+            return collector
+
+        with asyncio.Runner() as runner:
+            collector = runner.run(main())
+    for conn_id in range(6):
+        assert_me(collector.answers[conn_id])
+
+
+def test_close_stops_the_worker_promptly() -> None:
+    async def main() -> tuple[float, list[threading.Thread]]:
+        loop = asyncio.get_running_loop()
+        collector = Collector(loop, 1)
+        attributor = Attributor(loop, collector, delay=0.0)
+        attributor.request(1, ("127.0.0.1", 1), ("127.0.0.1", 2))
+        await asyncio.wait_for(collector.done, ANSWER_TIMEOUT)
+        started = time.monotonic()
+        attributor.close()
+        took = time.monotonic() - started
+        attributor.request(2, ("127.0.0.1", 1), ("127.0.0.1", 2))  # ignored once closed
+        await asyncio.sleep(0.05)
+        assert 2 not in collector.answers
+        workers = [t for t in threading.enumerate() if t.name == "tray-proxy-attribution"]
+        return took, workers
+
+    with asyncio.Runner() as runner:
+        took, workers = runner.run(main())
+    assert took < 1.0
+    assert workers == []
+
+
+def test_no_thread_before_the_first_request() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        attributor = Attributor(loop, lambda batch: None)
+        assert not [t for t in threading.enumerate() if t.name == "tray-proxy-attribution"]
+        attributor.close()
+
+    with asyncio.Runner() as runner:
+        runner.run(main())
