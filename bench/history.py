@@ -19,11 +19,14 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from tray_proxy.monitor.history import HistoryStore, HistoryWriter
 from tray_proxy.monitor.query import HistoryFilter
 from tray_proxy.monitor.rows import ConnectionRow, ProcessInfo, RowState
 from tray_proxy.relay.records import CloseReason
+
+T = TypeVar("T")
 
 _PROCESSES = ["curl", "firefox", "git", "pip", "apt", "code", "python3", "wget", "node", "java"]
 _UPSTREAMS = ["corp", "corp-backup", "lab-socks"]
@@ -83,7 +86,7 @@ def build(store: HistoryStore, rows: int, seed: int = 1) -> None:
     store.write(batch)
 
 
-def timed(fn: Callable[[], object]) -> tuple[float, object]:
+def timed(fn: Callable[[], T]) -> tuple[float, T]:
     t0 = time.perf_counter()
     result = fn()
     return time.perf_counter() - t0, result
@@ -111,7 +114,7 @@ def main() -> None:
                 s.close()
 
         seconds, n = timed(open_first)
-        results.append(("open + first page (cold connection)", seconds, int(str(n))))
+        results.append(("open + first page (cold connection)", seconds, n))
 
         store = HistoryStore(path)
         cases = [
@@ -132,24 +135,20 @@ def main() -> None:
         ]
         for name, flt in cases:
             seconds, page = timed(lambda flt=flt: store.page(flt))
-            results.append((name, seconds, len(page.entries)))  # type: ignore[attr-defined]
-        first = store.page(HistoryFilter(host="*.example.net"))
-        seconds, page = timed(
-            lambda: store.page(HistoryFilter(host="*.example.net"), after=first.next)
-        )
-        results.append(("host *.example.net, second page", seconds, len(page.entries)))  # type: ignore[attr-defined]
-        seconds, n = timed(store.latest_rowid)
+            results.append((name, seconds, len(page.entries)))
+        suffix = HistoryFilter(host="*.example.net")
+        first = store.page(suffix)
+        seconds, page = timed(lambda: store.page(suffix, after=first.next))
+        results.append(("host *.example.net, second page", seconds, len(page.entries)))
+        seconds, _ = timed(store.latest_rowid)
         results.append(("latest_rowid (--follow start)", seconds, 1))
         store.close()
 
         # The writer: 100,000 rows submitted at once, until written.
-        extra = tmp / "writer.sqlite3"
-        seed_store = HistoryStore(extra)
-        seed_store.close()
-        writer = HistoryWriter(extra, flush_interval=0.5)
-        scratch = HistoryStore(tmp / "scratch.sqlite3")
-        rows = [e.row for e in HistoryStore(path).iter_rows(HistoryFilter(process="git"))][:100_000]
-        scratch.close()
+        reader = HistoryStore(path)
+        rows = [e.row for e in reader.iter_rows(HistoryFilter(process="git"))][:100_000]
+        reader.close()
+        writer = HistoryWriter(tmp / "writer.sqlite3", flush_interval=0.5)
         t0 = time.perf_counter()
         writer.submit(rows)
         writer.flush(timeout=60)
