@@ -135,7 +135,7 @@ def main() -> None:
             ("text 'absent' (full scan)", HistoryFilter(text="absent-everywhere")),
         ]
         for name, flt in cases:
-            seconds, page = timed(lambda flt=flt: store.page(flt))
+            seconds, page = timed(functools.partial(store.page, flt))
             results.append((name, seconds, len(page.entries)))
         suffix = HistoryFilter(host="*.example.net")
         first = store.page(suffix)
