@@ -1,4 +1,7 @@
-"""The headless CLI: exit codes and messages a user sees, and a clean run/stop cycle."""
+"""The headless CLI: exit codes and messages a user sees, a clean run/stop cycle, and the
+control socket a headless run answers (`tray-proxy status --json`, `quit`).
+
+Every run gets its own XDG_RUNTIME_DIR (control socket) and XDG_STATE_HOME (history)."""
 
 from __future__ import annotations
 
@@ -13,7 +16,21 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_control import ServerThread
 from tray_proxy.cli import main
+from tray_proxy.control import SOCKET_NAME, NotRunningError, send_command
+
+START_DEADLINE = 20.0
+
+
+@pytest.fixture(autouse=True)
+def private_runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A run in this process must not meet the control socket of a real instance."""
+    directory = tmp_path / "xdg-run"
+    directory.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(directory))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    return directory
 
 
 def _free_port() -> int:
@@ -97,7 +114,7 @@ def test_run_listens_and_stops_cleanly_on_signal(tmp_path: Path, signum: int) ->
         [sys.executable, "-m", "tray_proxy", "run", "--config", str(path), "--no-redirect"],
         stderr=subprocess.PIPE,
         text=True,
-        env={k: v for k, v in os.environ.items() if k != "CREDENTIALS_DIRECTORY"},
+        env=_env(),
     )
     try:
         assert proc.stderr is not None
@@ -151,3 +168,114 @@ def test_run_reads_passwords_from_the_keyring_and_says_when_one_is_missing(
     err = capsys.readouterr().err
     assert "no password for upstream spare (user bob)" in err
     assert "corp" not in err and "from-keyring" not in err
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "CREDENTIALS_DIRECTORY"}
+
+
+def _wait_for_socket(proc: subprocess.Popen[str], sock: Path) -> dict[str, object]:
+    deadline = time.monotonic() + START_DEADLINE
+    while True:
+        try:
+            return send_command("status", sock, timeout=5)
+        except NotRunningError:
+            pass
+        assert proc.poll() is None, f"tray-proxy run exited with {proc.returncode}"
+        assert time.monotonic() < deadline, "tray-proxy run did not answer on its socket"
+        time.sleep(0.05)
+
+
+def test_headless_run_answers_status_and_quit_over_the_control_socket(
+    tmp_path: Path, private_runtime: Path
+) -> None:
+    port = _free_port()
+    path = _write(
+        tmp_path,
+        f'[relay]\nport = {port}\nlisten = ["127.0.0.1"]\n'
+        '[[upstream]]\nname = "corp"\nurl = "http://127.0.0.1:9"\n',
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tray_proxy", "run", "--config", str(path), "--no-redirect"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
+    sock = private_runtime / SOCKET_NAME
+    try:
+        answer = _wait_for_socket(proc, sock)
+        assert answer["instance"] == "run"
+        status = answer["status"]
+        assert isinstance(status, dict)
+        assert status["state"] == "on"
+        assert "--no-redirect" in status["message"]
+        assert status["relay_addresses"] == [["127.0.0.1", port]]
+        # The CLI itself, as a user types it.
+        shown = subprocess.run(
+            [sys.executable, "-m", "tray_proxy", "status", "--json"],
+            capture_output=True,
+            text=True,
+            env=_env(),
+            timeout=30,
+        )
+        assert shown.returncode == 0, shown.stderr
+        assert '"state": "on"' in shown.stdout
+        assert send_command("quit", sock) == {"ok": True}
+        assert proc.wait(timeout=20) == 0
+        assert proc.stderr is not None
+        err = proc.stderr.read()
+        assert "relay listening on" in err and "stopped" in err
+        assert "Traceback" not in err
+        assert not sock.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+class TrayAppThread(ServerThread):
+    """A control socket answering as the tray app does."""
+
+    async def handle(self, command: str) -> dict[str, object]:
+        self.commands.append(command)
+        return {"status": {"state": "on", "message": "Redirecting."}, "instance": "tray"}
+
+
+def test_headless_run_refuses_to_start_beside_the_tray_app(
+    tmp_path: Path, private_runtime: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tray = TrayAppThread(private_runtime)
+    tray.start()
+    try:
+        # The settings file does not exist: refusing comes before anything is read.
+        code = main(["run", "--config", str(tmp_path / "nope.toml"), "--no-redirect"])
+    finally:
+        tray.stop()
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "tray-proxy is already running (the tray app" in err
+    assert "tray-proxy quit" in err
+    assert "nope.toml" not in err
+    assert tray.commands == ["status"]
+
+
+def test_a_second_headless_run_goes_on_without_the_socket(
+    tmp_path: Path, private_runtime: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    class OtherRun(ServerThread):
+        async def handle(self, command: str) -> dict[str, object]:
+            self.commands.append(command)
+            return {"status": {"state": "on", "message": "x"}, "instance": "run"}
+
+    other = OtherRun(private_runtime)
+    other.start()
+    try:
+        code = main(["run", "--config", str(tmp_path / "nope.toml"), "--no-redirect"])
+    finally:
+        other.stop()
+    assert code == 2  # then it read the (missing) settings file like any run
+    err = capsys.readouterr().err
+    assert "another `tray-proxy run` holds" in err
+    assert "nope.toml" in err

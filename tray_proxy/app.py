@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tray_proxy.config import Config, ConfigError, default_config_path, load_config, save_config
+from tray_proxy.config import Config, ConfigError, default_config_path
 from tray_proxy.control import ControlError, ControlServer, runtime_dir, send_command
 from tray_proxy.controller import (
     PROBE_TARGET,
@@ -33,6 +33,8 @@ from tray_proxy.controller import (
     Status,
     engine_relay_factory,
 )
+from tray_proxy.controller.commands import INSTANCE_RUN, INSTANCE_TRAY, answer_command
+from tray_proxy.controller.services import ConfigFile
 from tray_proxy.credentials import CredentialStore, default_credential_source
 from tray_proxy.relay.credentials import Credentials
 from tray_proxy.relay.probe import ProbeResult, probe_upstream
@@ -44,19 +46,6 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 TRAY_WAIT_SECONDS = 3.0  # at login the panel may start after us
 DESKTOP_TEMPLATE = Path(__file__).resolve().parents[1] / "resources" / "tray-proxy.desktop"
-
-
-class ConfigFile:
-    """ConfigStore on the TOML settings file."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def load(self) -> Config:
-        return load_config(self.path, missing_ok=True)
-
-    def save(self, config: Config) -> None:
-        save_config(config, self.path)
 
 
 class Autostart:
@@ -191,23 +180,21 @@ class GuiApp:
     async def handle(self, command: str) -> dict[str, Any]:
         """One control-socket command (see tray_proxy.control)."""
         controller = self.controller
-        assert controller is not None and self.quit_event is not None
-        if command == "status":
-            return {"status": controller.status().to_dict()}
-        if command == "enable":
-            return {"status": (await controller.enable()).to_dict()}
-        if command == "disable":
-            return {"status": (await controller.disable()).to_dict()}
-        if command == "quit":
-            self.quit_event.set()
-            return {}
-        if command == "raise":
-            if self.window is not None:
-                # Logged so a user (or a test) can tell the second start reached us.
-                log.info("another start of tray-proxy asked for the window; showing it")
-                self.window.show_and_raise()
-            return {}
-        raise ValueError(f"unknown command {command!r}")
+        quit_event = self.quit_event
+        assert controller is not None and quit_event is not None
+        return await answer_command(
+            controller,
+            command,
+            instance=INSTANCE_TRAY,
+            quit=quit_event.set,
+            raise_window=self._raise_window,
+        )
+
+    def _raise_window(self) -> None:
+        if self.window is not None:
+            # Logged so a user (or a test) can tell the second start reached us.
+            log.info("another start of tray-proxy asked for the window; showing it")
+            self.window.show_and_raise()
 
     async def main(self) -> int:
         from PySide6 import __version__ as pyside_version
@@ -316,9 +303,17 @@ def run_gui(config_path: Path | None = None, no_tray: bool = False) -> int:
     if not first:
         # Another instance runs: bring its window up instead of starting a second one.
         try:
-            send_command("raise", server.path)
+            answer = send_command("raise", server.path)
         except ControlError as exc:
             print(f"tray-proxy: another instance holds the lock but {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        if answer.get("instance") == INSTANCE_RUN:
+            print(
+                "tray-proxy is already running headless (`tray-proxy run`), and one redirect "
+                "at a time can work. Stop it (`tray-proxy quit`, or Ctrl+C where it runs) and "
+                "start the tray app again.",
+                file=sys.stderr,
+            )
             return EXIT_FAILURE
         print("tray-proxy is already running; its window was brought up.", file=sys.stderr)
         return EXIT_OK

@@ -13,12 +13,14 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tray_proxy import __version__
 
 if TYPE_CHECKING:
     from tray_proxy.config import Config
+    from tray_proxy.control import ControlServer
+    from tray_proxy.firewall.ruleset import RuleSpec
     from tray_proxy.relay.credentials import CredentialSource
 
 EXIT_OK = 0
@@ -83,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tray_proxy import cli_credentials
 
     cli_credentials.add_subcommands(sub, common)
+    from tray_proxy import cli_log
+
+    cli_log.add_subcommand(sub, common)
     return parser
 
 
@@ -131,84 +136,149 @@ def _setup_logging(verbose: int) -> None:
     )
 
 
-async def _run_relay(args: argparse.Namespace) -> int:
-    """One start-up path, one shutdown path (ARCHITECTURE.md): relay, then redirect on; on
-    SIGINT/SIGTERM or a redirect failure, redirect off for new connections first, then the
-    relay drains, then the helper ends and deletes its table (not earlier: connections open
-    through the relay would lose their address translation)."""
-    from tray_proxy.config import ConfigError, default_config_path, load_config
-    from tray_proxy.firewall.client import RedirectError
-    from tray_proxy.redirect import ManagedRedirect, check_redirect_settings
-    from tray_proxy.relay.engine import RelayEngine, RelayStartError
+class _StderrSteps:
+    """LifecycleSteps for the headless run: each step one line on stderr (tests and the lab
+    wait for these lines; keep their wording)."""
 
-    path = args.config or default_config_path()
-    try:
-        config = load_config(path)
-    except ConfigError as exc:
-        print(f"tray-proxy: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    if not config.upstreams:
-        print(
-            f"tray-proxy: {path}: no [[upstream]] is defined; add the corporate proxy "
-            "(see README, Configuration)",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
-    if not args.no_redirect:
-        try:
-            check_redirect_settings(config)
-        except RedirectError as exc:
-            print(f"tray-proxy: {path}: {exc}", file=sys.stderr)
-            return EXIT_USAGE
-    credentials = await _credential_source(config)
-    engine = RelayEngine(config.relay, config.upstreams, credentials)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    try:
-        await engine.start()
-    except RelayStartError as exc:
-        print(f"tray-proxy: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
-    where = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in engine.addresses)
-    upstream = engine.active_upstream
-    print(f"tray-proxy: relay listening on {where}, upstream {upstream}", file=sys.stderr)
+    def relay_started(self, addresses: tuple[tuple[str, int], ...], upstream: str) -> None:
+        where = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in addresses)
+        _say(f"relay listening on {where}, upstream {upstream}")
+
+    def redirect_on(self, spec: RuleSpec) -> None:
+        ports = ", ".join(str(p) for p in spec.redirect_ports)
+        _say(f"redirect on: TCP ports {ports} go to the relay")
+
+    def removing_redirect(self) -> None:
+        _say("removing the redirect")
+
+    def draining(self) -> None:
+        _say("stopping (draining open connections)")
+
+
+_NO_STATUS = "`tray-proxy status` will not reach this run"
+
+
+def _say(text: str) -> None:
+    print(f"tray-proxy: {text}", file=sys.stderr)
     sys.stderr.flush()
-    redirect: ManagedRedirect | None = None
-    failure: RedirectError | None = None
-    if not args.no_redirect:
-        redirect = ManagedRedirect(
-            config, relay_port=engine.addresses[0][1], on_failure=lambda _exc: stop.set()
-        )
-        try:
-            spec = await redirect.start()
-        except RedirectError as exc:
-            failure = exc
-        else:
-            ports = ", ".join(str(p) for p in spec.redirect_ports)
-            print(
-                f"tray-proxy: redirect on: TCP ports {ports} go to the relay",
-                file=sys.stderr,
-            )
-            sys.stderr.flush()
-            await stop.wait()
-            failure = redirect.failure
-    else:
-        await stop.wait()
-    if redirect is not None:
-        print("tray-proxy: removing the redirect", file=sys.stderr)
-        await redirect.switch_off()
-    if failure is not None:
-        print(f"tray-proxy: {failure}", file=sys.stderr)
-    print("tray-proxy: stopping (draining open connections)", file=sys.stderr)
+
+
+def _claim_control(server: ControlServer) -> str:
+    """Take the control socket for this run: "ours"; "tray": the tray app holds it, so this
+    run must not start; "without": another run holds it (or it cannot be used), so this one
+    goes on without it."""
+    from tray_proxy.control import ControlError, send_command
+    from tray_proxy.controller.commands import INSTANCE_TRAY
+
     try:
-        await engine.stop()
+        if server.claim():
+            return "ours"
+        answer = send_command("status", server.path)
+    except (ControlError, OSError) as exc:
+        _say(f"the control socket cannot be used ({exc}); {_NO_STATUS}")
+        return "without"
+    if answer.get("instance", INSTANCE_TRAY) == INSTANCE_TRAY:
+        return "tray"
+    # Another headless run (another config, another port) answers `tray-proxy status`.
+    _say(f"another `tray-proxy run` holds {server.path}; `tray-proxy status` reaches that one")
+    return "without"
+
+
+async def _run_headless(args: argparse.Namespace) -> int:
+    """`tray-proxy run`: the app's controller without the app. The same lifecycle (settings
+    check, credentials, relay, then redirect on; on SIGINT/SIGTERM/SIGHUP, `tray-proxy quit`
+    or a failure: redirect off for new connections, the relay drains, the helper ends and
+    deletes its table), the same control socket, the same connection history."""
+    from tray_proxy.config import ConfigError, default_config_path, load_config
+    from tray_proxy.control import ControlError, ControlServer, runtime_dir
+    from tray_proxy.controller import ProxyController, engine_relay_factory
+    from tray_proxy.controller.commands import INSTANCE_RUN, answer_command
+    from tray_proxy.controller.services import ConfigFile
+    from tray_proxy.controller.status import State, StateChanged
+    from tray_proxy.firewall.client import RedirectController, RedirectError
+    from tray_proxy.redirect import check_redirect_settings
+
+    stop = asyncio.Event()
+    controller: ProxyController | None = None
+
+    async def handle(command: str) -> dict[str, Any]:
+        if controller is None:
+            raise ValueError("tray-proxy run is still starting; try again in a moment")
+        return await answer_command(controller, command, instance=INSTANCE_RUN, quit=stop.set)
+
+    server: ControlServer | None = None
+    try:
+        server = ControlServer(handle, runtime_dir())
+    except (ControlError, OSError) as exc:
+        _say(f"the control socket cannot be set up ({exc}); {_NO_STATUS}")
+    if server is not None:
+        holder = _claim_control(server)
+        if holder == "tray":
+            _say(
+                f"tray-proxy is already running (the tray app holds {server.path}), and one "
+                "redirect at a time can work. Quit the tray app (its menu's Quit, or "
+                "`tray-proxy quit`) and start `tray-proxy run` again, or use the tray app."
+            )
+            return EXIT_USAGE
+        if holder == "without":
+            server = None
+    try:
+        path = args.config or default_config_path()
+        try:
+            config = load_config(path)
+        except ConfigError as exc:
+            _say(str(exc))
+            return EXIT_USAGE
+        if not config.upstreams:
+            _say(
+                f"{path}: no [[upstream]] is defined; add the corporate proxy "
+                "(see README, Configuration)"
+            )
+            return EXIT_USAGE
+        if not args.no_redirect:
+            try:
+                check_redirect_settings(config)
+            except RedirectError as exc:
+                _say(f"{path}: {exc}")
+                return EXIT_USAGE
+        credentials = await _credential_source(config)
+        controller = ProxyController(
+            ConfigFile(path),
+            engine_relay_factory(credentials),
+            None if args.no_redirect else RedirectController(),
+            credential_source=credentials,
+            steps=_StderrSteps(),
+        )
+        failure: list[str] = []
+
+        def watch(event: object) -> None:
+            # After a failure the controller has already switched everything off: end.
+            if isinstance(event, StateChanged) and event.new is State.ERROR:
+                failure.append(event.message)
+                stop.set()
+
+        loop = asyncio.get_running_loop()
+        signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        for signum in signals:
+            loop.add_signal_handler(signum, stop.set)
+        try:
+            controller.subscribe(watch)
+            if server is not None:
+                await server.start()
+            await controller.enable()
+            if not failure:
+                await stop.wait()
+        finally:
+            await controller.shutdown()
+            for signum in signals:
+                loop.remove_signal_handler(signum)
+        for text in failure[:1]:
+            _say(text)
+        _say("stopped")
+        return EXIT_FAILURE if failure else EXIT_OK
     finally:
-        if redirect is not None:
-            await redirect.stop()
-    print("tray-proxy: stopped", file=sys.stderr)
-    return EXIT_OK if failure is None else EXIT_FAILURE
+        if server is not None:
+            await server.close()
 
 
 KEYRING_START_TIMEOUT = 15.0
@@ -255,12 +325,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tray_proxy import cli_credentials
 
         return cli_credentials.run(args)
+    if args.command == "log":
+        from tray_proxy import cli_log
+
+        return cli_log.run(args)
     if args.command == "run":
         from tray_proxy.relay.runner import new_fast_loop
 
         loop = new_fast_loop()
         try:
-            return loop.run_until_complete(_run_relay(args))
+            return loop.run_until_complete(_run_headless(args))
         finally:
             loop.close()
     parser.error(f"unknown command {args.command!r}")

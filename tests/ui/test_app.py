@@ -76,6 +76,7 @@ def test_control_commands_reach_the_app(tmp_path: Path) -> None:
 
     status = asyncio.run(scenario())
     assert status["status"]["state"] == "off"
+    assert status["instance"] == "tray"
     assert window.raised == 1
 
 
@@ -98,6 +99,26 @@ def test_second_instance_raises_the_first_and_exits(
         first.stop()
     assert first.commands == ["raise"]
     assert "already running" in capsys.readouterr().err
+
+
+def test_the_tray_app_does_not_start_beside_a_headless_run(
+    private_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    class HeadlessRun(ServerThread):
+        async def handle(self, command: str) -> dict[str, Any]:
+            self.commands.append(command)
+            return {"instance": "run"}
+
+    first = HeadlessRun(private_dir)
+    first.start()
+    try:
+        monkeypatch.setattr(app_module, "runtime_dir", lambda: private_dir)
+        assert app_module.run_gui(no_tray=True) == 1
+    finally:
+        first.stop()
+    err = capsys.readouterr().err
+    assert "already running headless (`tray-proxy run`)" in err
+    assert "tray-proxy quit" in err
 
 
 @pytest.fixture

@@ -1,7 +1,8 @@
 """What the controller needs of the world, as protocols: the relay (`RelayHandle`, started by
 a `RelayFactory`), the redirect's root helper (`RedirectService`), the keyring
-(`CredentialRefresher`), the settings file (`ConfigStore`), name resolution and the upstream
-probe. The app and `tray-proxy run` inject the real ones; tests inject small fakes.
+(`CredentialRefresher`), the settings file (`ConfigStore`; `ConfigFile` is the real one), name
+resolution and the upstream probe. The app and `tray-proxy run` inject the real ones; tests
+inject small fakes.
 
 Must not import PySide6, qasync or the relay engine (engine_relay.py adapts it).
 """
@@ -9,9 +10,10 @@ Must not import PySide6, qasync or the relay engine (engine_relay.py adapts it).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
 from typing import Final, Protocol
 
-from tray_proxy.config import Config
+from tray_proxy.config import Config, load_config, save_config
 from tray_proxy.firewall.client import RedirectStatus
 from tray_proxy.firewall.ruleset import IPAddress, RuleSpec
 from tray_proxy.relay.credentials import Credentials
@@ -23,6 +25,7 @@ from tray_proxy.relay.settings import UpstreamProxy
 __all__ = [
     "PROBE_TARGET",
     "PROBE_TIMEOUT",
+    "ConfigFile",
     "ConfigStore",
     "CredentialRefresher",
     "Probe",
@@ -99,6 +102,19 @@ class ConfigStore(Protocol):
     def load(self) -> Config: ...
 
     def save(self, config: Config) -> None: ...
+
+
+class ConfigFile:
+    """ConfigStore on the TOML settings file (a missing file is an empty configuration)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> Config:
+        return load_config(self.path, missing_ok=True)
+
+    def save(self, config: Config) -> None:
+        save_config(config, self.path)
 
 
 Resolver = Callable[[Iterable[tuple[str, int]]], Awaitable[tuple[tuple[IPAddress, int], ...]]]
