@@ -11,11 +11,13 @@ import os
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 from collections.abc import Sequence  # noqa: E402
+from dataclasses import replace  # noqa: E402
 
 import pytest  # noqa: E402
 
 from tray_proxy.controller import ErrorEntry, State, Status, UpstreamInfo  # noqa: E402
-from tray_proxy.monitor.rows import ConnectionRow  # noqa: E402
+from tray_proxy.monitor.rows import ConnectionRow, ProcessInfo, RowState  # noqa: E402
+from tray_proxy.relay.records import CloseReason  # noqa: E402
 from tray_proxy.ui.services import HistoryReader  # noqa: E402
 
 
@@ -34,6 +36,49 @@ def make_status(state: State = State.ON, **overrides: object) -> Status:
     }
     values.update(overrides)
     return Status(**values)  # type: ignore[arg-type]
+
+
+T0 = 1_700_000_000.0
+
+
+def make_row(conn_id: int, **overrides: object) -> ConnectionRow:
+    """An open connection from curl to example-<id>.test:443 through corp."""
+    values: dict[str, object] = {
+        "conn_id": conn_id,
+        "started": T0 + conn_id,
+        "client": ("10.0.0.2", 40_000 + conn_id),
+        "original_dst": (f"192.0.2.{conn_id % 250 + 1}", 443),
+        "host": f"example-{conn_id}.test",
+        "upstream": "corp",
+        "state": RowState.OPEN,
+        "established": T0 + conn_id + 0.01,
+        "handshake_latency": 0.012,
+        "bytes_up": 100 * conn_id,
+        "bytes_down": 1000 * conn_id,
+        "process": ProcessInfo(pid=1000 + conn_id, name="curl", exe="/usr/bin/curl", user="alice"),
+    }
+    values.update(overrides)
+    return ConnectionRow(**values)  # type: ignore[arg-type]
+
+
+def closed(
+    row: ConnectionRow, reason: CloseReason = CloseReason.DONE, **overrides: object
+) -> ConnectionRow:
+    """`row` ended 2 s after it started, for `reason` (a failure gets words)."""
+    failed = reason not in (
+        CloseReason.DONE,
+        CloseReason.CLOSED_BY_USER,
+        CloseReason.SHUTDOWN,
+        CloseReason.IDLE_TIMEOUT,
+    )
+    values: dict[str, object] = {
+        "state": RowState.FAILED if failed else RowState.CLOSED,
+        "ended": row.started + 2.0,
+        "close_reason": reason,
+        "words": f"{row.destination}: failed ({reason.value}). Check the proxy." if failed else "",
+    }
+    values.update(overrides)
+    return replace(row, **values)  # type: ignore[arg-type]
 
 
 class FakeServices:

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 from pytestqt.qtbot import QtBot
 
-from tray_proxy.controller import Notice, NoticeKind, State, StateChanged, StatusUpdated
+from tray_proxy.controller import (
+    ConnectionsChanged,
+    Notice,
+    NoticeKind,
+    State,
+    StateChanged,
+    StatusUpdated,
+)
+from tray_proxy.monitor.rows import RowChanges, RowState
 from tray_proxy.ui.bridge import UiBridge
 
-from .conftest import make_status
+from .conftest import closed, make_row, make_status
 
 
 def test_a_thousand_updates_become_a_few_signals(qtbot: QtBot) -> None:
@@ -57,3 +66,36 @@ def test_state_changes_and_notices_all_arrive_in_order(qtbot: QtBot) -> None:
         (State.OFF, State.ENABLING),
         (State.ENABLING, State.ON),
     ]
+
+
+def test_connection_changes_in_one_window_merge_into_one_signal(qtbot: QtBot) -> None:
+    bridge = UiBridge(interval_ms=50)
+    seen: list[RowChanges] = []
+    bridge.connectionsChanged.connect(seen.append)
+    one, two, three = make_row(1), make_row(2), make_row(3)
+    bridge.post(ConnectionsChanged(RowChanges(opened=(one, two))))
+    bridge.post(ConnectionsChanged(RowChanges(updated=(replace(one, bytes_up=5),))))
+    bridge.post(StatusUpdated(make_status()))
+    bridge.post(ConnectionsChanged(RowChanges(updated=(replace(three, bytes_up=1),))))
+    bridge.post(ConnectionsChanged(RowChanges(closed=(closed(two),))))
+    bridge.post(ConnectionsChanged(RowChanges(updated=(replace(three, bytes_up=9),))))
+    # A late update of a closed row must not bring it back.
+    bridge.post(ConnectionsChanged(RowChanges(updated=(replace(two, bytes_up=7),))))
+    qtbot.waitUntil(lambda: len(seen) == 1, timeout=2000)
+    merged = seen[0]
+    # Opened then changed: still "opened", newest form. Opened then closed: only closed.
+    assert [(r.conn_id, r.bytes_up) for r in merged.opened] == [(1, 5)]
+    assert [(r.conn_id, r.bytes_up) for r in merged.updated] == [(3, 9)]
+    assert [(r.conn_id, r.state) for r in merged.closed] == [(2, RowState.CLOSED)]
+    qtbot.wait(120)  # nothing else queued: no second, empty signal
+    assert len(seen) == 1
+
+
+def test_a_flush_without_connection_changes_emits_none(qtbot: QtBot) -> None:
+    bridge = UiBridge(interval_ms=10)
+    seen: list[RowChanges] = []
+    bridge.connectionsChanged.connect(seen.append)
+    bridge.post(StatusUpdated(make_status()))
+    bridge.post(ConnectionsChanged(RowChanges()))
+    qtbot.waitUntil(lambda: bridge.latest is not None, timeout=2000)
+    assert seen == []

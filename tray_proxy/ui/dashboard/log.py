@@ -97,7 +97,7 @@ class _ExportJob(QRunnable):
         try:
             count = self._reader.export(self._filter, self._path, self._fmt)
         except Exception as exc:  # shown to the user in words
-            self.signals.failed.emit(f"Could not export to {self._path}: {exc}")
+            self.signals.failed.emit(str(exc) or f"Cannot export to {self._path} ({exc!r}).")
             return
         self.signals.done.emit(count, str(self._path))
 

@@ -79,7 +79,9 @@ class LogModel(QAbstractTableModel):
             page = self._reader.page(self._filter, after=self._cursor, limit=self._page_size)
         except Exception as exc:  # shown to the user; the table stays usable
             self._more = False
-            self.failed.emit(f"Could not read the connection history: {exc}")
+            # The reader's errors are written for the user (HistoryError); anything else
+            # still gets a sentence rather than a bare exception name.
+            self.failed.emit(str(exc) or f"Cannot read the connection history ({exc!r}).")
             return
         self.pages_read += 1
         self._cursor = page.next
