@@ -19,13 +19,17 @@ Matching is on the full 4-tuple (IPv4-mapped IPv6 forms both ways); a lookup tha
 need a guess answers less instead. What each outcome answers:
 
 - found:                         ProcessInfo(pid, name, exe, user)
-- socket found, its process gone (the socket has no inode, no process holds it, or the pid
-  ended between the steps):      ProcessInfo(pid or None, name or "?", user, exited=True)
-- socket found, its owner not readable (another user's process):
+- the process ended between the steps:
+                                 ProcessInfo(pid, name from /proc or "?", user, exited=True)
+- the socket outlived its process (closed: FIN_WAIT2, TIME_WAIT; or held by no process):
+                                 ProcessInfo(None, "?", user when the kernel still has the
+                                 socket's uid, exited=True)
+- the socket's owner not readable (another user's process):
                                  ProcessInfo(None, "?", user from the socket's uid)
 - client address not of this host (container traffic through prerouting):
                                  ProcessInfo(None, "?", remote=True, container=name or None)
-- no socket with that 4-tuple at all (closed and gone): None
+- no socket with that 4-tuple at all (closed and gone), or an ambiguous client address
+  without a destination: None
 
 Sockets and the process table are read from the network namespace of the thread that made
 the first request (the engine's loop thread): the worker thread starts from it.
