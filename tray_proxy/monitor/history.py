@@ -686,7 +686,11 @@ class HistoryStore:
                 self._host_ids.clear()
                 pages, free = self._pages()
                 if free * 3 > pages:
-                    self._conn.execute(f"PRAGMA incremental_vacuum({free})").fetchall()
+                    # One page per step: executescript steps it to the end, execute would not.
+                    self._conn.executescript(f"PRAGMA incremental_vacuum({free});")
+                    # The file shrinks when the WAL is written back; PASSIVE never waits for
+                    # a reader (the next automatic checkpoint finishes it then).
+                    self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
         return removed
 
     def _delete_oldest(self, where: str, params: list[object], limit: int) -> int:
