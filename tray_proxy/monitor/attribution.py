@@ -333,7 +333,12 @@ class ProcessLookup:
             return {}, None
         running = set(pids)
         recent = [pid for pid in reversed(self._recent) if pid in running]
-        order = recent + [pid for pid in pids if pid not in self._recent]
+        # This process last: the relay holds two sockets per tunnel and is rarely the
+        # program behind one.
+        me = os.getpid()
+        order = recent + [pid for pid in pids if pid not in self._recent and pid != me]
+        if me not in self._recent:
+            order.append(me)
         for pid in order:
             uid = -1
             if self._me != 0:
