@@ -55,7 +55,7 @@ RANGES: tuple[tuple[str, float | None], ...] = (
     ("From … to …", -1.0),
 )
 CUSTOM_RANGE = len(RANGES) - 1
-FORMATS = {"CSV (*.csv)": "csv", "JSON (*.json)": "json"}
+FORMATS = {"CSV (*.csv)": "csv", "JSON lines (*.json)": "json"}
 
 # Asks where to export: returns (path, "csv" | "json") or None (cancelled).
 ChooseExportPath = Callable[[QWidget], "tuple[Path, str] | None"]
@@ -309,6 +309,10 @@ class LogTab(QWidget):
             combo.addItem(name, name)
         combo.setCurrentIndex(max(0, combo.findData(current)) if current is not None else 0)
         combo.blockSignals(False)
+
+    def log_status_text(self) -> str:
+        """What the line above the table says (counts, errors, export results)."""
+        return self.status_label.text()
 
     def _row_chosen(self) -> None:
         index = self.view.selectionModel().currentIndex()

@@ -14,7 +14,7 @@ import time
 
 from PySide6.QtCore import QAbstractTableModel, QModelIndex, QObject, Qt, Signal
 
-from tray_proxy.monitor.query import HistoryCursor, HistoryEntry, HistoryFilter
+from tray_proxy.monitor.query import HistoryCursor, HistoryEntry, HistoryFilter, HistoryPage
 from tray_proxy.monitor.rows import RowState
 from tray_proxy.ui.models.columns import (
     FAILED_BRUSH,
@@ -59,13 +59,19 @@ class LogModel(QAbstractTableModel):
         return self._entries[position]
 
     def set_filter(self, history_filter: HistoryFilter) -> None:
+        # The first page is read inside the reset, so views (and Qt's model tester) see
+        # the new answer in one step, not a reset followed by an insert.
         self.beginResetModel()
         self._filter = history_filter
         self._entries = []
         self._cursor = None
-        self._more = True
+        self._more = False
+        page = self._read()
+        if page is not None:
+            self._entries.extend(page.entries)
         self.endResetModel()
-        self.fetchMore(QModelIndex())
+        if page is not None:
+            self._more = page.next is not None
 
     # -- Qt's paging ----------------------------------------------------------------------
 
@@ -75,22 +81,31 @@ class LogModel(QAbstractTableModel):
     def fetchMore(self, parent: AnyIndex) -> None:  # noqa: N802 - Qt's name
         if parent.isValid() or not self._more:
             return
-        try:
-            page = self._reader.page(self._filter, after=self._cursor, limit=self._page_size)
-        except Exception as exc:  # shown to the user; the table stays usable
-            self._more = False
-            # The reader's errors are written for the user (HistoryError); anything else
-            # still gets a sentence rather than a bare exception name.
-            self.failed.emit(str(exc) or f"Cannot read the connection history ({exc!r}).")
+        # No more pages while this one is being inserted: a view or tester reacting to
+        # rowsInserted must not start a second insert inside the first.
+        self._more = False
+        page = self._read()
+        if page is None:
             return
-        self.pages_read += 1
-        self._cursor = page.next
-        self._more = page.next is not None
         if page.entries:
             first = len(self._entries)
             self.beginInsertRows(QModelIndex(), first, first + len(page.entries) - 1)
             self._entries.extend(page.entries)
             self.endInsertRows()
+        self._more = page.next is not None
+
+    def _read(self) -> HistoryPage | None:
+        """The page after the cursor (moving the cursor on), or None after an error."""
+        try:
+            page = self._reader.page(self._filter, after=self._cursor, limit=self._page_size)
+        except Exception as exc:  # shown to the user; the table stays usable
+            # The reader's errors are written for the user (HistoryError); anything else
+            # still gets a sentence rather than a bare exception name.
+            self.failed.emit(str(exc) or f"Cannot read the connection history ({exc!r}).")
+            return None
+        self.pages_read += 1
+        self._cursor = page.next
+        return page
 
     # -- table ----------------------------------------------------------------------------
 
