@@ -63,7 +63,10 @@ class Collector:
 
 
 def attribute(
-    requests: Sequence[Request], *, delay: float = 0.02
+    requests: Sequence[Request],
+    *,
+    delay: float = 0.02,
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
 ) -> tuple[Answers, int, Collector]:
     """Ask an Attributor on a fresh loop; wait (bounded) for every answer."""
 
@@ -80,7 +83,7 @@ def attribute(
         assert collector.threads == {threading.get_ident()}, "deliver ran off the loop thread"
         return collector.answers, attributor.passes, collector
 
-    with asyncio.Runner() as runner:
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
         return runner.run(main())
 
 
@@ -225,6 +228,18 @@ def test_own_connections_ipv4_ipv6_and_mapped_forms(method: str) -> None:
     assert sorted(answers) == [1, 2, 3, 4]
     for info in answers.values():
         assert_me(info)
+    assert passes == 1
+
+
+def test_on_uvloop() -> None:
+    """The engine's loop in production."""
+    import uvloop
+
+    with listener() as server, socket.create_connection(server.getsockname()) as sock:
+        answers, passes, _ = attribute(
+            [(1, sock.getsockname(), sock.getpeername())], loop_factory=uvloop.new_event_loop
+        )
+    assert_me(answers[1])
     assert passes == 1
 
 

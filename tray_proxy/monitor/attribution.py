@@ -88,10 +88,11 @@ _TCP_ORPHAN_STATES = frozenset({4, 9, 11})  # FIN_WAIT1, LAST_ACK, CLOSING
 class Attributor:
     """Finds the program behind connections, in batches, in a worker thread.
 
-    `request()` is called on the loop thread and only queues; `deliver` is called on the
-    loop thread (call_soon_threadsafe) with every requested id answered exactly once
-    (None: nothing found). `close()` stops the worker; requests still queued then are not
-    answered (the loop is going away).
+    `request()` only queues (cheap; meant for the loop thread, safe from any); `deliver` is
+    called on the loop thread (call_soon_threadsafe) with every requested id answered
+    exactly once (None: nothing found). Ask as soon as the connection opens: a program
+    that has closed its socket can no longer be named. `close()` stops the worker;
+    requests still queued then are not answered (the loop is going away).
     """
 
     def __init__(
@@ -122,7 +123,8 @@ class Attributor:
             if len(self._pending) >= MAX_PENDING:
                 self._overflow.append((conn_id, None))
                 if len(self._overflow) == 1:
-                    self._loop.call_soon(self._deliver_overflow)
+                    with contextlib.suppress(RuntimeError):  # the loop has closed
+                        self._loop.call_soon_threadsafe(self._deliver_overflow)
                 return
             if not self._pending:
                 self._first_at = time.monotonic()
