@@ -1,9 +1,11 @@
 """The relays under test, each started as its own process in the lab's client namespace.
 
-`TrayProxyRun` (`tray-proxy run`, engine on a uvloop loop), `TrayProxyQasync` (the engine on
-qasync, bench/qasync_relay.py) and `Redsocks` (Debian's redsocks, `type = http-connect`,
-splice off or on). Each writes its config into the run's temp dir, exposes the relay's pid
-for CPU and RSS readings, and stops its process group on `stop()`.
+`TrayProxyRun` (`tray-proxy run`, engine on a uvloop loop, connection history off),
+`TrayProxyRunMonitored` (the same with the history and process attribution on),
+`TrayProxyQasync` (the engine on qasync, bench/qasync_relay.py) and `Redsocks` (Debian's
+redsocks, `type = http-connect`, splice off or on). Each writes its config into the run's
+temp dir, exposes the relay's pid for CPU and RSS readings, and stops its process group on
+`stop()`.
 
 Must not import PySide6. Secrets: the tray-proxy password goes to a 0600 file in a 0700
 $CREDENTIALS_DIRECTORY; redsocks has no other way than its (0600) config file.
@@ -11,8 +13,10 @@ $CREDENTIALS_DIRECTORY; redsocks has no other way than its (0600) config file.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -144,6 +148,11 @@ class TrayProxyRelay(Relay):
     # More [relay] lines, for a variant row.
     relay_extra = ""
 
+    def log_text(self) -> str:
+        """The [log] table: the connection history (and with it process attribution) off,
+        so the rows measure the relay; TrayProxyRunMonitored switches it on."""
+        return "\n[log]\nenabled = false\n"
+
     def config_text(self) -> str:
         host, port = self.upstream
         return (
@@ -161,6 +170,7 @@ class TrayProxyRelay(Relay):
             f'name = "{UPSTREAM_NAME}"\n'
             f'url = "http://{host}:{port}"\n'
             f'username = "{self.username}"\n'
+            f"{self.log_text()}"
         )
 
     def env(self) -> dict[str, str]:
@@ -187,6 +197,38 @@ class TrayProxyRunNoSpares(TrayProxyRun):
     label = "tray-proxy run, spare_connections = 0"
     key = "tray-run-nospare"
     relay_extra = "spare_connections = 0\n"
+
+
+class TrayProxyRunMonitored(TrayProxyRun):
+    """`tray-proxy run` with what the dashboard needs switched on: the connection history
+    (SQLite, its writer thread) and process attribution. Its cost is this row against
+    `tray-proxy run` of the same run (target: conn/s and added p50 within 5 %)."""
+
+    label = "tray-proxy run, history + attribution on"
+    key = "tray-run-monitored"
+
+    @property
+    def history_path(self) -> Path:
+        return self.workdir / f"{self.key}-{self.port}-history.sqlite3"
+
+    def log_text(self) -> str:
+        return f'\n[log]\nenabled = true\npath = "{self.history_path}"\n'
+
+    def history_counts(self) -> tuple[int, int] | None:
+        """(connections written, of them with a process) once the relay has stopped; None
+        when there is no history file or it is not the schema this knows."""
+        if not self.history_path.exists():
+            return None
+        try:
+            with contextlib.closing(
+                sqlite3.connect(f"file:{self.history_path}?mode=ro", uri=True, timeout=5)
+            ) as conn:
+                total, named = conn.execute(
+                    "SELECT count(*), count(process_name) FROM connections"
+                ).fetchone()
+        except sqlite3.Error:
+            return None
+        return int(total), int(named)
 
 
 class TrayProxyQasync(TrayProxyRelay):

@@ -1,8 +1,10 @@
 """Build the lab, run every row side by side in interleaved rounds, print and save the tables.
 
 Rows: direct, Squid only (explicit CONNECT), redsocks splice off / on, tray-proxy run
-(uvloop) and the engine on qasync. Columns and targets follow shared/BENCHMARKS.md and
-ARCHITECTURE.md ("The event loop"). Usage, as root from the repository root:
+(uvloop; connection history off), the same with the history and process attribution on,
+without spare connections, and the engine on qasync. Columns and targets follow
+shared/BENCHMARKS.md and ARCHITECTURE.md ("The event loop"). Usage, as root from the
+repository root:
 
     .venv/bin/python -m bench.run [--quick] [--rounds N] [--rows a,b] [--output FILE]
 
@@ -41,6 +43,7 @@ from bench.relays import (
     Relay,
     TrayProxyQasync,
     TrayProxyRun,
+    TrayProxyRunMonitored,
     TrayProxyRunNoSpares,
     proc_cpu_seconds,
     proc_rss_kib,
@@ -106,11 +109,13 @@ ROWS = [
     Row("redsocks-off", "redsocks, `splice = off` (Debian default)", "redsocks-off"),
     Row("redsocks-on", "redsocks, `splice = on`", "redsocks-on"),
     Row("tray-run", "tray-proxy run (engine on uvloop)", "tray-run"),
+    Row("tray-run-monitored", "tray-proxy run, history + attribution on", "tray-run-monitored"),
     Row("tray-run-nospare", "tray-proxy run, `spare_connections = 0`", "tray-run-nospare"),
     Row("tray-qasync", "tray-proxy engine on qasync", "tray-qasync"),
 ]
 REFERENCE = "redsocks-on"
 PRODUCT = "tray-run"
+MONITORED = "tray-run-monitored"  # PRODUCT with the connection history and attribution on
 
 
 @dataclass
@@ -285,6 +290,8 @@ class Bench:
         relay: Relay
         if key == "tray-run":
             relay = TrayProxyRun(*common, upstream, creds.username, creds.password_file)
+        elif key == "tray-run-monitored":
+            relay = TrayProxyRunMonitored(*common, upstream, creds.username, creds.password_file)
         elif key == "tray-run-nospare":
             relay = TrayProxyRunNoSpares(*common, upstream, creds.username, creds.password_file)
         elif key == "tray-qasync":
@@ -361,6 +368,17 @@ class Bench:
                     samples[key].notes.append(
                         f"{relay.label} exited with {relay.process.returncode}"
                     )
+        # The relays have stopped (their history written and closed): what the monitored
+        # row kept, so its cost is known to be the cost of doing the work.
+        for key, relay in relays.items():
+            if isinstance(relay, TrayProxyRunMonitored):
+                counts = relay.history_counts()
+                samples[key].notes.append(
+                    "no connection history was written (is [log] wired into `tray-proxy run`?)"
+                    if counts is None
+                    else f"history: {counts[0]:,} connections written, {counts[1]:,} with "
+                    "their process"
+                )
         return samples
 
     def _latency(
@@ -565,6 +583,42 @@ def ratios_table(summary: dict[str, dict[str, float | None]]) -> str:
     return "\n".join(lines)
 
 
+COST_LIMIT = 0.05  # the history and attribution cost at most 5 % of conn/s and added p50
+
+
+def cost_table(summary: dict[str, dict[str, float | None]]) -> tuple[str, bool]:
+    """The monitored row against tray-proxy run of the same run: what the connection
+    history and process attribution cost. Empty when either row did not run."""
+    on, off = summary.get(MONITORED, {}), summary.get(PRODUCT, {})
+    if on.get("conn_s") is None or off.get("conn_s") is None:
+        return "", True
+    checks = [
+        ("conn/s at 200 concurrent", _ratio(on["conn_s"], off["conn_s"]), 1 - COST_LIMIT, False),
+        ("added p50 latency", _ratio(on["added_p50"], off["added_p50"]), 1 + COST_LIMIT, True),
+        ("relay CPU µs per connection", _ratio(on["cpu_conn"], off["cpu_conn"]), None, True),
+        ("new conn p50 with idle tunnels", _ratio(on["idle_new_p50"], off["idle_new_p50"]),
+         None, True),
+        ("KiB per idle tunnel", _ratio(on["idle_kib"], off["idle_kib"]), None, True),
+    ]  # fmt: skip
+    lines = [
+        "| figure | history + attribution on / off | target | verdict |",
+        "|---|---|---|---|",
+    ]
+    all_pass = True
+    for name, got, limit, at_most in checks:
+        if limit is None:
+            target, verdict = "–", "(shown)"
+        else:
+            target = f"{'<=' if at_most else '>='} {limit:.2f}×"
+            if got is None:
+                verdict = "MISS (no figure)"
+            else:
+                verdict = "PASS" if (got <= limit if at_most else got >= limit) else "MISS"
+            all_pass = all_pass and verdict == "PASS"
+        lines.append(f"| {name} | {_times(got)} | {target} | {verdict} |")
+    return "\n".join(lines), all_pass
+
+
 @dataclass(frozen=True)
 class Target:
     name: str
@@ -647,6 +701,23 @@ def render_doc(
     load: list[tuple[float, float, float]],
 ) -> str:
     targets, _ = check_targets(summary)
+    cost, _ = cost_table(summary)
+    cost_section = (
+        [
+            "## What the connection history and process attribution cost (same run)",
+            "",
+            f"`{MONITORED}` against `{PRODUCT}`: the same relay with `[log] enabled = true` "
+            "(the SQLite history, written in batches by its own thread, and each "
+            "connection's process looked up off the engine's loop) against `enabled = false`. "
+            f"Target: conn/s and added p50 within {COST_LIMIT:.0%}. How many connections the "
+            "history kept is in the notes below.",
+            "",
+            cost,
+            "",
+        ]
+        if cost
+        else []
+    )
     notes = [
         f"- round {i + 1}, {key}: {note}"
         for i, by_row in enumerate(rounds)
@@ -683,6 +754,7 @@ def render_doc(
             "",
             targets,
             "",
+            *cost_section,
             "## How it was measured",
             "",
             "- Lab (tests/lab): namespaces client, proxy, origin joined through a forwarding "
@@ -821,11 +893,16 @@ def main(argv: list[str] | None = None) -> int:
     load.append(os.getloadavg())
     doc = render_doc(args, sizes, summary, rounds, configs, elapsed, load)
     targets, all_pass = check_targets(summary)
+    cost, cost_pass = cost_table(summary)
     print(results_table(summary))
     print()
     print(ratios_table(summary))
     print()
     print(targets)
+    if cost:
+        print()
+        print(cost)
+        all_pass = all_pass and cost_pass
     output = DOC if args.output is None else args.output
     if str(output) != "-":
         output.write_text(doc)
