@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import pytest
-from PySide6.QtWidgets import QMessageBox, QWidget
+from PySide6.QtWidgets import QMessageBox, QTabWidget, QWidget
 from pytestqt.qtbot import QtBot
 
 from tray_proxy.controller import Notice, NoticeKind, State, StatusUpdated
+from tray_proxy.monitor.health import (
+    FailureEntry,
+    HealthSnapshot,
+    LatencyPoint,
+    ProbeRecord,
+    TrafficPoint,
+    UpstreamHealth,
+    UpstreamState,
+)
 from tray_proxy.ui.bridge import UiBridge
+from tray_proxy.ui.dashboard.log import HISTORY_OFF
 from tray_proxy.ui.main_window import CREDENTIALS_PLACEHOLDER, CloseChoice, MainWindow
 
 from .conftest import FakeServices, make_status
@@ -124,3 +134,87 @@ def test_notices_show_in_the_window_only_without_a_tray(
     bridge.post(Notice(NoticeKind.UPSTREAM_DOWN, "Proxy down", "corp is not answering"))
     qtbot.waitUntil(lambda: window.notice_label.isVisible(), timeout=2000)
     assert window.notice_label.text() == "Proxy down: corp is not answering"
+
+
+def _health() -> HealthSnapshot:
+    t = 1_700_000_000.0
+    return HealthSnapshot(
+        upstreams=(
+            UpstreamHealth(
+                "corp",
+                state=UpstreamState.AUTH_FAILED,
+                last_failure=t + 50,
+                last_failure_words="proxy.corp:8080 refused the password for alice (407).",
+                last_probe=ProbeRecord("corp", t + 40, True, 0.02, "tunnel opened in 20 ms"),
+                p50_1m=0.012,
+                p95_1m=0.030,
+                p50_1h=0.011,
+                p95_1h=0.045,
+                successes=120,
+                failures={"upstream-auth-failed": 3, "upstream-timeout": 1},
+                series=tuple(LatencyPoint(t + i * 60, 0.01 + i / 1000, 0.03, 5) for i in range(10)),
+            ),
+        ),
+        traffic=tuple(TrafficPoint(t + i, 1500.0 * i, 2_000_000.0, 12.0) for i in range(60)),
+        failures=(
+            FailureEntry(t + 10, "No answer from proxy.corp:8080 within 10 s.", 2),
+            FailureEntry(t + 50, "proxy.corp:8080 refused the password for alice (407).", 1),
+        ),
+    )
+
+
+def test_the_dashboard_has_its_four_tabs(qtbot: QtBot, services: FakeServices) -> None:
+    window, _, _ = _window(qtbot, services)
+    tabs = window.findChild(QTabWidget, "tabs")
+    assert tabs is not None
+    assert [tabs.tabText(i) for i in range(tabs.count())] == [
+        "Overview",
+        "Connections",
+        "Upstreams",
+        "Log",
+    ]
+    for name in ("toggle", "state", "upstream", "connections", "errors", "quit", "autostart"):
+        assert window.findChild(QWidget, name) is not None, name
+
+
+def test_overview_shows_traffic_and_the_failures_in_words(
+    qtbot: QtBot, services: FakeServices
+) -> None:
+    window, bridge, _ = _window(qtbot, services)
+    bridge.post(StatusUpdated(make_status(health=_health())))
+    qtbot.waitUntil(lambda: "2.0 MB/s" in window.overview.rate_label.text(), timeout=2000)
+    assert window.overview.rate_label.text() == "↑ 88.5 KB/s   ↓ 2.0 MB/s"
+    assert window.overview.new_rate_label.text() == "12/s"
+    assert len(window.overview.traffic_chart.series[0].points) == 60
+    texts = [window.errors.item(i).text() for i in range(window.errors.count())]
+    assert texts[0].endswith("proxy.corp:8080 refused the password for alice (407).")  # newest
+    assert texts[1].endswith("No answer from proxy.corp:8080 within 10 s. (2 times)")
+
+
+def test_upstreams_tab_shows_health_and_tests_now(qtbot: QtBot, services: FakeServices) -> None:
+    window, _, _ = _window(qtbot, services)
+    window.show_status(make_status(health=_health()))
+    cards = window.upstreams.cards
+    assert list(cards) == ["corp", "backup"]  # every configured proxy, health or not
+    corp = cards["corp"]
+    assert corp.title() == "corp (in use): http://proxy.corp.example:8080"
+    assert "password refused" in corp.state_label.text()
+    assert corp.minute_label.text() == "p50 12 ms, p95 30 ms"
+    assert corp.hour_label.text() == "p50 11 ms, p95 45 ms"
+    assert corp.successes_label.text() == "120"
+    assert corp.failures_label.text() == "upstream-auth-failed 3, upstream-timeout 1"
+    assert "tunnel opened in 20 ms" in corp.probe_label.text()
+    assert "refused the password" in corp.last_failure_label.text()
+    assert len(corp.chart.series[0].points) == 10
+    assert cards["backup"].minute_label.text() == "no handshakes"
+    assert cards["backup"].probe_label.text() == "never (use Test now)"
+    cards["backup"].test_button.click()
+    assert services.calls == [("test_upstream", "backup")]
+    # Updates keep the cards (no rebuild at every status).
+    window.show_status(make_status(health=_health()))
+    assert window.upstreams.cards["corp"] is corp
+
+
+def test_the_log_tab_says_the_history_is_off(qtbot: QtBot, services: FakeServices) -> None:
+    window, _, _ = _window(qtbot, services)
+    assert window.log.off_label.text() == HISTORY_OFF

@@ -335,10 +335,9 @@ class ConnectionsTab(QWidget):
             row = self.current_proxy.row_at(current.row())
         elif rows:
             row = rows[0]
-        if row is None:
-            self._detail_id = None
-            self.details.clear()
-        else:
+        # Nothing selected (or the selected row closed and left Active): the pane keeps the
+        # last connection chosen, still following it, so its end can be read.
+        if row is not None:
             self._show_details(row)
         self._update_controls()
 

@@ -1,0 +1,210 @@
+"""The Connections tab: rows from the bridge move between Active and Closed, the filter
+controls drive both tables, closing by hand calls the service with the right ids, the
+details pane shows every field and the failure in words, copying gives text."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from PySide6.QtCore import QItemSelectionModel
+from PySide6.QtGui import QGuiApplication
+from pytestqt.qtbot import QtBot
+
+from tray_proxy.controller import ConnectionsChanged
+from tray_proxy.monitor.rows import ProcessInfo, RowChanges, RowState
+from tray_proxy.relay.records import CloseReason
+from tray_proxy.ui.bridge import UiBridge
+from tray_proxy.ui.dashboard.connections import ConnectionsTab
+
+from .conftest import FakeServices, closed, make_row, make_status
+
+
+def _tab(qtbot: QtBot, services: FakeServices, **kwargs: object) -> ConnectionsTab:
+    tab = ConnectionsTab(services, **kwargs)  # type: ignore[arg-type]
+    qtbot.addWidget(tab)
+    tab.resize(1000, 600)
+    return tab
+
+
+def _ids(tab: ConnectionsTab, *, active: bool = True) -> list[int]:
+    proxy = tab.active_proxy if active else tab.closed_proxy
+    return sorted(r.conn_id for r in proxy.visible_rows())
+
+
+def _select(tab: ConnectionsTab, conn_ids: set[int]) -> None:
+    view, proxy = tab.current_view, tab.current_proxy
+    selection = view.selectionModel()
+    selection.clearSelection()
+    for i in range(proxy.rowCount()):
+        if proxy.row_at(i).conn_id in conn_ids:
+            selection.select(
+                proxy.index(i, 0),
+                QItemSelectionModel.SelectionFlag.Select | QItemSelectionModel.SelectionFlag.Rows,
+            )
+
+
+def test_open_rows_seed_the_active_table(qtbot: QtBot, services: FakeServices) -> None:
+    services.rows = [make_row(1), make_row(2)]
+    tab = _tab(qtbot, services)
+    assert _ids(tab) == [1, 2] and tab.show_active.text() == "Active (2)"
+
+
+def test_rows_move_from_active_to_closed(qtbot: QtBot, services: FakeServices) -> None:
+    tab = _tab(qtbot, services)
+    bridge = UiBridge(interval_ms=10)
+    bridge.connectionsChanged.connect(tab.apply)
+    bridge.post(ConnectionsChanged(RowChanges(opened=tuple(make_row(i) for i in range(1, 6)))))
+    qtbot.waitUntil(lambda: tab.active.rowCount() == 5, timeout=2000)
+    bridge.post(
+        ConnectionsChanged(
+            RowChanges(
+                updated=(make_row(2, bytes_up=99),),
+                closed=(closed(make_row(1)), closed(make_row(3), CloseReason.UPSTREAM_TIMEOUT)),
+            )
+        )
+    )
+    # Opened and closed within one flush: straight to Closed.
+    bridge.post(ConnectionsChanged(RowChanges(opened=(make_row(6),))))
+    bridge.post(ConnectionsChanged(RowChanges(closed=(closed(make_row(6)),))))
+    qtbot.waitUntil(lambda: tab.closed.rowCount() == 3, timeout=2000)
+    assert _ids(tab) == [2, 4, 5] and _ids(tab, active=False) == [1, 3, 6]
+    assert tab.active.row_at(tab.active.position_of(2) or 0).bytes_up == 99
+    assert tab.show_active.text() == "Active (3)" and tab.show_closed.text() == "Closed (3)"
+    # A closed row arriving again (its words came later) replaces itself in Closed.
+    tab.apply(RowChanges(closed=(closed(make_row(3), CloseReason.UPSTREAM_TIMEOUT, words="W"),)))
+    assert tab.closed.rowCount() == 3
+    assert tab.closed.row_at(tab.closed.position_of(3) or 0).words == "W"
+
+
+def test_the_closed_table_is_capped(qtbot: QtBot, services: FakeServices) -> None:
+    tab = _tab(qtbot, services, closed_cap=50)
+    for start in range(0, 200, 40):
+        rows = [make_row(i) for i in range(start, start + 40)]
+        tab.apply(RowChanges(opened=tuple(rows)))
+        tab.apply(RowChanges(closed=tuple(closed(r) for r in rows)))
+    assert tab.closed.rowCount() == 50 and tab.active.rowCount() == 0
+    assert _ids(tab, active=False) == list(range(150, 200))
+
+
+def test_filter_controls_drive_both_tables(qtbot: QtBot, services: FakeServices) -> None:
+    tab = _tab(qtbot, services)
+    tab.show_status(make_status())
+    tab.apply(
+        RowChanges(
+            opened=(
+                make_row(1),
+                make_row(2, upstream="backup", process=ProcessInfo(pid=5, name="firefox")),
+                make_row(3, state=RowState.OPENING),
+            ),
+            closed=(closed(make_row(4), CloseReason.UPSTREAM_AUTH_FAILED), closed(make_row(5))),
+        )
+    )
+    tab.filter_edit.setText("example-[24]")
+    assert _ids(tab) == [] and _ids(tab, active=False) == []
+    tab.regex_box.setChecked(True)
+    assert _ids(tab) == [2] and _ids(tab, active=False) == [4]
+    tab.filter_edit.setText("example-[")
+    assert tab.filter_error.isVisibleTo(tab) and "regular expression" in tab.filter_error.text()
+    tab.filter_edit.clear()
+    assert not tab.filter_error.isVisibleTo(tab)
+    tab.state_combo.setCurrentIndex(tab.state_combo.findData(RowState.OPENING))
+    assert _ids(tab) == [3] and _ids(tab, active=False) == []
+    tab.state_combo.setCurrentIndex(0)
+    tab.upstream_combo.setCurrentIndex(tab.upstream_combo.findData("backup"))
+    assert _ids(tab) == [2]
+    tab.upstream_combo.setCurrentIndex(0)
+    tab.process_edit.setText("fire")
+    assert _ids(tab) == [2]
+    tab.process_edit.clear()
+    tab.failed_box.setChecked(True)
+    assert _ids(tab) == [] and _ids(tab, active=False) == [4]
+    assert tab.count_label.text() == "0 of 3 shown"
+
+
+def test_close_selected_and_close_all_filtered(qtbot: QtBot, services: FakeServices) -> None:
+    tab = _tab(qtbot, services)
+    tab.apply(RowChanges(opened=tuple(make_row(i) for i in range(1, 8))))
+    assert not tab.close_selected_button.isEnabled()
+    _select(tab, {2, 5})
+    assert tab.close_selected_button.isEnabled()
+    tab.close_selected_button.click()
+    tab.filter_edit.setText("example-1")  # example-1.test only
+    tab.process_edit.setText("curl")
+    assert tab.close_filtered_button.text() == "Close all filtered (1)"
+    tab.close_filtered_button.click()
+    tab.filter_edit.clear()
+    tab.close_filtered_button.click()
+    calls = [args for name, args in services.calls if name == "close_connections"]
+    assert [sorted(c) for c in calls] == [[2, 5], [1], [1, 2, 3, 4, 5, 6, 7]]  # type: ignore[type-var]
+
+
+def test_closed_rows_cannot_be_closed_again(qtbot: QtBot, services: FakeServices) -> None:
+    tab = _tab(qtbot, services)
+    tab.apply(RowChanges(closed=(closed(make_row(1)),)))
+    tab.show_closed.click()
+    _select(tab, {1})
+    assert not tab.close_selected_button.isEnabled()
+    assert not tab.close_filtered_button.isEnabled()
+    tab.close_selected()
+    assert services.calls == []
+
+
+def test_details_show_every_field_and_the_words(qtbot: QtBot, services: FakeServices) -> None:
+    tab = _tab(qtbot, services)
+    row = closed(
+        make_row(7, process=ProcessInfo(pid=77, name="curl", exe="/usr/bin/curl", user="alice")),
+        CloseReason.UPSTREAM_AUTH_FAILED,
+        words="proxy.corp:8080 refused the password for alice (407). Open Credentials to fix it.",
+        detail="407 Proxy Authentication Required",
+    )
+    tab.apply(RowChanges(closed=(row,)))
+    tab.show_closed.click()
+    assert tab.details.toPlainText() == ""
+    _select(tab, {7})
+    text = tab.details.toPlainText()
+    for expected in (
+        "Connection:",
+        "7",
+        "failed",
+        "example-7.test:443",
+        "192.0.2.8",
+        "10.0.0.2:40007",
+        "curl (77)",
+        "/usr/bin/curl",
+        "alice",
+        "corp",
+        "12 ms",
+        "700 B (700 bytes)",
+        "7.0 KB (7000 bytes)",
+        "2.0 s",
+        "upstream-auth-failed",
+        "407 Proxy Authentication Required",
+        "Open Credentials to fix it.",
+    ):
+        assert expected in text, expected
+    tab.copy_details_button.click()
+    assert QGuiApplication.clipboard().text() == text
+
+
+def test_details_follow_a_live_row(qtbot: QtBot, services: FakeServices) -> None:
+    tab = _tab(qtbot, services)
+    tab.apply(RowChanges(opened=(make_row(1),)))
+    _select(tab, {1})
+    assert "100 B (100 bytes)" in tab.details.toPlainText()
+    tab.apply(RowChanges(updated=(make_row(1, bytes_up=4321),)))
+    assert "4.3 KB (4321 bytes)" in tab.details.toPlainText()
+    tab.apply(RowChanges(closed=(closed(make_row(1, bytes_up=5000)),)))
+    assert "Ended normally." in tab.details.toPlainText()
+
+
+def test_copy_rows_as_text(qtbot: QtBot, services: FakeServices) -> None:
+    tab = _tab(qtbot, services)
+    tab.apply(RowChanges(opened=(make_row(1), make_row(2, host=None))))
+    _select(tab, {1, 2})
+    tab.copy_button.click()
+    lines = QGuiApplication.clipboard().text().splitlines()
+    assert lines[0].startswith("Time\tProcess\tDestination\tIP\tProxy")
+    assert len(lines) == 3
+    assert any("example-1.test:443\t192.0.2.2\tcorp\topen" in line for line in lines)
+    assert any("\t192.0.2.3:443\t192.0.2.3\t" in line for line in lines)  # no host: the IP
+    assert replace(make_row(1)).conn_id == 1
