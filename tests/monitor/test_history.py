@@ -173,7 +173,10 @@ def test_keyset_paging_has_no_duplicates_or_gaps_even_with_equal_start_times(
         (HistoryFilter(reason="done"), lambda r: r.close_reason is CloseReason.DONE),
         (HistoryFilter(since=1_700_000_010.0), lambda r: r.started >= 1_700_000_010.0),
         (HistoryFilter(until=1_700_000_010.0), lambda r: r.started < 1_700_000_010.0),
-        (HistoryFilter(text="corp"), lambda r: "corp" in (r.host or "") or "corp" in r.words),
+        (
+            HistoryFilter(text="corp"),
+            lambda r: "corp" in (r.host or "") + r.words + (r.upstream or ""),
+        ),
         (HistoryFilter(text="GIT"), lambda r: r.process.name == "git"),
         (HistoryFilter(text="100%_"), lambda r: False),  # LIKE wildcards are literal
         (
