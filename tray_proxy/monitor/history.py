@@ -356,7 +356,15 @@ def _move_aside(path: Path, why: str) -> Path:
         if not target.exists():
             break
         target = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
-    os.replace(path, target)
+    try:
+        os.replace(path, target)
+    except FileNotFoundError:
+        return target  # another process (the app's reader or writer) moved it first
+    except OSError as exc:
+        raise HistoryError(
+            f"The connection history {path} {why}, and it cannot be renamed: "
+            f"{exc.strerror or exc}. Move it away yourself, or set [log] path in the settings."
+        ) from None
     wal = path.with_name(path.name + "-wal")
     if wal.exists():
         os.replace(wal, target.with_name(target.name + "-wal"))
