@@ -51,7 +51,7 @@ def add_subcommand(
         help="show the connection history (what connected where, through which proxy)",
         description="Show connections from the history the tray app and `tray-proxy run` "
         "record, newest last. Times are local. Host patterns: example.com (exact), "
-        "*.example.com (its subdomains), %%corp%% (contains corp).",
+        "*.example.com (its subdomains), %corp% (contains corp).",
     )
     parser.add_argument(
         "--since", metavar="WHEN", help="only connections started since: 30m, 1h, 2d, 1w or a date"
