@@ -16,6 +16,7 @@ Pure: no I/O. Must not import PySide6, asyncio or socket.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping
 
@@ -314,7 +315,7 @@ def _done(c: _Context) -> str:
     what = {443: "no TLS ClientHello", 80: "no HTTP request"}.get(port or 0, "no data")
     duration = row.duration
     if duration is not None and duration >= 1.0:
-        what = f"{what} within {duration:.0f} s"
+        what = f"{what} within {math.floor(duration)} s"
     return f"The program closed the connection before sending anything ({what})."
 
 
