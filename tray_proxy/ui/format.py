@@ -34,6 +34,7 @@ def fmt_latency(seconds: float | None) -> str:
 
 
 def fmt_duration(seconds: float | None) -> str:
+    """Short enough for a narrow column: "0.3 s", "42 s", "4m05s", "2h05m"."""
     if seconds is None:
         return "-"
     if seconds < 10:
@@ -42,9 +43,9 @@ def fmt_duration(seconds: float | None) -> str:
         return f"{seconds:.0f} s"
     minutes, sec = divmod(int(seconds), 60)
     if minutes < 60:
-        return f"{minutes} min {sec} s"
+        return f"{minutes}m{sec:02d}s"
     hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes} min"
+    return f"{hours}h{minutes:02d}m"
 
 
 def fmt_clock(at: float | None) -> str:

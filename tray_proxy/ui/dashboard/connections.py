@@ -21,7 +21,6 @@ from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
     QHBoxLayout,
-    QHeaderView,
     QLabel,
     QLineEdit,
     QPlainTextEdit,
@@ -35,6 +34,7 @@ from PySide6.QtWidgets import (
 
 from tray_proxy.controller import Status
 from tray_proxy.monitor.rows import ConnectionRow, RowChanges, RowState
+from tray_proxy.ui.dashboard.tables import make_table
 from tray_proxy.ui.format import row_details
 from tray_proxy.ui.models.columns import HEADERS, Column, row_text
 from tray_proxy.ui.models.connections import (
@@ -48,37 +48,12 @@ ANY_STATE = "Any state"
 ANY_PROXY = "Any proxy"
 NO_SELECTION = "Select a connection to see everything about it."
 
-_WIDTHS = {
-    Column.TIME: 70,
-    Column.PROCESS: 130,
-    Column.DESTINATION: 200,
-    Column.IP: 110,
-    Column.UPSTREAM: 80,
-    Column.STATE: 60,
-    Column.UP: 70,
-    Column.DOWN: 70,
-    Column.LATENCY: 64,
-    Column.DURATION: 64,
-}
 
-
-def make_table(proxy: ConnectionFilter, name: str) -> QTableView:
-    view = QTableView()
-    view.setObjectName(name)
-    view.setModel(proxy)
+def _live_table(proxy: ConnectionFilter, name: str, hidden: tuple[Column, ...]) -> QTableView:
+    view = make_table(proxy, name, hidden=hidden)
     view.setSortingEnabled(True)
     view.sortByColumn(Column.TIME, Qt.SortOrder.DescendingOrder)  # newest first
-    view.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
     view.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
-    view.setWordWrap(False)
-    view.setAlternatingRowColors(True)
-    view.verticalHeader().hide()
-    view.verticalHeader().setDefaultSectionSize(view.fontMetrics().height() + 6)
-    header = view.horizontalHeader()
-    header.setStretchLastSection(True)
-    header.setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
-    for column, width in _WIDTHS.items():
-        view.setColumnWidth(column, width)
     return view
 
 
@@ -157,8 +132,12 @@ class ConnectionsTab(QWidget):
         self.filter_error.hide()
 
         # -- the tables and the details ----------------------------------------------------
-        self.active_view = make_table(self.active_proxy, "active-table")
-        self.closed_view = make_table(self.closed_proxy, "closed-table")
+        # Open connections have no duration or outcome yet: those columns start hidden
+        # there (the header's menu shows them).
+        self.active_view = _live_table(
+            self.active_proxy, "active-table", (Column.DURATION, Column.OUTCOME)
+        )
+        self.closed_view = _live_table(self.closed_proxy, "closed-table", ())
         self.stack = QStackedWidget()
         self.stack.addWidget(self.active_view)
         self.stack.addWidget(self.closed_view)

@@ -28,15 +28,14 @@ from PySide6.QtWidgets import (
     QPlainTextEdit,
     QPushButton,
     QSplitter,
-    QTableView,
     QVBoxLayout,
     QWidget,
 )
 
 from tray_proxy.controller import Status
 from tray_proxy.monitor.query import HistoryFilter
+from tray_proxy.ui.dashboard.tables import make_table
 from tray_proxy.ui.format import row_details
-from tray_proxy.ui.models.columns import Column
 from tray_proxy.ui.models.log import LogModel
 from tray_proxy.ui.services import AppServices, HistoryReader
 
@@ -154,13 +153,12 @@ class LogTab(QWidget):
         self.search_edit.setClearButtonEnabled(True)
         self.host_edit = QLineEdit()
         self.host_edit.setObjectName("log-host")
-        self.host_edit.setPlaceholderText("Host (*.example.com)")
+        self.host_edit.setPlaceholderText("Host: example.com, *.example.com, %corp%")
         self.host_edit.setClearButtonEnabled(True)
         self.process_edit = QLineEdit()
         self.process_edit.setObjectName("log-process")
-        self.process_edit.setPlaceholderText("Process")
+        self.process_edit.setPlaceholderText("Process name (exact)")
         self.process_edit.setClearButtonEnabled(True)
-        self.process_edit.setMaximumWidth(120)
         self.upstream_combo = QComboBox()
         self.upstream_combo.setObjectName("log-upstream")
         self.upstream_combo.addItem(ANY_PROXY, None)
@@ -171,21 +169,25 @@ class LogTab(QWidget):
         self.export_button.setObjectName("log-export")
         self.export_button.setToolTip("Write every row the filter matches to a CSV or JSON file")
 
-        filters = QHBoxLayout()
-        filters.addWidget(self.range_combo)
-        filters.addWidget(self.from_edit)
-        filters.addWidget(self.to_label)
-        filters.addWidget(self.to_edit)
-        filters.addWidget(self.level_combo)
-        filters.addWidget(self.search_edit, 2)
-        filters.addWidget(self.host_edit, 1)
-        filters.addWidget(self.process_edit)
-        filters.addWidget(self.upstream_combo)
-        filters.addWidget(self.refresh_button)
-        filters.addWidget(self.export_button)
+        first = QHBoxLayout()
+        first.addWidget(self.range_combo)
+        first.addWidget(self.from_edit)
+        first.addWidget(self.to_label)
+        first.addWidget(self.to_edit)
+        first.addWidget(self.level_combo)
+        first.addWidget(self.upstream_combo)
+        first.addStretch(1)
+        first.addWidget(self.refresh_button)
+        first.addWidget(self.export_button)
+        second = QHBoxLayout()
+        second.addWidget(self.search_edit, 2)
+        second.addWidget(self.host_edit, 1)
+        second.addWidget(self.process_edit, 1)
         self.controls = QWidget()
-        self.controls.setLayout(filters)
+        filters = QVBoxLayout(self.controls)
         filters.setContentsMargins(0, 0, 0, 0)
+        filters.addLayout(first)
+        filters.addLayout(second)
         layout.addWidget(self.controls)
 
         self.status_label = QLabel()
@@ -194,15 +196,10 @@ class LogTab(QWidget):
         self.status_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         layout.addWidget(self.status_label)
 
-        self.view = QTableView()
-        self.view.setObjectName("log-table")
-        self.view.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        if self.reader is not None:
+            self.model = LogModel(self.reader, parent=self)
+        self.view = make_table(self.model, "log-table", time_width=140)
         self.view.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
-        self.view.setWordWrap(False)
-        self.view.setAlternatingRowColors(True)
-        self.view.verticalHeader().hide()
-        self.view.verticalHeader().setDefaultSectionSize(self.view.fontMetrics().height() + 6)
-        self.view.horizontalHeader().setStretchLastSection(True)
         self.details = QPlainTextEdit()
         self.details.setObjectName("log-details")
         self.details.setReadOnly(True)
@@ -234,17 +231,13 @@ class LogTab(QWidget):
         self.refresh_button.clicked.connect(self.apply_filter)
         self.export_button.clicked.connect(self.export)
 
-        if self.reader is None:
+        if self.model is None:  # no reader: the history is off
             self.controls.hide()
             self.view.hide()
             self.details.hide()
             return
         self.off_label.hide()
-        self.model = LogModel(self.reader, parent=self)
         self.model.failed.connect(self._show_error)
-        self.view.setModel(self.model)
-        for column, width in ((Column.TIME, 140), (Column.PROCESS, 120), (Column.DESTINATION, 190)):
-            self.view.setColumnWidth(column, width)
         self.view.selectionModel().currentRowChanged.connect(self._row_chosen)
         self.apply_filter()
 

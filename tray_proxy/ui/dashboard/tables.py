@@ -1,0 +1,66 @@
+"""How the dashboard's connection tables look: column widths sized for a 1000-pixel window,
+compact rows, and a header menu to hide or show columns.
+
+Must not import keyring, socket or subprocess.
+"""
+
+from __future__ import annotations
+
+from PySide6.QtCore import QAbstractItemModel, QPoint
+from PySide6.QtWidgets import QAbstractItemView, QHeaderView, QMenu, QTableView
+
+from tray_proxy.ui.models.columns import HEADERS, Column
+
+WIDTHS = {
+    Column.TIME: 66,
+    Column.PROCESS: 115,
+    Column.DESTINATION: 185,
+    Column.IP: 105,
+    Column.UPSTREAM: 62,
+    Column.STATE: 52,
+    Column.UP: 66,
+    Column.DOWN: 66,
+    Column.LATENCY: 56,
+    Column.DURATION: 64,
+}
+
+
+def make_table(
+    model: QAbstractItemModel | None,
+    name: str,
+    *,
+    hidden: tuple[Column, ...] = (),
+    time_width: int = WIDTHS[Column.TIME],
+) -> QTableView:
+    view = QTableView()
+    view.setObjectName(name)
+    if model is not None:  # (column widths are set after the model: it makes the header)
+        view.setModel(model)
+    view.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+    view.setWordWrap(False)
+    view.setAlternatingRowColors(True)
+    view.verticalHeader().hide()
+    view.verticalHeader().setDefaultSectionSize(view.fontMetrics().height() + 6)
+    header = view.horizontalHeader()
+    header.setStretchLastSection(True)
+    header.setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
+    header.setHighlightSections(False)
+    for column, width in WIDTHS.items():
+        view.setColumnWidth(column, width)
+    view.setColumnWidth(Column.TIME, time_width)
+    for column in hidden:
+        view.setColumnHidden(column, True)
+    header.setContextMenuPolicy(header.contextMenuPolicy().CustomContextMenu)
+    header.customContextMenuRequested.connect(lambda pos: _column_menu(view, pos))
+    header.setToolTip("Right-click to hide or show columns")
+    return view
+
+
+def _column_menu(view: QTableView, pos: QPoint) -> None:
+    menu = QMenu(view)
+    for column in Column:
+        action = menu.addAction(HEADERS[column])
+        action.setCheckable(True)
+        action.setChecked(not view.isColumnHidden(column))
+        action.toggled.connect(lambda shown, c=column: view.setColumnHidden(c, not shown))
+    menu.exec(view.horizontalHeader().mapToGlobal(pos))
