@@ -13,12 +13,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.test_control import ServerThread
 from tray_proxy.cli import main
 from tray_proxy.control import SOCKET_NAME, NotRunningError, send_command
+from tray_proxy.monitor.history import HistoryStore
+from tray_proxy.monitor.query import HistoryEntry, HistoryFilter
+from tray_proxy.relay.records import CloseReason
 
 START_DEADLINE = 20.0
 
@@ -174,13 +178,14 @@ def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "CREDENTIALS_DIRECTORY"}
 
 
-def _wait_for_socket(proc: subprocess.Popen[str], sock: Path) -> dict[str, object]:
+def _wait_until_on(proc: subprocess.Popen[str], sock: Path) -> dict[str, Any]:
+    """The run's status once it has switched on (it answers from the start: "enabling")."""
     deadline = time.monotonic() + START_DEADLINE
     while True:
-        try:
-            return send_command("status", sock, timeout=5)
-        except NotRunningError:
-            pass
+        with contextlib.suppress(NotRunningError):
+            answer = send_command("status", sock, timeout=5)
+            if answer["status"]["state"] not in ("off", "enabling"):
+                return answer
         assert proc.poll() is None, f"tray-proxy run exited with {proc.returncode}"
         assert time.monotonic() < deadline, "tray-proxy run did not answer on its socket"
         time.sleep(0.05)
@@ -203,7 +208,7 @@ def test_headless_run_answers_status_and_quit_over_the_control_socket(
     )
     sock = private_runtime / SOCKET_NAME
     try:
-        answer = _wait_for_socket(proc, sock)
+        answer = _wait_until_on(proc, sock)
         assert answer["instance"] == "run"
         status = answer["status"]
         assert isinstance(status, dict)
@@ -220,6 +225,15 @@ def test_headless_run_answers_status_and_quit_over_the_control_socket(
         )
         assert shown.returncode == 0, shown.stderr
         assert '"state": "on"' in shown.stdout
+        # A connection straight to the relay was not redirected: it fails, and is kept. The
+        # socket stays open (the relay closed its side) until the row is in the history, so
+        # the attribution finds this process.
+        history = tmp_path / "state" / "tray-proxy" / "history.sqlite3"
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as direct:
+            direct.settimeout(10)
+            with contextlib.suppress(ConnectionResetError):
+                assert direct.recv(1) == b""
+            entries = _wait_for_history(history)
         assert send_command("quit", sock) == {"ok": True}
         assert proc.wait(timeout=20) == 0
         assert proc.stderr is not None
@@ -227,12 +241,34 @@ def test_headless_run_answers_status_and_quit_over_the_control_socket(
         assert "relay listening on" in err and "stopped" in err
         assert "Traceback" not in err
         assert not sock.exists()
+        # The headless run writes the same history as the app (`tray-proxy log` reads it).
+        assert len(entries) == 1
+        row = entries[0].row
+        # Which of the two depends on whether the kernel has conntrack state for it.
+        assert row.close_reason in (CloseReason.NOT_REDIRECTED, CloseReason.NO_ORIGINAL_DST)
+        assert row.failed and row.words
+        assert row.process is not None and row.process.pid == os.getpid()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+def _wait_for_history(path: Path) -> tuple[HistoryEntry, ...]:
+    deadline = time.monotonic() + START_DEADLINE
+    while True:
+        if path.exists():
+            store = HistoryStore(path)
+            try:
+                entries = store.page(HistoryFilter()).entries
+            finally:
+                store.close()
+            if entries:
+                return entries
+        assert time.monotonic() < deadline, "the connection never reached the history"
+        time.sleep(0.05)
 
 
 class TrayAppThread(ServerThread):

@@ -21,8 +21,9 @@ import shlex
 import shutil
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tray_proxy.config import Config, ConfigError, default_config_path
 from tray_proxy.control import ControlError, ControlServer, runtime_dir, send_command
@@ -34,11 +35,16 @@ from tray_proxy.controller import (
     engine_relay_factory,
 )
 from tray_proxy.controller.commands import INSTANCE_RUN, INSTANCE_TRAY, answer_command
+from tray_proxy.controller.history import HistoryFile, history_path, open_history_writer
 from tray_proxy.controller.services import ConfigFile
 from tray_proxy.credentials import CredentialStore, default_credential_source
+from tray_proxy.monitor.rows import ConnectionRow
 from tray_proxy.relay.credentials import Credentials
 from tray_proxy.relay.probe import ProbeResult, probe_upstream
 from tray_proxy.relay.settings import RelaySettings, UpstreamProxy
+
+if TYPE_CHECKING:
+    from tray_proxy.ui.services import HistoryReader
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +107,13 @@ class AppServices:
         autostart: Autostart,
         quit_event: asyncio.Event,
         extra_diagnostics: dict[str, str] | None = None,
+        history: HistoryReader | None = None,
     ) -> None:
         self._controller = controller
         self._autostart = autostart
         self._quit = quit_event
         self._extra = extra_diagnostics or {}
+        self._history = history
 
     def status(self) -> Status:
         return self._controller.status()
@@ -136,6 +144,18 @@ class AppServices:
 
     def quit(self) -> None:
         self._quit.set()
+
+    def close_connections(self, ids: Sequence[int]) -> None:
+        self._controller.request_close_connections(ids)
+
+    def test_upstream(self, name: str) -> None:
+        self._controller.request_test_upstream(name)
+
+    def open_rows(self) -> Sequence[ConnectionRow]:
+        return self._controller.open_rows()
+
+    def history(self) -> HistoryReader | None:
+        return self._history
 
 
 class UpstreamEditorService:
@@ -219,19 +239,26 @@ class GuiApp:
         store = CredentialStore()
         # The keyring first, then $CREDENTIALS_DIRECTORY; the names come from the settings
         # at each refresh, so a proxy added in the dialog is read too.
-        source = default_credential_source(_config_or_empty(config_file), store=store)
+        settings = _config_or_empty(config_file)
+        source = default_credential_source(settings, store=store)
+        # The connection history ([log]): written by its own thread, read by the Log tab.
+        where = history_path(settings.log)
+        reader = HistoryFile(where) if where is not None else None
         controller = self.controller = ProxyController(
             config_file,
             engine_relay_factory(source),
             RedirectController(),
             credentials=source.keyring,
             credential_source=source,
+            history=open_history_writer(settings.log),
+            attribution=True,
         )
         services = AppServices(
             controller,
             Autostart(),
             quit_event,
             {"qt": qVersion(), "pyside6": pyside_version},
+            history=reader,
         )
         bridge = UiBridge()
         tray_available = not self.no_tray and await _wait_for_tray(QSystemTrayIcon)
@@ -270,6 +297,8 @@ class GuiApp:
             if tray is not None:
                 tray.hide()
             window.close_for_quit()
+            if reader is not None:
+                reader.close()
             for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
         return EXIT_OK

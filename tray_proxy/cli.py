@@ -193,8 +193,9 @@ async def _run_headless(args: argparse.Namespace) -> int:
     from tray_proxy.control import ControlError, ControlServer, runtime_dir
     from tray_proxy.controller import ProxyController, engine_relay_factory
     from tray_proxy.controller.commands import INSTANCE_RUN, answer_command
+    from tray_proxy.controller.history import open_history_writer
     from tray_proxy.controller.services import ConfigFile
-    from tray_proxy.controller.status import State, StateChanged
+    from tray_proxy.controller.status import Notice, State, StateChanged
     from tray_proxy.firewall.client import RedirectController, RedirectError
     from tray_proxy.redirect import check_redirect_settings
 
@@ -248,6 +249,9 @@ async def _run_headless(args: argparse.Namespace) -> int:
             None if args.no_redirect else RedirectController(),
             credential_source=credentials,
             steps=_StderrSteps(),
+            # The same history as the app's, so `tray-proxy log` works for headless users.
+            history=open_history_writer(config.log),
+            attribution=True,
         )
         failure: list[str] = []
 
@@ -256,6 +260,10 @@ async def _run_headless(args: argparse.Namespace) -> int:
             if isinstance(event, StateChanged) and event.new is State.ERROR:
                 failure.append(event.message)
                 stop.set()
+            elif isinstance(event, Notice):
+                # What the app shows as a desktop notification (proxy down, credentials
+                # rejected, history not written): a headless user reads it here.
+                _say(f"{event.title}: {event.text}")
 
         loop = asyncio.get_running_loop()
         signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)

@@ -21,7 +21,7 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -34,6 +34,7 @@ from tray_proxy.controller.services import (
     PROBE_TARGET,
     ConfigStore,
     CredentialRefresher,
+    HistoryOutput,
     Probe,
     RedirectService,
     RelayFactory,
@@ -43,6 +44,7 @@ from tray_proxy.controller.services import (
 )
 from tray_proxy.controller.status import (
     ALLOWED,
+    ConnectionsChanged,
     ControllerEvent,
     ControllerObserver,
     ErrorEntry,
@@ -56,6 +58,10 @@ from tray_proxy.controller.status import (
 )
 from tray_proxy.credentials import CredentialStoreError
 from tray_proxy.firewall.client import RedirectError
+from tray_proxy.monitor.attribution import Attributor
+from tray_proxy.monitor.health import HealthSnapshot, ProbeRecord
+from tray_proxy.monitor.monitor import Monitor
+from tray_proxy.monitor.rows import ConnectionRow, ProcessInfo
 from tray_proxy.redirect import RESOLVE_INTERVAL_SECONDS
 from tray_proxy.relay.credentials import CredentialSource
 from tray_proxy.relay.events import (
@@ -87,6 +93,7 @@ DOWN_AFTER_FAILURES: Final = 3
 LAST_ERRORS: Final = 5
 NOTICE_INTERVAL: Final = 60.0  # seconds between two notices of the same kind
 WATCH_INTERVAL: Final = 1.0  # how often the helper is checked while the redirect is on
+TRAFFIC_INTERVAL: Final = 1.0  # how often the relay's byte counters are read while it runs
 
 _DOWN_REASONS = frozenset(
     {
@@ -147,6 +154,9 @@ class ProxyController:
         credentials: CredentialRefresher | None = None,
         credential_source: CredentialSource | None = None,
         steps: LifecycleSteps | None = None,
+        history: HistoryOutput | None = None,
+        attribution: bool = False,
+        traffic_interval: float = TRAFFIC_INTERVAL,
     ) -> None:
         from tray_proxy.firewall.client import resolve_upstreams
 
@@ -179,6 +189,15 @@ class ProxyController:
         self._op_lock: asyncio.Lock | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
+        # The dashboard's data: rows, health and history (monitor/monitor.py). Made on the
+        # loop at the first switch-on, because the process attributor needs the loop.
+        self._history = history
+        self._attribution = attribution
+        self._monitor: Monitor | None = None
+        self._snapshot = HealthSnapshot()
+        self._traffic_interval = traffic_interval
+        self._ticker: asyncio.Task[None] | None = None
+        self._history_problem: str | None = None
         with contextlib.suppress(ConfigError):
             self._config = config_store.load()
 
@@ -239,6 +258,7 @@ class ProxyController:
             total_connections=self._health.total,
             last_errors=tuple(self._health.errors),
             relay_addresses=self._relay.addresses if self._relay is not None else (),
+            health=self._snapshot,
         )
 
     def _changed(self) -> None:
@@ -379,9 +399,13 @@ class ProxyController:
         generation (a stopped relay's late events are ignored)."""
         self._generation += 1
         generation = self._generation
+        loop = asyncio.get_running_loop()
         if self._inbox is None:
-            self._inbox = EngineInbox(asyncio.get_running_loop(), self._on_engine_events)
+            self._inbox = EngineInbox(loop, self._on_engine_events)
         inbox = self._inbox
+        self._monitor_on(loop)
+        if self._ticker is None or self._ticker.done():
+            self._ticker = self.spawn(self._tick(), "traffic")
 
         def observer(event: Event) -> None:
             inbox.post(generation, event)
@@ -436,6 +460,7 @@ class ProxyController:
             if task is not asyncio.current_task():
                 task.cancel()
         await asyncio.gather(*self._tasks - {asyncio.current_task()}, return_exceptions=True)
+        await self._close_monitor()
 
     # -- while on -------------------------------------------------------------------------
 
@@ -454,6 +479,16 @@ class ProxyController:
             self._transition(State.ERROR, text)
 
     def _on_engine_events(self, batch: list[tuple[int, Event]]) -> None:
+        monitor = self._monitor
+        if monitor is not None:
+            # Every relay's events, also a stopped one's late ones: its rows must close.
+            try:
+                changes = monitor.feed([event for _generation, event in batch])
+            except Exception:  # the dashboard's data must not break the state machine
+                log.exception("the connection monitor failed on a batch of events")
+            else:
+                if changes:
+                    self._publish(ConnectionsChanged(changes))
         health = self._health
         for generation, event in batch:
             if generation != self._generation:
@@ -533,11 +568,24 @@ class ProxyController:
     async def test_connection(self) -> str:
         """Open a real tunnel through the active proxy with the stored login (as the
         credentials dialog's Test does); the result, in words, is a Notice."""
+        return await self.test_upstream(None)
+
+    async def test_upstream(self, name: str | None) -> str:
+        """Test connection for the upstream `name` (None: the active one), the dashboard's
+        "Test now": the result goes to the upstream's health and is a Notice."""
         await self._credentials_once()
         config = self._config
-        upstream = config.active_upstream() if config is not None else None
+        if name is None:
+            upstream = config.active_upstream() if config is not None else None
+        else:
+            known = config.upstreams if config is not None else ()
+            upstream = next((u for u in known if u.name == name), None)
         if upstream is None:
-            text = "No upstream proxy is set up, so there is nothing to test."
+            text = (
+                "No upstream proxy is set up, so there is nothing to test."
+                if name is None
+                else f"There is no upstream named {name!r} in the settings."
+            )
         else:
             source = self._credential_source
             credentials = source.get(upstream.name, upstream.username) if source else None
@@ -549,9 +597,118 @@ class ProxyController:
             else:
                 text = f"{proxy} failed the test: {result.words}. {probe_advice(result)}"
                 self._error(text)
+            monitor = self._monitor_on(asyncio.get_running_loop())
+            monitor.probe(
+                ProbeRecord(upstream.name, time.time(), result.ok, result.latency_s, result.words)
+            )
+            self._snapshot = monitor.health(time.time())
         self._notice(NoticeKind.TEST_RESULT, "Test connection", text)
         self._changed()
         return text
+
+    # -- the dashboard's data -------------------------------------------------------------
+
+    def open_rows(self) -> list[ConnectionRow]:
+        """The connections open now, as rows (seeds the dashboard's Active table)."""
+        return self._monitor.open_rows() if self._monitor is not None else []
+
+    async def close_connections(self, ids: Iterable[int]) -> int:
+        """Close these connections (the user asked to); returns how many were open."""
+        relay = self._relay
+        wanted = tuple(ids)
+        if relay is None or not wanted:
+            return 0
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(None, relay.close_connections, wanted)
+        except Exception as exc:
+            text = f"The connections could not be closed: {user_message(exc)}"
+            log.warning("%s", text, exc_info=not is_known(exc))
+            self._error(text)
+            self._changed()
+            return 0
+
+    def request_close_connections(self, ids: Iterable[int]) -> None:
+        self.spawn(self.close_connections(tuple(ids)), "close connections")
+
+    def request_test_upstream(self, name: str) -> None:
+        self.spawn(self.test_upstream(name), "test upstream")
+
+    def _monitor_on(self, loop: asyncio.AbstractEventLoop) -> Monitor:
+        monitor = self._monitor
+        if monitor is None:
+            attributor: Attributor | None = None
+            if self._attribution:
+                attributor = Attributor(loop, self._on_processes)
+            monitor = self._monitor = Monitor(self._upstreams_by_name, self._history, attributor)
+        return monitor
+
+    def _upstreams_by_name(self) -> dict[str, UpstreamProxy]:
+        config = self._config
+        return {u.name: u for u in config.upstreams} if config is not None else {}
+
+    def _on_processes(self, results: list[tuple[int, ProcessInfo | None]]) -> None:
+        monitor = self._monitor
+        if monitor is None:
+            return
+        try:
+            changes = monitor.process_found(results)
+        except Exception:
+            log.exception("the connection monitor failed on process attribution")
+            return
+        if changes:
+            self._publish(ConnectionsChanged(changes))
+
+    async def _tick(self) -> None:
+        """About once a second while a relay runs: its byte counters into the rows and the
+        traffic rates, a fresh health snapshot, and the history writer's health."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self._traffic_interval)
+            relay, monitor = self._relay, self._monitor
+            if relay is None or monitor is None:
+                return  # started again with the next relay
+            try:
+                counters, up, down = await loop.run_in_executor(None, relay.traffic)
+            except Exception as exc:  # the relay is stopping; the next tick will tell
+                log.debug("reading the relay's traffic failed: %s", exc)
+                continue
+            now = time.time()
+            try:
+                changes = monitor.traffic(now, counters, up, down)
+                self._snapshot = monitor.health(now)
+            except Exception:
+                log.exception("the connection monitor failed on traffic counters")
+                continue
+            if changes:
+                self._publish(ConnectionsChanged(changes))
+            self._check_history()
+            self._changed()
+
+    def _check_history(self) -> None:
+        problem = self._history.error if self._history is not None else None
+        if problem == self._history_problem:
+            return
+        self._history_problem = problem
+        if problem is None:
+            return
+        self._error(problem)
+        self._notice(NoticeKind.HISTORY_FAILED, "Connection history not written", problem)
+
+    async def _close_monitor(self) -> None:
+        """After the relay stopped: its last events, then held rows to the history, which
+        writes what it has (in a worker thread: it may wait for the disk)."""
+        if self._inbox is not None:
+            self._inbox.flush()
+        monitor, self._monitor = self._monitor, None
+        history, self._history = self._history, None
+        if monitor is not None:
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, monitor.close)
+            except Exception:
+                log.exception("closing the connection monitor failed")
+        elif history is not None:
+            await asyncio.get_running_loop().run_in_executor(None, history.close)
 
     # -- credentials ----------------------------------------------------------------------
 

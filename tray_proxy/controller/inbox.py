@@ -46,6 +46,10 @@ class EngineInbox:
         with contextlib.suppress(RuntimeError):  # the app loop is closed: nobody listens
             self._loop.call_soon_threadsafe(self._run)
 
+    def flush(self) -> None:
+        """Hand over what is queued now (on the loop; before the owner stops listening)."""
+        self._run()
+
     def _run(self) -> None:
         with self._lock:
             self._scheduled = False

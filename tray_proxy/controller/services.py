@@ -9,13 +9,14 @@ Must not import PySide6, qasync or the relay engine (engine_relay.py adapts it).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Final, Protocol
 
 from tray_proxy.config import Config, load_config, save_config
 from tray_proxy.firewall.client import RedirectStatus
 from tray_proxy.firewall.ruleset import IPAddress, RuleSpec
+from tray_proxy.monitor.rows import ConnectionRow
 from tray_proxy.relay.credentials import Credentials
 from tray_proxy.relay.events import Observer
 from tray_proxy.relay.probe import ProbeResult, probe_upstream
@@ -27,6 +28,7 @@ __all__ = [
     "PROBE_TIMEOUT",
     "ConfigFile",
     "ConfigStore",
+    "HistoryOutput",
     "CredentialRefresher",
     "Probe",
     "RedirectService",
@@ -94,6 +96,18 @@ class CredentialRefresher(Protocol):
     CredentialStoreError when the keyring cannot be used."""
 
     async def refresh(self, names: Iterable[str]) -> None: ...
+
+
+class HistoryOutput(Protocol):
+    """Where closed connections are kept (monitor/history.py's HistoryWriter): `submit`
+    never blocks; `error` is the last failure, written for the user (None: all well)."""
+
+    @property
+    def error(self) -> str | None: ...
+
+    def submit(self, rows: Sequence[ConnectionRow]) -> None: ...
+
+    def close(self, timeout: float = 5.0) -> None: ...
 
 
 class ConfigStore(Protocol):

@@ -80,6 +80,7 @@ class NoticeKind(enum.Enum):
     HELPER_STOPPED = "helper-stopped"
     TEST_RESULT = "test-result"
     KEYRING_UNAVAILABLE = "keyring-unavailable"
+    HISTORY_FAILED = "history-failed"
 
 
 @dataclass(frozen=True, slots=True)
