@@ -174,10 +174,10 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = 5.0) -
     raise AssertionError(f"not within {timeout} s: {what}")
 
 
-def tcp_state(local: Address) -> set[str]:
-    """The states of sockets with this local address, from ss (for waiting on the kernel)."""
+def tcp_state(local: Address, remote: Address) -> set[str]:
+    """The states of sockets with this 4-tuple, from ss (for waiting on the kernel)."""
     out = subprocess.run(
-        ["ss", "-tanH", "src", f"{local[0]}:{local[1]}"],
+        ["ss", "-tanH", "src", f"{local[0]}:{local[1]}", "dst", f"{remote[0]}:{remote[1]}"],
         capture_output=True,
         text=True,
         timeout=10,
@@ -353,13 +353,14 @@ def test_a_process_that_exited_before_the_lookup(method: str, after: str) -> Non
         peer, _ = server.accept()
         with peer:
             child.proc.wait(timeout=5)
+            remote = server.getsockname()
             if after == "time-wait":
                 peer.close()  # our FIN: the child's side goes to TIME_WAIT
-                wait_until(lambda: tcp_state(local) == {"TIME-WAIT"}, "TIME-WAIT")
+                wait_until(lambda: tcp_state(local, remote) == {"TIME-WAIT"}, "TIME-WAIT")
             elif after == "reset":
-                wait_until(lambda: not tcp_state(local), "the socket to be gone")
+                wait_until(lambda: not tcp_state(local, remote), "the socket to be gone")
             else:
-                wait_until(lambda: tcp_state(local) == {"FIN-WAIT-2"}, "FIN-WAIT-2")
+                wait_until(lambda: tcp_state(local, remote) == {"FIN-WAIT-2"}, "FIN-WAIT-2")
             answers, _, _ = attribute([(1, local, server.getsockname())])
     info = answers[1]
     if after == "reset":
@@ -690,3 +691,37 @@ def test_no_thread_before_the_first_request() -> None:
 
     with asyncio.Runner() as runner:
         runner.run(main())
+
+
+def test_without_sock_diag_the_lookup_reads_proc(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel that refuses the netlink protocol (here: a protocol number it does not
+    have) makes the lookup read /proc/net/tcp{,6} instead, for good."""
+    monkeypatch.setattr(attribution, "_NETLINK_SOCK_DIAG", 31)  # no such netlink family
+    with listener() as server, socket.create_connection(server.getsockname()) as sock:
+        lookup = ProcessLookup()
+        try:
+            first = lookup.find([(1, sock.getsockname(), sock.getpeername())])
+            second = lookup.find([(2, sock.getsockname(), sock.getpeername())])
+        finally:
+            lookup.close()
+    assert_me(first[0][1])
+    assert_me(second[0][1])
+
+
+def test_a_loop_closed_under_a_pass_ends_the_worker_quietly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    gate = Gate(monkeypatch)
+    loop = asyncio.new_event_loop()
+    attributor = Attributor(loop, lambda batch: None, delay=0.0)
+    try:
+        attributor.request(1, ("127.0.0.1", 1), ("127.0.0.1", 2))
+        assert gate.entered.wait(ANSWER_TIMEOUT)
+    finally:
+        loop.close()
+        gate.release.set()
+    wait_until(
+        lambda: not [t for t in threading.enumerate() if t.name == "tray-proxy-attribution"],
+        "the worker to end once its loop had closed",
+    )
+    attributor.close()

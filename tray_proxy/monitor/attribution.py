@@ -311,12 +311,22 @@ class ProcessLookup:
 
     def _sockets_by_client(self, clients: Sequence[Address]) -> dict[Address, SocketEntry]:
         table = _read_proc_tcp({port for _, port in clients})
-        matches: dict[Address, list[SocketEntry]] = {}
+        live: dict[Address, list[SocketEntry]] = {}
+        closed: dict[Address, list[SocketEntry]] = {}
         for (local, _), entry in table.items():
             if entry.state != _TCP_LISTEN:
-                matches.setdefault(local, []).append(entry)
-        # Several sockets share that local address (each to another destination): no guess.
-        return {c: matches[c][0] for c in clients if len(matches.get(c, ())) == 1}
+                (live if entry.inode else closed).setdefault(local, []).append(entry)
+        # A socket some process holds is the one: the closed ones with that address are
+        # earlier connections (TIME_WAIT). Several of either kind (the same local address
+        # to other destinations): no guess.
+        found: dict[Address, SocketEntry] = {}
+        for client in clients:
+            held = live.get(client, [])
+            if len(held) == 1:
+                found[client] = held[0]
+            elif not held and len(closed.get(client, ())) == 1:
+                found[client] = closed[client][0]
+        return found
 
     # 2. owners ---------------------------------------------------------------------------------
 
