@@ -157,6 +157,17 @@ def main() -> None:
         writer.close()
         results.append((f"writer: {len(rows):,} rows submitted to written", seconds, len(rows)))
 
+        # Retention down to 200 MiB (the default limit), as the writer does at start.
+        store = HistoryStore(path)
+        before = store.count()
+        seconds, removed = timed(
+            functools.partial(store.retention, time.time(), max_age_days=30, max_bytes=200 * 2**20)
+        )
+        store.close()
+        results.append((f"retention to 200 MiB ({before:,} rows before)", seconds, removed))
+        seconds, n = timed(open_first)
+        results.append(("open + first page after retention", seconds, n))
+
         width = max(len(r[0]) for r in results)
         print(f"{'query':<{width}}  {'ms':>8}  rows")
         for name, secs, count in results:
