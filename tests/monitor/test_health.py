@@ -321,3 +321,12 @@ def test_random_inputs_never_raise(
     snap = reducer.snapshot(now)
     assert snap.open_connections >= 0
     assert snap.upstreams[0].name == "corp"
+
+
+def test_absurd_latencies_land_in_the_end_bins() -> None:
+    reducer = HealthReducer()
+    reducer.apply(
+        [TunnelEstablished(1, "corp", 1.8e303, T0), TunnelEstablished(2, "corp", 0.0, T0)]
+    )
+    corp = upstream(reducer, T0 + 1)
+    assert (corp.p50_1m, corp.p95_1m) == (0.0, 1.8e303)

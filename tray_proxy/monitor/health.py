@@ -136,7 +136,8 @@ EXACT_HOUR = 20_000
 _BIN_FLOOR = 1e-5  # seconds; bin 0 holds everything up to it
 _BIN_RATIO = 1.02
 _LOG_RATIO = math.log(_BIN_RATIO)
-BINS = 2 + int(math.log(100.0 / _BIN_FLOOR) / _LOG_RATIO)  # up to 100 s; the last bin holds more
+_BIN_CEILING = 100.0  # seconds; the last bin holds everything from it on
+BINS = 2 + int(math.log(_BIN_CEILING / _BIN_FLOOR) / _LOG_RATIO)
 TRAFFIC_SECONDS = 300.0  # traffic points kept (about one a second)
 FAILURE_SECONDS = 3600.0  # failures in words kept for an hour...
 MAX_FAILURE_ENTRIES = 200  # ...at most this many different sentences
@@ -167,6 +168,8 @@ _PROBE_DOWN = frozenset({"timeout", "refused", "unreachable", "protocol-error"})
 def _bin(value: float) -> int:
     if value <= _BIN_FLOOR:
         return 0
+    if value >= _BIN_CEILING:
+        return BINS - 1
     return min(BINS - 1, 1 + int(math.log(value / _BIN_FLOOR) / _LOG_RATIO))
 
 

@@ -20,7 +20,6 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
 from typing import Protocol
 
 from tray_proxy.monitor.health import HealthReducer, HealthSnapshot, ProbeRecord
@@ -123,14 +122,14 @@ class Monitor:
         ready: list[ConnectionRow] = []
         for conn_id, process in results:
             self._awaiting.discard(conn_id)
-            if conn_id in rows.open_rows:
+            if rows.is_open(conn_id):
                 if process is not None:
                     rows.set_process(conn_id, process)
                 continue
             held = self._held.pop(conn_id, None)
             if held is not None:
                 row = held[1]
-                ready.append(row if process is None else replace(row, process=process))
+                ready.append(row if process is None else _amended(row, row.words, process))
         return self._changes(rows.pending(), ready, released=True)
 
     def traffic(
@@ -184,7 +183,7 @@ class Monitor:
                 upstreams = self._upstreams()
                 usernames = self._usernames() if self._usernames is not None else None
             words = failure_words(row, upstreams, usernames)
-            out.append(replace(row, words=words) if words else row)
+            out.append(_amended(row, words, row.process) if words else row)
         return out
 
     def _changes(
@@ -225,3 +224,26 @@ class Monitor:
             self._awaiting.discard(conn_id)
             due.append(row)
         return due
+
+
+def _amended(row: ConnectionRow, words: str, process: ProcessInfo | None) -> ConnectionRow:
+    """`row` with other words and process: dataclasses.replace() costs four times as much,
+    once per closed connection."""
+    return ConnectionRow(
+        row.conn_id,
+        row.started,
+        row.client,
+        row.original_dst,
+        row.host,
+        row.upstream,
+        row.state,
+        row.established,
+        row.handshake_latency,
+        row.bytes_up,
+        row.bytes_down,
+        row.ended,
+        row.close_reason,
+        row.detail,
+        words,
+        process,
+    )

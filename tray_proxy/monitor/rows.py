@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from tray_proxy.relay.events import (
     ConnectionClosed,
@@ -22,7 +22,6 @@ from tray_proxy.relay.events import (
     ConnectionRouted,
     Event,
     TunnelEstablished,
-    UpstreamFailed,
 )
 from tray_proxy.relay.records import Address, CloseReason
 
@@ -133,6 +132,83 @@ class RowChanges:
         return bool(self.opened or self.updated or self.closed)
 
 
+class _Draft:
+    """An open connection's row while the tracker builds it: mutable, so an event costs an
+    attribute write, not a copy of a frozen row (four events per connection at 1,000
+    connections a second). `row()` makes the frozen ConnectionRow, once per change."""
+
+    __slots__ = (
+        "conn_id",
+        "started",
+        "client",
+        "original_dst",
+        "host",
+        "upstream",
+        "state",
+        "established",
+        "handshake_latency",
+        "bytes_up",
+        "bytes_down",
+        "process",
+        "_row",
+    )
+
+    def __init__(self, event: ConnectionOpened, process: ProcessInfo | None) -> None:
+        self.conn_id = event.conn_id
+        self.started = event.at
+        self.client = event.client
+        self.original_dst = event.original_dst
+        self.host: str | None = None
+        self.upstream: str | None = None
+        self.state = RowState.OPENING
+        self.established: float | None = None
+        self.handshake_latency: float | None = None
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.process = process
+        self._row: ConnectionRow | None = None  # the frozen form, until the next change
+
+    def row(self) -> ConnectionRow:
+        row = self._row
+        if row is None:
+            row = self._row = ConnectionRow(
+                self.conn_id,
+                self.started,
+                self.client,
+                self.original_dst,
+                self.host,
+                self.upstream,
+                self.state,
+                self.established,
+                self.handshake_latency,
+                self.bytes_up,
+                self.bytes_down,
+                process=self.process,
+            )
+        return row
+
+    def closed(self, event: ConnectionClosed) -> ConnectionRow:
+        failed = event.reason in FAILURE_REASONS
+        return ConnectionRow(
+            self.conn_id,
+            self.started,
+            self.client,
+            self.original_dst,
+            self.host,
+            self.upstream,
+            RowState.FAILED if failed else RowState.CLOSED,
+            self.established,
+            self.handshake_latency,
+            event.bytes_up,
+            event.bytes_down,
+            event.at,
+            event.reason,
+            event.detail,
+            "",
+            self.process,
+        )
+
+
 class RowTracker:
     """Builds rows from engine events. Pure: feed it events, read what changed.
 
@@ -142,8 +218,8 @@ class RowTracker:
     """
 
     def __init__(self) -> None:
-        self._open: dict[int, ConnectionRow] = {}
-        self._dirty: dict[int, ConnectionRow] = {}  # changed since the last batch (open rows)
+        self._open: dict[int, _Draft] = {}
+        self._dirty: dict[int, _Draft] = {}  # changed since the last batch (open rows)
         self._new: set[int] = set()  # opened since the last batch
         # Process info that arrived before the row (attribution can be quick) or after the
         # close: keyed by conn id, consumed once.
@@ -151,59 +227,55 @@ class RowTracker:
 
     @property
     def open_rows(self) -> Mapping[int, ConnectionRow]:
-        return self._open
+        """The open connections' rows now (a new mapping each time: for seeding a view)."""
+        return {conn_id: draft.row() for conn_id, draft in self._open.items()}
+
+    def is_open(self, conn_id: int) -> bool:
+        return conn_id in self._open
 
     def apply(self, events: Iterable[Event]) -> RowChanges:
         closed: list[ConnectionRow] = []
+        opened_ = self._open
+        dirty = self._dirty
         for event in events:
             if isinstance(event, ConnectionOpened):
-                row = ConnectionRow(
-                    conn_id=event.conn_id,
-                    started=event.at,
-                    client=event.client,
-                    original_dst=event.original_dst,
-                    process=self._early_process.pop(event.conn_id, None),
-                )
-                self._open[event.conn_id] = row
+                draft = _Draft(event, self._early_process.pop(event.conn_id, None))
+                opened_[event.conn_id] = draft
                 self._new.add(event.conn_id)
-                self._dirty[event.conn_id] = row
+                dirty[event.conn_id] = draft
             elif isinstance(event, ConnectionRouted):
-                self._update(event.conn_id, host=event.host, upstream=event.upstream)
+                draft_or_none = opened_.get(event.conn_id)
+                if draft_or_none is not None:
+                    draft_or_none.host = event.host
+                    draft_or_none.upstream = event.upstream
+                    draft_or_none._row = None
+                    dirty[event.conn_id] = draft_or_none
             elif isinstance(event, TunnelEstablished):
-                self._update(
-                    event.conn_id,
-                    upstream=event.upstream,
-                    state=RowState.OPEN,
-                    established=event.at,
-                    handshake_latency=event.handshake_latency,
-                )
+                draft_or_none = opened_.get(event.conn_id)
+                if draft_or_none is not None:
+                    draft_or_none.upstream = event.upstream
+                    draft_or_none.state = RowState.OPEN
+                    draft_or_none.established = event.at
+                    draft_or_none.handshake_latency = event.handshake_latency
+                    draft_or_none._row = None
+                    dirty[event.conn_id] = draft_or_none
             elif isinstance(event, ConnectionClosed):
-                gone = self._open.pop(event.conn_id, None)
-                if event.conn_id in self._dirty:
-                    del self._dirty[event.conn_id]
+                gone = opened_.pop(event.conn_id, None)
+                dirty.pop(event.conn_id, None)
                 self._new.discard(event.conn_id)
                 if gone is None:
                     continue  # opened before we listened (a restart of the observer)
-                failed = event.reason in FAILURE_REASONS
-                closed.append(
-                    replace(
-                        gone,
-                        state=RowState.FAILED if failed else RowState.CLOSED,
-                        bytes_up=event.bytes_up,
-                        bytes_down=event.bytes_down,
-                        ended=event.at,
-                        close_reason=event.reason,
-                        detail=event.detail,
-                    )
-                )
-            elif isinstance(event, UpstreamFailed):
-                pass  # the connection's own ConnectionClosed carries the reason and words
+                closed.append(gone.closed(event))
+            # UpstreamFailed: the connection's own ConnectionClosed carries reason and detail.
         return self._take(closed)
 
     def set_process(self, conn_id: int, process: ProcessInfo) -> None:
         """Attribution found `process` for `conn_id` (which may not be open yet)."""
-        if conn_id in self._open:
-            self._update(conn_id, process=process)
+        draft = self._open.get(conn_id)
+        if draft is not None:
+            draft.process = process
+            draft._row = None
+            self._dirty[conn_id] = draft
         else:
             self._early_process[conn_id] = process
             if len(self._early_process) > 10_000:  # ids that never opened: forget the oldest
@@ -213,29 +285,25 @@ class RowTracker:
     def set_traffic(self, counters: Mapping[int, tuple[int, int]]) -> None:
         """The engine's byte counters of open connections: conn id -> (up, down)."""
         for conn_id, (up, down) in counters.items():
-            row = self._open.get(conn_id)
-            if row is not None and (row.bytes_up != up or row.bytes_down != down):
-                self._update(conn_id, bytes_up=up, bytes_down=down)
+            draft = self._open.get(conn_id)
+            if draft is not None and (draft.bytes_up != up or draft.bytes_down != down):
+                draft.bytes_up = up
+                draft.bytes_down = down
+                draft._row = None
+                self._dirty[conn_id] = draft
 
     def pending(self) -> RowChanges:
         """Changes merged since the last batch (set_process / set_traffic), as a batch."""
         return self._take([])
 
-    def _update(self, conn_id: int, **changes: object) -> None:
-        row = self._open.get(conn_id)
-        if row is None:
-            return
-        row = replace(row, **changes)  # type: ignore[arg-type]
-        self._open[conn_id] = row
-        self._dirty[conn_id] = row
-
     def _take(self, closed: list[ConnectionRow]) -> RowChanges:
-        opened = tuple(row for cid, row in self._dirty.items() if cid in self._new)
-        updated = tuple(row for cid, row in self._dirty.items() if cid not in self._new)
+        if not self._dirty:
+            return RowChanges((), (), tuple(closed)) if closed else _NO_CHANGES
+        new = self._new
+        opened = tuple(d.row() for cid, d in self._dirty.items() if cid in new)
+        updated = tuple(d.row() for cid, d in self._dirty.items() if cid not in new)
         self._dirty.clear()
-        self._new.clear()
-        if not (opened or updated or closed):
-            return _NO_CHANGES
+        new.clear()
         return RowChanges(opened, updated, tuple(closed))
 
 
