@@ -380,3 +380,17 @@ def test_a_program_that_closes_before_sending_anything(lab: Lab) -> None:
     assert row.words == (
         "The program closed the connection before sending anything (no TLS ClientHello within 1 s)."
     )
+
+
+def test_407_no_credentials_set_up_at_real_squid(lab: Lab) -> None:
+    squid = lab.squid
+    assert lab.proxy.v4 is not None
+    with relay(lab, http_upstream(lab.proxy.v4, squid.port), None) as engine:
+        client_hello_through(lab)
+        row = engine.closed_row()
+    assert row.state is RowState.FAILED
+    assert row.close_reason is CloseReason.UPSTREAM_AUTH_FAILED
+    assert row.words == (
+        f"{lab.proxy.v4}:{squid.port} asks for a user name and password (407), and none is "
+        "set up. Open Credentials to enter them."
+    )

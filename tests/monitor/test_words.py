@@ -103,6 +103,31 @@ def test_407_without_credentials() -> None:
     )
 
 
+def test_407_with_a_user_name_but_no_password() -> None:
+    row = closed(
+        CloseReason.UPSTREAM_AUTH_FAILED,
+        "proxy corp (http://proxy.corp:8080): the proxy asks for authentication (Basic) and "
+        "no password is set up (407)",
+    )
+    assert words(row) == (
+        "proxy.corp:8080 asks for a user name and password (407), and none for alice is set "
+        "up. Open Credentials to enter them."
+    )
+
+
+def test_407_that_cannot_be_answered() -> None:
+    row = closed(
+        CloseReason.UPSTREAM_AUTH_FAILED,
+        "proxy corp (http://proxy.corp:8080): auth is set to ntlm but the proxy offers Basic; "
+        'set auth = "auto" for this upstream (407)',
+    )
+    assert words(row) == (
+        "proxy.corp:8080 asks for a login the relay cannot give (407): auth is set to ntlm "
+        'but the proxy offers Basic; set auth = "auto" for this upstream. Open Credentials '
+        "to fix it."
+    )
+
+
 def test_407_on_every_reconnect() -> None:
     row = closed(
         CloseReason.UPSTREAM_AUTH_FAILED,

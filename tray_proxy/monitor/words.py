@@ -37,6 +37,8 @@ _DROPPED = re.compile(r"dropped the connection: (.+)$")
 _SIDE = re.compile(r"(?:upstream|client) side: (.+?)(?: while forwarding the first bytes)?$")
 _BAD_ANSWER = re.compile(r"sent a bad answer: (.+)$")
 _CANNOT_BE_USED = re.compile(r"cannot be used: (.+)$")
+# "proxy corp (http://h:p): <why> (407)" (upstream.py, a 407 we cannot answer)
+_PROXY_SAYS = re.compile(r"^proxy .+? \(\S+\): (.*?)(?: \(407\))?\.?$")
 _OUT_OF = re.compile(r"out of resources: (.+)$")
 
 _CREDENTIALS = "Open Credentials to fix it."
@@ -136,12 +138,15 @@ def _auth_failed(c: _Context) -> str:
         if "not sent again" in c.detail or "not tried again" in c.detail:
             again = " The relay does not send it again until it changes."
         return f"{c.proxy} refused the password for {user}{code}.{again} {_CREDENTIALS}"
-    if user is None:
+    found = _PROXY_SAYS.search(c.detail)
+    why = found.group(1) if found else c.said()
+    if user is None or "no password is set up" in why:
+        whose = f" for {user}" if user is not None else ""
         return (
-            f"{c.proxy} asks for a user name and password{code}, and none is set up. "
+            f"{c.proxy} asks for a user name and password{code}, and none{whose} is set up. "
             f"Open Credentials to enter them."
         )
-    return f"{c.proxy} did not accept the login for {user}{code}: {c.said()}. {_CREDENTIALS}"
+    return f"{c.proxy} asks for a login the relay cannot give{code}: {why}. {_CREDENTIALS}"
 
 
 def _refused(c: _Context) -> str:
