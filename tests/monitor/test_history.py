@@ -466,3 +466,39 @@ def test_exports_hold_every_field_and_no_secret(path: Path, store: HistoryStore)
         assert KNOWN_PASSWORD not in blob
     for file in path.parent.iterdir():
         assert KNOWN_PASSWORD.encode() not in file.read_bytes()
+
+
+@pytest.mark.parametrize(
+    "flt",
+    [
+        HistoryFilter(text="corp"),
+        HistoryFilter(text="FIREFOX"),
+        HistoryFilter(text="lab", failed_only=True),
+        HistoryFilter(text="refused the password"),
+        HistoryFilter(text="93.184"),
+        HistoryFilter(text="example", upstream="corp"),
+        HistoryFilter(text="absent"),
+        HistoryFilter(text="100%_"),
+    ],
+)
+def test_a_text_search_gives_the_same_pages_by_scan_and_by_index(
+    store: HistoryStore, flt: HistoryFilter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tray_proxy.monitor.history as history
+
+    store.write([make_row(i) for i in range(300)])
+    monkeypatch.setattr(history, "SCAN_BUDGET", 60.0)
+    scanned = _all(store, flt, limit=9)
+    # Every page through the indexes: no time to scan, and a look at the clock every step.
+    monkeypatch.setattr(history, "SCAN_BUDGET", 0.0)
+    monkeypatch.setattr(history, "_PROGRESS_STEPS", 1)
+    calls: list[str] = []
+    candidates = history._Query.candidates
+
+    def spy(self: history._Query, conn: sqlite3.Connection) -> tuple[str, list[object]]:
+        calls.append(self.text or "")
+        return candidates(self, conn)
+
+    monkeypatch.setattr(history._Query, "candidates", spy)
+    assert _all(store, flt, limit=9) == scanned
+    assert calls

@@ -75,6 +75,11 @@ _CHUNK = 5_000  # rows deleted per retention transaction (readers and the writer
 _MAX_CHUNKS = 2_000  # bound of one retention pass (10 million rows)
 # A host filter matching more names than this is passed to SQLite as a subquery.
 _MAX_HOST_IDS = 500
+# Distinct process or upstream names looked at by a text search at most.
+_MAX_DISTINCT = 5_000
+# How long a text search scans newest first before it looks the text up through the indexes.
+SCAN_BUDGET = 0.05
+_PROGRESS_STEPS = 10_000  # SQLite VM steps between two looks at the clock
 
 
 class HistoryError(UserError):
@@ -328,9 +333,13 @@ class _Query:
         if flt.reason:
             self.where.append("c.close_reason = ?")
             self.params.append(flt.reason)
+        self.text: str | None = None
         if flt.text:
-            # No index serves a substring of five columns: this one scans newest first until
-            # a page is full (fast when it matches often, a full scan when it never does).
+            # No index serves a substring of five columns. A page first scans newest first
+            # until it is full (fast when the text is common); when that takes longer than
+            # SCAN_BUDGET, `candidates` finds the rows through the indexes instead (fast
+            # when it is rare). See HistoryStore._keys.
+            self.text = flt.text
             like = f"%{_like_escape(flt.text)}%"
             columns = ("c.process_name", "c.upstream", "c.dst_ip", "c.words")
             self.where.append(
@@ -343,6 +352,46 @@ class _Query:
     def sql(self, extra: str = "") -> str:
         clauses = [*self.where, extra] if extra else self.where
         return " WHERE " + " AND ".join(clauses) if clauses else ""
+
+    def candidates(self, conn: sqlite3.Connection) -> tuple[str, list[object]]:
+        """A subquery of the ids of every row the text can match, each part read through an
+        index: hosts through the host dictionary, process and upstream names through their
+        distinct values, words through the failed rows (only a failure has words). The
+        full WHERE still applies on top, so the result is the same as the scan's."""
+        assert self.text is not None
+        text = self.text
+        like = f"%{_like_escape(text)}%"
+        needle = text.lower()
+        parts = [
+            "SELECT id FROM connections WHERE host_id IN (SELECT id FROM hosts "
+            "WHERE name LIKE ? ESCAPE '\\')"
+        ]
+        params: list[object] = [like]
+        for column, collate in (("process_name", " COLLATE NOCASE"), ("upstream", "")):
+            for name in _distinct(conn, column, collate):
+                if needle in name.lower():
+                    parts.append(f"SELECT id FROM connections WHERE {column} = ?{collate}")
+                    params.append(name)
+        parts.append("SELECT id FROM connections WHERE failed = 1 AND words LIKE ? ESCAPE '\\'")
+        params.append(like)
+        if all(c in "0123456789abcdefABCDEF.:" for c in text):
+            # Could be part of an address: no index helps here (a scan, as before).
+            parts.append("SELECT id FROM connections WHERE dst_ip LIKE ? ESCAPE '\\'")
+            params.append(like)
+        return " UNION ".join(parts), params
+
+
+def _distinct(conn: sqlite3.Connection, column: str, collate: str) -> list[str]:
+    """The distinct values of an indexed column, one index seek per value (a skip scan)."""
+    rows = conn.execute(
+        f"""WITH RECURSIVE d(v) AS (
+            SELECT (SELECT min({column}{collate}) FROM connections)
+            UNION ALL
+            SELECT (SELECT min({column}{collate}) FROM connections WHERE {column}{collate} > d.v)
+            FROM d WHERE d.v IS NOT NULL LIMIT {_MAX_DISTINCT}
+        ) SELECT v FROM d WHERE v IS NOT NULL"""
+    ).fetchall()
+    return [str(r[0]) for r in rows]
 
 
 # --------------------------------------------------------------------------- the store
@@ -532,11 +581,7 @@ class HistoryStore:
                 extra = "(c.started, c.id) < (?, ?)"
                 params += [after.started, after.rowid]
             # Ids first (read from the index alone), then the rows of this page only.
-            keys = self._conn.execute(
-                f"SELECT c.id, c.started FROM connections AS c{query.sql(extra)} "
-                "ORDER BY c.started DESC, c.id DESC LIMIT ?",
-                [*params, limit + 1],
-            ).fetchall()
+            keys = self._keys(query, extra, params, limit + 1)
             more = len(keys) > limit
             keys = keys[:limit]
             entries = self._fetch([k[0] for k in keys])
@@ -545,6 +590,30 @@ class HistoryStore:
         if more and entries:
             cursor = HistoryCursor(started=entries[-1].row.started, rowid=entries[-1].rowid)
         return HistoryPage(tuple(entries), cursor)
+
+    def _keys(
+        self, query: _Query, extra: str, params: list[object], limit: int
+    ) -> list[tuple[int, float]]:
+        order = " ORDER BY c.started DESC, c.id DESC LIMIT ?"
+        sql = f"SELECT c.id, c.started FROM connections AS c{query.sql(extra)}{order}"
+        if query.text is None:
+            return self._conn.execute(sql, [*params, limit]).fetchall()
+        deadline = time.monotonic() + SCAN_BUDGET
+        self._conn.set_progress_handler(lambda: int(time.monotonic() > deadline), _PROGRESS_STEPS)
+        try:
+            return self._conn.execute(sql, [*params, limit]).fetchall()
+        except sqlite3.OperationalError as exc:
+            if "interrupt" not in str(exc):
+                raise
+        finally:
+            self._conn.set_progress_handler(None, 0)
+        # A rare text: start from the rows it can match (CROSS JOIN keeps that order).
+        source, source_params = query.candidates(self._conn)
+        sql = (
+            f"SELECT c.id, c.started FROM ({source}) AS m CROSS JOIN connections AS c "
+            f"ON c.id = m.id{query.sql(extra)}{order}"
+        )
+        return self._conn.execute(sql, [*source_params, *params, limit]).fetchall()
 
     def iter_rows(self, filter: HistoryFilter) -> Iterator[HistoryEntry]:
         """Every row matching `filter`, newest first, read a page at a time."""
