@@ -34,6 +34,8 @@ class Column(enum.IntEnum):
     OUTCOME = 10
 
 
+COLUMN_COUNT = len(Column)  # (len() of an enum is a Python call; Qt asks very often)
+
 HEADERS = {
     Column.TIME: "Time",
     Column.PROCESS: "Process",

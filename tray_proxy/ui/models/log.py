@@ -17,6 +17,7 @@ from PySide6.QtCore import QAbstractTableModel, QModelIndex, QObject, Qt, Signal
 from tray_proxy.monitor.query import HistoryCursor, HistoryEntry, HistoryFilter, HistoryPage
 from tray_proxy.monitor.rows import RowState
 from tray_proxy.ui.models.columns import (
+    COLUMN_COUNT,
     FAILED_BRUSH,
     HEADERS,
     NUMERIC,
@@ -113,7 +114,7 @@ class LogModel(QAbstractTableModel):
         return 0 if parent.isValid() else len(self._entries)
 
     def columnCount(self, parent: AnyIndex = QModelIndex()) -> int:  # noqa: B008, N802
-        return 0 if parent.isValid() else len(Column)
+        return 0 if parent.isValid() else COLUMN_COUNT
 
     def headerData(  # noqa: N802 - Qt's name
         self,
