@@ -245,6 +245,63 @@ async def rate(target: Target, total: int, concurrency: int, timeout: float) -> 
     return {"done": done, "errors": errors, "seconds": elapsed, "conn_s": done / elapsed}
 
 
+async def paced(
+    targets: list[Target], per_second: float, seconds: float, concurrency: int, timeout: float
+) -> dict[str, Any]:
+    """New connections (connect, one ping, close) at a steady `per_second` for `seconds`,
+    taking the targets in turn; at most `concurrency` at once.
+
+    Starts follow a fixed schedule (start i at i / per_second), not the previous connection's
+    end, so a relay that slows down shows as connections started late (`late_starts`, more
+    than 50 ms behind the schedule) and a lower achieved rate, not as a gentler load."""
+    gate = asyncio.Semaphore(concurrency)
+    total = int(per_second * seconds)
+    done = errors = late = 0
+    times: list[float] = []
+    running: set[asyncio.Task[None]] = set()
+
+    async def one(target: Target) -> None:
+        nonlocal done, errors
+        try:
+            started = time.perf_counter()
+            reader, writer = await open_async(target, timeout)
+            try:
+                await asyncio.wait_for(ping_once(reader, writer), timeout)
+            finally:
+                writer.close()
+            times.append((time.perf_counter() - started) * 1e6)
+            done += 1
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+            errors += 1
+        finally:
+            gate.release()
+
+    begin = time.perf_counter()
+    for i in range(total):
+        due = begin + i / per_second
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await gate.acquire()
+        if time.perf_counter() - due > 0.05:
+            late += 1
+        task = asyncio.ensure_future(one(targets[i % len(targets)]))
+        running.add(task)
+        task.add_done_callback(running.discard)
+    if running:
+        await asyncio.wait(list(running), timeout=timeout * 3)
+    elapsed = time.perf_counter() - begin
+    return {
+        "started": total,
+        "done": done,
+        "errors": errors,
+        "late_starts": late,
+        "seconds": elapsed,
+        "conn_s": done / elapsed,
+        **_percentiles(times),
+    }
+
+
 async def idle(
     target: Target, count: int, probes: int, timeout: float, budget: float
 ) -> dict[str, Any]:
@@ -279,8 +336,13 @@ async def idle(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("mode", choices=["bulk", "latency", "mix", "rate", "idle"])
-    parser.add_argument("--target", help="origin ip:port (every mode but mix)")
+    parser.add_argument("mode", choices=["bulk", "latency", "mix", "rate", "idle", "paced"])
+    parser.add_argument(
+        "--target",
+        action="append",
+        default=[],
+        help="origin ip:port (every mode but mix; paced takes several, in turn)",
+    )
     parser.add_argument(
         "--row", action="append", default=[], help="mix: NAME=ip:port, once per row"
     )
@@ -297,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probes", type=int, default=200)
     parser.add_argument("--timeout", type=float, default=10.0, help="per connection step")
     parser.add_argument("--budget", type=float, default=120.0, help="whole run, seconds")
+    parser.add_argument("--per-second", type=float, default=1000.0, help="paced: new conn/s")
+    parser.add_argument("--seconds", type=float, default=60.0, help="paced: for how long")
     args = parser.parse_args(argv)
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -313,7 +377,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.target:
         parser.error(f"{args.mode} needs --target")
-    target = Target(args.target, args.proxy, args.user, args.password_file)
+    if args.mode == "paced":
+        import uvloop
+
+        dials = [Target(t, args.proxy, args.user, args.password_file) for t in args.target]
+        coro = paced(dials, args.per_second, args.seconds, args.concurrency, args.timeout)
+        result = uvloop.run(asyncio.wait_for(coro, args.budget))
+        print(json.dumps({"event": "result", **result}), flush=True)
+        return 0
+    if len(args.target) > 1:
+        parser.error(f"{args.mode} takes one --target")
+    target = Target(args.target[0], args.proxy, args.user, args.password_file)
     if args.mode == "bulk":
         result = bulk(target, args.direction, args.bytes, args.timeout)
     elif args.mode == "latency":

@@ -6,8 +6,8 @@ as `tray-proxy run` (password from $CREDENTIALS_DIRECTORY/NAME), creates a QAppl
 (QT_QPA_PLATFORM=offscreen), runs RelayEngine on qasync.QEventLoop, prints the same
 "tray-proxy: relay listening on ..." line on stderr when ready, and stops on SIGTERM/SIGINT.
 
-Run as a script (`python bench/qasync_relay.py --config FILE`). The only bench module that
-imports PySide6.
+Run as a script (`python bench/qasync_relay.py --config FILE`). Imports PySide6, as only
+bench/dashboard_app.py does besides it (each runs as its own process).
 """
 
 from __future__ import annotations

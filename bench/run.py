@@ -66,6 +66,9 @@ SQUID_EXTRA = "max_filedescriptors 16384"
 ROW_SQUID_PORT = 3130
 CHUNKS = 5  # bulk and rate run in this many slices per row, interleaved across rows
 SLOT_ADDRESS = 10  # last octet of the first slot's origin address
+# bench/dashboard.py's section of DOC, between these lines: a rewrite of DOC keeps it.
+SECTION_BEGIN = "<!-- bench.dashboard: begin -->"
+SECTION_END = "<!-- bench.dashboard: end -->"
 
 
 def slot_of(round_no: int, key: str) -> int:
@@ -905,9 +908,19 @@ def main(argv: list[str] | None = None) -> int:
         all_pass = all_pass and cost_pass
     output = DOC if args.output is None else args.output
     if str(output) != "-":
-        output.write_text(doc)
+        output.write_text(doc + kept_section(output))
         print(f"\nbench: written to {output}", file=sys.stderr)
     return 1 if args.fail_on_miss and not all_pass else 0
+
+
+def kept_section(path: Path) -> str:
+    """bench/dashboard.py's section of the file being replaced, to go on at its end."""
+    with contextlib.suppress(OSError):
+        text = path.read_text()
+        begin, end = text.find(SECTION_BEGIN), text.find(SECTION_END)
+        if 0 <= begin < end:
+            return "\n" + text[begin : end + len(SECTION_END)] + "\n"
+    return ""
 
 
 if __name__ == "__main__":
