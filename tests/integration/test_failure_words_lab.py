@@ -394,3 +394,48 @@ def test_407_no_credentials_set_up_at_real_squid(lab: Lab) -> None:
         f"{lab.proxy.v4}:{squid.port} asks for a user name and password (407), and none is "
         "set up. Open Credentials to enter them."
     )
+
+
+def _reset_mid_tunnel(conn: socket.socket) -> None:
+    _read_head(conn)
+    conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+    conn.recv(65536)  # the client's first bytes came through the tunnel
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def test_reset_on_the_proxy_side_mid_tunnel(lab: Lab) -> None:
+    with MisbehavingProxy(lab, _reset_mid_tunnel) as proxy:
+        host, port = proxy.address
+        with relay(lab, http_upstream(host, port), None) as engine:
+            client_hello_through(lab)
+            row = engine.closed_row()
+    assert row.state is RowState.FAILED
+    assert row.close_reason is CloseReason.UPSTREAM_RESET
+    assert row.established is not None and row.bytes_up > 0
+    assert row.words == (
+        f"The connection to {HOSTNAME}:443 was cut on the proxy's side (Connection reset by "
+        "peer). The program may retry; nothing to fix unless it keeps happening."
+    )
+
+
+def test_reset_by_the_program_mid_tunnel(lab: Lab) -> None:
+    squid = lab.squid
+    creds = squid.credentials
+    assert creds is not None and lab.proxy.v4 is not None and lab.origin.v4 is not None
+    upstream = http_upstream(lab.proxy.v4, squid.port, creds.username)
+    with relay(lab, upstream, Credentials(creds.username, Secret(creds.password))) as engine:
+        sock = lab.client.connect(lab.origin.v4, 443)
+        try:
+            sock.settimeout(10)
+            sock.sendall(tls_client_hello(HOSTNAME))
+            assert sock.recv(5)  # the origin's ServerHello: the tunnel is open
+        finally:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()  # a RST, as from a program killed mid-transfer
+        row = engine.closed_row()
+    assert row.state is RowState.FAILED
+    assert row.close_reason is CloseReason.CLIENT_RESET
+    assert row.words == (
+        f"The program reset its connection to {HOSTNAME}:443 (Connection reset by peer). "
+        "Usually it gave up or was stopped; nothing to fix here."
+    )
