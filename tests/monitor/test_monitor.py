@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.relay.stubs import (
     ConnectProxy,
@@ -305,3 +307,39 @@ def test_many_connections_in_batches(batch: int) -> None:
     assert released == 2000 == len(history.rows)
     assert len({r.conn_id for r in history.rows}) == 2000
     assert monitor.health(200.0).total_connections == 2000
+
+
+_step = st.one_of(
+    st.tuples(st.just("open"), st.integers(1, 8)),
+    st.tuples(st.just("close"), st.integers(1, 8)),
+    st.tuples(st.just("found"), st.integers(1, 8)),
+    st.tuples(st.just("tick"), st.floats(0, 3)),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=st.lists(_step, max_size=40))
+def test_random_orders_release_each_closed_row_once(steps: list[tuple[str, Any]]) -> None:
+    attributor = Attributor()
+    monitor, history, clock = make([], attributor)
+    released: list[int] = []
+    closes = 0
+    open_now: set[int] = set()
+    for kind, value in steps:
+        if kind == "open":
+            changes = monitor.feed([opened(value)])
+            open_now.add(value)
+        elif kind == "close":
+            changes = monitor.feed([done(value)])
+            if value in open_now:
+                open_now.discard(value)
+                closes += 1
+        elif kind == "found":
+            changes = monitor.process_found([(value, CURL)])
+        else:
+            clock.now += value
+            changes = monitor.traffic(clock.now, {}, 0, 0)
+        released += [r.conn_id for r in changes.closed]
+    assert [r.conn_id for r in history.rows] == released
+    monitor.close()
+    assert len(history.rows) == closes
