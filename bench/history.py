@@ -130,9 +130,9 @@ def main() -> None:
             ("process firefox", HistoryFilter(process="firefox")),
             ("upstream lab-socks + failed", HistoryFilter(upstream="lab-socks", failed_only=True)),
             ("last hour (since)", HistoryFilter(since=time.time() - 3600)),
-            ("text 'github' (scan)", HistoryFilter(text="github")),
-            ("text 'needle' (scan, rare)", HistoryFilter(text="needle")),
-            ("text 'absent' (full scan)", HistoryFilter(text="absent-everywhere")),
+            ("text 'github' (common)", HistoryFilter(text="github")),
+            ("text 'needle' (1 in 1000)", HistoryFilter(text="needle")),
+            ("text 'absent' (no match)", HistoryFilter(text="absent-everywhere")),
         ]
         for name, flt in cases:
             seconds, page = timed(functools.partial(store.page, flt))
