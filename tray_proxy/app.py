@@ -21,7 +21,8 @@ import shlex
 import shutil
 import signal
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +52,10 @@ log = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_FAILURE = 1
 TRAY_WAIT_SECONDS = 3.0  # at login the panel may start after us
+# After the display went away: how long the Quit path may take (it has its own timeouts:
+# the drain, the helper), then how long the cancelled rest may take.
+DISPLAY_LOSS_LIMIT = 60.0
+DISPLAY_LOSS_CANCEL_LIMIT = 10.0
 DESKTOP_TEMPLATE = Path(__file__).resolve().parents[1] / "resources" / "tray-proxy.desktop"
 
 
@@ -360,10 +365,87 @@ def run_gui(config_path: Path | None = None, no_tray: bool = False) -> int:
     qapp.setDesktopFileName("tray-proxy")
     qapp.setQuitOnLastWindowClosed(False)  # the tray (or the background) keeps it alive
     qapp.setWindowIcon(app_icon())
+    loop = qasync.QEventLoop(qapp)
     try:
-        if sys.version_info >= (3, 11):
-            with asyncio.Runner(loop_factory=lambda: qasync.QEventLoop(qapp)) as runner:
-                return runner.run(app.main())
-        return int(qasync.run(app.main()))  # pragma: no cover - 3.10 only
+        return _run_to_end(loop, app.main())
     finally:
-        server.release()
+        try:
+            _finish_loop(loop)
+        finally:
+            server.release()
+
+
+def _run_to_end(loop: asyncio.AbstractEventLoop, main: Coroutine[Any, Any, int]) -> int:
+    """Run the main coroutine on the qasync loop until it has returned, also when Qt's own
+    loop ends without us asking.
+
+    That happens when the X display goes away (logout, a WSLg restart, xkill): from then on
+    Qt's xcb plugin ends every pass of Qt's loop at once ("The X11 connection broke"), and
+    aboutToQuit has set the quit event. The main coroutine then takes the Quit path, and the
+    loop is run again pass by pass (each exec() still runs one pass of timers, sockets and
+    posted events) until that has finished: redirect off, relay drained, socket closed.
+    """
+    task = loop.create_task(main, name="tray-proxy main")
+    task.add_done_callback(lambda _task: loop.stop())
+    _drive(loop, task, "the display went away (or the session ended)")
+    if not task.done():
+        log.error("quitting took longer than %.0f s; giving up", DISPLAY_LOSS_LIMIT)
+        return EXIT_FAILURE
+    return task.result()
+
+
+def _drive(loop: asyncio.AbstractEventLoop, task: asyncio.Future[Any], why: str) -> None:
+    """Run `loop` until `task` is done; bounded once Qt's loop has ended by itself."""
+    deadline: float | None = None
+    cancelled = False
+    while not task.done():
+        loop.run_forever()
+        if task.done():
+            return
+        now = time.monotonic()
+        if deadline is None:
+            log.warning("%s: switching the redirect off and quitting, as Quit does", why)
+            _quiet_lost_display()
+            deadline = now + DISPLAY_LOSS_LIMIT
+        elif now >= deadline and not cancelled:
+            task.cancel()
+            cancelled = True
+            deadline = now + DISPLAY_LOSS_CANCEL_LIMIT
+        elif now >= deadline:
+            return
+
+
+def _finish_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """What asyncio.Runner does at the end: cancel what is left, then close the loop."""
+    try:
+        left = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        for t in left:
+            t.cancel()
+        if left:
+            gathered = asyncio.gather(*left, return_exceptions=True)
+            gathered.add_done_callback(lambda _f: loop.stop())
+            _drive(loop, gathered, "Qt's event loop ended while tasks were cancelled")
+        shutdown = loop.create_task(loop.shutdown_asyncgens())
+        shutdown.add_done_callback(lambda _t: loop.stop())
+        _drive(loop, shutdown, "Qt's event loop ended at the end")
+    finally:
+        loop.close()
+
+
+_display_lost = False
+
+
+def _quiet_lost_display() -> None:
+    """After the first "X11 connection broke", Qt says it again at every pass: once is
+    enough. Other Qt messages still reach stderr."""
+    global _display_lost
+    if _display_lost:
+        return
+    _display_lost = True
+    from PySide6.QtCore import qInstallMessageHandler
+
+    def handler(_mode: Any, _context: Any, message: str) -> None:
+        if "X11 connection broke" not in message:
+            print(message, file=sys.stderr)
+
+    qInstallMessageHandler(handler)

@@ -402,6 +402,8 @@ class GuiProcess:
             "QT_QPA_PLATFORM": "xcb",
             "XDG_RUNTIME_DIR": str(self.runtime_dir),
             "XDG_CONFIG_HOME": str(self.config_home),
+            # The connection history goes here, not into root's own state dir.
+            "XDG_STATE_HOME": str(self.workdir / "state"),
             "CREDENTIALS_DIRECTORY": str(self.credentials_dir),
             "PYTHONUNBUFFERED": "1",
         }

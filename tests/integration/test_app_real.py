@@ -39,7 +39,7 @@ pytestmark = pytest.mark.lab
 # Loopback stays local; everything else, the lab's 10.200.x and fd00:200: included, goes to
 # the relay (the defaults exclude private networks, which the lab is made of).
 REDIRECT = {"exclude": ["127.0.0.0/8", "::1/128"]}
-TOGGLE_INSET = (28, 18)  # px from the window's top-right corner into the Switch on button
+TOGGLE_INSET = (92, 56)  # px from the window's top-right corner into Overview's Switch on
 StartGui = Callable[..., GuiProcess]
 
 
@@ -196,3 +196,30 @@ def test_second_instance_raises_first_window(
     gui.wait_for_line("asked for the window; showing it", since=mark)
     poll(gui.main_window, 10, "the first instance's window mapped after the second start")
     assert gui.alive(), "the first instance must keep running"
+
+
+@pytest.mark.parametrize("tray", [True, False], ids=["tray", "window"])
+def test_display_loss_while_on_takes_the_quit_path(
+    lab: Lab, xserver: XServer, start_gui: StartGui, tray: bool
+) -> None:
+    """The X server goes away under the app (logout, WSLg restart): it must shut down as
+    Quit does: redirect off, relay drained, exit 0, no traceback, no table left."""
+    host = TrayHost(xserver).start() if tray else None
+    try:
+        gui = start_gui() if tray else start_gui("--no-tray")
+        if host is not None:
+            poll(lambda: _embedded_icon(gui), 15, "trayer embedding a window of the app")
+        else:
+            poll(gui.main_window, 15, f"the main window mapped; log:\n{gui.tail()}")
+        gui.enable()
+        assert has_table(lab)
+        assert xserver.process is not None
+        xserver.process.kill()  # as a crash of the X server: no goodbye to its clients
+        assert gui.wait_exit(30) == 0, gui.tail()
+    finally:
+        if host is not None:
+            host.stop()
+    log = "\n".join(gui.lines)
+    assert "Traceback" not in log, gui.tail(80)
+    assert "the display went away" in log, gui.tail()
+    assert not has_table(lab), "the display loss left the redirect in place"

@@ -58,6 +58,10 @@ class HistoryFile:
     def page(
         self, filter: HistoryFilter, *, after: HistoryCursor | None = None, limit: int = 200
     ) -> HistoryPage:
+        if self._store is None and not self.path.exists():
+            # Nothing written yet. The writer thread creates the file; a reader creating it
+            # at the same moment would race it.
+            return HistoryPage((), None)
         return self._open().page(filter, after=after, limit=limit)
 
     def export(self, filter: HistoryFilter, path: Path, fmt: str) -> int:
