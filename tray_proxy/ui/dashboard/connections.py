@@ -49,8 +49,10 @@ ANY_PROXY = "Any proxy"
 NO_SELECTION = "Select a connection to see everything about it."
 
 
-def _live_table(proxy: ConnectionFilter, name: str, hidden: tuple[Column, ...]) -> QTableView:
-    view = make_table(proxy, name, hidden=hidden)
+def _live_table(
+    proxy: ConnectionFilter, name: str, hidden: tuple[Column, ...], stretch: Column
+) -> QTableView:
+    view = make_table(proxy, name, hidden=hidden, stretch=stretch)
     view.setSortingEnabled(True)
     view.sortByColumn(Column.TIME, Qt.SortOrder.DescendingOrder)  # newest first
     view.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
@@ -135,9 +137,12 @@ class ConnectionsTab(QWidget):
         # Open connections have no duration or outcome yet: those columns start hidden
         # there (the header's menu shows them).
         self.active_view = _live_table(
-            self.active_proxy, "active-table", (Column.DURATION, Column.OUTCOME)
+            self.active_proxy,
+            "active-table",
+            (Column.DURATION, Column.OUTCOME),
+            Column.DESTINATION,
         )
-        self.closed_view = _live_table(self.closed_proxy, "closed-table", ())
+        self.closed_view = _live_table(self.closed_proxy, "closed-table", (), Column.OUTCOME)
         self.stack = QStackedWidget()
         self.stack.addWidget(self.active_view)
         self.stack.addWidget(self.closed_view)

@@ -30,8 +30,10 @@ def make_table(
     name: str,
     *,
     hidden: tuple[Column, ...] = (),
+    stretch: Column = Column.OUTCOME,
     time_width: int = WIDTHS[Column.TIME],
 ) -> QTableView:
+    """A table over `model`; `stretch` takes the width left over (Outcome, the longest)."""
     view = QTableView()
     view.setObjectName(name)
     if model is not None:  # (column widths are set after the model: it makes the header)
@@ -42,8 +44,11 @@ def make_table(
     view.verticalHeader().hide()
     view.verticalHeader().setDefaultSectionSize(view.fontMetrics().height() + 6)
     header = view.horizontalHeader()
-    header.setStretchLastSection(True)
     header.setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
+    if stretch == Column.OUTCOME:
+        header.setStretchLastSection(True)  # still resizable by hand, unlike Stretch mode
+    else:
+        header.setSectionResizeMode(stretch, QHeaderView.ResizeMode.Stretch)
     header.setHighlightSections(False)
     for column, width in WIDTHS.items():
         view.setColumnWidth(column, width)
