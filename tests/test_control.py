@@ -189,7 +189,7 @@ def test_cli_says_when_no_app_runs(
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(private_dir))
     for command in ("status", "enable", "disable", "quit"):
         assert cli.main([command]) == cli.EXIT_NOT_RUNNING
-        assert "no tray-proxy app is running" in capsys.readouterr().err
+        assert "no tray-proxy is running" in capsys.readouterr().err
 
 
 def test_unknown_command_is_a_programming_error(private_dir: Path) -> None:

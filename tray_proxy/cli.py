@@ -1,7 +1,11 @@
 """Command-line entry points: `tray-proxy run` (headless relay) and friends.
 
-Composition root for the headless path: config -> credentials -> engine -> loop.
+Composition root for the headless path: config -> credentials -> the app's controller (its
+one lifecycle, the relay on its own thread, the redirect, the history) -> loop, serving the
+same control socket as the tray app.
 User-facing failures are one line on stderr and a non-zero exit, never a traceback.
+
+Must not import PySide6 at module level (the tray app is imported only when it starts).
 """
 
 from __future__ import annotations
@@ -77,11 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not touch nftables: the caller manages the redirect",
     )
-    status = sub.add_parser("status", help="show the running tray app's state")
+    status = sub.add_parser("status", help="show the state of the running tray app or run")
     status.add_argument("--json", action="store_true", help="print the status as JSON")
-    sub.add_parser("enable", help="switch the running tray app's redirect on")
-    sub.add_parser("disable", help="switch the running tray app's redirect off")
-    sub.add_parser("quit", help="quit the running tray app (the redirect goes off)")
+    sub.add_parser("enable", help="switch the running tray app's (or run's) redirect on")
+    sub.add_parser("disable", help="switch the running tray app's (or run's) redirect off")
+    sub.add_parser("quit", help="quit the running tray app or run (the redirect goes off)")
     from tray_proxy import cli_credentials
 
     cli_credentials.add_subcommands(sub, common)
@@ -92,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _control(args: argparse.Namespace) -> int:
-    """status / enable / disable / quit: talk to the running app over its control socket."""
+    """status / enable / disable / quit: talk to the running instance (the tray app or a
+    headless `tray-proxy run`) over its control socket."""
     import json
 
     from tray_proxy.control import ControlError, NotRunningError, send_command
@@ -101,7 +106,9 @@ def _control(args: argparse.Namespace) -> int:
         answer = send_command(args.command)
     except NotRunningError:
         print(
-            "tray-proxy: no tray-proxy app is running (start it with `tray-proxy`)", file=sys.stderr
+            "tray-proxy: no tray-proxy is running (start the tray app with `tray-proxy`, or "
+            "the relay alone with `tray-proxy run`)",
+            file=sys.stderr,
         )
         return EXIT_NOT_RUNNING
     except ControlError as exc:
@@ -249,9 +256,10 @@ async def _run_headless(args: argparse.Namespace) -> int:
             None if args.no_redirect else RedirectController(),
             credential_source=credentials,
             steps=_StderrSteps(),
-            # The same history as the app's, so `tray-proxy log` works for headless users.
+            # The same history as the app's, so `tray-proxy log` works for headless users;
+            # the program behind each connection is looked up for it only.
             history=open_history_writer(config.log),
-            attribution=True,
+            attribution=config.log.enabled,
         )
         failure: list[str] = []
 

@@ -1,9 +1,10 @@
 """Single instance and the local control socket of the running app.
 
-One `tray-proxy` runs per user. The first one takes an exclusive `flock` on a lock file and
-listens on a Unix socket next to it; a second one finds the lock taken and talks to the
-socket instead (`raise` brings the first one's window up; the CLI sends `status`, `enable`,
-`disable`, `quit`).
+One `tray-proxy` runs per user: the tray app or a headless `tray-proxy run`, which answer
+alike (tray_proxy.controller.commands). The first one takes an exclusive `flock` on a lock
+file and listens on a Unix socket next to it; a second one finds the lock taken and talks to
+the socket instead (`raise` brings the first one's window up; the CLI sends `status`,
+`enable`, `disable`, `quit`).
 
 Where: `$XDG_RUNTIME_DIR/tray-proxy.sock` (that directory is the user's own, mode 0700), or,
 without it, `/tmp/tray-proxy-<uid>/`, a 0700 directory that must be ours and no symlink:
