@@ -725,3 +725,18 @@ def test_a_loop_closed_under_a_pass_ends_the_worker_quietly(
         "the worker to end once its loop had closed",
     )
     attributor.close()
+
+
+def test_a_burst_larger_than_one_netlink_message() -> None:
+    count = 2 * attribution._DIAG_CHUNK + 44
+    with listener() as server, contextlib.ExitStack() as stack:
+        own: list[socket.socket] = []
+        for _ in range(count):  # accepted as they come: the backlog is smaller than count
+            own.append(stack.enter_context(socket.create_connection(server.getsockname(), 5)))
+            stack.enter_context(server.accept()[0])
+        answers, passes, _ = attribute(
+            [(index, sock.getsockname(), sock.getpeername()) for index, sock in enumerate(own)]
+        )
+    assert passes == 1 and len(answers) == count
+    for info in answers.values():
+        assert_me(info)
