@@ -79,8 +79,11 @@ class DashboardApp(TrayProxyRunMonitored):
     label = "dashboard app"
     key = "dashboard"
 
-    def __init__(self, *args: Any, view: str, display: str | None) -> None:
+    def __init__(
+        self, *args: Any, view: str, display: str | None, profile: Path | None = None
+    ) -> None:
         super().__init__(*args)
+        self.profile = profile
         self.view = view
         self.display = display
         self.runtime = self.workdir / f"{self.key}-{self.port}-run"
@@ -88,7 +91,8 @@ class DashboardApp(TrayProxyRunMonitored):
         self.ready: dict[str, Any] = {}
 
     def argv(self) -> list[str]:
-        return [sys.executable, str(APP), "--config", str(self.config_path), "--view", self.view]
+        argv = [sys.executable, str(APP), "--config", str(self.config_path), "--view", self.view]
+        return argv + (["--profile", str(self.profile)] if self.profile is not None else [])
 
     def env(self) -> dict[str, str]:
         env = super().env()
@@ -196,6 +200,18 @@ class Pinger:
         }
 
 
+def thread_cpu(pid: int, threads: dict[str, int]) -> dict[str, float]:
+    """CPU seconds (user + system) each named thread of `pid` has used so far."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for name, tid in threads.items():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+            fields = stat.rsplit(")", 1)[1].split()
+            out[name] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 def rss_peak_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -266,6 +282,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 creds.password_file,
                 view=args.view,
                 display=display,
+                profile=args.profile,
             )
             stack.enter_context(app)
             targets = [bench.slot_address(i) for i in range(ORIGIN_ADDRESSES)]
@@ -293,7 +310,11 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
             say(f"{args.per_second:g} new connections a second for {args.seconds:g} s")
             result["rss_before_kib"] = proc_rss_kib(pid)
+            threads = app.tell("report")["threads"]
+            cpu_before = thread_cpu(pid, threads)
             app.tell("reset")
+            if args.profile is not None:
+                app.tell("profile")  # the load phase only
             load = Pinger(Path(app.ready["socket"]))
             extra = ["--per-second", str(args.per_second), "--seconds", str(args.seconds)]
             extra += ["--concurrency", "1000"]
@@ -302,6 +323,12 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             with load.running(args.seconds + 60):
                 paced = bench.loadgen.run("paced", False, *extra, target=dials[0])
             report = app.tell("report")
+            cpu_after = thread_cpu(pid, threads)
+            result["thread_cpu"] = {
+                name: (cpu_after[name] - cpu_before[name]) / float(paced["seconds"])
+                for name in cpu_after
+                if name in cpu_before
+            }
             result["rss_after_kib"] = proc_rss_kib(pid)
             result["rss_peak_kib"] = rss_peak_kib(pid)
             result["load"] = {"socket": load.figures(), "probe": report["probe"], "paced": paced}
@@ -382,6 +409,12 @@ def render(args: argparse.Namespace, result: dict[str, Any], elapsed: float) -> 
             if history is None
             else f"{history['rows']:,} connections written, {history['named']:,} with their process"
         ),
+        "- the app's threads under load, CPU share of one core: "
+        + ", ".join(
+            f"{name} {share:.0%}"
+            for name, share in sorted(result["thread_cpu"].items(), key=lambda kv: -kv[1])
+            if share >= 0.005
+        ),
         "- conn/s per turn, shown: "
         + ", ".join(f"{x:,.0f}" for x in result["conn_s"]["shown"])
         + "; hidden: "
@@ -430,6 +463,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--view", choices=["closed", "active"], default="closed")
     parser.add_argument("--display", choices=["offscreen", "xvfb"], default="offscreen")
     parser.add_argument("--bursts", type=int, default=3, help="conn/s turns per window state")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="JSON file: where each of the app's threads spent its time during the load",
+    )
     parser.add_argument(
         "--output", type=Path, default=None, help=f"markdown file (default {DOC}; '-' for none)"
     )

@@ -33,6 +33,7 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,10 +60,91 @@ def figures_ms(samples: collections.deque[float]) -> dict[str, float | int | Non
     }
 
 
+class Sampler:
+    """Where each thread spends its time, by sampling every thread's stack (`--profile`):
+    per thread, how often each function was on top (self) and anywhere on the stack
+    (inclusive). A sample waits for the GIL like any Python code, so a thread that holds it
+    long is seen less often than it runs: read the figures as shares, not as times."""
+
+    def __init__(
+        self, path: Path, stalled: Callable[[], bool] | None = None, every: float = 0.002
+    ) -> None:
+        self.path = path
+        self.every = every
+        # Stacks of the UI thread while `stalled()` says the UI loop is late: what it is busy
+        # with when it does not answer.
+        self.stalled = stalled
+        self.stalls: collections.Counter[str] = collections.Counter()
+        self.main = threading.main_thread().ident
+        self.stop = threading.Event()
+        self.own: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.inclusive: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.samples: collections.Counter[str] = collections.Counter()
+        self.thread = threading.Thread(target=self._run, name="sampler", daemon=True)
+
+    def _run(self) -> None:
+        me = threading.get_ident()
+        limit = time.monotonic() + 3600  # bounded, whatever the driver does
+        while not self.stop.wait(self.every) and time.monotonic() < limit:
+            names = {t.ident: t.name for t in threading.enumerate()}
+            frames = sys._current_frames()
+            if self.stalled is not None and self.main in frames and self.stalled():
+                stack = []
+                f: Any = frames[self.main]
+                for _ in range(12):
+                    if f is None:
+                        break
+                    stack.append(f"{Path(f.f_code.co_filename).name}:{f.f_code.co_name}")
+                    f = f.f_back
+                self.stalls[" < ".join(stack)] += 1
+            for ident, frame in frames.items():
+                if ident == me:
+                    continue
+                name = names.get(ident, "?")
+                self.samples[name] += 1
+                seen = set()
+                top = True
+                f = frame
+                for _ in range(200):  # bounded depth
+                    if f is None:
+                        break
+                    code = f.f_code
+                    where = f"{Path(code.co_filename).name}:{code.co_name}"
+                    if top:
+                        self.own[(name, where)] += 1
+                        top = False
+                    if where not in seen:
+                        seen.add(where)
+                        self.inclusive[(name, where)] += 1
+                    f = f.f_back
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def write(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        out: dict[str, Any] = {"stalls": self.stalls.most_common(25)}
+        for name, count in self.samples.most_common():
+            out[name] = {
+                "samples": count,
+                "self": [
+                    [w, n, round(n / count, 3)] for (t, w), n in self.own.most_common() if t == name
+                ][:30],
+                "inclusive": [
+                    [w, n, round(n / count, 3)]
+                    for (t, w), n in self.inclusive.most_common()
+                    if t == name
+                ][:60],
+            }
+        self.path.write_text(json.dumps(out, indent=1))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--view", choices=["active", "closed"], default="closed")
+    parser.add_argument("--profile", type=Path, help="write where each thread spent its time")
     args = parser.parse_args(argv)
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
@@ -108,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
 
         def reset(self) -> None:
             self.samples.clear()
+
+        def stalled(self) -> bool:
+            """The UI loop is late: no tick for more than 40 ms (read from any thread)."""
+            return time.perf_counter() - self._last > 0.04
 
         def _tick(self) -> None:
             now = time.perf_counter()
@@ -169,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             say(event="error", message=f"another instance holds {server.path}")
             return 3
         probe = Probe()
+        samplers: list[Sampler] = []
 
         def command(line: str) -> None:
             word, _, rest = line.strip().partition(" ")
@@ -181,6 +268,10 @@ def main(argv: list[str] | None = None) -> int:
                 show_view(rest.strip())
             elif word == "reset":
                 probe.reset()
+            elif word == "profile" and args.profile is not None:
+                sampler = Sampler(args.profile, probe.stalled)
+                samplers.append(sampler)
+                sampler.start()
             elif word == "report":
                 say(
                     event="report",
@@ -189,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                     active_rows=tab.active.rowCount(),
                     closed_rows=tab.closed.rowCount(),
                     state=controller.status().state.name,
+                    threads={t.name: t.native_id for t in threading.enumerate()},
                 )
                 return
             elif word in ("quit", ""):
@@ -223,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             await quit_event.wait()
         finally:
+            for sampler in samplers:
+                sampler.write()
             probe.timer.stop()
             await server.close()
             await controller.shutdown()
