@@ -23,6 +23,7 @@ def _tab(qtbot: QtBot, services: FakeServices, **kwargs: object) -> ConnectionsT
     tab = ConnectionsTab(services, **kwargs)  # type: ignore[arg-type]
     qtbot.addWidget(tab)
     tab.resize(1000, 600)
+    tab.show()  # a hidden tab only merges batches (see the test of that below)
     return tab
 
 
@@ -208,3 +209,25 @@ def test_copy_rows_as_text(qtbot: QtBot, services: FakeServices) -> None:
     assert any("example-1.test:443\t192.0.2.2\tcorp\topen" in line for line in lines)
     assert any("\t192.0.2.3:443\t192.0.2.3\t" in line for line in lines)  # no host: the IP
     assert replace(make_row(1)).conn_id == 1
+
+
+def test_a_hidden_tab_merges_batches_and_applies_them_when_shown(
+    qtbot: QtBot, services: FakeServices
+) -> None:
+    tab = _tab(qtbot, services, closed_cap=30)
+    tab.apply(RowChanges(opened=(make_row(1), make_row(2))))
+    tab.hide()
+    inserted: list[int] = []
+    tab.active.rowsInserted.connect(lambda _p, a, b: inserted.append(b - a + 1))
+    tab.apply(RowChanges(opened=(make_row(3),), closed=(closed(make_row(1)),)))
+    for start in range(100, 200, 20):  # 100 rows that open and close while hidden
+        rows = [make_row(i) for i in range(start, start + 20)]
+        tab.apply(RowChanges(opened=tuple(rows)))
+        tab.apply(RowChanges(updated=(make_row(2, bytes_up=start),)))
+        tab.apply(RowChanges(closed=tuple(closed(r) for r in rows)))
+    assert _ids(tab) == [1, 2] and tab.closed.rowCount() == 0  # nothing applied yet
+    tab.show()
+    assert _ids(tab) == [2, 3] and inserted == [1]  # one insert for all of it
+    assert tab.active.row_at(tab.active.position_of(2) or 0).bytes_up == 180
+    # Only the newest 30 closed rows were kept while hidden (the cap), 1 among the dropped.
+    assert _ids(tab, active=False) == list(range(170, 200))

@@ -81,7 +81,7 @@ class UiBridge(QObject):
             self._pending = False
         self._last_flush = time.monotonic()
         status: Status | None = None
-        rows = _RowMerger()
+        rows = RowMerger()
         while self._queue:
             event = self._queue.popleft()
             if isinstance(event, StatusUpdated):
@@ -101,7 +101,7 @@ class UiBridge(QObject):
             self.statusChanged.emit(status)
 
 
-class _RowMerger:
+class RowMerger:
     """Folds successive RowChanges into one, keeping RowChanges' rule: each row once, in
     its newest form, under closed > opened > updated."""
 
@@ -125,6 +125,20 @@ class _RowMerger:
             self._opened.pop(row.conn_id, None)
             self._updated.pop(row.conn_id, None)
             self._closed[row.conn_id] = row
+
+    def __bool__(self) -> bool:
+        return bool(self._opened or self._updated or self._closed)
+
+    def keep_closed(self, limit: int) -> list[int]:
+        """Forget all but the newest `limit` closed rows (a capped table would drop them);
+        returns the ids forgotten."""
+        excess = len(self._closed) - limit
+        if excess <= 0:
+            return []
+        gone = list(self._closed)[:excess]
+        for conn_id in gone:
+            del self._closed[conn_id]
+        return gone
 
     def merged(self) -> RowChanges:
         return RowChanges(

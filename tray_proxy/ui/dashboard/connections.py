@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from PySide6.QtCore import QItemSelection, QModelIndex, Qt
-from PySide6.QtGui import QFont, QGuiApplication
+from PySide6.QtGui import QFont, QGuiApplication, QShowEvent
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QButtonGroup,
@@ -34,6 +34,7 @@ from PySide6.QtWidgets import (
 
 from tray_proxy.controller import Status
 from tray_proxy.monitor.rows import ConnectionRow, RowChanges, RowState
+from tray_proxy.ui.bridge import RowMerger
 from tray_proxy.ui.dashboard.tables import make_table
 from tray_proxy.ui.format import row_details
 from tray_proxy.ui.models.columns import HEADERS, Column, row_text
@@ -75,6 +76,9 @@ class ConnectionsTab(QWidget):
         self.active_proxy = ConnectionFilter(self.active, self)
         self.closed_proxy = ConnectionFilter(self.closed, self)
         self._detail_id: int | None = None
+        self._closed_cap = closed_cap
+        self._pending = RowMerger()  # batches that arrived while the tab was hidden
+        self._pending_gone: set[int] = set()  # open rows whose closed row was dropped
         self._upstream_names: tuple[str, ...] = ()
 
         # -- which table, and the filters ---------------------------------------------------
@@ -216,7 +220,32 @@ class ConnectionsTab(QWidget):
         return self.active_proxy if self.showing_active else self.closed_proxy
 
     def apply(self, changes: RowChanges) -> None:
-        """One merged batch from the bridge."""
+        """One merged batch from the bridge. While the tab is not on screen (another tab,
+        or the window hidden in the tray) batches are only merged, and applied in one go
+        when it shows: hidden tables cost the UI thread, and so the relay's thread that
+        shares the GIL with it, nothing per connection."""
+        self._pending.add(changes)
+        if not self.isVisible():
+            for conn_id in self._pending.keep_closed(self._closed_cap):
+                if conn_id in self.active:  # closed, but too old to show in Closed
+                    self._pending_gone.add(conn_id)
+            return
+        self.flush_pending()
+
+    def flush_pending(self) -> None:
+        """Apply what was merged while the tab was hidden (also done when it shows)."""
+        if self._pending_gone:
+            gone, self._pending_gone = self._pending_gone, set()
+            self.active.remove(gone)
+        if self._pending:
+            pending, self._pending = self._pending, RowMerger()
+            self._apply(pending.merged())
+
+    def showEvent(self, event: QShowEvent) -> None:  # noqa: N802 - Qt's name
+        self.flush_pending()
+        super().showEvent(event)
+
+    def _apply(self, changes: RowChanges) -> None:
         if changes.closed:
             self.active.remove(row.conn_id for row in changes.closed)
             self.closed.upsert(changes.closed)

@@ -41,8 +41,12 @@ def make_table(
     view.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
     view.setWordWrap(False)
     view.setAlternatingRowColors(True)
-    view.verticalHeader().hide()
-    view.verticalHeader().setDefaultSectionSize(view.fontMetrics().height() + 6)
+    rows = view.verticalHeader()
+    rows.hide()
+    # One fixed height for every row: the header then keeps one span for all rows instead
+    # of working per row when thousands are inserted or dropped.
+    rows.setSectionResizeMode(QHeaderView.ResizeMode.Fixed)
+    rows.setDefaultSectionSize(view.fontMetrics().height() + 6)
     header = view.horizontalHeader()
     header.setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
     if stretch == Column.OUTCOME:

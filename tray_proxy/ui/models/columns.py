@@ -19,6 +19,17 @@ ROW_ROLE = Qt.ItemDataRole.UserRole + 1
 # What a column sorts by (QSortFilterProxyModel.setSortRole).
 SORT_ROLE = Qt.ItemDataRole.UserRole + 2
 
+# Roles as plain ints: data() is called for every role of every visible cell at each
+# repaint, and comparing an int with an enum member is a Python call each time.
+DISPLAY = int(Qt.ItemDataRole.DisplayRole)
+TOOLTIP = int(Qt.ItemDataRole.ToolTipRole)
+ALIGNMENT = int(Qt.ItemDataRole.TextAlignmentRole)
+FOREGROUND = int(Qt.ItemDataRole.ForegroundRole)
+HANDLED_ROLES = frozenset({DISPLAY, TOOLTIP, ALIGNMENT, FOREGROUND, ROW_ROLE, SORT_ROLE})
+ROW_FLAGS = (
+    Qt.ItemFlag.ItemIsEnabled | Qt.ItemFlag.ItemIsSelectable | Qt.ItemFlag.ItemNeverHasChildren
+)
+
 
 class Column(enum.IntEnum):
     TIME = 0
@@ -53,6 +64,8 @@ HEADERS = {
 FAILED_BRUSH = QBrush(QColor(190, 30, 30))  # a failed connection's text
 RIGHT = Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter  # numbers
 
+# Columns whose text is often cut off: their tooltip shows it whole.
+TOOLTIP_COLUMNS = frozenset({Column.PROCESS, Column.DESTINATION, Column.OUTCOME})
 NUMERIC = frozenset({Column.UP, Column.DOWN, Column.LATENCY, Column.DURATION})
 
 

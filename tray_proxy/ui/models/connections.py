@@ -26,13 +26,20 @@ from PySide6.QtCore import (
 
 from tray_proxy.monitor.rows import ConnectionRow, RowState
 from tray_proxy.ui.models.columns import (
+    ALIGNMENT,
     COLUMN_COUNT,
+    DISPLAY,
     FAILED_BRUSH,
+    FOREGROUND,
+    HANDLED_ROLES,
     HEADERS,
     NUMERIC,
     RIGHT,
+    ROW_FLAGS,
     ROW_ROLE,
     SORT_ROLE,
+    TOOLTIP,
+    TOOLTIP_COLUMNS,
     Column,
     cell_text,
     sort_key,
@@ -102,34 +109,27 @@ class ConnectionTableModel(QAbstractTableModel):
         return None
 
     def flags(self, index: AnyIndex) -> Qt.ItemFlag:
-        if not index.isValid():
-            return Qt.ItemFlag.NoItemFlags
-        return (
-            Qt.ItemFlag.ItemIsEnabled
-            | Qt.ItemFlag.ItemIsSelectable
-            | Qt.ItemFlag.ItemNeverHasChildren
-        )
+        return ROW_FLAGS if index.isValid() else Qt.ItemFlag.NoItemFlags
 
-    def data(self, index: AnyIndex, role: int = Qt.ItemDataRole.DisplayRole) -> object:
-        if not index.isValid() or index.row() >= len(self._rows):
+    def data(self, index: AnyIndex, role: int = DISPLAY) -> object:
+        if role not in HANDLED_ROLES:
+            return None  # most roles a delegate asks for: answered before any lookup
+        position = index.row()
+        if position < 0 or position >= len(self._rows) or not index.isValid():
             return None
-        row = self._rows[index.row()]
+        row = self._rows[position]
         column = index.column()
-        if role == Qt.ItemDataRole.DisplayRole:
+        if role == DISPLAY:
             return cell_text(row, column)
         if role == SORT_ROLE:
             return sort_key(row, column)
         if role == ROW_ROLE:
             return row
-        if role == Qt.ItemDataRole.ToolTipRole and column in (
-            Column.OUTCOME,
-            Column.DESTINATION,
-            Column.PROCESS,
-        ):
-            return cell_text(row, column) or None
-        if role == Qt.ItemDataRole.TextAlignmentRole and column in NUMERIC:
-            return RIGHT
-        if role == Qt.ItemDataRole.ForegroundRole and row.state is RowState.FAILED:
+        if role == TOOLTIP:
+            return (cell_text(row, column) or None) if column in TOOLTIP_COLUMNS else None
+        if role == ALIGNMENT:
+            return RIGHT if column in NUMERIC else None
+        if role == FOREGROUND and row.state is RowState.FAILED:
             return FAILED_BRUSH
         return None
 

@@ -22,6 +22,7 @@ from tray_proxy.ui.models.columns import (
     HEADERS,
     NUMERIC,
     RIGHT,
+    ROW_FLAGS,
     ROW_ROLE,
     Column,
     cell_text,
@@ -129,13 +130,7 @@ class LogModel(QAbstractTableModel):
         return None
 
     def flags(self, index: AnyIndex) -> Qt.ItemFlag:
-        if not index.isValid():
-            return Qt.ItemFlag.NoItemFlags
-        return (
-            Qt.ItemFlag.ItemIsEnabled
-            | Qt.ItemFlag.ItemIsSelectable
-            | Qt.ItemFlag.ItemNeverHasChildren
-        )
+        return ROW_FLAGS if index.isValid() else Qt.ItemFlag.NoItemFlags
 
     def data(self, index: AnyIndex, role: int = Qt.ItemDataRole.DisplayRole) -> object:
         if not index.isValid() or index.row() >= len(self._entries):
