@@ -3,12 +3,17 @@
 Start-up: take the single-instance lock (a second `tray-proxy` asks the first one to raise
 its window and exits), create the QApplication, run one main coroutine on a qasync loop.
 That coroutine wires config -> controller (relay on its own EngineThread, redirect through
-the root helper) -> bridge -> tray / window, serves the control socket, and waits for one
-asyncio.Event that Quit, aboutToQuit, SIGTERM and SIGINT all set.
+the root helper, the connection monitor and history) -> bridge -> tray / window, serves the
+control socket, and waits for one asyncio.Event that Quit, aboutToQuit, SIGTERM, SIGINT and
+SIGHUP all set.
 
-Shutdown, in that coroutine: the redirect goes off first (helper `remove`, then stop), then
-the relay drains (bounded), then the control socket closes and the loop ends. The relay
-never runs on the qasync loop (shared/BENCHMARKS.md, lesson 2).
+Shutdown, in that coroutine: the control socket closes, the redirect goes off first (helper
+`remove`), then the relay drains (bounded), then the helper stops and the loop ends. When the
+X display goes away (logout, WSLg restart, xkill) Qt ends its own loop: the same coroutine
+still runs the same path to its end (`_run_to_end`). The relay never runs on the qasync loop
+(shared/BENCHMARKS.md, lesson 2).
+
+Must not be imported by the core (relay, firewall, config, monitor, controller).
 """
 
 from __future__ import annotations
