@@ -149,7 +149,6 @@ class Attributor:
             thread.join(JOIN_TIMEOUT)
             if thread.is_alive():
                 log.warning("process attribution did not stop within %.0f s", JOIN_TIMEOUT)
-        self._lookup.close()
 
     def _deliver_overflow(self) -> None:
         with self._lock:
@@ -173,20 +172,23 @@ class Attributor:
             return burst
 
     def _run(self) -> None:
-        while True:
-            burst = self._take_burst()
-            if burst is None:
-                return
-            try:
-                answers = self._lookup.find(burst)
-            except Exception:  # a bug here must not leave the rows waiting forever
-                log.exception("process attribution failed for %d connections", len(burst))
-                answers = [(conn_id, None) for conn_id, _, _ in burst]
-            self.passes += 1
-            try:
-                self._loop.call_soon_threadsafe(self._deliver, answers)
-            except RuntimeError:  # the loop has closed: nobody waits for these any more
-                return
+        try:
+            while True:
+                burst = self._take_burst()
+                if burst is None:
+                    return
+                try:
+                    answers = self._lookup.find(burst)
+                except Exception:  # a bug here must not leave the rows waiting forever
+                    log.exception("process attribution failed for %d connections", len(burst))
+                    answers = [(conn_id, None) for conn_id, _, _ in burst]
+                self.passes += 1
+                try:
+                    self._loop.call_soon_threadsafe(self._deliver, answers)
+                except RuntimeError:  # the loop has closed: nobody waits for these any more
+                    return
+        finally:
+            self._lookup.close()  # its netlink socket belongs to this thread
 
 
 # The lookup ----------------------------------------------------------------------------------
