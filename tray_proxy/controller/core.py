@@ -128,6 +128,11 @@ class NoticeLimiter:
 
 @dataclass
 class _Health:
+    """What the state machine itself needs: connections since this switch-on (Status's
+    counts), each proxy's latest handshake and its failures in a row (Degraded after
+    DOWN_AFTER_FAILURES), the last errors. The dashboard's statistics (percentiles, rates,
+    failures in words, since the app started) are the monitor's reducer: Status.health."""
+
     active: int = 0
     total: int = 0
     latency: dict[str, float] = field(default_factory=dict)
