@@ -184,3 +184,59 @@ def test_real_app_starts_answers_and_quits_cleanly(
     assert "error -> disabling" in out and "disabling -> off" in out
     assert "Traceback" not in out
     assert not sock.exists()
+
+
+def test_app_services_reach_the_controller_and_the_history(tmp_path: Path) -> None:
+    """What the dashboard asks of the app (ui.services.AppServices), on a real controller
+    with the in-memory relay and a real history file."""
+    from tests.controller.fakes import Rig
+    from tray_proxy.app import AppServices
+    from tray_proxy.controller.history import HistoryFile
+    from tray_proxy.monitor.history import HistoryWriter
+    from tray_proxy.monitor.query import HistoryFilter
+    from tray_proxy.monitor.rows import ConnectionRow, RowState
+    from tray_proxy.relay.records import CloseReason
+
+    path = tmp_path / "history.sqlite3"
+    reader = HistoryFile(path)
+    rig = Rig()
+
+    async def scenario() -> None:
+        services = AppServices(
+            rig.controller, Autostart(config_home=tmp_path), asyncio.Event(), history=reader
+        )
+        assert services.history() is reader
+        assert reader.page(HistoryFilter()).entries == ()  # nothing written yet: no file
+        assert services.open_rows() == []
+        await rig.controller.enable()
+        rig.relays.relays[-1].counters = ({7: (0, 0)}, 0, 0)
+        services.close_connections([7])
+        services.test_upstream("backup")
+        await asyncio.sleep(0)  # both were handed to the loop
+        for _ in range(200):
+            if rig.relays.relays[-1].closed_ids and rig.notices():
+                break
+            await asyncio.sleep(0.01)
+        await rig.controller.shutdown()
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))
+    assert rig.relays.relays[-1].closed_ids == [(7,)]
+    assert "Proxy backup" in rig.notices()[0].text
+    # Rows the writer puts in the file are what the Log tab pages through.
+    writer = HistoryWriter(path, flush_interval=0.05)
+    row = ConnectionRow(
+        conn_id=1,
+        started=1.0,
+        client=("127.0.0.1", 1),
+        original_dst=("192.0.2.1", 443),
+        state=RowState.CLOSED,
+        ended=2.0,
+        close_reason=CloseReason.DONE,
+    )
+    writer.submit([row])
+    writer.close()
+    try:
+        (entry,) = reader.page(HistoryFilter()).entries
+    finally:
+        reader.close()
+    assert entry.row.conn_id == 1
