@@ -250,3 +250,21 @@ def test_a_history_that_cannot_be_read_says_so(qtbot: QtBot, services: FakeServi
 def _no_export_left_running() -> Iterator[None]:
     yield
     QThreadPool.globalInstance().waitForDone(10_000)
+
+
+def test_showing_the_tab_again_reads_the_newest_rows(
+    qtbot: QtBot, services: FakeServices, store: HistoryStore
+) -> None:
+    services.reader = store
+    tab = _tab(qtbot, services)
+    assert tab.model is not None
+    tab.show()
+    qtbot.waitExposed(tab)
+    pages = tab.model.pages_read
+    tab.hide()
+    tab.show()  # just read: not again
+    assert tab.model.pages_read == pages
+    tab._queried_at -= 60  # as if a minute had passed
+    tab.hide()
+    tab.show()
+    assert tab.model.pages_read == pages + 1 and tab.model.rowCount() == PAGE_SIZE

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from PySide6.QtCore import QDateTime, QObject, QRunnable, Qt, QThreadPool, QTimer, Signal
-from PySide6.QtGui import QFont
+from PySide6.QtGui import QFont, QShowEvent
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QComboBox,
@@ -54,6 +54,7 @@ RANGES: tuple[tuple[str, float | None], ...] = (
     ("From … to …", -1.0),
 )
 CUSTOM_RANGE = len(RANGES) - 1
+REFRESH_AFTER = 5.0  # seconds: showing the tab again reads the newest rows after this
 FORMATS = {"CSV (*.csv)": "csv", "JSON lines (*.json)": "json"}
 
 # Asks where to export: returns (path, "csv" | "json") or None (cancelled).
@@ -116,6 +117,7 @@ class LogTab(QWidget):
         self._clock = clock
         self._upstream_names: tuple[str, ...] = ()
         self._export_job: _ExportJob | None = None
+        self._queried_at = float("-inf")
         self.reader = services.history()
         self.model: LogModel | None = None
 
@@ -265,10 +267,18 @@ class LogTab(QWidget):
             failed_only=self.level_combo.currentIndex() == 1,
         )
 
+    def showEvent(self, event: QShowEvent) -> None:  # noqa: N802 - Qt's name
+        # Coming back to the tab: the newest rows again (and "last hour" from now), unless
+        # it was just read.
+        if self.model is not None and time.monotonic() - self._queried_at > REFRESH_AFTER:
+            self.apply_filter()
+        super().showEvent(event)
+
     def apply_filter(self) -> None:
         self._debounce.stop()
         if self.model is None:
             return
+        self._queried_at = time.monotonic()
         self.status_label.clear()
         self.details.clear()
         started = time.monotonic()
