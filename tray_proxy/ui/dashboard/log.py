@@ -36,6 +36,7 @@ from tray_proxy.controller import Status
 from tray_proxy.monitor.query import HistoryFilter
 from tray_proxy.ui.dashboard.tables import make_table
 from tray_proxy.ui.format import row_details
+from tray_proxy.ui.models.columns import Column
 from tray_proxy.ui.models.log import LogModel
 from tray_proxy.ui.services import AppServices, HistoryReader
 
@@ -200,7 +201,9 @@ class LogTab(QWidget):
 
         if self.reader is not None:
             self.model = LogModel(self.reader, parent=self)
-        self.view = make_table(self.model, "log-table", time_width=140)
+        # The date makes Time wide: IP starts hidden to leave Outcome room (it is in the
+        # details, and the header's menu shows it).
+        self.view = make_table(self.model, "log-table", hidden=(Column.IP,), time_width=140)
         self.view.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
         self.details = QPlainTextEdit()
         self.details.setObjectName("log-details")
