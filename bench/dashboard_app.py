@@ -145,7 +145,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--view", choices=["active", "closed"], default="closed")
     parser.add_argument("--profile", type=Path, help="write where each thread spent its time")
+    parser.add_argument(
+        "--switch-interval",
+        type=float,
+        default=None,
+        help="sys.setswitchinterval (seconds) for this run: how long a thread may keep the GIL "
+        "while another waits for it (Python's default 0.005)",
+    )
     args = parser.parse_args(argv)
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
     try:
