@@ -30,7 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import tomli_w
+from PySide6.QtCore import QAbstractItemModel
 from PySide6.QtWidgets import QWidget
+from pytestqt.modeltest import ModelTester
 
 from tests.integration.relay import allocate_port
 from tests.lab.curl import curl_config
@@ -95,6 +97,14 @@ async def until(predicate: Callable[[], Any], what: str, timeout: float = 15.0) 
         await asyncio.sleep(0.02)
 
 
+def check_models(*models: QAbstractItemModel) -> None:
+    """pytest-qt's model checks (the Python tester, whose failures raise), attached to each
+    model for as long as it lives: every later insert, change, removal and reset is checked."""
+    for model in models:
+        tester = ModelTester(None)  # type: ignore[no-untyped-call]
+        tester.check(model, force_py=True)  # type: ignore[no-untyped-call]
+
+
 def rows_of(proxy: ConnectionFilter) -> list[ConnectionRow]:
     """The rows a table shows, in its order, read through the model's row role."""
     out: list[ConnectionRow] = []
@@ -111,17 +121,27 @@ def texts_of(proxy: ConnectionFilter, column: int) -> list[str]:
 
 
 class Curl:
-    """`curl` (from the client namespace, no proxy settings) fetching `url` to /dev/null.
+    """`curl` (from the client namespace, no proxy settings) fetching `url` to /dev/null
+    (POSTing the file `upload`, if given).
 
     `await finished()` waits for it to exit without blocking the loop; `.info` is curl's
     `-w %{json}`, `.returncode` its exit code. `stop()` ends it (idempotent)."""
 
-    def __init__(self, lab: Lab, url: str, *, options: Sequence[str] = (), max_time: float = 60):
+    def __init__(
+        self,
+        lab: Lab,
+        url: str,
+        *,
+        options: Sequence[str] = (),
+        max_time: float = 60,
+        upload: Path | None = None,
+    ) -> None:
         env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
         config = curl_config(
             url,
             cacert=lab.ca_path,
             output=Path(os.devnull),
+            data_file=upload,
             max_time=max_time,
             options=list(options),
         )

@@ -29,6 +29,7 @@ from tests.integration.dashboard_support import (
     UPSTREAM,
     Curl,
     DashboardRig,
+    check_models,
     main_thread_in,
     rows_of,
     texts_of,
@@ -38,6 +39,7 @@ from tests.lab.environment import Lab
 from tests.lab.origins import ALT_HOSTNAME, HOSTNAME
 from tray_proxy.monitor.rows import ConnectionRow, RowState
 from tray_proxy.relay.records import CloseReason
+from tray_proxy.ui.dashboard.connections import ConnectionsTab
 from tray_proxy.ui.format import fmt_bytes
 from tray_proxy.ui.main_window import MainWindow
 from tray_proxy.ui.models.columns import Column
@@ -50,7 +52,7 @@ SCENARIO_LIMIT = 150.0
 # curl at this rate holds its connection long enough to be seen open and attributed.
 RATE = "limit-rate = 1M"
 SLOW = "limit-rate = 100K"
-SLOW_BODY = 30_000_000  # at SLOW: five minutes; every slow curl here is ended by the test
+SLOW_BODY = 20_000_000  # at SLOW: over three minutes; every slow curl here is ended by the test
 
 
 @pytest.fixture
@@ -110,6 +112,7 @@ def test_finished_transfers_in_the_tables_filters_sorting_and_the_log(
         window = rig.window
         assert window is not None
         tab = window.connections
+        check_models(tab.active, tab.closed, tab.active_proxy, tab.closed_proxy)
         origins = lab.origins
         sizes = {"plain": 700_000, "alt": 400_000, "tls": 500_000}
         curls = {
@@ -281,6 +284,7 @@ async def _the_log_shows(
     window.tabs.setCurrentWidget(log)
     model = log.model
     assert model is not None
+    check_models(model)  # through each refresh and filter
 
     def logged() -> dict[int, ConnectionRow]:
         return {
@@ -317,3 +321,144 @@ async def _the_log_shows(
         == f"curl ({alt.process.pid if alt.process else '?'})"
     )
     assert model.index(at, Column.DESTINATION).data() == f"{ALT_HOSTNAME}:80"
+
+
+def test_close_selected_and_close_all_filtered_end_real_tunnels(
+    run: Callable[[Scenario], None], lab: Lab
+) -> None:
+    async def scenario(rig: DashboardRig) -> None:
+        window = rig.window
+        assert window is not None
+        tab = window.connections
+        # Qt's model checks stay attached to the live models while real traffic changes
+        # them (rows inserted, bytes updated every second, rows moved to Closed).
+        check_models(tab.active, tab.closed, tab.active_proxy, tab.closed_proxy)
+        origins = lab.origins
+
+        # Slow uploads: a slow *download* would not do, as the kernel holds megabytes
+        # the relay already passed on in curl's receive buffer, which a rate-limited curl
+        # reads for a minute before it meets the reset. An upload meets it at its next send.
+        body = rig.workdir / "upload"
+        with body.open("wb") as f:
+            f.truncate(SLOW_BODY)
+
+        def slow(host: str | None = None) -> Curl:
+            url = origins.url("http", "/echo", host)
+            return Curl(lab, url, options=[SLOW], max_time=90, upload=body)
+
+        curls = {
+            "a1": slow(),
+            "a2": slow(),
+            "www": slow(ALT_HOSTNAME),
+            "ip": slow("v4"),
+        }
+        try:
+            await _close_by_hand(window, curls)
+        finally:
+            for curl in curls.values():
+                curl.stop()
+
+    run(scenario)
+
+
+async def _close_by_hand(window: MainWindow, curls: dict[str, Curl]) -> None:
+    tab = window.connections
+    active, closed = tab.active_proxy, tab.closed_proxy
+
+    def live(name: str) -> ConnectionRow | None:
+        return _row_by_pid(active, curls[name].pid)
+
+    await until(
+        lambda: all((r := live(n)) is not None and r.bytes_up > 0 for n in curls),
+        "each slow curl in the Active table, attributed, its bytes counted",
+    )
+    assert tab.showing_active and active.rowCount() == 4
+    rows = {name: live(name) for name in curls}
+    assert {n: r.host for n, r in rows.items() if r is not None} == {
+        "a1": HOSTNAME,
+        "a2": HOSTNAME,
+        "www": ALT_HOSTNAME,
+        "ip": None,
+    }
+    ip_row = rows["ip"]
+    assert ip_row is not None and ip_row.destination == f"{lab_origin_v4(ip_row)}:80"
+
+    # -- Close selected: click a1's row, Ctrl+click a2's, click the button ----------------
+    assert not tab.close_selected_button.isEnabled()
+    for i, name in enumerate(("a1", "a2")):
+        pos = next(
+            p
+            for p, r in enumerate(rows_of(active))
+            if r.process and r.process.pid == curls[name].pid
+        )
+        _click_row(tab.active_view, pos, extend=i > 0)
+    assert {r.conn_id for r in tab.selected_rows()} == {rows["a1"].conn_id, rows["a2"].conn_id}  # type: ignore[union-attr]
+    assert tab.close_selected_button.isEnabled()
+    loop = asyncio.get_running_loop()
+    clicked = loop.time()
+    QTest.mouseClick(tab.close_selected_button, Qt.MouseButton.LeftButton)
+    for name in ("a1", "a2"):
+        curl = await curls[name].finished(10)
+        assert curl.returncode in (55, 56), curl  # failed sending / connection reset
+    assert loop.time() - clicked < 5.0, "curl did not end at once"
+    assert curls["www"].running() and curls["ip"].running()
+
+    def closed_row(name: str) -> ConnectionRow | None:
+        row = _row_by_pid(closed, curls[name].pid)
+        return row if row is not None and row.close_reason is not None else None
+
+    await until(lambda: closed_row("a1") and closed_row("a2"), "a1 and a2 in the Closed table")
+    for name in ("a1", "a2"):
+        row = closed_row(name)
+        assert row is not None
+        assert (row.state, row.close_reason) == (RowState.CLOSED, CloseReason.CLOSED_BY_USER)
+        assert row.detail == "closed from the dashboard"
+        assert 0 < row.bytes_up < SLOW_BODY
+        assert live(name) is None
+        at = rows_of(closed).index(row)
+        assert closed.index(at, Column.OUTCOME).data() == "closed-by-user"
+    await _still_flowing(tab, curls, ("www", "ip"))
+
+    # -- Close all filtered: the text filter leaves www's tunnel alone in Active -----------
+    QTest.keyClicks(tab.filter_edit, ALT_HOSTNAME)
+    assert [r.process.pid for r in rows_of(active) if r.process] == [curls["www"].pid]
+    assert tab.close_filtered_button.text() == "Close all filtered (1)"
+    QTest.mouseClick(tab.close_filtered_button, Qt.MouseButton.LeftButton)
+    curl = await curls["www"].finished(10)
+    assert curl.returncode in (55, 56), curl
+    await until(lambda: closed_row("www"), "www in the Closed table")
+    www = closed_row("www")
+    assert www is not None and www.close_reason is CloseReason.CLOSED_BY_USER
+    assert not tab.close_filtered_button.isEnabled()
+    tab.filter_edit.clear()
+    assert [r.process.pid for r in rows_of(active) if r.process] == [curls["ip"].pid]
+    await _still_flowing(tab, curls, ("ip",))
+
+    # The program itself ends the last one: a different outcome in the same table.
+    curls["ip"].stop()
+    await until(lambda: closed_row("ip"), "the last tunnel in the Closed table")
+    last = closed_row("ip")
+    assert last is not None and last.close_reason is not CloseReason.CLOSED_BY_USER
+    assert active.rowCount() == 0
+
+
+def lab_origin_v4(row: ConnectionRow) -> str:
+    assert row.original_dst is not None
+    return row.original_dst[0]
+
+
+async def _still_flowing(
+    tab: ConnectionsTab, curls: dict[str, Curl], names: tuple[str, ...]
+) -> None:
+    """The tunnels of `names` keep moving bytes (their rows' counters grow)."""
+    before = {}
+    for name in names:
+        row = _row_by_pid(tab.active_proxy, curls[name].pid)
+        assert row is not None and curls[name].running(), name
+        before[name] = row.bytes_up
+
+    def grown() -> bool:
+        now = {n: _row_by_pid(tab.active_proxy, curls[n].pid) for n in names}
+        return all(r is not None and r.bytes_up > before[n] for n, r in now.items())
+
+    await until(grown, f"{', '.join(names)} to keep sending", timeout=10)
