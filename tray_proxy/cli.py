@@ -198,8 +198,9 @@ async def _run_headless(args: argparse.Namespace) -> int:
     deletes its table), the same control socket, the same connection history."""
     from tray_proxy.config import ConfigError, default_config_path, load_config
     from tray_proxy.control import ControlError, ControlServer, runtime_dir
-    from tray_proxy.controller import ProxyController, engine_relay_factory
+    from tray_proxy.controller import ProxyController
     from tray_proxy.controller.commands import INSTANCE_RUN, answer_command
+    from tray_proxy.controller.engine_relay import loop_relay_factory
     from tray_proxy.controller.history import open_history_writer
     from tray_proxy.controller.services import ConfigFile
     from tray_proxy.controller.status import Notice, State, StateChanged
@@ -252,7 +253,8 @@ async def _run_headless(args: argparse.Namespace) -> int:
         credentials = await _credential_source(config)
         controller = ProxyController(
             ConfigFile(path),
-            engine_relay_factory(credentials),
+            # The relay on this (uvloop) loop: one thread, as fast as the relay alone.
+            loop_relay_factory(asyncio.get_running_loop(), credentials),
             None if args.no_redirect else RedirectController(),
             credential_source=credentials,
             steps=_StderrSteps(),
@@ -260,6 +262,7 @@ async def _run_headless(args: argparse.Namespace) -> int:
             # the program behind each connection is looked up for it only.
             history=open_history_writer(config.log),
             attribution=config.log.enabled,
+            monitor=config.log.enabled,
         )
         failure: list[str] = []
 

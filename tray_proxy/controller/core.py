@@ -162,6 +162,7 @@ class ProxyController:
         history: HistoryOutput | None = None,
         attribution: bool = False,
         traffic_interval: float = TRAFFIC_INTERVAL,
+        monitor: bool = True,
     ) -> None:
         from tray_proxy.firewall.client import resolve_upstreams
 
@@ -198,6 +199,8 @@ class ProxyController:
         # loop at the first switch-on, because the process attributor needs the loop.
         self._history = history
         self._attribution = attribution
+        # Off for a headless run without history: nobody reads rows or statistics there.
+        self._monitoring = monitor or history is not None
         self._monitor: Monitor | None = None
         self._snapshot = HealthSnapshot()
         self._traffic_interval = traffic_interval
@@ -408,9 +411,10 @@ class ProxyController:
         if self._inbox is None:
             self._inbox = EngineInbox(loop, self._on_engine_events)
         inbox = self._inbox
-        self._monitor_on(loop)
-        if self._ticker is None or self._ticker.done():
-            self._ticker = self.spawn(self._tick(), "traffic")
+        if self._monitoring:
+            self._monitor_on(loop)
+            if self._ticker is None or self._ticker.done():
+                self._ticker = self.spawn(self._tick(), "traffic")
 
         def observer(event: Event) -> None:
             inbox.post(generation, event)

@@ -35,6 +35,9 @@ class EngineInbox:
         self._queue: collections.deque[tuple[int, Event]] = collections.deque()
         self._lock = threading.Lock()
         self._scheduled = False
+        # Made on the loop's thread. A relay on that same loop (headless run) posts from it:
+        # then call_soon does, without call_soon_threadsafe's write to the loop's self-pipe.
+        self._loop_thread = threading.get_ident()
 
     def post(self, generation: int, event: Event) -> None:
         """Called on the relay thread: must be quick and never block on the UI."""
@@ -44,7 +47,10 @@ class EngineInbox:
                 return
             self._scheduled = True
         with contextlib.suppress(RuntimeError):  # the app loop is closed: nobody listens
-            self._loop.call_soon_threadsafe(self._run)
+            if threading.get_ident() == self._loop_thread:
+                self._loop.call_soon(self._run)
+            else:
+                self._loop.call_soon_threadsafe(self._run)
 
     def flush(self) -> None:
         """Hand over what is queued now (on the loop; before the owner stops listening)."""
