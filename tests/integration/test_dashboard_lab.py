@@ -201,6 +201,18 @@ def test_finished_transfers_in_the_tables_filters_sorting_and_the_log(
         assert cell[Column.UP] == fmt_bytes(plain.bytes_up)
         assert cell[Column.OUTCOME] == "done"
         assert proxy.index(by_id[denied.conn_id], Column.OUTCOME).data() == denied.words
+        # Clicking the row shows everything about it in the details pane.
+        _click_row(tab.closed_view, at, extend=False)
+        details = tab.details.toPlainText()
+        for line in (
+            f"Process:           curl ({curls['plain'].pid})",
+            "Executable:        /usr/bin/curl",
+            f"Host name:         {HOSTNAME}",
+            f"Proxy:             {UPSTREAM}",
+            f"Received:          {fmt_bytes(plain.bytes_down)} ({plain.bytes_down} bytes)",
+            "Close reason:      done",
+        ):
+            assert line in details.splitlines(), (line, details)
 
         # -- filters ---------------------------------------------------------------------
         def shown() -> set[str]:
@@ -353,7 +365,8 @@ def test_close_selected_and_close_all_filtered_end_real_tunnels(
             "ip": slow("v4"),
         }
         try:
-            await _close_by_hand(window, curls)
+            assert lab.origin.v4 is not None
+            await _close_by_hand(window, curls, lab.origin.v4)
         finally:
             for curl in curls.values():
                 curl.stop()
@@ -361,7 +374,7 @@ def test_close_selected_and_close_all_filtered_end_real_tunnels(
     run(scenario)
 
 
-async def _close_by_hand(window: MainWindow, curls: dict[str, Curl]) -> None:
+async def _close_by_hand(window: MainWindow, curls: dict[str, Curl], origin_v4: str) -> None:
     tab = window.connections
     active, closed = tab.active_proxy, tab.closed_proxy
 
@@ -381,7 +394,25 @@ async def _close_by_hand(window: MainWindow, curls: dict[str, Curl]) -> None:
         "ip": None,
     }
     ip_row = rows["ip"]
-    assert ip_row is not None and ip_row.destination == f"{lab_origin_v4(ip_row)}:80"
+    assert ip_row is not None and ip_row.destination == f"{origin_v4}:80"
+
+    # -- sorting a live table: by Sent, re-sorted as the counters move every second --------
+    _click_header(tab.active_view, Column.UP)
+    order = active.sortOrder()
+
+    def sorted_by_sent() -> bool:
+        sent = [r.bytes_up for r in rows_of(active)]
+        return sent == sorted(sent, reverse=order == Qt.SortOrder.DescendingOrder)
+
+    assert active.sortColumn() == Column.UP and sorted_by_sent()
+    for _ in range(3):  # three ticks of new counters, each re-sorted
+        before = [r.bytes_up for r in rows_of(active)]
+
+        def moved(before: list[int] = before) -> bool:
+            return [r.bytes_up for r in rows_of(active)] != before
+
+        await until(moved, "new counters")
+        assert sorted_by_sent(), [r.bytes_up for r in rows_of(active)]
 
     # -- Close selected: click a1's row, Ctrl+click a2's, click the button ----------------
     assert not tab.close_selected_button.isEnabled()
@@ -392,7 +423,8 @@ async def _close_by_hand(window: MainWindow, curls: dict[str, Curl]) -> None:
             if r.process and r.process.pid == curls[name].pid
         )
         _click_row(tab.active_view, pos, extend=i > 0)
-    assert {r.conn_id for r in tab.selected_rows()} == {rows["a1"].conn_id, rows["a2"].conn_id}  # type: ignore[union-attr]
+    wanted = {row.conn_id for name, row in rows.items() if row is not None and name in ("a1", "a2")}
+    assert {r.conn_id for r in tab.selected_rows()} == wanted and len(wanted) == 2
     assert tab.close_selected_button.isEnabled()
     loop = asyncio.get_running_loop()
     clicked = loop.time()
@@ -440,11 +472,6 @@ async def _close_by_hand(window: MainWindow, curls: dict[str, Curl]) -> None:
     last = closed_row("ip")
     assert last is not None and last.close_reason is not CloseReason.CLOSED_BY_USER
     assert active.rowCount() == 0
-
-
-def lab_origin_v4(row: ConnectionRow) -> str:
-    assert row.original_dst is not None
-    return row.original_dst[0]
 
 
 async def _still_flowing(
