@@ -473,6 +473,40 @@ async def _close_by_hand(window: MainWindow, curls: dict[str, Curl], origin_v4: 
     assert last is not None and last.close_reason is not CloseReason.CLOSED_BY_USER
     assert active.rowCount() == 0
 
+    # -- the Log tab: the same four from SQLite, by process, then by host ------------------
+    log = window.log
+    window.tabs.setCurrentWidget(log)
+    model = log.model
+    assert model is not None
+    QTest.keyClicks(log.process_edit, "curl")
+    pids = {curls[name].pid: name for name in curls}
+
+    def logged() -> dict[str, tuple[str, str]]:
+        out = {}
+        for i in range(model.rowCount()):
+            row = model.entry_at(i).row
+            if row.process is not None and row.process.pid in pids:
+                out[pids[row.process.pid]] = (
+                    str(model.index(i, Column.PROCESS).data()),
+                    str(model.index(i, Column.OUTCOME).data()),
+                )
+        return out
+
+    def refreshed() -> bool:
+        QTest.mouseClick(log.refresh_button, Qt.MouseButton.LeftButton)
+        return len(logged()) == 4
+
+    await until(refreshed, "the four closed tunnels in the Log tab")
+    assert model.filter.process == "curl"
+    found = logged()
+    for name in ("a1", "a2", "www"):
+        assert found[name] == (f"curl ({curls[name].pid})", "closed-by-user"), found
+    assert found["ip"][1] != "closed-by-user"
+    QTest.keyClicks(log.host_edit, ALT_HOSTNAME)
+    await until(lambda: set(logged()) == {"www"}, "the host filter to leave www alone")
+    log.level_combo.setCurrentIndex(1)  # failures only: a user's close is not a failure
+    assert model.rowCount() == 0
+
 
 async def _still_flowing(
     tab: ConnectionsTab, curls: dict[str, Curl], names: tuple[str, ...]
