@@ -771,7 +771,9 @@ def render_doc(
             f"is measured, not TLS) on :{ORIGIN_PORT} of the origin namespace.",
             "- Relays run in the client namespace on 127.0.0.1, all of a round's at once, a "
             "fresh port each per round. Every row of every round has an origin address and a "
-            f"Squid port of its own (ports {ROW_SQUID_PORT} and up): the client namespace's "
+            f"Squid port of its own (ports {ROW_SQUID_PORT} and up; which of them a row gets "
+            "turns with the round, as two identical relays measured about 5 % apart in "
+            "latency in neighbouring slots): the client namespace's "
             "nft table redirects tcp/443 to a relay row's address to that relay, which dials "
             "its own Squid port; the load generator (bench/loadgen.py) dials the row's "
             "address, and for Squid only sends CONNECT with Basic auth itself. A row leaves "
