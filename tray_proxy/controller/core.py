@@ -94,6 +94,7 @@ LAST_ERRORS: Final = 5
 NOTICE_INTERVAL: Final = 60.0  # seconds between two notices of the same kind
 WATCH_INTERVAL: Final = 1.0  # how often the helper is checked while the redirect is on
 TRAFFIC_INTERVAL: Final = 1.0  # how often the relay's byte counters are read while it runs
+STATUS_INTERVAL: Final = 0.1  # engine events update the status at most this often
 
 _DOWN_REASONS = frozenset(
     {
@@ -206,6 +207,7 @@ class ProxyController:
         self._traffic_interval = traffic_interval
         self._ticker: asyncio.Task[None] | None = None
         self._history_problem: str | None = None
+        self._status_due: asyncio.TimerHandle | None = None
         with contextlib.suppress(ConfigError):
             self._config = config_store.load()
 
@@ -270,7 +272,17 @@ class ProxyController:
         )
 
     def _changed(self) -> None:
+        due, self._status_due = self._status_due, None
+        if due is not None:
+            due.cancel()
         self._publish(StatusUpdated(self.status()))
+
+    def _changed_soon(self) -> None:
+        """A status for what engine events changed, at most every STATUS_INTERVAL: at a
+        thousand connections a second, one per burst cost the loop more than the events."""
+        if self._status_due is None:
+            loop = asyncio.get_running_loop()
+            self._status_due = loop.call_later(STATUS_INTERVAL, self._changed)
 
     def _transition(self, new: State, message: str) -> None:
         old = self._state
@@ -519,7 +531,7 @@ class ProxyController:
                 text = "The relay stopped unexpectedly, so the redirect was switched off."
                 self._error(text)
                 self.spawn(self._fail(text), "relay stopped")
-        self._changed()
+        self._changed_soon()
 
     def _upstream_ok(self, event: TunnelEstablished) -> None:
         if event.upstream is None:
