@@ -214,6 +214,21 @@ def test_finished_transfers_in_the_tables_filters_sorting_and_the_log(
         ):
             assert line in details.splitlines(), (line, details)
 
+        # -- the 403 in words on the Overview, and the proxy's health on Upstreams -------
+        def overview_says() -> bool:
+            items = [window.errors.item(i).text() for i in range(window.errors.count())]
+            return any(denied.words in text for text in items)
+
+        await until(overview_says, "the Overview's errors to say the 403 in words")
+        card = window.upstreams.cards[UPSTREAM]
+        await until(
+            lambda: card.successes_label.text() == "3", "the Upstreams card to count 3 tunnels"
+        )
+        assert card.failures_label.text() == "upstream-refused 1"
+        assert card.last_failure_label.text().endswith(denied.words)
+        assert card.minute_label.text().startswith("p50 ")
+        assert window.upstreams.cards[SPARE].successes_label.text() == "0"
+
         # -- filters ---------------------------------------------------------------------
         def shown() -> set[str]:
             names = {row.conn_id: name for name, row in rows.items() if row is not None}
