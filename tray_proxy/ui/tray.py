@@ -26,6 +26,7 @@ _WARNINGS = frozenset(
         NoticeKind.HELPER_REFUSED,
         NoticeKind.HELPER_STOPPED,
         NoticeKind.KEYRING_UNAVAILABLE,
+        NoticeKind.HISTORY_FAILED,
     }
 )
 
