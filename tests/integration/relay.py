@@ -171,6 +171,11 @@ class RelayProcess:
         self._write_files()
         env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
         env["CREDENTIALS_DIRECTORY"] = str(self.credentials_dir)
+        # The run's control socket and connection history stay in the test's own directory,
+        # not root's (/tmp/tray-proxy-0, ~/.local/state): nothing outlives the test.
+        for var, sub in (("XDG_RUNTIME_DIR", "runtime"), ("XDG_STATE_HOME", "state")):
+            (self.workdir / sub).mkdir(mode=0o700, exist_ok=True)
+            env[var] = str(self.workdir / sub)
         env["PYTHONUNBUFFERED"] = "1"
         argv = [
             sys.executable, "-m", "tray_proxy", "run",
