@@ -502,3 +502,34 @@ def test_a_text_search_gives_the_same_pages_by_scan_and_by_index(
     monkeypatch.setattr(history._Query, "candidates", spy)
     assert _all(store, flt, limit=9) == scanned
     assert calls
+
+
+def test_opens_racing_on_a_missing_file_make_one_history(tmp_path: Path) -> None:
+    """The app's writer and its Log tab's reader (or `tray-proxy log`) may open a history
+    that does not exist yet at the same moment: neither may take the other's fresh file for
+    another program's and move it aside."""
+    for attempt in range(15):
+        path = tmp_path / f"race-{attempt}" / "history.sqlite3"
+        start = threading.Barrier(4)
+        errors: list[BaseException] = []
+
+        def open_it(
+            where: Path = path,
+            barrier: threading.Barrier = start,
+            errors: list[BaseException] = errors,
+        ) -> None:
+            try:
+                barrier.wait(timeout=10)
+                HistoryStore(where).close()
+            except BaseException as exc:  # handed to the test's thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=open_it) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert not errors
+        assert sorted(p.name for p in path.parent.iterdir() if "corrupt" in p.name) == []
+        with HistoryStore(path) as store:
+            assert store.count() == 0

@@ -452,10 +452,21 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 
 def _classify(conn: sqlite3.Connection) -> str:
-    """ "new", "ours", "newer" or "foreign"; raises sqlite3.DatabaseError for a corrupt file."""
-    app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+    """ "new", "ours", "newer" or "foreign"; raises sqlite3.DatabaseError for a corrupt file.
+
+    The three reads share one read transaction: read one by one, a header from before
+    another process created the schema and a table count from after it made our own fresh
+    file look like another program's."""
+    own = not conn.in_transaction
+    if own:
+        conn.execute("BEGIN")
+    try:
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+    finally:
+        if own:
+            conn.execute("COMMIT")
     if app_id == 0 and version == 0 and tables == 0:
         return "new"
     if app_id != APPLICATION_ID:
