@@ -4,6 +4,7 @@ real load). Usage, from the repository root:
 
     .venv/bin/python -m bench.dashboard_tables [--rows 10000] [--batch 100] [--flushes 30]
                                                [--size 1000x700] [--view closed|active]
+                                               [--contend] [--switch-interval S]
 
 The tab (tray_proxy/ui/dashboard/connections.py) is shown offscreen at `--size`, its Closed
 table filled to `--rows`; then each flush brings what the bridge brings at 1,000 new
@@ -12,6 +13,11 @@ Prints, per flush: the time in the tab's apply (models, proxy sorting), the time
 takes to process events and paint, and how many data() and lessThan() calls into Python
 those made. Then the same with the tables' repaints switched off, which tells model work
 from painting.
+
+`--contend` runs a second Python thread that stands in for the relay (busy in Python 3 ms,
+then 2 ms without the GIL, like a uvloop thread working through bursts of callbacks): each
+call from Qt into Python (data(), lessThan(), rowCount(), ...) then waits for the GIL as it
+does in the app, which shows what the number of those calls costs (the convoy effect).
 
 Imports PySide6 (runs offscreen); must not import the lab modules. Not a test: the figures
 depend on the machine.
@@ -24,6 +30,7 @@ import dataclasses
 import os
 import statistics
 import sys
+import threading
 import time
 from typing import Any
 
@@ -35,7 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flushes", type=int, default=30)
     parser.add_argument("--size", default="1000x700", help="the tab's size, WIDTHxHEIGHT")
     parser.add_argument("--view", choices=["closed", "active"], default="closed")
+    parser.add_argument("--contend", action="store_true", help="a GIL-holding thread beside")
+    parser.add_argument("--switch-interval", type=float, help="sys.setswitchinterval (s)")
     args = parser.parse_args(argv)
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
     if not (1 <= args.flushes <= 1000 and 0 <= args.rows <= 1_000_000 and args.batch >= 1):
         parser.error("--flushes 1..1000, --rows 0..1000000, --batch >= 1")
     width, _, height = args.size.partition("x")
@@ -49,19 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     from tray_proxy.ui.models import connections as models
 
     app = QApplication.instance() or QApplication(["bench"])
-    calls = {"data": 0, "lessThan": 0}
-    data, less_than = models.ConnectionTableModel.data, models.ConnectionFilter.lessThan
-
-    def counted_data(self: Any, index: Any, role: Any = 0) -> Any:
-        calls["data"] += 1
-        return data(self, index, role)
-
-    def counted_less_than(self: Any, left: Any, right: Any) -> bool:
-        calls["lessThan"] += 1
-        return bool(less_than(self, left, right))
-
-    models.ConnectionTableModel.data = counted_data  # type: ignore[method-assign]
-    models.ConnectionFilter.lessThan = counted_less_than  # type: ignore[method-assign]
+    # Every method Qt calls back into Python, counted (each call takes the GIL).
+    calls: dict[str, int] = {}
+    for cls in (models.ConnectionTableModel, models.ConnectionFilter):
+        for name in _CALLBACKS:
+            if name in vars(cls):
+                _count(cls, name, calls)
 
     class Services:
         """What the tab asks of the app: nothing is open, closing does nothing."""
@@ -104,9 +108,22 @@ def main(argv: list[str] | None = None) -> int:
     tab.apply(RowChanges(closed=tuple(closed(opened_row()) for _ in range(args.rows))))
     app.processEvents()
 
+    stop = threading.Event()
+
+    def relay_stand_in() -> None:
+        deadline = time.monotonic() + 600  # bounded whatever happens
+        while not stop.is_set() and time.monotonic() < deadline:
+            busy_until = time.perf_counter() + 0.003
+            while time.perf_counter() < busy_until:
+                pass
+            time.sleep(0.002)
+
+    if args.contend:
+        threading.Thread(target=relay_stand_in, name="relay stand-in", daemon=True).start()
+
     def flushes(label: str) -> None:
         applied, painted = [], []
-        calls.update(data=0, lessThan=0)
+        calls.clear()
         for _ in range(args.flushes):
             rows = tuple(opened_row() for _ in range(args.batch))
             began = time.perf_counter()
@@ -120,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{label}: per flush of {args.batch} connections, apply "
             f"{statistics.median(applied) * 1000:.1f} ms (max {max(applied) * 1000:.1f}), "
             f"events and paint {statistics.median(painted) * 1000:.1f} ms "
-            f"(max {max(painted) * 1000:.1f}); data() {calls['data'] // args.flushes}, "
-            f"lessThan() {calls['lessThan'] // args.flushes} calls"
+            f"(max {max(painted) * 1000:.1f}); calls into Python per flush: "
+            + ", ".join(f"{n}() {c // args.flushes}" for n, c in sorted(calls.items()))
         )
 
     print(
@@ -132,7 +149,31 @@ def main(argv: list[str] | None = None) -> int:
     for view in tab.findChildren(QTableView):
         view.setUpdatesEnabled(False)
     flushes("tables not painted")
+    stop.set()
     return 0
+
+
+_CALLBACKS = (
+    "data",
+    "index",
+    "multiData",
+    "flags",
+    "rowCount",
+    "columnCount",
+    "headerData",
+    "lessThan",
+    "filterAcceptsRow",
+)
+
+
+def _count(cls: type, name: str, calls: dict[str, int]) -> None:
+    method = vars(cls)[name]
+
+    def counted(self: Any, *args: Any) -> Any:
+        calls[name] = calls.get(name, 0) + 1
+        return method(self, *args)
+
+    setattr(cls, name, counted)
 
 
 if __name__ == "__main__":

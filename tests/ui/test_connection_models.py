@@ -3,12 +3,20 @@ and Qt's own model checks (pytest-qt's qtmodeltester)."""
 
 from __future__ import annotations
 
-from PySide6.QtCore import QModelIndex, Qt
+from PySide6.QtCore import (
+    QAbstractItemModel,
+    QModelIndex,
+    QModelRoleData,
+    QPersistentModelIndex,
+    Qt,
+)
 from pytestqt.modeltest import ModelTester
+from pytestqt.qtbot import QtBot
 
 from tray_proxy.monitor.rows import ProcessInfo, RowState
 from tray_proxy.relay.records import CloseReason
-from tray_proxy.ui.models.columns import ROW_ROLE, Column
+from tray_proxy.ui.dashboard.tables import make_table
+from tray_proxy.ui.models.columns import FAILED_BRUSH, RIGHT, ROW_ROLE, Column
 from tray_proxy.ui.models.connections import ConnectionFilter, ConnectionTableModel
 
 from .conftest import closed, make_row
@@ -132,6 +140,58 @@ def test_cells_show_the_rows_fields() -> None:
     assert cell(Column.OUTCOME, Qt.ItemDataRole.ToolTipRole) == row.words
     assert cell(Column.TIME, ROW_ROLE) is row
     assert model.data(model.index(0, Column.OUTCOME, QModelIndex()), Qt.ItemDataRole.ForegroundRole)
+
+
+def _roles(model: QAbstractItemModel, index: QModelIndex, *roles: int) -> list[object]:
+    """What `model` answers through multiData, one role at a time."""
+    answers = []
+    for role in roles:
+        item = QModelRoleData(role)
+        model.multiData(index, item)
+        answers.append(item.data())
+    return answers
+
+
+def test_cached_cell_texts_follow_the_rows_changes() -> None:
+    model = ConnectionTableModel()
+    proxy = ConnectionFilter(model)
+    model.upsert([make_row(1, bytes_down=5)])
+    display, alignment = int(Qt.ItemDataRole.DisplayRole), int(Qt.ItemDataRole.TextAlignmentRole)
+    assert model.cells(0)[Column.DOWN] == "5 B"
+    assert _roles(proxy, proxy.index(0, Column.DOWN), display, alignment) == [
+        "5 B",
+        RIGHT,
+    ]
+    model.upsert([make_row(1, bytes_down=2_500_000)])  # the same connection, changed
+    assert model.data(model.index(0, Column.DOWN)) == "2.5 MB"
+    assert _roles(proxy, proxy.index(0, Column.DOWN), display)[0] == "2.5 MB"
+    model.upsert([closed(make_row(1), CloseReason.UPSTREAM_RESET)])
+    foreground = int(Qt.ItemDataRole.ForegroundRole)
+    state, brush = _roles(proxy, proxy.index(0, Column.STATE), display, foreground)
+    assert state == "failed" and brush == FAILED_BRUSH
+    assert _roles(model, model.index(0, Column.STATE), Qt.ItemDataRole.DecorationRole) == [None]
+    model.remove([1])
+    model.upsert([make_row(1, bytes_down=7)])  # an id seen before: no stale texts
+    assert model.cells(0)[Column.DOWN] == "7 B"
+
+
+def test_painting_a_table_calls_python_once_per_cell(qtbot: QtBot) -> None:
+    # Each call from Qt into Python waits for the GIL the relay's thread may hold: a
+    # painted cell must not cost a data() call per role.
+    calls = {"data": 0}
+
+    class Counting(ConnectionTableModel):
+        def data(self, index: QModelIndex | QPersistentModelIndex, role: int = 0) -> object:
+            calls["data"] += 1
+            return super().data(index, role)
+
+    model = Counting()
+    model.upsert([closed(make_row(i)) for i in range(1, 40)])
+    view = make_table(ConnectionFilter(model), "t")
+    qtbot.addWidget(view)
+    view.resize(800, 400)
+    image = view.grab().toImage()
+    assert not image.isNull() and calls["data"] == 0
 
 
 def _filtered(proxy: ConnectionFilter) -> list[int]:

@@ -95,6 +95,11 @@ def cell_text(row: ConnectionRow, column: int) -> str:
     return ""
 
 
+def row_cells(row: ConnectionRow) -> tuple[str, ...]:
+    """Every column's text for `row`, in column order."""
+    return tuple(cell_text(row, c) for c in range(COLUMN_COUNT))
+
+
 def sort_key(row: ConnectionRow, column: int) -> str | float | int:
     if column == Column.TIME:
         return row.started

@@ -7,6 +7,13 @@ adjacent rows, and the Closed table's cap drops its oldest rows in one `beginRem
 No batch resets the model, so a view keeps its selection and scroll position and repaints
 only what changed (1,000 new connections a second are ten batches, not 1,000 repaints).
 
+The relay runs on its own thread in the same process, so every call Qt makes into Python
+here waits for the GIL that thread may hold (up to `sys.getswitchinterval()` per call under
+load): the models keep those calls few. A painted cell is one `multiData` call (not one
+`data()` per role, each mapped through the proxy), answered from display strings cached per
+row; `index()` is answered here in one call (Qt's own asks `rowCount()` and `columnCount()`
+each time); `flags()` is Qt's (the same flags, without a call into Python).
+
 Must not import keyring, socket or subprocess.
 """
 
@@ -14,10 +21,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
+from typing import cast
 
 from PySide6.QtCore import (
     QAbstractTableModel,
     QModelIndex,
+    QModelRoleData,
+    QModelRoleDataSpan,
     QObject,
     QPersistentModelIndex,
     QSortFilterProxyModel,
@@ -35,13 +45,13 @@ from tray_proxy.ui.models.columns import (
     HEADERS,
     NUMERIC,
     RIGHT,
-    ROW_FLAGS,
     ROW_ROLE,
     SORT_ROLE,
     TOOLTIP,
     TOOLTIP_COLUMNS,
     Column,
     cell_text,
+    row_cells,
     sort_key,
 )
 
@@ -51,6 +61,8 @@ DEFAULT_CLOSED_CAP = 10_000
 _MAX_RUNS = 32
 
 AnyIndex = QModelIndex | QPersistentModelIndex
+Roles = QModelRoleDataSpan | QModelRoleData  # (PySide's signature: a span, or one role)
+_RoleItems = Iterable[QModelRoleData]
 
 
 def _runs(positions: Iterable[int]) -> list[tuple[int, int]]:
@@ -74,6 +86,9 @@ class ConnectionTableModel(QAbstractTableModel):
         # conn id -> position + _offset; dropping the oldest rows only moves _offset.
         self._pos: dict[int, int] = {}
         self._offset = 0
+        # conn id -> the row's cell texts, made when a cell of it is first painted and
+        # dropped when the row changes or leaves.
+        self._cells: dict[int, tuple[str, ...]] = {}
 
     # -- reading --------------------------------------------------------------------------
 
@@ -108,8 +123,41 @@ class ConnectionTableModel(QAbstractTableModel):
             return HEADERS[Column(section)]
         return None
 
-    def flags(self, index: AnyIndex) -> Qt.ItemFlag:
-        return ROW_FLAGS if index.isValid() else Qt.ItemFlag.NoItemFlags
+    def index(
+        self,
+        row: int,
+        column: int,
+        parent: AnyIndex = QModelIndex(),  # noqa: B008 - Qt's API
+    ) -> QModelIndex:
+        if 0 <= row < len(self._rows) and 0 <= column < COLUMN_COUNT and not parent.isValid():
+            return self.createIndex(row, column)
+        return QModelIndex()
+
+    def cells(self, position: int) -> tuple[str, ...]:
+        """The texts of the row at `position`, one per column (cached)."""
+        row = self._rows[position]
+        cells = self._cells.get(row.conn_id)
+        if cells is None:
+            cells = self._cells[row.conn_id] = row_cells(row)
+        return cells
+
+    def multiData(self, index: AnyIndex, roles: Roles) -> None:  # noqa: N802
+        # What a view's delegate asks for each cell it paints, all roles in one call.
+        if index.isValid() and 0 <= index.row() < len(self._rows):
+            self.fill_roles(index.row(), index.column(), roles)
+
+    def fill_roles(self, position: int, column: int, roles: Roles) -> None:
+        """Answer every role in `roles` for the cell at (`position`, `column`)."""
+        row = self._rows[position]
+        # (A span iterates at run time; PySide's stubs do not say so.)
+        items = (roles,) if isinstance(roles, QModelRoleData) else cast(_RoleItems, roles)
+        for item in items:
+            role = item.role()
+            value = self._answer(row, position, column, role) if role in HANDLED_ROLES else None
+            if value is None:
+                item.clearData()
+            else:
+                item.setData(value)
 
     def data(self, index: AnyIndex, role: int = DISPLAY) -> object:
         if role not in HANDLED_ROLES:
@@ -117,10 +165,11 @@ class ConnectionTableModel(QAbstractTableModel):
         position = index.row()
         if position < 0 or position >= len(self._rows) or not index.isValid():
             return None
-        row = self._rows[position]
-        column = index.column()
+        return self._answer(self._rows[position], position, index.column(), role)
+
+    def _answer(self, row: ConnectionRow, position: int, column: int, role: int) -> object:
         if role == DISPLAY:
-            return cell_text(row, column)
+            return self.cells(position)[column]
         if role == SORT_ROLE:
             return sort_key(row, column)
         if role == ROW_ROLE:
@@ -144,6 +193,7 @@ class ConnectionTableModel(QAbstractTableModel):
             pos = self._pos.get(row.conn_id)
             if pos is not None:
                 self._rows[pos - self._offset] = row
+                self._cells.pop(row.conn_id, None)
                 changed.append(pos - self._offset)
             elif row.conn_id in seen_new:
                 new[seen_new[row.conn_id]] = row
@@ -169,6 +219,7 @@ class ConnectionTableModel(QAbstractTableModel):
             self.beginRemoveRows(QModelIndex(), first, last)
             for row in self._rows[first : last + 1]:
                 del self._pos[row.conn_id]
+                self._cells.pop(row.conn_id, None)
             del self._rows[first : last + 1]
             self.endRemoveRows()
         self._offset = 0
@@ -181,6 +232,7 @@ class ConnectionTableModel(QAbstractTableModel):
         self.beginRemoveRows(QModelIndex(), 0, excess - 1)
         for row in self._rows[:excess]:
             del self._pos[row.conn_id]
+            self._cells.pop(row.conn_id, None)
         del self._rows[:excess]
         self._offset += excess
         self.endRemoveRows()
@@ -267,6 +319,14 @@ class ConnectionFilter(QSortFilterProxyModel):
                 return self._pattern.search(haystack) is not None
             return self._text in haystack.lower()
         return True
+
+    def multiData(self, index: AnyIndex, roles: Roles) -> None:  # noqa: N802
+        # Qt's proxy would call the source's data() once per role, each through
+        # mapToSource: one call into Python per painted cell instead of about twenty.
+        if index.isValid():
+            source = self.mapToSource(index)
+            if source.isValid():
+                self._source.fill_roles(source.row(), source.column(), roles)
 
     def filterAcceptsRow(self, source_row: int, source_parent: AnyIndex) -> bool:  # noqa: N802
         return self.accepts(self._source.row_at(source_row))
