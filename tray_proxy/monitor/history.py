@@ -495,7 +495,28 @@ def _create_schema(conn: sqlite3.Connection) -> None:
 def _open(path: Path, *, check: bool = False) -> sqlite3.Connection:
     """Open (creating if needed) the history at `path`, moving a corrupt or foreign file
     aside. `check` runs SQLite's quick_check as well (a full read: the writer does it once,
-    on its own thread)."""
+    on its own thread).
+
+    Opens racing on a new file (the app's writer and a reader) can meet SQLite's "database
+    is locked" where it does not wait (switching to WAL needs the file to itself): tried
+    again a few times, briefly, before that is an error."""
+    for attempt in range(_LOCKED_RETRIES):
+        try:
+            return _open_once(path, check=check)
+        except _Locked:
+            time.sleep(0.02 * (attempt + 1))
+    return _open_once(path, check=check, retried=True)
+
+
+_LOCKED_RETRIES = 5
+_BUSY_CODES = frozenset({5, 6})  # SQLITE_BUSY, SQLITE_LOCKED
+
+
+class _Locked(Exception):
+    pass
+
+
+def _open_once(path: Path, *, check: bool, retried: bool = False) -> sqlite3.Connection:
     _create_file(path)
     for _attempt in range(2):  # a second time after moving a bad file aside
         conn: sqlite3.Connection | None = None
@@ -527,6 +548,9 @@ def _open(path: Path, *, check: bool = False) -> sqlite3.Connection:
         except sqlite3.DatabaseError as exc:
             if conn is not None:
                 conn.close()
+            code = getattr(exc, "sqlite_errorcode", 0)
+            if not retried and isinstance(code, int) and (code & 0xFF) in _BUSY_CODES:
+                raise _Locked() from None
             if _is_transient(exc):
                 raise HistoryError(
                     f"The connection history {path} cannot be opened: {exc}. "
