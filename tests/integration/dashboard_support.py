@@ -54,6 +54,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 UPSTREAM = "squid"
 SPARE = "spare"  # a second proxy in the settings that no connection uses
+WRONG_PASSWORD = "wrong-password"  # the lab Squid again, with a password it refuses
 DENIED_PORT = 5002  # not in the lab Squid's SSL_ports: a CONNECT there is answered 403
 REDIRECT_PORTS = (80, 443, DENIED_PORT)
 
@@ -220,6 +221,12 @@ class DashboardRig:
             },
             # Never dialled: it makes the proxy filter a real choice.
             {"name": SPARE, "url": f"http://{squid.host}:3999"},
+            # The same Squid with a wrong password: for "Test now".
+            {
+                "name": WRONG_PASSWORD,
+                "url": f"http://{squid.host}:{squid.port}",
+                "username": squid.credentials.username,
+            },
         ]
         doc = {
             "relay": {
@@ -233,8 +240,12 @@ class DashboardRig:
             "log": {"enabled": True, "path": str(self.history_file)},
         }
         self.config_path.write_text(tomli_w.dumps(doc), encoding="utf-8")
+        user = squid.credentials.username
         self.source = StaticCredentialSource(
-            {UPSTREAM: Credentials(squid.credentials.username, Secret(squid.credentials.password))}
+            {
+                UPSTREAM: Credentials(user, Secret(squid.credentials.password)),
+                WRONG_PASSWORD: Credentials(user, Secret("not-" + squid.credentials.password)),
+            }
         )
         self.controller: ProxyController | None = None
         self.reader: HistoryFile | None = None

@@ -27,6 +27,7 @@ from tests.integration.dashboard_support import (
     DENIED_PORT,
     SPARE,
     UPSTREAM,
+    WRONG_PASSWORD,
     Curl,
     DashboardRig,
     check_models,
@@ -40,6 +41,7 @@ from tests.lab.origins import ALT_HOSTNAME, HOSTNAME
 from tray_proxy.monitor.rows import ConnectionRow, RowState
 from tray_proxy.relay.records import CloseReason
 from tray_proxy.ui.dashboard.connections import ConnectionsTab
+from tray_proxy.ui.dashboard.upstreams import UpstreamCard
 from tray_proxy.ui.format import fmt_bytes
 from tray_proxy.ui.main_window import MainWindow
 from tray_proxy.ui.models.columns import Column
@@ -538,3 +540,57 @@ async def _still_flowing(
         return all(r is not None and r.bytes_up > before[n] for n, r in now.items())
 
     await until(grown, f"{', '.join(names)} to keep sending", timeout=10)
+
+
+async def _test_now_with_a_wrong_password(rig: DashboardRig) -> UpstreamCard:
+    """Click "Test now" on the card of the proxy whose password is wrong; its card once the
+    real probe through Squid has answered."""
+    window = rig.window
+    assert window is not None
+    window.tabs.setCurrentWidget(window.upstreams)
+    card = window.upstreams.cards[WRONG_PASSWORD]
+    assert card.probe_label.text() == "never (use Test now)"
+    QTest.mouseClick(card.test_button, Qt.MouseButton.LeftButton)
+    await until(lambda: "failed" in card.probe_label.text(), "the probe's answer on the card")
+    return card
+
+
+def test_test_now_through_a_real_407_says_so_on_the_card_and_as_a_notice(
+    run: Callable[[Scenario], None], lab: Lab
+) -> None:
+    squid = lab.squid
+    assert squid.credentials is not None
+    user, password = squid.credentials.username, squid.credentials.password
+
+    async def scenario(rig: DashboardRig) -> None:
+        window = rig.window
+        assert window is not None
+        card = await _test_now_with_a_wrong_password(rig)
+        words = f"{squid.host}:{squid.port} rejected the password for {user} (407)"
+        assert card.probe_label.text().endswith(f": failed, {words}")
+        # No tray here: the notice shows in the window.
+        await until(window.notice_label.isVisible, "the test's notice in the window")
+        notice = window.notice_label.text()
+        assert words in notice and "Open Credentials" in notice, notice
+        for text in (notice, card.probe_label.text(), card.last_failure_label.text()):
+            assert password not in text
+
+    run(scenario)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "controller/core.py test_upstream builds ProbeRecord(...) without "
+        "outcome=result.outcome.value, so the health reducer takes every failed probe "
+        "for an unreachable proxy"
+    ),
+)
+def test_test_now_through_a_real_407_marks_the_proxy_password_refused(
+    run: Callable[[Scenario], None],
+) -> None:
+    async def scenario(rig: DashboardRig) -> None:
+        card = await _test_now_with_a_wrong_password(rig)
+        await until(lambda: "password refused" in card.state_label.text(), "the state", 3)
+
+    run(scenario)
