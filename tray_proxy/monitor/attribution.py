@@ -41,7 +41,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
+import itertools
 import json
 import logging
 import os
@@ -74,6 +76,10 @@ MAX_PENDING = 4096
 JOIN_TIMEOUT = 2.0
 # The pids that owned sockets lately, scanned first (a browser opens many connections).
 _RECENT_PIDS = 64
+# Socket fds remembered from fd-table scans (a readlink checks one before it is believed).
+_KNOWN_SOCKETS = 16384
+# Processes whose name, executable and user are kept (checked against /proc at each use).
+_KNOWN_PROCESSES = 1024
 # How long this host's addresses and Docker's container addresses are trusted.
 _LOCAL_ADDRESSES_TTL = 5.0
 _DOCKER_TTL = 10.0
@@ -126,10 +132,12 @@ class Attributor:
                     with contextlib.suppress(RuntimeError):  # the loop has closed
                         self._loop.call_soon_threadsafe(self._deliver_overflow)
                 return
-            if not self._pending:
-                self._first_at = time.monotonic()
             self._pending.append((conn_id, client, original_dst))
-            self._wake.notify()
+            if len(self._pending) == 1:
+                # Only the first request of a burst wakes the worker: the others arrive
+                # while it waits out the delay (a wake-up each would cost it the GIL).
+                self._first_at = time.monotonic()
+                self._wake.notify()
             if self._thread is None:
                 # Started here, on the loop thread, so the worker shares its network
                 # namespace: the sockets asked about live there.
@@ -224,6 +232,14 @@ class ProcessLookup:
         self._diag: socket.socket | None = None
         self._diag_broken = not use_sock_diag
         self._recent: OrderedDict[int, None] = OrderedDict()
+        # "socket:[inode]" -> (pid, fd) of every socket fd seen in a scan, oldest first.
+        self._known: dict[str, tuple[int, str]] = {}
+        # fd -> whether it held a socket, at the last scan of each recent pid.
+        self._tables: dict[int, dict[str, bool]] = {}
+        # pid -> (what identifies that process's image, its ProcessInfo).
+        self._details: dict[int, tuple[tuple[bytes, str, int], ProcessInfo]] = {}
+        self.fd_tables_read = 0  # /proc/<pid>/fd tables read so far (for tests and benches)
+        self.fds_read = 0  # their fds read (readlink) so far
         self._users: dict[int, str] = {}
         self._local: frozenset[str] = frozenset()
         self._local_at = -_LOCAL_ADDRESSES_TTL
@@ -251,7 +267,9 @@ class ProcessLookup:
         for conn_id, client, dst in wanted:
             found[conn_id] = by_client.get(client) if dst is None else sockets.get((client, dst))
         inodes = {entry.inode: entry.uid for entry in found.values() if entry and entry.inode}
-        owners, unreadable = self._owners(inodes)
+        owners, unreadable, gone = self._owners(
+            inodes, functools.partial(self._still_held, found, wanted)
+        )
         answers: list[tuple[int, ProcessInfo | None]] = []
         details: dict[int, ProcessInfo] = {}
         for conn_id, client, _ in wanted:
@@ -267,7 +285,11 @@ class ProcessLookup:
                 if info is None:
                     info = details[pid] = self._process(pid, user)
                 answers.append((conn_id, info))
-            elif entry.inode and (unreadable is None or entry.uid in unreadable):
+            elif (
+                entry.inode
+                and entry.inode not in gone
+                and (unreadable is None or entry.uid in unreadable)
+            ):
                 answers.append((conn_id, ProcessInfo(pid=None, name="?", user=user)))
             else:
                 answers.append((conn_id, ProcessInfo(pid=None, name="?", user=user, exited=True)))
@@ -330,30 +352,107 @@ class ProcessLookup:
                 found[client] = closed[client][0]
         return found
 
+    def _still_held(
+        self,
+        found: Mapping[int, SocketEntry | None],
+        wanted: Sequence[tuple[int, Address, Address | None]],
+        inodes: set[int],
+    ) -> set[int]:
+        """Which of `inodes` (sockets of this pass's requests) are still held by a process.
+        Asked again by exact 4-tuple; a request without a destination counts as held."""
+        keys: dict[Any4, int] = {}
+        held: set[int] = set()
+        for conn_id, client, dst in wanted:
+            entry = found[conn_id]
+            if entry is None or entry.inode not in inodes:
+                continue
+            if dst is None:
+                held.add(entry.inode)
+            else:
+                keys[(client, dst)] = entry.inode
+        if keys:
+            now = self._sockets(keys)
+            held.update(
+                inode for key, inode in keys.items() if (e := now.get(key)) and e.inode == inode
+            )
+        return held
+
     # 2. owners ---------------------------------------------------------------------------------
 
-    def _owners(self, inodes: Mapping[int, int]) -> tuple[dict[int, int], set[int] | None]:
-        """inode -> pid for the inodes given (inode -> the socket's uid); and the uids whose
-        processes could not all be read (None: some process of unknown uid)."""
+    def _owners(
+        self, inodes: Mapping[int, int], still_held: Callable[[set[int]], set[int]]
+    ) -> tuple[dict[int, int], set[int] | None, set[int]]:
+        """inode -> pid for the inodes given (inode -> the socket's uid); the uids whose
+        processes could not all be read (None: some process of unknown uid); and the inodes
+        found closed meanwhile.
+
+        `still_held(inodes)` asks the kernel again which of them some process still holds:
+        a socket closed since the pass began has no owner left to find, and reading every
+        process's fd table to learn that is the most a pass can cost.
+        """
+        gone: set[int] = set()
         if not inodes:
-            return {}, set()
+            return {}, set(), gone
         targets = {f"socket:[{inode}]": inode for inode in inodes}
-        uids = set(inodes.values())
         owners: dict[int, int] = {}
-        unreadable: set[int] | None = set()
-        try:
-            pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
-        except OSError:
-            return {}, None
-        running = set(pids)
-        recent = [pid for pid in reversed(self._recent) if pid in running]
-        # This process last: the relay holds two sockets per tunnel and is rarely the
-        # program behind one.
+        # Sockets seen in earlier scans: one readlink says whether that fd still holds it.
+        for link, (pid, fd) in [
+            (link, self._known[link]) for link in targets if link in self._known
+        ]:
+            try:
+                held = os.readlink(f"/proc/{pid}/fd/{fd}") == link
+            except OSError:
+                held = False
+            if held:
+                owners[targets.pop(link)] = pid
+                self._remember(pid)
+            else:
+                del self._known[link]
+        if not targets:
+            return owners, set(), gone
+        # The relay itself last, and only for a socket still held that no other process
+        # has: its own sockets are the far ends of redirected connections, never their
+        # clients, and its fd table is the largest (two sockets per tunnel).
         me = os.getpid()
-        order = recent + [pid for pid in pids if pid not in self._recent and pid != me]
-        if me not in self._recent:
-            order.append(me)
-        for pid in order:
+        unreadable: set[int] | None = set()
+        uids = set(inodes.values())
+        recent = [pid for pid in reversed(self._recent) if pid != me]
+        unreadable = self._scan(recent, targets, owners, uids, unreadable, learn=True)
+        for stage in ("rest", "mine"):
+            if not targets:
+                break
+            left = still_held(set(targets.values()))
+            for link in [link for link, inode in targets.items() if inode not in left]:
+                gone.add(targets.pop(link))
+            if not targets:
+                break
+            if stage == "mine":
+                unreadable = self._scan([me], targets, owners, uids, unreadable, learn=False)
+                break
+            try:
+                pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+            except OSError:
+                return owners, None, gone
+            rest = [pid for pid in pids if pid not in self._recent and pid != me]
+            unreadable = self._scan(rest, targets, owners, uids, unreadable, learn=True)
+        for pid in [pid for pid in self._tables if pid not in self._recent]:
+            del self._tables[pid]
+        return owners, unreadable, gone
+
+    def _scan(
+        self,
+        pids: Iterable[int],
+        targets: dict[str, int],
+        owners: dict[int, int],
+        uids: set[int],
+        unreadable: set[int] | None,
+        *,
+        learn: bool,
+    ) -> set[int] | None:
+        """Read the fd tables of `pids` until every target has its owner (found ones move
+        from `targets` to `owners`); the socket fds seen are remembered for later passes."""
+        known = self._known
+        for pid in pids:
             uid = -1
             if self._me != 0:
                 # A socket's uid is its creator's; another user's process holds it only if
@@ -367,6 +466,7 @@ class ProcessLookup:
             try:
                 fd_dir = os.open(f"/proc/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY)
             except FileNotFoundError:
+                self._recent.pop(pid, None)
                 continue  # ended meanwhile
             except OSError:
                 if uid < 0 or unreadable is None:
@@ -374,23 +474,46 @@ class ProcessLookup:
                 else:
                     unreadable.add(uid)
                 continue
+            self.fd_tables_read += 1
+            old = self._tables.get(pid) if learn else None
+            table: dict[str, bool] = {}
             try:
-                for fd in os.listdir(fd_dir):
+                fds = os.listdir(fd_dir)
+                if old:
+                    # A new socket sits on an fd number this process did not have at the
+                    # last scan, or on one a closed socket freed: those first, files last.
+                    fds.sort(key=lambda fd: 0 if fd not in old else 1 if old[fd] else 2)
+                for index, fd in enumerate(fds):
                     try:
                         link = os.readlink(fd, dir_fd=fd_dir)
                     except OSError:
                         continue  # closed meanwhile
+                    self.fds_read += 1
+                    is_socket = table[fd] = link[:7] == "socket:"
+                    if is_socket and learn:
+                        known[link] = (pid, fd)
                     inode = targets.pop(link, None)
                     if inode is not None:
                         owners[inode] = pid
                         self._remember(pid)
+                        if not targets:
+                            for rest in fds[index + 1 :]:
+                                table[rest] = old.get(rest, True) if old else True
+                            break
             except OSError:
                 pass  # ended while being read
             finally:
                 os.close(fd_dir)
+            if learn and pid in self._recent:
+                self._tables[pid] = table
             if not targets:
                 break
-        return owners, unreadable
+        if len(known) > _KNOWN_SOCKETS:
+            # The oldest first: mostly sockets closed long ago (an inode is never reused
+            # while its socket lives, so a stale entry only costs memory).
+            for link in list(itertools.islice(known, len(known) - _KNOWN_SOCKETS // 2)):
+                del known[link]
+        return unreadable
 
     def _remember(self, pid: int) -> None:
         self._recent[pid] = None
@@ -401,6 +524,31 @@ class ProcessLookup:
     # 3. processes ------------------------------------------------------------------------------
 
     def _process(self, pid: int, socket_user: str | None) -> ProcessInfo:
+        """The process's name, executable and user; psutil's answer is kept while the pid
+        still runs the same image (start time and name, executable, owner all unchanged:
+        an exec or a pid reused by another process changes at least one)."""
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as handle:
+                stat = handle.read()
+            exe_link = os.readlink(f"/proc/{pid}/exe")
+            owner = os.stat(f"/proc/{pid}").st_uid
+        except OSError:
+            return self._ask_psutil(pid, socket_user)  # ended, or not ours to read
+        # The name ends at the last ")"; the start time is the 22nd field of the line.
+        comm, _, fields = stat.rpartition(b")")
+        started = fields.split()[19:20]
+        identity = (comm + b")" + b"".join(started), exe_link, owner)
+        cached = self._details.get(pid)
+        if cached is not None and cached[0] == identity:
+            return cached[1]
+        info = self._ask_psutil(pid, socket_user)
+        if not info.exited:
+            if len(self._details) >= _KNOWN_PROCESSES:
+                self._details.clear()
+            self._details[pid] = (identity, info)
+        return info
+
+    def _ask_psutil(self, pid: int, socket_user: str | None) -> ProcessInfo:
         try:
             proc = psutil.Process(pid)
             with proc.oneshot():
