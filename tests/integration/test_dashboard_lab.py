@@ -403,6 +403,8 @@ async def _close_by_hand(window: MainWindow, curls: dict[str, Curl], origin_v4: 
         "each slow curl in the Active table, attributed, its bytes counted",
     )
     assert tab.showing_active and active.rowCount() == 4
+    assert tab.show_active.text() == "Active (4)"
+    await until(lambda: window.connections_label.text() == "4", "the Overview's open count")
     rows = {name: live(name) for name in curls}
     assert {n: r.host for n, r in rows.items() if r is not None} == {
         "a1": HOSTNAME,
@@ -466,6 +468,10 @@ async def _close_by_hand(window: MainWindow, curls: dict[str, Curl], origin_v4: 
         assert live(name) is None
         at = rows_of(closed).index(row)
         assert closed.index(at, Column.OUTCOME).data() == "closed-by-user"
+    # The selection left with its rows; the counts follow (the Overview's with the status).
+    assert not tab.close_selected_button.isEnabled()
+    assert tab.show_active.text() == "Active (2)" and tab.show_closed.text() == "Closed (2)"
+    await until(lambda: window.connections_label.text() == "2", "the Overview's open count")
     await _still_flowing(tab, curls, ("www", "ip"))
 
     # -- Close all filtered: the text filter leaves www's tunnel alone in Active -----------
