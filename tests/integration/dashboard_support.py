@@ -213,6 +213,7 @@ class DashboardRig:
         self.port = allocate_port(lab)
         self.history_file = workdir / "history.sqlite3"
         self.config_path = workdir / "config.toml"
+        self.export_path = workdir / "export.csv"  # where the Log tab's Export… writes
         upstreams: list[dict[str, Any]] = [
             {
                 "name": UPSTREAM,
@@ -281,6 +282,7 @@ class DashboardRig:
             self.bridge,
             tray_available=False,
             ask_close=self._never_asked,
+            choose_export_path=lambda _parent: (self.export_path, "csv"),
         )
         window.show()
         window.tabs.setCurrentWidget(window.connections)

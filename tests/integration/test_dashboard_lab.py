@@ -14,6 +14,7 @@ the mouse, and the Log tab over the history file after the connections closed.
 from __future__ import annotations
 
 import asyncio
+import csv
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -302,6 +303,9 @@ def test_finished_transfers_in_the_tables_filters_sorting_and_the_log(
 
         # -- the Log tab: the same connections from SQLite, then a host filter -----------
         await _the_log_shows(window, mine, rows)
+        alt = rows["alt"]
+        assert alt is not None
+        await _the_export_holds(rig, lab, alt)
 
     run(scenario)
 
@@ -350,6 +354,24 @@ async def _the_log_shows(
         == f"curl ({alt.process.pid if alt.process else '?'})"
     )
     assert model.index(at, Column.DESTINATION).data() == f"{ALT_HOSTNAME}:80"
+
+
+async def _the_export_holds(rig: DashboardRig, lab: Lab, alt: ConnectionRow) -> None:
+    """Export… writes what the Log tab's filter shows to CSV, in a worker, without secrets."""
+    window = rig.window
+    assert window is not None
+    log = window.log
+    QTest.mouseClick(log.export_button, Qt.MouseButton.LeftButton)
+    await until(lambda: not log.exporting, "the export to finish")
+    assert log.status_label.text() == f"Exported 1 connection to {rig.export_path}."
+    with rig.export_path.open(newline="", encoding="utf-8") as f:
+        (record,) = list(csv.DictReader(f))
+    assert alt.process is not None
+    assert str(alt.process.pid) in record.values() and "curl" in record.values(), record
+    assert ALT_HOSTNAME in record.values(), record
+    text = rig.export_path.read_text(encoding="utf-8")
+    squid = lab.squid
+    assert squid.credentials is not None and squid.credentials.password not in text
 
 
 def test_close_selected_and_close_all_filtered_end_real_tunnels(
