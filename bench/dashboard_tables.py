@@ -5,6 +5,7 @@ real load). Usage, from the repository root:
     .venv/bin/python -m bench.dashboard_tables [--rows 10000] [--batch 100] [--flushes 30]
                                                [--size 1000x700] [--view closed|active]
                                                [--contend] [--switch-interval S]
+                                               [--stream SECONDS]
 
 The tab (tray_proxy/ui/dashboard/connections.py) is shown offscreen at `--size`, its Closed
 table filled to `--rows`; then each flush brings what the bridge brings at 1,000 new
@@ -13,6 +14,11 @@ Prints, per flush: the time in the tab's apply (models, proxy sorting), the time
 takes to process events and paint, and how many data() and lessThan() calls into Python
 those made. Then the same with the tables' repaints switched off, which tells model work
 from painting.
+
+`--stream SECONDS` instead feeds the tab as the bridge does at 1,000 connections a second
+(every 100 ms, `--batch` rows closed and 13 opened, through `apply` and the tab's own pace)
+while a 16 ms precise timer notes how late each tick comes, as bench/dashboard_app.py does
+in the app: the UI loop's lateness, and how often the Closed table was painted.
 
 `--contend` runs a second Python thread that stands in for the relay (busy in Python 3 ms,
 then 2 ms without the GIL, like a uvloop thread working through bursts of callbacks): each
@@ -44,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--view", choices=["closed", "active"], default="closed")
     parser.add_argument("--contend", action="store_true", help="a GIL-holding thread beside")
     parser.add_argument("--switch-interval", type=float, help="sys.setswitchinterval (s)")
+    parser.add_argument("--stream", type=float, help="seconds of a paced stream (see above)")
+    parser.add_argument("--no-pace", action="store_true", help="apply every batch at once")
     args = parser.parse_args(argv)
     if args.switch_interval is not None:
         sys.setswitchinterval(args.switch_interval)
@@ -52,11 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     width, _, height = args.size.partition("x")
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
+    from PySide6.QtCore import QEvent, QObject, Qt, QTimer
     from PySide6.QtWidgets import QApplication, QTableView
 
     from tray_proxy.monitor.rows import ConnectionRow, ProcessInfo, RowChanges, RowState
     from tray_proxy.relay.records import CloseReason
     from tray_proxy.ui.dashboard.connections import ConnectionsTab
+    from tray_proxy.ui.dashboard.pace import FlushPace
     from tray_proxy.ui.models import connections as models
 
     app = QApplication.instance() or QApplication(["bench"])
@@ -106,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     tab.apply(RowChanges(closed=tuple(closed(opened_row()) for _ in range(args.rows))))
+    tab.flush_pending()
+    if args.no_pace:
+        tab.pace = FlushPace(share=1.0, floor=1.0, ceiling=1.0)  # never spaced
     app.processEvents()
 
     stop = threading.Event()
@@ -141,10 +154,66 @@ def main(argv: list[str] | None = None) -> int:
             + ", ".join(f"{n}() {c // args.flushes}" for n, c in sorted(calls.items()))
         )
 
+    def stream(seconds: float) -> None:
+        lateness: list[float] = []
+        paints = [0]
+        last = [time.perf_counter()]
+        open_rows: list[ConnectionRow] = []
+
+        class PaintCounter(QObject):
+            def eventFilter(self, watched: QObject, event: QEvent) -> bool:  # noqa: N802
+                if event.type() == QEvent.Type.Paint:
+                    paints[0] += 1
+                return False
+
+        counter = PaintCounter()
+        tab.current_view.viewport().installEventFilter(counter)
+
+        def tick() -> None:
+            now = time.perf_counter()
+            lateness.append(max(0.0, now - last[0] - 0.016))
+            last[0] = now
+
+        def batch() -> None:
+            nonlocal open_rows
+            fresh = [opened_row() for _ in range(args.batch - len(open_rows))]
+            done = tuple(closed(r) for r in [*open_rows, *fresh])
+            open_rows = [opened_row() for _ in range(13)]
+            tab.apply(RowChanges(opened=tuple(open_rows), closed=done))
+
+        probe, feeder = QTimer(), QTimer()
+        probe.setTimerType(Qt.TimerType.PreciseTimer)
+        probe.setInterval(16)
+        probe.timeout.connect(tick)
+        feeder.setInterval(100)
+        feeder.timeout.connect(batch)
+        calls.clear()
+        probe.start()
+        feeder.start()
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            app.processEvents()
+            time.sleep(0.001)  # (the loop's wait, as in the app: the GIL is free meanwhile)
+        probe.stop()
+        feeder.stop()
+        ordered = sorted(lateness)
+        p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+        print(
+            f"stream of {seconds:g} s: 16 ms timer late p50 {statistics.median(ordered) * 1000:.1f}"
+            f" / p99 {p99 * 1000:.1f} / max {ordered[-1] * 1000:.1f} ms; closed table painted "
+            f"{paints[0] / seconds:.1f}/s; pace {tab.pace.spacing * 1000:.0f} ms apart; calls "
+            "into Python per second: "
+            + ", ".join(f"{n}() {c / seconds:.0f}" for n, c in sorted(calls.items()))
+        )
+
     print(
         f"Connections tab at {args.size}, {args.view} table shown, "
         f"{tab.closed.rowCount():,} closed rows, Qt platform {os.environ['QT_QPA_PLATFORM']}"
     )
+    if args.stream:
+        stream(args.stream)
+        stop.set()
+        return 0
     flushes("tables painted")
     for view in tab.findChildren(QTableView):
         view.setUpdatesEnabled(False)

@@ -4,9 +4,10 @@ details pane shows every field and the failure in words, copying gives text."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
-from PySide6.QtCore import QItemSelectionModel
+from PySide6.QtCore import QItemSelectionModel, QTimer
 from PySide6.QtGui import QGuiApplication
 from pytestqt.qtbot import QtBot
 
@@ -231,3 +232,61 @@ def test_a_hidden_tab_merges_batches_and_applies_them_when_shown(
     assert tab.active.row_at(tab.active.position_of(2) or 0).bytes_up == 180
     # Only the newest 30 closed rows were kept while hidden (the cap), 1 among the dropped.
     assert _ids(tab, active=False) == list(range(170, 200))
+
+
+def test_a_large_batch_is_applied_in_steps_with_the_loop_between(
+    qtbot: QtBot, services: FakeServices
+) -> None:
+    tab = _tab(qtbot, services, closed_cap=1000)
+    inserted: list[tuple[int, int]] = []
+    tab.closed.rowsInserted.connect(lambda _p, a, b: inserted.append((a, b)))
+    passes: list[int] = []  # a timer of the UI loop: does the loop run between steps?
+    ticker = QTimer()
+    ticker.timeout.connect(lambda: passes.append(tab.closed.rowCount()))
+    ticker.start(0)
+    rows = [closed(make_row(i)) for i in range(1, 351)]
+    tab.apply(RowChanges(opened=(make_row(500),), closed=tuple(rows)))
+    assert tab.applying and tab.closed.rowCount() == 100  # the first step, at once
+    assert not tab.closed_view.updatesEnabled()  # one repaint, after the last step
+    qtbot.waitUntil(lambda: not tab.applying, timeout=2000)
+    ticker.stop()
+    assert inserted == [(0, 99), (100, 199), (200, 299), (300, 349)]
+    assert [r.conn_id for r in tab.closed.rows()] == list(range(1, 351))
+    assert _ids(tab) == [500] and tab.closed_view.updatesEnabled()
+    assert {100, 200, 300} <= set(passes)  # the loop ran after each step
+    assert tab.show_closed.text() == "Closed (350)"
+
+
+def test_costly_applications_are_spaced_and_nothing_is_lost(
+    qtbot: QtBot, services: FakeServices
+) -> None:
+    tab = _tab(qtbot, services)
+    tab.apply(RowChanges(opened=(make_row(1),)))
+    assert _ids(tab) == [1]
+    # As if applying and repainting had cost 30 ms each time: 0.3 s between applications.
+    for _ in range(8):
+        tab.pace.applied(time.monotonic(), 0.012)
+        tab.pace.painted(0.018)
+    assert tab.pace.spacing > 0.2
+    tab.apply(RowChanges(opened=(make_row(2),)))
+    tab.apply(RowChanges(closed=(closed(make_row(1)),), opened=(make_row(3),)))
+    assert _ids(tab) == [1] and not tab.applying  # held back, merged
+    qtbot.waitUntil(lambda: _ids(tab) == [2, 3], timeout=2000)
+    assert _ids(tab, active=False) == [1]
+    # Cheap again: each batch is applied when it comes.
+    for _ in range(12):
+        tab.pace.applied(0.0, 0.0005)
+        tab.pace.painted(0.001)
+    tab.apply(RowChanges(opened=(make_row(4),)))
+    assert _ids(tab) == [2, 3, 4]
+
+
+def test_showing_the_tab_finishes_an_application_under_way(
+    qtbot: QtBot, services: FakeServices
+) -> None:
+    tab = _tab(qtbot, services, closed_cap=1000)
+    tab.apply(RowChanges(closed=tuple(closed(make_row(i)) for i in range(1, 301))))
+    assert tab.applying
+    tab.flush_pending()
+    assert not tab.applying and tab.closed.rowCount() == 300
+    assert tab.closed_view.updatesEnabled()

@@ -4,16 +4,19 @@ the selected connection, and closing connections by hand.
 Rows arrive from the bridge's `connectionsChanged`, one merged RowChanges per flush, and go
 into two `ConnectionTableModel`s: a row that closes leaves Active and joins Closed (capped;
 the full history stays in SQLite, see the Log tab). Both tables sit behind their own
-`ConnectionFilter`; the filter controls drive both.
+`ConnectionFilter`; the filter controls drive both. Under load the batches are applied
+less often and in steps that yield to the UI loop (see pace.py).
 
 Must not import keyring, socket or subprocess.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import collections
+import time
+from collections.abc import Callable, Sequence
 
-from PySide6.QtCore import QItemSelection, QModelIndex, Qt
+from PySide6.QtCore import QItemSelection, QModelIndex, Qt, QTimer
 from PySide6.QtGui import QFont, QGuiApplication, QShowEvent
 from PySide6.QtWidgets import (
     QAbstractItemView,
@@ -35,6 +38,7 @@ from PySide6.QtWidgets import (
 from tray_proxy.controller import Status
 from tray_proxy.monitor.rows import ConnectionRow, RowChanges, RowState
 from tray_proxy.ui.bridge import RowMerger
+from tray_proxy.ui.dashboard.pace import FlushPace, chunks
 from tray_proxy.ui.dashboard.tables import make_table
 from tray_proxy.ui.format import row_details
 from tray_proxy.ui.models.columns import HEADERS, Column, row_text
@@ -51,9 +55,13 @@ NO_SELECTION = "Select a connection to see everything about it."
 
 
 def _live_table(
-    proxy: ConnectionFilter, name: str, hidden: tuple[Column, ...], stretch: Column
+    proxy: ConnectionFilter,
+    name: str,
+    hidden: tuple[Column, ...],
+    stretch: Column,
+    on_paint: Callable[[float], None],
 ) -> QTableView:
-    view = make_table(proxy, name, hidden=hidden, stretch=stretch)
+    view = make_table(proxy, name, hidden=hidden, stretch=stretch, on_paint=on_paint)
     view.setSortingEnabled(True)
     view.sortByColumn(Column.TIME, Qt.SortOrder.DescendingOrder)  # newest first
     view.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
@@ -80,6 +88,14 @@ class ConnectionsTab(QWidget):
         self._pending = RowMerger()  # batches that arrived while the tab was hidden
         self._pending_gone: set[int] = set()  # open rows whose closed row was dropped
         self._upstream_names: tuple[str, ...] = ()
+        # Applying under load: spaced by what applications cost, in steps of few rows.
+        self.pace = FlushPace()
+        self._steps: collections.deque[RowChanges] = collections.deque()
+        self._series_began = 0.0
+        self._series_cost = 0.0
+        self._timer = QTimer(self)
+        self._timer.setSingleShot(True)
+        self._timer.timeout.connect(self._on_timer)
 
         # -- which table, and the filters ---------------------------------------------------
         self.show_active = QPushButton("Active")
@@ -145,8 +161,11 @@ class ConnectionsTab(QWidget):
             "active-table",
             (Column.DURATION, Column.OUTCOME),
             Column.DESTINATION,
+            self._painted,
         )
-        self.closed_view = _live_table(self.closed_proxy, "closed-table", (), Column.OUTCOME)
+        self.closed_view = _live_table(
+            self.closed_proxy, "closed-table", (), Column.OUTCOME, self._painted
+        )
         self.stack = QStackedWidget()
         self.stack.addWidget(self.active_view)
         self.stack.addWidget(self.closed_view)
@@ -230,27 +249,90 @@ class ConnectionsTab(QWidget):
                 if conn_id in self.active:  # closed, but too old to show in Closed
                     self._pending_gone.add(conn_id)
             return
-        self.flush_pending()
+        if self._steps or self._timer.isActive():
+            return  # an application is under way or due: it takes these rows too
+        wait = self.pace.wait(time.monotonic())
+        if wait > 0:
+            self._timer.start(max(1, round(wait * 1000)))
+        else:
+            self._start_application()
+
+    @property
+    def applying(self) -> bool:
+        """An application is under way in steps (the loop runs between them)."""
+        return bool(self._steps)
 
     def flush_pending(self) -> None:
-        """Apply what was merged while the tab was hidden (also done when it shows)."""
+        """Apply everything received so far, now and in one go (done when the tab shows)."""
+        self._timer.stop()
+        while self._steps:
+            self._apply_rows(self._steps.popleft())
+        self._end_series()
         if self._pending_gone:
             gone, self._pending_gone = self._pending_gone, set()
             self.active.remove(gone)
         if self._pending:
             pending, self._pending = self._pending, RowMerger()
-            self._apply(pending.merged())
+            self._apply_rows(pending.merged())
+        self._after_rows()
+
+    def _start_application(self) -> None:
+        """Take what is pending and apply it: the first step now, the others each in its
+        own pass of the UI loop, with the tables repainted once, after the last step."""
+        if self._pending_gone:
+            gone, self._pending_gone = self._pending_gone, set()
+            self.active.remove(gone)
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, RowMerger()
+        self._steps.extend(chunks(pending.merged()))
+        self._series_began = time.monotonic()
+        self._series_cost = 0.0
+        if len(self._steps) > 1:
+            for view in (self.active_view, self.closed_view):
+                view.setUpdatesEnabled(False)
+        self._next_step()
+
+    def _on_timer(self) -> None:
+        if self._steps:
+            self._next_step()
+        else:
+            self._start_application()
+
+    def _next_step(self) -> None:
+        began = time.perf_counter()
+        self._apply_rows(self._steps.popleft())
+        self._series_cost += time.perf_counter() - began
+        if self._steps:
+            self._timer.start(0)  # let the loop run (timers, input, the control socket)
+            return
+        self.pace.applied(self._series_began, self._series_cost)
+        self._end_series()
+        self._after_rows()
+        if self._pending:  # rows that came during the steps: at the pace's next turn
+            self._timer.start(max(1, round(self.pace.wait(time.monotonic()) * 1000)))
+
+    def _painted(self, cost: float) -> None:
+        self.pace.painted(cost)
+
+    def _end_series(self) -> None:
+        for view in (self.active_view, self.closed_view):
+            if not view.updatesEnabled():
+                view.setUpdatesEnabled(True)
 
     def showEvent(self, event: QShowEvent) -> None:  # noqa: N802 - Qt's name
         self.flush_pending()
         super().showEvent(event)
 
-    def _apply(self, changes: RowChanges) -> None:
+    def _apply_rows(self, changes: RowChanges) -> None:
         if changes.closed:
             self.active.remove(row.conn_id for row in changes.closed)
             self.closed.upsert(changes.closed)
         if changes.opened or changes.updated:
             self.active.upsert(changes.opened + changes.updated)
+
+    def _after_rows(self) -> None:
+        """What follows the tables once per application: the details pane, counts, buttons."""
         if self._detail_id is not None:
             row = self._find(self._detail_id)
             if row is not None:

@@ -6,7 +6,11 @@ Must not import keyring, socket or subprocess.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 from PySide6.QtCore import QAbstractItemModel, QPoint
+from PySide6.QtGui import QPaintEvent
 from PySide6.QtWidgets import QAbstractItemView, QHeaderView, QMenu, QTableView
 
 from tray_proxy.ui.models.columns import HEADERS, Column
@@ -25,6 +29,19 @@ WIDTHS = {
 }
 
 
+class TimedTable(QTableView):
+    """A table that tells `on_paint` how long each repaint took (seconds)."""
+
+    def __init__(self, on_paint: Callable[[float], None]) -> None:
+        super().__init__()
+        self._on_paint = on_paint
+
+    def paintEvent(self, event: QPaintEvent) -> None:  # noqa: N802 - Qt's name
+        began = time.perf_counter()
+        super().paintEvent(event)
+        self._on_paint(time.perf_counter() - began)
+
+
 def make_table(
     model: QAbstractItemModel | None,
     name: str,
@@ -32,9 +49,11 @@ def make_table(
     hidden: tuple[Column, ...] = (),
     stretch: Column = Column.OUTCOME,
     time_width: int = WIDTHS[Column.TIME],
+    on_paint: Callable[[float], None] | None = None,
 ) -> QTableView:
-    """A table over `model`; `stretch` takes the width left over (Outcome, the longest)."""
-    view = QTableView()
+    """A table over `model`; `stretch` takes the width left over (Outcome, the longest).
+    `on_paint`: told how long each repaint took."""
+    view = QTableView() if on_paint is None else TimedTable(on_paint)
     view.setObjectName(name)
     if model is not None:  # (column widths are set after the model: it makes the header)
         view.setModel(model)

@@ -65,6 +65,22 @@ Roles = QModelRoleDataSpan | QModelRoleData  # (PySide's signature: a span, or o
 _RoleItems = Iterable[QModelRoleData]
 
 
+PAINTED_ROLES = frozenset({DISPLAY, ALIGNMENT, FOREGROUND})  # (and the delegate's others: None)
+
+
+def _painted(row: ConnectionRow) -> tuple[dict[int, object], ...]:
+    failed = row.state is RowState.FAILED
+    painted: list[dict[int, object]] = []
+    for column, text in enumerate(row_cells(row)):
+        cell: dict[int, object] = {DISPLAY: text}
+        if column in NUMERIC:
+            cell[ALIGNMENT] = RIGHT
+        if failed:
+            cell[FOREGROUND] = FAILED_BRUSH
+        painted.append(cell)
+    return tuple(painted)
+
+
 def _runs(positions: Iterable[int]) -> list[tuple[int, int]]:
     """Sorted positions as (first, last) runs of adjacent rows."""
     runs: list[tuple[int, int]] = []
@@ -88,7 +104,7 @@ class ConnectionTableModel(QAbstractTableModel):
         self._offset = 0
         # conn id -> the row's cell texts, made when a cell of it is first painted and
         # dropped when the row changes or leaves.
-        self._cells: dict[int, tuple[str, ...]] = {}
+        self._cells: dict[int, tuple[dict[int, object], ...]] = {}
 
     # -- reading --------------------------------------------------------------------------
 
@@ -133,13 +149,18 @@ class ConnectionTableModel(QAbstractTableModel):
             return self.createIndex(row, column)
         return QModelIndex()
 
-    def cells(self, position: int) -> tuple[str, ...]:
-        """The texts of the row at `position`, one per column (cached)."""
+    def painted(self, position: int) -> tuple[dict[int, object], ...]:
+        """What a view paints for each cell of the row at `position`, by role: its text,
+        and its alignment and colour where they are not the default (cached)."""
         row = self._rows[position]
-        cells = self._cells.get(row.conn_id)
-        if cells is None:
-            cells = self._cells[row.conn_id] = row_cells(row)
-        return cells
+        painted = self._cells.get(row.conn_id)
+        if painted is None:
+            painted = self._cells[row.conn_id] = _painted(row)
+        return painted
+
+    def cells(self, position: int) -> tuple[str, ...]:
+        """The texts of the row at `position`, one per column."""
+        return tuple(cast(str, cell[DISPLAY]) for cell in self.painted(position))
 
     def multiData(self, index: AnyIndex, roles: Roles) -> None:  # noqa: N802
         # What a view's delegate asks for each cell it paints, all roles in one call.
@@ -148,12 +169,17 @@ class ConnectionTableModel(QAbstractTableModel):
 
     def fill_roles(self, position: int, column: int, roles: Roles) -> None:
         """Answer every role in `roles` for the cell at (`position`, `column`)."""
-        row = self._rows[position]
+        painted = self.painted(position)[column]
         # (A span iterates at run time; PySide's stubs do not say so.)
         items = (roles,) if isinstance(roles, QModelRoleData) else cast(_RoleItems, roles)
         for item in items:
             role = item.role()
-            value = self._answer(row, position, column, role) if role in HANDLED_ROLES else None
+            if role in PAINTED_ROLES:
+                value = painted.get(role)
+            elif role in HANDLED_ROLES:
+                value = self._answer(self._rows[position], position, column, role)
+            else:
+                value = None
             if value is None:
                 item.clearData()
             else:
@@ -168,18 +194,14 @@ class ConnectionTableModel(QAbstractTableModel):
         return self._answer(self._rows[position], position, index.column(), role)
 
     def _answer(self, row: ConnectionRow, position: int, column: int, role: int) -> object:
-        if role == DISPLAY:
-            return self.cells(position)[column]
+        if role in PAINTED_ROLES:
+            return self.painted(position)[column].get(role)
         if role == SORT_ROLE:
             return sort_key(row, column)
         if role == ROW_ROLE:
             return row
         if role == TOOLTIP:
             return (cell_text(row, column) or None) if column in TOOLTIP_COLUMNS else None
-        if role == ALIGNMENT:
-            return RIGHT if column in NUMERIC else None
-        if role == FOREGROUND and row.state is RowState.FAILED:
-            return FAILED_BRUSH
         return None
 
     # -- changing -------------------------------------------------------------------------
@@ -323,10 +345,9 @@ class ConnectionFilter(QSortFilterProxyModel):
     def multiData(self, index: AnyIndex, roles: Roles) -> None:  # noqa: N802
         # Qt's proxy would call the source's data() once per role, each through
         # mapToSource: one call into Python per painted cell instead of about twenty.
-        if index.isValid():
-            source = self.mapToSource(index)
-            if source.isValid():
-                self._source.fill_roles(source.row(), source.column(), roles)
+        source = self.mapToSource(index)
+        if source.isValid():
+            self._source.fill_roles(source.row(), source.column(), roles)
 
     def filterAcceptsRow(self, source_row: int, source_parent: AnyIndex) -> bool:  # noqa: N802
         return self.accepts(self._source.row_at(source_row))
