@@ -321,6 +321,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             result["rss_before_kib"] = proc_rss_kib(pid)
             threads = app.tell("report")["threads"]
             cpu_before = thread_cpu(pid, threads)
+            loadavg_before = os.getloadavg()[0]
             app.tell("reset")
             if args.profile is not None:
                 app.tell("profile")  # the load phase only
@@ -341,6 +342,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             result["rss_after_kib"] = proc_rss_kib(pid)
             result["rss_peak_kib"] = rss_peak_kib(pid)
             result["load"] = {"socket": load.figures(), "probe": report["probe"], "paced": paced}
+            result["load"]["gc"] = report.get("gc", {})
+            result["load"]["loadavg"] = (loadavg_before, os.getloadavg()[0])
             result["load"]["socket_errors"] = len(load.errors)
             result["tables"] = {k: report[k] for k in ("active_rows", "closed_rows", "state")}
 
@@ -424,6 +427,17 @@ def render(args: argparse.Namespace, result: dict[str, Any], elapsed: float) -> 
             for name, share in sorted(result["thread_cpu"].items(), key=lambda kv: -kv[1])
             if share >= 0.005
         ),
+        "- garbage collections in the app under load (each holds the GIL): "
+        + (
+            ", ".join(
+                f"generation {gen}: {g['count']:,}, longest {g['max_ms']:.1f} ms"
+                for gen, g in load.get("gc", {}).items()
+            )
+            or "none"
+        ),
+        "- the machine's 1-minute load average before / after the load: "
+        + " / ".join(f"{x:.1f}" for x in load.get("loadavg", ()))
+        + f" ({os.cpu_count()} CPUs; other work on the machine slows the app and the load alike)",
         "- conn/s per turn, shown: "
         + ", ".join(f"{x:,.0f}" for x in result["conn_s"]["shown"])
         + "; hidden: "

@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -44,6 +45,34 @@ CREDENTIALS_TIMEOUT = 15.0
 
 def say(**fields: Any) -> None:
     print(json.dumps(fields), flush=True)
+
+
+class GcPauses:
+    """How long each garbage collection took, by generation: a collection holds the GIL,
+    so the UI thread and the relay's both wait for it."""
+
+    def __init__(self) -> None:
+        self.pauses: dict[int, list[float]] = {}
+        self._began = 0.0
+        gc.callbacks.append(self._note)
+
+    def _note(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._began = time.perf_counter()
+        else:
+            kept = self.pauses.setdefault(info["generation"], [])
+            if len(kept) < PROBE_KEEP:
+                kept.append(time.perf_counter() - self._began)
+
+    def reset(self) -> None:
+        self.pauses.clear()
+
+    def figures(self) -> dict[str, dict[str, float]]:
+        return {
+            str(gen): {"count": len(p), "max_ms": max(p) * 1000, "total_ms": sum(p) * 1000}
+            for gen, p in sorted(self.pauses.items())
+            if p
+        }
 
 
 def figures_ms(samples: collections.deque[float]) -> dict[str, float | int | None]:
@@ -264,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             say(event="error", message=f"another instance holds {server.path}")
             return 3
         probe = Probe()
+        gc_pauses = GcPauses()
         samplers: list[Sampler] = []
 
         def command(line: str) -> None:
@@ -277,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
                 show_view(rest.strip())
             elif word == "reset":
                 probe.reset()
+                gc_pauses.reset()
             elif word == "profile" and args.profile is not None:
                 sampler = Sampler(args.profile, probe.stalled)
                 samplers.append(sampler)
@@ -285,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
                 say(
                     event="report",
                     probe=figures_ms(probe.samples),
+                    gc=gc_pauses.figures(),
                     visible=window.isVisible(),
                     active_rows=tab.active.rowCount(),
                     closed_rows=tab.closed.rowCount(),
