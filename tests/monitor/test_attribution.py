@@ -14,14 +14,16 @@ import functools
 import json
 import os
 import pwd
+import shutil
 import socket
 import subprocess
 import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -410,6 +412,230 @@ def test_another_users_process_answers_what_can_be_known(tmp_path: Path) -> None
         )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"1": [None, "?", MY_USER, False]}
+
+
+# cheap passes ------------------------------------------------------------------------------------
+
+SCRIPTED = textwrap.dedent(
+    """
+    import os, socket, struct, sys
+    held = {}
+    for line in sys.stdin:
+        command, *args = line.split()
+        if command == "connect":  # host port [local port]
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if len(args) > 2:
+                sock.bind((args[0], int(args[2])))
+            sock.connect((args[0], int(args[1])))
+            held[sock.getsockname()[1]] = sock
+            print(sock.getsockname()[1], flush=True)
+        elif command == "reset":  # local port: RST, the socket is gone at once
+            sock = held.pop(int(args[0]))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+            print("done", flush=True)
+        elif command == "exec":  # this pid becomes `cat`, still holding every socket
+            for sock in held.values():
+                os.set_inheritable(sock.fileno(), True)
+            print("done", flush=True)
+            os.execv(args[0], ["cat"])
+    """
+)
+
+
+class Scripted:
+    """A python process that connects and resets when told to (commands on its stdin)."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", SCRIPTED],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.pid = self.proc.pid
+
+    def tell(self, *words: object) -> str:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(" ".join(map(str, words)) + "\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline().strip()
+
+    def connect(self, server: Address, local_port: int | None = None) -> Address:
+        extra = () if local_port is None else (local_port,)
+        return ("127.0.0.1", int(self.tell("connect", server[0], server[1], *extra)))
+
+    def stop(self) -> None:
+        Child.stop(self)  # type: ignore[arg-type]  # the same proc attribute
+
+
+@contextlib.contextmanager
+def scripted(count: int) -> Iterator[list[Scripted]]:
+    made: list[Scripted] = []
+    try:
+        for _ in range(count):
+            made.append(Scripted())
+        yield made
+    finally:
+        for child in made:
+            child.stop()
+
+
+class ScanSpy:
+    """Records the pids whose fd tables a lookup reads, in order."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.pids: list[int] = []
+        real = ProcessLookup._scan
+
+        def scan(lookup: ProcessLookup, pids: Iterable[int], *args: Any, **kwargs: Any) -> Any:
+            listed = list(pids)
+            before = lookup.fd_tables_read
+            result = real(lookup, listed, *args, **kwargs)
+            # The pids actually read: a scan stops once every socket has its owner.
+            read = [pid for pid in listed if os.path.exists(f"/proc/{pid}/fd")]
+            self.pids += read[: lookup.fd_tables_read - before]
+            return result
+
+        monkeypatch.setattr(ProcessLookup, "_scan", scan)
+
+
+@pytest.mark.parametrize("lookup_method", ["sock_diag", "proc"])
+def test_a_socket_in_time_wait_is_answered_without_reading_fd_tables(lookup_method: str) -> None:
+    """A closed socket (TIME_WAIT: no inode) has no owner to search for."""
+    with listener() as server, children(server.getsockname(), 1, "exit") as (child,):
+        child.go()
+        local = child.read_address()
+        peer, _ = server.accept()
+        with peer:
+            child.proc.wait(timeout=5)
+            peer.close()
+            wait_until(lambda: tcp_state(local, server.getsockname()) == {"TIME-WAIT"}, "TIME-WAIT")
+            lookup = ProcessLookup(use_sock_diag=lookup_method == "sock_diag")
+            try:
+                answers = lookup.find([(1, local, server.getsockname())])
+            finally:
+                lookup.close()
+    assert answers == [(1, ProcessInfo(pid=None, name="?", exited=True))]
+    assert lookup.fd_tables_read == 0
+
+
+def test_a_socket_closed_during_the_pass_is_not_searched_in_every_fd_table(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The kernel listed the socket with its inode, then its program closed it: asked again
+    before the expensive part (every process's fd table), the kernel says it is gone."""
+    spy = ScanSpy(monkeypatch)
+    with listener() as server, scripted(1) as (child,):
+        local = child.connect(server.getsockname())
+        peer, _ = server.accept()
+        with peer:
+            lookup = ProcessLookup()
+            real = lookup._sockets
+            first = real({(local, server.getsockname())})
+            assert first[(local, server.getsockname())].inode != 0
+            child.tell("reset", local[1])
+            wait_until(lambda: not tcp_state(local, server.getsockname()), "the socket to go")
+            calls: list[int] = []
+
+            def sockets(exact: Iterable[Address]) -> Any:
+                calls.append(1)
+                return first if len(calls) == 1 else real(exact)  # type: ignore[arg-type]
+
+            monkeypatch.setattr(lookup, "_sockets", sockets)
+            try:
+                answers = lookup.find([(1, local, server.getsockname())])
+            finally:
+                lookup.close()
+    assert answers == [(1, ProcessInfo(pid=None, name="?", user=MY_USER, exited=True))]
+    assert len(calls) == 2, "the kernel was not asked again"
+    assert spy.pids == [] and lookup.fd_tables_read == 0
+
+
+def test_the_relays_own_fd_table_is_read_only_for_its_own_sockets(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another program's socket is found without reading this process's fd table (the
+    relay's: two sockets per tunnel); a socket of this process still is, last."""
+    spy = ScanSpy(monkeypatch)
+    with (
+        listener() as server,
+        scripted(1) as (child,),
+        socket.create_connection(server.getsockname()) as mine,
+    ):
+        local = child.connect(server.getsockname())
+        accepted = [server.accept()[0] for _ in range(2)]
+        try:
+            lookup = ProcessLookup()
+            try:
+                theirs = lookup.find([(1, local, server.getsockname())])
+                read_for_theirs = list(spy.pids)
+                spy.pids.clear()
+                own = lookup.find([(2, mine.getsockname(), mine.getpeername())])
+            finally:
+                lookup.close()
+        finally:
+            for sock in accepted:
+                sock.close()
+    info = theirs[0][1]
+    assert info is not None and info.pid == child.pid
+    assert os.getpid() not in read_for_theirs and child.pid in read_for_theirs
+    assert_me(own[0][1])
+    assert spy.pids[-1] == os.getpid()
+    assert spy.pids.count(os.getpid()) == 1
+
+
+def test_a_remembered_socket_is_believed_only_while_its_process_holds_it() -> None:
+    """A socket seen in a scan is found again without one; once its program has closed it
+    and another program connects from the same address to the same destination (the same
+    4-tuple, a new socket), the answer is that other program."""
+    with listener() as server, scripted(2) as (first, second):
+        lookup = ProcessLookup()
+        try:
+            # Bound before connecting, so that its port is not shared with another
+            # connection of this host (connect's own choice may be) and can be bound again.
+            local = first.connect(server.getsockname(), 0)
+            peer, _ = server.accept()
+            found = lookup.find([(1, local, server.getsockname())])
+            tables = lookup.fd_tables_read
+            again = lookup.find([(2, local, server.getsockname())])
+            assert lookup.fd_tables_read == tables, "a remembered socket was searched for"
+
+            first.tell("reset", local[1])
+            peer.close()
+            wait_until(lambda: not tcp_state(local, server.getsockname()), "the socket to go")
+            assert second.connect(server.getsockname(), local[1]) == local
+            peer, _ = server.accept()
+            with peer:
+                reused = lookup.find([(3, local, server.getsockname())])
+        finally:
+            lookup.close()
+    for answers, pid in ((found, first.pid), (again, first.pid), (reused, second.pid)):
+        info = answers[0][1]
+        assert info is not None and info.pid == pid and not info.exited
+
+
+def test_a_process_that_runs_another_program_is_named_after_it() -> None:
+    """The same pid, after exec: the program's name and executable are read again."""
+    cat = os.path.realpath(shutil.which("cat") or "/bin/cat")
+    with listener() as server, scripted(1) as (child,):
+        lookup = ProcessLookup()
+        try:
+            local = child.connect(server.getsockname())
+            peer, _ = server.accept()
+            with peer:
+                before = lookup.find([(1, local, server.getsockname())])
+                child.tell("exec", cat)
+                wait_until(lambda: os.path.realpath(f"/proc/{child.pid}/exe") == cat, "exec")
+                after = lookup.find([(2, local, server.getsockname())])
+        finally:
+            lookup.close()
+    first, second = before[0][1], after[0][1]
+    assert first is not None and first.pid == child.pid
+    assert first.exe == os.path.realpath(sys.executable)
+    assert second is not None and second.pid == child.pid
+    assert (second.name, second.exe) == ("cat", cat)
 
 
 # container traffic -------------------------------------------------------------------------------

@@ -480,26 +480,15 @@ class ProcessLookup:
             try:
                 fds = os.listdir(fd_dir)
                 if old:
-                    # A new socket sits on an fd number this process did not have at the
-                    # last scan, or on one a closed socket freed: those first, files last.
-                    fds.sort(key=lambda fd: 0 if fd not in old else 1 if old[fd] else 2)
-                for index, fd in enumerate(fds):
-                    try:
-                        link = os.readlink(fd, dir_fd=fd_dir)
-                    except OSError:
-                        continue  # closed meanwhile
-                    self.fds_read += 1
-                    is_socket = table[fd] = link[:7] == "socket:"
-                    if is_socket and learn:
-                        known[link] = (pid, fd)
-                    inode = targets.pop(link, None)
-                    if inode is not None:
-                        owners[inode] = pid
-                        self._remember(pid)
-                        if not targets:
-                            for rest in fds[index + 1 :]:
-                                table[rest] = old.get(rest, True) if old else True
-                            break
+                    # The kernel gives a new socket the lowest free fd: a number this
+                    # process did not have at its last scan, or one a closed socket freed.
+                    # Those first, lowest first; files last.
+                    fds.sort(
+                        key=lambda fd: (0 if fd not in old else 1 if old[fd] else 2, len(fd), fd)
+                    )
+                if self._read_fds(pid, fd_dir, fds, table, targets, owners, learn) and old:
+                    for fd in fds:  # not read this time: as last seen
+                        table.setdefault(fd, old.get(fd, True))
             except OSError:
                 pass  # ended while being read
             finally:
@@ -514,6 +503,36 @@ class ProcessLookup:
             for link in list(itertools.islice(known, len(known) - _KNOWN_SOCKETS // 2)):
                 del known[link]
         return unreadable
+
+    def _read_fds(
+        self,
+        pid: int,
+        fd_dir: int,
+        fds: Iterable[str],
+        table: dict[str, bool],
+        targets: dict[str, int],
+        owners: dict[int, int],
+        learn: bool,
+    ) -> bool:
+        """Read these fds of `pid` (into `table`: fd -> holds a socket) until every target
+        has its owner; True once none is left."""
+        known = self._known
+        for fd in fds:
+            try:
+                link = os.readlink(fd, dir_fd=fd_dir)
+            except OSError:
+                continue  # closed meanwhile
+            self.fds_read += 1
+            is_socket = table[fd] = link[:7] == "socket:"
+            if is_socket and learn:
+                known[link] = (pid, fd)
+            inode = targets.pop(link, None)
+            if inode is not None:
+                owners[inode] = pid
+                self._remember(pid)
+                if not targets:
+                    return True
+        return not targets
 
     def _remember(self, pid: int) -> None:
         self._recent[pid] = None
