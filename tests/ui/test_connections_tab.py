@@ -16,6 +16,7 @@ from tray_proxy.monitor.rows import ProcessInfo, RowChanges, RowState
 from tray_proxy.relay.records import CloseReason
 from tray_proxy.ui.bridge import UiBridge
 from tray_proxy.ui.dashboard.connections import ConnectionsTab
+from tray_proxy.ui.dashboard.pace import CHUNK_ROWS
 
 from .conftest import FakeServices, closed, make_row, make_status
 
@@ -246,14 +247,15 @@ def test_a_large_batch_is_applied_in_steps_with_the_loop_between(
     ticker.start(0)
     rows = [closed(make_row(i)) for i in range(1, 351)]
     tab.apply(RowChanges(opened=(make_row(500),), closed=tuple(rows)))
-    assert tab.applying and tab.closed.rowCount() == 100  # the first step, at once
+    assert tab.applying and tab.closed.rowCount() == CHUNK_ROWS  # the first step, at once
     assert not tab.closed_view.updatesEnabled()  # one repaint, after the last step
     qtbot.waitUntil(lambda: not tab.applying, timeout=2000)
     ticker.stop()
-    assert inserted == [(0, 99), (100, 199), (200, 299), (300, 349)]
+    steps = range(0, 350, CHUNK_ROWS)
+    assert inserted == [(first, min(first + CHUNK_ROWS, 350) - 1) for first in steps]
     assert [r.conn_id for r in tab.closed.rows()] == list(range(1, 351))
     assert _ids(tab) == [500] and tab.closed_view.updatesEnabled()
-    assert {100, 200, 300} <= set(passes)  # the loop ran after each step
+    assert set(steps[1:]) <= set(passes)  # the loop ran after each step
     assert tab.show_closed.text() == "Closed (350)"
 
 
@@ -290,3 +292,16 @@ def test_showing_the_tab_finishes_an_application_under_way(
     tab.flush_pending()
     assert not tab.applying and tab.closed.rowCount() == 300
     assert tab.closed_view.updatesEnabled()
+
+
+def test_rows_merged_while_hidden_are_applied_in_steps_when_shown(
+    qtbot: QtBot, services: FakeServices
+) -> None:
+    tab = _tab(qtbot, services, closed_cap=1000)
+    tab.hide()
+    tab.apply(RowChanges(closed=tuple(closed(make_row(i)) for i in range(1, 301))))
+    assert tab.closed.rowCount() == 0
+    tab.show()
+    assert tab.applying and tab.closed.rowCount() == CHUNK_ROWS
+    qtbot.waitUntil(lambda: not tab.applying, timeout=2000)
+    assert [r.conn_id for r in tab.closed.rows()] == list(range(1, 301))

@@ -240,7 +240,7 @@ class ConnectionsTab(QWidget):
 
     def apply(self, changes: RowChanges) -> None:
         """One merged batch from the bridge. While the tab is not on screen (another tab,
-        or the window hidden in the tray) batches are only merged, and applied in one go
+        or the window hidden in the tray) batches are only merged, and applied (in steps)
         when it shows: hidden tables cost the UI thread, and so the relay's thread that
         shares the GIL with it, nothing per connection."""
         self._pending.add(changes)
@@ -263,7 +263,7 @@ class ConnectionsTab(QWidget):
         return bool(self._steps)
 
     def flush_pending(self) -> None:
-        """Apply everything received so far, now and in one go (done when the tab shows)."""
+        """Apply everything received so far, now and in one go."""
         self._timer.stop()
         while self._steps:
             self._apply_rows(self._steps.popleft())
@@ -321,7 +321,10 @@ class ConnectionsTab(QWidget):
                 view.setUpdatesEnabled(True)
 
     def showEvent(self, event: QShowEvent) -> None:  # noqa: N802 - Qt's name
-        self.flush_pending()
+        # What came while hidden (up to a full Closed table): in steps too, so that showing
+        # the window does not hold the UI loop for the whole of it.
+        if not self._steps and not self._timer.isActive():
+            self._start_application()
         super().showEvent(event)
 
     def _apply_rows(self, changes: RowChanges) -> None:

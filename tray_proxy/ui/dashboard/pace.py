@@ -24,8 +24,8 @@ SHARE = 0.1
 FLOOR = 0.2
 # Never further apart than this: the table still moves a few times a second.
 CEILING = 0.4
-# Rows per step of one application (about 5 ms of model work here, 10 ms under load).
-CHUNK_ROWS = 100
+# Rows per step of one application (about 2 ms of model work here, 5-7 ms under load).
+CHUNK_ROWS = 50
 
 
 class FlushPace:
