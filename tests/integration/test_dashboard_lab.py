@@ -7,8 +7,10 @@ main thread moved into the lab's client namespace. Real curl (no proxy settings)
 lab's nft redirect -> the relay -> real Squid with Basic auth -> the lab origin.
 
 The tests read what the user reads: the Connections tab's tables (their rows through the
-models' row role, and the cells' text), its filters, sorting and Close buttons clicked with
-the mouse, and the Log tab over the history file after the connections closed.
+models' row role, and the cells' text), its filters, sorting, details and Close buttons
+clicked with the mouse; the Overview's errors and open count; the Upstreams cards and their
+Test now through real Squid; and the Log tab (filters, Export…) over the history file after
+the connections closed. Qt's model checks stay attached to the live models throughout.
 """
 
 from __future__ import annotations
