@@ -29,7 +29,16 @@ from tray_proxy.relay.records import CloseReason
 
 TRAY_PROXY = Path(sys.executable).with_name("tray-proxy")
 KNOWN_PASSWORD = "Tr4y-pr0xy-cli-password-51e0"
+# The rows' times are relative to when a test writes them (`fresh_now`), not to when this
+# module was imported: a full run reaches these tests minutes after the import, and a
+# "--since 5m" would then miss rows written "4.5 minutes ago".
 NOW = time.time()
+
+
+@pytest.fixture(autouse=True)
+def fresh_now() -> None:
+    global NOW
+    NOW = time.time()
 
 
 def row(i: int, **changes: object) -> ConnectionRow:

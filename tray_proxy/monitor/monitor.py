@@ -200,6 +200,11 @@ class Monitor:
             awaiting = self._awaiting
             for row in closed:
                 if row.conn_id in awaiting:
+                    # An id the engine used again (a new engine in the same run cannot, but
+                    # the monitor does not rely on it): the earlier row goes out first.
+                    earlier = held.pop(row.conn_id, None)
+                    if earlier is not None:
+                        final.append(earlier[1])
                     held[row.conn_id] = (deadline, row)
                 else:
                     final.append(row)
