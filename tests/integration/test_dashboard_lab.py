@@ -608,14 +608,6 @@ def test_test_now_through_a_real_407_says_so_on_the_card_and_as_a_notice(
     run(scenario)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "controller/core.py test_upstream builds ProbeRecord(...) without "
-        "outcome=result.outcome.value, so the health reducer takes every failed probe "
-        "for an unreachable proxy"
-    ),
-)
 def test_test_now_through_a_real_407_marks_the_proxy_password_refused(
     run: Callable[[Scenario], None],
 ) -> None:

@@ -620,7 +620,16 @@ class ProxyController:
                 self._error(text)
             monitor = self._monitor_on(asyncio.get_running_loop())
             monitor.probe(
-                ProbeRecord(upstream.name, time.time(), result.ok, result.latency_s, result.words)
+                ProbeRecord(
+                    upstream.name,
+                    time.time(),
+                    result.ok,
+                    result.latency_s,
+                    result.words,
+                    # What failed decides the state: a refused password or a forbidden
+                    # target is not a proxy that is down.
+                    outcome=result.outcome.value,
+                )
             )
             self._snapshot = monitor.health(time.time())
         self._notice(NoticeKind.TEST_RESULT, "Test connection", text)
