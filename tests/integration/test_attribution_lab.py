@@ -42,6 +42,8 @@ pytestmark = pytest.mark.lab
 _CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 BODY = 1_500_000  # at curl's limited rate, its connection stays open for about a second
+SMALL_BODY = 2_000  # one segment: curl exits as soon as the tunnel has carried it
+SHORT_RUNS = 8
 
 PYTHON_CLIENT = textwrap.dedent(
     """
@@ -256,3 +258,52 @@ def test_curl_and_python_at_once_are_each_attributed_to_their_own_process(lab: L
             assert int(proc.stdout.readline()) > BODY  # the whole response came through
         with relay.lock:
             assert len(relay.opened) == len(relay.answers) == 4
+
+
+def test_short_transfers_are_attributed_while_curl_still_holds_its_socket(lab: Lab) -> None:
+    """A quiet attributor looks a connection up within milliseconds: a curl that fetches a
+    small body and exits at once is still named (before, a 20 ms gathering delay let most
+    such programs close their socket first). Never someone else: a connection is curl's
+    own, or shown as exited."""
+    squid = lab.squid
+    assert squid.credentials is not None
+    upstream = UpstreamProxy(
+        "squid", UpstreamKind.HTTP, squid.host, squid.port, username=squid.credentials.username
+    )
+    port = allocate_port(lab)
+    url = lab.origins.url("http", lab.origins.bytes_path(SMALL_BODY, "short"), "v4")
+    curl_path = shutil.which("curl")
+    assert curl_path is not None
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    config = curl_config(url, output=Path(os.devnull))
+    named = 0
+    with (
+        EngineInNamespace(lab.client.name, upstream, squid.credentials.password, port) as relay,
+        lab.redirect(port, (80,)),
+    ):
+        for _ in range(SHORT_RUNS):  # one at a time: each finds the attributor quiet
+            with started(
+                lab.client.popen(
+                    ["curl", "--disable", "--config", "-"],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    env=env,
+                )
+            ) as proc:
+                out, err = proc.communicate(config.encode(), timeout=30)
+                assert proc.returncode == 0, err.decode(errors="replace")
+                result = json.loads(out)
+                assert result["http_code"] == 200 and result["size_download"] == SMALL_BODY
+                info = relay.answer_for_port(int(result["local_port"]))
+            assert info is not None
+            if info.pid is None:
+                assert info.exited, info  # closed before the lookup: said so, no guess
+            else:
+                assert (info.pid, info.name) == (proc.pid, "curl"), info
+                # An exiting curl's executable can no longer be read.
+                assert info.exe in (os.path.realpath(curl_path), None), info
+                named += 1
+    # Each transfer takes a tunnel through Squid (connect, CONNECT, the origin's answer):
+    # milliseconds, against a lookup that starts within 2 ms of the relay's accept.
+    assert named >= SHORT_RUNS // 2, f"only {named} of {SHORT_RUNS} short transfers named"

@@ -852,6 +852,58 @@ def test_a_busy_worker_coalesces_the_next_burst(monkeypatch: pytest.MonkeyPatch)
         assert_me(info)
 
 
+def test_after_a_costly_pass_the_worker_rests(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker's CPU stays near `cpu_share` of a core: with no CPU left in its budget,
+    after a pass that cost 60 ms of CPU, at a share of one half, the next pass waits
+    120 ms (60 ms of work in 120 ms), and the requests made meanwhile are answered
+    together by it."""
+    monkeypatch.setattr(attribution, "_CPU_BURST", 0.0)
+    starts: list[float] = []
+    ends: list[float] = []
+    real = ProcessLookup.find
+
+    def find(lookup: ProcessLookup, burst: Sequence[Request]) -> object:
+        starts.append(time.monotonic())
+        if len(starts) == 1:
+            spent = time.thread_time()
+            while time.thread_time() - spent < 0.06:  # bounded: 60 ms of this thread's CPU
+                pass
+        result = real(lookup, burst)
+        ends.append(time.monotonic())
+        return result
+
+    monkeypatch.setattr(ProcessLookup, "find", find)
+    with listener() as server:
+        own = [socket.create_connection(server.getsockname()) for _ in range(4)]
+        try:
+
+            async def main() -> tuple[Collector, int]:
+                loop = asyncio.get_running_loop()
+                collector = Collector(loop, len(own))
+                attributor = Attributor(loop, collector, delay=0.0, cpu_share=0.5)
+                try:
+                    sock = own[0]
+                    attributor.request(0, sock.getsockname(), sock.getpeername())
+                    while not ends:  # bounded by the test's timeout
+                        await asyncio.sleep(0.005)
+                    for index, sock in enumerate(own[1:], 1):
+                        attributor.request(index, sock.getsockname(), sock.getpeername())
+                    await asyncio.wait_for(collector.done, ANSWER_TIMEOUT)
+                finally:
+                    attributor.close()
+                return collector, attributor.passes
+
+            with asyncio.Runner() as runner:
+                collector, passes = runner.run(main())
+        finally:
+            for sock in own:
+                sock.close()
+    assert passes == 2 and collector.batches == 2
+    assert starts[1] - ends[0] >= 0.12 * 0.9  # thread_time's clock is not monotonic's
+    for info in collector.answers.values():
+        assert_me(info)
+
+
 def test_pending_requests_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
     """Beyond the cap a request is answered None at once (on the loop), not queued."""
     monkeypatch.setattr(attribution, "MAX_PENDING", 5)

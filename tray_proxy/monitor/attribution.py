@@ -72,8 +72,11 @@ Any4 = tuple[Address, Address]  # (local, remote) of one TCP socket, IPv4 writte
 # Requests waiting for a pass; beyond this, a request is answered None at once (a relay
 # taking thousands of connections per burst would otherwise grow this without bound).
 MAX_PENDING = 4096
-# The longest rest between passes (rows wait for their process up to 2 s, see Monitor).
-_MAX_REST = 0.5
+# CPU seconds the worker may spend at once beyond its share (a quiet worker has them all:
+# a costly pass, such as the first, reading every process's fd table, costs no rest).
+_CPU_BURST = 0.05
+# The longest rest between passes, whatever the last one cost.
+_MAX_REST = 0.25
 # close() waits this long for a pass in progress.
 JOIN_TIMEOUT = 2.0
 # The pids that owned sockets lately, scanned first (a browser opens many connections).
@@ -111,15 +114,20 @@ class Attributor:
         delay: float = 0.002,
         cpu_share: float = 0.03,
     ) -> None:
-        """A burst gathers for at least `delay`; after each pass the worker rests so that
-        its CPU time stays near `cpu_share` of one core (a pass that cost 0.5 ms: about
-        16 ms). Quiet, a connection is looked up within `delay`, before a short-lived
-        program has closed its socket; busy, the bursts grow instead of the cost."""
+        """A burst gathers for at least `delay`; the worker's CPU time stays near
+        `cpu_share` of one core over time (a token bucket of _CPU_BURST seconds): quiet, a
+        connection is looked up within `delay`, before a short-lived program has closed
+        its socket; busy, the worker rests between passes and the bursts grow instead of
+        the cost (passes of 0.5 ms at 3%: one every 17 ms)."""
         self._loop = loop
         self._deliver = deliver
         self._delay = delay
-        self._rest_factor = 1.0 / cpu_share - 1.0
-        self._rest_until = 0.0  # monotonic time before which no pass starts (worker only)
+        self._cpu_share = cpu_share
+        # Worker only: the CPU seconds it may still spend, as of `_budget_at` (monotonic),
+        # and the monotonic time before which no pass starts.
+        self._budget = _CPU_BURST
+        self._budget_at = 0.0
+        self._rest_until = 0.0
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._pending: list[tuple[int, Address, Address | None]] = []
@@ -188,6 +196,16 @@ class Attributor:
             burst, self._pending = self._pending, []
             return burst
 
+    def _spent(self, cpu: float) -> None:
+        """A pass cost `cpu` seconds: take them from the budget (refilled at the share
+        since the last pass); in debt, rest until it is paid back."""
+        now = time.monotonic()
+        share = self._cpu_share
+        self._budget = min(_CPU_BURST, self._budget + (now - self._budget_at) * share) - cpu
+        self._budget_at = now
+        if self._budget < 0:
+            self._rest_until = now + min(-self._budget / share, _MAX_REST)
+
     def _run(self) -> None:
         try:
             while True:
@@ -205,8 +223,7 @@ class Attributor:
                     self._loop.call_soon_threadsafe(self._deliver, answers)
                 except RuntimeError:  # the loop has closed: nobody waits for these any more
                     return
-                rest = (time.thread_time() - cpu) * self._rest_factor
-                self._rest_until = time.monotonic() + min(rest, _MAX_REST)
+                self._spent(time.thread_time() - cpu)
         finally:
             self._lookup.close()  # its netlink socket belongs to this thread
 
@@ -445,7 +462,10 @@ class ProcessLookup:
                 pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
             except OSError:
                 return owners, None, gone
-            rest = [pid for pid in pids if pid not in self._recent and pid != me]
+            # Newest first: a program that just started (a curl) has the highest pid.
+            rest = sorted(
+                (pid for pid in pids if pid not in self._recent and pid != me), reverse=True
+            )
             unreadable = self._scan(rest, targets, owners, uids, unreadable, learn=True)
         for pid in [pid for pid in self._tables if pid not in self._recent]:
             del self._tables[pid]
