@@ -111,7 +111,7 @@ class Attributor:
         loop: asyncio.AbstractEventLoop,
         deliver: Deliver,
         *,
-        delay: float = 0.002,
+        delay: float = 0.0005,
         cpu_share: float = 0.03,
     ) -> None:
         """A burst gathers for at least `delay`; the worker's CPU time stays near
