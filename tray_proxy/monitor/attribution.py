@@ -10,10 +10,20 @@ the NAT). One pass answers every request that arrived meanwhile:
    thousands of TIME_WAIT lines /proc/net/tcp lists on a busy relay). A request without an
    original destination (a connection that was not redirected) reads /proc/net/tcp{,6}
    and matches the client address alone, only when exactly one socket has it;
-2. the inodes' owners, from /proc/<pid>/fd: recently seen processes first, stopping as soon
-   as every inode has its owner, processes of other users skipped when their uid cannot
-   own the socket;
-3. the process's name, executable and user with psutil.
+2. the inodes' owners, from /proc/<pid>/fd, cheapest first, stopping as soon as every inode
+   has its owner: a socket fd remembered from an earlier scan (believed only after one
+   readlink shows that fd still holds it); the recently seen processes (their new and
+   freed-socket fds first); then, once the kernel has been asked again which sockets are
+   still held (a socket closed meanwhile has no owner to search for), every other
+   process, newest first; the relay's own fd table last (its sockets are the far ends of
+   redirected connections: read only for a connection it made itself). Processes of
+   other users are skipped when their uid cannot own the socket;
+3. the process's name, executable and user with psutil (kept while the pid runs the same
+   image).
+
+The worker answers a quiet period's request at once, before a short-lived program has
+closed its socket; busy, it keeps to a share of one core (a token bucket) and lets the
+bursts grow instead.
 
 Matching is on the full 4-tuple (IPv4-mapped IPv6 forms both ways); a lookup that would
 need a guess answers less instead. What each outcome answers:
@@ -41,6 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import functools
 import ipaddress
 import itertools
@@ -681,6 +692,22 @@ _DIAG_TAIL = struct.Struct("=IIIII")  # expires, rqueue, wqueue, uid, inode
 _NO_COOKIE = struct.pack("=III", 0, 0xFFFFFFFF, 0xFFFFFFFF)  # if, cookie[2]
 # Requests per message: their replies must fit the netlink socket's receive buffer.
 _DIAG_CHUNK = 128
+_DIAG_BUFFER = 1 << 16
+_MSG_DONTWAIT = 0x40
+
+
+def _load_recv() -> Callable[[int, ctypes.Array[ctypes.c_char], int, int], int] | None:
+    try:
+        libc = ctypes.PyDLL(None, use_errno=True)  # PyDLL: calls keep the GIL
+        recv = libc.recv
+    except (OSError, AttributeError):
+        return None
+    recv.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int]
+    recv.restype = ctypes.c_ssize_t
+    return recv
+
+
+_libc_recv = _load_recv()
 
 
 def _diag_request(seq: int, local: Address, remote: Address) -> bytes:
@@ -712,15 +739,35 @@ def _diag_address(family: int, raw: bytes) -> str:
     return _plain((socket.inet_ntop(socket.AF_INET6, raw), 0))[0]
 
 
+def _recv_queued(sock: socket.socket, buffer: ctypes.Array[ctypes.c_char]) -> bytes | None:
+    """A datagram already queued on `sock`, read without releasing the GIL (None: none).
+
+    The kernel answers sock_diag in the sender's context: every reply is queued by the time
+    send() returns, so this never waits. socket.recv releases the GIL for each reply, and
+    the busy relay thread takes it each time: a pass of 20 replies waited for up to 20 of
+    Python's switch intervals (5 ms each) while the programs asked about closed their
+    sockets, and forced as many thread switches on the relay.
+    """
+    if _libc_recv is None:
+        return None
+    received = _libc_recv(sock.fileno(), buffer, len(buffer), _MSG_DONTWAIT)
+    if received < 0:
+        return None  # nothing queued (or an error socket.recv will report)
+    return ctypes.string_at(buffer, received)
+
+
 def _diag_replies(
     sock: socket.socket, count: int
 ) -> Iterable[tuple[int, tuple[Any4, SocketEntry] | None]]:
     """Each request's reply: (seq, ((local, remote), entry)) or (seq, None) for no socket."""
     answered = 0
+    buffer = ctypes.create_string_buffer(_DIAG_BUFFER)
     for _ in range(count):  # a reply message per request, usually many per datagram
         if answered >= count:
             return
-        data = sock.recv(1 << 16)
+        data = _recv_queued(sock, buffer)
+        if data is None:
+            data = sock.recv(_DIAG_BUFFER)
         offset = 0
         while offset + _NLMSG_HEADER.size <= len(data):
             length, kind, _, seq, _ = _NLMSG_HEADER.unpack_from(data, offset)
