@@ -69,6 +69,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import psutil
 
@@ -280,6 +281,7 @@ class ProcessLookup:
         self._details: dict[int, tuple[tuple[bytes, str, int], ProcessInfo]] = {}
         self.fd_tables_read = 0  # /proc/<pid>/fd tables read so far (for tests and benches)
         self.fds_read = 0  # their fds read (readlink) so far
+        self._link_buffer = ctypes.create_string_buffer(_LINK_BUFFER)
         self._users: dict[int, str] = {}
         self._local: frozenset[str] = frozenset()
         self._local_at = -_LOCAL_ADDRESSES_TTL
@@ -560,10 +562,10 @@ class ProcessLookup:
         """Read these fds of `pid` (into `table`: fd -> holds a socket) until every target
         has its owner; True once none is left."""
         known = self._known
+        readlink = self._readlink
         for fd in fds:
-            try:
-                link = os.readlink(fd, dir_fd=fd_dir)
-            except OSError:
+            link = readlink(fd, fd_dir)
+            if link is None:
                 continue  # closed meanwhile
             self.fds_read += 1
             is_socket = table[fd] = link[:7] == "socket:"
@@ -576,6 +578,26 @@ class ProcessLookup:
                 if not targets:
                     return True
         return not targets
+
+    def _readlink(self, name: str, dir_fd: int) -> str | None:
+        """Where /proc/<pid>/fd/<name> points (None: that fd is closed). Reading a
+        process's fd table is one call per fd: through os.readlink each released the GIL
+        and waited to get it back from the busy relay thread."""
+        if _libc_readlinkat is None:
+            try:
+                return os.readlink(name, dir_fd=dir_fd)
+            except OSError:
+                return None
+        buffer = self._link_buffer
+        size = _libc_readlinkat(dir_fd, name.encode(), buffer, _LINK_BUFFER)
+        if size < 0:
+            return None
+        if size >= _LINK_BUFFER:  # a long path, cut short: ask again the usual way
+            try:
+                return os.readlink(name, dir_fd=dir_fd)
+            except OSError:
+                return None
+        return ctypes.string_at(buffer, size).decode("utf-8", "surrogateescape")
 
     def _remember(self, pid: int) -> None:
         self._recent[pid] = None
@@ -693,21 +715,27 @@ _NO_COOKIE = struct.pack("=III", 0, 0xFFFFFFFF, 0xFFFFFFFF)  # if, cookie[2]
 # Requests per message: their replies must fit the netlink socket's receive buffer.
 _DIAG_CHUNK = 128
 _DIAG_BUFFER = 1 << 16
+_LINK_BUFFER = 4096
 _MSG_DONTWAIT = 0x40
 
 
-def _load_recv() -> Callable[[int, ctypes.Array[ctypes.c_char], int, int], int] | None:
+def _libc_function(name: str, *argtypes: Any) -> Any:
+    """A libc function called without releasing the GIL (PyDLL), or None: for calls
+    that never block, where handing the GIL to the busy relay thread and waiting to get it
+    back would cost more than the call."""
     try:
-        libc = ctypes.PyDLL(None, use_errno=True)  # PyDLL: calls keep the GIL
-        recv = libc.recv
+        function = getattr(ctypes.PyDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
         return None
-    recv.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int]
-    recv.restype = ctypes.c_ssize_t
-    return recv
+    function.argtypes = list(argtypes)
+    function.restype = ctypes.c_ssize_t
+    return function
 
 
-_libc_recv = _load_recv()
+_libc_recv = _libc_function("recv", ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int)
+_libc_readlinkat = _libc_function(
+    "readlinkat", ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t
+)
 
 
 def _diag_request(seq: int, local: Address, remote: Address) -> bytes:
