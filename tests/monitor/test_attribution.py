@@ -986,6 +986,34 @@ def test_without_sock_diag_the_lookup_reads_proc(monkeypatch: pytest.MonkeyPatch
     assert_me(second[0][1])
 
 
+@pytest.mark.parametrize("missing", ["_libc_recv", "_libc_readlinkat"])
+def test_without_the_libc_calls_that_keep_the_gil(
+    monkeypatch: pytest.MonkeyPatch, missing: str
+) -> None:
+    """recv and readlinkat go through libc when it has them (the GIL kept); without, the
+    socket module's and os's own calls give the same answers."""
+    monkeypatch.setattr(attribution, missing, None)
+    with listener() as server, scripted(1) as (child,):
+        local = child.connect(server.getsockname())
+        peer, _ = server.accept()
+        with peer, socket.create_connection(server.getsockname()) as mine:
+            lookup = ProcessLookup()
+            try:
+                answers = dict(
+                    lookup.find(
+                        [
+                            (1, local, server.getsockname()),
+                            (2, mine.getsockname(), mine.getpeername()),
+                        ]
+                    )
+                )
+            finally:
+                lookup.close()
+    info = answers[1]
+    assert info is not None and info.pid == child.pid
+    assert_me(answers[2])
+
+
 def test_a_loop_closed_under_a_pass_ends_the_worker_quietly(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
