@@ -282,6 +282,8 @@ class ConnectionsTab(QWidget):
         if self._pending_gone:
             gone, self._pending_gone = self._pending_gone, set()
             self.active.remove(gone)
+            if not self._pending:
+                self._after_rows()
         if not self._pending:
             return
         pending, self._pending = self._pending, RowMerger()
