@@ -26,11 +26,13 @@ def test_numbers() -> None:
         "5000.0 TB",
     ]
     assert fmt_rate(2_000_000) == "2.0 MB/s"
-    assert [fmt_latency(s) for s in (None, 0.0042, 0.0123, 1.5)] == [
+    assert [fmt_latency(s) for s in (None, 0.0042, 0.0123, 0.9994, 1.5, 250)] == [
         "-",
         "4.2 ms",
         "12 ms",
-        "1500 ms",
+        "999 ms",
+        "1.5 s",  # a cold proxy's password check: "1500 ms" was cut off in the column
+        "250 s",
     ]
     assert [fmt_duration(s) for s in (None, 0.31, 42.4, 245, 7500)] == [
         "-",

@@ -65,3 +65,21 @@ def test_without_data_it_says_so(qtbot: QtBot) -> None:
     drawn = _image(chart)
     assert _count(empty, RED) == 0 and _count(drawn, RED) > 50
     assert empty != drawn
+
+
+def test_a_single_moment_is_a_dot_at_the_right_edge(qtbot: QtBot) -> None:
+    """One latency bucket so far (the first handshakes of an upstream): a dot per series
+    where "now" is, not an empty chart."""
+    chart = LineChart()
+    qtbot.addWidget(chart)
+    chart.resize(200, 100)
+    chart.set_series([Series("p50", RED, [(5.0, 4.0)]), Series("p95", BLUE, [(5.0, 8.0)])])
+    image = _image(chart)
+    assert _count(image, RED, rows=range(image.height())) > 10
+    assert _count(image, BLUE, rows=range(image.height())) > 10
+    left_half = [
+        image.pixelColor(x, y)
+        for x in range(image.width() // 2)
+        for y in range(image.height() // 4, image.height())
+    ]
+    assert QColor(RED) not in left_half and QColor(BLUE) not in left_half

@@ -30,6 +30,8 @@ def fmt_latency(seconds: float | None) -> str:
     if seconds is None:
         return "-"
     ms = seconds * 1000
+    if ms >= 1000:  # "1937 ms" does not fit the Latency column; "1.9 s" does
+        return f"{seconds:.1f} s" if seconds < 100 else f"{seconds:.0f} s"
     return f"{ms:.1f} ms" if ms < 10 else f"{ms:.0f} ms"
 
 

@@ -69,7 +69,9 @@ class LineChart(QWidget):
         x_min = min(p[0] for p in points)
         x_max = max(p[0] for p in points)
         y_max = max(p[1] for p in points)
-        x_span = (x_max - x_min) or 1.0
+        if x_max == x_min:  # one moment so far: show it at the right edge, as "now"
+            x_min = x_max - 1.0
+        x_span = x_max - x_min
         y_top = y_max * 1.1 if y_max > 0 else 1.0
 
         def at(x: float, y: float) -> QPointF:
@@ -81,6 +83,12 @@ class LineChart(QWidget):
         painter.setRenderHint(QPainter.RenderHint.Antialiasing, True)
         for series in self._series:
             if not series.points:
+                continue
+            if len(series.points) == 1:  # a line needs two points: one is a dot
+                painter.setPen(Qt.PenStyle.NoPen)
+                painter.setBrush(series.color)
+                painter.drawEllipse(at(*series.points[0]), 3.0, 3.0)
+                painter.setBrush(Qt.BrushStyle.NoBrush)
                 continue
             path = QPainterPath(at(*series.points[0]))
             for x, y in series.points[1:]:
