@@ -75,7 +75,7 @@ def test_a_single_moment_is_a_dot_at_the_right_edge(qtbot: QtBot) -> None:
     chart.resize(200, 100)
     chart.set_series([Series("p50", RED, [(5.0, 4.0)]), Series("p95", BLUE, [(5.0, 8.0)])])
     image = _image(chart)
-    plot = range(image.height() // 4, image.height())  # below the legend's coloured labels
+    plot = range(image.height() // 5, image.height())  # below the legend's coloured labels
     assert _count(image, RED, rows=plot) > 10
     assert _count(image, BLUE, rows=plot) > 10
     left_half = [

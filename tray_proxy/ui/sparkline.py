@@ -87,7 +87,9 @@ class LineChart(QWidget):
             if len(series.points) == 1:  # a line needs two points: one is a dot
                 painter.setPen(Qt.PenStyle.NoPen)
                 painter.setBrush(series.color)
-                painter.drawEllipse(at(*series.points[0]), 3.0, 3.0)
+                dot = at(*series.points[0])
+                dot.setX(min(dot.x(), plot.right() - 4.0))  # whole, inside the frame
+                painter.drawEllipse(dot, 3.5, 3.5)
                 painter.setBrush(Qt.BrushStyle.NoBrush)
                 continue
             path = QPainterPath(at(*series.points[0]))
