@@ -93,6 +93,7 @@ class ConnectionsTab(QWidget):
         self._steps: collections.deque[RowChanges] = collections.deque()
         self._series_began = 0.0
         self._series_cost = 0.0
+        self._frozen: list[QTableView] = []  # views not repainted until the last step
         self._timer = QTimer(self)
         self._timer.setSingleShot(True)
         self._timer.timeout.connect(self._on_timer)
@@ -291,7 +292,8 @@ class ConnectionsTab(QWidget):
         self._series_began = time.monotonic()
         self._series_cost = 0.0
         if len(self._steps) > 1:
-            for view in (self.active_view, self.closed_view):
+            self._frozen = [v for v in (self.active_view, self.closed_view) if v.updatesEnabled()]
+            for view in self._frozen:
                 view.setUpdatesEnabled(False)
         self._next_step()
 
@@ -318,9 +320,9 @@ class ConnectionsTab(QWidget):
         self.pace.painted(cost)
 
     def _end_series(self) -> None:
-        for view in (self.active_view, self.closed_view):
-            if not view.updatesEnabled():
-                view.setUpdatesEnabled(True)
+        frozen, self._frozen = self._frozen, []
+        for view in frozen:
+            view.setUpdatesEnabled(True)
 
     def showEvent(self, event: QShowEvent) -> None:  # noqa: N802 - Qt's name
         # What came while hidden (up to a full Closed table): in steps too, so that showing

@@ -58,6 +58,7 @@ def make_table(
     if model is not None:  # (column widths are set after the model: it makes the header)
         view.setModel(model)
     view.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+    view.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)  # read-only tables
     view.setWordWrap(False)
     view.setAlternatingRowColors(True)
     rows = view.verticalHeader()

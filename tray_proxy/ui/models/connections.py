@@ -24,15 +24,14 @@ from collections.abc import Iterable, Sequence
 from typing import cast
 
 from PySide6.QtCore import (
-    QAbstractTableModel,
     QModelIndex,
     QModelRoleData,
     QModelRoleDataSpan,
     QObject,
     QPersistentModelIndex,
     QSortFilterProxyModel,
-    Qt,
 )
+from PySide6.QtGui import QStandardItemModel
 
 from tray_proxy.monitor.rows import ConnectionRow, RowState
 from tray_proxy.ui.models.columns import (
@@ -92,13 +91,21 @@ def _runs(positions: Iterable[int]) -> list[tuple[int, int]]:
     return runs
 
 
-class ConnectionTableModel(QAbstractTableModel):
-    """Connection rows in arrival order. `cap`: keep at most that many (oldest dropped)."""
+class ConnectionTableModel(QStandardItemModel):
+    """Connection rows in arrival order. `cap`: keep at most that many (oldest dropped).
+
+    A QStandardItemModel without items: Qt keeps the shape (row and column counts,
+    `index()`, `flags()`, the headers) in C++, so the proxy's sorting and the views ask
+    Python only for what is in the rows (`data`, `multiData`). The rows stay here."""
 
     def __init__(self, *, cap: int | None = None, parent: QObject | None = None) -> None:
-        super().__init__(parent)
+        super().__init__(0, COLUMN_COUNT, parent)
+        self.setHorizontalHeaderLabels([HEADERS[c] for c in Column])
         self._cap = cap
         self._rows: list[ConnectionRow] = []
+        # Rows leave the list when Qt says they are gone (first of the slots), so that
+        # whoever looks before sees them and whoever looks after does not.
+        self.rowsRemoved.connect(self._rows_removed)
         # conn id -> position + _offset; dropping the oldest rows only moves _offset.
         self._pos: dict[int, int] = {}
         self._offset = 0
@@ -120,34 +127,6 @@ class ConnectionTableModel(QAbstractTableModel):
 
     def rows(self) -> Sequence[ConnectionRow]:
         return self._rows
-
-    def rowCount(self, parent: AnyIndex = QModelIndex()) -> int:  # noqa: B008, N802 - Qt's API
-        return 0 if parent.isValid() else len(self._rows)
-
-    def columnCount(self, parent: AnyIndex = QModelIndex()) -> int:  # noqa: B008, N802
-        return 0 if parent.isValid() else COLUMN_COUNT
-
-    def headerData(  # noqa: N802 - Qt's name
-        self,
-        section: int,
-        orientation: Qt.Orientation,
-        role: int = Qt.ItemDataRole.DisplayRole,
-    ) -> object:
-        if role != Qt.ItemDataRole.DisplayRole or orientation != Qt.Orientation.Horizontal:
-            return None
-        if 0 <= section < len(Column):
-            return HEADERS[Column(section)]
-        return None
-
-    def index(
-        self,
-        row: int,
-        column: int,
-        parent: AnyIndex = QModelIndex(),  # noqa: B008 - Qt's API
-    ) -> QModelIndex:
-        if 0 <= row < len(self._rows) and 0 <= column < COLUMN_COUNT and not parent.isValid():
-            return self.createIndex(row, column)
-        return QModelIndex()
 
     def painted(self, position: int) -> tuple[dict[int, object], ...]:
         """What a view paints for each cell of the row at `position`, by role: its text,
@@ -226,11 +205,12 @@ class ConnectionTableModel(QAbstractTableModel):
             self._emit_changed(changed)
         if new:
             first = len(self._rows)
-            self.beginInsertRows(QModelIndex(), first, first + len(new) - 1)
             for i, row in enumerate(new):
                 self._pos[row.conn_id] = self._offset + first + i
+            # (Appended: the rows before them read the same whether Qt has counted the new
+            # ones yet or not.)
             self._rows.extend(new)
-            self.endInsertRows()
+            self.insertRows(first, len(new))
         self._trim()
 
     def remove(self, conn_ids: Iterable[int]) -> None:
@@ -238,12 +218,10 @@ class ConnectionTableModel(QAbstractTableModel):
         if not positions:
             return
         for first, last in reversed(_runs(positions)):
-            self.beginRemoveRows(QModelIndex(), first, last)
             for row in self._rows[first : last + 1]:
                 del self._pos[row.conn_id]
                 self._cells.pop(row.conn_id, None)
-            del self._rows[first : last + 1]
-            self.endRemoveRows()
+            self.removeRows(first, last - first + 1)
         self._offset = 0
         self._pos = {row.conn_id: i for i, row in enumerate(self._rows)}
 
@@ -251,13 +229,14 @@ class ConnectionTableModel(QAbstractTableModel):
         if self._cap is None or len(self._rows) <= self._cap:
             return
         excess = len(self._rows) - self._cap
-        self.beginRemoveRows(QModelIndex(), 0, excess - 1)
         for row in self._rows[:excess]:
             del self._pos[row.conn_id]
             self._cells.pop(row.conn_id, None)
-        del self._rows[:excess]
         self._offset += excess
-        self.endRemoveRows()
+        self.removeRows(0, excess)
+
+    def _rows_removed(self, parent: AnyIndex, first: int, last: int) -> None:
+        del self._rows[first : last + 1]
 
     def _emit_changed(self, positions: list[int]) -> None:
         last_column = COLUMN_COUNT - 1
