@@ -255,3 +255,23 @@ def test_sorting_uses_values_not_text() -> None:
     proxy.sort(Column.PROCESS, Qt.SortOrder.AscendingOrder)
     model.upsert([make_row(5, process=ProcessInfo(pid=1, name="apt"))])
     assert proxy.visible_rows()[0].conn_id == 5
+
+
+def test_the_tables_are_read_only_and_keep_their_shape_in_qt(qtbot: QtBot) -> None:
+    model = ConnectionTableModel(cap=3)
+    model.upsert([make_row(i) for i in range(1, 6)])
+    assert model.rowCount() == 3 and model.columnCount() == len(Column)
+    assert ids(model) == [3, 4, 5] and model.data(model.index(0, Column.DESTINATION)) == (
+        "example-3.test:443"
+    )
+    assert not model.index(3, 0).isValid() and not model.index(0, len(Column)).isValid()
+    assert model.headerData(Column.UP, Qt.Orientation.Horizontal) == "Sent"
+    view = make_table(ConnectionFilter(model), "t")
+    qtbot.addWidget(view)
+    view.show()
+    view.resize(800, 300)
+    cell = view.visualRect(view.model().index(0, Column.PROCESS)).center()
+    qtbot.mouseDClick(view.viewport(), Qt.MouseButton.LeftButton, pos=cell)
+    qtbot.keyClick(view, Qt.Key.Key_F2)
+    # Qt's item-less model calls every cell editable: the views never open an editor.
+    assert view.state() != view.State.EditingState

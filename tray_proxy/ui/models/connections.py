@@ -1,18 +1,19 @@
 """The live connection tables: `ConnectionTableModel` (one instance for Active, one for
 Closed) and `ConnectionFilter`, the sort and filter proxy in front of either.
 
-Updates are incremental and batched: one `beginInsertRows` per batch of new rows,
-`dataChanged` per run of changed rows found through an id -> row map, removals per run of
-adjacent rows, and the Closed table's cap drops its oldest rows in one `beginRemoveRows`.
+Updates are incremental and batched: one `insertRows` per batch of new rows, `dataChanged`
+per run of changed rows found through an id -> row map, removals per run of adjacent rows,
+and the Closed table's cap drops its oldest rows in one `removeRows`.
 No batch resets the model, so a view keeps its selection and scroll position and repaints
 only what changed (1,000 new connections a second are ten batches, not 1,000 repaints).
 
 The relay runs on its own thread in the same process, so every call Qt makes into Python
 here waits for the GIL that thread may hold (up to `sys.getswitchinterval()` per call under
-load): the models keep those calls few. A painted cell is one `multiData` call (not one
-`data()` per role, each mapped through the proxy), answered from display strings cached per
-row; `index()` is answered here in one call (Qt's own asks `rowCount()` and `columnCount()`
-each time); `flags()` is Qt's (the same flags, without a call into Python).
+load): the models keep those calls few. The table model keeps its shape in C++ (row and
+column counts, `index()`, `flags()`, headers: see ConnectionTableModel), and a painted cell
+is one `multiData` call (not one `data()` per role, each mapped through the proxy),
+answered from what is painted, cached per row. What is left per new row is the proxy's
+`filterAcceptsRow` and a few `lessThan`.
 
 Must not import keyring, socket or subprocess.
 """
