@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import os
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
 import qasync
 from PySide6.QtCore import QPoint, Qt
+from PySide6.QtGui import QImage
 from PySide6.QtTest import QTest
 from PySide6.QtWidgets import QApplication, QTableView
 
@@ -40,6 +42,7 @@ from tests.integration.dashboard_support import (
     until,
 )
 from tests.lab.environment import Lab
+from tests.lab.netns import NsProcess
 from tests.lab.origins import ALT_HOSTNAME, HOSTNAME
 from tray_proxy.monitor.rows import ConnectionRow, RowState
 from tray_proxy.relay.records import CloseReason
@@ -618,3 +621,118 @@ def test_test_now_through_a_real_407_marks_the_proxy_password_refused(
         await until(lambda: "password refused" in card.state_label.text(), "the state", 3)
 
     run(scenario)
+
+
+SHOTS_ENV = "TRAY_PROXY_SCREENSHOTS"  # =1: the tabs' pictures go to docs/ (README's screenshots)
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+
+
+def test_every_tab_with_real_traffic_as_the_readme_shows_it(
+    run: Callable[[Scenario], None], lab: Lab
+) -> None:
+    """The four tabs after real traffic: finished downloads by curl and python, a 403, two
+    uploads still running, a Test now through a proxy entry with a wrong password. Each tab
+    shows that traffic; with TRAY_PROXY_SCREENSHOTS=1 (under Xvfb) it is saved to docs/."""
+
+    async def scenario(rig: DashboardRig) -> None:
+        window = rig.window
+        assert window is not None
+        window.resize(1000, 700)
+        tab = window.connections
+        origins = lab.origins
+        body = rig.workdir / "upload"
+        with body.open("wb") as f:
+            f.truncate(SLOW_BODY)
+        running = [
+            Curl(lab, origins.url("http", "/echo"), options=[SLOW], max_time=90, upload=body),
+            Curl(
+                lab,
+                origins.url("http", "/echo", ALT_HOSTNAME),
+                options=["limit-rate = 300K"],
+                max_time=90,
+                upload=body,
+            ),
+        ]
+        finished: list[Curl] = []
+        python: NsProcess | None = None
+        try:
+            # Squid's password helper starts cold (1-2 s for the first CONNECT): warm it up
+            # first, so the latency the pictures show is the proxy's, not its start-up.
+            running.append(Curl(lab, origins.url("https", "/health")))
+            await running[-1].finished(30)
+            for i in range(8):
+                if i == 4:
+                    await asyncio.sleep(1.5)  # two waves: the traffic graph has a shape
+                host = (HOSTNAME, ALT_HOSTNAME)[i % 2]
+                scheme = ("https", "http", "https", "https")[i % 4]
+                path = origins.bytes_path(300_000 * (i + 1), f"shot{i}")
+                finished.append(Curl(lab, origins.url(scheme, path, host), options=[RATE]))
+            finished.append(Curl(lab, f"http://{HOSTNAME}:{DENIED_PORT}/", max_time=15))
+            fetch = (
+                "import urllib.request,sys; "
+                "sys.exit(0 if len(urllib.request.urlopen(sys.argv[1], timeout=30).read()) "
+                "== 2000000 else 1)"
+            )
+            python = lab.client.popen(
+                ["python3", "-c", fetch, origins.url("http", origins.bytes_path(2_000_000, "py"))]
+            )
+            for curl in finished:
+                await curl.finished(60)
+            py = python
+            await until(lambda: py.poll() is not None, "python's download", 60)
+            assert python.returncode == 0
+            await until(
+                lambda: _row_by_pid(tab.closed_proxy, py.pid) is not None,
+                "python's row among the closed connections",
+            )
+            await _test_now_with_a_wrong_password(rig)
+            # (The Connections tab, hidden behind Upstreams now, applies its rows when shown.)
+            await until(lambda: window.connections_label.text() == "2", "the two uploads open")
+            await asyncio.sleep(3)  # a few seconds of traffic on the Overview's graph
+
+            shots: dict[str, QImage] = {}
+            window.tabs.setCurrentWidget(window.overview)
+            assert window.connections_label.text() == "2"
+            assert "forbids this destination (403)" in "\n".join(
+                window.errors.item(i).text() for i in range(window.errors.count())
+            )
+            shots["overview"] = await _shot(window)
+
+            window.tabs.setCurrentWidget(tab)
+            QTest.mouseClick(tab.show_closed, Qt.MouseButton.LeftButton)
+            closed = rows_of(tab.closed_proxy)
+            assert {r.process.name for r in closed if r.process and not r.process.exited} >= {
+                "curl",
+                "python3",
+            }
+            denied = next(i for i, r in enumerate(closed) if r.state is RowState.FAILED)
+            _click_row(tab.closed_view, denied, extend=False)
+            assert "forbids this destination (403)" in tab.details.toPlainText()
+            shots["connections"] = await _shot(window)
+
+            window.tabs.setCurrentWidget(window.upstreams)
+            assert "password refused" in window.upstreams.cards[WRONG_PASSWORD].state_label.text()
+            shots["upstreams"] = await _shot(window)
+
+            window.tabs.setCurrentWidget(window.log)
+            await until(lambda: window.log.model.rowCount() >= len(finished) + 1, "the Log")
+            shots["log"] = await _shot(window)
+        finally:
+            for curl in running + finished:
+                curl.stop()
+            if python is not None:
+                python.stop(grace=1.0)
+                lab.client.forget(python)
+        for name, image in shots.items():
+            assert not image.isNull() and image.width() >= 900, name
+            if os.environ.get(SHOTS_ENV) == "1":
+                assert image.save(str(DOCS / f"dashboard-{name}.png")), name
+
+    run(scenario)
+
+
+async def _shot(window: MainWindow) -> QImage:
+    """The window as it is painted once the tab's pending updates are shown."""
+    await asyncio.sleep(0.5)
+    QApplication.processEvents()
+    return window.grab().toImage()

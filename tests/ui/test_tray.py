@@ -179,3 +179,13 @@ def test_left_click_toggles_other_clicks_do_not(
     icon.icon.activated.emit(QSystemTrayIcon.ActivationReason.Trigger)
     icon.icon.activated.emit(QSystemTrayIcon.ActivationReason.Context)
     assert services.calls == [("toggle", None)]
+
+
+def test_a_sub_millisecond_handshake_is_not_zero() -> None:
+    """Through a spare connection a handshake takes well under a millisecond."""
+    from tray_proxy.controller import UpstreamInfo
+    from tray_proxy.ui.menu import upstream_text
+
+    assert upstream_text(UpstreamInfo("corp", "http://p:1", True, 0.00042, False)) == (
+        "corp (0.4 ms)"
+    )

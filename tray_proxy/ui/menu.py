@@ -12,6 +12,7 @@ from PySide6.QtGui import QAction, QActionGroup, QGuiApplication
 from PySide6.QtWidgets import QMenu
 
 from tray_proxy.controller import State, Status, UpstreamInfo
+from tray_proxy.ui.format import fmt_latency
 from tray_proxy.ui.icons import state_icon
 from tray_proxy.ui.services import AppServices
 
@@ -25,7 +26,8 @@ def toggle_text(state: State) -> str:
 
 
 def upstream_text(u: UpstreamInfo) -> str:
-    latency = "no handshake yet" if u.latency is None else f"{u.latency * 1000:.0f} ms"
+    # With spare connections a handshake can take well under a millisecond: "0.4 ms", not "0 ms".
+    latency = "no handshake yet" if u.latency is None else fmt_latency(u.latency)
     failing = ", failing" if u.failing else ""
     return f"{u.name} ({latency}{failing})"
 
