@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Final, Protocol
 
 from tray_proxy.config import Config, load_config, save_config
-from tray_proxy.firewall.client import RedirectStatus
-from tray_proxy.firewall.ruleset import IPAddress, RuleSpec
+from tray_proxy.firewall.ruleset import IPAddress
 from tray_proxy.monitor.rows import ConnectionRow
+from tray_proxy.redirect import HelperControl
 from tray_proxy.relay.credentials import Credentials
 from tray_proxy.relay.events import Observer
 from tray_proxy.relay.probe import ProbeResult, probe_upstream
@@ -74,21 +74,9 @@ class RelayFactory(Protocol):
     def __call__(self, config: Config, observer: Observer) -> RelayHandle: ...
 
 
-class RedirectService(Protocol):
-    """What the controller needs of `firewall.client.RedirectController`."""
-
-    @property
-    def running(self) -> bool: ...
-
-    async def start(self) -> None: ...
-
-    async def apply(self, spec: RuleSpec) -> None: ...
-
-    async def status(self) -> RedirectStatus: ...
-
-    async def remove(self) -> bool: ...
-
-    async def stop(self) -> int | None: ...
+# What the controller needs of `firewall.client.RedirectController` is what a
+# ManagedRedirect drives: one protocol, named for the controller's side.
+RedirectService = HelperControl
 
 
 class CredentialRefresher(Protocol):
