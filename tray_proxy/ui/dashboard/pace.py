@@ -18,7 +18,7 @@ from __future__ import annotations
 from tray_proxy.monitor.rows import RowChanges
 
 # Applying and repainting may take this share of the UI thread's time.
-SHARE = 0.1
+SHARE = 0.08
 # Spacing below this is no spacing at all: the bridge's own flushes come 0.1 s apart, and a
 # repaint of the table alone (about 15 ms) must not slow a table that changes little.
 FLOOR = 0.2
