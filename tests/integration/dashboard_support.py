@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import os
 import subprocess
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ from pytestqt.modeltest import ModelTester
 from tests.integration.relay import allocate_port
 from tests.lab.curl import curl_config
 from tests.lab.environment import Lab
-from tests.lab.netns import NETNS_RUN_DIR, NsProcess, Redirect
+from tests.lab.netns import NsProcess, Redirect, thread_in_namespace
 from tray_proxy.app import AppServices, Autostart
 from tray_proxy.controller import ProxyController, State, engine_relay_factory
 from tray_proxy.controller.history import HistoryFile, history_path, open_history_writer
@@ -49,40 +48,14 @@ from tray_proxy.ui.main_window import CloseChoice, MainWindow
 from tray_proxy.ui.models.columns import ROW_ROLE
 from tray_proxy.ui.models.connections import ConnectionFilter
 
-_CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
-
 UPSTREAM = "squid"
 SPARE = "spare"  # a second proxy in the settings that no connection uses
 WRONG_PASSWORD = "wrong-password"  # the lab Squid again, with a password it refuses
 DENIED_PORT = 5002  # not in the lab Squid's SSL_ports: a CONNECT there is answered 403
 REDIRECT_PORTS = (80, 443, DENIED_PORT)
 
-
-def _setns(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if _libc.setns(fd, _CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns into {path}: {os.strerror(err)}")
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def main_thread_in(ns_name: str) -> Iterator[None]:
-    """The calling thread joins network namespace `ns_name` until the block ends."""
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        _setns(str(NETNS_RUN_DIR / ns_name))
-        try:
-            yield
-        finally:
-            if _libc.setns(home, _CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"setns back to the test's namespace: {os.strerror(err)}")
-    finally:
-        os.close(home)
+# The dashboard tests move the main thread itself (see the module docstring).
+main_thread_in = thread_in_namespace
 
 
 async def until(predicate: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import os
 import shutil
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.engine_in_lab import EngineInLab
 from tests.integration.relay import allocate_port
 from tests.lab.curl import curl_config
 from tests.lab.environment import Lab
@@ -39,8 +39,6 @@ from tray_proxy.relay.settings import RelaySettings, UpstreamKind, UpstreamProxy
 
 pytestmark = pytest.mark.lab
 
-_CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
 BODY = 1_500_000  # at curl's limited rate, its connection stays open for about a second
 SMALL_BODY = 2_000  # one segment: curl exits as soon as the tunnel has carried it
 SHORT_RUNS = 8
@@ -63,7 +61,7 @@ PYTHON_CLIENT = textwrap.dedent(
 )
 
 
-class EngineInNamespace:
+class AttributedEngine(EngineInLab):
     """RelayEngine and an Attributor on one asyncio loop, in a thread inside `ns_name`.
 
     The thread joins the namespace before it makes the loop, so the engine's sockets and
@@ -71,7 +69,7 @@ class EngineInNamespace:
     """
 
     def __init__(self, ns_name: str, upstream: UpstreamProxy, password: str, port: int) -> None:
-        self.ns_name = ns_name
+        super().__init__(ns_name)
         self.upstream = upstream
         self.password = password
         self.port = port
@@ -79,43 +77,9 @@ class EngineInNamespace:
         self.answers: dict[int, ProcessInfo | None] = {}
         self.deliveries = 0
         self.lock = threading.Lock()
-        self.ready = threading.Event()
-        self.error: BaseException | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(target=self._run, name="engine-in-lab", daemon=True)
-
-    def __enter__(self) -> EngineInNamespace:
-        self._thread.start()
-        if not self.ready.wait(30) or self.error is not None:
-            self.__exit__()
-            raise AssertionError(f"the engine did not start: {self.error!r}")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._loop is not None and self._stop is not None:
-            with contextlib.suppress(RuntimeError):
-                self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(30)
-        assert not self._thread.is_alive(), "the engine thread did not stop"
-
-    def _run(self) -> None:
-        try:
-            fd = os.open(f"/run/netns/{self.ns_name}", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if _libc.setns(fd, _CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), "setns")
-            finally:
-                os.close(fd)
-            asyncio.run(self._main())
-        except BaseException as exc:
-            self.error = exc
-            self.ready.set()
 
     async def _main(self) -> None:
         loop = asyncio.get_running_loop()
-        self._loop = loop
-        self._stop = asyncio.Event()
         bus = EventBus()
         creds = StaticCredentialSource(
             {self.upstream.name: Credentials(self.upstream.username or "", Secret(self.password))}
@@ -135,8 +99,7 @@ class EngineInNamespace:
         unsubscribe = bus.subscribe(observe)
         await engine.start()
         try:
-            self.ready.set()
-            await self._stop.wait()
+            await self.serve()
         finally:
             unsubscribe()
             attributor.close()
@@ -183,7 +146,7 @@ def test_curl_and_python_at_once_are_each_attributed_to_their_own_process(lab: L
     env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
     config = curl_config(url, output=Path(os.devnull), options=["limit-rate = 1M"])
     with (
-        EngineInNamespace(lab.client.name, upstream, squid.credentials.password, port) as relay,
+        AttributedEngine(lab.client.name, upstream, squid.credentials.password, port) as relay,
         lab.redirect(port, (80,)),
         contextlib.ExitStack() as stack,
     ):
@@ -278,7 +241,7 @@ def test_short_transfers_are_attributed_while_curl_still_holds_its_socket(lab: L
     config = curl_config(url, output=Path(os.devnull))
     named = 0
     with (
-        EngineInNamespace(lab.client.name, upstream, squid.credentials.password, port) as relay,
+        AttributedEngine(lab.client.name, upstream, squid.credentials.password, port) as relay,
         lab.redirect(port, (80,)),
     ):
         for _ in range(SHORT_RUNS):  # one at a time: each finds the attributor quiet

@@ -9,10 +9,7 @@ The same sentences are unit-tested as transcripts in tests/monitor/test_words.py
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import ctypes
-import os
 import socket
 import struct
 import threading
@@ -22,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from tests.integration.engine_in_lab import EngineInLab
 from tests.integration.relay import allocate_port
 from tests.lab.environment import Lab
 from tests.lab.origins import HOSTNAME
@@ -36,58 +34,23 @@ from tray_proxy.relay.settings import RelaySettings, UpstreamKind, UpstreamProxy
 
 pytestmark = pytest.mark.lab
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_CLONE_NEWNET = 0x40000000
 TIMEOUT = 2.0  # the relay's connect and handshake timeouts in these tests
 
 
-class EngineInLab:
+class RecordingEngine(EngineInLab):
     """A RelayEngine listening in the client namespace (its loop thread joined it with
     setns, so its sockets live there), with the real SO_ORIGINAL_DST lookup."""
 
     def __init__(self, lab: Lab, upstream: UpstreamProxy, credentials: Credentials | None) -> None:
+        super().__init__(lab.client.name)
         self.lab = lab
         self.upstream = upstream
         self.credentials = credentials
         self.port = allocate_port(lab)
         self.events: list[Event] = []
         self.lock = threading.Lock()
-        self.ready = threading.Event()
-        self.error: BaseException | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(target=self._run, name="engine-in-lab", daemon=True)
-
-    def __enter__(self) -> EngineInLab:
-        self._thread.start()
-        if not self.ready.wait(30) or self.error is not None:
-            self.__exit__()
-            raise AssertionError(f"the engine did not start: {self.error!r}")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._loop is not None and self._stop is not None:
-            with contextlib.suppress(RuntimeError):
-                self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(30)
-        assert not self._thread.is_alive(), "the engine thread did not stop"
-
-    def _run(self) -> None:
-        try:
-            fd = os.open(f"/run/netns/{self.lab.client.name}", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if _libc.setns(fd, _CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), "setns")
-            finally:
-                os.close(fd)
-            asyncio.run(self._main())
-        except BaseException as exc:
-            self.error = exc
-            self.ready.set()
 
     async def _main(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
         bus = EventBus()
         entries = {} if self.credentials is None else {self.upstream.name: self.credentials}
         settings = RelaySettings(
@@ -107,8 +70,7 @@ class EngineInLab:
         bus.subscribe(observe)
         await engine.start()
         try:
-            self.ready.set()
-            await self._stop.wait()
+            await self.serve()
         finally:
             await engine.stop(drain_timeout=0.5)
 
@@ -148,9 +110,9 @@ def relay(
     upstream: UpstreamProxy,
     credentials: Credentials | None,
     redirect_ports: tuple[int, ...] = (80, 443),
-) -> Iterator[EngineInLab]:
+) -> Iterator[RecordingEngine]:
     with (
-        EngineInLab(lab, upstream, credentials) as engine,
+        RecordingEngine(lab, upstream, credentials) as engine,
         lab.redirect(engine.port, redirect_ports),
     ):
         yield engine

@@ -90,6 +90,39 @@ def _set_parent_death_signal() -> None:
     _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
+def _setns(fd: int, what: str) -> None:
+    if _libc.setns(fd, _CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns into {what}: {os.strerror(err)}")
+
+
+def join_namespace(name: str) -> None:
+    """The calling thread joins network namespace `name` (setns(2) moves one thread only).
+
+    Sockets it creates afterwards, threads it starts and processes it forks live there too.
+    """
+    fd = os.open(NETNS_RUN_DIR / name, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _setns(fd, name)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def thread_in_namespace(name: str) -> Iterator[None]:
+    """The calling thread joins network namespace `name` until the block ends, then returns
+    to the namespace it was in."""
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        join_namespace(name)
+        try:
+            yield
+        finally:
+            _setns(home, "the thread's own namespace again")
+    finally:
+        os.close(home)
+
+
 def _killpg(pgid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
@@ -285,13 +318,7 @@ class Namespace:
 
         def make() -> None:
             try:
-                fd = os.open(NETNS_RUN_DIR / self.name, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    if _libc.setns(fd, _CLONE_NEWNET) != 0:
-                        err = ctypes.get_errno()
-                        raise OSError(err, f"setns into {self.name}: {os.strerror(err)}")
-                finally:
-                    os.close(fd)
+                join_namespace(self.name)
                 box["sock"] = socket.socket(family, type)
             except BaseException as exc:  # handed to the caller's thread
                 box["error"] = exc
