@@ -1,6 +1,8 @@
 """Process attribution with real sockets: this process's, and real child processes' (python
 -c, connecting to a listener of this test and waiting). Every answer comes through the
-Attributor on a real asyncio loop, from its worker thread, in batches.
+Attributor on a real asyncio loop, from its child process, in batches. What a test
+changes inside the lookup (a slow pass, /proc instead of sock_diag) it changes in that
+child: `worker()` runs the child as a script that patches, then serves.
 
 The only fake is `docker` (Docker cannot run here): an executable on PATH that prints the
 output formats of `docker network ls --quiet --no-trunc` and `docker network inspect`.
@@ -10,11 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -196,12 +198,29 @@ def assert_me(info: ProcessInfo | None) -> None:
     assert not info.exited and not info.remote and info.container is None
 
 
+def worker(monkeypatch: pytest.MonkeyPatch, patch: str) -> None:
+    """The Attributor's child runs `patch` (Python, with `attribution` and `ProcessLookup`
+    imported) before it serves."""
+    script = textwrap.dedent(
+        """
+        import functools, os, pathlib, sys, time
+        from tray_proxy.monitor import attribution, attribution_worker
+        from tray_proxy.monitor.attribution import ProcessLookup
+        """
+    )
+    script += textwrap.dedent(patch) + "\nsys.exit(attribution_worker.main())\n"
+    monkeypatch.setattr(attribution, "_WORKER", ["-c", script])
+
+
 @pytest.fixture(params=["sock_diag", "proc"])
 def method(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Both ways to read the socket table: netlink sock_diag, and /proc/net/tcp{,6}."""
     if request.param == "proc":
-        monkeypatch.setattr(
-            attribution, "ProcessLookup", functools.partial(ProcessLookup, use_sock_diag=False)
+        worker(
+            monkeypatch,
+            """
+            attribution.ProcessLookup = functools.partial(ProcessLookup, use_sock_diag=False)
+            """,
         )
     return str(request.param)
 
@@ -800,27 +819,55 @@ def test_container_traffic_without_docker(monkeypatch: pytest.MonkeyPatch, tmp_p
 # bounds ------------------------------------------------------------------------------------------
 
 
+class FileEvent:
+    """A threading.Event shared with the child process: a file that exists once set."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def set(self) -> None:
+        self.path.touch()
+
+    def wait(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self.path.exists():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
+
 class Gate:
-    """Holds the worker inside its first lookup pass until opened (to make it busy)."""
+    """Holds the child inside its first lookup pass until opened (to make it busy)."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.entered = threading.Event()
-        self.release = threading.Event()
-        self.calls = 0
-        real = ProcessLookup.find
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+        self.entered = FileEvent(tmp_path / "entered")
+        self.release = FileEvent(tmp_path / "release")
+        worker(
+            monkeypatch,
+            f"""
+            real = ProcessLookup.find
+            calls = []
 
-        def find(lookup: ProcessLookup, burst: Sequence[Request]) -> object:
-            self.calls += 1
-            if self.calls == 1:
-                self.entered.set()
-                self.release.wait(ANSWER_TIMEOUT)
-            return real(lookup, burst)
+            def find(lookup, burst):
+                calls.append(1)
+                if len(calls) == 1:
+                    pathlib.Path({str(self.entered.path)!r}).touch()
+                    release = pathlib.Path({str(self.release.path)!r})
+                    deadline = time.monotonic() + {ANSWER_TIMEOUT}
+                    while not release.exists() and time.monotonic() < deadline:
+                        time.sleep(0.005)
+                return real(lookup, burst)
 
-        monkeypatch.setattr(ProcessLookup, "find", find)
+            ProcessLookup.find = find
+            """,
+        )
 
 
-def test_a_busy_worker_coalesces_the_next_burst(monkeypatch: pytest.MonkeyPatch) -> None:
-    gate = Gate(monkeypatch)
+def test_a_busy_worker_coalesces_the_next_burst(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    gate = Gate(monkeypatch, tmp_path)
     with listener() as server:
         own = [socket.create_connection(server.getsockname()) for _ in range(41)]
         try:
@@ -852,27 +899,41 @@ def test_a_busy_worker_coalesces_the_next_burst(monkeypatch: pytest.MonkeyPatch)
         assert_me(info)
 
 
-def test_after_a_costly_pass_the_worker_rests(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_after_a_costly_pass_the_worker_rests(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     """The worker's CPU stays near `cpu_share` of a core: with no CPU left in its budget,
     after a pass that cost 60 ms of CPU, at a share of one half, the next pass waits
     120 ms (60 ms of work in 120 ms), and the requests made meanwhile are answered
     together by it."""
-    monkeypatch.setattr(attribution, "_CPU_BURST", 0.0)
-    starts: list[float] = []
-    ends: list[float] = []
-    real = ProcessLookup.find
+    times = tmp_path / "times"  # "start <monotonic>" and "end <monotonic>" lines
+    worker(
+        monkeypatch,
+        f"""
+        attribution._CPU_BURST = 0.0
+        real = ProcessLookup.find
+        calls = []
 
-    def find(lookup: ProcessLookup, burst: Sequence[Request]) -> object:
-        starts.append(time.monotonic())
-        if len(starts) == 1:
-            spent = time.thread_time()
-            while time.thread_time() - spent < 0.06:  # bounded: 60 ms of this thread's CPU
-                pass
-        result = real(lookup, burst)
-        ends.append(time.monotonic())
-        return result
+        def find(lookup, burst):
+            calls.append(1)
+            with open({str(times)!r}, "a") as log:
+                print("start", time.monotonic(), file=log, flush=True)
+                if len(calls) == 1:
+                    spent = time.thread_time()
+                    while time.thread_time() - spent < 0.06:  # bounded: 60 ms of CPU
+                        pass
+                result = real(lookup, burst)
+                print("end", time.monotonic(), file=log, flush=True)
+            return result
 
-    monkeypatch.setattr(ProcessLookup, "find", find)
+        ProcessLookup.find = find
+        """,
+    )
+
+    def logged(what: str) -> list[float]:
+        lines = times.read_text().splitlines() if times.exists() else []
+        return [float(line.split()[1]) for line in lines if line.startswith(what)]
+
     with listener() as server:
         own = [socket.create_connection(server.getsockname()) for _ in range(4)]
         try:
@@ -884,7 +945,7 @@ def test_after_a_costly_pass_the_worker_rests(monkeypatch: pytest.MonkeyPatch) -
                 try:
                     sock = own[0]
                     attributor.request(0, sock.getsockname(), sock.getpeername())
-                    while not ends:  # bounded by the test's timeout
+                    while not logged("end"):  # bounded by the test's timeout
                         await asyncio.sleep(0.005)
                     for index, sock in enumerate(own[1:], 1):
                         attributor.request(index, sock.getsockname(), sock.getpeername())
@@ -899,15 +960,17 @@ def test_after_a_costly_pass_the_worker_rests(monkeypatch: pytest.MonkeyPatch) -
             for sock in own:
                 sock.close()
     assert passes == 2 and collector.batches == 2
+    starts, ends = logged("start"), logged("end")
     assert starts[1] - ends[0] >= 0.12 * 0.9  # thread_time's clock is not monotonic's
     for info in collector.answers.values():
         assert_me(info)
 
 
-def test_pending_requests_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Beyond the cap a request is answered None at once (on the loop), not queued."""
+def test_pending_requests_are_capped(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Beyond the cap (requests not answered yet, the one in the child's pass included) a
+    request is answered None at once (on the loop), not queued."""
     monkeypatch.setattr(attribution, "MAX_PENDING", 5)
-    gate = Gate(monkeypatch)
+    gate = Gate(monkeypatch, tmp_path)
     with listener() as server, socket.create_connection(server.getsockname()) as sock:
         client, dst = sock.getsockname(), sock.getpeername()
 
@@ -918,11 +981,12 @@ def test_pending_requests_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
             try:
                 attributor.request(0, client, dst)
                 await loop.run_in_executor(None, gate.entered.wait, ANSWER_TIMEOUT)
-                for conn_id in range(1, 9):  # 5 fit, 3 do not
+                for conn_id in range(1, 9):  # 4 fit, 4 do not
                     attributor.request(conn_id, client, dst)
                 await asyncio.sleep(0)  # the overflow answer is already scheduled
                 await asyncio.sleep(0)
-                assert {c: collector.answers[c] for c in (6, 7, 8)} == dict.fromkeys((6, 7, 8)), (
+                overflow = (5, 6, 7, 8)
+                assert {c: collector.answers[c] for c in overflow} == dict.fromkeys(overflow), (
                     "the overflow was not answered at once"
                 )
                 gate.release.set()
@@ -934,41 +998,178 @@ def test_pending_requests_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
 
         with asyncio.Runner() as runner:
             collector = runner.run(main())
-    for conn_id in range(6):
+    for conn_id in range(5):
         assert_me(collector.answers[conn_id])
 
 
-def test_close_stops_the_worker_promptly() -> None:
-    async def main() -> tuple[float, list[threading.Thread]]:
+def test_close_stops_the_child_promptly_and_no_thread_is_left() -> None:
+    """The lookups run in a child process: the relay's process has no thread for them, and
+    close() ends the child (reaped: no zombie)."""
+    threads_before = set(threading.enumerate())
+
+    async def main() -> tuple[float, set[threading.Thread], subprocess.Popen[bytes]]:
         loop = asyncio.get_running_loop()
         collector = Collector(loop, 1)
         attributor = Attributor(loop, collector, delay=0.0)
         attributor.request(1, ("127.0.0.1", 1), ("127.0.0.1", 2))
         await asyncio.wait_for(collector.done, ANSWER_TIMEOUT)
+        threads = set(threading.enumerate()) - threads_before
+        child = attributor._child
+        assert child is not None and child.poll() is None
         started = time.monotonic()
         attributor.close()
         took = time.monotonic() - started
         attributor.request(2, ("127.0.0.1", 1), ("127.0.0.1", 2))  # ignored once closed
         await asyncio.sleep(0.05)
         assert 2 not in collector.answers
-        workers = [t for t in threading.enumerate() if t.name == "tray-proxy-attribution"]
-        return took, workers
+        return took, threads, child
 
     with asyncio.Runner() as runner:
-        took, workers = runner.run(main())
+        took, threads, child = runner.run(main())
     assert took < 1.0
-    assert workers == []
+    assert threads == set(), "a thread in the relay's process"
+    assert child.returncode is not None, "the child was not reaped"
+    with pytest.raises(ChildProcessError):
+        os.waitpid(child.pid, os.WNOHANG)
 
 
-def test_no_thread_before_the_first_request() -> None:
+def test_the_child_starts_with_the_attributor_on_the_loop() -> None:
+    """Ready before the first request: a child still importing would find a short-lived
+    program gone."""
+
     async def main() -> None:
         loop = asyncio.get_running_loop()
         attributor = Attributor(loop, lambda batch: None)
-        assert not [t for t in threading.enumerate() if t.name == "tray-proxy-attribution"]
+        assert attributor._child is None, "started off the loop's turn"
+        await asyncio.sleep(0)
+        child = attributor._child
+        assert child is not None and child.poll() is None
         attributor.close()
+        assert child.returncode is not None
 
     with asyncio.Runner() as runner:
         runner.run(main())
+
+
+def test_the_child_ends_when_its_stdin_closes() -> None:
+    """Whatever becomes of the relay, its end of the pipe closes: the child never outlives
+    it."""
+    child = subprocess.Popen(
+        [sys.executable, "-I", *attribution._WORKER, "--relay-pid", str(os.getpid())],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert child.stdin is not None and child.stdout is not None
+    with listener() as server, socket.create_connection(server.getsockname()) as sock:
+        (ip, port), (dst_ip, dst_port) = sock.getsockname(), sock.getpeername()
+        child.stdin.write(f"7 {ip} {port} {dst_ip} {dst_port}\n".encode())
+        child.stdin.flush()
+        answer = json.loads(child.stdout.readline())
+    assert answer[0][0] == 7 and answer[0][1][0] == os.getpid()
+    child.stdin.close()
+    assert child.wait(timeout=5) == 0
+    child.stdout.close()
+
+
+def test_requests_from_another_thread_are_answered_on_the_loop() -> None:
+    with listener() as server, socket.create_connection(server.getsockname()) as sock:
+
+        async def main() -> Collector:
+            loop = asyncio.get_running_loop()
+            collector = Collector(loop, 2)
+            attributor = Attributor(loop, collector, delay=0.0)
+            try:
+                asking = threading.Thread(
+                    target=lambda: [
+                        attributor.request(i, sock.getsockname(), sock.getpeername())
+                        for i in (1, 2)
+                    ]
+                )
+                asking.start()
+                asking.join()
+                await asyncio.wait_for(collector.done, ANSWER_TIMEOUT)
+            finally:
+                attributor.close()
+            return collector
+
+        with asyncio.Runner() as runner:
+            collector = runner.run(main())
+    assert collector.threads == {threading.get_ident()}
+    assert_me(collector.answers[1])
+    assert_me(collector.answers[2])
+
+
+def test_a_killed_child_answers_none_until_it_is_started_again(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Requests waiting on a child that dies are answered None, so are the ones made before
+    its restart (after a backoff); then the new child answers."""
+    monkeypatch.setattr(attribution, "_RESTART_BACKOFF", 0.3)
+    gate = Gate(monkeypatch, tmp_path)
+    with listener() as server, socket.create_connection(server.getsockname()) as sock:
+        client, dst = sock.getsockname(), sock.getpeername()
+
+        async def main() -> Collector:
+            loop = asyncio.get_running_loop()
+            collector = Collector(loop, 4)
+            attributor = Attributor(loop, collector, delay=0.0)
+            try:
+                attributor.request(1, client, dst)
+                await loop.run_in_executor(None, gate.entered.wait, ANSWER_TIMEOUT)
+                attributor.request(2, client, dst)
+                child = attributor._child
+                assert child is not None
+                os.kill(child.pid, signal.SIGKILL)
+                while len(collector.answers) < 2:  # bounded by the test's timeout
+                    await asyncio.sleep(0.005)
+                assert collector.answers == {1: None, 2: None}
+                assert child.returncode == -signal.SIGKILL, "the dead child was not reaped"
+                attributor.request(3, client, dst)  # within the backoff
+                while 3 not in collector.answers:
+                    await asyncio.sleep(0.005)
+                assert collector.answers[3] is None
+                await asyncio.sleep(0.4)
+                gate.release.set()  # the new child's first pass is gated too
+                attributor.request(4, client, dst)
+                await asyncio.wait_for(collector.done, ANSWER_TIMEOUT)
+            finally:
+                gate.release.set()
+                attributor.close()
+            return collector
+
+        with asyncio.Runner() as runner:
+            collector = runner.run(main())
+    assert_me(collector.answers[4])
+    warnings = [r for r in caplog.records if r.name == attribution.__name__]
+    assert len(warnings) == 1 and "starting it again in 0.3 s" in warnings[0].getMessage()
+
+
+def test_a_child_that_cannot_start_answers_none(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At most _MAX_RESTARTS starts again, then None for good, without an exception."""
+    monkeypatch.setattr(attribution, "_RESTART_BACKOFF", 0.0)
+    monkeypatch.setattr(attribution, "_WORKER", ["-c", "raise SystemExit(3)"])
+
+    async def main() -> Collector:
+        loop = asyncio.get_running_loop()
+        collector = Collector(loop, 6)
+        attributor = Attributor(loop, collector, delay=0.0)
+        try:
+            for conn_id in range(1, 7):
+                attributor.request(conn_id, ("127.0.0.1", 1), ("127.0.0.1", 2))
+                while conn_id not in collector.answers:  # bounded by the test's timeout
+                    await asyncio.sleep(0.005)
+        finally:
+            attributor.close()
+        return collector
+
+    with asyncio.Runner() as runner:
+        collector = runner.run(main())
+    assert collector.answers == dict.fromkeys(range(1, 7))
+    messages = [r.getMessage() for r in caplog.records if r.name == attribution.__name__]
+    assert len(messages) == 1 + attribution._MAX_RESTARTS
+    assert "programs are no longer named" in messages[-1]
 
 
 def test_without_sock_diag_the_lookup_reads_proc(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1014,23 +1215,23 @@ def test_without_the_libc_calls_that_keep_the_gil(
     assert_me(answers[2])
 
 
-def test_a_loop_closed_under_a_pass_ends_the_worker_quietly(
-    monkeypatch: pytest.MonkeyPatch,
+def test_a_loop_closed_under_a_pass_ends_the_child_quietly(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    gate = Gate(monkeypatch)
+    gate = Gate(monkeypatch, tmp_path)
     loop = asyncio.new_event_loop()
     attributor = Attributor(loop, lambda batch: None, delay=0.0)
     try:
         attributor.request(1, ("127.0.0.1", 1), ("127.0.0.1", 2))
+        loop.run_until_complete(asyncio.sleep(0.05))  # the request reaches the child
         assert gate.entered.wait(ANSWER_TIMEOUT)
+        child = attributor._child
+        assert child is not None
     finally:
         loop.close()
         gate.release.set()
-    wait_until(
-        lambda: not [t for t in threading.enumerate() if t.name == "tray-proxy-attribution"],
-        "the worker to end once its loop had closed",
-    )
     attributor.close()
+    assert child.returncode is not None
 
 
 def test_a_burst_larger_than_one_netlink_message() -> None:

@@ -21,7 +21,7 @@ the NAT). One pass answers every request that arrived meanwhile:
 3. the process's name, executable and user with psutil (kept while the pid runs the same
    image).
 
-The worker answers a quiet period's request at once, before a short-lived program has
+The child answers a quiet period's request at once, before a short-lived program has
 closed its socket; busy, it keeps to a share of one core (a token bucket) and lets the
 bursts grow instead.
 
@@ -41,8 +41,9 @@ need a guess answers less instead. What each outcome answers:
 - no socket with that 4-tuple at all (closed and gone), or an ambiguous client address
   without a destination: None
 
-Sockets and the process table are read from the network namespace of the thread that made
-the first request (the engine's loop thread): the worker thread starts from it.
+The lookups run in a child process (`tray_proxy.monitor.attribution_worker`, at a lower
+priority), so they never take the relay's GIL; it is started from the loop's thread and
+reads sockets and the process table in that thread's network namespace.
 
 Must not import PySide6.
 """
@@ -89,8 +90,14 @@ MAX_PENDING = 4096
 _CPU_BURST = 0.05
 # The longest rest between passes, whatever the last one cost.
 _MAX_REST = 0.25
-# close() waits this long for a pass in progress.
+# close() waits this long for the child to end (a pass in progress finishes first).
 JOIN_TIMEOUT = 2.0
+# The child that runs the lookups: `python -I` and these arguments.
+_WORKER = ["-m", "tray_proxy.monitor.attribution_worker"]
+# A child that died or could not start is started again this often, after this backoff
+# (doubled each time); requests meanwhile are answered None.
+_MAX_RESTARTS = 3
+_RESTART_BACKOFF = 1.0
 # The pids that owned sockets lately, scanned first (a browser opens many connections).
 _RECENT_PIDS = 64
 # Socket fds remembered from fd-table scans (a readlink checks one before it is believed).
@@ -109,13 +116,21 @@ _TCP_ORPHAN_STATES = frozenset({4, 9, 11})  # FIN_WAIT1, LAST_ACK, CLOSING
 
 
 class Attributor:
-    """Finds the program behind connections, in batches, in a worker thread.
+    """Finds the program behind connections, in batches, in a child process.
+
+    The lookups run in `python -m tray_proxy.monitor.attribution_worker` (started with the
+    Attributor, from the loop's thread: it inherits that thread's network namespace and
+    the uid, which it needs to see the same sockets), so they never compete with the
+    relay's loop for this process's GIL. This side only writes request lines to the
+    child's stdin and reads its answers (one JSON line per pass) from its stdout, both
+    non-blocking on the loop: no thread.
 
     `request()` only queues (cheap; meant for the loop thread, safe from any); `deliver` is
-    called on the loop thread (call_soon_threadsafe) with every requested id answered
-    exactly once (None: nothing found). Ask as soon as the connection opens: a program
-    that has closed its socket can no longer be named. `close()` stops the worker;
-    requests still queued then are not answered (the loop is going away).
+    called on the loop thread with every requested id answered exactly once (None:
+    nothing found, or no child to ask: it could not start, or died; it is restarted at
+    most _MAX_RESTARTS times, after a backoff). Ask as soon as the connection opens: a
+    program that has closed its socket can no longer be named. `close()` stops the child;
+    requests still unanswered then are not answered (the loop is going away).
     """
 
     def __init__(
@@ -126,66 +141,75 @@ class Attributor:
         delay: float = 0.0005,
         cpu_share: float = 0.03,
     ) -> None:
-        """A burst gathers for at least `delay`; the worker's CPU time stays near
+        """A burst gathers for at least `delay`; the child's CPU time stays near
         `cpu_share` of one core over time (a token bucket of _CPU_BURST seconds): quiet, a
         connection is looked up within `delay`, before a short-lived program has closed
-        its socket; busy, the worker rests between passes and the bursts grow instead of
+        its socket; busy, the child rests between passes and the bursts grow instead of
         the cost (passes of 0.5 ms at 3%: one every 17 ms)."""
         self._loop = loop
         self._deliver = deliver
         self._delay = delay
         self._cpu_share = cpu_share
-        # Worker only: the CPU seconds it may still spend, as of `_budget_at` (monotonic),
-        # and the monotonic time before which no pass starts.
-        self._budget = _CPU_BURST
-        self._budget_at = 0.0
-        self._rest_until = 0.0
-        self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
-        self._pending: list[tuple[int, Address, Address | None]] = []
-        self._first_at = 0.0  # monotonic time the oldest pending request arrived
+        self._lock = threading.Lock()  # guards _queued, _unanswered, _overflow, _closed
+        self._queued: list[str] = []  # request lines not yet handed to the child
+        self._flush_scheduled = False
+        # Ids asked and not answered yet (queued, in the pipe, or in the child's pass).
+        self._unanswered: dict[int, None] = {}
         self._overflow: list[tuple[int, ProcessInfo | None]] = []
         self._closed = False
-        self._thread: threading.Thread | None = None
-        self._lookup = ProcessLookup()
+        # Loop thread only from here on.
+        self._child: subprocess.Popen[bytes] | None = None
+        self._out = bytearray()  # bytes for the child's stdin not written yet
+        self._writing = False  # a writer callback waits for room in the pipe
+        self._in = b""  # the child's output after its last complete line
+        self._restarts = 0
+        self._down_until = 0.0  # monotonic: no child before then (None answers meanwhile)
+        self._given_up = False
         self.passes = 0  # lookup passes run so far (one per burst)
+        # Started now, on the loop's thread, not at the first request: a child still
+        # importing (a few hundred ms on a busy host) would find that connection's short
+        # program gone.
+        self._schedule(self._prestart)
 
     def request(self, conn_id: int, client: Address, original_dst: Address | None) -> None:
         """Ask who made connection `conn_id`; the answer comes later through `deliver`."""
+        if original_dst is None:
+            line = f"{conn_id} {client[0]} {client[1]}\n"
+        else:
+            line = f"{conn_id} {client[0]} {client[1]} {original_dst[0]} {original_dst[1]}\n"
         with self._lock:
             if self._closed:
                 return
-            if len(self._pending) >= MAX_PENDING:
+            if len(self._unanswered) >= MAX_PENDING:
                 self._overflow.append((conn_id, None))
                 if len(self._overflow) == 1:
-                    with contextlib.suppress(RuntimeError):  # the loop has closed
-                        self._loop.call_soon_threadsafe(self._deliver_overflow)
+                    self._schedule(self._deliver_overflow)
                 return
-            self._pending.append((conn_id, client, original_dst))
-            if len(self._pending) == 1:
-                # Only the first request of a burst wakes the worker: the others arrive
-                # while it waits out the delay (a wake-up each would cost it the GIL).
-                self._first_at = time.monotonic()
-                self._wake.notify()
-            if self._thread is None:
-                # Started here, on the loop thread, so the worker shares its network
-                # namespace: the sockets asked about live there.
-                self._thread = threading.Thread(
-                    target=self._run, name="tray-proxy-attribution", daemon=True
-                )
-                self._thread.start()
+            self._unanswered[conn_id] = None
+            self._queued.append(line)
+            if self._flush_scheduled:
+                return
+            self._flush_scheduled = True
+        self._schedule(self._flush)
 
     def close(self) -> None:
-        """Stop the worker (a pass in progress ends first, bounded by JOIN_TIMEOUT)."""
+        """Stop the child: its stdin closed (it exits at once, a pass in progress ends
+        first), waited for up to JOIN_TIMEOUT, killed after that. Never leaves a zombie."""
         with self._lock:
             self._closed = True
-            self._pending.clear()
-            self._wake.notify()
-            thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(JOIN_TIMEOUT)
-            if thread.is_alive():
-                log.warning("process attribution did not stop within %.0f s", JOIN_TIMEOUT)
+            self._queued.clear()
+            self._unanswered.clear()
+        self._stop_child()
+
+    # loop thread -----------------------------------------------------------------------------
+
+    def _schedule(self, callback: Callable[[], None]) -> None:
+        loop = self._loop
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
+            if asyncio._get_running_loop() is loop:
+                loop.call_soon(callback)
+            else:
+                loop.call_soon_threadsafe(callback)
 
     def _deliver_overflow(self) -> None:
         with self._lock:
@@ -193,51 +217,184 @@ class Attributor:
         if answers:
             self._deliver(answers)
 
-    def _take_burst(self) -> list[tuple[int, Address, Address | None]] | None:
-        """Wait for requests, let the burst gather for `delay`, take it (None: closed)."""
+    def _flush(self) -> None:
+        """Hand the queued requests to the child (started here, on the loop's thread)."""
         with self._lock:
-            while not self._pending and not self._closed:
-                self._wake.wait()
-            while not self._closed:
-                left = max(self._first_at + self._delay, self._rest_until) - time.monotonic()
-                if left <= 0:
-                    break
-                self._wake.wait(left)
-            if self._closed:
-                return None
-            burst, self._pending = self._pending, []
-            return burst
+            lines, self._queued = self._queued, []
+            self._flush_scheduled = False
+            if self._closed or not lines:
+                return
+        if self._child is None and not self._start():
+            self._answer_all_none()
+            return
+        self._out += "".join(lines).encode("ascii", "replace")
+        if not self._writing:
+            self._write()
 
-    def _spent(self, cpu: float) -> None:
-        """A pass cost `cpu` seconds: take them from the budget (refilled at the share
-        since the last pass); in debt, rest until it is paid back."""
-        now = time.monotonic()
-        share = self._cpu_share
-        self._budget = min(_CPU_BURST, self._budget + (now - self._budget_at) * share) - cpu
-        self._budget_at = now
-        if self._budget < 0:
-            self._rest_until = now + min(-self._budget / share, _MAX_REST)
+    def _prestart(self) -> None:
+        if self._child is None and not self._closed:
+            self._start()
 
-    def _run(self) -> None:
+    def _start(self) -> bool:
+        """Start the child unless it failed for good or is in its backoff; True if running."""
+        if self._given_up or time.monotonic() < self._down_until:
+            return False
+        command = [
+            sys.executable,
+            "-I",
+            *_WORKER,
+            "--relay-pid",
+            str(os.getpid()),
+            "--delay",
+            repr(self._delay),
+            "--cpu-share",
+            repr(self._cpu_share),
+        ]
         try:
-            while True:
-                burst = self._take_burst()
-                if burst is None:
-                    return
-                cpu = time.thread_time()
-                try:
-                    answers = self._lookup.find(burst)
-                except Exception:  # a bug here must not leave the rows waiting forever
-                    log.exception("process attribution failed for %d connections", len(burst))
-                    answers = [(conn_id, None) for conn_id, _, _ in burst]
-                self.passes += 1
-                try:
-                    self._loop.call_soon_threadsafe(self._deliver, answers)
-                except RuntimeError:  # the loop has closed: nobody waits for these any more
-                    return
-                self._spent(time.thread_time() - cpu)
-        finally:
-            self._lookup.close()  # its netlink socket belongs to this thread
+            child = subprocess.Popen(
+                command,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                bufsize=0,
+                close_fds=True,
+                start_new_session=False,  # a terminal's Ctrl+C reaches it too
+            )
+        except OSError as exc:
+            self._failed(f"it could not start: {exc}")
+            return False
+        assert child.stdin is not None and child.stdout is not None
+        os.set_blocking(child.stdin.fileno(), False)
+        os.set_blocking(child.stdout.fileno(), False)
+        self._child = child
+        self._in = b""
+        self._loop.add_reader(child.stdout.fileno(), self._read)
+        return True
+
+    def _write(self) -> None:
+        child = self._child
+        if child is None or child.stdin is None:
+            return
+        try:
+            written = os.write(child.stdin.fileno(), self._out)
+        except BlockingIOError:
+            written = 0
+        except OSError as exc:  # EPIPE: the child has gone
+            self._child_died(f"writing to it failed: {exc}")
+            return
+        del self._out[:written]
+        if self._out and not self._writing:
+            self._writing = True
+            self._loop.add_writer(child.stdin.fileno(), self._write)
+        elif not self._out and self._writing:
+            self._writing = False
+            self._loop.remove_writer(child.stdin.fileno())
+
+    def _read(self) -> None:
+        child = self._child
+        if child is None or child.stdout is None:
+            return
+        try:
+            data = os.read(child.stdout.fileno(), 1 << 16)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._child_died(f"reading from it failed: {exc}")
+            return
+        if not data:
+            self._child_died("it ended")
+            return
+        lines = (self._in + data).split(b"\n")
+        self._in = lines.pop()
+        for line in lines:
+            answers = self._answers(line)
+            if answers is None:
+                continue
+            self.passes += 1
+            if answers:
+                self._deliver(answers)
+
+    def _answers(self, line: bytes) -> list[tuple[int, ProcessInfo | None]] | None:
+        """One pass's answers, for the ids still waiting (None: not an answer line)."""
+        try:
+            batch = json.loads(line)
+        except ValueError:
+            log.debug("process attribution wrote %r", line[:200])
+            return None
+        if not isinstance(batch, list):
+            return None
+        answers: list[tuple[int, ProcessInfo | None]] = []
+        with self._lock:
+            unanswered = self._unanswered
+            for item in batch:
+                conn_id, fields = item
+                if conn_id not in unanswered:
+                    continue  # not asked (or answered already): never twice
+                del unanswered[conn_id]
+                answers.append((conn_id, None if fields is None else ProcessInfo(*fields)))
+        return answers
+
+    def _child_died(self, why: str) -> None:
+        self._stop_child(why)
+        self._failed(why)
+        self._answer_all_none()
+
+    def _failed(self, why: str) -> None:
+        if self._restarts >= _MAX_RESTARTS:
+            self._given_up = True
+            log.warning("process attribution stopped: %s; programs are no longer named", why)
+            return
+        backoff = _RESTART_BACKOFF * 2**self._restarts
+        self._restarts += 1
+        self._down_until = time.monotonic() + backoff
+        log.warning("process attribution stopped: %s; starting it again in %.1f s", why, backoff)
+
+    def _answer_all_none(self) -> None:
+        """Every request still waiting is answered None (no child to ask)."""
+        with self._lock:
+            ids, self._unanswered = list(self._unanswered), {}
+            self._queued.clear()
+        self._out.clear()
+        if ids and not self._closed:
+            self._deliver([(conn_id, None) for conn_id in ids])
+
+    def _stop_child(self, why: str | None = None) -> None:
+        """End the child and reap it. From another thread while the loop runs (close() from
+        an executor), the loop's reader and writer are the loop's to remove: the child is
+        sent SIGTERM instead of its end-of-file, and the pipes are closed on the loop."""
+        child, self._child = self._child, None
+        if child is None:
+            return
+        writing, self._writing = self._writing, False
+        loop = self._loop
+        if asyncio._get_running_loop() is loop or not loop.is_running():
+            self._release(child, writing)
+        else:
+            with contextlib.suppress(OSError):
+                child.terminate()
+            try:
+                loop.call_soon_threadsafe(self._release, child, writing)
+            except RuntimeError:  # closed meanwhile: no reader left to remove
+                self._release(child, False)
+        try:
+            child.wait(JOIN_TIMEOUT if why is None else 0.2)
+        except subprocess.TimeoutExpired:
+            if why is None:
+                log.warning("process attribution did not stop within %.0f s", JOIN_TIMEOUT)
+            child.kill()
+            child.wait()
+
+    def _release(self, child: subprocess.Popen[bytes], writing: bool) -> None:
+        """Stop watching the child's pipes and close them (its stdin's end: its EOF)."""
+        loop_open = not self._loop.is_closed()
+        if child.stdin is not None:
+            if writing and loop_open:
+                self._loop.remove_writer(child.stdin.fileno())
+            with contextlib.suppress(OSError):
+                child.stdin.close()
+        if child.stdout is not None:
+            if loop_open:
+                self._loop.remove_reader(child.stdout.fileno())
+            child.stdout.close()
 
 
 # The lookup ----------------------------------------------------------------------------------
@@ -268,8 +425,11 @@ class SocketEntry:
 class ProcessLookup:
     """One lookup pass over the kernel's tables. Not thread-safe: the worker owns it."""
 
-    def __init__(self, *, use_sock_diag: bool = True) -> None:
-        """`use_sock_diag=False` reads /proc/net/tcp{,6} only (the fallback; for tests)."""
+    def __init__(self, *, use_sock_diag: bool = True, relay_pid: int | None = None) -> None:
+        """`use_sock_diag=False` reads /proc/net/tcp{,6} only (the fallback; for tests).
+        `relay_pid`: the relay's process (its fd table is read last), when the lookup runs
+        in another one."""
+        self._relay_pid = os.getpid() if relay_pid is None else relay_pid
         self._diag: socket.socket | None = None
         self._diag_broken = not use_sock_diag
         self._recent: OrderedDict[int, None] = OrderedDict()
@@ -455,10 +615,11 @@ class ProcessLookup:
         # The relay itself last, and only for a socket still held that no other process
         # has: its own sockets are the far ends of redirected connections, never their
         # clients, and its fd table is the largest (two sockets per tunnel).
-        me = os.getpid()
+        me = self._relay_pid
+        skip = {me, os.getpid()}  # the lookup's own process holds none of those sockets
         unreadable: set[int] | None = set()
         uids = set(inodes.values())
-        recent = [pid for pid in reversed(self._recent) if pid != me]
+        recent = [pid for pid in reversed(self._recent) if pid not in skip]
         unreadable = self._scan(recent, targets, owners, uids, unreadable, learn=True)
         for stage in ("rest", "mine"):
             if not targets:
@@ -477,7 +638,8 @@ class ProcessLookup:
                 return owners, None, gone
             # Newest first: a program that just started (a curl) has the highest pid.
             rest = sorted(
-                (pid for pid in pids if pid not in self._recent and pid != me), reverse=True
+                (pid for pid in pids if pid not in self._recent and pid not in skip),
+                reverse=True,
             )
             unreadable = self._scan(rest, targets, owners, uids, unreadable, learn=True)
         for pid in [pid for pid in self._tables if pid not in self._recent]:
@@ -721,8 +883,9 @@ _MSG_DONTWAIT = 0x40
 
 def _libc_function(name: str, *argtypes: Any) -> Any:
     """A libc function called without releasing the GIL (PyDLL), or None: for calls
-    that never block, where handing the GIL to the busy relay thread and waiting to get it
-    back would cost more than the call."""
+    that never block. Written when the lookups ran in a thread of the relay (handing the
+    GIL to the busy loop and waiting to get it back cost more than the call); in the
+    child process it only saves the release."""
     try:
         function = getattr(ctypes.PyDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
