@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from PySide6.QtCore import QItemSelection, QModelIndex, Qt, QTimer
-from PySide6.QtGui import QFont, QGuiApplication, QShowEvent
+from PySide6.QtGui import QGuiApplication, QShowEvent
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QButtonGroup,
@@ -26,9 +26,7 @@ from PySide6.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QLineEdit,
-    QPlainTextEdit,
     QPushButton,
-    QSplitter,
     QStackedWidget,
     QTableView,
     QVBoxLayout,
@@ -39,7 +37,7 @@ from tray_proxy.controller import Status
 from tray_proxy.monitor.rows import ConnectionRow, RowChanges, RowState
 from tray_proxy.ui.bridge import RowMerger
 from tray_proxy.ui.dashboard.pace import FlushPace, chunks
-from tray_proxy.ui.dashboard.tables import make_table
+from tray_proxy.ui.dashboard.tables import details_pane, make_table, table_over_details
 from tray_proxy.ui.format import row_details
 from tray_proxy.ui.models.columns import HEADERS, Column, row_text
 from tray_proxy.ui.models.connections import (
@@ -173,19 +171,8 @@ class ConnectionsTab(QWidget):
         for view in (self.active_view, self.closed_view):
             view.selectionModel().selectionChanged.connect(self._selection_changed)
 
-        self.details = QPlainTextEdit()
-        self.details.setObjectName("connection-details")
-        self.details.setReadOnly(True)
-        self.details.setPlaceholderText(NO_SELECTION)
-        fixed = QFont("monospace")
-        fixed.setStyleHint(QFont.StyleHint.TypeWriter)
-        self.details.setFont(fixed)
-        splitter = QSplitter(Qt.Orientation.Vertical)
-        splitter.addWidget(self.stack)
-        splitter.addWidget(self.details)
-        splitter.setStretchFactor(0, 3)
-        splitter.setStretchFactor(1, 1)
-        splitter.setChildrenCollapsible(False)
+        self.details = details_pane("connection-details", NO_SELECTION)
+        splitter = table_over_details(self.stack, self.details)
 
         # -- actions -------------------------------------------------------------------------
         self.close_selected_button = QPushButton("Close selected")

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from PySide6.QtCore import QDateTime, QObject, QRunnable, Qt, QThreadPool, QTimer, Signal
-from PySide6.QtGui import QFont, QShowEvent
+from PySide6.QtGui import QShowEvent
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QComboBox,
@@ -25,16 +25,14 @@ from PySide6.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QLineEdit,
-    QPlainTextEdit,
     QPushButton,
-    QSplitter,
     QVBoxLayout,
     QWidget,
 )
 
 from tray_proxy.controller import Status
 from tray_proxy.monitor.query import HistoryFilter
-from tray_proxy.ui.dashboard.tables import make_table
+from tray_proxy.ui.dashboard.tables import details_pane, make_table, table_over_details
 from tray_proxy.ui.format import row_details
 from tray_proxy.ui.models.columns import Column
 from tray_proxy.ui.models.log import LogModel
@@ -205,19 +203,8 @@ class LogTab(QWidget):
         # details, and the header's menu shows it).
         self.view = make_table(self.model, "log-table", hidden=(Column.IP,), time_width=140)
         self.view.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
-        self.details = QPlainTextEdit()
-        self.details.setObjectName("log-details")
-        self.details.setReadOnly(True)
-        self.details.setPlaceholderText("Select a row to see everything about it.")
-        fixed = QFont("monospace")
-        fixed.setStyleHint(QFont.StyleHint.TypeWriter)
-        self.details.setFont(fixed)
-        splitter = QSplitter(Qt.Orientation.Vertical)
-        splitter.addWidget(self.view)
-        splitter.addWidget(self.details)
-        splitter.setStretchFactor(0, 3)
-        splitter.setStretchFactor(1, 1)
-        splitter.setChildrenCollapsible(False)
+        self.details = details_pane("log-details", "Select a row to see everything about it.")
+        splitter = table_over_details(self.view, self.details)
         layout.addWidget(splitter, 1)
 
         # Typing waits for a pause before asking the database again.

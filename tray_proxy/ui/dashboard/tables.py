@@ -9,9 +9,17 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from PySide6.QtCore import QAbstractItemModel, QPoint
-from PySide6.QtGui import QPaintEvent
-from PySide6.QtWidgets import QAbstractItemView, QHeaderView, QMenu, QTableView
+from PySide6.QtCore import QAbstractItemModel, QPoint, Qt
+from PySide6.QtGui import QFont, QPaintEvent
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QHeaderView,
+    QMenu,
+    QPlainTextEdit,
+    QSplitter,
+    QTableView,
+    QWidget,
+)
 
 from tray_proxy.ui.models.columns import HEADERS, Column
 
@@ -83,6 +91,29 @@ def make_table(
     header.customContextMenuRequested.connect(lambda pos: _column_menu(view, pos))
     header.setToolTip("Right-click to hide or show columns")
     return view
+
+
+def details_pane(name: str, placeholder: str) -> QPlainTextEdit:
+    """The read-only, fixed-width text under a table that shows every field of its row."""
+    details = QPlainTextEdit()
+    details.setObjectName(name)
+    details.setReadOnly(True)
+    details.setPlaceholderText(placeholder)
+    fixed = QFont("monospace")
+    fixed.setStyleHint(QFont.StyleHint.TypeWriter)
+    details.setFont(fixed)
+    return details
+
+
+def table_over_details(table: QWidget, details: QPlainTextEdit) -> QSplitter:
+    """The table above its details pane, three to one, neither collapsible."""
+    splitter = QSplitter(Qt.Orientation.Vertical)
+    splitter.addWidget(table)
+    splitter.addWidget(details)
+    splitter.setStretchFactor(0, 3)
+    splitter.setStretchFactor(1, 1)
+    splitter.setChildrenCollapsible(False)
+    return splitter
 
 
 def _column_menu(view: QTableView, pos: QPoint) -> None:
