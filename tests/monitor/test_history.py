@@ -6,6 +6,7 @@ Must not import PySide6.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -434,6 +435,125 @@ def test_kill_9_during_a_write_burst_loses_at_most_the_last_second(path: Path) -
     assert submitted[-1][0] >= len(ids)
     with HistoryStore(path) as store:  # and the app opens it again as it is
         assert store.count() == len(ids)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as fp:  # a zombie is not alive
+        return fp.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _wait_for(check: object, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():  # type: ignore[operator]
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_a_child_process_writes_the_rows_and_close_reaps_it(path: Path) -> None:
+    writer = HistoryWriter(path, flush_interval=0.05)
+    try:
+        assert _wait_for(lambda: writer.child is not None)  # started by the writer's thread
+        child = writer.child
+        assert child is not None and child.pid != os.getpid() and _alive(child.pid)
+        assert child.args[1:4] == ["-I", "-m", "tray_proxy.monitor.history_writer_worker"]
+        rows = [make_row(i) for i in range(50)]
+        writer.submit(rows)
+        assert writer.flush(10)  # True once the rows are in the file
+        with HistoryStore(path) as store:
+            assert [e.row for e in store.iter_rows(HistoryFilter())] == rows[::-1]
+        assert writer.written == 50
+        # No SQLite work in the parent: the file is only open in the child.
+        own = set()
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(FileNotFoundError):  # the listing's own descriptor
+                own.add(os.readlink(f"/proc/self/fd/{fd}"))
+        assert str(path) not in own
+        assert _alive(child.pid)
+    finally:
+        writer.close()
+    assert child.returncode == 0  # reaped, ended at its stdin's end
+    assert not _alive(child.pid)
+    assert not writer._thread.is_alive()
+
+
+def test_a_killed_child_is_reported_its_rows_dropped_and_it_is_restarted(path: Path) -> None:
+    writer = HistoryWriter(path, flush_interval=0.05, max_age_days=1e5)  # keep make_row's
+    try:
+        writer.submit([make_row(i) for i in range(10)])
+        assert writer.flush(10)
+        assert _wait_for(lambda: writer.child is not None)
+        first = writer.child
+        assert first is not None
+        first.kill()
+        assert _wait_for(lambda: writer.error is not None)
+        assert "stopped unexpectedly" in (writer.error or "")
+        writer.submit([make_row(i) for i in range(10, 20)])  # no child: dropped, not raised
+        assert writer.flush(10)
+        assert writer.dropped == 10
+        assert _wait_for(lambda: writer.child is not None and writer.child is not first)
+        writer.submit([make_row(i) for i in range(20, 30)])
+        assert writer.flush(10)
+        assert writer.error is None
+        assert writer.written == 20
+    finally:
+        writer.close()
+    assert not _alive(first.pid)
+    with HistoryStore(path) as store:
+        assert sorted(e.row.conn_id for e in store.iter_rows(HistoryFilter())) == [
+            *range(10),
+            *range(20, 30),
+        ]
+
+
+def test_the_child_is_restarted_at_most_three_times(path: Path) -> None:
+    writer = HistoryWriter(path, flush_interval=0.02)
+    writer.BACKOFF = 0.01
+    try:
+        seen: set[int] = set()
+        for _ in range(4):
+            assert _wait_for(lambda: writer.child is not None and writer.child.pid not in seen)
+            child = writer.child
+            assert child is not None
+            seen.add(child.pid)
+            child.kill()
+            child.wait()
+        assert _wait_for(lambda: "no longer saved" in (writer.error or ""))
+        writer.submit([make_row(1)])
+        assert writer.flush(10)
+        assert writer.dropped == 1
+        assert writer.child is None
+    finally:
+        writer.close()
+
+
+def test_the_child_ends_with_a_killed_app(path: Path) -> None:
+    path.parent.mkdir(parents=True)
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from tray_proxy.monitor.history import HistoryWriter\n"
+        "w = HistoryWriter(Path(sys.argv[1]))\n"
+        "while w.child is None: time.sleep(0.01)\n"
+        "print(w.child.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        pid = int(proc.stdout.readline())
+        assert _alive(pid)
+    finally:
+        proc.kill()
+        proc.communicate(timeout=10)
+    assert _wait_for(lambda: not _alive(pid), 5)
 
 
 def test_exports_hold_every_field_and_no_secret(path: Path, store: HistoryStore) -> None:

@@ -1,9 +1,10 @@
 """The connection history: one SQLite row per closed connection, kept across restarts.
 
 `HistoryWriter` is what the app and `tray-proxy run` feed: `submit(rows)` only appends to a
-bounded in-memory queue; its own thread writes batches, one transaction each, at least every
-`flush_interval` (0.5 s), and enforces retention. So no disk write ever happens on the
-engine's loop or the UI thread, and a `kill -9` loses at most the last unflushed batch:
+bounded in-memory queue; a child process (history_writer_worker.py) writes batches, one
+transaction each, at least every `flush_interval` (0.5 s), and enforces retention. So no disk
+write (nor any SQL work taking the GIL) ever happens on the engine's loop or the UI thread,
+and a `kill -9` loses at most the last unflushed batch:
 SQLite's WAL with synchronous=NORMAL loses no committed transaction when a process dies
 (only a power cut can cost the last ones), and never corrupts the file.
 
@@ -35,10 +36,14 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime as dt
+import fcntl
 import json
 import logging
 import os
+import select
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections import deque
@@ -49,6 +54,7 @@ from typing import Any, TextIO
 from platformdirs import user_state_path
 
 from tray_proxy.errors import UserError
+from tray_proxy.monitor.history_writer_worker import encode_row
 from tray_proxy.monitor.query import HistoryCursor, HistoryEntry, HistoryFilter, HistoryPage
 from tray_proxy.monitor.rows import ConnectionRow, ProcessInfo, RowState
 from tray_proxy.relay.records import CloseReason
@@ -840,13 +846,21 @@ class HistoryStore:
 
 
 class HistoryWriter:
-    """Writes closed connections to the history on its own thread.
+    """Writes closed connections to the history from a child process
+    (monitor/history_writer_worker.py), so that no SQL work takes the caller's GIL.
 
-    `submit` may be called from any thread and never blocks on the disk. Rows are written
-    in batches, one transaction each, at least every `flush_interval`; retention runs at
-    start and every RETENTION_INTERVAL. When the disk cannot keep up, the queue keeps the
-    newest MAX_PENDING rows and counts the dropped ones (`dropped`), logged once.
+    `submit` may be called from any thread and never blocks nor touches the disk: it encodes
+    the rows into frames and queues them. A small thread hands the queued bytes to the child
+    at least every `flush_interval` (only `os.write`, no per-row work); the child writes
+    what it gets, one transaction per batch, and runs retention at start and every
+    `retention_interval`. When the child cannot keep up, the queue keeps the newest
+    `max_pending` rows and counts the dropped ones (`dropped`), logged once. When the child
+    dies, `error` says so, the rows it held are counted dropped, and it is restarted at most
+    RESTARTS times (with a backoff); rows queued while there is none are dropped too.
     """
+
+    RESTARTS = 3
+    BACKOFF = 0.5  # seconds before the first restart; doubled after each
 
     def __init__(
         self,
@@ -867,13 +881,18 @@ class HistoryWriter:
         self.written = 0
         self.error: str | None = None  # the last failure, written for the user
         self._max_pending = max_pending
-        self._pending: deque[ConnectionRow] = deque()
+        self._pending: deque[bytes] = deque()  # encoded rows, one frame each
         self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
         self._flushed = threading.Condition(self._lock)
+        self._stop = False
         self._submitted = 0
-        self._done = 0  # rows taken off the queue (written, dropped by an error or dropped)
+        self._done = 0  # rows written, failed by an error or dropped
+        self._inflight = 0  # rows handed to the child and not yet reported
+        self._restarts = 0
+        self._warned = False
+        self.child: subprocess.Popen[bytes] | None = None
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
         self._thread = threading.Thread(target=self._run, name="history-writer", daemon=True)
         self._thread.start()
 
@@ -881,28 +900,35 @@ class HistoryWriter:
         """Queue `rows` for writing (any thread; never touches the disk)."""
         if not rows:
             return
+        skipped = max(0, len(rows) - self._max_pending)  # would be dropped at once
+        lines = [encode_row(row) for row in rows[skipped:]]
         with self._lock:
-            self._pending.extend(rows)
+            self._pending.extend(lines)
             self._submitted += len(rows)
-            over = len(self._pending) - self._max_pending
+            over = skipped + max(0, len(self._pending) - self._max_pending)
             if over > 0:
-                for _ in range(over):
+                for _ in range(over - skipped):
                     self._pending.popleft()
-                self._done += over
-                if self.dropped == 0:
-                    log.warning(
-                        "The connection history cannot keep up (disk too slow?): "
-                        "dropping the oldest unwritten rows."
-                    )
-                self.dropped += over
-        self._wake.set()
+                self._drop(over)
+
+    def _drop(self, n: int, *, overflow: bool = True) -> None:
+        # With the lock held.
+        if overflow and not self._warned:
+            self._warned = True
+            log.warning(
+                "The connection history cannot keep up (disk too slow?): "
+                "dropping the oldest unwritten rows."
+            )
+        self.dropped += n
+        self._done += n
+        self._flushed.notify_all()
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until everything submitted so far is written (tests, shutdown)."""
         deadline = time.monotonic() + timeout
         with self._lock:
             target = self._submitted
-            self._wake.set()
+            self._poke()
             while self._done < target:
                 left = deadline - time.monotonic()
                 if left <= 0 or not self._thread.is_alive():
@@ -911,100 +937,209 @@ class HistoryWriter:
         return True
 
     def close(self, timeout: float = 5.0) -> None:
-        """Write what is queued, then stop the thread (waits at most `timeout`)."""
-        self._stop.set()
-        self._wake.set()
+        """Write what is queued, then stop the child and the thread (waits at most
+        `timeout`)."""
+        with self._lock:
+            self._stop = True
+        self._poke()
         self._thread.join(timeout)
         if self._thread.is_alive():
             log.warning("The connection history writer did not finish within %g s.", timeout)
 
-    # -- the thread
+    def _poke(self) -> None:
+        with contextlib.suppress(OSError):  # full: already poked; closed: already stopped
+            os.write(self._wake_w, b"x")
+
+    # -- the thread: bytes to the child, its reports back
 
     def _run(self) -> None:
-        store: HistoryStore | None = None
         try:
-            store = HistoryStore(self.path, check=True)
-        except HistoryError as exc:
-            self._fail(str(exc))
+            self._serve()
         except Exception:  # noqa: BLE001 - a bug here must not kill the app: log it
-            log.exception("The connection history could not be opened")
-            self._fail(f"The connection history {self.path} could not be opened.")
-        if store is None:
-            self._discard_until_stopped()
-            return
-        next_retention = 0.0
-        try:
-            while True:
-                stopping = self._stop.is_set()
-                if time.monotonic() >= next_retention and not stopping:
-                    self._retention(store)
-                    next_retention = time.monotonic() + self.retention_interval
-                if not stopping:
-                    self._wake.wait(self.retention_interval)
-                    # Let a burst gather into one transaction (or leave at once on close).
-                    self._stop.wait(self.flush_interval)
-                    self._wake.clear()
-                batch = self._take()
-                if batch:
-                    self._write(store, batch)
-                if self._stop.is_set() and not self._pending_count():
-                    return
+            log.exception("The connection history writer failed")
+            self._fail(f"The connection history writer failed; {self.path} is not updated.")
         finally:
-            store.close()
+            if self.child is not None and self.child.poll() is None:
+                self.child.kill()
+                self.child.wait()
+            for fd in (self._wake_r, self._wake_w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            with self._lock:
+                self._flushed.notify_all()
 
-    def _take(self) -> list[ConnectionRow]:
-        with self._lock:
-            batch = list(self._pending)
-            self._pending.clear()
-        return batch
-
-    def _pending_count(self) -> int:
-        with self._lock:
-            return len(self._pending)
-
-    def _write(self, store: HistoryStore, batch: list[ConnectionRow]) -> None:
+    def _spawn(self) -> subprocess.Popen[bytes] | None:
+        argv = [
+            sys.executable,
+            "-I",
+            "-m",
+            "tray_proxy.monitor.history_writer_worker",
+            "--path",
+            str(self.path),
+            "--max-age-days",
+            repr(float(self.max_age_days)),
+            "--max-bytes",
+            str(int(self.max_bytes)),
+            "--retention-interval",
+            repr(float(self.retention_interval)),
+        ]
         try:
-            store.write(batch)
-            self.written += len(batch)
-            self.error = None
-        except sqlite3.Error as exc:
-            self._fail(
-                f"Could not write {len(batch)} connections to the history {self.path}: {exc}. "
-                "Check the free disk space."
-            )
-        except Exception:  # noqa: BLE001 - keep the thread alive
-            log.exception("The connection history could not write a batch")
-        with self._lock:
-            self._done += len(batch)
-            self._flushed.notify_all()
+            child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        except OSError as exc:
+            self._fail(f"The connection history writer could not be started: {exc}.")
+            return None
+        assert child.stdin is not None and child.stdout is not None
+        os.set_blocking(child.stdin.fileno(), False)
+        with contextlib.suppress(OSError):  # fewer, larger writes (Linux's F_SETPIPE_SZ)
+            fcntl.fcntl(child.stdin.fileno(), 1031, 1 << 20)
+        return child
 
-    def _retention(self, store: HistoryStore) -> None:
+    def _serve(self) -> None:
+        child = self.child = self._spawn()
+        out = memoryview(b"")  # bytes taken from the queue, not yet in the pipe
+        reports = b""
+        next_tick = time.monotonic() + self.flush_interval
+        restart_at: float | None = None
+        closing_stdin = False
+        while True:
+            with self._lock:
+                stopping = self._stop
+            now = time.monotonic()
+            if child is None:
+                # No child (restarting or given up): what is queued is dropped.
+                with self._lock:
+                    if self._pending:
+                        n = len(self._pending)
+                        self._pending.clear()
+                        self._drop(n, overflow=False)
+                if stopping:
+                    return
+                if restart_at is not None and now >= restart_at:
+                    restart_at = None
+                    child = self.child = self._spawn()
+                    if child is None:
+                        restart_at = self._death(None)
+                    continue
+            elif stopping or now >= next_tick:
+                if not out:
+                    with self._lock:
+                        lines = list(self._pending)
+                        self._pending.clear()
+                        self._inflight += len(lines)
+                    out = memoryview(b"".join(lines))
+                if stopping and not out and not closing_stdin:
+                    with self._lock:
+                        empty = not self._pending
+                    if empty:
+                        closing_stdin = True
+                        assert child.stdin is not None
+                        with contextlib.suppress(OSError):
+                            child.stdin.close()
+                next_tick = time.monotonic() + self.flush_interval
+            poller = select.poll()
+            poller.register(self._wake_r, select.POLLIN)
+            if child is not None:
+                assert child.stdout is not None and child.stdin is not None
+                poller.register(child.stdout.fileno(), select.POLLIN)
+                if out and not closing_stdin:
+                    poller.register(child.stdin.fileno(), select.POLLOUT)
+            until = restart_at if child is None else next_tick
+            if until is None:
+                until = time.monotonic() + self.flush_interval
+            wait_ms = max(0, int((until - time.monotonic()) * 1000) + 1)
+            if stopping and child is not None and out:
+                wait_ms = min(wait_ms, 50)
+            for fd, _events in poller.poll(wait_ms):
+                if fd == self._wake_r:
+                    with contextlib.suppress(OSError):
+                        os.read(self._wake_r, 4096)
+                    next_tick = time.monotonic()  # hand over at once (flush, close)
+                elif child is not None and fd == child.stdout.fileno():  # type: ignore[union-attr]
+                    data = os.read(fd, 65536)
+                    if data:
+                        reports += data
+                        *lines_in, reports = reports.split(b"\n")
+                        for line in lines_in:
+                            self._report(line)
+                        continue
+                    # The child ended: at close, after writing everything; else it died.
+                    code = child.wait()
+                    assert child.stdout is not None
+                    child.stdout.close()
+                    if child.stdin is not None:
+                        with contextlib.suppress(OSError):
+                            child.stdin.close()
+                    child = self.child = None
+                    out = memoryview(b"")
+                    if closing_stdin and code == 0 and not self._inflight:
+                        return
+                    restart_at = self._death(code)
+                    if stopping:
+                        with self._lock:
+                            if self._pending:
+                                n = len(self._pending)
+                                self._pending.clear()
+                                self._drop(n, overflow=False)
+                        return
+                    break
+                elif child is not None and out:
+                    try:
+                        n = os.write(fd, out)
+                    except BlockingIOError:
+                        continue
+                    except OSError:
+                        continue  # broken pipe: the child's stdout's end tells
+                    out = out[n:]
+
+    def _report(self, line: bytes) -> None:
+        kind, _, rest = line.partition(b" ")
+        count_text, _, message = rest.partition(b" ")
         try:
-            removed = store.retention(
-                time.time(), max_age_days=self.max_age_days, max_bytes=self.max_bytes
-            )
-        except sqlite3.Error as exc:
-            self._fail(f"Could not remove old connections from the history {self.path}: {exc}.")
+            n = int(count_text)
+        except ValueError:
             return
-        if removed:
-            log.info("Connection history: removed %d old connections", removed)
+        with self._lock:
+            self._inflight -= n
+            self._done += n
+            if kind == b"W":
+                self.written += n
+                self.error = None
+            self._flushed.notify_all()
+        if kind == b"E":
+            try:
+                text = str(json.loads(message))
+            except ValueError:
+                text = message.decode(errors="replace")
+            self._fail(text)
+
+    def _death(self, code: int | None) -> float | None:
+        """The child died (or did not start): account for its rows; when to restart."""
+        with self._lock:
+            lost = self._inflight
+            self._inflight = 0
+            if lost:
+                self._drop(lost, overflow=False)
+        how = (
+            "could not be started" if code is None else f"stopped unexpectedly (exit status {code})"
+        )
+        if self._restarts >= self.RESTARTS:
+            self._fail(
+                f"The connection history writer {how}; new connections are no longer saved "
+                f"to {self.path} until tray-proxy is restarted."
+            )
+            return None
+        delay = self.BACKOFF * (1 << self._restarts)
+        self._restarts += 1
+        self._fail(
+            f"The connection history writer {how}; {lost} connections were not saved. "
+            "It is being restarted."
+        )
+        return time.monotonic() + delay
 
     def _fail(self, message: str) -> None:
         if message != self.error:
             log.warning("%s", message)
         self.error = message
-
-    def _discard_until_stopped(self) -> None:
-        # No history: keep the queue empty (bounded) until close.
-        while True:
-            self._wake.wait(1.0)
-            self._wake.clear()
-            with self._lock:
-                self._done += len(self._pending)
-                self._pending.clear()
-                self._flushed.notify_all()
-            if self._stop.is_set():
-                return
 
 
 # --------------------------------------------------------------------------- export
