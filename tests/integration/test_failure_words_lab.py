@@ -122,6 +122,14 @@ def http_upstream(host: str, port: int, username: str | None = None) -> Upstream
     return UpstreamProxy("corp", UpstreamKind.HTTP, host, port, username=username)
 
 
+def squid_upstream(lab: Lab) -> tuple[UpstreamProxy, Credentials]:
+    """The lab's Squid as the upstream, and the login it accepts."""
+    creds = lab.squid.credentials
+    assert creds is not None and lab.proxy.v4 is not None
+    upstream = http_upstream(lab.proxy.v4, lab.squid.port, creds.username)
+    return upstream, Credentials(creds.username, Secret(creds.password))
+
+
 def client_hello_through(lab: Lab, port: int = 443, timeout: float = 15.0) -> bytes:
     """From the client namespace to the origin (redirected): a TLS ClientHello naming the
     origin, then read until the relay closes. Returns what came back."""
@@ -221,13 +229,7 @@ def test_407_wrong_password_at_real_squid(lab: Lab) -> None:
 def test_403_squid_denies_connect_to_a_port_that_is_not_ssl(lab: Lab) -> None:
     # Squid as Debian ships it: "http_access deny CONNECT !SSL_ports" (the lab's SSL_ports
     # are 443, 80 and 5001); 5002 is none of them. Nothing needs to listen there.
-    squid = lab.squid
-    creds = squid.credentials
-    assert creds is not None and lab.proxy.v4 is not None
-    upstream = http_upstream(lab.proxy.v4, squid.port, creds.username)
-    with relay(
-        lab, upstream, Credentials(creds.username, Secret(creds.password)), (80, 443, 5002)
-    ) as engine:
+    with relay(lab, *squid_upstream(lab), (80, 443, 5002)) as engine:
         url = f"http://{HOSTNAME}:5002/"
         result = lab.curl(url, resolve=[f"{HOSTNAME}:5002:{lab.origin.v4}"], max_time=15)
         assert result.returncode != 0, result
@@ -318,11 +320,8 @@ def test_not_redirected_a_connection_to_the_relay_port_itself(lab: Lab) -> None:
 
 
 def test_a_program_that_closes_before_sending_anything(lab: Lab) -> None:
-    squid = lab.squid
-    creds = squid.credentials
-    assert creds is not None and lab.proxy.v4 is not None and lab.origin.v4 is not None
-    upstream = http_upstream(lab.proxy.v4, squid.port, creds.username)
-    with relay(lab, upstream, Credentials(creds.username, Secret(creds.password))) as engine:
+    assert lab.origin.v4 is not None
+    with relay(lab, *squid_upstream(lab)) as engine:
         sock = lab.client.connect(lab.origin.v4, 443)
         try:
             # The program holds the connection past the relay's 1 s wait for a ClientHello
@@ -381,11 +380,8 @@ def test_reset_on_the_proxy_side_mid_tunnel(lab: Lab) -> None:
 
 
 def test_reset_by_the_program_mid_tunnel(lab: Lab) -> None:
-    squid = lab.squid
-    creds = squid.credentials
-    assert creds is not None and lab.proxy.v4 is not None and lab.origin.v4 is not None
-    upstream = http_upstream(lab.proxy.v4, squid.port, creds.username)
-    with relay(lab, upstream, Credentials(creds.username, Secret(creds.password))) as engine:
+    assert lab.origin.v4 is not None
+    with relay(lab, *squid_upstream(lab)) as engine:
         sock = lab.client.connect(lab.origin.v4, 443)
         try:
             sock.settimeout(10)
