@@ -83,7 +83,10 @@ _RELAY_KEYS = (
     "spare_max_age",
 )
 _UPSTREAM_KEYS = ("name", "url", "username", "auth")
-_REDIRECT_KEYS = ("exclude", "capture_containers", "container_interfaces", "reject_quic")
+_REDIRECT_KEYS = ("exclude", "capture", "capture_containers", "container_interfaces", "reject_quic")
+# Whose traffic this host's redirect captures (issue 16 item 1); the root helper's policy may
+# narrow it and refuses "all" unless the administrator allows it.
+CAPTURE_CHOICES: tuple[str, ...] = ("owner+system", "owner", "all")
 _LOG_KEYS = ("enabled", "path", "max_age_days", "max_size_mb")
 _TOP_KEYS = ("relay", "redirect", "log", "upstream")
 # The root helper refuses more than this many excluded networks.
@@ -131,6 +134,10 @@ class RedirectSettings:
     """
 
     exclude: tuple[IPNetwork, ...] = DEFAULT_EXCLUDED_NETWORKS
+    # "owner+system": the user running tray-proxy and the system accounts acting for them
+    # (uid < 1000: root for `sudo apt update`, _apt); "owner": that user only; "all": every
+    # local user, with the owner's proxy identity (only where the admin's policy allows it).
+    capture: str = "owner+system"
     capture_containers: bool = True
     container_interfaces: tuple[str, ...] = DEFAULT_CONTAINER_INTERFACES
     reject_quic: bool = True
@@ -428,6 +435,12 @@ class _Parser:
         self.no_unknown_keys(doc, _REDIRECT_KEYS, "redirect")
         defaults = RedirectSettings()
         exclude = self.exclude(doc.get("exclude", [str(n) for n in defaults.exclude]))
+        whose = doc.get("capture", defaults.capture)
+        if whose not in CAPTURE_CHOICES:
+            raise self.fail(
+                "redirect.capture",
+                f"must be one of {', '.join(map(repr, CAPTURE_CHOICES))}, got {_show(whose)}",
+            )
         capture = self.flag(
             doc.get("capture_containers", defaults.capture_containers),
             "redirect.capture_containers",
@@ -446,6 +459,7 @@ class _Parser:
         )
         return RedirectSettings(
             exclude=exclude,
+            capture=str(whose),
             capture_containers=capture,
             container_interfaces=interfaces,
             reject_quic=reject_quic,
@@ -751,6 +765,7 @@ def dump_config(config: Config) -> str:
     redirect = config.redirect
     redirect_doc: dict[str, object] = {
         "exclude": [str(n) for n in redirect.exclude],
+        "capture": redirect.capture,
         "capture_containers": redirect.capture_containers,
         "container_interfaces": list(redirect.container_interfaces),
         "reject_quic": redirect.reject_quic,
