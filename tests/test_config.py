@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from tray_proxy import config as config_module
 from tray_proxy.config import (
+    MAX_SOURCE_PORTS,
     Config,
     ConfigError,
     RedirectSettings,
@@ -34,6 +35,8 @@ from tray_proxy.firewall.ruleset import (
 from tray_proxy.relay.settings import RelaySettings, UpstreamKind, UpstreamProxy
 
 CORP = '[[upstream]]\nname = "corp"\nurl = "http://proxy.corp.example:8080"\n'
+# Debian's default net.ipv4.ip_local_port_range, for tests that must not depend on this machine's.
+KERNEL_RANGE = (32768, 60999)
 
 
 def error_of(text: str, source: str = "config.toml") -> str:
@@ -63,7 +66,7 @@ def test_full_example_parses_to_settings() -> None:
         handshake_timeout = 7.5
         idle_timeout = 86400
         peek_timeout = 0
-        source_ports = [50000, 50999]
+        source_ports = [61000, 61999]
         drain_timeout = 0
         spare_connections = 0
         spare_max_age = 2.5
@@ -88,7 +91,7 @@ def test_full_example_parses_to_settings() -> None:
         handshake_timeout=7.5,
         idle_timeout=86400.0,
         peek_timeout=0.0,
-        source_ports=(50000, 50999),
+        source_ports=(61000, 61999),
         drain_timeout=0.0,
         spare_connections=0,
         spare_max_age=2.5,
@@ -524,8 +527,15 @@ def _configs(draw: st.DrawFn) -> Config:
         )
         for name in names
     )
+    # Outside the kernel's ephemeral ports (test_round_trip passes KERNEL_RANGE), at most
+    # MAX_SOURCE_PORTS of them.
     source_ports = draw(
-        st.none() | st.tuples(st.integers(1024, 65535), st.integers(1024, 65535)).map(sorted)
+        st.none()
+        | st.integers(KERNEL_RANGE[1] + 1, 65535).flatmap(
+            lambda lo: st.tuples(
+                st.just(lo), st.integers(lo, min(65535, lo + MAX_SOURCE_PORTS - 1))
+            )
+        )
     )
     port = draw(_ports)
     if source_ports is not None and source_ports[0] <= port <= source_ports[1]:
@@ -539,7 +549,9 @@ def _configs(draw: st.DrawFn) -> Config:
                 )
             )
         ),
-        redirect_ports=tuple(draw(st.lists(_ports, min_size=1, max_size=64, unique=True))),
+        redirect_ports=tuple(
+            draw(st.lists(_ports.filter(lambda p: p != port), min_size=1, max_size=64, unique=True))
+        ),
         upstream=draw(st.none() | st.sampled_from(names)) if names else None,
         connect_timeout=draw(_timeout),
         handshake_timeout=draw(_timeout),
@@ -565,7 +577,7 @@ def _configs(draw: st.DrawFn) -> Config:
 @settings(deadline=None)
 @given(_configs())
 def test_round_trip(config: Config) -> None:
-    assert parse_config(dump_config(config)) == config
+    assert parse_config(dump_config(config), local_port_range=KERNEL_RANGE) == config
 
 
 def test_dump_writes_array_of_tables_and_no_password() -> None:
@@ -921,3 +933,178 @@ def test_log_path_expands_the_home_directory() -> None:
 )
 def test_log_errors_name_the_field(text: str, expected: str) -> None:
     assert expected in error_of(text + "\n" + CORP)
+
+
+# --------------------------------------------------------------------------- issue 16, item 9
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ("x = " + "[" * 400 + "]" * 400, "config.toml: x: "),
+        ("[relay]\nport = " + "[" * 400 + "]" * 400, "config.toml: relay.port: "),
+        ("x = " + "{a = " * 400 + "1" + "}" * 400, "config.toml: "),
+        ("[relay]\nlisten = " + "{a = [" * 200 + "1" + "]}" * 200, "config.toml: "),
+        ("a." * 400 + "b = 1", "config.toml: a.a: "),
+        (CORP + "x = " + "[" * 17 + "]" * 17, "config.toml: upstream: "),
+    ],
+)
+def test_deeply_nested_values_are_one_config_error(text: str, field: str) -> None:
+    # Was a RecursionError from tomllib (inline tables) with 3,000 lines of traceback.
+    message = error_of(text)
+    assert message.startswith(field)
+    assert "nested more than 16 levels deep" in message
+    assert "\n" not in message and len(message) < 300
+
+
+def test_deep_nesting_is_refused_also_when_the_stack_is_nearly_used_up(tmp_path: Path) -> None:
+    # The GUI loads the file deep inside Qt's and qasync's frames: what is left of the stack
+    # there must still end in a ConfigError, not a RecursionError.
+    import sys
+
+    path = tmp_path / "config.toml"
+    path.write_text("x = " + "{a = " * 100 + "1" + "}" * 100, encoding="utf-8")
+    outcome: list[BaseException] = []
+
+    def nested(levels: int) -> None:
+        if levels > 0:
+            nested(levels - 1)
+            return
+        try:
+            load_config(path)
+        except (ConfigError, RecursionError) as exc:
+            outcome.append(exc)
+
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(400)
+    try:
+        nested(400 - 150)
+    finally:
+        sys.setrecursionlimit(limit)
+    assert len(outcome) == 1 and isinstance(outcome[0], ConfigError), outcome
+    assert "nested more than 16 levels deep" in str(outcome[0])
+
+
+def test_nesting_that_settings_use_is_not_refused() -> None:
+    config = parse_config(CORP + '[relay]\nlisten = ["127.0.0.1"]\n')
+    assert config.relay.listen == ("127.0.0.1",)
+
+
+def test_run_exits_2_with_one_line_for_a_deeply_nested_file(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    path = tmp_path / "config.toml"
+    path.write_text("[relay]\nport = " + "{a = " * 400 + "1" + "}" * 400 + "\n", "utf-8")
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    env = {
+        **os.environ,
+        "XDG_RUNTIME_DIR": str(runtime),
+        "XDG_STATE_HOME": str(tmp_path / "state"),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "tray_proxy", "run", "--config", str(path), "--no-redirect"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.count("\n") == 1, done.stderr[-2000:]
+    assert "nested more than 16 levels deep" in done.stderr
+
+
+@pytest.mark.parametrize("port", [443, 12080, 80])
+def test_redirect_ports_with_the_relays_own_port_is_refused(port: int) -> None:
+    message = error_of(f"[relay]\nport = {port}\nredirect_ports = [80, 443, 12080]\n")
+    assert message.startswith(f"config.toml: relay.redirect_ports: contains relay.port {port}")
+    assert "redirected back into the relay" in message
+
+
+def test_redirect_ports_with_the_default_port_is_refused() -> None:
+    default = RelaySettings().port
+    message = error_of(f"[relay]\nredirect_ports = [443, {default}]\n")
+    assert f"relay.redirect_ports: contains relay.port {default}" in message
+
+
+# --------------------------------------------------------------------------- issue 16, item 3
+
+
+def test_the_issues_wide_source_ranges_are_refused() -> None:
+    # Both reserved every port while the redirect was on: bind(0) and connect() failed for
+    # every program.
+    wide = error_of("[relay]\nport = 12080\nsource_ports = [12081, 65535]\n")
+    assert wide.startswith("config.toml: relay.source_ports: 12081-65535 is 53455 ports;")
+    assert f"at most {MAX_SOURCE_PORTS}" in wide
+    everything = error_of("[relay]\nsource_ports = [1024, 65535]\n")
+    assert "relay.source_ports: 1024-65535 is 64512 ports;" in everything
+
+
+def test_source_range_of_the_maximum_size_is_accepted() -> None:
+    text = f"[relay]\nsource_ports = [61000, {61000 + MAX_SOURCE_PORTS - 1}]\n"
+    config = parse_config(text, local_port_range=KERNEL_RANGE)
+    assert config.relay.source_ports == (61000, 61000 + MAX_SOURCE_PORTS - 1)
+    one_more = f"[relay]\nsource_ports = [61000, {61000 + MAX_SOURCE_PORTS}]\n"
+    with pytest.raises(ConfigError, match=f"is {MAX_SOURCE_PORTS + 1} ports"):
+        parse_config(one_more, local_port_range=KERNEL_RANGE)
+
+
+@pytest.mark.parametrize(
+    ("ports", "kernel", "advice"),
+    [
+        ((60000, 62000), (32768, 60999), "[61000, 64999]"),
+        ((30000, 32768), (32768, 60999), "[61000, 64999]"),
+        ((40000, 41000), (32768, 60999), "[61000, 64999]"),
+        ((61000, 64999), (1024, 65535), "Narrow net.ipv4.ip_local_port_range"),
+        ((61000, 61999), (50000, 63000), "[46000, 49999]"),
+    ],
+)
+def test_source_range_overlapping_the_kernels_ephemeral_ports_is_refused(
+    ports: tuple[int, int], kernel: tuple[int, int], advice: str
+) -> None:
+    text = f"[relay]\nport = 12080\nsource_ports = [{ports[0]}, {ports[1]}]\n"
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, local_port_range=kernel)
+    message = str(info.value)
+    assert message.startswith(
+        f"config.toml: relay.source_ports: {ports[0]}-{ports[1]} overlaps "
+        f"{kernel[0]}-{kernel[1]}, the ports the kernel gives every program"
+    )
+    assert "net.ipv4.ip_local_port_range" in message
+    assert advice in message
+
+
+def test_source_range_next_to_the_kernels_range_is_accepted() -> None:
+    config = parse_config("[relay]\nsource_ports = [61000, 64999]\n", local_port_range=KERNEL_RANGE)
+    assert config.relay.source_ports == (61000, 64999)
+    below = parse_config("[relay]\nsource_ports = [28768, 32767]\n", local_port_range=KERNEL_RANGE)
+    assert below.relay.source_ports == (28768, 32767)
+
+
+def test_load_reads_this_machines_ephemeral_port_range(tmp_path: Path) -> None:
+    kernel = config_module.kernel_local_port_range()
+    assert kernel is not None, "/proc/sys/net/ipv4/ip_local_port_range is unreadable"
+    low, high = kernel
+    with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as f:
+        assert [int(x) for x in f.read().split()] == [low, high]
+    inside = (max(low, 1024), min(high, max(low, 1024) + 99))
+    path = tmp_path / "config.toml"
+    path.write_text(f"[relay]\nport = 80\nsource_ports = [{inside[0]}, {inside[1]}]\n")
+    with pytest.raises(ConfigError, match=f"overlaps {low}-{high}"):
+        load_config(path)
+
+
+def test_kernel_range_unreadable_or_odd_is_no_check(tmp_path: Path) -> None:
+    path = tmp_path / "range"
+    assert config_module.kernel_local_port_range(path) is None
+    for text, expected in [
+        ("32768\t60999\n", (32768, 60999)),
+        ("", None),
+        ("x y", None),
+        ("5 4", None),
+        ("0 100", None),
+    ]:
+        path.write_text(text)
+        assert config_module.kernel_local_port_range(path) == expected

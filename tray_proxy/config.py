@@ -45,9 +45,11 @@ __all__ = [
     "Config",
     "ConfigError",
     "LogSettings",
+    "MAX_SOURCE_PORTS",
     "RedirectSettings",
     "default_config_path",
     "dump_config",
+    "kernel_local_port_range",
     "load_config",
     "parse_config",
     "save_config",
@@ -103,6 +105,14 @@ _TIMEOUTS: dict[str, tuple[float, bool, float]] = {
     "spare_max_age": (0.0, False, 300.0),
 }
 _MAX_SPARES = 16
+# The relay's source-port range is reserved for it (ip_local_reserved_ports) while the redirect
+# is on; a wide range takes ports from every other program (issue 16, item 3). The root helper
+# refuses more than this many too (tray_proxy.firewall.ruleset).
+MAX_SOURCE_PORTS = 4096
+# Nothing in the settings nests deeper than upstream[i].key (3 levels); a file nesting arrays or
+# inline tables far deeper is a mistake or an attack on the parser's recursion (issue 16, item 9).
+_MAX_DEPTH = 16
+_LOCAL_PORT_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 
 
 def default_config_path() -> Path:
@@ -216,24 +226,77 @@ def load_config(path: Path, *, missing_ok: bool = False) -> Config:
     )
 
 
-def parse_config(text: str, source: str = "config.toml") -> Config:
-    """Validate settings given as TOML text; `source` names it in error messages."""
+def parse_config(
+    text: str,
+    source: str = "config.toml",
+    *,
+    local_port_range: tuple[int, int] | None = None,
+) -> Config:
+    """Validate settings given as TOML text; `source` names it in error messages.
+
+    `local_port_range` is the kernel's ephemeral port range that `relay.source_ports` must not
+    overlap; None reads this machine's (net.ipv4.ip_local_port_range).
+    """
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         # tomllib's message carries "(at line L, column C)"; it never quotes a whole value.
         raise ConfigError(source, "", f"not valid TOML: {exc}") from None
-    return _Parser(source).document(doc)
+    except RecursionError:
+        # tomllib recurses once per nesting level; hundreds of levels exhaust the stack.
+        raise ConfigError(source, "", _TOO_DEEP) from None
+    if local_port_range is None:
+        local_port_range = kernel_local_port_range()
+    return _Parser(source, local_port_range).document(doc)
+
+
+_TOO_DEEP = (
+    f"values are nested more than {_MAX_DEPTH} levels deep (arrays, tables); no setting nests "
+    "like that (see docs/config.md for the keys and their values)"
+)
+
+
+def kernel_local_port_range(path: Path = _LOCAL_PORT_RANGE) -> tuple[int, int] | None:
+    """The ports the kernel hands out for bind(0) and connect(), or None when unreadable."""
+    try:
+        fields = path.read_text().split()
+        low, high = int(fields[0]), int(fields[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return (low, high) if 0 < low <= high <= 65535 else None
+
+
+def _too_deep(doc: Mapping[str, object]) -> str | None:
+    """The dotted path of the first value nested deeper than _MAX_DEPTH, else None.
+
+    Iterative on purpose: the validation that follows recurses, and a recursion here would fail
+    on the very input it is meant to catch.
+    """
+    stack: list[tuple[object, str, int]] = [(doc, "", 0)]
+    while stack:
+        value, at, depth = stack.pop()
+        if depth > _MAX_DEPTH:
+            return at
+        if isinstance(value, dict):
+            stack.extend((v, f"{at}.{k}" if at else str(k), depth + 1) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((v, f"{at}[{i}]", depth + 1) for i, v in enumerate(value))
+    return None
 
 
 class _Parser:
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, local_port_range: tuple[int, int] | None = None) -> None:
         self.source = source
+        self.local_port_range = local_port_range
 
     def fail(self, field: str, problem: str) -> ConfigError:
         return ConfigError(self.source, field, problem)
 
     def document(self, doc: Mapping[str, object]) -> Config:
+        deep = _too_deep(doc)
+        if deep is not None:
+            # Only the key is named: 400 levels of "[0]" would not be a one-line message.
+            raise self.fail(".".join(deep.split("[", 1)[0].split(".")[:2]), _TOO_DEEP)
         # Secrets first: a misplaced password must be reported as such, never as an
         # "unknown key" or a type error that might quote it.
         secret = next(_secret_keys(doc), None)
@@ -323,6 +386,13 @@ class _Parser:
                 "relay.source_ports",
                 f"{source_ports[0]}-{source_ports[1]} contains relay.port {port}; "
                 "move one of them so the listener and the outbound range do not clash",
+            )
+        if port in redirect_ports:
+            raise self.fail(
+                "relay.redirect_ports",
+                f"contains relay.port {port}, the relay's own listening port: connections to "
+                "it would be redirected back into the relay; remove it from "
+                "relay.redirect_ports or move relay.port",
             )
 
         spares = doc.get("spare_connections", defaults.spare_connections)
@@ -427,6 +497,21 @@ class _Parser:
                 )
         if lo > hi:
             raise self.fail(field, f"low {lo} is above high {hi}; write [{hi}, {lo}]")
+        if hi - lo + 1 > MAX_SOURCE_PORTS:
+            raise self.fail(
+                field,
+                f"{lo}-{hi} is {hi - lo + 1} ports; at most {MAX_SOURCE_PORTS} (the range is "
+                "reserved for the relay while the redirect is on, so other programs could not "
+                f"use these ports). {_suggest(self.local_port_range)}",
+            )
+        local = self.local_port_range
+        if local is not None and _overlap((lo, hi), local):
+            raise self.fail(
+                field,
+                f"{lo}-{hi} overlaps {local[0]}-{local[1]}, the ports the kernel gives every "
+                "program for its connections (net.ipv4.ip_local_port_range); reserving them "
+                f"for the relay would make other programs' connections fail. {_suggest(local)}",
+            )
         return (lo, hi)
 
     # -- [redirect]
@@ -721,6 +806,27 @@ def _secret_keys(
     elif isinstance(value, list):
         for i, item in enumerate(value):
             yield from _secret_keys(item, f"{at}[{i}]", upstream_name)
+
+
+def _overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return a[0] <= b[1] and b[0] <= a[1]
+
+
+def _suggest(local: tuple[int, int] | None) -> str:
+    """Advice: a range of 4,000 ports outside the kernel's ephemeral ports, if there is room."""
+    default = RelaySettings().source_ports
+    assert default is not None
+    if local is None or not _overlap(default, local):
+        return f"Use [{default[0]}, {default[1]}] (the default)"
+    low, high = local
+    if high <= 65535 - 4000:
+        return f"Use a range above it, like [{high + 1}, {high + 4000}]"
+    if low - 4000 >= 1024:
+        return f"Use a range below it, like [{low - 4000}, {low - 1}]"
+    return (
+        "Narrow net.ipv4.ip_local_port_range (sysctl) to make room, or set "
+        "source_ports = false and run with --no-redirect"
+    )
 
 
 def _is_int(value: object) -> TypeGuard[int]:
