@@ -19,7 +19,7 @@ import re
 import sys
 import tempfile
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeGuard
 
@@ -45,6 +45,8 @@ __all__ = [
     "Config",
     "ConfigError",
     "LogSettings",
+    "ProbeSettings",
+    "RoutingSettings",
     "MAX_SOURCE_PORTS",
     "RedirectSettings",
     "default_config_path",
@@ -52,6 +54,8 @@ __all__ = [
     "kernel_local_port_range",
     "load_config",
     "parse_config",
+    "parse_probe_target",
+    "parse_upstream",
     "save_config",
 ]
 
@@ -90,7 +94,9 @@ _REDIRECT_KEYS = ("exclude", "capture", "capture_containers", "container_interfa
 # narrow it and refuses "all" unless the administrator allows it.
 CAPTURE_CHOICES: tuple[str, ...] = ("owner+system", "owner", "all")
 _LOG_KEYS = ("enabled", "path", "max_age_days", "max_size_mb")
-_TOP_KEYS = ("relay", "redirect", "log", "upstream")
+_PROBE_KEYS = ("target", "timeout")
+_ROUTING_KEYS = ("pac_url",)
+_TOP_KEYS = ("relay", "redirect", "log", "probe", "routing", "upstream")
 # The root helper refuses more than this many excluded networks.
 _MAX_EXCLUDE = 256
 _MAX_INTERFACES = 32
@@ -168,6 +174,32 @@ class LogSettings:
 
 
 @dataclass(frozen=True)
+class ProbeSettings:
+    """The connection test (Test connection, the dashboard's Test now, `tray-proxy setup`):
+    where it asks the proxy to connect, and how long it waits.
+
+    The default is a host a corporate proxy lets through almost everywhere: Windows, Office
+    and Edge need Microsoft's sites, so a proxy that forbids it breaks every desktop.
+    """
+
+    target: tuple[str, int] = ("www.microsoft.com", 443)
+    timeout: float = 10.0
+
+    @property
+    def target_text(self) -> str:
+        host, port = self.target
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass(frozen=True)
+class RoutingSettings:
+    """What the host-name routing will use. `pac_url` is the proxy auto-config script found
+    at setup (Windows' AutoConfigURL); it is kept here and not used yet (issue 14)."""
+
+    pac_url: str | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole settings file. `path` is where it was loaded from (None when parsed from text)."""
 
@@ -176,6 +208,8 @@ class Config:
     path: Path | None = None
     redirect: RedirectSettings = field(default_factory=RedirectSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    probe: ProbeSettings = field(default_factory=ProbeSettings)
+    routing: RoutingSettings = field(default_factory=RoutingSettings)
 
     def active_upstream(self) -> UpstreamProxy | None:
         """The upstream named by `relay.upstream`; without a name, the first one.
@@ -217,13 +251,23 @@ def load_config(path: Path, *, missing_ok: bool = False) -> Config:
             source, "", f"not UTF-8 text (bad byte at offset {exc.start}); save it as UTF-8"
         ) from None
     config = parse_config(text, source)
-    return Config(
-        relay=config.relay,
-        upstreams=config.upstreams,
-        path=path,
-        redirect=config.redirect,
-        log=config.log,
-    )
+    return replace(config, path=path)
+
+
+def parse_upstream(
+    name: str, url: str, username: str | None = None, source: str = "setup"
+) -> UpstreamProxy:
+    """One upstream from its fields, checked by the same rules as an [[upstream]] in the
+    file (ConfigError naming `upstream.name`, `upstream.url` or `upstream.username`)."""
+    doc: dict[str, object] = {"name": name, "url": url}
+    if username is not None:
+        doc["username"] = username
+    return _Parser(source).upstream(doc, "upstream")
+
+
+def parse_probe_target(text: str, source: str = "setup") -> tuple[str, int]:
+    """`HOST:PORT` (or `[v6]:PORT`) as [probe] target reads it; ConfigError otherwise."""
+    return _Parser(source).target(text, "probe.target")
 
 
 def parse_config(
@@ -337,7 +381,74 @@ class _Parser:
         if not isinstance(log_doc, dict):
             raise self.fail("log", f"must be a table written [log], got {_show(log_doc)}")
         log = self.log(log_doc)
-        return Config(relay=relay, upstreams=upstreams, path=None, redirect=redirect, log=log)
+        probe = self.probe(self.table(doc, "probe"))
+        routing = self.routing(self.table(doc, "routing"))
+        return Config(
+            relay=relay,
+            upstreams=upstreams,
+            path=None,
+            redirect=redirect,
+            log=log,
+            probe=probe,
+            routing=routing,
+        )
+
+    def table(self, doc: Mapping[str, object], key: str) -> Mapping[str, object]:
+        value = doc.get(key, {})
+        if not isinstance(value, dict):
+            raise self.fail(key, f"must be a table written [{key}], got {_show(value)}")
+        return value
+
+    # -- [probe] and [routing]
+
+    def probe(self, doc: Mapping[str, object]) -> ProbeSettings:
+        self.no_unknown_keys(doc, _PROBE_KEYS, "probe")
+        defaults = ProbeSettings()
+        target = defaults.target
+        if "target" in doc:
+            target = self.target(doc["target"], "probe.target")
+        timeout = self.seconds(
+            doc.get("timeout", defaults.timeout), "probe.timeout", 0.0, False, 300.0
+        )
+        return ProbeSettings(target=target, timeout=timeout)
+
+    def target(self, value: object, field: str) -> tuple[str, int]:
+        example = 'must be "HOST:PORT", like "www.microsoft.com:443" or "[2001:db8::1]:443"'
+        if not isinstance(value, str):
+            raise self.fail(field, f"{example}, got {_show(value)}")
+        if value.startswith("["):
+            inner, bracket, rest = value[1:].partition("]")
+            if not bracket or not rest.startswith(":"):
+                raise self.fail(field, f"{example}, got {_show(value)}")
+            try:
+                host = str(ipaddress.IPv6Address(inner))
+            except ValueError:
+                raise self.fail(field, "the host in [...] must be an IPv6 address") from None
+            port_text = rest[1:]
+        else:
+            host, colon, port_text = value.rpartition(":")
+            if not colon or not host or ":" in host:
+                raise self.fail(field, f"{example}, got {_show(value)}")
+            host = self.host(host, field)
+        if not port_text.isascii() or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+            raise self.fail(field, f"the port must be a number 1-65535, got {_show(value)}")
+        return host, int(port_text)
+
+    def routing(self, doc: Mapping[str, object]) -> RoutingSettings:
+        self.no_unknown_keys(doc, _ROUTING_KEYS, "routing")
+        value = doc.get("pac_url")
+        if value is None:
+            return RoutingSettings()
+        field = "routing.pac_url"
+        # Never quote it back: a URL may hold a login.
+        if not isinstance(value, str) or not value.isprintable() or " " in value:
+            raise self.fail(field, 'must be a URL like "http://wpad.corp.example/wpad.dat"')
+        scheme, sep, rest = value.partition("://")
+        if not sep or scheme.lower() not in ("http", "https") or not rest:
+            raise self.fail(field, "must start with http:// or https://")
+        if "@" in rest.split("/", 1)[0]:
+            raise self.fail(field, "must not contain a user name or password (user:pass@)")
+        return RoutingSettings(pac_url=value)
 
     def no_unknown_keys(self, table: Mapping[str, object], known: tuple[str, ...], at: str) -> None:
         for key in table:
@@ -895,7 +1006,16 @@ def dump_config(config: Config) -> str:
         "",
         "[log]",
         *_toml_lines(log_doc, _LOG_KEYS),
+        "",
+        "[probe]",
+        *_toml_lines(
+            {"target": config.probe.target_text, "timeout": float(config.probe.timeout)},
+            _PROBE_KEYS,
+        ),
     ]
+    if config.routing.pac_url is not None:
+        routing_doc = {"pac_url": config.routing.pac_url}
+        lines += ["", "[routing]", *_toml_lines(routing_doc, _ROUTING_KEYS)]
     for u in config.upstreams:
         entry: dict[str, object] = {"name": u.name, "url": u.url, "username": u.username}
         if u.auth is not AuthScheme.AUTO:
