@@ -702,8 +702,11 @@ def test_stop_drains_then_closes_the_rest(run):
 
             reasons = {e.conn_id: e.reason for e in relay.closed}
             assert sorted(r.value for r in reasons.values()) == ["done", "shutdown", "shutdown"]
-            got, _ = await read_until_error(lingering[0])
+            # Past the drain the client sees its connection end at once, with a reset: a
+            # plain close left a slow reader hanging on the relay's send buffer (14 bug 2).
+            got, error = await read_until_error(lingering[0])
             assert got == b""
+            assert isinstance(error, ConnectionResetError), error
             got, _ = await read_until_error(stuck_r)
             assert got == b""
             for _r, w in (lingering, (stuck_r, stuck_w)):
@@ -711,6 +714,33 @@ def test_stop_drains_then_closes_the_rest(run):
             assert engine._tasks == set()
             assert engine._tunnels == {} and engine._records == {}
             assert [t for t in asyncio.all_tasks() if t.get_name().startswith("tray-proxy")] == []
+            assert isinstance(relay.events[-1], EngineStopped)
+
+    run(main)
+
+
+def test_a_stop_cancelled_during_the_drain_still_resets_every_open_tunnel(run):
+    """A caller that gives up waiting (EngineThread.call's timeout cancels the coroutine)
+    must not leave the clients connected to a relay that is going away."""
+
+    async def main():
+        async with (
+            Origin(echo) as origin,
+            ConnectProxy() as proxy,
+            running_relay([http_upstream(proxy)], origin.address) as relay,
+        ):
+            reader, writer = await relay.connect()
+            writer.write(b"x")
+            await reader.readexactly(1)
+            stopping = asyncio.ensure_future(relay.engine.stop(drain_timeout=30))
+            await until(lambda: not relay.engine._listeners, what="listeners closed")
+            stopping.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await stopping
+            got, error = await asyncio.wait_for(read_until_error(reader), 2)
+            assert (got, type(error)) == (b"", ConnectionResetError)
+            writer.close()
+            assert [e.reason for e in relay.closed] == [CloseReason.SHUTDOWN]
             assert isinstance(relay.events[-1], EngineStopped)
 
     run(main)

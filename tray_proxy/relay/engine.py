@@ -305,7 +305,12 @@ class RelayEngine:
         self.bus.publish(EngineStarted(self._addresses))
 
     async def stop(self, drain_timeout: float | None = None) -> None:
-        """Stop accepting, let open connections finish (bounded), then close the rest."""
+        """Stop accepting, let open connections finish (bounded by the drain timeout), then
+        end every connection still open at once, and return.
+
+        Also when this coroutine is cancelled (a caller that stopped waiting): whatever is
+        still open is reset before the cancellation goes on, so no client is left hanging.
+        """
         if self._loop is None or self._stopping:
             return
         self._stopping = True
@@ -315,25 +320,37 @@ class RelayEngine:
         if self._spares is not None:
             self._spares.close()
         timeout = self.settings.drain_timeout if drain_timeout is None else drain_timeout
-        if self._records and timeout > 0:
-            self._idle.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), timeout)
+        try:
+            if self._records and timeout > 0:
+                self._idle.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._idle.wait(), timeout)
+            self._end_openings()
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+        finally:
+            self._end_openings()
+            # Past the drain every client still connected sees its connection end now: a
+            # reset (SO_LINGER 0) drops what waits in the socket's send buffer, where a plain
+            # close would leave a slow reader receiving it for minutes, its socket half-closed
+            # (issue 14 bug 2). The proxy's side is reset as well: nothing half-open is left.
+            for tunnel in list(self._tunnels.values()):
+                tunnel.close(CloseReason.SHUTDOWN, "the relay stopped", reset=True)
+            self._pool.close()
+            if self._poller is not None:
+                self._poller.close()
+            log.info("relay stopped")
+            self.bus.publish(EngineStopped())
+
+    def _end_openings(self) -> None:
+        """End the connections not yet tunnelled: fast-path openings at once (reset), those
+        on the Task path by cancelling their tasks (each resets its client as it unwinds)."""
         if self._deadlines is not None:
             for opening in list(self._deadlines.pending.values()):
                 opening.abort(CloseReason.SHUTDOWN, "the relay stopped")
             self._deadlines.close()
         for task in list(self._tasks):
             task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        for tunnel in list(self._tunnels.values()):
-            tunnel.close(CloseReason.SHUTDOWN, "the relay stopped")
-        self._pool.close()
-        if self._poller is not None:
-            self._poller.close()
-        log.info("relay stopped")
-        self.bus.publish(EngineStopped())
 
     # -- accepting ------------------------------------------------------------------------
 
