@@ -7,11 +7,20 @@ blocking `send_command` the CLI uses. Every socket lives in the test's own tmp d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import pwd
+import re
+import secrets
+import shutil
 import socket
 import stat
+import subprocess
+import sys
+import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +34,7 @@ from tray_proxy.control import (
     ControlServer,
     NotRunningError,
     _private_dir,
+    home_control_dir,
     runtime_dir,
     send_command,
 )
@@ -152,7 +162,19 @@ def test_nobody_running_and_stale_socket(private_dir: Path) -> None:
     again.release()
 
 
-def test_runtime_dir_prefers_a_private_xdg_dir(private_dir: Path, tmp_path: Path) -> None:
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A directory with a short path: pytest's tmp_path is too long for a Unix socket below a
+    home directory's .local/state/tray-proxy/control-<host>/."""
+    base = Path(tempfile.mkdtemp(prefix="tp-"))
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_runtime_dir_prefers_a_private_xdg_dir(private_dir: Path, short_tmp: Path) -> None:
+    tmp_path = short_tmp
     assert runtime_dir({"XDG_RUNTIME_DIR": str(private_dir)}) == private_dir
     shared = tmp_path / "shared"
     shared.mkdir(mode=0o755)
@@ -162,9 +184,57 @@ def test_runtime_dir_prefers_a_private_xdg_dir(private_dir: Path, tmp_path: Path
     link.symlink_to(private_dir)
     assert not _private_dir(link, os.getuid())
     assert not _private_dir(private_dir, os.getuid() + 1)
-    fallback = runtime_dir({"XDG_RUNTIME_DIR": str(shared)})
-    assert fallback == Path("/tmp") / f"tray-proxy-{os.getuid()}"
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    fallback = runtime_dir({"XDG_RUNTIME_DIR": str(shared), "HOME": str(home)})
+    assert fallback == home / ".local/state/tray-proxy" / f"control-{_host()}"
     assert _private_dir(fallback, os.getuid())
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname())[:64]
+
+
+def test_without_xdg_runtime_dir_the_socket_lives_under_home(short_tmp: Path) -> None:
+    tmp_path = short_tmp
+    # Not in /tmp, where another user can pre-create the directory (issue 16, item 6).
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    directory = runtime_dir({"HOME": str(home)})
+    assert directory == home / ".local/state/tray-proxy" / f"control-{_host()}"
+    assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
+    assert not str(directory).startswith("/tmp/tray-proxy-")
+    # XDG_STATE_HOME (absolute) wins over HOME; a relative one is ignored, as the spec says.
+    state = tmp_path / "state"
+    assert runtime_dir({"HOME": str(home), "XDG_STATE_HOME": str(state)}) == (
+        state / "tray-proxy" / f"control-{_host()}"
+    )
+    assert runtime_dir({"HOME": str(home), "XDG_STATE_HOME": "rel"}) == directory
+    # Without HOME, the account's home from the password database.
+    assert runtime_dir({}, uid=os.getuid()).parent.parent.parent.parent == Path(
+        pwd.getpwuid(os.getuid()).pw_dir
+    )
+
+
+def test_unusable_home_locations_are_reported_with_the_fix(short_tmp: Path) -> None:
+    tmp_path = short_tmp
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    taken = home / ".local/state/tray-proxy" / f"control-{_host()}"
+    taken.mkdir(mode=0o755, parents=True)
+    taken.chmod(0o755)
+    with pytest.raises(ControlError, match="is not a private directory of yours"):
+        runtime_dir({"HOME": str(home)})
+    blocked = tmp_path / "file-home"
+    blocked.write_text("")
+    with pytest.raises(ControlError, match="Cannot create .* Set XDG_RUNTIME_DIR"):
+        runtime_dir({"HOME": str(blocked)})
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    with pytest.raises(ControlError, match="too long a path for a Unix socket"):
+        runtime_dir({"HOME": str(deep)})
+    with pytest.raises(ControlError, match="No home directory is known"):
+        runtime_dir({}, uid=_free_uid(set()))
 
 
 def test_cli_commands_talk_to_the_running_app(
@@ -196,3 +266,225 @@ def test_unknown_command_is_a_programming_error(private_dir: Path) -> None:
     with pytest.raises(ValueError):
         send_command("format-disk", private_dir / SOCKET_NAME)
     assert issubclass(NotRunningError, ControlError)
+
+
+# --------------------------------------------------------------------------- another user
+# Real second and third uids (setpriv switches to them; the kernel checks every access). No
+# /etc/passwd entries: a useradd elsewhere on this machine renames over /etc/passwd, and these
+# tests need nothing but the numbers. Their files live in a directory made for the test and
+# removed afterwards, also on failure.
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_uid(taken: set[int]) -> int:
+    for _ in range(200):
+        candidate = 45000 + secrets.randbelow(15000)
+        if candidate in taken:
+            continue
+        with contextlib.suppress(KeyError):
+            pwd.getpwuid(candidate)
+            continue
+        taken.add(candidate)
+        return candidate
+    raise AssertionError("no free uid found")
+
+
+class Users:
+    """Two uids, "alice" (the owner) and "mallory", each with a home under one shared base."""
+
+    def __init__(self, base: Path) -> None:
+        taken: set[int] = set()
+        self.base = base
+        self.alice, self.mallory = _free_uid(taken), _free_uid(taken)
+        self.homes: dict[int, Path] = {}
+        # Paths outside `base` that a test made (removed by the fixture).
+        self.squatted: list[Path] = []
+        for uid in (self.alice, self.mallory):
+            home = base / f"home-{uid}"
+            home.mkdir(mode=0o700)
+            os.chown(home, uid, uid)
+            self.homes[uid] = home
+
+    def argv(self, uid: int, argv: list[str], **env: str) -> list[str]:
+        # env -i: no XDG_RUNTIME_DIR (WSL without systemd), nothing of the test's environment.
+        variables = {"HOME": str(self.homes[uid]), "PATH": "/usr/bin:/bin", **env}
+        return [
+            *("setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"),
+            *("env", "-i", *(f"{k}={v}" for k, v in variables.items())),
+            *argv,
+        ]
+
+    def run(self, uid: int, argv: list[str], **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            self.argv(uid, argv, **env), capture_output=True, text=True, timeout=60, check=False
+        )
+
+
+@pytest.fixture
+def users() -> Iterator[Users]:
+    if shutil.which("setpriv") is None or os.geteuid() != 0:
+        pytest.fail("these tests need root and setpriv (apt-get install util-linux)")
+    # /tmp itself, not pytest's tmp_path: the other uids must be able to reach their homes.
+    base = Path(tempfile.mkdtemp(prefix=f"tray-proxy-h4-{os.getpid()}-"))
+    base.chmod(0o755)
+    made: Users | None = None
+    try:
+        made = Users(base)
+        yield made
+    finally:
+        for path in made.squatted if made is not None else []:
+            shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _wait_for_line(proc: subprocess.Popen[str], wanted: str, timeout: float) -> list[str]:
+    assert proc.stderr is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    os.set_blocking(proc.stderr.fileno(), False)
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if line:
+            lines.append(line)
+            if wanted in line:
+                return lines
+        elif proc.poll() is not None:
+            break
+        else:
+            time.sleep(0.05)
+    raise AssertionError(f"no line with {wanted!r} within {timeout} s: {lines}")
+
+
+def test_another_user_cannot_block_the_control_socket(users: Users) -> None:
+    alice, mallory = users.alice, users.mallory
+    # Mallory takes the old place (/tmp/tray-proxy-<alice's uid>) before alice starts ...
+    old = Path("/tmp") / f"tray-proxy-{alice}"
+    users.squatted.append(old)
+    done = users.run(mallory, ["mkdir", "-m", "700", str(old)])
+    assert done.returncode == 0, done.stderr
+    assert os.stat(old).st_uid == mallory
+    # ... and cannot create the new one: it is in alice's home.
+    new = home_control_dir({"HOME": str(users.homes[alice])}, alice)
+    done = users.run(mallory, ["mkdir", "-p", "-m", "700", str(new)])
+    assert done.returncode != 0 and "Permission denied" in done.stderr
+    assert not new.exists()
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = users.homes[alice] / "config.toml"
+    config.write_text(
+        f'[relay]\nport = {port}\nlisten = ["127.0.0.1"]\n'
+        '[[upstream]]\nname = "corp"\nurl = "http://127.0.0.1:9"\n'
+    )
+    os.chown(config, alice, alice)
+    run = subprocess.Popen(
+        users.argv(alice, [sys.executable, "-m", "tray_proxy", "run", "--config", str(config),
+                           "--no-redirect"]),
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )  # fmt: skip
+    try:
+        lines = _wait_for_line(run, "relay listening on", 30)
+        assert not any("control socket" in line for line in lines), lines
+        sock = new / SOCKET_NAME
+        assert stat.S_ISSOCK(os.stat(sock).st_mode) and os.stat(sock).st_uid == alice
+        status = users.run(alice, [sys.executable, "-m", "tray_proxy", "status", "--json"])
+        assert status.returncode == 0, status.stderr
+        assert json.loads(status.stdout)["state"], status.stdout
+        # Mallory reaches neither alice's instance nor her socket.
+        theirs = users.run(mallory, [sys.executable, "-m", "tray_proxy", "status"])
+        assert theirs.returncode == cli.EXIT_NOT_RUNNING, theirs.stderr
+        poke = users.run(
+            mallory,
+            [sys.executable, "-c", "import socket,sys; socket.socket(socket.AF_UNIX)"
+             ".connect(sys.argv[1])", str(sock)],
+        )  # fmt: skip
+        assert poke.returncode != 0 and "Permission denied" in poke.stderr
+        quit_ = users.run(alice, [sys.executable, "-m", "tray_proxy", "quit"])
+        assert quit_.returncode == 0, quit_.stderr
+        assert run.wait(30) == 0
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait(10)
+        if run.stderr is not None:
+            run.stderr.close()
+
+
+MALLORY_SERVER = r"""
+import os, socket, sys
+path = sys.argv[1]
+with socket.socket(socket.AF_UNIX) as server:
+    os.fchmod(server.fileno(), 0o777)
+    server.bind(path)
+    server.listen(1)
+    print("listening", flush=True)
+    conn, _ = server.accept()
+    conn.settimeout(10)
+    data = b""
+    while True:
+        chunk = conn.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    print("received", len(data), flush=True)
+"""
+
+
+def test_client_talks_only_to_a_server_of_its_own_user(users: Users) -> None:
+    # Mallory serves a socket where the client looks (as after a squatted or swapped path):
+    # the client must notice before it sends anything.
+    mallory = users.mallory
+    where = users.base / "shared"
+    where.mkdir(mode=0o777)
+    where.chmod(0o777)
+    path = where / SOCKET_NAME
+    server = subprocess.Popen(
+        users.argv(mallory, [sys.executable, "-c", MALLORY_SERVER, str(path)]),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        assert server.stdout.readline().strip() == "listening"
+        with pytest.raises(ControlError) as info:
+            send_command("quit", path, timeout=5)
+        message = str(info.value)
+        assert f"is served by another user (uid {mallory})" in message
+        assert "nothing was sent" in message
+        assert server.stdout.readline().strip() == "received 0"
+        assert server.wait(10) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(10)
+        if server.stdout is not None:
+            server.stdout.close()
+
+
+def test_server_answers_no_other_user(users: Users) -> None:
+    directory = users.base / "open"
+    directory.mkdir(mode=0o755)
+    directory.chmod(0o755)
+    running = ServerThread(directory)
+    running.start()
+    try:
+        (directory / SOCKET_NAME).chmod(0o666)  # only SO_PEERCRED stands in the way now
+        client = (
+            "import socket,sys\ns = socket.socket(socket.AF_UNIX)\ns.settimeout(10)\n"
+            's.connect(sys.argv[1])\ns.sendall(b\'{"v": 1, "cmd": "quit"}\\n\')\n'
+            "try:\n    print(repr(s.recv(4096)))\n"
+            "except ConnectionResetError:\n    print('reset')\n"
+        )
+        done = users.run(
+            users.mallory, [sys.executable, "-c", client, str(directory / SOCKET_NAME)]
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() in ("b''", "reset")  # closed, no answer
+        assert running.commands == []
+        assert send_command("status", directory / SOCKET_NAME)["ok"] is True
+    finally:
+        running.stop()

@@ -6,10 +6,15 @@ file and listens on a Unix socket next to it; a second one finds the lock taken 
 the socket instead (`raise` brings the first one's window up; the CLI sends `status`,
 `enable`, `disable`, `quit`).
 
-Where: `$XDG_RUNTIME_DIR/tray-proxy.sock` (that directory is the user's own, mode 0700), or,
-without it, `/tmp/tray-proxy-<uid>/`, a 0700 directory that must be ours and no symlink:
-anyone could pre-create a directory in /tmp. The socket itself is 0600, and the server also
-checks the peer's uid (SO_PEERCRED), so only the same user can switch the redirect.
+Where: `$XDG_RUNTIME_DIR/tray-proxy.sock` when that directory is the user's own (mode 0700, no
+symlink). Without it (WSL without systemd, a plain `su`), in a 0700 directory under the user's
+home: `$XDG_STATE_HOME/tray-proxy/control-<host>/` (default `~/.local/state/...`). Not /tmp:
+another user could pre-create `/tmp/tray-proxy-<uid>` and so block the app for good (issue 16,
+item 6); in the user's home no one else can create anything. Not an abstract socket name
+either: anyone can bind a name first (the same block), and names are per network namespace.
+The host name keeps two machines sharing an NFS home from taking each other's lock.
+The socket itself is 0600, and both sides check the other's uid (SO_PEERCRED): the server
+answers only its own user, and the client talks only to a server of its own user.
 
 Protocol: one JSON object per line. Request `{"v": 1, "cmd": "status"}`; answer
 `{"ok": true, ...}` or `{"ok": false, "error": "what happened and what to do"}`.
@@ -26,6 +31,8 @@ import fcntl
 import json
 import logging
 import os
+import pwd
+import re
 import socket
 import stat
 import struct
@@ -44,6 +51,8 @@ SOCKET_NAME: Final = "tray-proxy.sock"
 # enable may wait for the user to type a password into the polkit dialog.
 COMMAND_TIMEOUTS: Final[Mapping[str, float]] = {"enable": 180.0, "disable": 60.0}
 DEFAULT_TIMEOUT: Final = 10.0
+# sockaddr_un's sun_path holds 108 bytes with the terminating NUL.
+_MAX_SOCKET_PATH: Final = 107
 
 Handler = Callable[[str], Awaitable[dict[str, Any]]]
 
@@ -63,19 +72,49 @@ def runtime_dir(environ: Mapping[str, str] | None = None, uid: int | None = None
     xdg = environ.get("XDG_RUNTIME_DIR")
     if xdg and _private_dir(Path(xdg), uid):
         return Path(xdg)
-    fallback = Path("/tmp") / f"tray-proxy-{uid}"
+    fallback = home_control_dir(environ, uid)
     try:
-        fallback.mkdir(mode=0o700)
+        fallback.mkdir(mode=0o700, parents=True)
     except FileExistsError:
         pass
     except OSError as exc:
-        raise ControlError(f"Cannot create {fallback}: {exc.strerror}.") from None
+        raise ControlError(
+            f"Cannot create {fallback} for tray-proxy's control socket: {exc.strerror}. "
+            "Set XDG_RUNTIME_DIR to a directory of yours with mode 0700 and start again."
+        ) from None
     if not _private_dir(fallback, uid):
         raise ControlError(
             f"{fallback} is not a private directory of yours (it must be owned by you, mode "
             "0700, not a symlink). Remove it, or set XDG_RUNTIME_DIR, and start again."
         )
+    if len(os.fsencode(fallback / SOCKET_NAME)) > _MAX_SOCKET_PATH:
+        raise ControlError(
+            f"{fallback} is too long a path for a Unix socket ({_MAX_SOCKET_PATH} bytes at "
+            "most). Set XDG_RUNTIME_DIR to a shorter directory of yours with mode 0700."
+        )
     return fallback
+
+
+def home_control_dir(environ: Mapping[str, str], uid: int) -> Path:
+    """Where the socket and the lock go without a usable XDG_RUNTIME_DIR (not created here)."""
+    state = environ.get("XDG_STATE_HOME", "")
+    if os.path.isabs(state):
+        base = Path(state)
+    else:
+        home = environ.get("HOME", "")
+        if not os.path.isabs(home):
+            try:
+                home = pwd.getpwuid(uid).pw_dir
+            except KeyError:
+                home = ""
+        if not os.path.isabs(home):
+            raise ControlError(
+                "No home directory is known for tray-proxy's control socket (HOME is not set). "
+                "Set HOME, or XDG_RUNTIME_DIR to a directory of yours with mode 0700."
+            )
+        base = Path(home) / ".local" / "state"
+    host = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname())[:64] or "localhost"
+    return base / "tray-proxy" / f"control-{host}"
 
 
 def _private_dir(path: Path, uid: int) -> bool:
@@ -112,6 +151,14 @@ def send_command(
             raise NotRunningError("tray-proxy is not running.") from None
         except OSError as exc:
             raise ControlError(f"Cannot reach tray-proxy at {path}: {exc.strerror}.") from None
+        # A socket of another user must not get our commands nor feed us answers.
+        owner = _peer_uid(sock)
+        if owner != os.getuid():
+            who = "an unknown user" if owner is None else f"another user (uid {owner})"
+            raise ControlError(
+                f"{path} is served by {who}, not by your tray-proxy; nothing was sent. "
+                "Remove that socket (or ask an administrator to) and start tray-proxy again."
+            )
         try:
             request = {"v": PROTOCOL_VERSION, "cmd": command}
             sock.sendall(json.dumps(request).encode() + b"\n")
@@ -277,14 +324,18 @@ class ControlServer:
 
 def _same_user(writer: asyncio.StreamWriter) -> bool:
     sock = writer.get_extra_info("socket")
-    if sock is None:
+    uid = None if sock is None else _peer_uid(sock)
+    if uid != os.getuid():
+        log.warning("control socket: refused a connection from uid %s", uid)
         return False
+    return True
+
+
+def _peer_uid(sock: Any) -> int | None:
+    """The uid of the process at the other end (as of its connect() or listen())."""
     try:
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     except OSError:
-        return False
+        return None
     _pid, uid, _gid = struct.unpack("3i", creds)
-    if uid != os.getuid():
-        log.warning("control socket: refused a connection from uid %d", uid)
-        return False
-    return True
+    return int(uid)
