@@ -14,7 +14,7 @@ import asyncio
 import enum
 import errno as errno_codes
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tray_proxy.relay.credentials import Credentials
 from tray_proxy.relay.records import CloseReason
@@ -37,12 +37,17 @@ class ProbeOutcome(enum.Enum):
 @dataclass(frozen=True, slots=True)
 class ProbeResult:
     """What happened. `words` is a sentence for the user; `status` the proxy's HTTP status
-    or SOCKS5 reply code when it answered with one; `latency_s` the time to an open tunnel."""
+    or SOCKS5 reply code when it answered with one; `latency_s` the time to an open tunnel.
+    `answered_s` is the time until the proxy's answer, also a refusal (407, 403, 502);
+    `reached_proxy` whether the connection to the proxy itself opened, which tells "no answer
+    from the proxy" from "the proxy got no answer from the target" after a timeout."""
 
     outcome: ProbeOutcome
     latency_s: float | None
     status: int | None
     words: str
+    answered_s: float | None = None
+    reached_proxy: bool | None = None
 
     @property
     def ok(self) -> bool:
@@ -63,6 +68,7 @@ async def probe_upstream(
     """Open a tunnel through `upstream` to `target` within `timeout` seconds, then close it."""
     started = time.monotonic()
     dialer = Dialer(None)  # a probe is never redirected: no reserved source ports
+    dialed: list[float] = []
     try:
         sock, _trailing = await asyncio.wait_for(
             open_tunnel(
@@ -74,16 +80,27 @@ async def probe_upstream(
                 connect_timeout=timeout,
                 handshake_timeout=timeout,
                 reserved=False,
+                on_dialed=lambda: dialed.append(time.monotonic()),
             ),
             timeout,
         )
     except asyncio.TimeoutError:
-        return ProbeResult(ProbeOutcome.TIMEOUT, None, None, f"timed out after {timeout:g} s")
+        words = f"timed out after {timeout:g} s"
+        return ProbeResult(ProbeOutcome.TIMEOUT, None, None, words, reached_proxy=bool(dialed))
     except UpstreamError as exc:
-        return _failure(upstream, credentials, target, timeout, exc)
+        result = _failure(upstream, credentials, target, timeout, exc)
+        answered = time.monotonic() - started if result.status is not None else None
+        return replace(result, answered_s=answered, reached_proxy=bool(dialed))
     latency = time.monotonic() - started
     sock.close()
-    return ProbeResult(ProbeOutcome.OK, latency, None, f"OK in {latency * 1000:.0f} ms")
+    return ProbeResult(
+        ProbeOutcome.OK,
+        latency,
+        None,
+        f"OK in {latency * 1000:.0f} ms",
+        answered_s=latency,
+        reached_proxy=True,
+    )
 
 
 def _failure(
