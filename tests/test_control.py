@@ -12,7 +12,6 @@ import json
 import os
 import pwd
 import re
-import secrets
 import shutil
 import socket
 import stat
@@ -27,6 +26,8 @@ from typing import Any
 
 import pytest
 
+from tests.lab.netns import run_tag
+from tests.lab.users import LocalUser, local_users
 from tray_proxy import cli
 from tray_proxy.control import (
     SOCKET_NAME,
@@ -216,6 +217,15 @@ def test_without_xdg_runtime_dir_the_socket_lives_under_home(short_tmp: Path) ->
     )
 
 
+def _unused_uid() -> int:
+    for candidate in range(59000, 60000):
+        with contextlib.suppress(KeyError):
+            pwd.getpwuid(candidate)
+            continue
+        return candidate
+    raise AssertionError("no unused uid in 59000-59999")
+
+
 def test_unusable_home_locations_are_reported_with_the_fix(short_tmp: Path) -> None:
     tmp_path = short_tmp
     home = tmp_path / "home"
@@ -234,7 +244,7 @@ def test_unusable_home_locations_are_reported_with_the_fix(short_tmp: Path) -> N
     with pytest.raises(ControlError, match="too long a path for a Unix socket"):
         runtime_dir({"HOME": str(deep)})
     with pytest.raises(ControlError, match="No home directory is known"):
-        runtime_dir({}, uid=_free_uid(set()))
+        runtime_dir({}, uid=_unused_uid())
 
 
 def test_cli_commands_talk_to_the_running_app(
@@ -269,51 +279,32 @@ def test_unknown_command_is_a_programming_error(private_dir: Path) -> None:
 
 
 # --------------------------------------------------------------------------- another user
-# Real second and third uids (setpriv switches to them; the kernel checks every access). No
-# /etc/passwd entries: a useradd elsewhere on this machine renames over /etc/passwd, and these
-# tests need nothing but the numbers. Their files live in a directory made for the test and
-# removed afterwards, also on failure.
+# Real accounts, "alice" (the owner) and "mallory", made with useradd and removed afterwards
+# (tests/lab/users.py), with homes in a directory made for the test and removed afterwards.
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _free_uid(taken: set[int]) -> int:
-    for _ in range(200):
-        candidate = 45000 + secrets.randbelow(15000)
-        if candidate in taken:
-            continue
-        with contextlib.suppress(KeyError):
-            pwd.getpwuid(candidate)
-            continue
-        taken.add(candidate)
-        return candidate
-    raise AssertionError("no free uid found")
-
-
 class Users:
-    """Two uids, "alice" (the owner) and "mallory", each with a home under one shared base."""
-
-    def __init__(self, base: Path) -> None:
-        taken: set[int] = set()
+    def __init__(self, base: Path, alice: LocalUser, mallory: LocalUser) -> None:
         self.base = base
-        self.alice, self.mallory = _free_uid(taken), _free_uid(taken)
+        self.alice, self.mallory = alice.uid, mallory.uid
+        self.accounts = {alice.uid: alice, mallory.uid: mallory}
         self.homes: dict[int, Path] = {}
-        # Paths outside `base` that a test made (removed by the fixture).
-        self.squatted: list[Path] = []
         for uid in (self.alice, self.mallory):
             home = base / f"home-{uid}"
             home.mkdir(mode=0o700)
             os.chown(home, uid, uid)
             self.homes[uid] = home
+        # Paths outside `base` that a test made (removed by the fixture).
+        self.squatted: list[Path] = []
 
     def argv(self, uid: int, argv: list[str], **env: str) -> list[str]:
         # env -i: no XDG_RUNTIME_DIR (WSL without systemd), nothing of the test's environment.
         variables = {"HOME": str(self.homes[uid]), "PATH": "/usr/bin:/bin", **env}
-        return [
-            *("setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"),
-            *("env", "-i", *(f"{k}={v}" for k, v in variables.items())),
-            *argv,
-        ]
+        return self.accounts[uid].runuser(
+            ["env", "-i", *(f"{k}={v}" for k, v in variables.items()), *argv]
+        )
 
     def run(self, uid: int, argv: list[str], **env: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -323,15 +314,16 @@ class Users:
 
 @pytest.fixture
 def users() -> Iterator[Users]:
-    if shutil.which("setpriv") is None or os.geteuid() != 0:
-        pytest.fail("these tests need root and setpriv (apt-get install util-linux)")
-    # /tmp itself, not pytest's tmp_path: the other uids must be able to reach their homes.
+    if os.geteuid() != 0 or shutil.which("runuser") is None or shutil.which("useradd") is None:
+        pytest.fail("these tests need root, runuser and useradd (util-linux, passwd)")
+    # /tmp itself, not pytest's tmp_path: the other users must be able to reach their homes.
     base = Path(tempfile.mkdtemp(prefix=f"tray-proxy-h4-{os.getpid()}-"))
     base.chmod(0o755)
     made: Users | None = None
     try:
-        made = Users(base)
-        yield made
+        with local_users(run_tag(), 2) as (accounts, _group):
+            made = Users(base, accounts[0], accounts[1])
+            yield made
     finally:
         for path in made.squatted if made is not None else []:
             shutil.rmtree(path, ignore_errors=True)
@@ -475,9 +467,12 @@ def test_server_answers_no_other_user(users: Users) -> None:
         (directory / SOCKET_NAME).chmod(0o666)  # only SO_PEERCRED stands in the way now
         client = (
             "import socket,sys\ns = socket.socket(socket.AF_UNIX)\ns.settimeout(10)\n"
-            's.connect(sys.argv[1])\ns.sendall(b\'{"v": 1, "cmd": "quit"}\\n\')\n'
-            "try:\n    print(repr(s.recv(4096)))\n"
-            "except ConnectionResetError:\n    print('reset')\n"
+            "s.connect(sys.argv[1])\n"
+            "try:\n"
+            '    s.sendall(b\'{"v": 1, "cmd": "quit"}\\n\')\n'
+            "    print(repr(s.recv(4096)))\n"
+            "except (ConnectionResetError, BrokenPipeError):\n"
+            "    print('reset')\n"
         )
         done = users.run(
             users.mallory, [sys.executable, "-c", client, str(directory / SOCKET_NAME)]
