@@ -9,6 +9,12 @@ How the helper is started (first that applies):
 - otherwise `sudo -n <helper>` (a sudoers drop-in allows exactly that path);
 - otherwise `NoPrivilegeMethodError`, whose message says how to fix it.
 
+The helper runs in a session of its own (`start_new_session`): a terminal's Ctrl+C goes to the
+app's process group only, so the app decides when the redirect goes (it drains first) instead
+of the helper deleting its table under open downloads (issue 16 item 8). When tray-proxy runs
+as root, the helper gets the environment without SUDO_UID/PKEXEC_UID: the helper serves the
+uid those name (the user behind sudo/pkexec), but a root app listens as root.
+
 Which helper: `/usr/libexec/tray-proxy/tray-proxy-helper` when installed, else `helper.py` of
 the source tree (development). `TRAY_PROXY_HELPER` overrides the path only when this process is
 already root: then no password prompt is involved and root could run anything anyway. For a
@@ -36,7 +42,14 @@ from typing import Final
 
 from tray_proxy.errors import UserError
 from tray_proxy.firewall.helper import PROTOCOL_VERSION
-from tray_proxy.firewall.ruleset import IPAddress, RuleSpec, SpecError, spec_from_wire, spec_to_wire
+from tray_proxy.firewall.ruleset import (
+    Bridge,
+    IPAddress,
+    RuleSpec,
+    SpecError,
+    spec_from_wire,
+    spec_to_wire,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +64,9 @@ STOP_TIMEOUT_SECONDS: Final = 10.0
 RESOLVE_TIMEOUT_SECONDS: Final = 10.0
 _ANSWER_LIMIT: Final = 1024 * 1024
 _STDERR_TAIL: Final = 20
+# Set by pkexec and sudo for the helper; a root app's own copies would make the helper serve
+# the user behind them instead of root.
+_LAUNCHER_UID_VARIABLES: Final = ("SUDO_UID", "PKEXEC_UID")
 
 
 class RedirectError(UserError):
@@ -100,6 +116,44 @@ class RedirectStatus:
     # The table is in the kernel: also after `remove`, until the helper exits, so that
     # connections already redirected keep their address translation while the relay drains.
     table_present: bool = False
+    # The user the helper serves (it learned the uid from pkexec/sudo, not from us).
+    owner_uid: int | None = None
+    # Whose connections on this host are captured, in words ("uid 1000 (alice) and system
+    # accounts (uid < 1000)"), for `tray-proxy status` and the doctor.
+    captured: str | None = None
+    # The container bridges the helper captures; the relay must listen on their addresses.
+    bridges: tuple[Bridge, ...] = ()
+
+
+def _grant_from_answer(
+    answer: Mapping[str, object],
+) -> tuple[int | None, str | None, tuple[Bridge, ...]]:
+    """owner_uid, captured and bridges of an apply or status answer (HelperRequestError)."""
+    owner = answer.get("owner_uid")
+    owner_uid = owner if isinstance(owner, int) and not isinstance(owner, bool) else None
+    words = answer.get("captured")
+    captured = words[:200] if isinstance(words, str) else None
+    raw = answer.get("bridges", [])
+    bridges: list[Bridge] = []
+    try:
+        if not isinstance(raw, list):
+            raise ValueError("not a list")
+        for item in raw:
+            if not isinstance(item, dict):
+                raise ValueError("not an object")
+            bridges.append(
+                Bridge(
+                    str(item["name"]),
+                    ipaddress.IPv4Address(str(item["address"])),
+                    ipaddress.IPv4Network(str(item["network"])),
+                )
+            )
+    except (KeyError, ValueError) as exc:
+        raise HelperRequestError(
+            f"The redirect helper reported unreadable container bridges ({exc}). Switch the"
+            " redirect off and on again."
+        ) from None
+    return owner_uid, captured, tuple(bridges)
 
 
 def helper_path(
@@ -156,10 +210,40 @@ def launch_command(
     )
 
 
-def _exit_error(argv: Sequence[str], code: int, stderr_tail: str) -> RedirectError:
-    """Turn the exit of a helper that never answered into words for the user."""
+def helper_environment(
+    euid: int | None = None, environ: Mapping[str, str] | None = None
+) -> dict[str, str] | None:
+    """The helper's environment: ours, minus the launcher uid variables when we are root.
+
+    None (inherit) when not root: pkexec and sudo build the helper's environment themselves.
+    """
+    euid = os.geteuid() if euid is None else euid
+    if euid != 0:
+        return None
+    environ = os.environ if environ is None else environ
+    return {k: v for k, v in environ.items() if k not in _LAUNCHER_UID_VARIABLES}
+
+
+def _exit_error(
+    argv: Sequence[str], code: int, stderr_tail: str, answered: bool = False
+) -> RedirectError:
+    """Turn the exit of the helper into words for the user.
+
+    The launchers' exit codes (pkexec 126/127, sudo's refusal) mean something only before the
+    helper ever answered: afterwards the code is the helper's own.
+    """
     launcher = os.path.basename(argv[0]) if argv else ""
     detail = f" ({stderr_tail})" if stderr_tail else ""
+    if answered:
+        if code == 0:
+            return HelperExitedError(
+                "The redirect helper has stopped and removed the redirect; it is off. Switch"
+                " it on again to restart it."
+            )
+        return HelperExitedError(
+            f"The redirect helper stopped (exit code {code}){detail}; the redirect is off."
+            " See the log for its messages."
+        )
     if launcher == "pkexec" and code == 126:
         return AuthorizationDismissedError(
             "The password dialog was closed, so the redirect stayed off. Switch it on again"
@@ -204,6 +288,10 @@ class RedirectController:
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL)
         self._lock = asyncio.Lock()
         self._next_id = 0
+        # Did the running helper answer once? (Then launcher exit codes no longer apply.)
+        self._answered = False
+        # The exit code of the last helper, once it was collected.
+        self.last_exit: int | None = None
 
     @property
     def running(self) -> bool:
@@ -221,6 +309,8 @@ class RedirectController:
         argv = self._command if self._command is not None else launch_command(helper_path())
         self._argv = argv
         self._stderr_tail.clear()
+        self._answered = False
+        self.last_exit = None
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 *argv,
@@ -228,6 +318,9 @@ class RedirectController:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 limit=_ANSWER_LIMIT,
+                env=helper_environment(),
+                # Ctrl+C in a terminal signals the app's process group, not the helper.
+                start_new_session=True,
             )
         except FileNotFoundError as exc:
             raise HelperNotFoundError(
@@ -261,10 +354,14 @@ class RedirectController:
                 spec = spec_from_wire(raw_spec)
             except SpecError as exc:
                 raise HelperRequestError(f"The helper reported an unreadable spec: {exc}") from None
+        owner_uid, captured, bridges = _grant_from_answer(answer)
         return RedirectStatus(
             active=answer.get("active") is True,
             spec=spec,
             table_present=answer.get("table_present") is True,
+            owner_uid=owner_uid,
+            captured=captured,
+            bridges=bridges,
         )
 
     async def remove(self) -> bool:
@@ -272,9 +369,29 @@ class RedirectController:
 
         Connections already redirected keep working: the helper keeps its table (switched off)
         until it exits. Stop the helper once the relay has drained them.
+
+        A helper that already exited with status 0 deleted its table and restored what it
+        changed (it was signalled, or someone closed its input): the redirect is off, which
+        is all `remove` asks, so that is no error (issue 14 bug 3: Ctrl+C printed "stopped
+        with exit code 0" while the app was stopping).
         """
-        answer = await self._request("remove")
+        try:
+            answer = await self._request("remove")
+        except RedirectError:
+            if await self._exited_clean():
+                log.info("the redirect helper had already removed the redirect and exited")
+                return False
+            raise
         return answer.get("removed") is True
+
+    async def _exited_clean(self) -> bool:
+        proc = self._proc
+        if proc is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(proc.wait(), min(self._stop_timeout, 2.0))
+            if proc.returncode is not None:
+                self.last_exit = proc.returncode
+        return self.last_exit == 0
 
     async def stop(self) -> int | None:
         """Close the helper's input (it deletes the table and exits); kill it if it hangs.
@@ -295,6 +412,7 @@ class RedirectController:
                 log.warning("the redirect helper did not exit in time; terminating it")
                 await self._kill(proc)
             await self._reap()
+            self.last_exit = proc.returncode
             return proc.returncode
 
     async def _kill(self, proc: asyncio.subprocess.Process) -> None:
@@ -363,6 +481,8 @@ class RedirectController:
                 ) from None
             if not raw:
                 raise await self._exited(proc)
+            # Only the helper writes to stdout (pkexec and sudo do not): it is past the launcher.
+            self._answered = True
             return self._check_answer(raw, request_id, op)
 
     async def _exited(self, proc: asyncio.subprocess.Process) -> RedirectError:
@@ -376,7 +496,8 @@ class RedirectController:
         if proc.returncode is not None:
             # Reported once; afterwards the controller is simply "not running".
             self._proc = None
-        return _exit_error(self._argv, code, tail)
+            self.last_exit = proc.returncode
+        return _exit_error(self._argv, code, tail, self._answered)
 
     @staticmethod
     def _check_answer(raw: bytes, request_id: int, op: str) -> dict[str, object]:
