@@ -11,6 +11,7 @@ import asyncio
 import io
 import json
 import logging
+import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +28,7 @@ from tray_proxy import cli_credentials
 from tray_proxy.config import parse_config
 from tray_proxy.credentials import (
     SERVICE,
+    SESSION_BUS_ENV,
     CredentialStore,
     CredentialStoreError,
     KeyringAccessError,
@@ -36,10 +38,12 @@ from tray_proxy.credentials import (
     NoKeyringError,
     PlaintextKeyringError,
     StoredEntryError,
+    adopt_session_bus,
     classify_backend,
     default_credential_source,
     effective_backend,
     running_under_systemd,
+    session_bus_socket,
 )
 from tray_proxy.relay.credentials import Credentials, Secret
 
@@ -253,7 +257,7 @@ def test_module_does_not_import_keyring_eagerly() -> None:
 @pytest.mark.parametrize(
     ("backend", "error", "words"),
     [
-        (fail.Keyring(), NoKeyringError, "gnome-keyring-daemon"),
+        (fail.Keyring(), NoKeyringError, "`tray-proxy unlock`"),
         (null.Keyring(), NoKeyringError, "KeePassXC"),
         (PlaintextFileKeyring(), PlaintextKeyringError, "unencrypted"),
         (LowPriorityKeyring(), PlaintextKeyringError, "priority 0.5 < 1"),
@@ -485,7 +489,9 @@ def test_cli_usage_errors_are_one_line(
 
 def test_cli_missing_config_is_a_usage_error(cli: CliRun, tmp_path: Path) -> None:
     code, _out, err = cli("set", "corp", "--config", str(tmp_path / "missing.toml"))
-    assert code == 2 and "file not found" in err and err.count("\n") == 1
+    # Issue 14: a new user's first command points at the setup, not at a missing file.
+    assert code == 2 and err.count("\n") == 1
+    assert "file not found" not in err and "tray-proxy setup" in err
 
 
 def test_password_never_comes_from_argv() -> None:
@@ -554,3 +560,42 @@ def test_ctrl_d_at_the_password_prompt_is_a_clean_cancel(
     assert code == 1
     assert "cancelled; nothing was changed" in err and "Traceback" not in err
     assert calls == []
+
+
+# --------------------------------------------------------------------------- the session bus
+
+
+def test_session_bus_socket_is_the_standard_place(tmp_path: Path) -> None:
+    assert session_bus_socket({"XDG_RUNTIME_DIR": str(tmp_path)}) == tmp_path / "bus"
+    assert session_bus_socket({}, uid=1234) == Path("/tmp/tray-proxy-1234/bus")
+
+
+def test_adopt_session_bus_only_takes_a_live_socket_of_ours(tmp_path: Path) -> None:
+    env: dict[str, str] = {"XDG_RUNTIME_DIR": str(tmp_path)}
+    assert adopt_session_bus(env) is None and SESSION_BUS_ENV not in env  # nothing there
+    (tmp_path / "bus").write_text("not a socket")
+    assert adopt_session_bus(env) is None and SESSION_BUS_ENV not in env
+    (tmp_path / "bus").unlink()
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(tmp_path / "bus"))
+    dead.close()  # left by a bus that ended
+    assert adopt_session_bus(env) is None and SESSION_BUS_ENV not in env
+    (tmp_path / "bus").unlink()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as live:
+        live.bind(str(tmp_path / "bus"))
+        live.listen(1)
+        address = f"unix:path={tmp_path / 'bus'}"
+        assert adopt_session_bus(env) == address and env[SESSION_BUS_ENV] == address
+        # One already set is never replaced.
+        other = {"XDG_RUNTIME_DIR": str(tmp_path), SESSION_BUS_ENV: "unix:path=/elsewhere"}
+        assert adopt_session_bus(other) is None
+        assert other[SESSION_BUS_ENV] == "unix:path=/elsewhere"
+
+
+def test_unlock_is_a_tray_proxy_command() -> None:
+    from tray_proxy.cli import build_parser
+
+    args = build_parser().parse_args(["unlock"])
+    assert args.command == "unlock"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["unlock", "--password", "x"])  # never from argv

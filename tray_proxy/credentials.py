@@ -30,8 +30,10 @@ import json
 import logging
 import os
 import queue
+import socket
+import stat
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, cast
@@ -60,10 +62,13 @@ __all__ = [
     "KeyringTimeoutError",
     "NoKeyringError",
     "PlaintextKeyringError",
+    "SESSION_BUS_ENV",
     "StoredEntryError",
+    "adopt_session_bus",
     "classify_backend",
     "default_credential_source",
     "running_under_systemd",
+    "session_bus_socket",
 ]
 
 log = logging.getLogger(__name__)
@@ -75,12 +80,18 @@ DEFAULT_TIMEOUT = 10.0
 DEFAULT_UNLOCK_TIMEOUT = 120.0
 
 _FIX_NO_KEYRING = (
-    "start a Secret Service keyring: GNOME Keyring (`gnome-keyring-daemon --start "
-    "--components=secrets` inside your D-Bus session), or enable KeePassXC's Secret Service "
-    "integration (Settings > Secret Service Integration), or KWallet; "
-    "or run headless under systemd with the password as a credential "
-    "(LoadCredential=NAME, read from $CREDENTIALS_DIRECTORY/NAME)"
+    "run `tray-proxy unlock` (it starts GNOME Keyring, and a D-Bus session where there is "
+    "none, and unlocks it; installer/install.sh installs gnome-keyring), or enable "
+    "KeePassXC's Secret Service integration (Settings > Secret Service Integration), or "
+    "KWallet; or run headless under systemd with the password as an encrypted credential "
+    "(LoadCredentialEncrypted=NAME:..., read from $CREDENTIALS_DIRECTORY/NAME; "
+    "docs/headless.md)"
 )
+_FIX_LOCKED = (
+    "Unlock it: `tray-proxy unlock` in a terminal (where no desktop unlocks it at login: WSL, "
+    'ssh), or Seahorse "Passwords and Keys", or KeePassXC: open the database; then try again'
+)
+SESSION_BUS_ENV = "DBUS_SESSION_BUS_ADDRESS"
 
 
 # --------------------------------------------------------------------------- errors
@@ -231,11 +242,10 @@ def classify_backend(backend: object) -> BackendInfo:
 def _refusal(info: BackendInfo) -> CredentialStoreError | None:
     if info.verdict == "none":
         hint = ""
-        if not os.environ.get("DBUS_SESSION_BUS_ADDRESS"):
+        if not os.environ.get(SESSION_BUS_ENV):
             hint = (
-                " There is no D-Bus session (DBUS_SESSION_BUS_ADDRESS is not set); on WSL or "
-                "over ssh start one with `dbus-run-session -- tray-proxy ...` or `eval "
-                "$(dbus-launch --sh-syntax)`."
+                " There is no D-Bus session (DBUS_SESSION_BUS_ADDRESS is not set, as on WSL "
+                "or over ssh): `tray-proxy unlock` starts one that lasts until you log out."
             )
         return NoKeyringError(
             f"no secure keyring is available ({info.description}): {_FIX_NO_KEYRING}.{hint}"
@@ -295,7 +305,47 @@ class _Worker:
             del future, func
 
 
+def session_bus_socket(environ: Mapping[str, str] | None = None, uid: int | None = None) -> Path:
+    """Where `tray-proxy unlock` starts a D-Bus session bus when none runs, and where the store
+    looks for one when DBUS_SESSION_BUS_ADDRESS is not set: $XDG_RUNTIME_DIR/bus (systemd's
+    user session puts its bus there too), else /tmp/tray-proxy-UID/bus (the control socket's
+    directory, created 0700 by `tray_proxy.control.runtime_dir`)."""
+    env = os.environ if environ is None else environ
+    runtime = env.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return Path(runtime) / "bus"
+    return Path("/tmp") / f"tray-proxy-{os.getuid() if uid is None else uid}" / "bus"
+
+
+def adopt_session_bus(environ: MutableMapping[str, str] | None = None) -> str | None:
+    """Point DBUS_SESSION_BUS_ADDRESS at `session_bus_socket()` when it is unset and a socket
+    of this user answers there (started by `tray-proxy unlock` in another terminal, or by
+    systemd), so the keyring is found without the user exporting anything. Returns the
+    address it set, or None."""
+    env = os.environ if environ is None else environ
+    if env.get(SESSION_BUS_ENV):
+        return None
+    path = session_bus_socket(env)
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.getuid():
+        return None
+    # A socket left by a bus that ended (WSL restarted, the user logged out) answers nothing.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return None
+    address = f"unix:path={path}"
+    env[SESSION_BUS_ENV] = address
+    return address
+
+
 def _default_backend(redetect: bool) -> _Backend:
+    adopt_session_bus()
     import keyring
     import keyring.backend
     import keyring.core
@@ -437,8 +487,7 @@ class CredentialStore:
         if _guarded(unlock, info):
             raise KeyringLockedError(
                 f"the keyring ({info.description}) is locked and was not unlocked: the "
-                "unlock prompt was dismissed or could not be shown. Unlock it (Seahorse "
-                '"Passwords and Keys", KeePassXC: open the database), then try again'
+                f"unlock prompt was dismissed or could not be shown. {_FIX_LOCKED}"
             )
 
     async def _run(self, func: Callable[[_Backend], T], what: str) -> T:
@@ -545,8 +594,7 @@ def _translate(exc: Exception, info: BackendInfo | None, *secrets: str) -> Crede
     what = info.description if info is not None else "the keyring"
     if type(exc).__name__ == "KeyringLocked":
         return KeyringLockedError(
-            f"the keyring ({what}) is locked and was not unlocked. Unlock it (Seahorse "
-            '"Passwords and Keys", KeePassXC: open the database), then try again'
+            f"the keyring ({what}) is locked and was not unlocked. {_FIX_LOCKED}"
         )
     if type(exc).__name__ == "NoKeyringError":
         return NoKeyringError(f"no secure keyring is available: {_FIX_NO_KEYRING}")

@@ -10,11 +10,14 @@ Must not import PySide6. Needs: dbus (dbus-run-session), gnome-keyring, libsecre
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import signal
+import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -138,6 +141,7 @@ def test_locked_collection_is_reported_not_crashed(sandbox: KeyringSandbox) -> N
     for answer in answers[2:]:
         assert answer["ok"] is False and answer["error"] == "KeyringLockedError", answer
         assert "locked" in answer["message"] and "Unlock it" in answer["message"]
+        assert "`tray-proxy unlock`" in answer["message"]
 
 
 def test_frozen_keyring_daemon_times_out(sandbox: KeyringSandbox) -> None:
@@ -181,15 +185,15 @@ def test_no_bus_means_no_keyring(sandbox: KeyringSandbox, config: Path) -> None:
     answers = sandbox.store([{"op": "get", "name": "corp"}], session=False)
     assert answers[0]["error"] == "NoKeyringError"
     message = answers[0]["message"]
-    assert "gnome-keyring-daemon" in message and "KeePassXC" in message
-    assert "no D-Bus session" in message
+    assert "`tray-proxy unlock`" in message and "KeePassXC" in message
+    assert "no D-Bus session" in message and "dbus-run-session" not in message
     cli = sandbox.run([*CLI, "set", "corp", "--config", str(config)], input=b"pw\n", session=False)
     assert cli.returncode == 1
     _one_line(cli.stderr, "no secure keyring")
 
 
-def test_sandbox_leaves_no_process_behind(sandbox: KeyringSandbox) -> None:
-    sandbox.store([{"op": "describe"}])
+def _kill_sandbox_processes(sandbox: KeyringSandbox) -> list[int]:
+    """SIGKILL every process running with the sandbox's HOME; their pids."""
     home = str(sandbox.home).encode()
     leftovers = []
     for entry in Path("/proc").iterdir():
@@ -200,7 +204,124 @@ def test_sandbox_leaves_no_process_behind(sandbox: KeyringSandbox) -> None:
         except OSError:
             continue
         if b"HOME=" + home + b"\0" in environ and int(entry.name) != os.getpid():
-            leftovers.append(entry.name)
+            leftovers.append(int(entry.name))
     for pid in leftovers:  # do not leak them into other tests even when failing
-        os.kill(int(pid), signal.SIGKILL)
-    assert leftovers == []
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return leftovers
+
+
+def test_sandbox_leaves_no_process_behind(sandbox: KeyringSandbox) -> None:
+    sandbox.store([{"op": "describe"}])
+    assert _kill_sandbox_processes(sandbox) == []
+
+
+# --------------------------------------------------------------------------- tray-proxy unlock
+# Where no desktop session runs (WSL, ssh): no D-Bus session, no keyring. `tray-proxy unlock`
+# starts both, creates the "login" keyring or unlocks it with the password from stdin. The bus
+# and gnome-keyring it starts outlive the command on purpose; the fixture kills them.
+
+UNLOCK = [sys.executable, "-m", "tray_proxy", "unlock"]
+
+
+@pytest.fixture
+def bare(sandbox: KeyringSandbox) -> Iterator[KeyringSandbox]:
+    """The sandbox, run with no session (session=False); what unlock started is killed after."""
+    try:
+        yield sandbox
+    finally:
+        _kill_sandbox_processes(sandbox)
+
+
+def _bus_env(sandbox: KeyringSandbox) -> dict[str, str]:
+    return {"DBUS_SESSION_BUS_ADDRESS": f"unix:path={sandbox.runtime / 'bus'}"}
+
+
+def test_unlock_sets_up_a_keyring_where_no_session_runs(bare: KeyringSandbox, config: Path) -> None:
+    keyring_password = _password()
+    before = bare.run([*CLI, "set", "corp", "--config", str(config)], input=b"pw\n", session=False)
+    assert before.returncode == 1
+    _one_line(before.stderr, "run `tray-proxy unlock`")
+
+    first = bare.run(UNLOCK, input=keyring_password.encode() + b"\n", session=False)
+    assert first.returncode == 0, first.stderr
+    assert f"started a D-Bus session bus at {bare.runtime / 'bus'}" in first.stdout
+    assert 'created the keyring "login"' in first.stdout
+    assert keyring_password not in first.stdout + first.stderr
+    login = bare.home / ".local" / "share" / "keyrings" / "login.keyring"
+    assert login.exists() and login.stat().st_mode & 0o777 == 0o600
+    assert keyring_password.encode() not in login.read_bytes()
+
+    # A new process with no DBUS_SESSION_BUS_ADDRESS finds that bus and the unlocked keyring.
+    password = _password()
+    stored = bare.run(
+        [*CLI, "set", "corp", "--config", str(config)],
+        input=password.encode() + b"\n",
+        session=False,
+    )
+    assert stored.returncode == 0, stored.stderr
+    assert "GNOME Keyring" in stored.stdout
+    (answer,) = bare.store([{"op": "get", "name": "corp"}], session=False)
+    assert answer["result"] == {"username": "alice", "password": password}, answer
+    # libsecret's own tool, told the address, sees the same entry.
+    looked_up = bare.run(
+        ["secret-tool", "lookup", "service", "tray-proxy", "username", "corp"],
+        session=False,
+        env=_bus_env(bare),
+    )
+    assert json.loads(looked_up.stdout)["password"] == password
+
+    # Ready already: nothing is asked, nothing changes.
+    again = bare.run(UNLOCK, session=False)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == "tray-proxy: the keyring is already unlocked"
+
+
+def test_unlock_after_lock_needs_the_right_password(bare: KeyringSandbox) -> None:
+    keyring_password = _password()
+    assert bare.run(UNLOCK, input=keyring_password.encode() + b"\n", session=False).returncode == 0
+    answers = bare.store(
+        [
+            {"op": "set", "name": "corp", "username": "alice", "password": "pw"},
+            {"op": "lock"},
+            {"op": "get", "name": "corp"},
+        ],
+        session=False,
+        env=_bus_env(bare),
+    )
+    assert answers[1]["result"] is True
+    assert answers[2]["error"] == "KeyringLockedError"
+    assert "`tray-proxy unlock`" in answers[2]["message"]
+
+    wrong = bare.run(UNLOCK, input=b"not-the-password\n", session=False)
+    assert wrong.returncode == 1
+    _one_line(wrong.stderr, "wrong keyring password; the keyring stays locked")
+    empty = bare.run(UNLOCK, input=b"\n", session=False)
+    assert empty.returncode == 2
+    _one_line(empty.stderr, "no keyring password")
+    (still,) = bare.store([{"op": "get", "name": "corp"}], session=False)
+    assert still["error"] == "KeyringLockedError"
+
+    right = bare.run(UNLOCK, input=keyring_password.encode() + b"\n", session=False)
+    assert right.returncode == 0, right.stderr
+    assert right.stdout.strip() == "tray-proxy: the keyring is unlocked"
+    (found,) = bare.store([{"op": "get", "name": "corp"}], session=False)
+    assert found["result"] == {"username": "alice", "password": "pw"}
+
+
+def test_unlock_never_creates_a_keyring_without_a_password(bare: KeyringSandbox) -> None:
+    # An empty password would leave GNOME Keyring's file unencrypted: plaintext stays refused.
+    result = bare.run(UNLOCK, input=b"\n", session=False)
+    assert result.returncode == 2
+    _one_line(result.stderr, "no keyring password")
+    assert not (bare.home / ".local" / "share" / "keyrings" / "login.keyring").exists()
+
+
+def test_unlock_replaces_a_dead_bus_socket(bare: KeyringSandbox) -> None:
+    # After a WSL restart /tmp or the runtime dir may still hold the old bus's socket.
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(bare.runtime / "bus"))
+    dead.close()
+    result = bare.run(UNLOCK, input=b"pw-" + secrets.token_hex(4).encode() + b"\n", session=False)
+    assert result.returncode == 0, result.stderr
+    assert "started a D-Bus session bus" in result.stdout
