@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tray_proxy import cli_log
 
     cli_log.add_subcommand(sub, common)
+    from tray_proxy import cli_unlock
+
+    cli_unlock.add_subcommand(sub, common)
     return parser
 
 
@@ -348,6 +351,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tray_proxy import cli_log
 
         return cli_log.run(args)
+    if args.command == "unlock":
+        from tray_proxy import cli_unlock
+
+        return cli_unlock.run(args)
     if args.command == "run":
         from tray_proxy.relay.runner import new_fast_loop
 
