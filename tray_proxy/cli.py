@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ from tray_proxy import __version__
 if TYPE_CHECKING:
     from tray_proxy.config import Config
     from tray_proxy.control import ControlServer
+    from tray_proxy.credentials import AppCredentialSource
     from tray_proxy.firewall.ruleset import RuleSpec
     from tray_proxy.relay.credentials import CredentialSource
 
@@ -92,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tray_proxy import cli_log
 
     cli_log.add_subcommand(sub, common)
+    from tray_proxy import cli_setup
+
+    cli_setup.add_subcommand(sub, common)
     from tray_proxy import cli_unlock
 
     cli_unlock.add_subcommand(sub, common)
@@ -236,6 +241,11 @@ async def _run_headless(args: argparse.Namespace) -> int:
             server = None
     try:
         path = args.config or default_config_path()
+        setup = "tray-proxy setup" + (f" --config {args.config}" if args.config else "")
+        if not path.exists():
+            # A new user's first command: no "file not found", but the one that sets it up.
+            _say(f"no proxy is set up yet ({path} does not exist); run `{setup}` first")
+            return EXIT_USAGE
         try:
             config = load_config(path)
         except ConfigError as exc:
@@ -243,8 +253,8 @@ async def _run_headless(args: argparse.Namespace) -> int:
             return EXIT_USAGE
         if not config.upstreams:
             _say(
-                f"{path}: no [[upstream]] is defined; add the corporate proxy "
-                "(see README, Configuration)"
+                f"{path}: no [[upstream]] is defined; run `{setup}` to add the corporate "
+                "proxy (or see docs/config.md)"
             )
             return EXIT_USAGE
         if not args.no_redirect:
@@ -253,7 +263,15 @@ async def _run_headless(args: argparse.Namespace) -> int:
             except RedirectError as exc:
                 _say(f"{path}: {exc}")
                 return EXIT_USAGE
-        credentials = await _credential_source(config)
+        credentials, keyring_problem = await _credential_source(config)
+        missing = _missing_password(
+            config, credentials, keyring_problem, redirect=not args.no_redirect
+        )
+        if missing is not None:
+            # Without it every connection would fail at the proxy, and with the redirect on
+            # that is all web traffic: refuse before anything is switched on.
+            _say(missing)
+            return EXIT_USAGE
         controller = ProxyController(
             ConfigFile(path),
             # The relay on this (uvloop) loop: one thread, as fast as the relay alone.
@@ -306,10 +324,12 @@ async def _run_headless(args: argparse.Namespace) -> int:
 KEYRING_START_TIMEOUT = 15.0
 
 
-async def _credential_source(config: Config) -> CredentialSource:
+async def _credential_source(config: Config) -> tuple[AppCredentialSource, str]:
     """The headless relay's passwords: $CREDENTIALS_DIRECTORY and the keyring, in the order
-    `default_credential_source` documents. A keyring that is missing or hangs is not fatal
-    (a service usually has none); it is reported only when a password is then missing."""
+    `default_credential_source` documents, and what was wrong with the keyring ("" when
+    nothing). A keyring that is missing or hangs is not fatal (a service usually has none);
+    it is reported only when a password is then missing. The active upstream's missing
+    password is `_missing_password`'s to report; a spare's is a warning here."""
     from tray_proxy.credentials import CredentialStoreError, default_credential_source
 
     source = default_credential_source(config)
@@ -320,7 +340,10 @@ async def _credential_source(config: Config) -> CredentialSource:
         problem = str(exc)
     except asyncio.TimeoutError:
         problem = f"the keyring did not answer within {KEYRING_START_TIMEOUT:g} s"
+    active = config.active_upstream()
     for upstream in config.upstreams:
+        if active is not None and upstream.name == active.name:
+            continue
         if upstream.username and source.get(upstream.name, upstream.username) is None:
             why = f" ({problem})" if problem else ""
             print(
@@ -329,10 +352,72 @@ async def _credential_source(config: Config) -> CredentialSource:
                 f"{upstream.name}` or put it in $CREDENTIALS_DIRECTORY/{upstream.name}",
                 file=sys.stderr,
             )
-    return source
+    return source, problem
+
+
+def _missing_password(
+    config: Config, source: CredentialSource, problem: str = "", *, redirect: bool = True
+) -> str | None:
+    """Why the active upstream cannot log in (None: it can): it has a `username` but no
+    password is found, and no Kerberos ticket can stand in for one."""
+    from tray_proxy.relay.settings import AuthScheme, UpstreamKind
+    from tray_proxy.relay.spnego_auth import kerberos_available
+
+    upstream = config.active_upstream()
+    if upstream is None or upstream.username is None:
+        return None
+    if source.get(upstream.name, upstream.username) is not None:
+        return None
+    negotiate = upstream.kind is UpstreamKind.HTTP and upstream.auth in (
+        AuthScheme.AUTO,
+        AuthScheme.NEGOTIATE,
+    )
+    if negotiate and kerberos_available():
+        return None  # Negotiate logs in with the ticket
+    why = f" ({problem})" if problem else ""
+    what = "the redirect was not switched on" if redirect else "the relay was not started"
+    return (
+        f"no password for {upstream.username} at proxy {upstream.name}{why}, so {what}; set "
+        f"it with `tray-proxy credentials set {upstream.name}` and start again"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The `tray-proxy` command. Output cut short by its reader (`tray-proxy status | head
+    -1`) is the reader's choice, not a failure: a quiet exit 0, no BrokenPipeError."""
+    try:
+        code = _main(argv)
+        _flush_stdout()
+    except SystemExit:  # argparse after --help / --version / a usage error
+        _flush_stdout()
+        raise
+    except BrokenPipeError:
+        _stdout_to_devnull()
+        return EXIT_OK
+    return code
+
+
+def _flush_stdout() -> None:
+    """Flush now, so a reader that went away shows here and not in the interpreter's last
+    flush at exit ("Exception ignored ... BrokenPipeError", exit 120)."""
+    try:
+        if sys.stdout is not None:
+            sys.stdout.flush()
+    except BrokenPipeError:
+        _stdout_to_devnull()
+
+
+def _stdout_to_devnull() -> None:
+    # What is still buffered can go nowhere; the interpreter flushes stdout again at exit.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -351,6 +436,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tray_proxy import cli_log
 
         return cli_log.run(args)
+    if args.command == "setup":
+        from tray_proxy import cli_setup
+
+        return cli_setup.run(args)
     if args.command == "unlock":
         from tray_proxy import cli_unlock
 
