@@ -105,17 +105,98 @@ def wait_until(condition, timeout: float = 10.0, interval: float = 0.05, what: s
     raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
 
 
-class HelperSession:
-    """The helper as a subprocess inside a namespace, fed request lines like a transcript."""
+# The relay stand-in: listens on 127.0.0.1:PORT as UID until its stdin closes.
+_LISTENER = """
+import os, socket, sys
+uid = int(sys.argv[2])
+if uid:
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen()
+print("ready", flush=True)
+sys.stdin.read()
+"""
 
-    def __init__(self, ns: str, helper: str = SOURCE_HELPER_PATH) -> None:
-        self.ns = ns
-        self.stderr_file = tempfile.TemporaryFile()  # noqa: SIM115 - closed in shutdown()
+# Runs the helper's main() with test paths (policy file, Docker socket, ...): the installed
+# helper takes no arguments, so no caller can point root at files of its own.
+_HELPER_WITH_PATHS = """
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("tray_proxy_helper_under_test", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = module
+spec.loader.exec_module(module)
+sys.exit(module.main(**json.loads(sys.argv[2])))
+"""
+
+
+class Listener:
+    """A TCP listener on 127.0.0.1:port inside `ns`, owned by `uid`: what the helper requires
+    the relay port to be (a socket its caller listens on). Closed by close()."""
+
+    def __init__(self, ns: str, port: int, uid: int = 0) -> None:
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", ns, SYSTEM_PYTHON, "-I", helper],
+            ["ip", "netns", "exec", ns, SYSTEM_PYTHON, "-I", "-c", _LISTENER, str(port), str(uid)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], 20.0)
+        if not ready or self.proc.stdout.readline() != b"ready\n":
+            self.close()
+            raise AssertionError(f"listener on {port} as uid {uid} in {ns} did not start")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError, ValueError):
+                assert self.proc.stdin is not None
+                self.proc.stdin.close()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    stream.close()
+
+
+class HelperSession:
+    """The helper as a subprocess inside a namespace, fed request lines like a transcript.
+
+    `paths` replaces the helper's path constants (policy_path, docker_socket, podman_dir, ...);
+    `env` its environment (PKEXEC_UID / SUDO_UID name its caller). With `listen` (default),
+    an `apply` first starts a root listener on the requested relay port unless one runs:
+    the helper refuses a relay port its caller does not listen on.
+    """
+
+    def __init__(
+        self,
+        ns: str,
+        helper: str = SOURCE_HELPER_PATH,
+        *,
+        paths: dict[str, str] | None = None,
+        env: dict[str, str] | None = None,
+        listen: bool = True,
+    ) -> None:
+        self.ns = ns
+        self.listen = listen
+        self.listeners: dict[int, Listener] = {}
+        self.stderr_file = tempfile.TemporaryFile()  # noqa: SIM115 - closed in shutdown()
+        argv = [SYSTEM_PYTHON, "-I", helper]
+        if paths is not None:
+            argv = [SYSTEM_PYTHON, "-I", "-c", _HELPER_WITH_PATHS, helper, json.dumps(paths)]
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, *argv],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.stderr_file,
+            env=env,
         )
         self._buffer = b""
         self._next_id = 0
@@ -149,6 +230,11 @@ class HelperSession:
         return self.read_answer()
 
     def request(self, op: str, **fields: object) -> dict[str, object]:
+        port = fields.get("relay_port")
+        wanted = op == "apply" and self.listen and isinstance(port, int) and 0 < port < 65536
+        if wanted and port not in self.listeners:
+            assert isinstance(port, int)
+            self.listeners[port] = Listener(self.ns, port)
         self._next_id += 1
         answer = self.line(json.dumps({"v": 1, "id": self._next_id, "op": op, **fields}).encode())
         assert answer["id"] == self._next_id, answer
@@ -180,6 +266,8 @@ class HelperSession:
                 with contextlib.suppress(OSError, ValueError):
                     stream.close()
         self.stderr_file.close()
+        for listener in self.listeners.values():
+            listener.close()
 
 
 @pytest.fixture
@@ -192,8 +280,8 @@ def netns() -> Iterator[str]:
 def start_helper(netns: str) -> Iterator[object]:
     sessions: list[HelperSession] = []
 
-    def start(ns: str = netns) -> HelperSession:
-        session = HelperSession(ns)
+    def start(ns: str = netns, **options: object) -> HelperSession:
+        session = HelperSession(ns, **options)  # type: ignore[arg-type]
         sessions.append(session)
         return session
 

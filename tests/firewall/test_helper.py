@@ -6,12 +6,15 @@ test_helper_fuzz.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
 import signal
 import stat
 import subprocess
+import sys
+import time
 
 import pytest
 
@@ -21,7 +24,6 @@ from tests.firewall.conftest import (
     read_sysctl,
     ruleset_text,
     table_present,
-    wait_until,
     write_sysctl,
 )
 from tray_proxy.firewall import helper as helper_module
@@ -51,25 +53,20 @@ def test_helper_file_is_a_standalone_executable_script() -> None:
     assert imports, "expected imports to inspect"
     for module in imports:
         root = module.split(".")[0]
-        assert root in {
-            "contextlib",
-            "ipaddress",
-            "json",
-            "os",
-            "re",
-            "select",
-            "signal",
-            "subprocess",
-            "sys",
-            "collections",
-            "dataclasses",
-            "types",
-            "typing",
-        }, module
+        assert root in sys.stdlib_module_names, module
+        assert root not in {"tray_proxy", "PySide6"}, module
+
+
+# The tests run the helper as root directly: it serves uid 0.
+GRANT = {
+    "owner_uid": 0,
+    "captured": "uid 0 (root) and system accounts (uid < 1000)",
+    "bridges": [],
+}
 
 
 def _status(active: bool, present: bool, spec: object) -> dict[str, object]:
-    return {"ok": True, "active": active, "table_present": present, "spec": spec}
+    return {"ok": True, "active": active, "table_present": present, "spec": spec, **GRANT}
 
 
 def _without_ids(answer: dict[str, object]) -> dict[str, object]:
@@ -83,7 +80,7 @@ def test_transcript_status_apply_status_remove(netns: str, start_helper) -> None
     assert _without_ids(helper.request("status")) == _status(False, False, None)
 
     wire = spec_to_wire(SPEC)
-    assert helper.request("apply", **wire) == {"v": 1, "id": 2, "ok": True}
+    assert helper.request("apply", **wire) == {"v": 1, "id": 2, "ok": True, **GRANT}
     assert table_present(netns)
     assert _without_ids(helper.request("status")) == _status(True, True, wire)
 
@@ -94,7 +91,7 @@ def test_transcript_status_apply_status_remove(netns: str, start_helper) -> None
 
     assert helper.request("apply", **wire)["ok"] is True  # on again: the table is replaced
     assert _without_ids(helper.request("status")) == _status(True, True, wire)
-    assert _first_rules(netns) == {c: "fib daddr type local return" for c in ("output", "quic")}
+    assert _first_rules(netns) == {c: "meta skuid != 0-999 return" for c in ("output", "quic")}
     assert helper.request("remove")["removed"] is True
     helper.close_stdin()
     assert helper.wait() == 0
@@ -146,8 +143,8 @@ def test_applied_table_is_what_render_produced(netns: str, start_helper) -> None
     # give; compare with the listing of nft's own parse of our text.
     listed = in_ns(netns, "nft", "list", "table", "inet", "tray_proxy").stdout
     assert "redirect to :3129" in listed
-    assert "dnat ip to 127.0.0.1:3129" in listed
-    assert listed.count("chain ") == render(SPEC).count("chain ")
+    assert "127.0.0.1" not in listed  # no DNAT to loopback (CVE-2020-8558)
+    assert listed.count("chain ") == render(SPEC, owner_uid=0).count("chain ")
 
 
 def test_reapply_replaces_the_table(netns: str, start_helper) -> None:
@@ -182,54 +179,43 @@ def _make_bridge(ns: str, name: str) -> None:
     in_ns(ns, "ip", "link", "add", name, "type", "bridge")
 
 
-def test_route_localnet_set_on_matching_bridges_only_and_restored(netns: str, start_helper) -> None:
-    for name in ("docker0", "br-abc", "eth9"):
+def test_route_localnet_is_never_written(netns: str, start_helper) -> None:
+    """Container capture no longer needs route_localnet on any bridge (CVE-2020-8558)."""
+    for name in ("docker0", "br-abc", "br-lan"):
         _make_bridge(netns, name)
     helper: HelperSession = start_helper()
     assert helper.request("apply", **spec_to_wire(SPEC))["ok"] is True
-    assert localnet(netns, "docker0") == "1"
-    assert localnet(netns, "br-abc") == "1"
-    assert localnet(netns, "eth9") == "0"
-
-    # A bridge created while the redirect is on (docker network create) is picked up.
     _make_bridge(netns, "br-new")
-    wait_until(lambda: localnet(netns, "br-new") == "1", timeout=10, what="br-new route_localnet")
-
-    host_only = RuleSpec(relay_port=3129, capture_containers=False)
-    assert helper.request("apply", **spec_to_wire(host_only))["ok"] is True
-    assert [localnet(netns, n) for n in ("docker0", "br-abc", "br-new")] == ["0", "0", "0"]
-
-    assert helper.request("apply", **spec_to_wire(SPEC))["ok"] is True
-    assert localnet(netns, "docker0") == "1"
-    assert helper.request("remove")["ok"] is True
-    # Container connections DNATed to 127.0.0.1 may still be open: kept until exit.
-    assert localnet(netns, "docker0") == "1"
-    helper.close_stdin()
-    assert helper.wait() == 0
-    assert [localnet(netns, n) for n in ("docker0", "br-abc", "br-new")] == ["0", "0", "0"]
-
-
-def test_route_localnet_is_never_set_on_a_matching_interface_that_is_not_a_bridge(
-    netns: str, start_helper
-) -> None:
-    """A capture pattern that also matches an uplink must not open 127.0.0.1 to its hosts."""
-    in_ns(netns, "ip", "link", "add", "br-veth", "type", "veth", "peer", "name", "docker0")
-    helper: HelperSession = start_helper()
-    assert helper.request("apply", **spec_to_wire(SPEC))["ok"] is True
-    assert [localnet(netns, n) for n in ("br-veth", "docker0")] == ["0", "0"]
+    # The rescan runs every second: watch across two of them.
+    deadline = time.monotonic() + 2.5
+    while time.monotonic() < deadline:
+        assert [localnet(netns, n) for n in ("docker0", "br-abc", "br-lan", "br-new")] == ["0"] * 4
+        time.sleep(0.25)
     helper.close_stdin()
     assert helper.wait() == 0
 
 
-def test_route_localnet_already_on_is_left_on(netns: str, start_helper) -> None:
+def _netns_inode(ns: str) -> str:
+    return in_ns(ns, "stat", "-L", "-c", "%i", "/proc/self/ns/net").stdout.strip()
+
+
+def test_route_localnet_an_older_helper_recorded_is_put_back(netns: str, start_helper) -> None:
+    """An older helper set route_localnet=1 and was killed: its recorded value is restored."""
     _make_bridge(netns, "docker0")
     write_sysctl(netns, "net/ipv4/conf/docker0/route_localnet", "1")
-    helper: HelperSession = start_helper()
-    assert helper.request("apply", **spec_to_wire(SPEC))["ok"] is True
-    assert helper.request("remove")["ok"] is True
-    helper.close_stdin()
-    assert helper.wait() == 0
-    assert localnet(netns, "docker0") == "1"
+    os.makedirs(helper_module.STATE_DIR, mode=0o700, exist_ok=True)
+    state = os.path.join(helper_module.STATE_DIR, f"netns-{_netns_inode(netns)}.json")
+    try:
+        with open(state, "w") as f:
+            json.dump({"reserved_added": "", "route_localnet": {"docker0": "0"}}, f)
+        helper: HelperSession = start_helper()
+        assert helper.request("status")["ok"] is True
+        assert localnet(netns, "docker0") == "0"
+        helper.close_stdin()
+        assert helper.wait() == 0
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(state)
 
 
 @pytest.mark.parametrize(
@@ -269,7 +255,6 @@ def _killed_helper_left_a_table(netns: str, start_helper) -> str:
     first.proc.send_signal(signal.SIGKILL)
     first.wait()
     assert table_present(netns), "SIGKILL cannot be caught: the table must still be there"
-    assert localnet(netns, "docker0") == "1"
     return before
 
 
@@ -284,13 +269,11 @@ def test_kill_9_leaves_table_that_next_start_switches_off_and_exit_deletes(
     # Switched off for new connections; kept (with what it needs) for those open through it.
     assert _first_rules(netns) == {"output": "return", "quic": "return"}
     assert read_sysctl(netns, RESERVED) != before
-    assert localnet(netns, "docker0") == "1"
     assert second.request("remove")["removed"] is False
     second.close_stdin()
     assert second.wait() == 0
     assert not table_present(netns)
     assert read_sysctl(netns, RESERVED) == before
-    assert localnet(netns, "docker0") == "0"
 
 
 def test_kill_9_then_apply_replaces_the_stale_table_and_adopts_its_sysctls(
@@ -302,8 +285,7 @@ def test_kill_9_then_apply_replaces_the_stale_table_and_adopts_its_sysctls(
     assert second.request("apply", **spec_to_wire(host_only))["ok"] is True
     listed = in_ns(netns, "nft", "list", "table", "inet", "tray_proxy").stdout
     assert "redirect to :4000" in listed and "chain prerouting" not in listed
-    assert _first_rules(netns)["output"] == "fib daddr type local return"
-    assert localnet(netns, "docker0") == "0"  # the new spec does not capture containers
+    assert _first_rules(netns)["output"] == "meta skuid != 0-999 return"
     second.close_stdin()
     assert second.wait() == 0
     assert not table_present(netns)
@@ -578,7 +560,7 @@ def test_remove_keeps_open_connections_and_stops_redirecting_new_ones(
     spec = RuleSpec(relay_port=3129, redirect_ports=(80,), capture_containers=False)
     probe = _Probe(netns, 3129)
     try:
-        helper: HelperSession = start_helper()
+        helper: HelperSession = start_helper(listen=False)  # the probe listens on 3129
         assert helper.request("apply", **spec_to_wire(spec))["ok"] is True
         assert probe.ask("connect 198.51.100.1") == "ok 0"
         assert probe.ask("echo 0") == "ok relay_ping"

@@ -14,6 +14,8 @@ import pytest
 from tests.firewall.conftest import GOLDEN_DIR, in_ns, make_netns, unique_name
 from tray_proxy.firewall.ruleset import (
     DEFAULT_EXCLUDED_NETWORKS,
+    MAX_SOURCE_PORTS,
+    Bridge,
     RuleSpec,
     SpecError,
     render,
@@ -45,13 +47,31 @@ SPECS: dict[str, RuleSpec] = {
         excluded_networks=(),
         relay_source_ports=(60000, 60000),
         capture_containers=False,
+        capture="owner",
     ),
+    "bridges": RuleSpec(relay_port=3129),
+    "everyone": RuleSpec(relay_port=3129, capture="all", reject_quic=False),
 }
+# The owner every golden is rendered for, and the container bridges the helper resolved.
+OWNER = 1000
+BRIDGES: dict[str, tuple[Bridge, ...]] = {
+    "bridges": (
+        Bridge("docker0", ip("172.17.0.1"), net("172.17.0.0/16")),
+        Bridge("br-0123456789ab", ip("172.18.0.1"), net("172.18.0.0/16")),
+        Bridge("podman0", ip("10.88.0.1"), net("10.88.0.0/16")),
+    ),
+    # Bridges are never captured without capture_containers.
+    "host_only": (Bridge("docker0", ip("172.17.0.1"), net("172.17.0.0/16")),),
+}
+
+
+def rendered(name: str) -> str:
+    return render(SPECS[name], owner_uid=OWNER, bridges=BRIDGES.get(name, ()))
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_render_matches_golden_text(name: str) -> None:
-    text = render(SPECS[name])
+    text = rendered(name)
     path = GOLDEN_DIR / f"{name}.nft"
     if os.environ.get("TRAY_PROXY_REGEN_GOLDEN") == "1":
         path.write_text(text)
@@ -60,7 +80,7 @@ def test_render_matches_golden_text(name: str) -> None:
 
 
 def test_render_replaces_the_table_in_one_transaction() -> None:
-    text = render(SPECS["default"])
+    text = rendered("default")
     assert text.startswith(
         "table inet tray_proxy\ndelete table inet tray_proxy\ntable inet tray_proxy {\n"
     )
@@ -74,18 +94,18 @@ def test_render_replaces_the_table_in_one_transaction() -> None:
 
 
 def test_render_is_deterministic_and_collapses_overlapping_networks() -> None:
-    custom = render(SPECS["custom"])
-    assert custom == render(SPECS["custom"])
+    custom = rendered("custom")
+    assert custom == rendered("custom")
     assert "elements = { 10.0.0.0/8 }" in custom  # 10.1.0.0/16 folded into 10.0.0.0/8
 
 
 def test_golden_texts_pass_nft_syntax_check() -> None:
     with make_netns(unique_name("tpck")) as ns:
         for name in sorted(SPECS):
-            done = in_ns(ns, "nft", "-c", "-f", "-", stdin=render(SPECS[name]), check=False)
+            done = in_ns(ns, "nft", "-c", "-f", "-", stdin=rendered(name), check=False)
             assert done.returncode == 0, f"{name}: {done.stderr}"
         # The check really checks: a broken text is refused.
-        bad = render(SPECS["default"]).replace("redirect to", "redirect too")
+        bad = rendered("default").replace("redirect to", "redirect too")
         assert in_ns(ns, "nft", "-c", "-f", "-", stdin=bad, check=False).returncode != 0
 
 
@@ -99,8 +119,10 @@ def test_defaults_are_the_documented_ones() -> None:
     spec = RuleSpec(relay_port=3129)
     assert spec.redirect_ports == (80, 443)
     assert spec.relay_source_ports == (61000, 64999)
-    assert spec.container_interfaces == ("docker0", "br-*")
+    assert spec.container_interfaces == ("docker0", "br-*", "podman*")
     assert spec.capture_containers and spec.reject_quic
+    assert spec.capture == "owner+system"
+    assert MAX_SOURCE_PORTS == 4096
     assert [str(n) for n in DEFAULT_EXCLUDED_NETWORKS] == [
         "127.0.0.0/8",
         "10.0.0.0/8",
@@ -142,6 +164,13 @@ BAD_SPECS: list[tuple[dict[str, object], str]] = [
     ({"container_interfaces": ()}, "container_interfaces"),
     ({"capture_containers": 1}, "capture_containers"),
     ({"reject_quic": "yes"}, "reject_quic"),
+    ({"capture": "everyone"}, "capture"),
+    ({"capture": None}, "capture"),
+    (
+        {"excluded_networks": (net("fe80::/64"), ipaddress.IPv6Network("fe80::%x/64"))},
+        "excluded_networks[1]",
+    ),
+    ({"upstreams": ((ipaddress.IPv6Address("fe80::1%eth0"), 80),)}, "upstreams[0]"),
 ]
 
 
@@ -170,6 +199,20 @@ BAD_WIRE: list[tuple[dict[str, object], str]] = [
     ({"relay_port": 3129, "relay_source_ports": [1, 2, 3]}, "relay_source_ports"),
     ({"relay_port": 3129, "container_interfaces": "docker0"}, "container_interfaces"),
     ({"relay_port": 3129, "capture_containers": "false"}, "capture_containers"),
+    ({"relay_port": 3129, "capture": "all "}, "capture"),
+    # Only the canonical text of a value is accepted (issue 16 item 5).
+    (
+        {"relay_port": 3129, "excluded_networks": ["fe80::1%x }\n}\ntable ip pwn {/128"]},
+        "excluded_networks[0]",
+    ),
+    ({"relay_port": 3129, "excluded_networks": ["fe80::%eth0/64"]}, "excluded_networks[0]"),
+    ({"relay_port": 3129, "excluded_networks": ["FE80::/10"]}, "excluded_networks[0]"),
+    ({"relay_port": 3129, "excluded_networks": ["2001:db8:0::/48"]}, "excluded_networks[0]"),
+    ({"relay_port": 3129, "excluded_networks": ["10.0.0.0/08"]}, "excluded_networks[0]"),
+    ({"relay_port": 3129, "upstreams": [["fe80::1%x }\n}\ntable ip pwn {", 80]]}, "upstreams[0]"),
+    ({"relay_port": 3129, "upstreams": [["fe80::1%eth0", 80]]}, "upstreams[0]"),
+    ({"relay_port": 3129, "upstreams": [["2001:DB8::1", 80]]}, "upstreams[0]"),
+    ({"relay_port": 3129, "upstreams": [["::ffff:1.2.3.4", 80]]}, "upstreams[0]"),
 ]
 
 
@@ -186,3 +229,42 @@ def test_long_rejected_values_are_shortened_in_messages() -> None:
     with pytest.raises(SpecError) as caught:
         spec_from_wire({"relay_port": "x" * 10_000})
     assert len(str(caught.value)) < 200
+
+
+def test_scoped_ipv6_injection_is_refused_before_rendering() -> None:
+    """The text of issue 16 item 5: accepted before, it reached nft, whose parser stopped it."""
+    attack = "fe80::1%x }\n}\ntable ip pwn {"
+    with pytest.raises(SpecError) as caught:
+        spec_from_wire({"relay_port": 3129, "upstreams": [[attack, 80]]})
+    assert "scope id" in str(caught.value)
+    assert "\n" not in str(caught.value)
+    with pytest.raises(SpecError):
+        spec_from_wire({"relay_port": 3129, "excluded_networks": [attack + "/128"]})
+
+
+def test_capture_scopes_render_a_skuid_rule() -> None:
+    def scope(capture: str, owner: int) -> list[str]:
+        text = render(RuleSpec(relay_port=3129, capture=capture), owner_uid=owner)
+        return [line.strip() for line in text.splitlines() if "skuid" in line]
+
+    assert scope("owner", 1000) == ["meta skuid != 1000 return"] * 2  # output and quic
+    assert scope("owner+system", 1000) == ["meta skuid != { 0-999, 1000 } return"] * 2
+    assert scope("owner+system", 0) == ["meta skuid != 0-999 return"] * 2
+    assert scope("all", 1000) == []
+    with pytest.raises(SpecError):
+        render(RuleSpec(relay_port=3129), owner_uid=-1)
+
+
+def test_bridges_get_their_own_dnat_and_input_rule_never_loopback() -> None:
+    text = rendered("bridges")
+    assert (
+        'iifname "br-0123456789ab" ip saddr 172.18.0.0/16 tcp dport { 80, 443 }'
+        " dnat ip to 172.18.0.1:3129" in text
+    )
+    assert (
+        'iifname "docker0" ip saddr 172.17.0.0/16 ip daddr 172.17.0.1 tcp dport 3129'
+        " ct status dnat accept" in text
+    )
+    assert "127.0.0.1" not in text and "br-*" not in text
+    assert "127.0.0.1" not in rendered("default")
+    assert "dnat" not in rendered("host_only")
