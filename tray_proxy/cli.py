@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tray_proxy import cli_unlock
 
     cli_unlock.add_subcommand(sub, common)
+    from tray_proxy.doctor import cli as cli_doctor
+
+    cli_doctor.add_subcommand(sub, common)
     return parser
 
 
@@ -444,6 +447,10 @@ def _main(argv: Sequence[str] | None) -> int:
         from tray_proxy import cli_unlock
 
         return cli_unlock.run(args)
+    if args.command == "doctor":
+        from tray_proxy.doctor import cli as cli_doctor
+
+        return cli_doctor.run(args)
     if args.command == "run":
         from tray_proxy.relay.runner import new_fast_loop
 
