@@ -2,6 +2,8 @@
 
 Every line must get one error answer that names what was wrong, the helper must stay alive,
 and the applied ruleset must stay byte-identical. One helper process serves all examples.
+And every request `spec_from_wire` accepts (valid ones and ones mutated away from canonical
+text) must render to text that `nft -c` accepts, in a throwaway namespace.
 """
 
 from __future__ import annotations
@@ -15,9 +17,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.firewall.conftest import HelperSession, make_netns, ruleset_text, unique_name
+from tests.firewall.conftest import HelperSession, in_ns, make_netns, ruleset_text, unique_name
 from tray_proxy.firewall.helper import MAX_LINE_BYTES, SPEC_FIELDS
-from tray_proxy.firewall.ruleset import RuleSpec, spec_to_wire
+from tray_proxy.firewall.ruleset import (
+    Bridge,
+    RuleSpec,
+    SpecError,
+    render,
+    spec_from_wire,
+    spec_to_wire,
+)
 
 VALID = spec_to_wire(RuleSpec(relay_port=3129))
 FUZZ = settings(
@@ -214,3 +223,133 @@ def test_random_bytes_are_refused(fuzzed: Fuzzed, data: bytes) -> None:
 def test_huge_lines_are_refused(fuzzed: Fuzzed, size: int) -> None:
     error = fuzzed.check_refused(b"{" + b"7" * size)
     assert error.startswith("request: line longer than")
+
+
+# -- every request the helper accepts renders to text nft accepts (issue 16 item 5)
+
+NFT_CHECK = settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+
+@pytest.fixture(scope="module")
+def check_ns() -> Iterator[str]:
+    """A throwaway namespace for `nft -c` (a check touches no ruleset, but stays out of ours)."""
+    with make_netns(unique_name("tpnc")) as ns:
+        yield ns
+
+
+def _mutate(text: str, how: int) -> str:
+    """One way a client could write a value that is not its canonical form."""
+    return [
+        text,
+        text.upper(),
+        " " + text,
+        text + "\n",
+        "0" + text,
+        text.replace(":", ":0", 1),
+        text.replace("/", "%eth0/", 1) if "/" in text else text + "%eth0",
+        text + "%x }\n}\ntable ip pwn {",
+        text.replace(".", ".0", 1),
+    ][how]
+
+
+def _network_text(draw: st.DrawFn) -> str:
+    version = draw(st.sampled_from([4, 6]))
+    address = draw(st.ip_addresses(v=version))
+    prefix = draw(st.integers(0, 32 if version == 4 else 128))
+    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
+
+
+interface_names = st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}\*?", fullmatch=True).filter(
+    lambda n: not (n == "lo" or (n.endswith("*") and "lo".startswith(n[:-1])))
+)
+
+
+@st.composite
+def wire_requests(draw: st.DrawFn) -> dict[str, object]:
+    """An apply request's fields: mostly valid, some values mutated away from canonical."""
+    mutate = draw(st.booleans())
+    relay = draw(st.integers(1, 65535))
+    fields: dict[str, object] = {"relay_port": relay}
+    if draw(st.booleans()):
+        fields["redirect_ports"] = draw(
+            st.lists(
+                st.integers(1, 65535).filter(lambda p: p != relay),
+                min_size=1,
+                max_size=8,
+                unique=True,
+            )
+        )
+    if draw(st.booleans()):
+        nets = [_network_text(draw) for _ in range(draw(st.integers(0, 6)))]
+        if mutate and nets:
+            i = draw(st.integers(0, len(nets) - 1))
+            nets[i] = _mutate(nets[i], draw(st.integers(0, 8)))
+        fields["excluded_networks"] = nets
+    if draw(st.booleans()):
+        ups: list[list[object]] = [
+            [str(draw(st.ip_addresses())), draw(st.integers(1, 65535))]
+            for _ in range(draw(st.integers(0, 4)))
+        ]
+        if mutate and ups:
+            i = draw(st.integers(0, len(ups) - 1))
+            ups[i][0] = _mutate(str(ups[i][0]), draw(st.integers(0, 8)))
+        fields["upstreams"] = ups
+    if draw(st.booleans()):
+        first = draw(st.integers(1024, 65535))
+        fields["relay_source_ports"] = [first, draw(st.integers(first, 65535))]
+    if draw(st.booleans()):
+        fields["container_interfaces"] = draw(st.lists(interface_names, min_size=1, max_size=4))
+    for flag in ("capture_containers", "reject_quic"):
+        if draw(st.booleans()):
+            fields[flag] = draw(st.booleans())
+    if draw(st.booleans()):
+        fields["capture"] = draw(st.sampled_from(["owner", "owner+system", "all", "All", "owner "]))
+    return fields
+
+
+@st.composite
+def bridges(draw: st.DrawFn) -> tuple[Bridge, ...]:
+    found = []
+    for _ in range(draw(st.integers(0, 3))):
+        name = draw(st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}", fullmatch=True))
+        network = ipaddress.ip_network(
+            f"{draw(st.ip_addresses(v=4))}/{draw(st.integers(8, 30))}", strict=False
+        )
+        address = network.network_address + draw(st.integers(1, network.num_addresses - 2))
+        found.append(Bridge(name, address, network))
+    return tuple(found)
+
+
+@NFT_CHECK
+@given(fields=wire_requests(), owner=st.integers(0, 2**32 - 2), found=bridges())
+def test_every_accepted_request_renders_to_text_nft_accepts(
+    check_ns: str, fields: dict[str, object], owner: int, found: tuple[Bridge, ...]
+) -> None:
+    try:
+        spec = spec_from_wire(json.loads(json.dumps(fields)))
+    except SpecError:
+        return
+    # Accepted means canonical: what the client sent is what the helper would write.
+    wire = spec_to_wire(spec)
+    assert {k: wire[k] for k in fields} == fields
+    text = render(spec, owner_uid=owner, bridges=found)
+    assert text.count("\ntable ") == 1 and "pwn" not in text
+    done = in_ns(check_ns, "nft", "-c", "-f", "-", stdin=text, check=False)
+    assert done.returncode == 0, (fields, done.stderr, text)
+
+
+def test_the_scoped_ipv6_injection_never_reaches_nft(fuzzed: Fuzzed) -> None:
+    """issue 16 item 5: accepted before, and only nft's parser stopped it."""
+    for field, value in (
+        ("upstreams", [["fe80::1%x }\n}\ntable ip pwn {", 80]]),
+        ("excluded_networks", ["fe80::1%x }\n}\ntable ip pwn {/128"]),
+    ):
+        fuzzed.next_id += 1
+        request = {"v": 1, "id": fuzzed.next_id, "op": "apply", **VALID, field: value}
+        error = fuzzed.check_refused(json.dumps(request).encode(), fuzzed.next_id)
+        assert error.startswith(f"{field}[0]: ") and "scope id" in error, error
+    assert "nft refused" not in fuzzed.helper.stderr()
