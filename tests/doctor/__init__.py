@@ -1,0 +1,1 @@
+"""Tests of `tray-proxy doctor` (tray_proxy/doctor/)."""
