@@ -343,6 +343,7 @@ class GuiProcess:
         *,
         args: Sequence[str] = (),
         redirect: Mapping[str, Any] | None = None,
+        relay: Mapping[str, Any] | None = None,
         start_timeout: float = 30.0,
     ) -> None:
         self.lab = lab
@@ -350,6 +351,7 @@ class GuiProcess:
         self.upstream = upstream
         self.args = list(args)
         self.redirect = dict(redirect or {})
+        self.relay = dict(relay or {})  # [relay] settings over the defaults below
         self.start_timeout = start_timeout
         self.workdir = lab.tmp / f"gui-{secrets.token_hex(4)}"
         self.runtime_dir = self.workdir / "run"
@@ -387,6 +389,7 @@ class GuiProcess:
                 "listen": ["127.0.0.1", "::1"],
                 "upstream": self.upstream.name,
                 "drain_timeout": 1.0,
+                **self.relay,
             },
             "upstream": [entry],
         }
