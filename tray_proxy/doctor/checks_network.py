@@ -140,14 +140,22 @@ async def _check_upstream(env: DoctorEnv, upstream: UpstreamProxy) -> CheckResul
     target = _target(env)
     who = f"{upstream.url}"
     set_password = f"`tray-proxy credentials set {upstream.name}`"
+    login: tuple[str, ...] = ()
+    if upstream.username:
+        login = (
+            (f"login: {upstream.username}, password {source}",)
+            if creds is not None
+            else (f"no password for {upstream.username}: {source} ({set_password})",)
+        )
     if result.ok:
-        login = f", login of {creds.username} {source}" if creds else ""
+        accepted = f", login of {creds.username} accepted" if creds else ""
         latency = (result.latency_s or 0.0) * 1000
         return CheckResult(
             "upstream",
             CheckStatus.OK,
-            f"{who}: tunnel to {target} open in {latency:.0f} ms{login}",
+            f"{who}: tunnel to {target} open in {latency:.0f} ms{accepted}",
             subject=upstream.name,
+            details=login,
         )
     if result.outcome is ProbeOutcome.AUTH_FAILED:
         words = result.words if creds is not None else f"{result.words} ({source})"
@@ -164,6 +172,7 @@ async def _check_upstream(env: DoctorEnv, upstream: UpstreamProxy) -> CheckResul
             f"{who} answered, but {result.words} (probe target {target})",
             fix="probe a target the proxy allows: `tray-proxy doctor --target HOST:443`",
             subject=upstream.name,
+            details=login,
         )
     return CheckResult(
         "upstream",
@@ -172,6 +181,7 @@ async def _check_upstream(env: DoctorEnv, upstream: UpstreamProxy) -> CheckResul
         fix=f"check the proxy's address in {env.config_path} (url of [[upstream]] "
         f'"{upstream.name}") and that this machine reaches it (VPN, network)',
         subject=upstream.name,
+        details=login,
     )
 
 
