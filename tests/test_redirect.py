@@ -1,6 +1,7 @@
 """Tests of tray_proxy/redirect.py: settings -> RuleSpec, re-apply on address change, helper
-restarts, shutdown order. The helper is an in-memory fake here; tests/firewall/test_e2e_*.py
-run the real one. Must not import PySide6.
+restarts, shutdown order, the captured bridges handed to the relay. The helper is an in-memory
+fake here; tests/firewall/test_e2e_*.py and test_hardening_lab.py run the real one. Must not
+import PySide6.
 """
 
 from __future__ import annotations
@@ -11,12 +12,18 @@ from collections.abc import Iterable
 
 import pytest
 
-from tray_proxy.config import parse_config
-from tray_proxy.firewall.client import HelperExitedError, RedirectError, UpstreamResolutionError
-from tray_proxy.firewall.ruleset import RuleSpec
+from tray_proxy.config import ConfigError, parse_config
+from tray_proxy.firewall.client import (
+    HelperExitedError,
+    RedirectError,
+    RedirectStatus,
+    UpstreamResolutionError,
+)
+from tray_proxy.firewall.ruleset import Bridge, IPAddress, RuleSpec
 from tray_proxy.redirect import (
     ManagedRedirect,
     RedirectSetupError,
+    Resolved,
     build_rule_spec,
     upstream_endpoints,
 )
@@ -27,13 +34,26 @@ TWO = (
 )
 
 
+CAPTURED = "uid 1000 (alice) and system accounts (uid < 1000)"
+
+
+def bridge(name: str, address: str, network: str) -> Bridge:
+    return Bridge(name, ipaddress.IPv4Address(address), ipaddress.IPv4Network(network))
+
+
+DOCKER0 = bridge("docker0", "172.17.0.1", "172.17.0.0/16")
+APP_NET = bridge("br-0123456789ab", "172.18.0.1", "172.18.0.0/16")
+
+
 class FakeController:
-    """Records what the redirect asked of the helper; `die()` simulates a killed helper."""
+    """Records what the redirect asked of the helper; `die()` simulates a killed helper;
+    `bridges` is what its status reports as captured (the helper follows Docker itself)."""
 
     def __init__(self) -> None:
         self.calls: list[str] = []
         self.applied: list[RuleSpec] = []
         self.running = False
+        self.bridges: tuple[Bridge, ...] = ()
 
     async def start(self) -> None:
         self.calls.append("start")
@@ -47,8 +67,18 @@ class FakeController:
         self.calls.append("remove")
         return True
 
-    async def status(self) -> object:
-        raise HelperExitedError("The redirect helper stopped with exit code -9")
+    async def status(self) -> RedirectStatus:
+        if not self.running:
+            raise HelperExitedError("The redirect helper stopped with exit code -9")
+        self.calls.append("status")
+        return RedirectStatus(
+            active=True,
+            spec=self.applied[-1] if self.applied else None,
+            table_present=True,
+            owner_uid=1000,
+            captured=CAPTURED,
+            bridges=self.bridges,
+        )
 
     async def stop(self) -> int:
         self.calls.append("stop")
@@ -63,8 +93,8 @@ class FakeDNS:
     def __init__(self, table: dict[str, list[str]]) -> None:
         self.table = table
 
-    async def __call__(self, endpoints: Iterable[tuple[str, int]]) -> tuple:
-        out = []
+    async def __call__(self, endpoints: Iterable[tuple[str, int]]) -> Resolved:
+        out: list[tuple[IPAddress, int]] = []
         for host, port in endpoints:
             if host not in self.table:
                 raise UpstreamResolutionError(f"Cannot resolve proxy {host}:{port}")
@@ -77,7 +107,7 @@ def _managed(text: str, dns: FakeDNS, **kw: object) -> tuple[ManagedRedirect, Fa
     managed = ManagedRedirect(
         parse_config(text),
         relay_port=12080,
-        controller=controller,  # type: ignore[arg-type]
+        controller=controller,
         resolve=dns,
         **kw,  # type: ignore[arg-type]
     )
@@ -88,7 +118,7 @@ def test_spec_takes_every_setting() -> None:
     config = parse_config(
         TWO + "[relay]\nport = 3129\nredirect_ports = [443]\nsource_ports = [62000, 62999]\n"
         '[redirect]\nexclude = ["10.0.0.0/8"]\ncapture_containers = false\n'
-        "container_interfaces = []\nreject_quic = false\n"
+        'container_interfaces = []\nreject_quic = false\ncapture = "owner"\n'
     )
     upstreams = ((ipaddress.ip_address("192.0.2.1"), 8080),)
     assert build_rule_spec(config, 3129, upstreams) == RuleSpec(
@@ -100,7 +130,19 @@ def test_spec_takes_every_setting() -> None:
         container_interfaces=(),
         capture_containers=False,
         reject_quic=False,
+        capture="owner",
     )
+
+
+def test_capture_defaults_to_owner_and_system_and_is_validated() -> None:
+    config = parse_config(TWO)
+    assert config.redirect.capture == "owner+system"
+    assert build_rule_spec(config, 12080, ()).capture == "owner+system"
+    for value in ("all", "owner"):
+        config = parse_config(TWO + f'[redirect]\ncapture = "{value}"\n')
+        assert build_rule_spec(config, 12080, ()).capture == value
+    with pytest.raises(ConfigError, match=r"redirect\.capture: must be one of 'owner\+system'"):
+        parse_config(TWO + '[redirect]\ncapture = "everyone"\n')
 
 
 def test_every_upstream_is_an_endpoint_once() -> None:
@@ -115,9 +157,10 @@ def test_source_ports_false_is_refused_with_the_reason() -> None:
 
 
 def test_relay_port_among_redirected_ports_is_a_setup_error() -> None:
-    config = parse_config(TWO + "[relay]\nport = 443\n")
+    # The settings file refuses this at load; a relay bound to another port than configured
+    # (a restart) must still never be redirected to itself.
     with pytest.raises(RedirectSetupError, match="relay_port"):
-        build_rule_spec(config, 443, ())
+        build_rule_spec(parse_config(TWO), 443, ())
 
 
 def test_start_excludes_all_upstreams_and_reapplies_only_on_change() -> None:
@@ -139,7 +182,11 @@ def test_start_excludes_all_upstreams_and_reapplies_only_on_change() -> None:
         await managed.stop()
 
     asyncio.run(scenario())
-    assert controller.calls == ["start", "apply", "apply", "remove", "stop"]
+    assert controller.calls == [
+        *("start", "apply", "status"),  # what the helper captures, after each apply
+        *("apply", "status"),
+        *("remove", "stop"),
+    ]
 
 
 def test_switch_off_keeps_the_helper_until_stop() -> None:
@@ -151,7 +198,7 @@ def test_switch_off_keeps_the_helper_until_stop() -> None:
         await managed.switch_off()
         # Redirect off for new connections; the helper (and its table) stays while the relay
         # drains, and a helper that dies now is not started again.
-        assert controller.calls == ["start", "apply", "remove"]
+        assert controller.calls == ["start", "apply", "status", "remove"]
         assert controller.running and managed.spec is None
         controller.die()
         await asyncio.sleep(0.05)
@@ -160,7 +207,7 @@ def test_switch_off_keeps_the_helper_until_stop() -> None:
         await managed.stop()
 
     asyncio.run(scenario())
-    assert controller.calls == ["start", "apply", "remove", "stop"]
+    assert controller.calls == ["start", "apply", "status", "remove", "stop"]
 
 
 def test_unresolvable_active_upstream_fails_start_other_only_warns() -> None:
@@ -223,3 +270,98 @@ def test_a_killed_helper_is_restarted_then_reported() -> None:
     asyncio.run(scenario())
     assert managed.restarts == 1
     assert "stopped 2 times" in str(failures[0]) and "nft delete table" in str(failures[0])
+
+
+class Listener:
+    """The relay's side of `on_bridges`: the address sets it was told, in order."""
+
+    def __init__(self) -> None:
+        self.told: list[tuple[str, ...]] = []
+        self.fail = False
+
+    async def __call__(self, addresses: tuple[str, ...]) -> None:
+        if self.fail:
+            raise OSError("cannot assign requested address")
+        self.told.append(addresses)
+
+
+async def _wait_for(condition: object, what: str) -> None:
+    for _ in range(300):
+        if condition():  # type: ignore[operator]
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_the_relay_listens_on_the_captured_bridges_as_they_come_and_go() -> None:
+    dns = FakeDNS({"proxy-a.example": ["192.0.2.1"], "proxy-b.example": ["192.0.2.2"]})
+    listener = Listener()
+    managed, controller = _managed(
+        TWO, dns, on_bridges=listener, helper_check=0.01, bridge_interval=0.02
+    )
+    controller.bridges = (DOCKER0,)
+
+    async def scenario() -> None:
+        await managed.start()
+        # Told before start() returns: the helper already DNATs docker0 to its gateway.
+        assert listener.told == [("172.17.0.1",)]
+        assert managed.captured == CAPTURED and managed.owner_uid == 1000
+        assert managed.bridges == (DOCKER0,)
+        controller.bridges = (APP_NET, DOCKER0)  # `docker network create` meanwhile
+        await _wait_for(lambda: len(listener.told) == 2, "the new bridge")
+        polls = controller.calls.count("status")
+        await _wait_for(lambda: controller.calls.count("status") >= polls + 3, "more polls")
+        assert len(listener.told) == 2  # an unchanged list is not told again
+        controller.bridges = ()  # the networks were removed
+        await _wait_for(lambda: len(listener.told) == 3, "the bridges gone")
+        await managed.stop()
+
+    asyncio.run(scenario())
+    assert listener.told == [("172.17.0.1",), ("172.17.0.1", "172.18.0.1"), ()]
+
+
+def test_a_relay_that_cannot_listen_keeps_the_redirect_and_is_asked_again() -> None:
+    dns = FakeDNS({"proxy-a.example": ["192.0.2.1"], "proxy-b.example": ["192.0.2.2"]})
+    listener = Listener()
+    listener.fail = True
+    failures: list[RedirectError] = []
+    managed, controller = _managed(
+        TWO,
+        dns,
+        on_bridges=listener,
+        on_failure=failures.append,
+        helper_check=0.01,
+        bridge_interval=0.02,
+    )
+    controller.bridges = (DOCKER0,)
+
+    async def scenario() -> None:
+        await managed.start()
+        assert listener.told == [] and managed.spec is not None
+        listener.fail = False
+        await _wait_for(lambda: listener.told == [("172.17.0.1",)], "a second attempt")
+        await managed.stop()
+
+    asyncio.run(scenario())
+    assert failures == []
+
+
+def test_no_bridge_polling_without_container_capture() -> None:
+    dns = FakeDNS({"proxy-a.example": ["192.0.2.1"], "proxy-b.example": ["192.0.2.2"]})
+    listener = Listener()
+    managed, controller = _managed(
+        TWO + "[redirect]\ncapture_containers = false\n",
+        dns,
+        on_bridges=listener,
+        helper_check=0.01,
+        bridge_interval=0.01,
+    )
+
+    async def scenario() -> None:
+        await managed.start()
+        await asyncio.sleep(0.1)  # ten bridge intervals: none may poll
+        await managed.stop()
+
+    asyncio.run(scenario())
+    assert controller.calls.count("status") == 1  # the one after apply
+    assert listener.told == []  # no bridges captured: nothing to tell

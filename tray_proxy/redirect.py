@@ -8,7 +8,14 @@ it true:
   their addresses changed, so a proxy whose DNS name moves stays excluded;
 - when the helper dies under it (killed), the table it left behind still points at the relay;
   a new helper switches that stale table off at start and the spec is applied again, replacing
-  it in one transaction (a few times at most, then the failure is reported).
+  it in one transaction (a few times at most, then the failure is reported);
+- the relay listens on the container bridges the helper captures (issue 16 item 4): the helper
+  DNATs a captured bridge's connections to that bridge's own gateway address, never to
+  127.0.0.1, so the relay must listen there too. After each apply, and every
+  `bridge_interval` seconds while containers are captured (Docker and Podman add and remove
+  networks at any time; the helper follows them by itself), the helper's status says which
+  bridges it captures, and `on_bridges` gets their addresses whenever that list changed.
+  The same status says whose traffic is captured (`captured`, shown by `tray-proxy status`).
 
 Shutdown is two steps, with the relay's drain between them: `switch_off()` stops redirecting
 new connections but keeps the table, so connections already redirected keep their address
@@ -35,17 +42,22 @@ from tray_proxy.firewall.client import (
     UpstreamResolutionError,
     resolve_upstreams,
 )
-from tray_proxy.firewall.ruleset import IPAddress, RuleSpec, SpecError
+from tray_proxy.firewall.ruleset import Bridge, IPAddress, RuleSpec, SpecError
 
 log = logging.getLogger(__name__)
 
 RESOLVE_INTERVAL_SECONDS: Final = 60.0
 HELPER_CHECK_SECONDS: Final = 1.0
+# How often the captured bridges are asked for: a new Docker network waits at most this long
+# for the relay to listen on its gateway (its connections are refused until then).
+BRIDGE_CHECK_SECONDS: Final = 3.0
 MAX_HELPER_RESTARTS: Final = 3
 
 Endpoint = tuple[str, int]
 Resolved = tuple[tuple[IPAddress, int], ...]
 Resolver = Callable[[Iterable[Endpoint]], Awaitable[Resolved]]
+# Told the addresses the relay must listen on besides loopback (the captured bridges').
+BridgeListener = Callable[[tuple[str, ...]], Awaitable[None]]
 
 
 class HelperControl(Protocol):
@@ -106,6 +118,7 @@ def build_rule_spec(config: Config, relay_port: int, upstreams: Resolved) -> Rul
             container_interfaces=redirect.container_interfaces,
             capture_containers=redirect.capture_containers,
             reject_quic=redirect.reject_quic,
+            capture=redirect.capture,
         )
     except SpecError as exc:
         raise RedirectSetupError(
@@ -125,8 +138,10 @@ class ManagedRedirect:
         *,
         resolve: Resolver = resolve_upstreams,
         on_failure: Callable[[RedirectError], None] | None = None,
+        on_bridges: BridgeListener | None = None,
         resolve_interval: float = RESOLVE_INTERVAL_SECONDS,
         helper_check: float = HELPER_CHECK_SECONDS,
+        bridge_interval: float = BRIDGE_CHECK_SECONDS,
         max_restarts: int = MAX_HELPER_RESTARTS,
     ) -> None:
         self.config = config
@@ -136,8 +151,10 @@ class ManagedRedirect:
         )
         self._resolve = resolve
         self._on_failure = on_failure
+        self._on_bridges = on_bridges
         self._resolve_interval = resolve_interval
         self._helper_check = helper_check
+        self._bridge_interval = bridge_interval
         self._max_restarts = max_restarts
         self._endpoints = upstream_endpoints(config)
         # Last good addresses per endpoint: a failed re-resolve keeps them excluded.
@@ -145,6 +162,12 @@ class ManagedRedirect:
         self.spec: RuleSpec | None = None
         self.restarts = 0
         self.failure: RedirectError | None = None
+        # What the helper reported last: whose traffic it captures (its words), for whom,
+        # and the container bridges the relay must listen on.
+        self.captured: str | None = None
+        self.owner_uid: int | None = None
+        self.bridges: tuple[Bridge, ...] = ()
+        self._told_addresses: tuple[str, ...] = ()
         self._watcher: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -156,6 +179,7 @@ class ManagedRedirect:
         await self.controller.start()
         await self.controller.apply(spec)
         self.spec = spec
+        await self.sync_status()
         self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="redirect-watch")
         return spec
 
@@ -210,7 +234,30 @@ class ManagedRedirect:
         )
         await self.controller.apply(spec)
         self.spec = spec
+        await self.sync_status()
         return True
+
+    async def sync_status(self) -> RedirectStatus:
+        """Ask the helper what it captures; tell `on_bridges` when the bridges changed."""
+        status = await self.controller.status()
+        self.captured = status.captured
+        self.owner_uid = status.owner_uid
+        self.bridges = status.bridges
+        addresses = tuple(sorted({str(b.address) for b in status.bridges}))
+        if addresses != self._told_addresses and self._on_bridges is not None:
+            log.info(
+                "container bridges captured: %s",
+                ", ".join(f"{b.name} ({b.address}, {b.network})" for b in status.bridges) or "none",
+            )
+            try:
+                await self._on_bridges(addresses)
+            except Exception:
+                # The redirect stays on: only these bridges' containers lose the relay, and
+                # the next check tries again.
+                log.exception("the relay could not listen on %s", ", ".join(addresses))
+                return status
+            self._told_addresses = addresses
+        return status
 
     # -- internals
 
@@ -238,6 +285,7 @@ class ManagedRedirect:
     async def _watch(self) -> None:
         loop = asyncio.get_running_loop()
         next_resolve = loop.time() + self._resolve_interval
+        next_bridges = loop.time() + self._bridge_interval
         try:
             while not self._stopping:
                 await asyncio.sleep(self._helper_check)
@@ -246,6 +294,9 @@ class ManagedRedirect:
                 elif loop.time() >= next_resolve:
                     next_resolve = loop.time() + self._resolve_interval
                     await self.refresh()
+                elif self.config.redirect.capture_containers and loop.time() >= next_bridges:
+                    next_bridges = loop.time() + self._bridge_interval
+                    await self.sync_status()
         except RedirectError as exc:
             self.failure = exc
             if self._on_failure is not None:
@@ -274,3 +325,4 @@ class ManagedRedirect:
         await self.controller.start()  # the new helper removes the stale table first
         if spec is not None:
             await self.controller.apply(spec)
+            await self.sync_status()
