@@ -181,12 +181,26 @@ class Lifecycle:
                 self._redirect,
                 resolve=self._resolve,
                 on_failure=self._on_redirect_failure,
+                on_bridges=self._listen_on_bridges,
                 resolve_interval=self._resolve_interval,
                 helper_check=self._watch_interval,
             )
             spec = await self._managed.start()
             self._steps.redirect_on(spec)
         return upstream
+
+    @property
+    def captured(self) -> str | None:
+        """Whose traffic the redirect captures, in the helper's words (None: not on)."""
+        return self._managed.captured if self._managed is not None else None
+
+    async def _listen_on_bridges(self, addresses: tuple[str, ...]) -> None:
+        # The helper DNATs captured container bridges to their own gateway address: the
+        # relay listens there on its port, besides loopback (issue 16 item 4).
+        relay = self.relay
+        if relay is not None:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, relay.set_extra_listen, addresses)
 
     async def start_relay(self, config: Config, observer: Observer) -> RelayHandle:
         loop = asyncio.get_running_loop()

@@ -115,6 +115,9 @@ class Status:
     total_connections: int = 0
     last_errors: tuple[ErrorEntry, ...] = ()
     relay_addresses: tuple[Address, ...] = ()
+    # Whose traffic the redirect captures, in the root helper's words ("uid 1000 (alice) and
+    # system accounts (uid < 1000)"); None while the redirect is not on (issue 16 item 1).
+    captured: str | None = None
     # Per-upstream latency and failures, traffic rates, failures of the last hour in words.
     health: HealthSnapshot = field(default_factory=HealthSnapshot)
 
@@ -144,6 +147,7 @@ class Status:
                 {"at": e.at, "text": e.text, "count": e.count} for e in self.last_errors
             ],
             "relay_addresses": [list(a) for a in self.relay_addresses],
+            "captured": self.captured,
         }
 
 
