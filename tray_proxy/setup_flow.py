@@ -22,6 +22,7 @@ setup window can import these types.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import re
 from collections.abc import Awaitable, Callable, Sequence
@@ -39,7 +40,7 @@ from tray_proxy.config import (
     parse_upstream,
     save_config,
 )
-from tray_proxy.discovery import Discovery, Found
+from tray_proxy.discovery import Discovery, Found, discover
 from tray_proxy.errors import UserError
 from tray_proxy.relay.credentials import Credentials, Secret
 from tray_proxy.relay.probe import ProbeOutcome, ProbeResult, probe_upstream
@@ -53,6 +54,7 @@ __all__ = [
     "SetupError",
     "SetupFailed",
     "SetupFlow",
+    "SetupService",
     "TestReport",
     "advice",
     "describe_discovery",
@@ -377,10 +379,53 @@ class SetupFlow:
             routing=RoutingSettings(pac_url=checked.pac_url) if checked.pac_url else config.routing,
         )
         try:
-            save_config(config, self.config_path)
+            await asyncio.to_thread(save_config, config, self.config_path)
         except ConfigError as exc:
             raise SetupFailed(str(exc)) from None
         done.append(f"wrote {self.config_path} (upstream {upstream.name}, {upstream.url})")
+        return done
+
+
+class SetupService:
+    """The steps as the setup window uses them (ui/setup_window.py's SetupSteps): discovery
+    off the UI thread, and after saving, `after_save` (the app: the controller re-reads the
+    settings and the password, so Switch on works at once)."""
+
+    def __init__(
+        self,
+        flow: SetupFlow,
+        *,
+        after_save: Callable[[UpstreamProxy], Awaitable[str | None]] | None = None,
+        discover_fn: Callable[[], Discovery] = discover,
+    ) -> None:
+        self.flow = flow
+        self._after_save = after_save
+        self._discover = discover_fn
+
+    @property
+    def config_path(self) -> Path:
+        return self.flow.config_path
+
+    async def prefill(self) -> Prefill:
+        """Discovery (up to two bounded Windows tools on WSL) and the prefill, in a thread."""
+        discovery = await asyncio.to_thread(self._discover)
+        return await asyncio.to_thread(self.flow.prefill, discovery)
+
+    def check(self, answers: SetupAnswers) -> CheckedAnswers:
+        return self.flow.check(answers)
+
+    async def test(self, checked: CheckedAnswers) -> TestReport:
+        return await self.flow.test(checked)
+
+    async def save(self, checked: CheckedAnswers) -> list[str]:
+        done = await self.flow.save(checked)
+        if self._after_save is not None:
+            try:
+                warning = await self._after_save(checked.upstream)
+            except ConfigError as exc:
+                raise SetupFailed(str(exc)) from None
+            if warning:
+                done.append(warning)
         return done
 
 
