@@ -10,11 +10,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import gc
 import hashlib
 import logging
 import secrets
 import socket
+import sys
 import threading
+import types
 from pathlib import Path
 
 import pytest
@@ -31,10 +34,16 @@ from tests.relay.stubs import (
     read_until_error,
     running_relay,
     socks_upstream,
+    until,
 )
 from tray_proxy.relay import upstream as upstream_module
 from tray_proxy.relay.credentials import Credentials, Secret, StaticCredentialSource
-from tray_proxy.relay.events import CredentialsRejected, TunnelEstablished, UpstreamFailed
+from tray_proxy.relay.events import (
+    CredentialsAccepted,
+    CredentialsRejected,
+    TunnelEstablished,
+    UpstreamFailed,
+)
 from tray_proxy.relay.probe import ProbeOutcome, probe_upstream
 from tray_proxy.relay.protocol.challenge import parse_challenges
 from tray_proxy.relay.records import CloseReason
@@ -340,7 +349,7 @@ def test_basic_and_digest_steps_stay_on_the_loop(run, monkeypatch):
             return super().submit(fn, *args, **kwargs)
 
     watching = Watching(1)
-    monkeypatch.setattr(upstream_module, "_auth_threads", lambda: watching)
+    monkeypatch.setattr(upstream_module.UpstreamAuth, "threads", lambda self: watching)
 
     async def main():
         async with (
@@ -492,13 +501,21 @@ def test_changed_credentials_are_tried_again_and_retry_credentials(run):
                 await read_until_error(reader)
                 writer.close()
                 await relay.wait_closed(1)
+
+                def logins() -> int:
+                    return sum("proxy-authorization" in r.headers for r in proxy.requests)
+
+                assert logins() == 1
+                # The user entered the password again: one verification at once, by the
+                # relay itself, to where the last tunnel went (issue 16 item 7).
                 relay.engine.retry_credentials("corp")
+                await until(lambda: logins() == 2, 5, "the verification")
+                await until(lambda: len(relay.of(CredentialsRejected)) == 2, 5, "its 407")
                 reader, writer = await relay.connect()
                 await read_until_error(reader)
                 writer.close()
                 await relay.wait_closed(2)
-                assert len(proxy.requests) == 2  # the retry reached the proxy
-                assert len(relay.of(CredentialsRejected)) == 2
+                assert logins() == 2  # the next connection did not send them again
                 creds.set("corp", Credentials("alice", Secret("right")))
                 assert await _fetch(relay) == b"ping"
 
@@ -581,5 +598,191 @@ def test_probe_outcomes(run):
             refused = await probe_upstream(gone, None, origin.address, 3)
             assert refused.outcome is ProbeOutcome.REFUSED
             assert refused.words == f"connection refused by 127.0.0.1:{port}"
+
+    run(main)
+
+
+# -- recovering from a 407 (issue 16 item 7) and credentials changed while running ----------
+
+
+def test_a_407_for_credentials_that_worked_recovers_after_the_backoff_one_try_per_period(run):
+    """The proxy took the password, then refused it (a directory hiccup): the relay stops
+    sending it (one failed login), tries it once per `reverify_after`, and once the proxy
+    takes it again the upstream is usable, CredentialsAccepted says so."""
+    period = 0.6
+
+    async def main():
+        async with (
+            Origin(echo) as origin,
+            CountingBasicProxy(credentials=("alice", "right")) as proxy,
+        ):
+            up = http_upstream(proxy, "corp", "alice")
+            creds = _creds("corp", "alice", "right")
+            async with running_relay([up], origin.address, creds, reverify_after=period) as relay:
+                assert await _fetch(relay) == b"ping"
+                proxy.credentials = ("alice", "changed-by-the-directory")
+                # The first refusal costs two logins: the fast path's request, which carried
+                # the password before any 407 came back, and the one re-check on the Task
+                # path (connections already on their way each cost one, as those before the
+                # first 407 left). The storm after it costs none.
+                assert await _fail(relay) == b""
+                assert proxy.failed == 2
+                refused = await asyncio.gather(*(_fail(relay) for _ in range(10)))
+                assert refused == [b""] * 10
+                assert proxy.failed == 2
+                assert relay.of(CredentialsRejected) == [CredentialsRejected("corp", "alice")]
+                loop = asyncio.get_running_loop()
+                rejected_at = loop.time()
+                # Still refused: one attempt per period, none in between, no new event.
+                await until(lambda: proxy.failed == 3, 3 * period, "the first re-verification")
+                first = loop.time() - rejected_at
+                assert period * 0.8 <= first < period * 2, first
+                await until(lambda: proxy.failed == 4, 3 * period, "the second")
+                assert loop.time() - rejected_at >= 1.8 * period
+                assert len(relay.of(CredentialsRejected)) == 1
+                assert await _fail(relay) == b""  # meanwhile: fail fast, nothing sent
+                assert proxy.failed == 4
+                proxy.credentials = ("alice", "right")  # the directory is back
+                await until(lambda: relay.of(CredentialsAccepted), 3 * period, "the recovery")
+                assert relay.of(CredentialsAccepted) == [CredentialsAccepted("corp", "alice")]
+                assert proxy.failed == 4
+                assert await _fetch(relay) == b"ping"
+                assert await _fetch(relay) == b"ping"
+
+    run(main)
+
+
+def test_entering_the_same_password_again_verifies_it_at_once(run):
+    async def main():
+        async with (
+            Origin(echo) as origin,
+            CountingBasicProxy(credentials=("alice", "right")) as proxy,
+        ):
+            up = http_upstream(proxy, "corp", "alice")
+            creds = _creds("corp", "alice", "right")
+            async with running_relay([up], origin.address, creds) as relay:  # 600 s backoff
+                assert await _fetch(relay) == b"ping"
+                proxy.credentials = ("alice", "changed-by-the-directory")
+                assert await _fail(relay) == b""
+                assert proxy.failed == 2  # the fast path's request and the re-check
+                proxy.credentials = ("alice", "right")
+                assert await _fail(relay) == b""  # still rejected: nothing sent
+                assert proxy.failed == 2 and proxy.checked == 3
+                relay.engine.set_credentials("corp", Credentials("alice", Secret("right")))
+                await until(lambda: relay.of(CredentialsAccepted), 5, "the verification")
+                assert proxy.checked == 4 and proxy.failed == 2
+                assert await _fetch(relay) == b"ping"
+
+    run(main)
+
+
+def test_a_new_password_is_used_at_the_next_connection_and_a_wrong_one_costs_one_407(run):
+    """Credentials changed while the relay runs (issue 14 bug 1): set_credentials replaces
+    what the source has; a wrong one gets its own single 407, the right one works next."""
+
+    async def main():
+        async with (
+            Origin(echo) as origin,
+            CountingBasicProxy(credentials=("alice", "new")) as proxy,
+        ):
+            up = http_upstream(proxy, "corp", "alice")
+            creds = _creds("corp", "alice", "old")
+            async with running_relay([up], origin.address, creds) as relay:
+                assert await _fail(relay) == b""
+                assert proxy.failed == 1
+                engine = relay.engine
+                engine.set_credentials("corp", Credentials("alice", Secret("typo")))
+                await until(lambda: proxy.failed == 2, 5, "the typo's verification")
+                results = await asyncio.gather(*(_fail(relay) for _ in range(10)))
+                assert results == [b""] * 10 and proxy.failed == 2
+                assert len(relay.of(CredentialsRejected)) == 2
+                engine.set_credentials("corp", Credentials("alice", Secret("new")))
+                got = await asyncio.gather(*(_fetch(relay, b"x%d" % i) for i in range(10)))
+                assert got == [b"x%d" % i for i in range(10)]
+                assert proxy.failed == 2
+
+    run(main)
+
+
+def _module_held(token: bytes) -> list[str]:
+    """Where the relay's modules hold `token` in bytes or str: a walk from their globals
+    through classes, containers and instances (not into functions or other modules, which
+    lead everywhere). The old cache was a class attribute of relay/opening.py."""
+    seen: set[int] = set()
+    found: list[str] = []
+    todo: list[tuple[object, str]] = [
+        (vars(m), name)
+        for name, m in sys.modules.items()
+        if name.startswith("tray_proxy.relay") and m is not None
+    ]
+    while todo and len(seen) < 200_000:
+        obj, where = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if (
+            isinstance(obj, bytes)
+            and token in obj
+            or isinstance(obj, str)
+            and token.decode() in obj
+        ):
+            found.append(where)
+            continue
+        if isinstance(obj, (types.ModuleType, types.FunctionType, type(len), str, bytes)):
+            continue
+        todo.extend((ref, where) for ref in gc.get_referents(obj))
+    return found
+
+
+def test_no_request_bytes_with_the_secret_outlive_a_credential_change_or_the_engine(run):
+    """The fast path keeps CONNECT bytes with Proxy-Authorization: per engine (no module or
+    class holds them), dropped when the credentials change and when the engine stops
+    (issue 16, "Secrets and boundaries in code")."""
+    password = "s3cret-" + secrets.token_hex(6)
+    token = base64.b64encode(f"alice:{password}".encode())
+
+    def kept(engine) -> list[bytes]:
+        return [r for r in engine._requests.by_target.values() if token in r]
+
+    async def main():
+        async with (
+            Origin(echo) as origin,
+            CountingBasicProxy(credentials=("alice", password)) as proxy,
+        ):
+            up = http_upstream(proxy, "corp", "alice")
+            creds = _creds("corp", "alice", password)
+            async with running_relay([up], origin.address, creds) as relay:
+                engine = relay.engine
+                for _ in range(3):  # verified, then the fast path with kept request bytes
+                    assert await _fetch(relay) == b"ping"
+                await relay.wait_closed(3)
+                assert kept(engine), "the fast path kept no request: nothing to test"
+                assert _module_held(token) == []
+                engine.set_credentials("corp", Credentials("alice", Secret("other")))
+                assert not engine._requests.by_target and engine._requests.header is None
+                assert engine._route is None
+                engine.set_credentials("corp", Credentials("alice", Secret(password)))
+                for _ in range(3):
+                    assert await _fetch(relay) == b"ping"
+                assert kept(engine)
+            # running_relay stopped the engine.
+            assert not engine._requests.by_target and engine._requests.header is None
+            assert engine._route is None and engine._overrides == {}
+            assert _module_held(token) == []
+
+    run(main)
+
+
+def test_no_auth_thread_outlives_the_engine(run, ntlm_users):
+    def auth_threads() -> list[str]:
+        return [t.name for t in threading.enumerate() if t.name.startswith("proxy-auth")]
+
+    async def main():
+        async with Origin(echo) as origin, NtlmProxy() as proxy:
+            up, creds = _pinned_ntlm(proxy, ntlm_users)
+            async with running_relay([up], origin.address, creds) as relay:
+                assert await _fetch(relay) == b"ping"
+                assert auth_threads(), "NTLM ran on no proxy-auth thread"
+            assert auth_threads() == []
 
     run(main)

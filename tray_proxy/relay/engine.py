@@ -30,6 +30,7 @@ from tray_proxy.relay.events import (
     ConnectionClosed,
     ConnectionOpened,
     ConnectionRouted,
+    CredentialsAccepted,
     CredentialsRejected,
     EngineStarted,
     EngineStopped,
@@ -38,7 +39,7 @@ from tray_proxy.relay.events import (
     TunnelEstablished,
     UpstreamFailed,
 )
-from tray_proxy.relay.opening import Deadlines, Opening
+from tray_proxy.relay.opening import ConnectRequests, Deadlines, Opening
 from tray_proxy.relay.origdst import original_destination
 from tray_proxy.relay.pipe import PipePool, ReadBatching, Tunnel, abort
 from tray_proxy.relay.poller import Poller
@@ -173,6 +174,13 @@ class RelayEngine:
         self._destination_of = destination_of
         # upstream name -> its remembered scheme and credential verification (see _serve)
         self._auth: dict[str, UpstreamAuth] = {}
+        # The fast path's CONNECT bytes, Proxy-Authorization included: this engine's own,
+        # cleared when the credentials change and when it stops.
+        self._requests = ConnectRequests()
+        # Credentials given by set_credentials(), over what `credentials` has (None: none).
+        self._overrides: dict[str, Credentials | None] = {}
+        # upstream name -> the timer of its next re-verification of rejected credentials
+        self._reverify: dict[str, asyncio.TimerHandle] = {}
 
     # -- public ---------------------------------------------------------------------------
 
@@ -190,27 +198,142 @@ class RelayEngine:
         return None
 
     def retry_credentials(self, upstream: str | None = None) -> None:
-        """Forget that the proxy rejected credentials (the user asked to try them again)."""
-        for name, auth in self._auth.items():
+        """The user entered the password again, maybe the same one (None: for every
+        upstream): a fresh credential version, whatever the proxy said of the last one, and
+        one verification at once (issue 16 item 7). Call on the engine's loop."""
+        for name, auth in list(self._auth.items()):
             if upstream is None or name == upstream:
-                auth.retry()
+                self._renew(name, auth)
+
+    def set_credentials(self, upstream: str, credentials: Credentials | None) -> None:
+        """From now on use `credentials` for `upstream` (None: it has no password), over what
+        the CredentialSource says: the next connection uses them, after one verification
+        (a wrong password costs one failed login). Call on the engine's loop."""
+        self._overrides[upstream] = credentials
+        auth = self._auth.get(upstream)
+        if auth is not None:
+            self._renew(upstream, auth)
+        else:
+            self._forget_secrets()
+
+    def _renew(self, name: str, auth: UpstreamAuth) -> None:
+        auth.renew()
+        self._forget_secrets()
+        timer = self._reverify.pop(name, None)
+        if timer is not None:
+            timer.cancel()
+        upstream = self._upstream_named(name)
+        if upstream is not None and not self._stopping and self._loop is not None:
+            self._spawn(self._verify(upstream, auth, None), f"verify {name}")
+
+    def _forget_secrets(self) -> None:
+        """Drop what holds a Proxy-Authorization header: the fast path's kept CONNECT bytes
+        and its route."""
+        self._requests.clear()
+        self._route = None
+
+    def _upstream_named(self, name: str) -> UpstreamProxy | None:
+        return next((u for u in self.upstreams if u.name == name), None)
+
+    def _credentials_of(self, upstream: UpstreamProxy) -> Credentials | None:
+        overrides = self._overrides
+        if overrides and upstream.name in overrides:
+            return overrides[upstream.name]
+        return self.credentials.get(upstream.name, upstream.username)
 
     def _auth_of(self, upstream: UpstreamProxy) -> UpstreamAuth:
         auth = self._auth.get(upstream.name)
         if auth is None:
+            name = upstream.name
 
             def rejected(creds: Credentials) -> None:
-                log.warning(
-                    "proxy %s rejected the credentials of %s: they are not sent again until "
-                    "they change (tray-proxy credentials set %s)",
-                    upstream,
-                    creds.username,
-                    upstream.name,
-                )
-                self.bus.publish(CredentialsRejected(upstream.name, creds.username))
+                self._forget_secrets()
+                after = self.settings.reverify_after
+                if self._auth[name].announce():
+                    log.warning(
+                        "proxy %s rejected the credentials of %s: they are tried again in %gs "
+                        "(one attempt), or at once when entered again (tray-proxy credentials "
+                        "set %s)",
+                        upstream,
+                        creds.username,
+                        after,
+                        name,
+                    )
+                    self.bus.publish(CredentialsRejected(name, creds.username))
+                else:
+                    log.info(
+                        "proxy %s still rejects the credentials of %s: next try in %gs",
+                        upstream,
+                        creds.username,
+                        after,
+                    )
+                self._schedule_reverify(name)
 
-            auth = self._auth[upstream.name] = UpstreamAuth(rejected)
+            def accepted(creds: Credentials) -> None:
+                log.info("proxy %s accepted the credentials of %s again", upstream, creds.username)
+                self.bus.publish(CredentialsAccepted(name, creds.username))
+
+            auth = self._auth[name] = UpstreamAuth(rejected, accepted)
         return auth
+
+    def _schedule_reverify(self, name: str) -> None:
+        """One re-verification of rejected credentials after the backoff (reverify_after)."""
+        loop = self._loop
+        if loop is None or self._stopping:
+            return
+        timer = self._reverify.pop(name, None)
+        if timer is not None:
+            timer.cancel()
+        self._reverify[name] = loop.call_later(
+            self.settings.reverify_after, self._reverify_now, name
+        )
+
+    def _reverify_now(self, name: str) -> None:
+        self._reverify.pop(name, None)
+        auth = self._auth.get(name)
+        upstream = self._upstream_named(name)
+        if self._stopping or auth is None or upstream is None:
+            return
+        version = auth.reverify()
+        if version is not None:
+            self._spawn(self._verify(upstream, auth, version), f"verify {name}")
+
+    async def _verify(
+        self, upstream: UpstreamProxy, auth: UpstreamAuth, version: int | None
+    ) -> None:
+        """One CONNECT with the current credentials to where the last credentialed tunnel
+        went; its outcome settles them (UpstreamAuth) like any connection's. `version`: the
+        rejected version a re-verification concerns (None: the user entered the password).
+
+        Without a target (no tunnel yet) nothing is sent: the next connection verifies."""
+        creds = self._credentials_of(upstream)
+        target = auth.target
+        if creds is None or target is None:
+            return
+        try:
+            sock, _trailing = await open_tunnel(
+                self._dialer,
+                upstream,
+                target,
+                creds,
+                auth,
+                connect_timeout=self.settings.connect_timeout,
+                handshake_timeout=self.settings.handshake_timeout,
+                reserved=upstream.port in self.settings.redirect_ports,
+            )
+        except UpstreamError as exc:
+            if version is not None and not exc.rejected and auth.back_off(version):
+                # No answer on the credentials: the next period tries again, rather than
+                # every connection now.
+                log.info(
+                    "re-checking the credentials for %s: %s; next try in %gs",
+                    upstream,
+                    exc.detail,
+                    self.settings.reverify_after,
+                )
+                self._schedule_reverify(upstream.name)
+            return
+        sock.close()
 
     def connections(self) -> list[ConnectionRecord]:
         """Snapshots of the connections open right now."""
@@ -319,6 +442,9 @@ class RelayEngine:
             self._sweeper.cancel()
         if self._spares is not None:
             self._spares.close()
+        for timer in self._reverify.values():
+            timer.cancel()
+        self._reverify.clear()
         timeout = self.settings.drain_timeout if drain_timeout is None else drain_timeout
         try:
             if self._records and timeout > 0:
@@ -339,8 +465,21 @@ class RelayEngine:
             self._pool.close()
             if self._poller is not None:
                 self._poller.close()
+            # No secret outlives the engine in its caches, and no auth thread runs on.
+            self._forget_secrets()
+            self._overrides.clear()
+            threads = [t for t in (auth.close() for auth in self._auth.values()) if t]
             log.info("relay stopped")
             self.bus.publish(EngineStopped())
+        if threads:
+            # Idle ones end at once; one inside an NTLM/Kerberos step within its handshake.
+            loop = self._loop
+            for executor in threads:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(
+                        loop.run_in_executor(None, executor.shutdown),
+                        self.settings.handshake_timeout,
+                    )
 
     def _end_openings(self) -> None:
         """End the connections not yet tunnelled: fast-path openings at once (reset), those
@@ -546,6 +685,7 @@ class RelayEngine:
                     conn,
                     *fast,
                     self._spares,
+                    self._requests,
                 )
                 opening.begin()
         conn.setblocking(False)
@@ -621,7 +761,7 @@ class RelayEngine:
         known = self._dialer.known_addresses(upstream.host, upstream.port)
         if not known:
             return _Route(expires, self.settings, None, None, None)
-        creds = self.credentials.get(upstream.name, upstream.username)
+        creds = self._credentials_of(upstream)
         if creds is None:
             # A username without a password: the Task path says what is missing, without
             # first asking the proxy for a 407.
@@ -678,7 +818,7 @@ class RelayEngine:
     ) -> None:
         upstream = self.active_upstream
         if reauthenticate and upstream is not None:
-            creds = self.credentials.get(upstream.name, upstream.username)
+            creds = self._credentials_of(upstream)
             if creds is not None:
                 self._auth_of(upstream).doubt(creds)
         self._spawn_serve(record, conn, peeker, peeked, routed=peeker is None)
@@ -801,7 +941,7 @@ class RelayEngine:
     async def _open(
         self, record: ConnectionRecord, upstream: UpstreamProxy, dst: Address
     ) -> tuple[socket.socket, bytes]:
-        creds = self.credentials.get(upstream.name, upstream.username)
+        creds = self._credentials_of(upstream)
         record.state = ConnState.CONNECTING
         started = time.monotonic()
         auth = self._auth_of(upstream)

@@ -81,6 +81,15 @@ class CredentialsRejected:
 
 
 @dataclass(frozen=True, slots=True)
+class CredentialsAccepted:
+    """The proxy accepted credentials it had rejected before (a re-verification after the
+    backoff, or the password entered again): the upstream is usable again."""
+
+    upstream: str
+    username: str
+
+
+@dataclass(frozen=True, slots=True)
 class ListenerError:
     """accept() failed (e.g. EMFILE); the engine keeps serving existing tunnels."""
 
@@ -96,6 +105,7 @@ Event = (
     | ConnectionClosed
     | UpstreamFailed
     | CredentialsRejected
+    | CredentialsAccepted
     | ListenerError
 )
 Observer = Callable[[Event], None]

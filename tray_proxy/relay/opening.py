@@ -50,12 +50,23 @@ _ANSWER_RECV = 65536
 _IN_PROGRESS = frozenset({errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK})
 
 
-class _Requests:
+class ConnectRequests:
     """CONNECT request bytes by target, for one Proxy-Authorization header at a time: a new
-    header (changed credentials) drops them all, so no old secret lingers here."""
+    header (changed credentials) drops them all, so no old secret lingers here.
 
-    header: tuple[str, str] | None = None
-    by_target: dict[tuple[str, int], bytes] = {}
+    One per engine (issue 16, "Secrets and boundaries in code"): the bytes carry the
+    password, so they live no longer than the engine, which also `clear()`s them when the
+    credentials change and when it stops."""
+
+    __slots__ = ("header", "by_target")
+
+    def __init__(self) -> None:
+        self.header: tuple[str, str] | None = None
+        self.by_target: dict[tuple[str, int], bytes] = {}
+
+    def clear(self) -> None:
+        self.by_target.clear()
+        self.header = None
 
 
 class Hooks(Protocol):
@@ -174,6 +185,7 @@ class Opening:
         "setback",
         "spares",
         "spare",
+        "requests",
     )
 
     record: ConnectionRecord  # given by start(); begin() runs without it
@@ -190,7 +202,9 @@ class Opening:
         address: tuple[int, Address],
         header: tuple[str, str] | None = None,
         spares: Spares | None = None,
+        requests: ConnectRequests | None = None,
     ) -> None:
+        """`requests`: the engine's cache of CONNECT bytes (None: one of its own)."""
         self.poller = poller
         self.hooks = hooks
         self.deadlines = deadlines
@@ -218,6 +232,7 @@ class Opening:
         self.writing = False  # the upstream socket's writability is watched (connecting)
         self.spares = spares
         self.spare = False  # the upstream socket is a spare (relay/spares.py)
+        self.requests = requests if requests is not None else ConnectRequests()
 
     # -- begin and start: dial, peek and ask at once, then the bookkeeping ---------------
 
@@ -468,10 +483,11 @@ class Opening:
     def _request(self) -> bytes | None:
         """The CONNECT bytes for this target and header, checked once and then kept;
         None if they cannot be written (ConnectHandshake says why, on the Task path)."""
-        kept = _Requests.by_target
-        if _Requests.header != self.header:
+        requests = self.requests
+        kept = requests.by_target
+        if requests.header != self.header:
             kept.clear()
-            _Requests.header = self.header
+            requests.header = self.header
         target = self._target()
         request = kept.get(target)
         if request is None:

@@ -69,6 +69,7 @@ async def probe_upstream(
     started = time.monotonic()
     dialer = Dialer(None)  # a probe is never redirected: no reserved source ports
     dialed: list[float] = []
+    auth = UpstreamAuth()
     try:
         sock, _trailing = await asyncio.wait_for(
             open_tunnel(
@@ -76,7 +77,7 @@ async def probe_upstream(
                 upstream,
                 target,
                 credentials,
-                UpstreamAuth(),
+                auth,
                 connect_timeout=timeout,
                 handshake_timeout=timeout,
                 reserved=False,
@@ -91,6 +92,8 @@ async def probe_upstream(
         result = _failure(upstream, credentials, target, timeout, exc)
         answered = time.monotonic() - started if result.status is not None else None
         return replace(result, answered_s=answered, reached_proxy=bool(dialed))
+    finally:
+        auth.close()  # its NTLM/Negotiate threads, if it started any
     latency = time.monotonic() - started
     sock.close()
     return ProbeResult(

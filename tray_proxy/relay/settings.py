@@ -66,6 +66,9 @@ class RelaySettings:
     # "Loops and exposure"). It lies above the default ip_local_port_range.
     source_ports: tuple[int, int] | None = (61000, 64999)
     drain_timeout: float = 5.0
+    # After the proxy rejected credentials, how long before one connection tries the same
+    # ones again (issue 16 item 7): far below common lock-out policies' counting windows.
+    reverify_after: float = 600.0
     # Connections to the proxy opened ahead of need (relay/spares.py): how many, and for how
     # long at most. 0 opens none.
     spare_connections: int = 2

@@ -338,10 +338,12 @@ class CredentialState(enum.Enum):
 
 @dataclass(slots=True)
 class Permit:
-    """Leave to send credentials. `verifier`: this connection tries unverified ones."""
+    """Leave to send credentials. `verifier`: this connection tries unverified ones;
+    `version`: the credential version they belong to (UpstreamAuth)."""
 
     credentials: Credentials
     verifier: bool
+    version: int = 0
 
 
 class UpstreamAuth:
@@ -351,24 +353,54 @@ class UpstreamAuth:
     at a time sends them; the others wait for its outcome and then either go ahead or fail
     fast. A wrong password thus costs the directory account one failed login, not fifty
     (ARCHITECTURE.md, "Credentials"). Lives on the engine's loop; not thread-safe.
+
+    A credential *version* starts with every change of the credentials and with `renew()`
+    (the user entered the password again, even the same one): an outcome counts only for
+    the version it was learnt with, and a rejection is announced (`on_rejected`) once per
+    version. The engine re-verifies rejected credentials now and then (`reverify()`, one
+    attempt per period, issue 16 item 7); when they are accepted again `on_accepted` says so.
+
+    NTLM and Negotiate steps run on `threads()`, a few threads of this upstream's own (see
+    _Opener._auth_step), shut down with `close()`.
     """
 
-    def __init__(self, on_rejected: Callable[[Credentials], None] | None = None) -> None:
+    def __init__(
+        self,
+        on_rejected: Callable[[Credentials], None] | None = None,
+        on_accepted: Callable[[Credentials], None] | None = None,
+    ) -> None:
         self.memo = AuthMemo()
         self.state = CredentialState.UNVERIFIED
+        self.version = 0
+        # Where the last credentialed tunnel went: a re-verification asks for the same.
+        self.target: tuple[str, int] | None = None
         self._credentials: Credentials | None = None
         self._busy = False
         self._outcome: asyncio.Future[None] | None = None
         self._on_rejected = on_rejected
+        self._on_accepted = on_accepted
+        self._announced = -1  # the version whose rejection was announced
+        self._was_rejected = False  # rejected since the last acceptance
+        self._threads: concurrent.futures.ThreadPoolExecutor | None = None
 
     def __repr__(self) -> str:
-        return f"<UpstreamAuth {self.state.value} busy={self._busy} {self.memo!r}>"
+        return f"<UpstreamAuth {self.state.value} v{self.version} busy={self._busy} {self.memo!r}>"
 
     def observe(self, credentials: Credentials | None) -> None:
         """Start over when the credentials changed (the user typed a new password)."""
         if credentials != self._credentials:
             self._credentials = credentials
-            self.state = CredentialState.UNVERIFIED
+            self._new_version()
+
+    def _new_version(self) -> None:
+        self.version += 1
+        self.state = CredentialState.UNVERIFIED
+
+    def renew(self) -> None:
+        """The user entered the password again (the same or another): a fresh version, as
+        unverified as a new password, whatever the proxy said of the previous one."""
+        self._new_version()
+        self._wake()
 
     def verified(self, credentials: Credentials) -> bool:
         """Did the proxy accept exactly these credentials? (No state change.)"""
@@ -389,6 +421,25 @@ class UpstreamAuth:
             self.state = CredentialState.UNVERIFIED
         self._wake()
 
+    def reverify(self) -> int | None:
+        """The backoff after a rejection is over: let one connection try the same
+        credentials again. Returns the version it concerns, or None when they are no longer
+        rejected (changed, or accepted meanwhile)."""
+        if self.state is not CredentialState.REJECTED:
+            return None
+        self.state = CredentialState.UNVERIFIED
+        self._wake()
+        return self.version
+
+    def back_off(self, version: int) -> bool:
+        """A re-verification of `version` learnt nothing (the proxy did not answer): keep
+        the credentials rejected until the next period rather than let every connection
+        try them. True when they are rejected again."""
+        if version == self.version and self.state is CredentialState.UNVERIFIED and not self._busy:
+            self.state = CredentialState.REJECTED
+            return True
+        return False
+
     def rejected(self, credentials: Credentials | None) -> bool:
         self.observe(credentials)
         return credentials is not None and self.state is CredentialState.REJECTED
@@ -406,10 +457,10 @@ class UpstreamAuth:
             if self.state is CredentialState.REJECTED:
                 raise _rejected_earlier(credentials)
             if self.state is CredentialState.VERIFIED:
-                return Permit(credentials, verifier=False)
+                return Permit(credentials, verifier=False, version=self.version)
             if not self._busy:
                 self._busy = True
-                return Permit(credentials, verifier=True)
+                return Permit(credentials, verifier=True, version=self.version)
             if self._outcome is None or self._outcome.done():
                 self._outcome = loop.create_future()
             remaining = deadline - loop.time()
@@ -434,16 +485,50 @@ class UpstreamAuth:
         if permit.verifier:
             self._busy = False
         newly_rejected = False
-        # An outcome for credentials that have since changed says nothing about the new ones.
-        if outcome is not None and permit.credentials == self._credentials:
+        accepted_again = False
+        # An outcome for credentials that have since changed (or were entered again) says
+        # nothing about the new version.
+        if outcome is not None and permit.version == self.version:
             newly_rejected = (
                 outcome is CredentialState.REJECTED and self.state is not CredentialState.REJECTED
             )
+            accepted_again = outcome is CredentialState.VERIFIED and self._was_rejected
             self.state = outcome
-        if newly_rejected and self._on_rejected is not None:
-            self._on_rejected(permit.credentials)
+        if newly_rejected:
+            self._was_rejected = True
+            if self._on_rejected is not None:
+                self._on_rejected(permit.credentials)
+        elif accepted_again:
+            self._was_rejected = False
+            if self._on_accepted is not None:
+                self._on_accepted(permit.credentials)
         self._wake()
         return newly_rejected
+
+    def announce(self) -> bool:
+        """Is this the first rejection of the current version to be told to the user?"""
+        if self._announced == self.version:
+            return False
+        self._announced = self.version
+        return True
+
+    def threads(self) -> concurrent.futures.ThreadPoolExecutor:
+        """The threads NTLM and Negotiate steps run on, started on first use: a few of their
+        own, so a slow KDC holding them never delays the default executor's name lookups."""
+        if self._threads is None:
+            self._threads = concurrent.futures.ThreadPoolExecutor(
+                4, thread_name_prefix="proxy-auth"
+            )
+        return self._threads
+
+    def close(self) -> concurrent.futures.ThreadPoolExecutor | None:
+        """Stop the auth threads: idle ones end at once, a busy one after its step. Returns
+        the executor, so a caller off the loop can wait for them (`shutdown(wait=True)`)."""
+        threads, self._threads = self._threads, None
+        if threads is not None:
+            threads.shutdown(wait=False, cancel_futures=True)
+        self._wake()
+        return threads
 
     def _wake(self) -> None:
         if self._outcome is not None and not self._outcome.done():
@@ -485,18 +570,6 @@ _RECONNECTS = 1
 T = TypeVar("T")
 
 
-# NTLM and Negotiate steps run here (see _Opener._auth_step): a few threads of their own, so
-# a slow KDC holding them never delays the name lookups of the default executor.
-_AUTH_THREADS: concurrent.futures.ThreadPoolExecutor | None = None
-
-
-def _auth_threads() -> concurrent.futures.ThreadPoolExecutor:
-    global _AUTH_THREADS
-    if _AUTH_THREADS is None:
-        _AUTH_THREADS = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="proxy-auth")
-    return _AUTH_THREADS
-
-
 def keep_on_host(sock: socket.socket, ip: str) -> None:
     """A connection to a proxy on this host (loopback: a local helper proxy such as cntlm or
     px) never crosses a network: like the client side (RelayEngine._listen), it uses Reno,
@@ -533,6 +606,8 @@ async def open_tunnel(
     if auth.rejected(creds):
         assert creds is not None
         raise _rejected_earlier(creds)
+    if creds is not None:
+        auth.target = target
     opener = _Opener(dialer, upstream, target, creds, auth, connect_timeout, reserved, on_dialed)
     try:
         return await opener.run(handshake_timeout)
@@ -650,7 +725,7 @@ class _Opener:
             return call()
         loop = asyncio.get_running_loop()
         return await self._in_time(
-            lambda: loop.run_in_executor(_auth_threads(), call),
+            lambda: loop.run_in_executor(self.auth.threads(), call),
             f"proxy {self.upstream}: the NTLM/Negotiate step did not finish within "
             f"{self.timeout:g}s (with Kerberos: is the KDC reachable?)",
         )
