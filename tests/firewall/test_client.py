@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import os
+import select
 import signal
 import stat
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.firewall.conftest import in_ns, read_sysctl, table_present
+from tests.firewall.conftest import Listener, in_ns, read_sysctl, table_present
 from tray_proxy.firewall import client as client_module
 from tray_proxy.firewall.client import (
     INSTALLED_HELPER_PATH,
@@ -32,6 +37,7 @@ from tray_proxy.firewall.client import (
     RedirectStatus,
     SudoNotAllowedError,
     UpstreamResolutionError,
+    helper_environment,
     helper_path,
     launch_command,
     polkit_running,
@@ -40,6 +46,17 @@ from tray_proxy.firewall.client import (
 from tray_proxy.firewall.ruleset import RuleSpec
 
 SPEC = RuleSpec(relay_port=3129)
+OWNER = {"owner_uid": 0, "captured": "uid 0 (root) and system accounts (uid < 1000)"}
+
+
+@pytest.fixture
+def relay(netns: str) -> Iterator[Listener]:
+    """The relay stand-in: the helper redirects only to a port its caller listens on."""
+    listener = Listener(netns, SPEC.relay_port)
+    try:
+        yield listener
+    finally:
+        listener.close()
 
 
 def ns_command(ns: str) -> list[str]:
@@ -175,21 +192,21 @@ def test_stop_kills_a_helper_that_ignores_eof(tmp_path: Path) -> None:
 # -- the real helper in a namespace
 
 
-def test_full_cycle_with_the_real_helper(netns: str) -> None:
+def test_full_cycle_with_the_real_helper(netns: str, relay: Listener) -> None:
     reserved_before = read_sysctl(netns, "net/ipv4/ip_local_reserved_ports")
 
     async def go() -> None:
         controller = RedirectController(command=ns_command(netns))
         await controller.start()
         try:
-            assert await controller.status() == RedirectStatus(active=False, spec=None)
+            assert await controller.status() == RedirectStatus(active=False, spec=None, owner_uid=0)
             await controller.apply(SPEC)
-            on = RedirectStatus(active=True, spec=SPEC, table_present=True)
+            on = RedirectStatus(active=True, spec=SPEC, table_present=True, **OWNER)
             assert await controller.status() == on
             assert table_present(netns)
             assert await controller.remove() is True
             # Off for new connections; the table stays until the helper exits (stop below).
-            off = RedirectStatus(active=False, spec=SPEC, table_present=True)
+            off = RedirectStatus(active=False, spec=SPEC, table_present=True, **OWNER)
             assert await controller.status() == off
             assert await controller.remove() is False
             await controller.apply(SPEC)
@@ -204,7 +221,7 @@ def test_full_cycle_with_the_real_helper(netns: str) -> None:
     assert read_sysctl(netns, "net/ipv4/ip_local_reserved_ports") == reserved_before
 
 
-def test_helper_death_is_reported_on_next_request(netns: str) -> None:
+def test_helper_death_is_reported_on_next_request(netns: str, relay: Listener) -> None:
     async def go() -> None:
         controller = RedirectController(command=ns_command(netns))
         await controller.start()
@@ -213,7 +230,7 @@ def test_helper_death_is_reported_on_next_request(netns: str) -> None:
             pid = controller.pid
             assert pid is not None
             os.kill(pid, signal.SIGTERM)  # the helper cleans up and exits
-            with pytest.raises(HelperExitedError, match="exit code 0"):
+            with pytest.raises(HelperExitedError, match="has stopped and removed the redirect"):
                 await controller.status()
             with pytest.raises(HelperExitedError, match="not running"):
                 await controller.status()
@@ -251,3 +268,122 @@ def test_resolve_upstreams_reports_bad_names() -> None:
 def test_module_constants_match_the_documented_install() -> None:
     assert INSTALLED_HELPER_PATH == "/usr/libexec/tray-proxy/tray-proxy-helper"
     assert stat.S_IMODE(os.stat(client_module.SOURCE_HELPER_PATH).st_mode) == 0o755
+
+
+# -- Ctrl+C and the stopping app (issue 16 item 8, issue 14 bug 3)
+
+
+def test_helper_runs_in_a_session_of_its_own(netns: str) -> None:
+    async def go() -> None:
+        controller = RedirectController(command=ns_command(netns))
+        await controller.start()
+        try:
+            pid = controller.pid
+            assert pid is not None
+            assert os.getsid(pid) == pid != os.getsid(0)
+            assert os.getpgid(pid) != os.getpgid(0)
+        finally:
+            assert await controller.stop() == 0
+
+    asyncio.run(go())
+
+
+def test_root_app_gives_its_helper_no_launcher_uid_variables() -> None:
+    env = {"PATH": "/usr/bin", "SUDO_UID": "1000", "PKEXEC_UID": "1000", "LANG": "C.UTF-8"}
+    assert helper_environment(euid=0, environ=env) == {"PATH": "/usr/bin", "LANG": "C.UTF-8"}
+    assert helper_environment(euid=1000, environ=env) is None  # pkexec/sudo build it
+
+
+def test_remove_after_a_clean_helper_exit_is_no_error(
+    netns: str, relay: Listener, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The helper had already removed its table and exited 0: stopping must stay quiet."""
+
+    async def go() -> None:
+        controller = RedirectController(command=ns_command(netns))
+        await controller.start()
+        await controller.apply(SPEC)
+        pid = controller.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGINT)
+        with caplog.at_level(logging.INFO, logger="tray_proxy.firewall.client"):
+            assert await controller.remove() is False
+            assert await controller.stop() in (0, None)
+        assert controller.last_exit == 0
+
+    asyncio.run(go())
+    assert not table_present(netns)
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_launcher_words_only_before_the_helper_answered() -> None:
+    sudo = ["/usr/bin/sudo", "-n", "/usr/libexec/tray-proxy/tray-proxy-helper"]
+    assert isinstance(client_module._exit_error(sudo, 1, ""), SudoNotAllowedError)
+    after = client_module._exit_error(sudo, 0, "", answered=True)
+    assert type(after) is HelperExitedError
+    assert "sudo" not in str(after) and "exit code" not in str(after)
+    crashed = client_module._exit_error(sudo, 4, "cleanup incomplete", answered=True)
+    assert "exit code 4" in str(crashed) and "sudo" not in str(crashed)
+
+
+# An app that applies the redirect, waits for Ctrl+C, then stops as the real one does.
+_APP = """
+import asyncio, signal, sys
+from tray_proxy.firewall.client import RedirectController
+from tray_proxy.firewall.ruleset import RuleSpec
+
+async def main():
+    controller = RedirectController(command=sys.argv[1:])
+    await controller.start()
+    await controller.apply(RuleSpec(relay_port=3129))
+    interrupted = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGINT, interrupted.set)
+    print("applied", controller.pid, flush=True)
+    await interrupted.wait()
+    try:
+        print("removed", await controller.remove(), flush=True)
+        print("present", (await controller.status()).table_present, flush=True)
+    except Exception as exc:
+        print("error", type(exc).__name__, str(exc).replace(chr(10), " "), flush=True)
+    print("stopped", await controller.stop(), flush=True)
+
+asyncio.run(main())
+"""
+
+
+def test_ctrl_c_to_the_apps_process_group_leaves_the_redirect_to_the_app(
+    netns: str, relay: Listener
+) -> None:
+    """The terminal's SIGINT goes to the whole foreground process group: the helper must not
+    be in it, or it deletes the table under open downloads before the app drains them."""
+    app = subprocess.Popen(
+        [sys.executable, "-c", _APP, *ns_command(netns)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # the app's own group stands for the terminal's
+    )
+
+    def line() -> str:
+        assert app.stdout is not None
+        ready, _, _ = select.select([app.stdout], [], [], 30)
+        assert ready, "the app did not answer within 30 s"
+        return app.stdout.readline().strip()
+
+    try:
+        first = line()
+        assert first.startswith("applied "), (first, app.stderr.read() if app.poll() else "")
+        helper_pid = int(first.split()[1])
+        os.killpg(app.pid, signal.SIGINT)
+        assert [line(), line(), line()] == ["removed True", "present True", "stopped 0"]
+        assert app.wait(30) == 0
+        with pytest.raises(ProcessLookupError):
+            os.kill(helper_pid, 0)
+        assert not table_present(netns)
+    finally:
+        if app.poll() is None:
+            app.kill()
+            app.wait(10)
+        for stream in (app.stdout, app.stderr):
+            if stream is not None:
+                stream.close()

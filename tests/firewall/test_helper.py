@@ -66,7 +66,8 @@ GRANT = {
 
 
 def _status(active: bool, present: bool, spec: object) -> dict[str, object]:
-    return {"ok": True, "active": active, "table_present": present, "spec": spec, **GRANT}
+    grant = GRANT if spec is not None else {**GRANT, "captured": None}
+    return {"ok": True, "active": active, "table_present": present, "spec": spec, **grant}
 
 
 def _without_ids(answer: dict[str, object]) -> dict[str, object]:

@@ -1433,11 +1433,11 @@ class Helper:
         return present
 
     def grant(self) -> dict[str, object]:
-        """Whose traffic the table captures, for the answers of apply and status."""
-        capture = self.applied.capture if self.applied is not None else DEFAULT_CAPTURE
+        """Whose traffic the table captures (null before an apply), for apply and status."""
+        spec = self.applied
         return {
             "owner_uid": self.owner_uid,
-            "captured": describe_capture(capture, self.owner_uid),
+            "captured": None if spec is None else describe_capture(spec.capture, self.owner_uid),
             "bridges": [b.to_wire() for b in self.bridges],
         }
 
