@@ -48,6 +48,7 @@ from tray_proxy.monitor.rows import ConnectionRow
 from tray_proxy.relay.credentials import Credentials
 from tray_proxy.relay.probe import ProbeResult, probe_upstream
 from tray_proxy.relay.settings import RelaySettings, UpstreamProxy
+from tray_proxy.setup_flow import needs_setup
 
 if TYPE_CHECKING:
     from tray_proxy.ui.services import HistoryReader
@@ -206,6 +207,7 @@ class GuiApp:
         self.quit_event: asyncio.Event | None = None
         self.controller: ProxyController | None = None
         self.window: Any = None
+        self.setup_window: Any = None
 
     async def handle(self, command: str) -> dict[str, Any]:
         """One control-socket command (see tray_proxy.control)."""
@@ -296,6 +298,9 @@ class GuiApp:
         # Off the UI thread (the keyring's worker); a broken keyring becomes an error entry
         # and a notice, and switching on waits for this first read.
         controller.request_refresh_credentials()
+        if needs_setup(self.config_path):
+            # First start (issue 14): the setup steps, not a bare "No proxy set up".
+            self.setup_window = open_setup_window(self.config_path, store, controller)
         await self.server.start()
         try:
             await quit_event.wait()
@@ -307,11 +312,27 @@ class GuiApp:
             if tray is not None:
                 tray.hide()
             window.close_for_quit()
+            if self.setup_window is not None:
+                self.setup_window.close()
             if reader is not None:
                 reader.close()
             for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
         return EXIT_OK
+
+
+def open_setup_window(path: Path, store: CredentialStore, controller: ProxyController) -> Any:
+    """Show the setup window (ui/setup_window.py) over the setup steps; after Save the
+    controller re-reads the settings and the password (as the credentials dialog's Save)."""
+    from tray_proxy.setup_flow import SetupFlow, SetupService
+    from tray_proxy.ui.setup_window import SetupWindow
+
+    log.info("no proxy is set up in %s yet: opening the setup window", path)
+    steps = SetupService(SetupFlow(path, store=store), after_save=controller.save_upstream)
+    window = SetupWindow(steps)
+    window.show()
+    window.raise_()
+    return window
 
 
 def _config_or_empty(config_file: ConfigFile) -> Config:

@@ -249,3 +249,73 @@ def test_a_broken_settings_file_is_shown_not_overwritten(
         assert rig.config.read_text() == "[relay]\nport = 'x'\n"
 
     run(scenario)
+
+
+# --------------------------------------------------------------------------- the app's first start
+
+
+def _start_app(tmp_path: Path, config_text: str | None) -> tuple[str, int]:
+    """The real app (`tray-proxy --no-tray -v`, offscreen, its own runtime and config
+    directories); quit over its control socket once it answers. Returns its log and exit."""
+    import subprocess
+    import sys
+    import time
+
+    from tray_proxy.control import SOCKET_NAME, NotRunningError, send_command
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o700)
+    config_home = tmp_path / "config"
+    if config_text is not None:
+        (config_home / "tray-proxy").mkdir(parents=True)
+        (config_home / "tray-proxy" / "config.toml").write_text(config_text)
+    env = {
+        **os.environ,
+        "QT_QPA_PLATFORM": "offscreen",
+        "XDG_RUNTIME_DIR": str(run_dir),
+        "XDG_CONFIG_HOME": str(config_home),
+    }
+    for var in ("DISPLAY", "http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        env.pop(var, None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tray_proxy", "--no-tray", "-v"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 30.0
+        sock = run_dir / SOCKET_NAME
+        while True:
+            try:
+                send_command("status", sock, timeout=5)
+                break
+            except NotRunningError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+        if proc.poll() is None:
+            send_command("quit", sock, timeout=5)
+        code = proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.stdout is not None
+    out = proc.stdout.read().decode()
+    proc.stdout.close()
+    return out, code
+
+
+def test_the_app_opens_the_setup_window_at_first_start(tmp_path: Path) -> None:
+    out, code = _start_app(tmp_path, None)
+    assert code == 0, out
+    assert "opening the setup window" in out, out
+    assert "Traceback" not in out and "file not found" not in out
+
+
+def test_the_app_with_a_proxy_set_up_opens_no_setup_window(tmp_path: Path) -> None:
+    config = '[[upstream]]\nname = "corp"\nurl = "http://proxy.corp.example:8080"\n'
+    out, code = _start_app(tmp_path, config)
+    assert code == 0, out
+    assert "opening the setup window" not in out
