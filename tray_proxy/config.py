@@ -87,6 +87,7 @@ _RELAY_KEYS = (
     "drain_timeout",
     "spare_connections",
     "spare_max_age",
+    "reverify_after",
 )
 _UPSTREAM_KEYS = ("name", "url", "username", "auth")
 _REDIRECT_KEYS = ("exclude", "capture", "capture_containers", "container_interfaces", "reject_quic")
@@ -109,6 +110,9 @@ _TIMEOUTS: dict[str, tuple[float, bool, float]] = {
     "peek_timeout": (0.0, True, 30.0),
     "drain_timeout": (0.0, True, 300.0),
     "spare_max_age": (0.0, False, 300.0),
+    # At least a minute between re-checks of a rejected password: lock-out policies count
+    # failed logins per window (issue 16 item 7).
+    "reverify_after": (60.0, True, 86400.0),
 }
 _MAX_SPARES = 16
 # The relay's source-port range is reserved for it (ip_local_reserved_ports) while the redirect
@@ -527,6 +531,7 @@ class _Parser:
             drain_timeout=timeouts["drain_timeout"],
             spare_connections=spares,
             spare_max_age=timeouts["spare_max_age"],
+            reverify_after=timeouts["reverify_after"],
         )
 
     def port(self, value: object, field: str) -> int:
