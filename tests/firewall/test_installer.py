@@ -62,7 +62,10 @@ def test_sudoers_allows_exactly_the_helper_without_arguments() -> None:
         for line in SUDOERS.read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]
-    assert rules == [f'%tray-proxy ALL=(root) NOPASSWD: {INSTALLED_HELPER_PATH} ""']
+    assert rules == [
+        f"Defaults!{INSTALLED_HELPER_PATH} env_reset",
+        f'%tray-proxy ALL=(root) NOPASSWD: {INSTALLED_HELPER_PATH} ""',
+    ]
 
 
 def test_sudoers_file_parses_with_visudo() -> None:
