@@ -175,9 +175,6 @@ def test_wrong_password_then_save_with_the_right_one(
             text = window.result_label.text()
             assert text.startswith(f"OK: {host}:{port} opened a tunnel to {target} in "), text
             assert "Choose Switch on" in text
-            if os.environ.get("TRAY_PROXY_SCREENSHOTS") == "1":
-                window.password_edit.setText(PASSWORD)  # dots in the picture, as after typing
-                window.grab().save(str(DOCS_SCREENSHOT))
             assert saved == ["corp"]
             assert rig.keyring.entries == {"corp": ("alice", PASSWORD)}
             config = load_config(rig.config)
@@ -189,6 +186,9 @@ def test_wrong_password_then_save_with_the_right_one(
             assert [u.name for u in rig.after] == ["corp"]
             assert PASSWORD not in rig.config.read_text()
             assert window.password_edit.text() == ""
+            if os.environ.get("TRAY_PROXY_SCREENSHOTS") == "1":
+                window.password_edit.setText(PASSWORD)  # dots in the picture, as after typing
+                window.grab().save(str(DOCS_SCREENSHOT))
 
     run(scenario)
 
