@@ -27,6 +27,8 @@ import pwd
 import secrets
 import shutil
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,7 +38,7 @@ import pytest
 
 import tray_proxy
 from tests.firewall.e2e_support import LOOPBACK_ONLY, client_left_clean, has_our_table
-from tests.integration.relay import RelayProcess, UpstreamSpec
+from tests.integration.relay import READY_MARKER, RelayProcess, UpstreamSpec, allocate_port
 from tests.lab.environment import Lab
 from tests.lab.origins import HOSTNAME
 from tray_proxy.firewall.client import INSTALLED_HELPER_PATH, SOURCE_HELPER_PATH
@@ -247,6 +249,43 @@ def polkit_sandbox(lab: Lab) -> Iterator[Sandbox]:
     assert not os.path.exists(INSTALLED_HELPER_PATH), "the helper leaked onto the host"
 
 
+class MemberRelay(RelayProcess):
+    """The relay run by the group member, as the app would be: the helper redirects only to a
+    port its caller (PKEXEC_UID) listens on (issue 16 item 2)."""
+
+    def __init__(self, lab: Lab, upstream: UpstreamSpec, uid: int) -> None:
+        super().__init__(lab, upstream)
+        self.uid = uid
+
+    def __enter__(self) -> MemberRelay:
+        self.port = allocate_port(self.lab)
+        self._write_files()
+        for sub in ("runtime", "state"):
+            (self.workdir / sub).mkdir(mode=0o700)
+        for path in [self.workdir, *self.workdir.rglob("*")]:
+            os.chown(path, self.uid, self.uid)
+        argv = [
+            *("setpriv", f"--reuid={self.uid}", f"--regid={self.uid}", "--clear-groups"),
+            *("env", "-i", "PATH=/usr/bin:/bin", "HOME=/nonexistent", "PYTHONUNBUFFERED=1"),
+            f"CREDENTIALS_DIRECTORY={self.credentials_dir}",
+            f"XDG_RUNTIME_DIR={self.workdir / 'runtime'}",
+            f"XDG_STATE_HOME={self.workdir / 'state'}",
+            *(sys.executable, "-m", "tray_proxy", "run"),
+            *("--config", str(self.config_path), "--no-redirect", "-v"),
+        ]
+        self.process = self.lab.client.popen(
+            argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=str(REPO)
+        )
+        self._reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self._reader.start()
+        try:
+            self.wait_for_line(READY_MARKER, timeout=self.start_timeout)
+        except BaseException:
+            self._kill()
+            raise
+        return self
+
+
 def _read_until(proc: subprocess.Popen[str], wanted: tuple[str, ...], timeout: float) -> list[str]:
     """Lines of `proc` up to and including the first that starts with one of `wanted`."""
     assert proc.stdout is not None
@@ -271,7 +310,7 @@ def test_pkexec_group_member_gets_the_redirect_outsider_is_refused(lab: Lab) -> 
         script = box.workdir / "user_side.py"
         script.write_text(USER_SCRIPT)
         script.chmod(0o644)
-        with RelayProcess(lab, UpstreamSpec.for_squid(lab.squid)) as relay:
+        with MemberRelay(lab, UpstreamSpec.for_squid(lab.squid), box.member) as relay:
             spec = RuleSpec(
                 relay_port=relay.port,
                 excluded_networks=tuple(ipaddress.ip_network(n) for n in LOOPBACK_ONLY),
