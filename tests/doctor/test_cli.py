@@ -104,3 +104,23 @@ def test_every_check_answers_in_a_stripped_environment(tmp_path: Path) -> None:
     assert one(doc, "dbus")["status"] in ("warn", "fail")
     for check in doc["checks"]:
         assert not check["summary"].startswith("the check itself failed"), check
+
+
+def test_output_into_a_closed_pipe_is_quiet(tmp_path: Path) -> None:
+    """`tray-proxy doctor | head -1`: no BrokenPipeError traceback, the exit status stays."""
+    import subprocess
+    import sys
+
+    from tests.doctor.support import REPO
+
+    argv = [sys.executable, "-m", "tray_proxy", "doctor", "--config",
+            str(tmp_path / "absent.toml")]  # fmt: skip
+    proc = subprocess.Popen(
+        argv, cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    with proc.stderr:
+        proc.stdout.close()  # the reader is gone before the doctor writes anything
+        err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 1
+    assert "BrokenPipeError" not in err and "Traceback" not in err, err

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from typing import Any
 
@@ -81,6 +82,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         sys.stdout.write(text)
         sys.stdout.flush()
-    except BrokenPipeError:  # `tray-proxy doctor | head`: the reader left, the verdict stands
-        pass
+    except BrokenPipeError:
+        # `tray-proxy doctor | head`: the reader left; the verdict (exit status) stands.
+        # Point stdout at /dev/null so the interpreter's final flush cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
     return EXIT_BLOCKED if report.blocking else EXIT_OK
