@@ -552,3 +552,34 @@ def run_on_terminal(
     text = transcript.decode("utf-8", "replace").replace("\r\n", "\n")
     assert step == len(script), f"stopped at prompt {step} ({script[step][0]!r}):\n{text}"
     return text, code
+
+
+# --------------------------------------------------------------------------- [probe] target
+
+
+def test_the_credentials_dialogs_test_goes_to_the_probe_target_setting(tmp_path: Path) -> None:
+    """The app's UpstreamEditorService (the credentials dialog's Test) asks the proxy for the
+    settings' [probe] target, not a fixed host."""
+    from tests.controller.fakes import FakeRedirect, FakeRelayFactory, Log
+    from tray_proxy.app import UpstreamEditorService
+    from tray_proxy.controller import ProxyController
+    from tray_proxy.controller.services import ConfigFile
+
+    async def main() -> tuple[ProbeResult, list[tuple[str, int] | None], tuple[str, int]]:
+        async with Origin(echo) as origin, ConnectProxy() as proxy:
+            path = tmp_path / "config.toml"
+            host, port = origin.address
+            path.write_text(
+                f'[probe]\ntarget = "{host}:{port}"\ntimeout = 3\n[[upstream]]\nname = "corp"\n'
+                f'url = "http://{proxy.address[0]}:{proxy.address[1]}"\n'
+            )
+            controller = ProxyController(
+                ConfigFile(path), FakeRelayFactory(Log()), FakeRedirect(Log())
+            )
+            editor = UpstreamEditorService(controller)
+            result = await editor.probe(editor.upstreams()[0], None)
+            return result, [r.target for r in proxy.requests], origin.address
+
+    result, targets, origin = asyncio.run(main())
+    assert result.ok, result
+    assert targets == [origin]

@@ -31,11 +31,9 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tray_proxy.config import Config, ConfigError, default_config_path
+from tray_proxy.config import Config, ConfigError, ProbeSettings, default_config_path
 from tray_proxy.control import ControlError, ControlServer, runtime_dir, send_command
 from tray_proxy.controller import (
-    PROBE_TARGET,
-    PROBE_TIMEOUT,
     ProxyController,
     Status,
     engine_relay_factory,
@@ -171,13 +169,14 @@ class AppServices:
 
 class UpstreamEditorService:
     """What the credentials dialog may do (ui.services.UpstreamEditor): read the upstreams,
-    probe one for real on this loop, save one through the controller."""
+    probe one for real on this loop, save one through the controller. The probe goes to
+    `target` when given, else to the settings' [probe] target."""
 
     def __init__(
         self,
         controller: ProxyController,
-        target: tuple[str, int] = PROBE_TARGET,
-        timeout: float = PROBE_TIMEOUT,
+        target: tuple[str, int] | None = None,
+        timeout: float | None = None,
     ) -> None:
         self._controller = controller
         self.target = target
@@ -191,7 +190,10 @@ class UpstreamEditorService:
         return self._controller.status().upstream
 
     async def probe(self, upstream: UpstreamProxy, credentials: Credentials | None) -> ProbeResult:
-        return await probe_upstream(upstream, credentials, self.target, self.timeout)
+        config = self._controller.config
+        probe = config.probe if config is not None else ProbeSettings()
+        target = self.target or probe.target
+        return await probe_upstream(upstream, credentials, target, self.timeout or probe.timeout)
 
     async def save_upstream(self, upstream: UpstreamProxy) -> str | None:
         return await self._controller.save_upstream(upstream)
