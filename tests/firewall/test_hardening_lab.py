@@ -32,6 +32,7 @@ import os
 import secrets
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -155,6 +156,17 @@ def sudo_sandbox(
 # --------------------------------------------------------------------------- the owner's run
 
 
+def _require_open_to_others(repo: Path) -> None:
+    """The owner runs this checkout's tray_proxy with its venv: they must reach it."""
+    for directory in (repo, *repo.parents):
+        if not directory.stat().st_mode & stat.S_IXOTH:
+            pytest.fail(
+                f"{directory} is closed to other users, so the test's owner cannot run"
+                f" tray-proxy from {repo}: chmod o+x {directory} (or clone elsewhere)",
+                pytrace=False,
+            )
+
+
 class OwnerRun:
     """`tray-proxy run` with its redirect on, as `owner` (not root), in the lab's client
     namespace inside `box`: the relay starts the installed helper with sudo itself.
@@ -209,6 +221,7 @@ class OwnerRun:
         return config, env
 
     def __enter__(self) -> OwnerRun:
+        _require_open_to_others(REPO)
         self.port = allocate_port(self.lab)
         config, env = self._write_files()
         argv = [

@@ -87,6 +87,12 @@ def _free_id(taken: set[int]) -> int:
     raise LabError(f"no free uid/gid in {UID_RANGE}")
 
 
+def _new_name(tag: str) -> str:
+    # lab_user_name adds one random byte, and the lab's Dante user has the same prefix: more
+    # randomness keeps our names apart from it and from each other.
+    return lab_user_name(tag) + secrets.token_hex(3)
+
+
 def remove_stale_groups() -> list[str]:
     """Delete groups a dead test run made here (their users are swept by the lab already)."""
     removed = []
@@ -140,7 +146,7 @@ def local_users(
     extra: LocalGroup | None = None
     try:
         for _ in range(count):
-            name = lab_user_name(tag)
+            name = _new_name(tag)
             uid = _free_id(taken)
             _run(["groupadd", "--gid", str(uid), name])
             try:
@@ -154,7 +160,7 @@ def local_users(
                 raise
             users.append(LocalUser(name, uid, uid))
         if group and users:
-            name = lab_user_name(tag)
+            name = _new_name(tag)
             gid = _free_id(taken)
             _run(["groupadd", "--gid", str(gid), name])
             extra = LocalGroup(name, gid, (users[0],))
