@@ -39,7 +39,7 @@ from tray_proxy.config import load_config, save_config
 from tray_proxy.discovery import Discovery, Found
 from tray_proxy.relay.credentials import Credentials, Secret
 from tray_proxy.relay.probe import ProbeOutcome, ProbeResult, probe_upstream
-from tray_proxy.relay.settings import UpstreamProxy
+from tray_proxy.relay.settings import UpstreamKind, UpstreamProxy
 from tray_proxy.setup_flow import (
     SetupAnswers,
     SetupError,
@@ -207,7 +207,7 @@ def test_result_words_through_real_proxies_on_loopback() -> None:
             with socket.socket() as unused:
                 unused.bind(("127.0.0.1", 0))
                 port = unused.getsockname()[1]
-            gone = UpstreamProxy("gone", http_upstream(silent).kind, "127.0.0.1", port)
+            gone = UpstreamProxy("gone", UpstreamKind.HTTP, "127.0.0.1", port)
             result = await probe_upstream(gone, None, origin.address, 5)
             out["refused"] = (result, describe_probe(result, f"127.0.0.1:{port}", target))
         return out
@@ -583,3 +583,45 @@ def test_the_credentials_dialogs_test_goes_to_the_probe_target_setting(tmp_path:
     result, targets, origin = asyncio.run(main())
     assert result.ok, result
     assert targets == [origin]
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ('[probe]\ntarget = "pypi.org"', 'probe.target: must be "HOST:PORT"'),
+        ('[probe]\ntarget = "pypi.org:0"', "probe.target: the port must be a number 1-65535"),
+        ('[probe]\ntarget = "[zz]:443"', "probe.target: the host in [...] must be an IPv6"),
+        ("[probe]\ntimeout = 0", "probe.timeout: must be a number of seconds > 0"),
+        ('[probe]\ntarjet = "x:1"', 'probe.tarjet: unknown key; did you mean "target"?'),
+        ('[routing]\npac_url = "file:///c/p.pac"', "routing.pac_url: must start with http://"),
+        ('[routing]\npac_url = "http://u:pw@wpad/p.pac"', "routing.pac_url: must not contain"),
+        ("routing = 3", "routing: must be a table written [routing]"),
+    ],
+)
+def test_probe_and_routing_settings_are_checked(text: str, problem: str) -> None:
+    from tray_proxy.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text)
+    assert problem in str(caught.value)
+    assert "pw@" not in str(caught.value)
+
+
+def test_probe_and_routing_settings_survive_a_save_by_the_app(tmp_path: Path) -> None:
+    """Written by setup, kept when the app saves an upstream (credentials dialog)."""
+    from tray_proxy.config import parse_config
+    from tray_proxy.controller.edits import with_upstream
+
+    path = tmp_path / "config.toml"
+    path.write_text(
+        '[probe]\ntarget = "[2001:db8::1]:8443"\ntimeout = 4.5\n'
+        '[routing]\npac_url = "https://wpad.corp.example/proxy.pac"\n'
+    )
+    config = load_config(path)
+    assert config.probe.target == ("2001:db8::1", 8443) and config.probe.timeout == 4.5
+    upstream = UpstreamProxy("corp", UpstreamKind.HTTP, "p.corp.example", 8080)
+    config, _ = with_upstream(config, upstream)
+    save_config(config, path)
+    again = load_config(path)
+    assert again.probe == config.probe and again.routing == config.routing
+    assert parse_config(path.read_text()).routing.pac_url == "https://wpad.corp.example/proxy.pac"
