@@ -172,7 +172,10 @@ def test_kill_9_of_the_helper_is_recovered_before_traffic(lab: Lab, clean: None)
         _via_proxy(lab, seed)
 
         # Now both die at once: the table stays behind, pointing at a dead relay port...
+        # (The helper runs in a session of its own, so the relay's group is not enough.)
         assert run.process is not None
+        for pid in run.helper_pids():
+            os.kill(pid, signal.SIGKILL)
         os.killpg(run.pid, signal.SIGKILL)
         run.process.wait(10)
         assert has_our_table(lab.client)
@@ -286,23 +289,19 @@ def container(lab: Lab) -> Iterator[Container]:
         ns.close()
 
 
-def test_container_traffic_is_captured_but_the_relay_port_is_not(lab: Lab, clean: None) -> None:
+def test_a_bridge_no_container_tool_manages_is_not_captured(lab: Lab, clean: None) -> None:
+    """Only bridges Docker or Podman report are captured (issue 16 item 4; the captured case
+    with a fake Docker engine is in test_hardening_lab.py): a `br-…` bridge they do not know
+    is someone's LAN, whose machines must not use the relay."""
     with container(lab) as ctr, RedirectedRun(lab, UpstreamSpec.for_squid(lab.squid)) as run:
         localnet = f"/proc/sys/net/ipv4/conf/{ctr.bridge}/route_localnet"
-        wait_until(lambda: read_in_ns(lab.client, localnet) == "1", 5, "route_localnet on")
         mark = run.mark()
-        seed = _seed()
-        _assert_ok(lab, _https(lab, seed, ns=ctr.ns), seed)
-        _via_proxy(lab, seed)
-        run.wait_for_connections(1, since=mark)
-        (conn,) = run.connections(since=mark)
-        assert split_host_port(conn.group("client"))[0] == ctr.address
+        _https(lab, _seed(), ns=ctr.ns, max_time=5.0, options=("connect-timeout = 3",))
         # Straight at the relay port through the bridge: dropped by the input guard.
-        mark = run.mark()
         assert _connect(ctr.ns, ctr.gateway, run.port) != "connected"
         assert run.connections(since=mark) == []
+        assert read_in_ns(lab.client, localnet) == "0"  # never switched on
         assert run.terminate() == 0
-        assert read_in_ns(lab.client, localnet) == "0"  # restored when the redirect went off
 
 
 # --------------------------------------------------------------------------- toggling
