@@ -165,7 +165,8 @@ def test_run_reads_passwords_from_the_keyring_and_says_when_one_is_missing(
         '[[upstream]]\nname = "corp"\nurl = "http://127.0.0.1:9"\nusername = "alice"\n'
         '[[upstream]]\nname = "spare"\nurl = "http://127.0.0.1:9"\nusername = "bob"\n'
     )
-    source = asyncio.run(_credential_source(config))
+    source, problem = asyncio.run(_credential_source(config))
+    assert problem == ""
     found = source.get("corp", "alice")
     assert found is not None and found.password.reveal() == "from-keyring"
     assert source.get("spare", "bob") is None
@@ -315,3 +316,101 @@ def test_a_second_headless_run_goes_on_without_the_socket(
     err = capsys.readouterr().err
     assert "another `tray-proxy run` holds" in err
     assert "nope.toml" in err
+
+
+# --------------------------------------------------------------------------- issue 14, bug 8
+
+
+def _run_into_closed_pipe(argv: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """Run `tray-proxy ARGV | head -1` where head has already gone: the read end of a real
+    pipe is closed before the command writes its first byte."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tray_proxy", *argv],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+    finally:
+        os.close(write_end)
+    _out, err = proc.communicate(timeout=60)
+    return proc.returncode, err.decode("utf-8", "replace")
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path, private_runtime: Path) -> None:
+    """`tray-proxy status | head -1` (and --help, log) end with no BrokenPipeError."""
+    import tests.test_cli_log as log_rows
+
+    env = _env()
+    state = tmp_path / "state"
+    store = HistoryStore(state / "tray-proxy" / "history.sqlite3")
+    try:
+        store.write([log_rows.row(i) for i in range(10)])
+    finally:
+        store.close()
+    server = ServerThread(private_runtime)
+    server.start()
+    try:
+        for argv in (["status"], ["status", "--json"], ["--help"], ["log"]):
+            code, err = _run_into_closed_pipe(argv, env)
+            assert (code, err) == (0, ""), f"tray-proxy {' '.join(argv)}: {err}"
+    finally:
+        server.stop()
+    assert server.commands == ["status", "status"]
+
+
+# --------------------------------------------------------------------------- issue 14, bug 4
+
+
+def test_run_without_the_active_upstreams_password_switches_nothing_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No password for the proxy's `username`: exit 2, one line with the command that sets
+    it, and no relay (test_new_user_bugs_lab checks that no nft table appears)."""
+    port = _free_port()
+    path = _write(
+        tmp_path,
+        f'[relay]\nport = {port}\nlisten = ["127.0.0.1"]\n'
+        '[[upstream]]\nname = "corp"\nurl = "http://127.0.0.1:9"\nusername = "alice"\n',
+    )
+    empty = tmp_path / "credentials"
+    empty.mkdir(mode=0o700)
+    # No keyring reachable here (no D-Bus session), and nothing in $CREDENTIALS_DIRECTORY.
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(empty))
+    monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", f"unix:path={tmp_path / 'no-bus'}")
+    # --no-redirect only: on the old code the run went on and switched the redirect on,
+    # which a test may do only in a namespace of its own (test_new_user_bugs_lab does).
+    assert main(["run", "--config", str(path), "--no-redirect"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "no password for alice at proxy corp" in lines[0]
+    assert "the relay was not started" in lines[0]
+    assert "`tray-proxy credentials set corp`" in lines[0]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", port))  # nothing listens: the relay never started
+
+
+# --------------------------------------------------------------------------- first start
+
+
+def test_run_and_credentials_set_without_a_config_point_at_setup(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new user's first commands say what to run, not "file not found" (issue 14)."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config-home"))
+    nope = tmp_path / "nope.toml"
+    cases = [
+        (["run"], "`tray-proxy setup`"),
+        (["run", "--config", str(nope), "--no-redirect"], f"`tray-proxy setup --config {nope}`"),
+        (["credentials", "set", "corp"], "`tray-proxy setup`"),
+        (["credentials", "test", "corp"], "`tray-proxy setup`"),
+    ]
+    for argv, command in cases:
+        assert main(argv) == 2, argv
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1, (argv, lines)
+        assert "no proxy is set up yet" in lines[0] and command in lines[0], (argv, lines)
+        assert "not found" not in lines[0]
+    assert not (tmp_path / "config-home").exists()  # nothing was written on the way

@@ -293,8 +293,16 @@ def parse_target(text: str) -> tuple[str, int]:
 def _load(path: Path | None) -> Config:
     from tray_proxy.config import ConfigError, default_config_path, load_config
 
+    where = path or default_config_path()
+    if not where.exists():
+        # A new user's first try: not "file not found", but the command that sets it up.
+        setup = "tray-proxy setup" + (f" --config {path}" if path else "")
+        raise UsageError(
+            f"no proxy is set up yet ({where} does not exist); run `{setup}`, which asks "
+            "for the password too"
+        )
     try:
-        return load_config(path or default_config_path())
+        return load_config(where)
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
 
