@@ -128,21 +128,14 @@ def test_untrusted_inspecting_ca_is_named_with_the_fix(
     inspecting: tuple[InspectingProxy, Pki], tmp_path: Path
 ) -> None:
     proxy, pki = inspecting
+    # The target comes from the settings' [probe] target, as for the app's Test connection.
     config = write_config(
-        tmp_path / "config.toml", [{"name": "corp", "url": f"http://127.0.0.1:{proxy.port}"}]
+        tmp_path / "config.toml",
+        [{"name": "corp", "url": f"http://127.0.0.1:{proxy.port}"}],
+        extra=f'[probe]\ntarget = "{HOST}:443"\n',
     )
     result = run_doctor(
-        [
-            "--json",
-            "--config",
-            str(config),
-            "--target",
-            f"{HOST}:443",
-            "--check",
-            "upstream",
-            "--check",
-            "tls-inspection",
-        ],  # fmt: skip
+        ["--json", "--config", str(config), "--check", "upstream", "--check", "tls-inspection"],
         clean_env(),
     )
     doc = parse_report(result)

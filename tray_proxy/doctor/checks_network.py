@@ -130,13 +130,13 @@ async def _credentials(env: DoctorEnv, upstream: UpstreamProxy) -> tuple[Credent
 
 
 def _target(env: DoctorEnv) -> str:
-    host, port = env.probe_target
+    host, port = env.target()
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 async def _check_upstream(env: DoctorEnv, upstream: UpstreamProxy) -> CheckResult:
     creds, source = await _credentials(env, upstream)
-    result = await probe_upstream(upstream, creds, env.probe_target, env.probe_timeout)
+    result = await probe_upstream(upstream, creds, env.target(), env.timeout())
     target = _target(env)
     who = f"{upstream.url}"
     set_password = f"`tray-proxy credentials set {upstream.name}`"
@@ -242,19 +242,17 @@ async def _tls_through(
         open_tunnel(
             Dialer(None),
             upstream,
-            env.probe_target,
+            env.target(),
             creds,
             UpstreamAuth(),
-            connect_timeout=env.probe_timeout,
-            handshake_timeout=env.probe_timeout,
+            connect_timeout=env.timeout(),
+            handshake_timeout=env.timeout(),
             reserved=False,
         ),
-        env.probe_timeout,
+        env.timeout(),
     )
-    host = env.probe_target[0]
-    return await in_thread(
-        lambda: _handshake(sock, host, verify, env.probe_timeout), env.probe_timeout + 5
-    )
+    host = env.target()[0]
+    return await in_thread(lambda: _handshake(sock, host, verify, env.timeout()), env.timeout() + 5)
 
 
 @dataclass(frozen=True)
@@ -310,7 +308,7 @@ _TRUST_STEPS = (
 
 
 async def _check_tls(env: DoctorEnv, upstream: UpstreamProxy) -> CheckResult:
-    host = env.probe_target[0]
+    host = env.target()[0]
     target = _target(env)
     creds, _source = await _credentials(env, upstream)
     try:
@@ -370,7 +368,7 @@ async def _check_tls(env: DoctorEnv, upstream: UpstreamProxy) -> CheckResult:
 
 
 def _trusted(env: DoctorEnv, upstream: UpstreamProxy, seen: _TlsSeen) -> CheckResult:
-    host = env.probe_target[0]
+    host = env.target()[0]
     leaf = _describe(seen.chain[0]) if seen.chain else None
     issuer = leaf.issuer if leaf else "a trusted CA"
     root_der = seen.chain[-1] if seen.chain else b""

@@ -47,7 +47,8 @@ def add_subcommand(
     parser.add_argument(
         "--target",
         metavar="HOST:PORT",
-        help="where the proxy probes connect to (default: pypi.org:443)",
+        help="where the proxy probes connect to (default: [probe] target of the settings, "
+        "www.microsoft.com:443 unless set)",
     )
 
 
@@ -61,16 +62,16 @@ def _target(text: str) -> tuple[str, int] | None:
 
 def run(args: argparse.Namespace) -> int:
     from tray_proxy.config import default_config_path
-    from tray_proxy.doctor.context import DEFAULT_PROBE_TARGET, DoctorEnv
+    from tray_proxy.doctor.context import DoctorEnv
     from tray_proxy.doctor.render import render_json, render_text
     from tray_proxy.doctor.runner import run_checks
 
-    target = DEFAULT_PROBE_TARGET
+    target: tuple[str, int] | None = None  # [probe] target of the settings
     if args.target is not None:
         parsed = _target(args.target)
         if parsed is None:
             print(
-                f"tray-proxy doctor: --target must be HOST:PORT, like pypi.org:443, "
+                f"tray-proxy doctor: --target must be HOST:PORT, like www.microsoft.com:443, "
                 f"got {args.target!r}",
                 file=sys.stderr,
             )

@@ -23,12 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, TypeVar
 
-from tray_proxy.config import Config, load_config
+from tray_proxy.config import Config, ConfigError, ProbeSettings, load_config
 from tray_proxy.firewall.client import INSTALLED_HELPER_PATH, SOURCE_HELPER_PATH
 from tray_proxy.firewall.helper import NFT_CANDIDATES
 
 __all__ = [
-    "DEFAULT_PROBE_TARGET",
     "CommandResult",
     "DoctorEnv",
     "in_thread",
@@ -37,11 +36,7 @@ __all__ = [
 
 T = TypeVar("T")
 
-# Where the probes ask the proxy to connect unless --target says otherwise: the same host as
-# the app's Test (controller/services.py PROBE_TARGET), so both answer alike.
-DEFAULT_PROBE_TARGET: Final = ("pypi.org", 443)
 COMMAND_TIMEOUT: Final = 10.0
-PROBE_TIMEOUT: Final = 10.0
 CHECK_TIMEOUT: Final = 30.0  # a whole check, probes included; then it is reported as failed
 
 
@@ -68,8 +63,9 @@ class DoctorEnv:
     docker_desktop_dir: Path = Path("/mnt/wsl/docker-desktop")
     docker_socket: Path = Path("/var/run/docker.sock")
     control_socket: Path | None = None  # None: control.socket_path() of this user
-    probe_target: tuple[str, int] = DEFAULT_PROBE_TARGET
-    probe_timeout: float = PROBE_TIMEOUT
+    # None: [probe] target / timeout of the settings, like the app's Test connection.
+    probe_target: tuple[str, int] | None = None
+    probe_timeout: float | None = None
     command_timeout: float = COMMAND_TIMEOUT
     check_timeout: float = CHECK_TIMEOUT
     _memo: dict[str, tuple[bool, object]] = field(default_factory=dict, repr=False, compare=False)
@@ -79,6 +75,24 @@ class DoctorEnv:
     def which(self, program: str) -> str | None:
         """`program` on this environment's PATH (not the doctor's own)."""
         return shutil.which(program, path=self.environ.get("PATH", os.defpath))
+
+    def target(self) -> tuple[str, int]:
+        """Where the upstream probes ask the proxy to connect."""
+        if self.probe_target is not None:
+            return self.probe_target
+        try:
+            return self.config().probe.target
+        except ConfigError:
+            return ProbeSettings().target
+
+    def timeout(self) -> float:
+        """How long one probe (dial + proxy handshake) may take."""
+        if self.probe_timeout is not None:
+            return self.probe_timeout
+        try:
+            return self.config().probe.timeout
+        except ConfigError:
+            return ProbeSettings().timeout
 
     def config(self) -> Config:
         """The settings (a missing file is an empty configuration); raises ConfigError."""
