@@ -123,3 +123,22 @@ def test_plaintext_backend_is_refused(sandbox: KeyringSandbox, backend: str) -> 
     assert "unencrypted" in keyring["summary"] or "does not recommend" in keyring["summary"]
     assert "PYTHON_KEYRING_BACKEND" in keyring["fix"]
     assert code == 1
+
+
+def test_dead_session_bus(tmp_path: Path) -> None:
+    """DBUS_SESSION_BUS_ADDRESS names a bus that is gone (a stale shell after logout)."""
+    import asyncio
+
+    from tray_proxy.doctor.checks_session import check_dbus
+    from tray_proxy.doctor.context import DoctorEnv
+    from tray_proxy.doctor.model import CheckStatus
+
+    config = write_config(
+        tmp_path / "config.toml",
+        [{"name": "corp", "url": "http://127.0.0.1:9", "username": "alice"}],
+    )
+    address = f"unix:path={tmp_path / 'gone-bus'}"
+    env = DoctorEnv(config, environ={"DBUS_SESSION_BUS_ADDRESS": address})
+    result = asyncio.run(check_dbus(env))
+    assert result.status is CheckStatus.FAIL
+    assert f"the session bus at {address} does not answer" in result.summary

@@ -118,7 +118,7 @@ def test_wrong_password(lab: Lab, tmp_path: Path) -> None:
     assert upstream["fix"] == "`tray-proxy credentials set squid`"
     assert one(doc, "tls-inspection")["status"] == "skip"
     assert code == 1
-    assert creds.password not in json.dumps(doc)
+    assert creds.password not in json.dumps(doc)  # neither the right one nor the wrong one
 
 
 def test_no_password_at_all(lab: Lab, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ Must not import PySide6. No password reaches a result, a log line or an exceptio
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import socket
 import ssl
@@ -539,7 +540,7 @@ async def check_relay(env: DoctorEnv) -> CheckResult:
     failed: list[str] = []
     for host, port in addresses:
         try:
-            await in_thread(lambda h=host, p=port: _connect(h, p), RELAY_CONNECT_TIMEOUT + 2)  # type: ignore[misc]
+            await in_thread(functools.partial(_connect, host, port), RELAY_CONNECT_TIMEOUT + 2)
         except (OSError, asyncio.TimeoutError) as exc:
             failed.append(f"{_where(host, port)}: {getattr(exc, 'strerror', None) or 'timeout'}")
     shown = ", ".join(_where(h, p) for h, p in addresses)

@@ -7,6 +7,7 @@ every command by `env.command_timeout`. Must not import PySide6 or the relay eng
 
 from __future__ import annotations
 
+import functools
 import grp
 import json
 import os
@@ -77,7 +78,7 @@ async def check_nat_redirect(env: DoctorEnv) -> CheckResult:
         attempts.append((f"table inet {table} (deleted again)", probe))
     errors: list[str] = []
     for where, argv in attempts:
-        done = await in_thread(lambda a=argv: run_command(a, env.command_timeout), 60)  # type: ignore[misc]
+        done = await in_thread(functools.partial(run_command, argv, env.command_timeout), 60)
         answer = _json_line(done.stdout)
         if answer is not None and answer.get("ok") is True:
             return CheckResult(
