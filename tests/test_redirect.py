@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import threading
 from collections.abc import Iterable
 
 import pytest
 
-from tray_proxy.config import ConfigError, parse_config
+from tests.controller.fakes import FakeRelay, Log
+from tray_proxy.config import Config, ConfigError, parse_config
+from tray_proxy.controller.lifecycle import Lifecycle
 from tray_proxy.firewall.client import (
     HelperExitedError,
     RedirectError,
@@ -27,6 +30,7 @@ from tray_proxy.redirect import (
     build_rule_spec,
     upstream_endpoints,
 )
+from tray_proxy.relay.events import Event, Observer
 
 TWO = (
     '[[upstream]]\nname = "a"\nurl = "http://proxy-a.example:8080"\n'
@@ -365,3 +369,49 @@ def test_no_bridge_polling_without_container_capture() -> None:
     asyncio.run(scenario())
     assert controller.calls.count("status") == 1  # the one after apply
     assert listener.told == []  # no bridges captured: nothing to tell
+
+
+class ListeningRelay(FakeRelay):
+    """The controller's relay fake, with the extra listeners the bridges need."""
+
+    def __init__(self, log: Log, observer: Observer, port: int) -> None:
+        super().__init__(log, observer, port)
+        self.extra: list[tuple[str, ...]] = []
+        self.threads: list[int] = []
+
+    def set_extra_listen(self, addresses: Iterable[str]) -> None:
+        self.threads.append(threading.get_ident())
+        self.extra.append(tuple(addresses))
+
+
+def test_the_lifecycle_makes_the_relay_listen_on_the_captured_bridges() -> None:
+    relays: list[ListeningRelay] = []
+
+    def start(config: Config, observer: Observer) -> ListeningRelay:
+        relays.append(ListeningRelay(Log(), observer, 12080))
+        return relays[-1]
+
+    helper = FakeController()
+    helper.bridges = (DOCKER0, APP_NET)
+    life = Lifecycle(
+        start,
+        helper,
+        resolver=FakeDNS({"proxy-a.example": ["192.0.2.1"], "proxy-b.example": ["192.0.2.2"]}),
+        on_redirect_failure=lambda exc: None,
+        on_relay_stopped=lambda: None,
+    )
+
+    def ignore(_event: Event) -> None:
+        pass
+
+    async def scenario() -> tuple[str | None, int]:
+        await life.switch_on(parse_config(TWO), ignore)
+        captured = life.captured
+        await life.teardown(0.1)
+        return captured, threading.get_ident()
+
+    captured, loop_thread = asyncio.run(scenario())
+    assert captured == CAPTURED and life.captured is None
+    assert relays[0].extra == [("172.17.0.1", "172.18.0.1")]
+    # A blocking call into the relay's loop: never made on the controller's loop.
+    assert relays[0].threads and loop_thread not in relays[0].threads
