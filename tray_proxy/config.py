@@ -244,7 +244,8 @@ def load_config(path: Path, *, missing_ok: bool = False) -> Config:
         raise ConfigError(
             source,
             "",
-            "file not found; create it (see docs/config.md) or set up an upstream in the app",
+            "file not found; run `tray-proxy setup` to create it (or write it by hand: "
+            "docs/config.md)",
         ) from None
     except OSError as exc:
         raise ConfigError(source, "", f"cannot read it: {exc.strerror or exc}") from None
