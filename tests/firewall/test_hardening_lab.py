@@ -414,6 +414,7 @@ def test_another_user_is_not_relayed_with_the_owners_identity(
                 assert (result.returncode, result.http_code) == (0, 200), (who, result)
                 assert _peer(lab, seed) in (lab.proxy.v4, lab.proxy.v6), f"{who} went direct"
             wait_until(lambda: len(_as_owner(squid)) >= 2, 10, "Squid's two CONNECT entries")
+            wait_until(lambda: len(run.relayed_clients()) >= 2, 10, "the relay's two lines")
             assert len(run.relayed_clients()) == 2, run.lines[-20:]
         # Exactly the owner's and root's tunnels carried the owner's login; none was other's.
         assert _as_owner(squid) == [f"CONNECT {HOSTNAME}:443 200"] * 2
@@ -732,6 +733,7 @@ def test_only_bridges_docker_manages_are_captured(
         assert (result.returncode, result.http_code) == (0, 200), (result, run.lines[-20:])
         assert _peer(lab, seed) in (lab.proxy.v4, lab.proxy.v6)
         wait_until(lambda: len(_as_owner(squid)) >= 1, 10, "Squid's CONNECT entry")
-        clients = run.relayed_clients()
-        assert [c.rpartition(":")[0] for c in clients] == [ctr.host_address], run.lines[-20:]
+        wait_until(lambda: run.relayed_clients(), 10, "the relay's connection line")
+        clients = [c.rpartition(":")[0] for c in run.relayed_clients()]
+        assert clients == [ctr.host_address], run.lines[-20:]
         assert _as_owner(squid) == [f"CONNECT {HOSTNAME}:443 200"]
