@@ -280,6 +280,8 @@ async def _run_headless(args: argparse.Namespace) -> int:
             # The relay on this (uvloop) loop: one thread, as fast as the relay alone.
             loop_relay_factory(asyncio.get_running_loop(), credentials),
             None if args.no_redirect else RedirectController(),
+            # Read again at each switch-on and when `credentials set` says so (bug 1).
+            credentials=credentials.keyring,
             credential_source=credentials,
             steps=_StderrSteps(),
             # The same history as the app's, so `tray-proxy log` works for headless users;

@@ -153,6 +153,7 @@ def _set(args: argparse.Namespace) -> int:
     except CredentialStoreError as exc:
         raise Failure(str(exc)) from None
     print(f"tray-proxy: stored the password of {username} for {upstream} in {where}")
+    _tell_running_instance(upstream.name)
     return EXIT_OK
 
 
@@ -225,7 +226,37 @@ def _delete(args: argparse.Namespace) -> int:
     if not deleted:
         raise Failure(f"no password is stored for {name}; nothing was deleted")
     print(f"tray-proxy: deleted the stored password of {name}")
+    _tell_running_instance(name)
     return EXIT_OK
+
+
+# How long the running instance may take to read the keyring again (its own limit is 30 s).
+NOTICE_TIMEOUT = 40.0
+
+
+def _tell_running_instance(name: str) -> None:
+    """Tell the running tray app or `tray-proxy run` that NAME's password changed, so it
+    reads it again now instead of at its next start (issue 14 bug 1). Only the name goes
+    over the control socket. Nothing running is fine: the next start reads the keyring."""
+    from tray_proxy.control import ControlError, NotRunningError, send_command
+    from tray_proxy.controller.commands import credentials_changed_command
+
+    try:
+        answer = send_command(credentials_changed_command(name), timeout=NOTICE_TIMEOUT)
+    except NotRunningError:
+        return
+    except (ControlError, ValueError) as exc:
+        _say_error(
+            f"the running tray-proxy was not told ({exc}); switch its redirect off and on "
+            "(`tray-proxy disable`, then `tray-proxy enable`) to use the new password"
+        )
+        return
+    if not answer.get("ok"):
+        _say_error(f"the running tray-proxy could not read the new password: {answer.get('error')}")
+    elif answer.get("in_use"):
+        print(f"tray-proxy: the running tray-proxy uses it for {name} from now on")
+    else:
+        print("tray-proxy: the running tray-proxy has read it")
 
 
 # --------------------------------------------------------------------------- test

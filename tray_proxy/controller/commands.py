@@ -2,22 +2,43 @@
 the tray app and headless `tray-proxy run` answer them alike.
 
 `status` and `raise` also say which kind of instance answered ("tray" or "run"), so a
-second start can tell the user what is already running.
+second start can tell the user what is already running. `credentials-changed NAME` (sent by
+`tray-proxy credentials set NAME` after it stored a password) makes the instance read that
+proxy's password again; only the name travels on the socket, never a secret.
 
 Must not import PySide6 or qasync.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any, Final, Protocol
 
 from tray_proxy.controller.status import Status
 
-__all__ = ["INSTANCE_RUN", "INSTANCE_TRAY", "CommandTarget", "answer_command"]
+__all__ = [
+    "CREDENTIALS_CHANGED",
+    "INSTANCE_RUN",
+    "INSTANCE_TRAY",
+    "CommandTarget",
+    "answer_command",
+    "credentials_changed_command",
+]
 
 INSTANCE_TRAY: Final = "tray"
 INSTANCE_RUN: Final = "run"
+CREDENTIALS_CHANGED: Final = "credentials-changed"
+# An upstream's name as the config allows it (tray_proxy.config); nothing else is accepted.
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def credentials_changed_command(name: str) -> str:
+    """The command line `tray-proxy credentials set NAME` sends; ValueError for a name no
+    config can hold."""
+    if not _NAME.fullmatch(name):
+        raise ValueError(f"{name!r} is not an upstream name")
+    return f"{CREDENTIALS_CHANGED} {name}"
 
 
 class CommandTarget(Protocol):
@@ -28,6 +49,8 @@ class CommandTarget(Protocol):
     async def enable(self) -> Status: ...
 
     async def disable(self) -> Status: ...
+
+    async def credentials_changed(self, name: str) -> dict[str, object]: ...
 
 
 async def answer_command(
@@ -52,4 +75,9 @@ async def answer_command(
         if raise_window is not None:
             raise_window()
         return {"instance": instance}
+    verb, _, name = command.partition(" ")
+    if verb == CREDENTIALS_CHANGED:
+        if not _NAME.fullmatch(name):
+            raise ValueError(f"{CREDENTIALS_CHANGED} needs an upstream name")
+        return await controller.credentials_changed(name)
     raise ValueError(f"unknown command {command!r}")

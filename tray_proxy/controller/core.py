@@ -57,6 +57,7 @@ from tray_proxy.controller.status import (
     UpstreamInfo,
 )
 from tray_proxy.credentials import CredentialStoreError
+from tray_proxy.errors import UserError
 from tray_proxy.firewall.client import RedirectError
 from tray_proxy.monitor.attribution import Attributor
 from tray_proxy.monitor.health import HealthSnapshot, ProbeRecord
@@ -95,6 +96,8 @@ NOTICE_INTERVAL: Final = 60.0  # seconds between two notices of the same kind
 WATCH_INTERVAL: Final = 1.0  # how often the helper is checked while the redirect is on
 TRAFFIC_INTERVAL: Final = 1.0  # how often the relay's byte counters are read while it runs
 STATUS_INTERVAL: Final = 0.1  # engine events update the status at most this often
+# Reading every proxy's password again (the keyring has its own per-call timeouts too).
+CREDENTIALS_READ_TIMEOUT: Final = 30.0
 
 _DOWN_REASONS = frozenset(
     {
@@ -390,7 +393,7 @@ class ProxyController:
             old = self._health
             self._health = _Health(errors=old.errors, latency=old.latency, failures=old.failures)
             upstream = await self._life.switch_on(
-                config, self._new_observer(), before_relay=self._credentials_once
+                config, self._new_observer(), before_relay=self._credentials_for_switch_on
             )
         except asyncio.CancelledError:
             await self._life.teardown(self._drain_timeout())
@@ -755,25 +758,80 @@ class ProxyController:
             with contextlib.suppress(Exception):
                 await asyncio.shield(read)
 
-    async def refresh_credentials(self) -> str | None:
-        """Re-read every upstream's password from the keyring (it runs in the keyring's
-        worker thread). A failure is an error entry and a notice, returned as text."""
+    async def _credentials_for_switch_on(self) -> None:
+        """Every switch-on reads the passwords again (issue 14 bug 1: one changed with
+        `tray-proxy credentials set` while the redirect was off), or waits for the start-up
+        read still running. A keyring that fails now while the active proxy still has its
+        password (read earlier, or from $CREDENTIALS_DIRECTORY) is only logged: a headless
+        service often has no keyring at all."""
+        read = self._credentials_read
+        if read is None or read.done():
+            if self._credentials is None:
+                return
+            read = self._credentials_read = self.spawn(
+                self.refresh_credentials(report=self._active_password_missing),
+                "read keyring",
+            )
+        with contextlib.suppress(Exception):
+            await asyncio.shield(read)
+
+    def _active_password_missing(self) -> bool:
+        config, source = self._config, self._credential_source
+        active = config.active_upstream() if config is not None else None
+        if active is None or active.username is None or source is None:
+            return False
+        return source.get(active.name, active.username) is None
+
+    async def refresh_credentials(
+        self, *, report: Callable[[], bool] | None = None, also: Iterable[str] = ()
+    ) -> str | None:
+        """Re-read every upstream's password (and those of `also`) from the keyring, in the
+        keyring's worker thread, within CREDENTIALS_READ_TIMEOUT. A failure is returned as
+        text, and is an error entry and a notice unless `report` says it need not be."""
         if self._credentials is None:
             return None
         config = self._config
-        names = [u.name for u in config.upstreams] if config is not None else []
+        known = config.upstreams if config is not None else ()
+        names = list(dict.fromkeys([*(u.name for u in known), *also]))
         try:
-            await self._credentials.refresh(names)
-        except CredentialStoreError as exc:
+            await asyncio.wait_for(self._credentials.refresh(names), CREDENTIALS_READ_TIMEOUT)
+        except (CredentialStoreError, asyncio.TimeoutError) as exc:
+            why = (
+                str(exc)
+                if isinstance(exc, CredentialStoreError)
+                else f"it did not answer within {CREDENTIALS_READ_TIMEOUT:g} s"
+            )
             text = (
-                f"The proxy passwords could not be read from the keyring: {exc}. Then open "
+                f"The proxy passwords could not be read from the keyring: {why}. Then open "
                 "Credentials to try again."
             )
+            if report is not None and not report():
+                log.info("%s", text)
+                return text
             self._error(text)
             self._notice(NoticeKind.KEYRING_UNAVAILABLE, "Keyring not available", text)
             self._changed()
             return text
         return None
+
+    async def credentials_changed(self, name: str) -> dict[str, object]:
+        """`tray-proxy credentials set NAME` stored a new password (the control socket's
+        `credentials-changed NAME`; only the name travels, never a secret): read it from
+        the keyring and let the relay try it at once, even when it is the same password
+        as before (ARCHITECTURE, "Credentials": one failed login per password entered).
+        Raises UserError when the keyring cannot be read."""
+        config = self._config
+        known = config is not None and any(u.name == name for u in config.upstreams)
+        problem = await self.refresh_credentials(also=() if known else (name,))
+        if problem is not None:
+            raise UserError(problem)
+        relay = self._relay
+        if relay is not None:
+            relay.retry_credentials(name)
+        active = config.active_upstream() if config is not None else None
+        in_use = relay is not None and active is not None and active.name == name
+        log.info("the password of %s was changed outside the app; read again", name)
+        return {"upstream": name, "in_use": in_use}
 
     async def save_upstream(self, upstream: UpstreamProxy) -> str | None:
         """Write `upstream` into the settings (replacing the one of that name), re-read the
