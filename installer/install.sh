@@ -6,7 +6,9 @@
 #   Service keyring is installed) through apt-get, with sudo when not root; skipped when all
 #   are present, so a second run needs no network
 # - a venv in ~/.local/share/tray-proxy/venv with this checkout installed into it (reinstalled
-#   only when the checkout changed); --wheels DIR installs from wheel files only (no index)
+#   only when the checkout changed). --wheels DIR installs from the wheel files in DIR only, no
+#   network (a machine that cannot reach PyPI yet): tray-proxy's own wheel when DIR has one,
+#   else this checkout is built (then DIR needs setuptools>=77 and wheel too)
 # - ~/.local/bin/tray-proxy, the desktop entry, and the systemd user unit (not enabled; see
 #   docs/headless.md)
 # - the root helper at /usr/libexec/tray-proxy/tray-proxy-helper (root-owned, 0755), its polkit
@@ -44,7 +46,10 @@ BIN_DIR="$HOME/.local/bin"
 APPS_DIR="${XDG_DATA_HOME:-$HOME/.local/share}/applications"
 UNIT_DIR="${XDG_CONFIG_HOME:-$HOME/.config}/systemd/user"
 CONFIG_FILE="${XDG_CONFIG_HOME:-$HOME/.config}/tray-proxy/config.toml"
-MANIFEST="$PREFIX/installed-dirs"
+CONFIG_DIR=$(dirname "$CONFIG_FILE")
+# Kept with the settings: an uninstall without --purge keeps the settings, and this tells the
+# later --purge which of their parent directories the installer made.
+MANIFEST="$CONFIG_DIR/installed-dirs"
 HELPER=/usr/libexec/tray-proxy/tray-proxy-helper
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"
@@ -69,7 +74,9 @@ place() {
 
 # place_root SRC DEST MODE: the same for a root-owned system file.
 place_root() {
-    if cmp -s "$1" "$2" 2>/dev/null && [ "$(stat -c %a:%U:%G "$2")" = "${3#0}:root:root" ]; then
+    # As root: /etc/polkit-1/rules.d is readable by polkitd and root only.
+    if $SUDO cmp -s "$1" "$2" 2>/dev/null \
+            && [ "$($SUDO stat -c %a:%U:%G "$2")" = "${3#0}:root:root" ]; then
         return 0
     fi
     $SUDO install -o root -g root -m "$3" -D "$1" "$2"
@@ -87,7 +94,7 @@ if command -v keepassxc >/dev/null || command -v kwalletd5 >/dev/null \
     KEYRING_PROVIDER=other
 else
     KEYRING_PROVIDER=gnome-keyring
-    PACKAGES+=(dbus gnome-keyring)
+    PACKAGES+=(dbus gnome-keyring libsecret-tools)
 fi
 MISSING=()
 for pkg in "${PACKAGES[@]}"; do have_pkg "$pkg" || MISSING+=("$pkg"); done
@@ -110,6 +117,7 @@ fi
 # ---------------------------------------------------------------- the venv and the command
 user_dir "$PREFIX"
 user_dir "$BIN_DIR"
+user_dir "$CONFIG_DIR"
 # What is installed is this checkout's content: reinstall only when it changed.
 STAMP=$(cd "$SRC" && find pyproject.toml tray_proxy resources -type f \
             ! -path '*/__pycache__/*' ! -name '*.pyc' -print0 \
@@ -122,14 +130,20 @@ if [ "$(cat "$PREFIX/venv/.tray-proxy-source" 2>/dev/null)" != "$STAMP" ]; then
     say "installing tray-proxy into $PREFIX/venv"
     PIP=("$PREFIX/venv/bin/python" -m pip install -q --disable-pip-version-check)
     if [ -n "$WHEELS" ]; then PIP+=(--no-index --find-links "$WHEELS"); fi
-    # A copy of the checkout: pip's in-tree build writes build/ and *.egg-info next to the
-    # source, which must stay as it is (and may not be writable).
-    BUILD=$(mktemp -d)
-    trap 'rm -rf "$BUILD"' EXIT
-    (cd "$SRC" && tar -cf - --exclude=__pycache__ pyproject.toml README.md tray_proxy resources) \
-        | tar -xf - -C "$BUILD"
-    "${PIP[@]}" "$BUILD[fast]"
-    rm -rf "$BUILD"
+    if [ -n "$WHEELS" ] && compgen -G "$WHEELS/tray_proxy-*.whl" >/dev/null; then
+        # An offline wheelhouse with tray-proxy's own wheel (built from this checkout).
+        "${PIP[@]}" --force-reinstall --no-deps tray-proxy
+        "${PIP[@]}" "tray-proxy[fast]"
+    else
+        # A copy of the checkout: pip's in-tree build writes build/ and *.egg-info next to
+        # the source, which must stay as it is (and may not be writable).
+        BUILD=$(mktemp -d)
+        trap 'rm -rf "$BUILD"' EXIT
+        (cd "$SRC" && tar -cf - --exclude=__pycache__ pyproject.toml README.md tray_proxy \
+            resources) | tar -xf - -C "$BUILD"
+        "${PIP[@]}" "$BUILD[fast]"
+        rm -rf "$BUILD"
+    fi
     echo "$STAMP" > "$PREFIX/venv/.tray-proxy-source"
 else
     say "$PREFIX/venv is up to date"

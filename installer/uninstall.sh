@@ -26,7 +26,6 @@ CONFIG_HOME=${XDG_CONFIG_HOME:-$HOME/.config}
 DATA_HOME=${XDG_DATA_HOME:-$HOME/.local/share}
 STATE_HOME=${XDG_STATE_HOME:-$HOME/.local/state}
 CONFIG_DIR="$CONFIG_HOME/tray-proxy"
-VENV_PY="$PREFIX/venv/bin/python"
 HELPER_DIR=/usr/libexec/tray-proxy
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"
@@ -40,28 +39,24 @@ if command -v systemctl >/dev/null && [ -f "$CONFIG_HOME/systemd/user/tray-proxy
     systemctl --user disable --now tray-proxy.service >/dev/null 2>&1 || true
 fi
 
-if [ $PURGE = 1 ] && [ -x "$VENV_PY" ]; then
-    # The passwords of the configured upstreams, while the venv (and keyring) is still here.
-    "$VENV_PY" - "$CONFIG_DIR/config.toml" <<'EOF' || say "the keyring entries could not all be removed"
-import asyncio, sys
-from tray_proxy.config import load_config
-from tray_proxy.credentials import CredentialStore, CredentialStoreError
-
-async def main() -> None:
-    try:
-        names = [u.name for u in load_config(sys.argv[1]).upstreams]
-    except Exception:
-        return  # no (readable) settings: no entries we know of
-    store = CredentialStore()
-    for name in names:
-        try:
-            if await store.delete(name):
-                print(f"tray-proxy: removed the password of {name} from the keyring")
-        except CredentialStoreError as exc:
-            print(f"tray-proxy: the password of {name} stays in the keyring: {exc}")
-
-asyncio.run(main())
-EOF
+if [ $PURGE = 1 ]; then
+    # The passwords: every keyring entry of service "tray-proxy", also of upstreams no longer
+    # in the settings. The keyring's bus where `tray-proxy unlock` started it, as tray-proxy
+    # itself finds it (tray_proxy.credentials.session_bus_socket).
+    if [ -z "${DBUS_SESSION_BUS_ADDRESS:-}" ]; then
+        BUS="${XDG_RUNTIME_DIR:-/tmp/tray-proxy-$(id -u)}/bus"
+        [ -S "$BUS" ] && export DBUS_SESSION_BUS_ADDRESS="unix:path=$BUS"
+    fi
+    if command -v secret-tool >/dev/null; then
+        if secret-tool clear service tray-proxy </dev/null 2>/dev/null; then
+            say "removed tray-proxy's passwords from the keyring"
+        else
+            say "the keyring could not be reached or is locked: remove the passwords with" \
+                "\`secret-tool clear service tray-proxy\` (or Seahorse, KeePassXC)"
+        fi
+    else
+        say "remove the passwords of service tray-proxy from your keyring (Seahorse, KeePassXC)"
+    fi
 fi
 
 say "removing the files in your home"
@@ -73,22 +68,25 @@ fi
 rm -f "$DATA_HOME/applications/tray-proxy.desktop" "$CONFIG_HOME/autostart/tray-proxy.desktop" \
     "$CONFIG_HOME/systemd/user/tray-proxy.service"
 if command -v systemctl >/dev/null; then systemctl --user daemon-reload >/dev/null 2>&1 || true; fi
+# Directories the installer created (listed by it), removed below when nothing else is in them.
+MANIFEST="$CONFIG_DIR/installed-dirs"
+DIRS=()
+if [ -f "$MANIFEST" ]; then
+    mapfile -t DIRS < <(sort -u "$MANIFEST" | awk '{ print length($0) "\t" $0 }' | sort -rn | cut -f2-)
+fi
 if [ $PURGE = 1 ]; then
     rm -rf "$CONFIG_DIR" "$STATE_HOME/tray-proxy"
+else
+    rm -f "$MANIFEST"
 fi
-# Directories the installer created, deepest first, when nothing else lives in them now.
-if [ -f "$PREFIX/installed-dirs" ]; then
-    mapfile -t DIRS < <(awk '{ print length($0) "\t" $0 }' "$PREFIX/installed-dirs" \
-                        | sort -rn | cut -f2- | uniq)
-    rm -f "$PREFIX/installed-dirs"
-    for dir in "${DIRS[@]}"; do
-        [ "$dir" = "$PREFIX" ] && continue
-        case "$dir" in "$HOME"/*) rmdir "$dir" 2>/dev/null || true ;; esac
-    done
-    rmdir "$PREFIX" 2>/dev/null || true
-    for dir in "${DIRS[@]}"; do
-        case "$dir" in "$HOME"/*) rmdir "$dir" 2>/dev/null || true ;; esac
-    done
+rmdir "$PREFIX" 2>/dev/null || true
+KEEP=()
+for dir in "${DIRS[@]}"; do  # deepest first
+    case "$dir" in "$HOME"/*) rmdir "$dir" 2>/dev/null || true ;; esac
+    [ -d "$dir" ] && KEEP+=("$dir")
+done
+if [ ${#KEEP[@]} -gt 0 ] && [ -d "$CONFIG_DIR" ]; then
+    printf '%s\n' "${KEEP[@]}" > "$MANIFEST"
 fi
 
 say "removing the root helper, its polkit and sudo rules and the group (needs admin rights)"
