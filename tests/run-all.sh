@@ -14,7 +14,7 @@ APT_PACKAGES=(
     libglib2.0-0 libxcb-cursor0 libxcb-icccm4 libxcb-keysyms1 libxcb-shape0 libxcb-randr0
     libxcb-render-util0 libxcb-image0 libxcb-xinerama0
     trayer xdotool x11-utils imagemagick
-    dbus gnome-keyring libsecret-tools pkexec polkitd
+    dbus gnome-keyring libsecret-tools pkexec polkitd systemd passwd util-linux
     libkrb5-dev krb5-kdc krb5-admin-server krb5-user
 )
 
