@@ -288,3 +288,54 @@ def test_the_kernel_range_is_read_at_apply_time(netns: str, start_helper, policy
     answer = helper.request("apply", **WIRE)
     assert str(answer["error"]).startswith("relay_source_ports: 61000-64999 overlaps")
     assert helper_module.MAX_SOURCE_PORTS == 4096
+
+
+# -- whose connections are captured (issue 16 item 1), with real sockets of three uids
+
+_CONNECT_AS = """
+import os, socket, sys
+uid = int(sys.argv[1])
+if uid:
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+try:
+    socket.create_connection(("198.51.100.1", 80), timeout=1.0).close()
+    print("relayed")
+except OSError as exc:
+    print(type(exc).__name__)
+"""
+
+
+def _connect_as(ns: str, uid: int) -> str:
+    return in_ns(ns, "/usr/bin/python3", "-I", "-c", _CONNECT_AS, str(uid)).stdout.strip()
+
+
+@pytest.mark.parametrize(
+    ("capture", "expected"),
+    [
+        ("owner+system", {ALICE: "relayed", 0: "relayed", MALLORY: "TimeoutError"}),
+        ("owner", {ALICE: "relayed", 0: "TimeoutError", MALLORY: "TimeoutError"}),
+    ],
+)
+def test_only_the_owner_and_system_accounts_are_captured(
+    netns: str,
+    start_helper,
+    policy_dir: Path,
+    listeners: list[Listener],
+    capture: str,
+    expected: dict[int, str],
+) -> None:
+    """Another local user (MALLORY) is never tunnelled with the owner's (ALICE's) login."""
+    # 198.51.100.1 is routed into a veth whose far end has no address: a connection that is
+    # not redirected goes nowhere, so it can only succeed through the owner's relay.
+    in_ns(netns, "ip", "link", "add", "tpv0", "type", "veth", "peer", "name", "tpv1")
+    in_ns(netns, "ip", "addr", "add", "198.51.100.2/24", "dev", "tpv0")
+    for end in ("tpv0", "tpv1"):
+        in_ns(netns, "ip", "link", "set", end, "up")
+    listeners.append(Listener(netns, 3129, uid=ALICE))
+    env = _env(PKEXEC_UID=str(ALICE))
+    helper = _start(start_helper, policy_dir / "absent.json", env=env, listen=False)
+    wire = {**WIRE, "redirect_ports": [80], "capture_containers": False, "capture": capture}
+    assert helper.request("apply", **wire)["ok"] is True
+    assert {uid: _connect_as(netns, uid) for uid in expected} == expected
