@@ -1373,12 +1373,15 @@ class Helper:
 
     def apply(self, spec: RuleSpec) -> None:
         self.check_request(spec)
+        # Taken before the resolution: a bridge that appears meanwhile changes it, so the
+        # next rescan picks the bridge up.
+        signature = self._scan_signature()
         bridges = self.resolve_bridges(spec)
         self._nft(render(spec, owner_uid=self.owner_uid, bridges=bridges))
         self.applied = spec
         self.bridges = bridges
         self.redirecting = True
-        self._bridge_signature = self._scan_signature()
+        self._bridge_signature = signature
         self._next_bridge_scan = time.monotonic() + BRIDGE_RESCAN_SECONDS
         try:
             self._reserve(*spec.relay_source_ports)
