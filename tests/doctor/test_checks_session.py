@@ -142,3 +142,25 @@ def test_dead_session_bus(tmp_path: Path) -> None:
     result = asyncio.run(check_dbus(env))
     assert result.status is CheckStatus.FAIL
     assert f"the session bus at {address} does not answer" in result.summary
+
+
+def test_unexported_systemd_user_bus_is_pointed_at(sandbox: KeyringSandbox) -> None:
+    """A real bus socket at $XDG_RUNTIME_DIR/bus (as systemd --user makes it) that the shell
+    did not export: the fix names the export line."""
+    bus = sandbox.runtime / "bus"
+    doctor_argv = [sys.executable, "-m", "tray_proxy", "doctor", "--json", "--config",
+                   str(config(sandbox)), "--check", "dbus"]  # fmt: skip
+    script = (
+        'dbus-daemon --session --nofork --address="unix:path=$XDG_RUNTIME_DIR/bus" '
+        "</dev/null >/dev/null 2>&1 & bus=$!; "
+        'for i in $(seq 100); do [ -S "$XDG_RUNTIME_DIR/bus" ] && break; sleep 0.05; done; '
+        + " ".join(shlex.quote(a) for a in doctor_argv)
+        + '; code=$?; kill "$bus"; exit $code'
+    )
+    result = sandbox.run(["sh", "-c", script], session=False)
+    doc = json.loads(result.stdout)
+    check_schema(doc)
+    dbus = one(doc, "dbus")
+    assert dbus["status"] == "fail", dbus
+    assert dbus["fix"].startswith(f"your session has a bus at {bus}: `export ")
+    assert f"DBUS_SESSION_BUS_ADDRESS=unix:path={bus}`" in dbus["fix"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 
 from tray_proxy.config import ConfigError
 from tray_proxy.credentials import BackendInfo, classify_backend, effective_backend
@@ -146,12 +147,22 @@ async def check_dbus(env: DoctorEnv) -> CheckResult:
     names = await session_bus_names(env)
     if isinstance(names, str):
         needed = keyring_needed(env)
+        fix = _START_BUS
+        # A systemd user session has a bus at $XDG_RUNTIME_DIR/bus even where the shell
+        # (su, some WSL and ssh setups) did not export its address.
+        runtime = env.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{env.uid}"
+        bus = Path(runtime) / "bus"
+        if not env.environ.get("DBUS_SESSION_BUS_ADDRESS") and bus.is_socket():
+            fix = (
+                f"your session has a bus at {bus}: `export DBUS_SESSION_BUS_ADDRESS="
+                f"unix:path={bus}` in the shell that starts tray-proxy (add it to ~/.profile)"
+            )
         return CheckResult(
             "dbus",
             CheckStatus.FAIL if needed else CheckStatus.WARN,
             f"no D-Bus session: {names}; the keyring (Secret Service) cannot be reached"
             + ("" if needed else " (not needed now: no upstream password is read from it)"),
-            fix=_START_BUS,
+            fix=fix,
         )
     owner = "a Secret Service is on it" if names[SECRETS_BUS_NAME] else "no Secret Service on it"
     return CheckResult("dbus", CheckStatus.OK, f"D-Bus session bus reachable ({owner})")
