@@ -16,8 +16,12 @@ Protocol: one JSON object per line on stdin, one answer per line on stdout.
 Answers: {"v": 1, "id": N, "ok": true, ...} or {"v": 1, "id": N|null, "ok": false, "error": "..."}.
 Every request line gets exactly one answer; a malformed line gets an error answer.
 `status` answers {"active": new connections are redirected, "table_present": our table is in
-the kernel (also after `remove`, until exit), "spec": what this helper applied or null};
-`remove` answers {"removed": the redirect was on}.
+the kernel (also after `remove`, until exit), "spec": what this helper applied or null, and
+the grant below}; `apply` answers with the grant: {"owner_uid": the uid served, "captured":
+whose connections are redirected in words (null before an apply), "bridges": [{"name",
+"address", "network"}] the container bridges captured, each DNATed to address:relay_port};
+`remove` answers {"removed": the redirect was on}. Exit status: 0 when the table is gone and
+everything restored, 4 when the cleanup was incomplete, 2/3 when the helper could not start.
 
 Who may ask for what (issue 16):
 - The caller's uid comes from the launcher, never from the request: `SUDO_UID` when started by
