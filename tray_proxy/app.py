@@ -247,7 +247,8 @@ class GuiApp:
         quit_event = self.quit_event = asyncio.Event()
         qapp.aboutToQuit.connect(quit_event.set)
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            loop.add_signal_handler(signum, quit_event.set)
+            # SIGHUP too (the terminal closed, or the session ended): the same drained Quit.
+            loop.add_signal_handler(signum, _quit_on_signal, quit_event, signum)
 
         config_file = ConfigFile(self.config_path)
         store = CredentialStore()
@@ -335,6 +336,12 @@ def open_setup_window(path: Path, store: CredentialStore, controller: ProxyContr
     window.show()
     window.raise_()
     return window
+
+
+def _quit_on_signal(quit_event: asyncio.Event, signum: int) -> None:
+    if not quit_event.is_set():
+        log.info("%s: quitting as Quit does", signal.Signals(signum).name)
+    quit_event.set()
 
 
 def _config_or_empty(config_file: ConfigFile) -> Config:

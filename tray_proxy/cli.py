@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -177,8 +178,35 @@ _NO_STATUS = "`tray-proxy status` will not reach this run"
 
 
 def _say(text: str) -> None:
-    print(f"tray-proxy: {text}", file=sys.stderr)
-    sys.stderr.flush()
+    try:
+        print(f"tray-proxy: {text}", file=sys.stderr)
+        sys.stderr.flush()
+    except OSError:
+        # The terminal was closed (EIO) or the reader of a pipe left (EPIPE). The shutdown
+        # that follows a SIGHUP must go on without its lines: a raise here reordered it, and
+        # the clients never saw their connections end (issue 16, item 8).
+        _stderr_to_devnull()
+
+
+def _stderr_to_devnull() -> None:
+    """Point fd 2 at /dev/null, so what is still buffered for it, the log lines and the exit
+    flush write nowhere instead of failing again."""
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    try:
+        os.dup2(fd, 2)
+    finally:
+        os.close(fd)
+    with contextlib.suppress(OSError):
+        sys.stderr.flush()
+
+
+def _stop_on_signal(stop: asyncio.Event, signum: int) -> None:
+    if not stop.is_set():
+        _say(f"{signal.Signals(signum).name}: stopping")
+    stop.set()
 
 
 def _claim_control(server: ControlServer) -> str:
@@ -305,7 +333,8 @@ async def _run_headless(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
         for signum in signals:
-            loop.add_signal_handler(signum, stop.set)
+            # SIGHUP too: a closed terminal window ends the run as SIGTERM does, drained.
+            loop.add_signal_handler(signum, _stop_on_signal, stop, signum)
         try:
             controller.subscribe(watch)
             if server is not None:

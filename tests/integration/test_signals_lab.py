@@ -23,12 +23,17 @@ app_support.py). Everything lives in the lab's namespaces. Must not import PySid
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import re
 import secrets
+import select
 import signal
 import subprocess
+import sys
+import termios
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -36,9 +41,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.firewall.e2e_support import RedirectedRun, client_left_clean, has_our_table
+from tests.firewall.e2e_support import (
+    REDIRECT_ON,
+    RedirectedRun,
+    client_left_clean,
+    has_our_table,
+)
 from tests.integration.app_support import GuiProcess, XServer, has_table
-from tests.integration.relay import UpstreamSpec
+from tests.integration.relay import UpstreamSpec, allocate_port
 from tests.lab.curl import curl_config
 from tests.lab.environment import Lab
 from tests.lab.netns import NsProcess
@@ -251,6 +261,83 @@ def paced_squid(squid_factory: Callable[..., SquidProxy]) -> SquidProxy:
 # --------------------------------------------------------------------------- tray-proxy run
 
 
+class TerminalRun(RedirectedRun):
+    """`tray-proxy run` on a terminal of its own: a pty whose slave is its stdin, stdout and
+    stderr and its controlling terminal, the run its session leader (as `xterm -e tray-proxy
+    run` starts it). `hang_up()` closes the terminal as closing its window does: the kernel
+    sends the run SIGHUP, and every later write to stderr fails (EIO)."""
+
+    def __enter__(self) -> TerminalRun:
+        self.port = allocate_port(self.lab)
+        config = self._write_files()
+        env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+        env["CREDENTIALS_DIRECTORY"] = str(self.workdir / "credentials")
+        for var, sub in (("XDG_RUNTIME_DIR", "runtime"), ("XDG_STATE_HOME", "state")):
+            (self.workdir / sub).mkdir(mode=0o700, exist_ok=True)
+            env[var] = str(self.workdir / sub)
+        env["PYTHONUNBUFFERED"] = "1"
+        env.pop("TRAY_PROXY_HELPER", None)
+        self._master, slave = os.openpty()
+        self._hang_up = threading.Event()
+        self._closed = threading.Event()
+        argv = [sys.executable, "-m", "tray_proxy", "run", "--config", str(config), "-v"]
+        try:
+            # start_new_session first (setsid), then the pty becomes the controlling terminal.
+            self.process = self.lab.client.popen(
+                argv,
+                stdin=slave,
+                stdout=slave,
+                stderr=slave,
+                env=env,
+                preexec_fn=_take_controlling_terminal,
+            )
+        finally:
+            os.close(slave)
+        self._reader = threading.Thread(target=self._read, name="terminal-run", daemon=True)
+        self._reader.start()
+        try:
+            self.wait_for_line(REDIRECT_ON, timeout=self.timeout)
+        except BaseException:
+            self.kill_all()
+            raise
+        return self
+
+    def _read(self) -> None:
+        # Reads the terminal (the run's output) until hang_up(), then closes it: only this
+        # thread touches the master fd, so it is never closed under a pending read.
+        pending = b""
+        try:
+            while not self._hang_up.is_set():
+                ready, _, _ = select.select([self._master], [], [], 0.05)
+                if not ready:
+                    continue
+                try:
+                    chunk = os.read(self._master, 65536)
+                except OSError:  # EIO: the run has gone and the slave is closed
+                    break
+                if not chunk:
+                    break
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                with self._lock:
+                    self._lines += [ln.decode(errors="replace").rstrip("\r") for ln in lines]
+        finally:
+            os.close(self._master)
+            self._closed.set()
+
+    def hang_up(self) -> None:
+        self._hang_up.set()
+        assert self._closed.wait(5), "the terminal was not closed"
+
+    def kill_all(self) -> None:
+        self._hang_up.set()
+        super().kill_all()
+
+
+def _take_controlling_terminal() -> None:
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
 def _ctrl_c(run: RedirectedRun) -> None:
     os.killpg(run.pid, signal.SIGINT)  # the terminal's Ctrl+C: the whole foreground group
 
@@ -263,8 +350,14 @@ def _sighup(run: RedirectedRun) -> None:
     os.kill(run.pid, signal.SIGHUP)
 
 
+def _sighup_to_group(run: RedirectedRun) -> None:
+    os.killpg(run.pid, signal.SIGHUP)  # a shell forwarding its hang-up to the job
+
+
 @pytest.mark.parametrize(
-    "send", [_ctrl_c, _sigterm, _sighup], ids=["ctrl-c-to-group", "sigterm", "sighup"]
+    "send",
+    [_ctrl_c, _sigterm, _sighup, _sighup_to_group],
+    ids=["ctrl-c-to-group", "sigterm", "sighup", "sighup-to-group"],
 )
 def test_run_drains_on_signal(
     lab: Lab, paced_squid: SquidProxy, send: Callable[[RedirectedRun], None]
@@ -302,6 +395,36 @@ def test_run_drains_on_signal(
         assert not problems, "\n".join(problems) + "\n" + describe()
 
 
+def test_run_drains_when_its_terminal_closes(lab: Lab, paced_squid: SquidProxy) -> None:
+    # Closing the terminal window: SIGHUP, and stderr is gone. The drain must not depend on
+    # being able to say so.
+    with (
+        client_left_clean(lab),
+        TerminalRun(
+            lab,
+            UpstreamSpec.for_squid(paced_squid),
+            relay={"drain_timeout": DRAIN},
+            timeout=60,
+        ) as run,
+    ):
+
+        def describe() -> str:
+            return "tray-proxy run's terminal, up to the hang-up:\n" + "\n".join(run.lines[-30:])
+
+        problems = signal_during_downloads(lab, run.hang_up, describe)
+        assert run.process is not None
+        try:
+            code = run.process.wait(DRAIN + 15)
+        except subprocess.TimeoutExpired:
+            code = None
+        run.returncode = code
+        if code != 0:
+            problems.append(f"tray-proxy run exited with {code}")
+        if has_our_table(lab.client):
+            problems.append("table inet tray_proxy is still there")
+        assert not problems, "\n".join(problems) + "\n" + describe()
+
+
 # --------------------------------------------------------------------------- the tray app
 
 
@@ -328,8 +451,14 @@ def _app_sigterm(gui: GuiProcess) -> None:
     os.kill(gui.pid, signal.SIGTERM)
 
 
+def _app_sighup(gui: GuiProcess) -> None:
+    os.kill(gui.pid, signal.SIGHUP)
+
+
 @pytest.mark.parametrize(
-    "send", [_quit, _app_sigint, _app_sigterm], ids=["quit", "sigint", "sigterm"]
+    "send",
+    [_quit, _app_sigint, _app_sigterm, _app_sighup],
+    ids=["quit", "sigint", "sigterm", "sighup"],
 )
 def test_app_drains_on_quit_and_signals(
     lab: Lab, paced_squid: SquidProxy, xserver: XServer, send: Callable[[GuiProcess], None]
