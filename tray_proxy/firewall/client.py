@@ -11,7 +11,9 @@ How the helper is started (first that applies):
 
 The helper runs in a session of its own (`start_new_session`): a terminal's Ctrl+C goes to the
 app's process group only, so the app decides when the redirect goes (it drains first) instead
-of the helper deleting its table under open downloads (issue 16 item 8). When tray-proxy runs
+of the helper deleting its table under open downloads (issue 16 item 8). The price: without a
+controlling terminal pkexec cannot ask for a password in the terminal, so a user outside the
+tray-proxy group needs a graphical polkit agent (sudo -n never asks anyway). When tray-proxy runs
 as root, the helper gets the environment without SUDO_UID/PKEXEC_UID: the helper serves the
 uid those name (the user behind sudo/pkexec), but a root app listens as root.
 
