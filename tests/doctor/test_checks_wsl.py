@@ -197,3 +197,34 @@ def test_docker_engine_in_the_distro(tmp_path: Path) -> None:
     docker = wsl_results(fake.env())["wsl-docker"]
     assert docker.status is CheckStatus.OK
     assert "containers are redirected too" in docker.summary
+
+
+WSL_VERSION_OUTPUT = (
+    "WSL version: 2.3.26.0\r\nKernel version: 5.15.167.4-1\r\nWSLg version: 1.0.65\r\n"
+    "MSRDC version: 1.2.5620\r\nDirect3D version: 1.611.1-81528511\r\n"
+    "DXCore version: 10.0.26100.1-240331-1435.ge-release\r\nWindows version: 10.0.22631.4460\r\n"
+)
+
+
+def test_wsl_app_version(tmp_path: Path) -> None:
+    """`wsl.exe --version` writes UTF-16 unless WSL_UTF8=1, as the real one does."""
+    fake = FakeWsl(tmp_path)
+    (tmp_path / "wsl-version.txt").write_text(WSL_VERSION_OUTPUT)
+    fake.script(
+        "wsl.exe",
+        f'[ "$1" = "--version" ] || exit 1\n'
+        f'if [ "$WSL_UTF8" = 1 ]; then exec /bin/cat {tmp_path}/wsl-version.txt; fi\n'
+        f"exec /usr/bin/iconv -f utf-8 -t utf-16le {tmp_path}/wsl-version.txt\n",
+    )
+    version = wsl_results(fake.env())["wsl-version"]
+    assert version.status is CheckStatus.OK, version
+    assert version.summary.endswith("distro Ubuntu, WSL app 2.3.26.0")
+
+
+def test_inbox_wsl_without_version_is_a_warning(tmp_path: Path) -> None:
+    fake = FakeWsl(tmp_path)
+    fake.script("wsl.exe", "echo 'Invalid command line option: --version' \nexit 1\n")
+    version = wsl_results(fake.env())["wsl-version"]
+    assert version.status is CheckStatus.WARN
+    assert "older than 2.0" in version.summary
+    assert version.fix == "update WSL: `wsl --update` in Windows, then `wsl --shutdown`"

@@ -151,9 +151,41 @@ async def check_wsl_version(env: DoctorEnv) -> CheckResult:
             f"WSL 1 (kernel {info.kernel}): it has no netfilter, so the redirect cannot work",
             fix=f"convert the distro to WSL 2: `wsl --set-version {distro} 2` in Windows",
         )
-    return CheckResult(
-        "wsl-version", CheckStatus.OK, f"WSL 2, kernel {info.kernel}, distro {distro}"
+    summary = f"WSL 2, kernel {info.kernel}, distro {distro}"
+    app = await in_thread(lambda: _wsl_app_version(env), env.command_timeout + 5)
+    if app is None:
+        return CheckResult("wsl-version", CheckStatus.OK, summary)
+    version, numbers = app
+    if numbers is None or numbers < (2, 0):
+        return CheckResult(
+            "wsl-version",
+            CheckStatus.WARN,
+            f"{summary}; the WSL app is older than 2.0 ({version}): .wslconfig's "
+            "networkingMode, autoProxy and dnsTunneling need WSL 2.0 or later",
+            fix="update WSL: `wsl --update` in Windows, then `wsl --shutdown`",
+        )
+    return CheckResult("wsl-version", CheckStatus.OK, f"{summary}, WSL app {version}")
+
+
+def _wsl_app_version(env: DoctorEnv) -> tuple[str, tuple[int, ...] | None] | None:
+    """The WSL app's version from `wsl.exe --version` (None: wsl.exe not reachable). The
+    inbox WSL of older Windows builds does not know --version: ("unknown", None)."""
+    wsl = env.which("wsl.exe")
+    if wsl is None:
+        return None
+    # WSL_UTF8=1: wsl.exe writes UTF-16 to a pipe otherwise.
+    done = run_command(
+        [wsl, "--version"], env.command_timeout, env={**env.environ, "WSL_UTF8": "1"}
     )
+    if done.returncode is None:
+        return None
+    text = done.stdout.replace("\x00", "")
+    # "WSL version: 2.3.26.0" (localised: "WSL-Version: ...", "Version de WSL : ...")
+    found = re.search(r"^[^\n:]*WSL[^\n:]*:\s*(\d+(?:\.\d+)+)", text, re.MULTILINE)
+    if not done.ok or found is None:
+        return "unknown: `wsl --version` is not supported", None
+    version = found.group(1)
+    return version, tuple(int(part) for part in version.split("."))
 
 
 async def _wsl2_config(env: DoctorEnv, check: str) -> WslConfig | CheckResult:
