@@ -30,6 +30,7 @@ from tray_proxy.errors import UserError
 from tray_proxy.firewall.ruleset import (
     DEFAULT_CONTAINER_INTERFACES,
     DEFAULT_EXCLUDED_NETWORKS,
+    MAX_SOURCE_PORTS,
     IPNetwork,
     RuleSpec,
     SpecError,
@@ -115,10 +116,9 @@ _TIMEOUTS: dict[str, tuple[float, bool, float]] = {
     "reverify_after": (60.0, True, 86400.0),
 }
 _MAX_SPARES = 16
-# The relay's source-port range is reserved for it (ip_local_reserved_ports) while the redirect
-# is on; a wide range takes ports from every other program (issue 16, item 3). The root helper
-# refuses more than this many too (tray_proxy.firewall.ruleset).
-MAX_SOURCE_PORTS = 4096
+# relay.source_ports holds at most MAX_SOURCE_PORTS, the root helper's own limit: the range is
+# reserved for the relay (ip_local_reserved_ports) while the redirect is on, and a wide one
+# takes ports from every other program (issue 16, item 3).
 # Nothing in the settings nests deeper than upstream[i].key (3 levels); a file nesting arrays or
 # inline tables far deeper is a mistake or an attack on the parser's recursion (issue 16, item 9).
 _MAX_DEPTH = 16
