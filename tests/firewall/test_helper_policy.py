@@ -339,3 +339,57 @@ def test_only_the_owner_and_system_accounts_are_captured(
     wire = {**WIRE, "redirect_ports": [80], "capture_containers": False, "capture": capture}
     assert helper.request("apply", **wire)["ok"] is True
     assert {uid: _connect_as(netns, uid) for uid in expected} == expected
+
+
+# -- the pure parts, in process
+
+
+@pytest.mark.parametrize(
+    ("environ", "uid"),
+    [
+        ({}, 0),
+        ({"PKEXEC_UID": "1000"}, 1000),
+        ({"SUDO_UID": "1001"}, 1001),
+        ({"SUDO_UID": "1001", "PKEXEC_UID": "1000"}, 1001),
+    ],
+)
+def test_caller_uid_comes_from_the_launcher(environ: dict[str, str], uid: int) -> None:
+    assert helper_module.caller_uid(environ, real_uid=0) == uid
+
+
+@pytest.mark.parametrize("text", ["", "-1", "1e3", " 1000", "1000\n", "\u0663", "4294967295"])
+def test_a_launcher_uid_must_be_a_plain_number(text: str) -> None:
+    with pytest.raises(helper_module.HelperError, match="PKEXEC_UID is not a uid"):
+        helper_module.caller_uid({"PKEXEC_UID": text}, real_uid=0)
+
+
+def test_listening_uids_reads_listen_sockets_of_both_families(tmp_path: Path) -> None:
+    header = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid\n"
+    (tmp_path / "tcp").write_text(
+        header + "   0: 0100007F:0C39 00000000:0000 0A 00000000:00000000 00:00000000 00000000"
+        "  1000        0 11 1 0000000000000000 100 0 0 10 0\n"
+        + "   1: 0100007F:0C39 0100007F:D431 01 00000000:00000000 00:00000000 00000000"
+        "  2000        0 12 1 0000000000000000 20 4 30 10 -1\n"
+        + "   2: 0100007F:0C3A 00000000:0000 0A 00000000:00000000 00:00000000 00000000"
+        "  4000        0 13 1 0000000000000000 100 0 0 10 0\n" + "   3: garbage\n"
+    )
+    (tmp_path / "tcp6").write_text(
+        header + "   0: 00000000000000000000000001000000:0C39 00000000000000000000000000000000:0000"
+        " 0A 00000000:00000000 00:00000000 00000000  3000        0 14 1 0 100 0 0 10 0\n"
+    )
+    assert helper_module.listening_uids(str(tmp_path), 3129) == {1000, 3000}
+    assert helper_module.listening_uids(str(tmp_path), 3130) == {4000}
+    (tmp_path / "tcp6").unlink()  # IPv6 disabled
+    assert helper_module.listening_uids(str(tmp_path), 3129) == {1000}
+
+
+def test_policy_check_names_the_first_field_beyond_it() -> None:
+    policy = helper_module.Policy(redirect_ports=frozenset({443}), max_source_ports=10)
+    with pytest.raises(helper_module.SpecError, match="^redirect_ports: port 80 is not allowed"):
+        policy.check(RuleSpec(relay_port=3129))
+    spec = RuleSpec(relay_port=3129, redirect_ports=(443,), relay_source_ports=(61000, 61010))
+    with pytest.raises(helper_module.SpecError, match="^relay_source_ports: 61000-61010 is 11"):
+        policy.check(spec)
+    policy.check(
+        RuleSpec(relay_port=3129, redirect_ports=(443,), relay_source_ports=(61000, 61009))
+    )
