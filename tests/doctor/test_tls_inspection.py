@@ -182,3 +182,11 @@ def test_inspecting_ca_trusted_locally_is_a_warning(
     (result,) = asyncio.run(run_checks(env, only=("tls-inspection",))).results
     assert result.status is CheckStatus.OK, result
     assert f"issued by {CA_NAME}" in result.summary
+
+
+def test_plain_http_target_has_no_certificate(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "config.toml", [{"name": "corp", "url": "http://127.0.0.1:9"}])
+    env = DoctorEnv(config, environ={}, probe_target=(HOST, 80))
+    (result,) = asyncio.run(run_checks(env, only=("tls-inspection",))).results
+    assert result.status is CheckStatus.SKIP
+    assert result.summary == f"the probe target {HOST}:80 is plain HTTP: no certificate to look at"

@@ -309,8 +309,15 @@ _TRUST_STEPS = (
 
 
 async def _check_tls(env: DoctorEnv, upstream: UpstreamProxy) -> CheckResult:
-    host = env.target()[0]
+    host, port = env.target()
     target = _target(env)
+    if port == 80:
+        return CheckResult(
+            "tls-inspection",
+            CheckStatus.SKIP,
+            f"the probe target {target} is plain HTTP: no certificate to look at",
+            subject=upstream.name,
+        )
     creds, _source = await _credentials(env, upstream)
     try:
         seen = await _tls_through(env, upstream, creds, verify=True)

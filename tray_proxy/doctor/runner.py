@@ -25,8 +25,12 @@ CheckFunc = Callable[[DoctorEnv], Awaitable[CheckResult | Sequence[CheckResult]]
 
 @dataclass(frozen=True)
 class Check:
+    """`probes`: the check opens tunnels through the proxies (up to two per upstream, each
+    bounded by the probe timeout), so its time limit grows with that timeout."""
+
     id: str
     run: CheckFunc
+    probes: bool = False
 
 
 CHECKS: tuple[Check, ...] = (
@@ -37,8 +41,8 @@ CHECKS: tuple[Check, ...] = (
     Check("privilege", checks_system.check_privilege),
     Check("dbus", checks_session.check_dbus),
     Check("keyring", checks_session.check_keyring),
-    Check("upstream", checks_network.check_upstreams),
-    Check("tls-inspection", checks_network.check_tls),
+    Check("upstream", checks_network.check_upstreams, probes=True),
+    Check("tls-inspection", checks_network.check_tls, probes=True),
     Check("redirect", checks_network.check_redirect),
     Check("relay", checks_network.check_relay),
     Check("ipv6", checks_network.check_ipv6),
@@ -55,14 +59,15 @@ _BUG = "this is a bug in tray-proxy doctor: report it with the output of `tray-p
 
 
 async def _run_one(check: Check, env: DoctorEnv) -> tuple[CheckResult, ...]:
+    limit = env.check_timeout + (4 * env.timeout() if check.probes else 0.0)
     try:
-        found = await asyncio.wait_for(check.run(env), env.check_timeout)
+        found = await asyncio.wait_for(check.run(env), limit)
     except asyncio.TimeoutError:
         return (
             CheckResult(
                 check.id,
                 CheckStatus.FAIL,
-                f"the check did not finish within {env.check_timeout:g} s",
+                f"the check did not finish within {limit:g} s",
                 fix="run it again; if it keeps hanging, " + _BUG,
             ),
         )
