@@ -14,9 +14,9 @@
 # - the root helper at /usr/libexec/tray-proxy/tray-proxy-helper (root-owned, 0755), its polkit
 #   action and rule, its policy file /etc/tray-proxy/helper-policy.json, the group tray-proxy
 #   (with you in it) and the sudoers drop-in (0440, checked with visudo first)
-# Then, unless --no-start: with no settings yet, the keyring is made ready (`tray-proxy unlock
-# --if-needed`) and `tray-proxy setup` asks for the proxy; then the tray app starts (or the
-# headless relay, `tray-proxy run`, where there is no display).
+# Then, unless --no-start: with no settings yet, the keyring is made ready (`tray-proxy unlock`,
+# which asks nothing when it is) and `tray-proxy setup` asks for the proxy; then the tray app
+# starts (or the headless relay, `tray-proxy run`, where there is no display).
 #
 # Every step leaves a file alone when it already has the right content, owner and mode: a
 # second run changes nothing. installer/uninstall.sh removes exactly what this placed.
@@ -221,7 +221,7 @@ if [ ! -f "$CONFIG_FILE" ]; then
     fi
     if [ "$KEYRING_PROVIDER" = gnome-keyring ]; then
         # The password goes to the keyring: make sure one runs and is unlocked first.
-        "$TRAY_PROXY" unlock --if-needed
+        "$TRAY_PROXY" unlock
     fi
     say "no settings yet: setting up the proxy"
     "$TRAY_PROXY" setup

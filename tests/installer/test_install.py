@@ -354,20 +354,21 @@ def _diff(before: dict[str, object], after: dict[str, object]) -> list[str]:
 
 
 class UserRun:
-    """The user's `tray-proxy run -v` in the lab's client namespace; stderr collected."""
+    """A command of the user's (default `tray-proxy run -v`) in the lab's client namespace;
+    its output lines (stdout and stderr) collected."""
 
-    def __init__(self, box: Box, netns: str) -> None:
+    def __init__(self, box: Box, netns: str, argv: Sequence[str] = ("tray-proxy", "run", "-v")):
         self.proc = subprocess.Popen(
-            box.user_argv(["tray-proxy", "run", "-v"], netns=netns),
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            box.user_argv(list(argv), netns=netns),
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )  # fmt: skip
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
     def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in self.proc.stderr:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
             self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
 
     def wait_for(self, text: str, timeout: float = 60) -> None:
@@ -391,8 +392,8 @@ class UserRun:
                 self.proc.kill()
                 self.proc.wait(10)
         self._reader.join(5)
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
         return self.proc.returncode
 
 
@@ -424,7 +425,7 @@ def test_install_first_run_enable_uninstall(lab: Lab, wheels: Path, root_by: str
         assert first.returncode == 0, first.stdout + first.stderr
         assert "system packages: all present" in first.stdout, first.stdout
         helper = box.view(HELPER)
-        assert helper.read_bytes() == (REPO / "tray_proxy/firewall/helper.py").read_bytes()
+        assert helper.read_bytes() == (box.src / "tray_proxy/firewall/helper.py").read_bytes()
         assert _describe(helper, False)[1:4] == ("0o755", 0, 0)
         sudoers = box.view("/etc/sudoers.d/tray-proxy")
         assert _describe(sudoers, False)[1:4] == ("0o440", 0, 0)
@@ -432,7 +433,7 @@ def test_install_first_run_enable_uninstall(lab: Lab, wheels: Path, root_by: str
             "/usr/share/polkit-1/actions/org.trayproxy.redirect.policy",
             "/etc/polkit-1/rules.d/50-tray-proxy.rules",
             *(["/etc/tray-proxy/helper-policy.json"]
-              if (REPO / "installer/helper-policy.json").exists() else []),
+              if (box.src / "installer/helper-policy.json").exists() else []),
         ):  # fmt: skip
             assert _describe(box.view(path), False)[1:4] == ("0o644", 0, 0), path
         group = [
@@ -442,9 +443,15 @@ def test_install_first_run_enable_uninstall(lab: Lab, wheels: Path, root_by: str
         ]
         assert len(group) == 1 and group[0].split(":")[3].split(",") == [box.user], group
         unit = box.home / ".config/systemd/user/tray-proxy.service"
-        assert unit.read_bytes() == (REPO / "installer/systemd/tray-proxy.service").read_bytes()
+        assert unit.read_bytes() == (box.src / "installer/systemd/tray-proxy.service").read_bytes()
         version = box.as_user(["tray-proxy", "--version"])
         assert version.returncode == 0 and version.stdout.startswith("tray-proxy "), version
+
+        # Without --no-start and with no settings, the installer ends in the first-run step,
+        # not in "file not found" (no terminal here, so it says what to run).
+        unset = box.install("--wheels", str(wheels))
+        assert unset.returncode == 0, unset.stdout + unset.stderr
+        assert "tray-proxy setup" in unset.stdout and "not found" not in unset.stdout + unset.stderr
 
         installed = snapshot(box, mtimes=True)
         again = box.install("--no-start", "--wheels", str(wheels))
@@ -519,6 +526,19 @@ def test_install_first_run_enable_uninstall(lab: Lab, wheels: Path, root_by: str
         finally:
             code = run.stop()
         assert code == 0, "\n".join(run.lines)
+        assert not has_our_table(lab.client)
+
+        # With settings, the installer ends by starting tray-proxy (no display: the relay).
+        box.grant_sudo(True)
+        again_run = UserRun(
+            box, client, ["bash", f"{box.src}/installer/install.sh", "--wheels", str(wheels)]
+        )
+        try:
+            again_run.wait_for("starting the headless relay")
+            again_run.wait_for("redirect on")
+        finally:
+            code = again_run.stop()
+        assert code == 0, "\n".join(again_run.lines)
         assert not has_our_table(lab.client)
 
         # ---- uninstall: a leftover table goes too; settings and keyring stay without --purge
