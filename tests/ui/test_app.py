@@ -240,3 +240,36 @@ def test_app_services_reach_the_controller_and_the_history(tmp_path: Path) -> No
     finally:
         reader.close()
     assert entry.row.conn_id == 1
+
+
+@pytest.fixture
+def broken_app(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """The real app started on a settings file that cannot be read (issue 14 bug 5)."""
+    config = tmp_path / "config" / "tray-proxy" / "config.toml"
+    config.parent.mkdir(parents=True)
+    config.write_text('[relay]\nport = "abc"\n', encoding="utf-8")
+    app: tuple[subprocess.Popen[bytes], Path] = request.getfixturevalue("app_process")
+    return app
+
+
+def test_real_app_says_at_start_that_its_settings_file_is_broken(
+    broken_app: tuple[subprocess.Popen[bytes], Path],
+) -> None:
+    proc, sock = broken_app
+    status = send_command("status", sock)["status"]
+    assert status["state"] == "error"
+    assert "relay.port" in status["message"]
+    assert [e["text"] for e in status["last_errors"]] == [status["message"]]
+    shown = subprocess.run(
+        [sys.executable, "-m", "tray_proxy", "status"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "XDG_RUNTIME_DIR": str(sock.parent)},
+        timeout=30,
+    )
+    assert shown.returncode == 1  # the state is an error
+    assert "error: The settings file cannot be used" in shown.stdout
+    assert send_command("quit", sock) == {"ok": True}
+    assert proc.wait(START_DEADLINE) == 0, _output(proc)

@@ -211,8 +211,18 @@ class ProxyController:
         self._ticker: asyncio.Task[None] | None = None
         self._history_problem: str | None = None
         self._status_due: asyncio.TimerHandle | None = None
-        with contextlib.suppress(ConfigError):
+        try:
             self._config = config_store.load()
+        except ConfigError as exc:
+            # Said at once, not at the first switch-on (issue 14 bug 5): the tray icon and
+            # its tooltip, the window and `tray-proxy status` all show this state.
+            text = (
+                f"The settings file cannot be used: {exc}. Correct it (docs/config.md "
+                "explains each setting), then choose Switch on."
+            )
+            self._error(text)
+            self._state = State.ERROR
+            self._message = text
 
     # -- observing ------------------------------------------------------------------------
 

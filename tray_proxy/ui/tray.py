@@ -7,6 +7,7 @@ keyring, socket or subprocess.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Callable
 
 from PySide6.QtCore import QObject
@@ -31,6 +32,9 @@ _WARNINGS = frozenset(
 )
 
 
+TOOLTIP_ERROR_CHARS = 400
+
+
 def tooltip_text(status: Status) -> str:
     lines = [f"tray-proxy: {status.state.label}"]
     if status.upstream is not None:
@@ -41,8 +45,12 @@ def tooltip_text(status: Status) -> str:
         n = status.active_connections
         lines.append(f"{n} open connection{'s' if n != 1 else ''}")
     if status.last_error:
+        # Long enough for a settings file's path, its field and what is wrong (issue 14
+        # bug 5), wrapped: a tooltip does not wrap by itself.
         error = status.last_error
-        lines.append(f"Last error: {error if len(error) <= 120 else error[:117] + '...'}")
+        if len(error) > TOOLTIP_ERROR_CHARS:
+            error = error[: TOOLTIP_ERROR_CHARS - 3] + "..."
+        lines.append(textwrap.fill(f"Last error: {error}", 80, break_long_words=False))
     return "\n".join(lines)
 
 
