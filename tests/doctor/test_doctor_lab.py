@@ -179,3 +179,25 @@ def test_stale_table_without_an_instance(tmp_path: Path, stale: bool) -> None:
         assert redirect["status"] == "ok", redirect
         assert redirect["summary"] == "off: no tray-proxy running, no table left over"
         assert result.returncode == 0
+
+
+def test_redirect_on_with_the_real_helper(lab: Lab) -> None:
+    """`tray-proxy run` with its redirect on (the root helper's table in the client
+    namespace): the doctor, in that namespace, reports it on and the relay listening."""
+    from tests.firewall.e2e_support import RedirectedRun, has_our_table
+
+    with RedirectedRun(lab, UpstreamSpec.for_squid(lab.squid)) as run:
+        assert has_our_table(lab.client)
+        env = clean_env(
+            XDG_RUNTIME_DIR=str(run.workdir / "runtime"),
+            CREDENTIALS_DIRECTORY=str(run.workdir / "credentials"),
+        )
+        code, doc = doctor_in_client(
+            lab, run.workdir / "config.toml", env, "redirect", "relay", "upstream"
+        )
+    redirect = one(doc, "redirect")
+    assert redirect["status"] == "ok", redirect
+    assert redirect["summary"].startswith("on (`tray-proxy run`): Redirecting TCP 80, 443")
+    assert one(doc, "relay")["status"] == "ok"
+    assert one(doc, "upstream")["status"] == "ok"
+    assert code == 0
