@@ -235,6 +235,21 @@ async def _run_headless(args: argparse.Namespace) -> int:
     check, credentials, relay, then redirect on; on SIGINT/SIGTERM/SIGHUP, `tray-proxy quit`
     or a failure: redirect off for new connections, the relay drains, the helper ends and
     deletes its table), the same control socket, the same connection history."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    for signum in signals:
+        # From the start, so a Ctrl+C while the settings or the keyring are read is no
+        # traceback; SIGHUP too: a closed terminal window ends the run as SIGTERM does.
+        loop.add_signal_handler(signum, _stop_on_signal, stop, signum)
+    try:
+        return await _run_headless_until(args, stop)
+    finally:
+        for signum in signals:
+            loop.remove_signal_handler(signum)
+
+
+async def _run_headless_until(args: argparse.Namespace, stop: asyncio.Event) -> int:
     from tray_proxy.config import ConfigError, default_config_path, load_config
     from tray_proxy.control import ControlError, ControlServer, runtime_dir
     from tray_proxy.controller import ProxyController
@@ -246,7 +261,6 @@ async def _run_headless(args: argparse.Namespace) -> int:
     from tray_proxy.firewall.client import RedirectController, RedirectError
     from tray_proxy.redirect import check_redirect_settings
 
-    stop = asyncio.Event()
     controller: ProxyController | None = None
 
     async def handle(command: str) -> dict[str, Any]:
@@ -303,6 +317,9 @@ async def _run_headless(args: argparse.Namespace) -> int:
             # that is all web traffic: refuse before anything is switched on.
             _say(missing)
             return EXIT_USAGE
+        if stop.is_set():  # a signal while the keyring was read: nothing is on yet
+            _say("stopped")
+            return EXIT_OK
         controller = ProxyController(
             ConfigFile(path),
             # The relay on this (uvloop) loop: one thread, as fast as the relay alone.
@@ -330,11 +347,6 @@ async def _run_headless(args: argparse.Namespace) -> int:
                 # rejected, history not written): a headless user reads it here.
                 _say(f"{event.title}: {event.text}")
 
-        loop = asyncio.get_running_loop()
-        signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-        for signum in signals:
-            # SIGHUP too: a closed terminal window ends the run as SIGTERM does, drained.
-            loop.add_signal_handler(signum, _stop_on_signal, stop, signum)
         try:
             controller.subscribe(watch)
             if server is not None:
@@ -344,8 +356,6 @@ async def _run_headless(args: argparse.Namespace) -> int:
                 await stop.wait()
         finally:
             await controller.shutdown()
-            for signum in signals:
-                loop.remove_signal_handler(signum)
         for text in failure[:1]:
             _say(text)
         _say("stopped")

@@ -425,6 +425,47 @@ def test_run_drains_when_its_terminal_closes(lab: Lab, paced_squid: SquidProxy) 
         assert not problems, "\n".join(problems) + "\n" + describe()
 
 
+def test_ctrl_c_while_the_run_starts_is_no_traceback(tmp_path: Path) -> None:
+    # The settings file is a FIFO: the run blocks reading it, as it can on a slow keyring, and
+    # gets Ctrl+C there. It was a KeyboardInterrupt traceback; now the run ends, switching
+    # nothing on.
+    fifo = tmp_path / "config.toml"
+    os.mkfifo(fifo, 0o600)
+    for sub in ("run", "state"):
+        (tmp_path / sub).mkdir(mode=0o700)
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    env.update(XDG_RUNTIME_DIR=str(tmp_path / "run"), XDG_STATE_HOME=str(tmp_path / "state"))
+    argv = [sys.executable, "-m", "tray_proxy", "run", "--config", str(fifo), "--no-redirect"]
+    proc = subprocess.Popen(
+        argv, stderr=subprocess.PIPE, env=env, start_new_session=True, text=True
+    )
+    try:
+        writer = -1
+        deadline = time.monotonic() + 30
+        while writer < 0:  # opens once the run has opened the FIFO to read it
+            try:
+                writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                assert proc.poll() is None, proc.communicate()[1]
+                assert time.monotonic() < deadline, "the run never read its settings"
+                time.sleep(0.02)
+        try:
+            os.killpg(proc.pid, signal.SIGINT)
+            settings = '[[upstream]]\nname = "corp"\nurl = "http://127.0.0.1:9"\n'
+            os.write(writer, settings.encode())
+        finally:
+            os.close(writer)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert "SIGINT: stopping" in err and "stopped" in err, err
+    assert "relay listening" not in err, err
+
+
 # --------------------------------------------------------------------------- the tray app
 
 
