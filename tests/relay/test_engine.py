@@ -58,6 +58,7 @@ from tray_proxy.relay.events import (
     ConnectionRouted,
     EngineStarted,
     EngineStopped,
+    ListenerError,
     TunnelEstablished,
     UpstreamFailed,
 )
@@ -1300,5 +1301,69 @@ def test_traffic_counts_open_connections_and_totals_since_start(run):
             assert engine.close_connections([ids[1]]) == 1
             clients[1][1].close()
             assert engine.traffic() == ({}, sum(sizes) + 3, sum(sizes) + 3)
+
+    run(main)
+
+
+# -- extra listeners (container bridges, issue 16 item 4) ------------------------------------
+
+
+def test_extra_listeners_follow_the_addresses_given_and_a_bad_one_is_an_event(run):
+    async def main():
+        async with (
+            Origin(echo) as origin,
+            ConnectProxy() as proxy,
+            running_relay([http_upstream(proxy)], origin.address) as relay,
+        ):
+            engine = relay.engine
+            port = relay.address[1]
+            assert engine.set_extra_listen(["127.0.0.2"]) == (("127.0.0.2", port),)
+            assert ("127.0.0.2", port) in engine.addresses
+            assert await echo_once(("127.0.0.2", port), b"via the bridge") == b"via the bridge"
+            # An address this machine lacks, text that is no address: events, no exception;
+            # the relay keeps listening where it can.
+            got = engine.set_extra_listen(["127.0.0.2", "192.0.2.1", "not-an-address"])
+            assert got == (("127.0.0.2", port),)
+            errors = [e.detail for e in relay.of(ListenerError)]
+            assert len(errors) == 2, errors
+            assert any("192.0.2.1" in e and "Cannot assign" in e for e in errors), errors
+            assert any("'not-an-address'" in e for e in errors), errors
+            assert await echo_once(relay.address) == b"ping"
+            assert await echo_once(("127.0.0.2", port)) == b"ping"
+            # From another thread: handed to the loop.
+            await asyncio.to_thread(engine.set_extra_listen, ["127.0.0.3"])
+            await until(lambda: ("127.0.0.3", port) in engine.addresses, what="127.0.0.3")
+            assert ("127.0.0.2", port) not in engine.addresses
+            with pytest.raises(ConnectionRefusedError):
+                await asyncio.open_connection("127.0.0.2", port)
+            assert await echo_once(("127.0.0.3", port)) == b"ping"
+            assert engine.set_extra_listen([]) == ()
+            assert engine.addresses == (relay.address,)
+            with pytest.raises(ConnectionRefusedError):
+                await asyncio.open_connection("127.0.0.3", port)
+            engine.set_extra_listen(["127.0.0.2"])
+        # Stopped: every listener is closed, the extra ones too.
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.open_connection("127.0.0.2", port)
+
+    run(main)
+
+
+def test_extra_listeners_given_before_start_listen_once_it_has_its_port(run):
+    async def main():
+        async with Origin(echo) as origin, ConnectProxy() as proxy:
+            engine = RelayEngine(
+                relay_settings(),
+                [http_upstream(proxy)],
+                destination_of=lambda _sock: origin.address,
+            )
+            assert engine.set_extra_listen(["127.0.0.2"]) == ()
+            await engine.start()
+            try:
+                port = engine.addresses[0][1]
+                assert engine.addresses == (("127.0.0.1", port), ("127.0.0.2", port))
+                assert await echo_once(("127.0.0.2", port)) == b"ping"
+            finally:
+                await engine.stop(drain_timeout=0)
 
     run(main)

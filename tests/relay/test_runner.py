@@ -95,3 +95,29 @@ def test_close_connections_from_another_thread_through_run():
                 await asyncio.to_thread(thread.stop, 10)
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_the_controller_handle_passes_new_credentials_and_extra_listeners_to_the_engine():
+    """controller/engine_relay.EngineRelay, the RelayHandle over an EngineThread: the calls
+    the controller makes from its worker threads reach the engine on its loop."""
+    from tray_proxy.controller.engine_relay import EngineRelay
+    from tray_proxy.relay.credentials import Credentials, Secret
+    from tray_proxy.relay.settings import UpstreamKind, UpstreamProxy
+
+    upstream = UpstreamProxy("corp", UpstreamKind.HTTP, "127.0.0.1", 9, username="alice")
+    thread = EngineThread(_engine([upstream], ("127.0.0.1", 9), []))
+    thread.start()
+    handle = EngineRelay(thread)
+    try:
+        port = handle.addresses[0][1]
+        assert handle.set_extra_listen(["127.0.0.2"]) == (("127.0.0.2", port),)
+        assert ("127.0.0.2", port) in handle.addresses
+        creds = Credentials("alice", Secret("new"))
+        handle.update_credentials("corp", creds)
+        assert thread.run(thread.engine._credentials_of, upstream).result(5) == creds
+        handle.update_credentials("corp", None)
+        assert thread.run(thread.engine._credentials_of, upstream).result(5) is None
+        handle.retry_credentials("corp")
+        assert handle.set_extra_listen([]) == ()
+    finally:
+        handle.stop(10)

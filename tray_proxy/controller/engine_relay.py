@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from collections.abc import Coroutine, Iterable
+from collections.abc import Coroutine, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from tray_proxy.config import Config
 from tray_proxy.controller.services import RelayFactory, RelayHandle, Traffic
-from tray_proxy.relay.credentials import CredentialSource
+from tray_proxy.relay.credentials import Credentials, CredentialSource
 from tray_proxy.relay.events import Observer
 from tray_proxy.relay.records import Address
 
@@ -56,6 +56,19 @@ class EngineRelay:
     def retry_credentials(self, upstream: str) -> None:
         thread = self._thread
         thread.loop.call_soon_threadsafe(thread.engine.retry_credentials, upstream)
+
+    def update_credentials(self, upstream: str, credentials: Credentials | None) -> None:
+        thread = self._thread
+        thread.loop.call_soon_threadsafe(thread.engine.set_credentials, upstream, credentials)
+
+    def set_extra_listen(self, addresses: Sequence[str]) -> tuple[Address, ...]:
+        wanted = tuple(addresses)
+        engine = self._thread.engine
+
+        async def listen() -> tuple[Address, ...]:
+            return engine.set_extra_listen(wanted)
+
+        return self._thread.call(listen(), CALL_TIMEOUT)
 
     def close_connections(self, ids: Iterable[int]) -> int:
         wanted = tuple(ids)
@@ -116,6 +129,18 @@ class LoopRelay:
 
     def retry_credentials(self, upstream: str) -> None:
         self._loop.call_soon_threadsafe(self._engine.retry_credentials, upstream)
+
+    def update_credentials(self, upstream: str, credentials: Credentials | None) -> None:
+        self._loop.call_soon_threadsafe(self._engine.set_credentials, upstream, credentials)
+
+    def set_extra_listen(self, addresses: Sequence[str]) -> tuple[Address, ...]:
+        wanted = tuple(addresses)
+        engine = self._engine
+
+        async def listen() -> tuple[Address, ...]:
+            return engine.set_extra_listen(wanted)
+
+        return self._call(listen(), CALL_TIMEOUT)
 
     def close_connections(self, ids: Iterable[int]) -> int:
         wanted = tuple(ids)

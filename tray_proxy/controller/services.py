@@ -58,7 +58,22 @@ class RelayHandle(Protocol):
     def stop(self, timeout: float) -> None: ...
 
     def retry_credentials(self, upstream: str) -> None:
-        """Forget that `upstream` rejected the credentials (they were just changed)."""
+        """The user entered `upstream`'s password again, maybe the same one: the relay
+        tries the credentials its source has now at once (one verification), whatever the
+        proxy said of them before. Returns without waiting."""
+        ...
+
+    def update_credentials(self, upstream: str, credentials: Credentials | None) -> None:
+        """From now on the relay uses `credentials` for `upstream` (None: it has no
+        password), over what its CredentialSource has: the next connection uses them after
+        one verification (a wrong password costs one failed login). Returns without
+        waiting. For a password changed while the relay runs (issue 14 bug 1)."""
+        ...
+
+    def set_extra_listen(self, addresses: Sequence[str]) -> tuple[Address, ...]:
+        """Listen also on these addresses (container bridges'), on the relay's port; stop
+        listening on extra addresses no longer given. Returns the extra addresses listened
+        on; one that cannot be is an event (ListenerError), not an exception."""
         ...
 
     def close_connections(self, ids: Iterable[int]) -> int:

@@ -181,6 +181,9 @@ class RelayEngine:
         self._overrides: dict[str, Credentials | None] = {}
         # upstream name -> the timer of its next re-verification of rejected credentials
         self._reverify: dict[str, asyncio.TimerHandle] = {}
+        # Listeners on container bridges' addresses (set_extra_listen), by address.
+        self._extra: dict[str, socket.socket] = {}
+        self._extra_wanted: tuple[str, ...] = ()
 
     # -- public ---------------------------------------------------------------------------
 
@@ -415,6 +418,8 @@ class RelayEngine:
         self._addresses = tuple(self._bound.values())
         for sock in self._listeners:
             self._watch_listener(sock)
+        if self._extra_wanted:
+            self.set_extra_listen(self._extra_wanted)
         self._schedule_sweep()
         # Everything allocated so far (modules, settings, the loop) lives as long as the
         # process: keep it out of the garbage collector's passes, which otherwise walk it
@@ -494,6 +499,25 @@ class RelayEngine:
     # -- accepting ------------------------------------------------------------------------
 
     def _listen(self, host: str, port: int) -> socket.socket:
+        try:
+            return self._bind_listener(host, port)
+        except OSError as exc:
+            where = format_authority(host, port)
+            if exc.errno == errno.EADDRINUSE:
+                raise RelayStartError(
+                    f"cannot listen on {where}: the port is in use by another program; "
+                    "stop it or choose another relay.port in the config"
+                ) from None
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise RelayStartError(
+                    f"cannot listen on {where}: this machine has no such address "
+                    "(is IPv6 disabled? remove it from relay.listen)"
+                ) from None
+            raise RelayStartError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+
+    @staticmethod
+    def _bind_listener(host: str, port: int) -> socket.socket:
+        """A listening non-blocking socket on host:port; raises OSError."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -514,28 +538,83 @@ class RelayEngine:
             sock.bind((host, port))
             sock.listen(4096)
             sock.setblocking(False)
-        except OSError as exc:
+        except BaseException:
             sock.close()
-            where = format_authority(host, port)
-            if exc.errno == errno.EADDRINUSE:
-                raise RelayStartError(
-                    f"cannot listen on {where}: the port is in use by another program; "
-                    "stop it or choose another relay.port in the config"
-                ) from None
-            if exc.errno == errno.EADDRNOTAVAIL:
-                raise RelayStartError(
-                    f"cannot listen on {where}: this machine has no such address "
-                    "(is IPv6 disabled? remove it from relay.listen)"
-                ) from None
-            raise RelayStartError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+            raise
         return sock
 
     def _close_listeners(self) -> None:
-        for sock in self._listeners:
+        for sock in [*self._listeners, *self._extra.values()]:
             if self._loop is not None:
                 self._loop.remove_reader(sock.fileno())
             sock.close()
         self._listeners.clear()
+        self._extra.clear()
+
+    # -- extra listeners (container bridges) ---------------------------------------------
+
+    def set_extra_listen(self, addresses: Sequence[str]) -> tuple[Address, ...]:
+        """Listen also on each of `addresses` (a container bridge's own address, where the
+        redirect sends the containers' connections: issue 16 item 4), on the relay's port;
+        stop listening on extra addresses no longer given. Returns the extra addresses
+        listened on now.
+
+        An address that cannot be listened on is logged and published as a ListenerError:
+        the engine goes on serving. Call on the engine's loop; from another thread the call
+        is handed to the loop and returns at once (what it listens on then comes with
+        `addresses`)."""
+        wanted = tuple(addresses)
+        loop = self._loop
+        if loop is None:
+            self._extra_wanted = wanted  # start() listens on them
+            return ()
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not loop:
+            loop.call_soon_threadsafe(self.set_extra_listen, wanted)
+            return ()
+        if self._stopping:
+            return ()
+        port = self._addresses[0][1] if self._addresses else self.settings.port
+        hosts: list[str] = []
+        for text in wanted:
+            try:
+                host = str(ipaddress.ip_address(text))
+            except ValueError:
+                self._listener_error(f"cannot listen on {text!r} for containers: not an address")
+                continue
+            if host not in hosts:
+                hosts.append(host)
+        for host in [h for h in self._extra if h not in hosts]:
+            sock = self._extra.pop(host)
+            loop.remove_reader(sock.fileno())
+            self._bound.pop(sock, None)
+            sock.close()
+            log.info("relay no longer listening on %s", format_authority(host, port))
+        base = {a[0] for a in (self._bound[s] for s in self._listeners)}
+        for host in hosts:
+            if host in self._extra or host in base:
+                continue
+            try:
+                sock = self._bind_listener(host, port)
+            except OSError as exc:
+                self._listener_error(
+                    f"cannot listen on {format_authority(host, port)} for containers: "
+                    f"{exc.strerror or exc}; containers behind it go without the relay"
+                )
+                continue
+            self._extra[host] = sock
+            self._bound[sock] = (host, port)
+            self._watch_listener(sock)
+            log.info("relay also listening on %s", format_authority(host, port))
+        self._addresses = tuple(self._bound.values())
+        return tuple(self._bound[s] for s in self._extra.values())
+
+    def _listener_error(self, detail: str) -> None:
+        log.warning("%s", detail)
+        self.bus.publish(ListenerError(detail))
 
     def _on_acceptable(
         self,
