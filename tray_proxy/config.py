@@ -36,6 +36,12 @@ from tray_proxy.firewall.ruleset import (
     SpecError,
 )
 from tray_proxy.relay.settings import AuthScheme, RelaySettings, UpstreamKind, UpstreamProxy
+from tray_proxy.routing.settings import (
+    RoutingConfigError,
+    RoutingSettings,
+    dump_routing,
+    parse_routing,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -90,15 +96,15 @@ _RELAY_KEYS = (
     "spare_max_age",
     "reverify_after",
 )
-_UPSTREAM_KEYS = ("name", "url", "username", "auth")
+_UPSTREAM_KEYS = ("name", "url", "username", "auth", "priority")
 _REDIRECT_KEYS = ("exclude", "capture", "capture_containers", "container_interfaces", "reject_quic")
 # Whose traffic this host's redirect captures (issue 16 item 1); the root helper's policy may
 # narrow it and refuses "all" unless the administrator allows it.
 CAPTURE_CHOICES: tuple[str, ...] = ("owner+system", "owner", "all")
 _LOG_KEYS = ("enabled", "path", "max_age_days", "max_size_mb")
 _PROBE_KEYS = ("target", "timeout")
-_ROUTING_KEYS = ("pac_url",)
-_TOP_KEYS = ("relay", "redirect", "log", "probe", "routing", "upstream")
+_ROUTING_KEYS = ("default", "pac_url", "when_unreachable", "policy")
+_TOP_KEYS = ("relay", "redirect", "log", "probe", "routing", "rule", "upstream")
 # The root helper refuses more than this many excluded networks.
 _MAX_EXCLUDE = 256
 _MAX_INTERFACES = 32
@@ -193,14 +199,6 @@ class ProbeSettings:
     def target_text(self) -> str:
         host, port = self.target
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-@dataclass(frozen=True)
-class RoutingSettings:
-    """What the host-name routing will use. `pac_url` is the proxy auto-config script found
-    at setup (Windows' AutoConfigURL); it is kept here and not used yet (issue 14)."""
-
-    pac_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -387,7 +385,9 @@ class _Parser:
             raise self.fail("log", f"must be a table written [log], got {_show(log_doc)}")
         log = self.log(log_doc)
         probe = self.probe(self.table(doc, "probe"))
-        routing = self.routing(self.table(doc, "routing"))
+        routing = self.routing(
+            self.table(doc, "routing"), doc.get("rule"), upstream_docs, [u.name for u in upstreams]
+        )
         return Config(
             relay=relay,
             upstreams=upstreams,
@@ -439,21 +439,19 @@ class _Parser:
             raise self.fail(field, f"the port must be a number 1-65535, got {_show(value)}")
         return host, int(port_text)
 
-    def routing(self, doc: Mapping[str, object]) -> RoutingSettings:
+    def routing(
+        self,
+        doc: Mapping[str, object],
+        rules: object,
+        upstream_docs: list[dict[str, object]],
+        names: list[str],
+    ) -> RoutingSettings:
+        # [routing], [[rule]] and [[upstream]] priority: tray_proxy/routing/settings.py.
         self.no_unknown_keys(doc, _ROUTING_KEYS, "routing")
-        value = doc.get("pac_url")
-        if value is None:
-            return RoutingSettings()
-        field = "routing.pac_url"
-        # Never quote it back: a URL may hold a login.
-        if not isinstance(value, str) or not value.isprintable() or " " in value:
-            raise self.fail(field, 'must be a URL like "http://wpad.corp.example/wpad.dat"')
-        scheme, sep, rest = value.partition("://")
-        if not sep or scheme.lower() not in ("http", "https") or not rest:
-            raise self.fail(field, "must start with http:// or https://")
-        if "@" in rest.split("/", 1)[0]:
-            raise self.fail(field, "must not contain a user name or password (user:pass@)")
-        return RoutingSettings(pac_url=value)
+        try:
+            return parse_routing(doc, rules, upstream_docs, names)
+        except RoutingConfigError as exc:
+            raise self.fail(exc.field, exc.problem) from None
 
     def no_unknown_keys(self, table: Mapping[str, object], known: tuple[str, ...], at: str) -> None:
         for key in table:
@@ -1019,13 +1017,15 @@ def dump_config(config: Config) -> str:
             _PROBE_KEYS,
         ),
     ]
-    if config.routing.pac_url is not None:
-        routing_doc = {"pac_url": config.routing.pac_url}
-        lines += ["", "[routing]", *_toml_lines(routing_doc, _ROUTING_KEYS)]
+    routing_lines = dump_routing(config.routing)
+    if routing_lines:
+        lines += ["", *routing_lines]
+    priorities = dict(config.routing.priorities)
     for u in config.upstreams:
         entry: dict[str, object] = {"name": u.name, "url": u.url, "username": u.username}
         if u.auth is not AuthScheme.AUTO:
             entry["auth"] = u.auth.value
+        entry["priority"] = priorities.get(u.name)
         lines += ["", "[[upstream]]", *_toml_lines(entry, _UPSTREAM_KEYS)]
     return "\n".join(lines) + "\n"
 
