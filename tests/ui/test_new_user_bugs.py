@@ -6,7 +6,9 @@ switched on here)."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import re
 from pathlib import Path
 
 from pytestqt.qtbot import QtBot
@@ -78,3 +80,143 @@ def test_switching_on_after_the_file_was_fixed_works(tmp_path: Path) -> None:
         return status.state
 
     assert asyncio.run(scenario()) is State.ON
+
+
+# --------------------------------------------------------------------------- bug 6
+
+SOURCES = Path(__file__).resolve().parents[2] / "tray_proxy"
+# "Open Credentials", "choose Switch on", "its menu's Quit", "in Settings", "use Test now":
+# a verb the user acts on, then a capitalised name.
+_REFERENCE = re.compile(
+    r"\b(?:[Oo]pen|[Cc]hoose|[Cc]lick|[Pp]ress|[Uu]se|menu's|[Ii]n|on the) "
+    r"([A-Z][\w…]*(?: (?:on|off|connection|diagnostics|at login|window|now|selected|rows|"
+    r"details|all filtered))?)"
+)
+_COMMAND = re.compile(r"`tray-proxy ([a-z][a-z-]*)(?: ([a-z][a-z-]*))?")
+# Capitalised words after those verbs that are not controls of ours: other programs, their
+# settings, protocols, places.
+NOT_CONTROLS = frozenset(
+    {
+        "CONNECT", "Windows", "WSL", "Docker", "KeePassXC", "Secret", "GNOME", "D-Bus",
+        "JSON", "HTTP", "HTTPS", "SOCKS5", "TLS", "PAC", "NAT", "CA", "TOML", "SQLite",
+        "Kerberos", "NTLM", "Digest", "Negotiate", "IPv6", "IPv4", "Qt", "GUI", "CLI", "UI",
+        "KDC", "API", "RFC", "UTF", "X", "X11", "C", "I", "D", "SQL", "TCP", "DNS", "WHERE",
+        "TIME_WAIT", "SYN", "CPU", "GIL", "XDG", "Task", "Linux", "Debian", "Ubuntu",
+        "Squid", "Dante", "PySide6", "Python", "Settings > Resources",
+    }
+)  # fmt: skip
+
+
+def _messages() -> list[tuple[str, int, str]]:
+    """Every string literal in tray_proxy that is not a docstring (f-strings joined, with
+    "{}" for what is filled in): what the user may read."""
+    found: list[tuple[str, int, str]] = []
+    for path in sorted(SOURCES.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        skip: set[int] = set()
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                first = body[0] if body else None
+                if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                    skip.add(id(first.value))
+            if isinstance(node, ast.JoinedStr):
+                skip.update(id(v) for v in node.values)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.JoinedStr):
+                text = "".join(
+                    v.value if isinstance(v, ast.Constant) else "{}" for v in node.values
+                )
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                if id(node) in skip:
+                    continue
+                text = node.value
+            else:
+                continue
+            found.append((str(path.relative_to(SOURCES.parent)), node.lineno, text))
+    return found
+
+
+def _control_names(qtbot: QtBot, tmp_path: Path) -> set[str]:
+    """What the user can find: the tray menu's entries in every state, the window's tabs,
+    buttons and group titles, the credentials dialog's buttons and choices."""
+    from PySide6.QtWidgets import QGroupBox, QMenu, QPushButton
+
+    from tests.ui.conftest import FakeServices, make_status
+    from tray_proxy.ui.credentials_dialog import KINDS, NEW_PROXY, SCHEMES, CredentialsDialog
+    from tray_proxy.ui.menu import MenuBuilder
+
+    names: set[str] = set()
+
+    def add(text: str) -> None:
+        text = text.replace("&", "").removesuffix("…").strip()
+        names.add(re.sub(r" \(\d+\)$", "", text))  # "Active (3)"
+
+    services = FakeServices()
+    for state in State:
+        services.current = make_status(state)
+        menu = QMenu()
+        MenuBuilder(
+            services, show_window=lambda: None, open_credentials=lambda: None,
+            report_error=lambda _t, _x: None,
+        ).rebuild(menu)  # fmt: skip
+        stack = [menu]
+        while stack:
+            current = stack.pop()
+            for action in current.actions():
+                add(action.text())
+                if action.menu() is not None:
+                    stack.append(action.menu())
+        menu.deleteLater()
+    window = MainWindow(services, UiBridge(interval_ms=10), tray_available=True)
+    qtbot.addWidget(window)
+    add("Menu")
+    for i in range(window.tabs.count()):
+        add(window.tabs.tabText(i))
+    for button in window.findChildren(QPushButton):
+        add(button.text())
+    for box in window.findChildren(QGroupBox):
+        add(box.title())
+    add(CredentialsDialog.__name__.removesuffix("Dialog"))  # its window: "Credentials…"
+    for _value, text in (*KINDS, *SCHEMES):
+        add(text)
+    add(NEW_PROXY)
+    for text in ("&Test", "&Save", "Cancel"):  # the dialog's buttons
+        add(text)
+    return names
+
+
+def _cli_commands() -> dict[str, set[str]]:
+    import argparse
+
+    from tray_proxy.cli import build_parser
+
+    def choices(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                return dict(action.choices)
+        return {}
+
+    return {name: set(choices(sub)) for name, sub in choices(build_parser()).items()}
+
+
+def test_messages_name_only_controls_and_commands_that_exist(qtbot: QtBot, tmp_path: Path) -> None:
+    """Issue 14 bug 6: "Check the proxy name in Settings" named a window that does not
+    exist. Every control or command a message tells the user to use must be there."""
+    controls = _control_names(qtbot, tmp_path)
+    commands = _cli_commands()
+    wrong: list[str] = []
+    for where, line, text in _messages():
+        for match in _REFERENCE.finditer(text):
+            name = match.group(1).removesuffix("…")
+            if name in NOT_CONTROLS or name.split()[0] in NOT_CONTROLS:
+                continue
+            if not any(c == name or c.startswith(name + " ") for c in controls):
+                wrong.append(f"{where}:{line}: {name!r} in {text!r}")
+        for match in _COMMAND.finditer(text):
+            command, action = match.group(1), match.group(2)
+            if command not in commands:
+                wrong.append(f"{where}:{line}: `tray-proxy {command}` in {text!r}")
+            elif commands[command] and action and action not in commands[command]:
+                wrong.append(f"{where}:{line}: `tray-proxy {command} {action}` in {text!r}")
+    assert not wrong, "messages name controls or commands that do not exist:\n" + "\n".join(wrong)
