@@ -9,13 +9,13 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import pytest
 
-from tests.controller.fakes import FakeRelay, Log
 from tray_proxy.config import Config, ConfigError, parse_config
 from tray_proxy.controller.lifecycle import Lifecycle
+from tray_proxy.controller.services import Traffic
 from tray_proxy.firewall.client import (
     HelperExitedError,
     RedirectError,
@@ -30,7 +30,9 @@ from tray_proxy.redirect import (
     build_rule_spec,
     upstream_endpoints,
 )
+from tray_proxy.relay.credentials import Credentials
 from tray_proxy.relay.events import Event, Observer
+from tray_proxy.relay.records import Address
 
 TWO = (
     '[[upstream]]\nname = "a"\nurl = "http://proxy-a.example:8080"\n'
@@ -283,10 +285,11 @@ class Listener:
         self.told: list[tuple[str, ...]] = []
         self.fail = False
 
-    async def __call__(self, addresses: tuple[str, ...]) -> None:
-        if self.fail:
-            raise OSError("cannot assign requested address")
+    async def __call__(self, addresses: tuple[str, ...]) -> tuple[str, ...]:
+        if self.fail:  # as the relay: a bind failure is an event, the address is not listened on
+            return ()
         self.told.append(addresses)
+        return addresses
 
 
 async def _wait_for(condition: object, what: str) -> None:
@@ -371,24 +374,40 @@ def test_no_bridge_polling_without_container_capture() -> None:
     assert listener.told == []  # no bridges captured: nothing to tell
 
 
-class ListeningRelay(FakeRelay):
-    """The controller's relay fake, with the extra listeners the bridges need."""
+class ListeningRelay:
+    """A RelayHandle that records the extra addresses it is told to listen on."""
 
-    def __init__(self, log: Log, observer: Observer, port: int) -> None:
-        super().__init__(log, observer, port)
+    def __init__(self) -> None:
+        self.addresses: tuple[Address, ...] = (("127.0.0.1", 12080),)
         self.extra: list[tuple[str, ...]] = []
         self.threads: list[int] = []
 
-    def set_extra_listen(self, addresses: Iterable[str]) -> None:
+    def set_extra_listen(self, addresses: Sequence[str]) -> tuple[Address, ...]:
         self.threads.append(threading.get_ident())
         self.extra.append(tuple(addresses))
+        return tuple((a, 12080) for a in addresses)
+
+    def stop(self, timeout: float) -> None:
+        pass
+
+    def retry_credentials(self, upstream: str) -> None:
+        pass
+
+    def update_credentials(self, upstream: str, credentials: Credentials | None) -> None:
+        pass
+
+    def close_connections(self, ids: Iterable[int]) -> int:
+        return 0
+
+    def traffic(self) -> Traffic:
+        return ({}, 0, 0)
 
 
 def test_the_lifecycle_makes_the_relay_listen_on_the_captured_bridges() -> None:
     relays: list[ListeningRelay] = []
 
     def start(config: Config, observer: Observer) -> ListeningRelay:
-        relays.append(ListeningRelay(Log(), observer, 12080))
+        relays.append(ListeningRelay())
         return relays[-1]
 
     helper = FakeController()

@@ -56,8 +56,9 @@ MAX_HELPER_RESTARTS: Final = 3
 Endpoint = tuple[str, int]
 Resolved = tuple[tuple[IPAddress, int], ...]
 Resolver = Callable[[Iterable[Endpoint]], Awaitable[Resolved]]
-# Told the addresses the relay must listen on besides loopback (the captured bridges').
-BridgeListener = Callable[[tuple[str, ...]], Awaitable[None]]
+# Told the addresses the relay must listen on besides loopback (the captured bridges');
+# answers those it listens on now.
+BridgeListener = Callable[[tuple[str, ...]], Awaitable[tuple[str, ...]]]
 
 
 class HelperControl(Protocol):
@@ -250,11 +251,19 @@ class ManagedRedirect:
                 ", ".join(f"{b.name} ({b.address}, {b.network})" for b in status.bridges) or "none",
             )
             try:
-                await self._on_bridges(addresses)
+                listening = await self._on_bridges(addresses)
             except Exception:
-                # The redirect stays on: only these bridges' containers lose the relay, and
-                # the next check tries again.
                 log.exception("the relay could not listen on %s", ", ".join(addresses))
+                listening = ()
+            missing = sorted(set(addresses) - set(listening))
+            if missing:
+                # The redirect stays on: only these bridges' containers lose the relay (a
+                # bridge that lost its address meanwhile), and the next check tries again.
+                log.warning(
+                    "the relay does not listen on %s yet; trying again in %.0f s",
+                    ", ".join(missing),
+                    self._bridge_interval,
+                )
                 return status
             self._told_addresses = addresses
         return status
