@@ -194,13 +194,15 @@ class Lifecycle:
         """Whose traffic the redirect captures, in the helper's words (None: not on)."""
         return self._managed.captured if self._managed is not None else None
 
-    async def _listen_on_bridges(self, addresses: tuple[str, ...]) -> None:
+    async def _listen_on_bridges(self, addresses: tuple[str, ...]) -> tuple[str, ...]:
         # The helper DNATs captured container bridges to their own gateway address: the
         # relay listens there on its port, besides loopback (issue 16 item 4).
         relay = self.relay
-        if relay is not None:
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(None, relay.set_extra_listen, addresses)
+        if relay is None:
+            return ()
+        loop = asyncio.get_running_loop()
+        listening = await loop.run_in_executor(None, relay.set_extra_listen, addresses)
+        return tuple(host for host, _port in listening)
 
     async def start_relay(self, config: Config, observer: Observer) -> RelayHandle:
         loop = asyncio.get_running_loop()
