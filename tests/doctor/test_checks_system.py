@@ -211,3 +211,27 @@ def test_privilege_sudo_without_the_dropin(tmp_path: Path) -> None:
     assert result.status is CheckStatus.FAIL
     assert "sudo fallback is not installed" in result.summary
     assert "installer/install.sh" in (result.fix or "")
+
+
+@pytest.mark.usefixtures("needs_root")
+def test_privilege_sudoers_dropin_owned_by_someone_else(tmp_path: Path) -> None:
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    sudo = shutil.which("sudo")
+    assert sudo is not None
+    (bindir / "sudo").symlink_to(sudo)
+    dropin = tmp_path / "tray-proxy"
+    dropin.write_text((REPO / "installer/sudoers/tray-proxy").read_text())
+    dropin.chmod(0o440)
+    os.chown(dropin, NOBODY.pw_uid, NOBODY.pw_gid)
+    env = env_for(
+        tmp_path,
+        euid=NOBODY.pw_uid,
+        uid=NOBODY.pw_uid,
+        environ={"PATH": str(bindir)},
+        sudoers_dropin=dropin,
+    )
+    result = run(checks_system.check_privilege, env)
+    assert result.status is CheckStatus.FAIL
+    assert f"{dropin} is owned by uid {NOBODY.pw_uid}, not root" in result.summary
+    assert result.fix == f"`sudo chown root:root {dropin} && sudo chmod 0440 {dropin}`"

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -201,3 +203,37 @@ def test_redirect_on_with_the_real_helper(lab: Lab) -> None:
     assert one(doc, "relay")["status"] == "ok"
     assert one(doc, "upstream")["status"] == "ok"
     assert code == 0
+
+
+def test_installed_helper_and_polkit_for_member_and_outsider(lab: Lab, tmp_path: Path) -> None:
+    """The installer's files and a real polkitd, in the private mount namespace the pkexec
+    end-to-end test builds (tests/firewall/test_e2e_pkexec.py: nothing on the host changes):
+    for a member of the group tray-proxy the helper and privilege checks pass; an outsider
+    is told that switching on will ask for an admin password, and how to join the group."""
+    from tests.firewall.test_e2e_pkexec import polkit_sandbox
+
+    tmp_path.chmod(0o755)
+    config = write_config(tmp_path / "config.toml", [])
+    config.chmod(0o644)
+    argv = [sys.executable, "-m", "tray_proxy", "doctor", "--json", "--config", str(config),
+            "--check", "helper", "--check", "privilege"]  # fmt: skip
+    found: dict[str, dict[str, Any]] = {}
+    with polkit_sandbox(lab) as sandbox:
+        for who, uid in (("member", sandbox.member), ("outsider", sandbox.outsider)):
+            done = subprocess.run(
+                sandbox.as_user(uid, lab.client.name, argv),
+                capture_output=True, text=True, timeout=60, check=False,
+            )  # fmt: skip
+            found[who] = parse_report(done)
+    helper = one(found["member"], "helper")
+    assert helper["status"] == "ok", helper
+    assert "/usr/libexec/tray-proxy/tray-proxy-helper" in helper["summary"]
+    privilege = one(found["member"], "privilege")
+    assert privilege["status"] == "ok", privilege
+    assert "without a password prompt" in privilege["summary"]
+    outsider = one(found["outsider"], "privilege")
+    assert outsider["status"] == "warn", outsider
+    assert f"tptest{sandbox.outsider} is not in the group tray-proxy" in outsider["summary"]
+    assert outsider["fix"] == (
+        f"`sudo usermod -aG tray-proxy tptest{sandbox.outsider}`, then log out and in again"
+    )

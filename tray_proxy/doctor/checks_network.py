@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import ipaddress
+import os
 import socket
 import ssl
 from collections.abc import Sequence
@@ -74,7 +75,7 @@ async def check_config(env: DoctorEnv) -> CheckResult:
             fix=f"correct that line in {path} ({_EDIT} lists every setting)",
         )
     if not config.upstreams:
-        where = "does not exist" if not path.exists() else "defines no [[upstream]]"
+        where = "does not exist" if not os.path.exists(path) else "defines no [[upstream]]"
         return CheckResult(
             "config",
             CheckStatus.FAIL,

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,6 +145,13 @@ async def session_bus_names(env: DoctorEnv) -> dict[str, bool] | str:
         return f"the session bus at {address} did not answer within {DBUS_TIMEOUT * 3:g} s"
 
 
+def _is_socket(path: Path) -> bool:
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:  # missing, or a directory we may not look into
+        return False
+
+
 async def check_dbus(env: DoctorEnv) -> CheckResult:
     names = await session_bus_names(env)
     if isinstance(names, str):
@@ -152,7 +161,7 @@ async def check_dbus(env: DoctorEnv) -> CheckResult:
         # (su, some WSL and ssh setups) did not export its address.
         runtime = env.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{env.uid}"
         bus = Path(runtime) / "bus"
-        if not env.environ.get("DBUS_SESSION_BUS_ADDRESS") and bus.is_socket():
+        if not env.environ.get("DBUS_SESSION_BUS_ADDRESS") and _is_socket(bus):
             fix = (
                 f"your session has a bus at {bus}: `export DBUS_SESSION_BUS_ADDRESS="
                 f"unix:path={bus}` in the shell that starts tray-proxy (add it to ~/.profile)"

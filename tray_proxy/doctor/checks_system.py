@@ -261,7 +261,7 @@ async def check_privilege(env: DoctorEnv) -> CheckResult:
         add_me = _INSTALL
     pkexec = env.which("pkexec")
     if pkexec is not None and polkit_running(str(env.proc)):
-        if in_group and env.polkit_rules.exists():
+        if in_group and os.path.exists(env.polkit_rules):
             return CheckResult(
                 "privilege",
                 CheckStatus.OK,
@@ -297,6 +297,16 @@ async def check_privilege(env: DoctorEnv) -> CheckResult:
             f"{no_polkit}, and the sudo fallback is not installed ({env.sudoers_dropin} is "
             "missing): switching on would fail",
             fix=_INSTALL,
+        )
+    unsafe = _unsafe_owner_or_mode(env.sudoers_dropin)
+    if unsafe is not None:
+        # sudo ignores (or refuses to run with) a drop-in that others could have changed.
+        return CheckResult(
+            "privilege",
+            CheckStatus.FAIL,
+            f"{no_polkit}, and sudo will not use its fallback: {unsafe}",
+            fix=f"`sudo chown root:root {env.sudoers_dropin} && sudo chmod 0440 "
+            f"{env.sudoers_dropin}`",
         )
     listed = await in_thread(
         lambda: run_command(

@@ -272,7 +272,7 @@ async def check_wsl_settings(env: DoctorEnv) -> CheckResult:
 async def check_wsl_tray(env: DoctorEnv) -> CheckResult:
     if wsl_info(env) is None:
         return _not_wsl("wsl-tray")
-    wslg = env.wslg_dir.exists() or bool(env.environ.get("WAYLAND_DISPLAY"))
+    wslg = os.path.exists(env.wslg_dir) or bool(env.environ.get("WAYLAND_DISPLAY"))
     if not wslg and not env.environ.get("DISPLAY"):
         return CheckResult(
             "wsl-tray",
@@ -298,7 +298,7 @@ async def check_wsl_docker(env: DoctorEnv) -> CheckResult:
         return _not_wsl("wsl-docker")
     docker = env.which("docker")
     target = os.path.realpath(docker) if docker else ""
-    if "docker-desktop" in target or env.docker_desktop_dir.exists():
+    if "docker-desktop" in target or os.path.exists(env.docker_desktop_dir):
         return CheckResult(
             "wsl-docker",
             CheckStatus.WARN,
@@ -307,7 +307,7 @@ async def check_wsl_docker(env: DoctorEnv) -> CheckResult:
             "distro's redirect",
             fix="set the proxy in Docker Desktop: Settings > Resources > Proxies",
         )
-    if env.which("dockerd") or env.docker_socket.exists():
+    if env.which("dockerd") or os.path.exists(env.docker_socket):
         return CheckResult(
             "wsl-docker",
             CheckStatus.OK,
