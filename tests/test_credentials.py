@@ -306,6 +306,19 @@ def test_locked_keyring_becomes_a_clear_error(memory: MemoryKeyring) -> None:
         asyncio.run(store_with(memory).get("corp"))
 
 
+def test_dismissed_prompt_is_a_locked_keyring_with_the_fix(memory: MemoryKeyring) -> None:
+    from secretstorage.exceptions import PromptDismissedException
+
+    def prompt(service: str, username: str, password: str) -> None:
+        raise PromptDismissedException("Prompt dismissed.")
+
+    memory.set_password = prompt  # type: ignore[method-assign]
+    with pytest.raises(KeyringLockedError, match="could not be shown") as caught:
+        asyncio.run(store_with(memory).set("corp", "alice", Secret(PASSWORD)))
+    assert "`tray-proxy unlock`" in str(caught.value)
+    assert "PromptDismissedException" not in str(caught.value)
+
+
 def test_backend_errors_never_carry_the_password(memory: MemoryKeyring) -> None:
     def leaky(service: str, username: str, password: str) -> None:
         raise ValueError(f"cannot store {password!s} ({json.loads(password)['password']})")
@@ -599,3 +612,21 @@ def test_unlock_is_a_tray_proxy_command() -> None:
     assert args.command == "unlock"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["unlock", "--password", "x"])  # never from argv
+
+
+def test_unlock_makes_the_bus_directory_private_or_refuses_it(tmp_path: Path) -> None:
+    from tray_proxy.cli_unlock import UnlockError, _private_parent
+
+    made = tmp_path / "tray-proxy-1000"
+    _private_parent(made)
+    assert made.stat().st_mode & 0o777 == 0o700
+    _private_parent(made)  # ours and private: fine again
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    with pytest.raises(UnlockError, match="not a private directory of yours"):
+        _private_parent(shared)
+    link = tmp_path / "link"
+    link.symlink_to(made)
+    with pytest.raises(UnlockError, match="not a private directory of yours"):
+        _private_parent(link)

@@ -137,6 +137,7 @@ def _ensure_bus() -> Generator[str, None, bool]:
     if adopt_session_bus() is not None:
         return False
     path = session_bus_socket()
+    _private_parent(path.parent)
     daemon = shutil.which("dbus-daemon")
     if daemon is None:
         raise UnlockError(
@@ -179,6 +180,19 @@ def _ensure_bus() -> Generator[str, None, bool]:
     os.environ[SESSION_BUS_ENV] = f"unix:path={path}"
     yield f"started a D-Bus session bus at {path}"
     return True
+
+
+def _private_parent(directory: Path) -> None:
+    """The bus socket's directory: made 0700 if missing; refused unless it is ours and
+    private (in /tmp another user could have made it first, to listen in)."""
+    with contextlib.suppress(FileExistsError):
+        directory.mkdir(mode=0o700)
+    st = os.lstat(directory)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise UnlockError(
+            f"{directory} is not a private directory of yours (owned by you, mode 0700, not a "
+            "symlink); remove it or set XDG_RUNTIME_DIR, then run `tray-proxy unlock` again"
+        )
 
 
 # --------------------------------------------------------------------------- the service

@@ -308,8 +308,8 @@ class _Worker:
 def session_bus_socket(environ: Mapping[str, str] | None = None, uid: int | None = None) -> Path:
     """Where `tray-proxy unlock` starts a D-Bus session bus when none runs, and where the store
     looks for one when DBUS_SESSION_BUS_ADDRESS is not set: $XDG_RUNTIME_DIR/bus (systemd's
-    user session puts its bus there too), else /tmp/tray-proxy-UID/bus (the control socket's
-    directory, created 0700 by `tray_proxy.control.runtime_dir`)."""
+    user session puts its bus there too), else /tmp/tray-proxy-UID/bus (a 0700 directory of
+    the user's, made by `tray-proxy unlock`)."""
     env = os.environ if environ is None else environ
     runtime = env.get("XDG_RUNTIME_DIR")
     if runtime:
@@ -595,6 +595,13 @@ def _translate(exc: Exception, info: BackendInfo | None, *secrets: str) -> Crede
     if type(exc).__name__ == "KeyringLocked":
         return KeyringLockedError(
             f"the keyring ({what}) is locked and was not unlocked. {_FIX_LOCKED}"
+        )
+    if type(exc).__name__ == "PromptDismissedException":
+        # secretstorage: the keyring wanted to show a prompt (unlock, or create the first
+        # keyring) and nobody could answer it: no desktop, as on WSL or over ssh (issue 14).
+        return KeyringLockedError(
+            f"the keyring ({what}) needs a password prompt that could not be shown here (no "
+            f"desktop session answered it). {_FIX_LOCKED}"
         )
     if type(exc).__name__ == "NoKeyringError":
         return NoKeyringError(f"no secure keyring is available: {_FIX_NO_KEYRING}")

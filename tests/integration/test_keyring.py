@@ -325,3 +325,33 @@ def test_unlock_replaces_a_dead_bus_socket(bare: KeyringSandbox) -> None:
     result = bare.run(UNLOCK, input=b"pw-" + secrets.token_hex(4).encode() + b"\n", session=False)
     assert result.returncode == 0, result.stderr
     assert "started a D-Bus session bus" in result.stdout
+
+
+def test_first_save_in_a_bare_session_says_unlock_then_works(
+    bare: KeyringSandbox, config: Path
+) -> None:
+    # A D-Bus session without a desktop (what `dbus-run-session` gives): gnome-keyring is
+    # activated on first use and wants a prompt to create its first keyring. Issue 14: the
+    # first Save failed with "PromptDismissedException". Now it says what to do, and after
+    # `tray-proxy unlock` in the same session the same Save works.
+    for name, text in (("unlock-input", "kr-" + secrets.token_hex(4)), ("set-input", "pw")):
+        fd = os.open(bare.home / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text + "\n")
+    python = sys.executable
+    script = (
+        f'{python} -m tray_proxy.cli_credentials set corp --config "$1" < "$HOME/set-input"; '
+        'echo "first=$?"; '
+        f'{python} -m tray_proxy unlock < "$HOME/unlock-input" && '
+        f'{python} -m tray_proxy.cli_credentials set corp --config "$1" < "$HOME/set-input"; '
+        'echo "second=$?"'
+    )
+    result = bare.run(
+        ["dbus-run-session", "--", "sh", "-c", script, "sh", str(config)], session=False
+    )
+    lines = _app_stderr(result.stderr)
+    assert "first=1" in result.stdout and "second=0" in result.stdout, (result.stdout, lines)
+    dismissed = [line for line in lines if "could not be shown" in line]
+    assert len(dismissed) == 1 and "`tray-proxy unlock`" in dismissed[0], lines
+    assert not any("PromptDismissedException" in line for line in lines), lines
+    assert 'created the keyring "login"' in result.stdout
