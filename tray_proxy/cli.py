@@ -334,6 +334,7 @@ async def _run_headless_until(args: argparse.Namespace, stop: asyncio.Event) -> 
             history=open_history_writer(config.log),
             attribution=config.log.enabled,
             monitor=config.log.enabled,
+            headless=True,
         )
         failure: list[str] = []
 

@@ -10,12 +10,14 @@ from collections.abc import Iterable
 
 import pytest
 
-from tests.controller.fakes import Rig, run
+from tests.controller.fakes import Rig, run, until
 from tray_proxy.controller import State
 from tray_proxy.controller.commands import INSTANCE_RUN, answer_command
 from tray_proxy.credentials import KeyringLockedError
 from tray_proxy.errors import UserError
 from tray_proxy.relay.credentials import Credentials, Secret
+from tray_proxy.relay.events import UpstreamFailed
+from tray_proxy.relay.records import CloseReason
 
 
 class Keyring:
@@ -133,3 +135,25 @@ def test_a_failing_keyring_at_switch_on_is_quiet_while_the_password_is_known() -
         await rig.controller.shutdown()
 
     run(scenario())
+
+
+def test_headless_advice_names_commands_not_the_apps_controls() -> None:
+    """`tray-proxy run` has no Credentials window (issue 14 bug 6)."""
+    keyring = Keyring()
+    keyring.stored["corp"] = Credentials("alice", Secret("pw"))
+    rig = Rig(credentials=keyring, credential_source=keyring, headless=True)
+
+    async def scenario() -> None:
+        await rig.controller.enable()
+        rig.from_engine(UpstreamFailed("corp", CloseReason.UPSTREAM_AUTH_FAILED, "407"))
+        await until(lambda: rig.controller.state is State.DEGRADED, "degraded")
+        keyring.locked = True
+        with pytest.raises(UserError):
+            await rig.controller.credentials_changed("corp")
+        await rig.controller.shutdown()
+
+    run(scenario())
+    rejected, keyring_failed = rig.notices()
+    assert "`tray-proxy credentials set corp`" in rejected.text
+    assert "`tray-proxy disable`, `tray-proxy enable`" in keyring_failed.text
+    assert all("Credentials" not in n.text for n in rig.notices())

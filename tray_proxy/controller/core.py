@@ -167,6 +167,7 @@ class ProxyController:
         attribution: bool = False,
         traffic_interval: float = TRAFFIC_INTERVAL,
         monitor: bool = True,
+        headless: bool = False,
     ) -> None:
         from tray_proxy.firewall.client import resolve_upstreams
 
@@ -185,6 +186,8 @@ class ProxyController:
             steps=steps,
         )
         self._credentials = credentials
+        # `tray-proxy run` has no window: its advice names commands, not the app's controls.
+        self._headless = headless
         # What the relay itself uses to find a password (Test connection uses the same).
         self._credential_source = credential_source
         self._credentials_read: asyncio.Task[str | None] | None = None
@@ -559,10 +562,12 @@ class ProxyController:
     def _upstream_failed(self, event: UpstreamFailed) -> None:
         self._error(f"{event.upstream}: {event.detail}")
         if event.reason is CloseReason.UPSTREAM_AUTH_FAILED:
-            text = (
-                f"Proxy {event.upstream} rejected the credentials ({event.detail}). "
-                "Open Credentials to fix them."
+            fix = (
+                f"Set the right password with `tray-proxy credentials set {event.upstream}`."
+                if self._headless
+                else "Open Credentials to fix them."
             )
+            text = f"Proxy {event.upstream} rejected the credentials ({event.detail}). {fix}"
             self._notice(NoticeKind.CREDENTIALS_REJECTED, "Proxy credentials rejected", text)
             if self._state is State.ON:
                 self._transition(State.DEGRADED, text)
@@ -811,10 +816,12 @@ class ProxyController:
                 if isinstance(exc, CredentialStoreError)
                 else f"it did not answer within {CREDENTIALS_READ_TIMEOUT:g} s"
             )
-            text = (
-                f"The proxy passwords could not be read from the keyring: {why}. Then open "
-                "Credentials to try again."
+            then = (
+                "Then switch off and on again (`tray-proxy disable`, `tray-proxy enable`)."
+                if self._headless
+                else "Then open Credentials to try again."
             )
+            text = f"The proxy passwords could not be read from the keyring: {why}. {then}"
             if report is not None and not report():
                 log.info("%s", text)
                 return text

@@ -82,8 +82,8 @@ def check_settings(config: Config, *, redirect: bool) -> UpstreamProxy:
     if upstream is None:
         where = f" in {config.path}" if config.path is not None else ""
         raise UserError(
-            f"No upstream proxy is set up. Add one{where} ([[upstream]] with a name and url, "
-            "see docs/config.md), then switch on again."
+            "No upstream proxy is set up. Run `tray-proxy setup` (or add an [[upstream]] "
+            f"with a name and url{where}, see docs/config.md), then switch on again."
         )
     if redirect:
         check_redirect_settings(config)
