@@ -464,6 +464,14 @@ def test_port_ranges_are_formatted_compactly() -> None:
     assert helper_module.format_port_ranges({3, 1, 2, 7, 9, 10}) == "1-3,7,9-10"
 
 
+def test_a_signal_is_never_answered_as_a_request_error() -> None:
+    """The signal handler's _Stop must pass `handle_line`'s `except Exception` untouched: an
+    "internal error" answer to a request cut by SIGINT printed warnings while the app stopped
+    (issue 14 bug 3); it must unwind into the cleanup instead."""
+    assert issubclass(helper_module._Stop, BaseException)
+    assert not issubclass(helper_module._Stop, Exception)
+
+
 @pytest.mark.parametrize(
     ("line", "start"),
     [
