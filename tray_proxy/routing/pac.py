@@ -213,7 +213,12 @@ class PacCache:
         return entry[1]
 
     def put(
-        self, host: str, port: int, value: PacRoute | PacFailure, now: float, ttl: float | None = None
+        self,
+        host: str,
+        port: int,
+        value: PacRoute | PacFailure,
+        now: float,
+        ttl: float | None = None,
     ) -> None:
         if len(self._entries) >= self.size:
             self._entries.clear()

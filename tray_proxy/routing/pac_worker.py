@@ -243,9 +243,13 @@ def main() -> int:  # pragma: no cover - runs in the child; tested through PacEv
                 reply = {"error": "no script loaded"}
             else:
                 result = pac.find_proxy_for_url(message["url"], message["host"])
-                reply = {"result": result} if isinstance(result, str) else {
-                    "error": f"FindProxyForURL returned {type(result).__name__}, not a string"
-                }
+                reply = (
+                    {"result": result}
+                    if isinstance(result, str)
+                    else {
+                        "error": f"FindProxyForURL returned {type(result).__name__}, not a string"
+                    }
+                )
         except Exception as exc:  # noqa: BLE001 - every failure of the script is its answer
             reply = {"error": _words(exc)}
         sys.stdout.write(json.dumps(reply) + "\n")

@@ -125,8 +125,9 @@ def parse_routing(
             raise RoutingConfigError(
                 "routing.default", '"pac" needs routing.pac_url (the PAC script\'s URL or file)'
             )
-    when = _choice(routing.get("when_unreachable", "direct"), "routing.when_unreachable",
-                   UNREACHABLE_CHOICES)
+    when = _choice(
+        routing.get("when_unreachable", "direct"), "routing.when_unreachable", UNREACHABLE_CHOICES
+    )
     policy = _choice(routing.get("policy", "priority"), "routing.policy", POLICIES)
     return RoutingSettings(
         pac_url=pac_url,
