@@ -110,9 +110,12 @@ def test_ca_trusted_system_wide_passes(lab: Lab, tmp_path: Path) -> None:
 
 
 def test_wrong_password(lab: Lab, tmp_path: Path) -> None:
+    """A wrong password is sent once per doctor run, not once per check: directory accounts
+    lock after a few failures (the TLS check reuses the upstream check's probe)."""
     creds = lab.squid.credentials
     assert creds is not None
     config, env = squid_setup(lab, tmp_path, "wrong-" + creds.password)
+    before = len([e for e in lab.squid.entries() if e.uri == TARGET and e.status == 407])
     code, doc = doctor_in_client(lab, config, env, "upstream", "tls-inspection")
     upstream = one(doc, "upstream")
     assert upstream["status"] == "fail", upstream
@@ -120,6 +123,11 @@ def test_wrong_password(lab: Lab, tmp_path: Path) -> None:
     assert upstream["fix"] == "`tray-proxy credentials set squid`"
     assert one(doc, "tls-inspection")["status"] == "skip"
     assert code == 1
+    # The login went to Squid exactly once (Squid logs the user name it was sent; the
+    # engine's first CONNECT, without a login, is logged as "-").
+    lab.squid.wait_for_entry(lambda e: e.uri == TARGET and e.user == creds.username)
+    refused = [e for e in lab.squid.entries() if e.uri == TARGET and e.status == 407]
+    assert [e.user for e in refused[before:]].count(creds.username) == 1, refused[before:]
     assert creds.password not in json.dumps(doc)  # neither the right one nor the wrong one
 
 

@@ -30,7 +30,7 @@ from tray_proxy.doctor.model import CheckResult, CheckStatus
 from tray_proxy.firewall.helper import TABLE_FAMILY, TABLE_NAME, parse_port_ranges
 from tray_proxy.firewall.ruleset import IPNetwork
 from tray_proxy.relay.credentials import Credentials, SystemdCredentialSource
-from tray_proxy.relay.probe import ProbeOutcome, probe_upstream
+from tray_proxy.relay.probe import ProbeOutcome, ProbeResult, probe_upstream
 from tray_proxy.relay.settings import UpstreamProxy
 from tray_proxy.relay.upstream import Dialer, UpstreamAuth, UpstreamError, open_tunnel
 
@@ -136,9 +136,27 @@ def _target(env: DoctorEnv) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def _check_upstream(env: DoctorEnv, upstream: UpstreamProxy) -> CheckResult:
+async def _probe(
+    env: DoctorEnv, upstream: UpstreamProxy
+) -> tuple[Credentials | None, str, ProbeResult]:
     creds, source = await _credentials(env, upstream)
-    result = await probe_upstream(upstream, creds, env.target(), env.timeout())
+    return creds, source, await probe_upstream(upstream, creds, env.target(), env.timeout())
+
+
+async def probe_once(
+    env: DoctorEnv, upstream: UpstreamProxy
+) -> tuple[Credentials | None, str, ProbeResult]:
+    """One probe per upstream and doctor run, shared by the upstream and TLS checks: a wrong
+    password is sent once, not once per check (directory accounts lock after a few)."""
+    task: asyncio.Task[tuple[Credentials | None, str, ProbeResult]] = env.memo(
+        f"probe:{upstream.name}", lambda: asyncio.ensure_future(_probe(env, upstream))
+    )
+    # shield: one check's time limit must not cancel the probe the other one waits for.
+    return await asyncio.shield(task)
+
+
+async def _check_upstream(env: DoctorEnv, upstream: UpstreamProxy) -> CheckResult:
+    creds, source, result = await probe_once(env, upstream)
     target = _target(env)
     who = f"{upstream.url}"
     set_password = f"`tray-proxy credentials set {upstream.name}`"
@@ -319,7 +337,14 @@ async def _check_tls(env: DoctorEnv, upstream: UpstreamProxy) -> CheckResult:
             f"the probe target {target} is plain HTTP: no certificate to look at",
             subject=upstream.name,
         )
-    creds, _source = await _credentials(env, upstream)
+    creds, _source, probed = await probe_once(env, upstream)
+    if not probed.ok:
+        return CheckResult(
+            "tls-inspection",
+            CheckStatus.SKIP,
+            f"no tunnel to {target} through {upstream.name} (see upstream)",
+            subject=upstream.name,
+        )
     try:
         seen = await _tls_through(env, upstream, creds, verify=True)
     except (UpstreamError, asyncio.TimeoutError, OSError) as exc:
