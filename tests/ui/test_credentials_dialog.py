@@ -173,7 +173,8 @@ def test_new_proxy_validation_states(qtbot: QtBot, run: Callable[[Scenario], Non
     async def scenario() -> None:
         dialog = await opened(qtbot, FakeStore(), FakeEditor())
         assert dialog.proxy_combo.currentText() == NEW_PROXY
-        assert dialog.name_edit.isEnabled() and dialog.name_edit.text() == "proxy"
+        # Never "proxy" (messages would read "through proxy proxy"); it follows the host.
+        assert dialog.name_edit.isEnabled() and dialog.name_edit.text() == "corp"
         assert dialog.port_edit.text() == "8080"
         assert not dialog.save_button.isEnabled() and not dialog.test_button.isEnabled()
         assert message(dialog, "host") == ""  # not reached yet: no scolding
@@ -205,6 +206,24 @@ def test_new_proxy_validation_states(qtbot: QtBot, run: Callable[[Scenario], Non
         type_into(dialog.name_edit, "no spaces")
         assert message(dialog, "name").startswith("The name must be 1-64 characters")
         assert not dialog.save_button.isEnabled()
+        dialog.reject()
+
+    run(scenario)
+
+
+def test_a_new_proxys_name_follows_its_host_until_typed(
+    qtbot: QtBot, run: Callable[[Scenario], None]
+) -> None:
+    async def scenario() -> None:
+        dialog = await opened(qtbot, FakeStore(), FakeEditor([CORP]))
+        dialog.proxy_combo.setCurrentIndex(dialog.proxy_combo.findText(NEW_PROXY))
+        type_into(dialog.host_edit, "webproxy.eu.acme.com")
+        assert dialog.name_edit.text() == "acme"
+        type_into(dialog.host_edit, "proxy.corp.example")
+        assert dialog.name_edit.text() == "corp-2"  # "corp" is taken
+        type_into(dialog.name_edit, "office")
+        type_into(dialog.host_edit, "proxy.acme.com")
+        assert dialog.name_edit.text() == "office"  # the user's choice stays
         dialog.reject()
 
     run(scenario)
@@ -281,7 +300,7 @@ def test_enter_saves_only_when_valid_and_esc_cancels(
         QTest.keyClick(dialog.password_edit, Qt.Key.Key_Return)
         await until(lambda: not dialog.isVisible(), "Enter to save and close the dialog")
         assert dialog.result() == QDialog.DialogCode.Accepted
-        assert [u.name for u in editor.saved] == ["proxy"]
+        assert [u.name for u in editor.saved] == ["corp"]  # from proxy.corp.example
 
         dialog2 = await opened(qtbot, store, FakeEditor())
         type_into(dialog2.host_edit, "other.example")
@@ -475,14 +494,14 @@ def test_save_stores_a_secret_and_the_upstream(
         dialog.auth_combo.setCurrentIndex(dialog.auth_combo.findData(AuthScheme.DIGEST))
         QTest.mouseClick(dialog.save_button, Qt.MouseButton.LeftButton)
         await until(lambda: not dialog.isVisible(), "Save to close the dialog")
-        assert saved == ["proxy"]
+        assert saved == ["corp"]
         assert len(store.set_calls) == 1
         name, username, password = store.set_calls[0]
-        assert (name, username) == ("proxy", "alice")
+        assert (name, username) == ("corp", "alice")
         assert type(password) is Secret and password.reveal() == PASSWORD
         assert editor.saved == [
             UpstreamProxy(
-                "proxy", UpstreamKind.HTTP, "proxy.corp.example", 3128, "alice", AuthScheme.DIGEST
+                "corp", UpstreamKind.HTTP, "proxy.corp.example", 3128, "alice", AuthScheme.DIGEST
             )
         ]
         for text in (repr(store.set_calls), repr(editor.saved), repr(dialog.values())):
@@ -587,7 +606,7 @@ def test_switching_proxies_and_keyring_display(
         assert dialog.kind_combo.currentData() is UpstreamKind.SOCKS5
         assert dialog.host_edit.text() == "10.1.2.3" and dialog.user_edit.text() == ""
         dialog.proxy_combo.setCurrentIndex(dialog.proxy_combo.findText(NEW_PROXY))
-        assert dialog.name_edit.isEnabled() and dialog.name_edit.text() == "proxy"
+        assert dialog.name_edit.isEnabled() and dialog.name_edit.text() == "corp-2"
         type_into(dialog.name_edit, "corp")
         assert "already is a proxy named corp" in message(dialog, "name")
         dialog.reject()

@@ -46,6 +46,7 @@ from tray_proxy.credentials import CredentialStoreError
 from tray_proxy.relay.credentials import Credentials, Secret
 from tray_proxy.relay.probe import ProbeOutcome, ProbeResult
 from tray_proxy.relay.settings import AuthScheme, UpstreamKind, UpstreamProxy
+from tray_proxy.setup_flow import suggest_name
 from tray_proxy.ui.services import KeyringService, UpstreamEditor
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,6 @@ log = logging.getLogger(__name__)
 __all__ = ["CredentialsDialog", "FieldValues", "validate"]
 
 NEW_PROXY = "New proxy…"
-DEFAULT_NAME = "proxy"
 DEFAULT_PORTS = {UpstreamKind.HTTP: 8080, UpstreamKind.SOCKS5: 1080}
 KINDS = ((UpstreamKind.HTTP, "HTTP (CONNECT)"), (UpstreamKind.SOCKS5, "SOCKS5"))
 SCHEMES = (
@@ -462,11 +462,14 @@ class CredentialsDialog(QDialog):
             self._spawn(self._lookup(upstream.name, self._lookup_generation), "stored password")
         self._changed()
 
-    def _free_name(self) -> str:
-        name, n = DEFAULT_NAME, 1
+    def _free_name(self, host: str = "") -> str:
+        """A new proxy's name from its host ("corp" for proxy.corp.example), free in the
+        settings; never "proxy" (messages would read "through proxy proxy", issue 14)."""
+        base = suggest_name(host)
+        name, n = base, 1
         while name in self._upstreams:
             n += 1
-            name = f"{DEFAULT_NAME}-{n}"
+            name = f"{base}-{n}"
         return name
 
     def _proxy_chosen(self, _index: int) -> None:
@@ -481,6 +484,9 @@ class CredentialsDialog(QDialog):
 
     def _edited(self, key: str) -> None:
         self._touched.add(key)
+        if key == "host" and "name" not in self._touched and self.name_edit.isEnabled():
+            # A new proxy's name follows its host until the user types one.
+            self.name_edit.setText(self._free_name(self.host_edit.text().strip()))
         self._changed()
 
     def _toggle_password(self, show: bool) -> None:
