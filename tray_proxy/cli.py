@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tray_proxy import cli_log
 
     cli_log.add_subcommand(sub, common)
+    from tray_proxy import cli_rules
+
+    cli_rules.add_subcommand(sub, common)
     from tray_proxy import cli_setup
 
     cli_setup.add_subcommand(sub, common)
@@ -481,6 +484,10 @@ def _main(argv: Sequence[str] | None) -> int:
         from tray_proxy import cli_log
 
         return cli_log.run(args)
+    if args.command == "rules":
+        from tray_proxy import cli_rules
+
+        return cli_rules.run(args)
     if args.command == "setup":
         from tray_proxy import cli_setup
 

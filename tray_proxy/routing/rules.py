@@ -153,7 +153,7 @@ def parse_pattern(text: str) -> Pattern:
     if not text:
         raise PatternError("must not be empty")
     port: int | None = None
-    if text.startswith(":"):
+    if text.startswith(":") and text.count(":") == 1:
         return Pattern(PatternKind.PORT, port=_port(text[1:], whole))
     if text.startswith("["):
         inner, bracket, rest = text[1:].partition("]")
