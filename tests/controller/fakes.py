@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import threading
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from tray_proxy.config import Config
@@ -18,6 +18,7 @@ from tray_proxy.controller import ControllerEvent, Notice, ProxyController, Stat
 from tray_proxy.controller.services import Traffic
 from tray_proxy.firewall.client import HelperExitedError, RedirectStatus
 from tray_proxy.firewall.ruleset import RuleSpec
+from tray_proxy.relay.credentials import Credentials
 from tray_proxy.relay.events import Observer
 from tray_proxy.relay.records import Address
 from tray_proxy.relay.settings import RelaySettings, UpstreamKind, UpstreamProxy
@@ -84,6 +85,13 @@ class FakeRelay:
 
     def retry_credentials(self, upstream: str) -> None:
         self.log.calls.append(f"relay.retry {upstream}")
+
+    def update_credentials(self, upstream: str, credentials: Credentials | None) -> None:
+        self.log.calls.append(f"relay.update {upstream}")
+
+    def set_extra_listen(self, addresses: Sequence[str]) -> tuple[Address, ...]:
+        self.log.calls.append(f"relay.listen {','.join(addresses)}")
+        return tuple((a, self.addresses[0][1]) for a in addresses)
 
     def close_connections(self, ids: Iterable[int]) -> int:
         wanted = tuple(ids)

@@ -125,7 +125,7 @@ def _messages() -> list[tuple[str, int, str]]:
         for node in ast.walk(tree):
             if isinstance(node, ast.JoinedStr):
                 text = "".join(
-                    v.value if isinstance(v, ast.Constant) else "{}" for v in node.values
+                    str(v.value) if isinstance(v, ast.Constant) else "{}" for v in node.values
                 )
             elif isinstance(node, ast.Constant) and isinstance(node.value, str):
                 if id(node) in skip:
@@ -165,8 +165,9 @@ def _control_names(qtbot: QtBot, tmp_path: Path) -> set[str]:
             current = stack.pop()
             for action in current.actions():
                 add(action.text())
-                if action.menu() is not None:
-                    stack.append(action.menu())
+                sub = action.menu()
+                if isinstance(sub, QMenu):
+                    stack.append(sub)
         menu.deleteLater()
     window = MainWindow(services, UiBridge(interval_ms=10), tray_available=True)
     qtbot.addWidget(window)
