@@ -245,3 +245,35 @@ def test_installed_helper_and_polkit_for_member_and_outsider(lab: Lab, tmp_path:
     assert outsider["fix"] == (
         f"`sudo usermod -aG tray-proxy tptest{sandbox.outsider}`, then log out and in again"
     )
+
+
+def test_password_from_a_real_keyring(lab: Lab, tmp_path: Path) -> None:
+    """The password stored with the app's own CredentialStore in a real gnome-keyring (the
+    sandbox session runs in the lab's client namespace), read by the doctor without a
+    prompt and sent to the real Squid."""
+    from tests.integration.keyring_env import KeyringSandbox
+
+    creds = lab.squid.credentials
+    assert creds is not None
+    (tmp_path / "keyring").mkdir()
+    try:
+        sandbox = KeyringSandbox(tmp_path / "keyring")
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    prefix = ["ip", "netns", "exec", lab.client.name]
+    stored = sandbox.store(
+        [{"op": "set", "name": "squid", "username": creds.username, "password": creds.password}],
+        prefix=prefix,
+    )
+    assert stored[0]["ok"], stored
+    config, _env = squid_setup(lab, tmp_path, None)
+    argv = [sys.executable, "-m", "tray_proxy", "doctor", "--json", "--config", str(config),
+            "--target", TARGET, "--check", "keyring", "--check", "upstream"]  # fmt: skip
+    result = sandbox.run(argv, prefix=prefix)
+    doc = parse_report(subprocess.CompletedProcess(argv, result.returncode, result.stdout, ""))
+    assert one(doc, "keyring")["status"] == "ok"
+    upstream = one(doc, "upstream")
+    assert upstream["status"] == "ok", upstream
+    assert upstream["details"] == [f"login: {creds.username}, password from the keyring"]
+    assert result.returncode == 0
+    assert creds.password not in result.stdout + result.stderr

@@ -22,7 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from tray_proxy.config import Config, ConfigError
-from tray_proxy.credentials import CredentialStore, CredentialStoreError
+from tray_proxy.credentials import (
+    CredentialStore,
+    CredentialStoreError,
+    running_under_systemd,
+)
 from tray_proxy.doctor.checks_session import KEYRING_TIMEOUT, keyring_state
 from tray_proxy.doctor.checks_system import find_nft
 from tray_proxy.doctor.context import DoctorEnv, in_thread, run_command
@@ -97,13 +101,27 @@ async def check_config(env: DoctorEnv) -> CheckResult:
 
 
 async def _credentials(env: DoctorEnv, upstream: UpstreamProxy) -> tuple[Credentials | None, str]:
-    """The login the relay would use for `upstream`, and where it came from (or why none)."""
+    """The login the relay would use for `upstream`, and where it came from (or why none).
+
+    The relay's order (credentials.default_credential_source): the keyring first, then
+    $CREDENTIALS_DIRECTORY/NAME; under systemd the other way round."""
     if not upstream.username:
         return None, "no user name configured"
     systemd = SystemdCredentialSource(env.environ.get("CREDENTIALS_DIRECTORY") or None)
-    found = systemd.get(upstream.name, upstream.username)
-    if found is not None:
-        return found, "from $CREDENTIALS_DIRECTORY"
+    from_directory = systemd.get(upstream.name, upstream.username)
+    if from_directory is not None and running_under_systemd(env.environ):
+        return from_directory, "from $CREDENTIALS_DIRECTORY"
+    stored, why = await _from_keyring(env, upstream, upstream.username)
+    if stored is not None:
+        return stored, "from the keyring"
+    if from_directory is not None:
+        return from_directory, "from $CREDENTIALS_DIRECTORY"
+    return None, why
+
+
+async def _from_keyring(
+    env: DoctorEnv, upstream: UpstreamProxy, username: str
+) -> tuple[Credentials | None, str]:
     try:
         state = await keyring_state(env)
     except asyncio.TimeoutError:
@@ -116,6 +134,7 @@ async def _credentials(env: DoctorEnv, upstream: UpstreamProxy) -> tuple[Credent
         or state.missing_collection
     ):
         return None, "the keyring cannot be read (see keyring)"
+    # Asked only once the keyring is known to be unlocked: no unlock prompt from a doctor.
     store = CredentialStore(timeout=KEYRING_TIMEOUT, unlock_timeout=0.0)
     try:
         stored = await store.get(upstream.name)
@@ -123,12 +142,12 @@ async def _credentials(env: DoctorEnv, upstream: UpstreamProxy) -> tuple[Credent
         return None, str(exc)
     if stored is None:
         return None, "no password is stored"
-    if stored.username != upstream.username:
+    if stored.username != username:
         return None, (
             f"the keyring holds the password of {stored.username}, but the settings say "
-            f"username = {upstream.username}"
+            f"username = {username}"
         )
-    return stored, "from the keyring"
+    return stored, ""
 
 
 def _target(env: DoctorEnv) -> str:
