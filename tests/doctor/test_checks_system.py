@@ -235,3 +235,21 @@ def test_privilege_sudoers_dropin_owned_by_someone_else(tmp_path: Path) -> None:
     assert result.status is CheckStatus.FAIL
     assert f"{dropin} is owned by uid {NOBODY.pw_uid}, not root" in result.summary
     assert result.fix == f"`sudo chown root:root {dropin} && sudo chmod 0440 {dropin}`"
+
+
+@pytest.mark.usefixtures("needs_root")
+def test_nat_redirect_refused_by_the_kernel(tmp_path: Path) -> None:
+    """A kernel without nft's NAT support cannot be made here (the modules are in use), so
+    `nft` is a script answering the way nft does on such a kernel; the check's namespace,
+    probe script and reporting are the real ones."""
+    nft = tmp_path / "nft"
+    nft.write_text(
+        "#!/bin/sh\ncat >/dev/null\n"
+        "echo 'Error: Could not process rule: No such file or directory' >&2\nexit 1\n"
+    )
+    nft.chmod(0o755)
+    result = run(checks_system.check_nat_redirect, env_for(tmp_path, nft_candidates=(str(nft),)))
+    assert result.status is CheckStatus.FAIL
+    assert result.summary == "the kernel refused a NAT redirect rule: the redirect cannot work"
+    assert "modprobe nft_chain_nat" in (result.fix or "")
+    assert result.details == ("apply: Error: Could not process rule: No such file or directory",)

@@ -97,7 +97,7 @@ async def check_nat_redirect(env: DoctorEnv) -> CheckResult:
         return CheckResult(
             "nat-redirect",
             CheckStatus.WARN,
-            "could not test the kernel's NAT redirect without root (no user namespace: "
+            "could not test the kernel's NAT redirect without root ("
             f"{errors[-1] if errors else 'unshare is missing'})",
             fix='run the check as root: `sudo "$(command -v tray-proxy)" doctor --check '
             "nat-redirect`",
