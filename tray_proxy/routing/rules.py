@@ -193,7 +193,8 @@ def parse_pattern(text: str) -> Pattern:
     elif body.startswith("."):
         kind, body = PatternKind.DOMAIN, body[1:]
     name = normalise_host(body)
-    if name is None or "*" in body:
+    # All digits after IDNA ("²" is "2"): an address typo, not a name.
+    if name is None or "*" in body or re.fullmatch(r"[0-9.]+", name):
         raise PatternError(
             "must be a host name (host.example, .suffix, *.suffix), an address or network, "
             f"a :PORT, * or <local>; got {whole!r}"
@@ -303,8 +304,7 @@ class MatchTable:
 
 def _literal(host: str) -> IPAddress | None:
     # Cheap test first: most names start with a letter and are no address.
-    first = host[0]
-    if not (first.isdigit() or first == ":" or first == "["):
+    if not (host[0].isdigit() or ":" in host):
         return None
     try:
         return ipaddress.ip_address(host.strip("[]"))
