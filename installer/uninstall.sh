@@ -38,6 +38,13 @@ fi
 if command -v systemctl >/dev/null && [ -f "$CONFIG_HOME/systemd/user/tray-proxy.service" ]; then
     systemctl --user disable --now tray-proxy.service >/dev/null 2>&1 || true
 fi
+# The system service for this user (docs/headless.md, systemd before 256), if one was made:
+# it would only fail from now on. Its unit file is the administrator's to remove.
+ME=${SUDO_USER:-$(id -un)}
+if command -v systemctl >/dev/null && [ -f /etc/systemd/system/tray-proxy@.service ]; then
+    $SUDO systemctl disable --now "tray-proxy@$ME.service" >/dev/null 2>&1 || true
+    say "stopped tray-proxy@$ME.service; /etc/systemd/system/tray-proxy@.service stays"
+fi
 
 if [ $PURGE = 1 ]; then
     # The passwords: every keyring entry of service "tray-proxy", also of upstreams no longer
@@ -104,7 +111,6 @@ for policy in "$SRC"/installer/polkit/*.policy; do
 done
 $SUDO rmdir "$HELPER_DIR" 2>/dev/null || true
 $SUDO rmdir /etc/tray-proxy 2>/dev/null || true
-ME=${SUDO_USER:-$(id -un)}
 if getent group tray-proxy >/dev/null; then
     if [ "$ME" != root ] && id -nG "$ME" | tr ' ' '\n' | grep -qx tray-proxy; then
         $SUDO gpasswd -d "$ME" tray-proxy >/dev/null

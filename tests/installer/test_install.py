@@ -520,7 +520,7 @@ def test_install_first_run_enable_uninstall(lab: Lab, wheels: Path, root_by: str
                 lab.origins.url("https", lab.origins.bytes_path(4000, seed)),
                 resolve=[f"{HOSTNAME}:443:{lab.origins.v4}"],
             )
-            assert (result.returncode, result.http_code) == (0, 200), result
+            assert (result.returncode, result.http_code) == (0, 200), (result, run.lines[-20:])
             assert result.sha256 == lab.origins.expected_sha256(4000, seed)
             squid.wait_for_entry(lambda e: e.method == "CONNECT" and e.uri == f"{HOSTNAME}:443")
         finally:

@@ -25,6 +25,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "installer" / "systemd" / "tray-proxy.service"
+SYSTEM_UNIT = REPO / "installer" / "systemd" / "tray-proxy@.service"
 
 
 def _analyze() -> str:
@@ -71,6 +72,26 @@ def test_verify_would_catch_a_broken_unit(tmp_path: Path) -> None:
     done = _verify(broken, home, tmp_path)
     assert done.returncode != 0
     assert "tray-proxi is not executable" in done.stderr and "execc" in done.stderr
+
+
+def test_system_template_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    # For systemd before 256 (docs/headless.md): the system manager decrypts, the relay runs
+    # as the user. Verified as an instance for the user running the test.
+    import pwd
+
+    user = pwd.getpwuid(os.getuid()).pw_name
+    instance = tmp_path / f"tray-proxy@{user}.service"
+    shutil.copy(SYSTEM_UNIT, instance)
+    done = subprocess.run(
+        [_analyze(), "verify", str(instance)],
+        capture_output=True, text=True, timeout=60, check=False,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "SYSTEMD_LOG_LEVEL": "notice"},
+    )  # fmt: skip
+    assert done.returncode == 0 and done.stderr.strip() == "", done.stderr
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.read_string(SYSTEM_UNIT.read_text())
+    assert unit["Service"]["User"] == "%i"
+    assert unit["Service"]["LoadCredentialEncrypted"].startswith("corp:/etc/credstore.encrypted/")
 
 
 def test_unit_runs_the_headless_relay_with_the_credential() -> None:
