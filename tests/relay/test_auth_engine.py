@@ -621,31 +621,31 @@ def test_a_407_for_credentials_that_worked_recovers_after_the_backoff_one_try_pe
             async with running_relay([up], origin.address, creds, reverify_after=period) as relay:
                 assert await _fetch(relay) == b"ping"
                 proxy.credentials = ("alice", "changed-by-the-directory")
-                # The first refusal costs two logins: the fast path's request, which carried
-                # the password before any 407 came back, and the one re-check on the Task
-                # path (connections already on their way each cost one, as those before the
-                # first 407 left). The storm after it costs none.
+                # The first refusal costs one login: the fast path's request, which carried
+                # the password before any 407 came back; a Basic-only 407 is final, no
+                # re-check. (Connections already on their way when it came each cost one.)
+                # The storm after it costs none.
                 assert await _fail(relay) == b""
-                assert proxy.failed == 2
+                assert proxy.failed == 1
                 refused = await asyncio.gather(*(_fail(relay) for _ in range(10)))
                 assert refused == [b""] * 10
-                assert proxy.failed == 2
+                assert proxy.failed == 1
                 assert relay.of(CredentialsRejected) == [CredentialsRejected("corp", "alice")]
                 loop = asyncio.get_running_loop()
                 rejected_at = loop.time()
                 # Still refused: one attempt per period, none in between, no new event.
-                await until(lambda: proxy.failed == 3, 3 * period, "the first re-verification")
+                await until(lambda: proxy.failed == 2, 3 * period, "the first re-verification")
                 first = loop.time() - rejected_at
                 assert period * 0.8 <= first < period * 2, first
-                await until(lambda: proxy.failed == 4, 3 * period, "the second")
+                await until(lambda: proxy.failed == 3, 3 * period, "the second")
                 assert loop.time() - rejected_at >= 1.8 * period
                 assert len(relay.of(CredentialsRejected)) == 1
                 assert await _fail(relay) == b""  # meanwhile: fail fast, nothing sent
-                assert proxy.failed == 4
+                assert proxy.failed == 3
                 proxy.credentials = ("alice", "right")  # the directory is back
                 await until(lambda: relay.of(CredentialsAccepted), 3 * period, "the recovery")
                 assert relay.of(CredentialsAccepted) == [CredentialsAccepted("corp", "alice")]
-                assert proxy.failed == 4
+                assert proxy.failed == 3
                 assert await _fetch(relay) == b"ping"
                 assert await _fetch(relay) == b"ping"
 
@@ -664,13 +664,13 @@ def test_entering_the_same_password_again_verifies_it_at_once(run):
                 assert await _fetch(relay) == b"ping"
                 proxy.credentials = ("alice", "changed-by-the-directory")
                 assert await _fail(relay) == b""
-                assert proxy.failed == 2  # the fast path's request and the re-check
+                assert proxy.failed == 1
                 proxy.credentials = ("alice", "right")
                 assert await _fail(relay) == b""  # still rejected: nothing sent
-                assert proxy.failed == 2 and proxy.checked == 3
+                assert proxy.failed == 1 and proxy.checked == 2
                 relay.engine.set_credentials("corp", Credentials("alice", Secret("right")))
                 await until(lambda: relay.of(CredentialsAccepted), 5, "the verification")
-                assert proxy.checked == 4 and proxy.failed == 2
+                assert proxy.checked == 3 and proxy.failed == 1
                 assert await _fetch(relay) == b"ping"
 
     run(main)

@@ -177,10 +177,11 @@ def test_handshake_timeout_on_the_fast_path(run, openings):
     run(main)
 
 
-def test_verified_basic_credentials_take_the_fast_path_and_a_later_407_is_rechecked(run, openings):
+def test_verified_basic_credentials_take_the_fast_path_and_a_later_407_is_final(run, openings):
     """The first connection verifies the password on the Task path; later ones take the
-    fast path with the same header. When the proxy stops taking it, the fast path hands
-    over, the Task path re-checks once, and the password goes nowhere after that."""
+    fast path with the same header. When the proxy stops taking it (a 407 offering Basic
+    only), that one failed login is final: no re-check that would cost another (issue 16
+    item 7), and the password goes nowhere after that until the re-verification."""
     creds = StaticCredentialSource({"corp": Credentials("alice", Secret("right"))})
 
     async def main():
@@ -206,16 +207,58 @@ def test_verified_basic_credentials_take_the_fast_path_and_a_later_407_is_rechec
             writer.close()
             (*_, closed) = await relay.wait_closed(5)
             assert closed.reason is CloseReason.UPSTREAM_AUTH_FAILED, closed
-            # One request from the fast path, one re-check from the Task path: no more.
-            assert len(proxy.requests) - before == 2
+            # One request from the fast path: no re-check.
+            assert len(proxy.requests) - before == 1
+            assert "rejected the credentials of alice (Basic)" in closed.detail
+            assert "tray-proxy credentials set corp" in closed.detail
             assert [e.username for e in relay.of(CredentialsRejected)] == ["alice"]
             # From now on the stored password is sent nowhere.
             reader, writer = await relay.connect()
             await read_until_error(reader)
             writer.close()
             await relay.wait_closed(6)
-            assert len(proxy.requests) - before == 2
+            assert len(proxy.requests) - before == 1
             _assert_nothing_registered(relay)
+
+    run(main)
+
+
+class _SchemeChangingProxy(ConnectProxy):
+    """Basic; once `hiccups` is set, it refuses that many requests with a 407 that offers
+    another scheme besides Basic (the proxy's offer changed), then takes Basic again."""
+
+    hiccups = 0
+
+    def authenticate(self, req):
+        if self.hiccups:
+            self.hiccups -= 1
+            return (
+                b"HTTP/1.1 407 Proxy Authentication Required\r\n"
+                b"Proxy-Authenticate: Bearer\r\n"
+                b'Proxy-Authenticate: Basic realm="x"\r\nContent-Length: 0\r\n\r\n'
+            )
+        return super().authenticate(req)
+
+
+def test_a_407_that_offers_another_scheme_is_rechecked_on_the_task_path(run, openings):
+    creds = StaticCredentialSource({"corp": Credentials("alice", Secret("right"))})
+
+    async def main():
+        async with (
+            Origin(echo) as origin,
+            _SchemeChangingProxy(credentials=("alice", "right")) as proxy,
+            running_relay([http_upstream(proxy, "corp", "alice")], origin.address, creds) as relay,
+        ):
+            for i in range(2):
+                assert await echo_once(relay.address) == b"ping"
+                await relay.wait_closed(1 + i)
+            assert len(openings) == 1
+            proxy.hiccups = 1
+            before = len(proxy.requests)
+            # The fast path's 407 offers Digest too: the Task path answers the offer.
+            assert await echo_once(relay.address) == b"ping"
+            assert len(proxy.requests) - before == 2
+            assert relay.of(CredentialsRejected) == []
 
     run(main)
 

@@ -872,10 +872,31 @@ class RelayEngine:
         self._start_tunnel(record, conn, upstream)
 
     def failed(self, record: ConnectionRecord, conn: socket.socket, exc: UpstreamError) -> None:
+        if exc.rejected:
+            self._rejected_on_fast_path(exc)
+        self._upstream_failed(record, conn, exc)
+
+    def _upstream_failed(
+        self, record: ConnectionRecord, conn: socket.socket, exc: UpstreamError
+    ) -> None:
         self.bus.publish(
             UpstreamFailed(record.upstream or "?", exc.reason, exc.detail, time.time(), record.id)
         )
         self._finish(record, conn, exc.reason, exc.detail, reset=True)
+
+    def _rejected_on_fast_path(self, exc: UpstreamError) -> None:
+        """The proxy refused verified Basic credentials: they are rejected now, as if a
+        re-check had failed (it would only cost another failed login)."""
+        upstream = self.active_upstream
+        creds = self._credentials_of(upstream) if upstream is not None else None
+        if upstream is None or creds is None:
+            return
+        self._auth_of(upstream).reject(creds)
+        exc.detail = (
+            f"proxy {upstream} rejected the credentials of {creds.username} (Basic); they are "
+            f"tried again in {self.settings.reverify_after:g}s. Enter the right password for "
+            f"{creds.username} (tray-proxy credentials set {upstream.name})"
+        )
 
     def closed(
         self,
@@ -980,7 +1001,7 @@ class RelayEngine:
         except UpstreamError as exc:
             if upstream_sock is not None:
                 upstream_sock.close()
-            self.failed(record, conn, exc)
+            self._upstream_failed(record, conn, exc)
             return
         except asyncio.CancelledError:
             if upstream_sock is not None:

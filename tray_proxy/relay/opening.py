@@ -28,9 +28,11 @@ import errno
 import os
 import socket
 import time
+from collections.abc import Sequence
 from typing import Protocol
 
 from tray_proxy.relay.poller import Poller
+from tray_proxy.relay.protocol.challenge import parse_challenges
 from tray_proxy.relay.protocol.errors import HandshakeRefused, ProtocolError, UsageError
 from tray_proxy.relay.protocol.http_connect import (
     ConnectHandshake,
@@ -69,6 +71,16 @@ class ConnectRequests:
         self.header = None
 
 
+def _basic_only(headers: Sequence[tuple[str, str]]) -> bool:
+    """Does a 407 offer Basic and no other scheme?"""
+    values = [v for n, v in headers if n == "proxy-authenticate"]
+    try:
+        schemes = {c.scheme for c in parse_challenges(values)}
+    except ProtocolError:
+        return False
+    return schemes == {"basic"}
+
+
 class Hooks(Protocol):
     """What an Opening needs from the engine."""
 
@@ -81,7 +93,8 @@ class Hooks(Protocol):
         """The tunnel is open and every early byte forwarded: start piping."""
 
     def failed(self, record: ConnectionRecord, conn: socket.socket, exc: UpstreamError) -> None:
-        """The upstream could not give a tunnel: close the client with a reset."""
+        """The upstream could not give a tunnel: close the client with a reset.
+        `exc.rejected`: the proxy refused the credentials it had taken (Basic)."""
 
     def closed(
         self,
@@ -545,7 +558,21 @@ class Opening:
             handshake.receive_data(data)
         except HandshakeRefused as exc:
             if exc.status == 407:
-                # The proxy no longer takes what it took before (a changed password, say):
+                if self.header is not None and _basic_only(exc.headers):
+                    # The proxy refused the Basic credentials it took before, and asks for
+                    # nothing else: a re-check would only cost the account another failed
+                    # login (issue 16 item 7). The engine marks them rejected.
+                    self._fail(
+                        UpstreamError(
+                            CloseReason.UPSTREAM_AUTH_FAILED,
+                            f"proxy {self.upstream} rejected the credentials (Basic)",
+                            status=407,
+                            refusal=exc.reason,
+                            rejected=True,
+                        )
+                    )
+                    return
+                # The proxy no longer takes what it took before and offers another scheme:
                 # the coroutine path re-checks the credentials, one connection at a time.
                 self._fall_back(reauthenticate=True)
                 return

@@ -411,6 +411,14 @@ class UpstreamAuth:
         if credentials == self._credentials and self.state is CredentialState.VERIFIED:
             self.state = CredentialState.UNVERIFIED
 
+    def reject(self, credentials: Credentials) -> None:
+        """The proxy refused verified `credentials` in a way a re-check could not change
+        (Basic, and nothing else offered): rejected, as a failed verification would leave
+        them."""
+        if credentials == self._credentials and self.state is CredentialState.VERIFIED:
+            permit = Permit(credentials, verifier=False, version=self.version)
+            self.settle(permit, CredentialState.REJECTED)
+
     def sends_basic(self, pinned: str | None) -> bool:
         """Would a tunnel's first request carry Basic credentials (ProxyAuth.first())?"""
         return (pinned or self.memo.scheme) == "basic"
