@@ -87,8 +87,8 @@ class RoutingSettings:
     failing over to the others by priority, and direct when none is reachable.
 
     `default`: None (the active upstream first, then the others), an upstream's name, "direct"
-    or "pac". `priorities`: (name, priority) for the upstreams that set one; the others rank
-    by their place in the file after them (lower first).
+    or "pac". `priorities`: (name, priority) for the upstreams that set one; the others have
+    their place in the file (0, 1, ...) as priority. Lower goes first; ties go by place.
     """
 
     pac_url: str | None = None
