@@ -130,9 +130,12 @@ if [ "$(cat "$PREFIX/venv/.tray-proxy-source" 2>/dev/null)" != "$STAMP" ]; then
     say "installing tray-proxy into $PREFIX/venv"
     PIP=("$PREFIX/venv/bin/python" -m pip install -q --disable-pip-version-check)
     if [ -n "$WHEELS" ]; then PIP+=(--no-index --find-links "$WHEELS"); fi
+    # The version number does not change with the checkout: pip would call the old install
+    # "already satisfied". Dependencies stay, so this costs only tray-proxy's own files.
+    "$PREFIX/venv/bin/python" -m pip uninstall -q -y --disable-pip-version-check tray-proxy \
+        >/dev/null 2>&1 || true
     if [ -n "$WHEELS" ] && compgen -G "$WHEELS/tray_proxy-*.whl" >/dev/null; then
         # An offline wheelhouse with tray-proxy's own wheel (built from this checkout).
-        "${PIP[@]}" --force-reinstall --no-deps tray-proxy
         "${PIP[@]}" "tray-proxy[fast]"
     else
         # A copy of the checkout: pip's in-tree build writes build/ and *.egg-info next to

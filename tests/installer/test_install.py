@@ -48,7 +48,7 @@ import tomllib
 
 from tests.firewall.e2e_support import LOOPBACK_ONLY, has_our_table, wait_until
 from tests.firewall.test_e2e_pkexec import BUS_CONFIG, POLKITD, _wait_for_bus_name
-from tests.installer.wheelhouse import build_wheelhouse
+from tests.installer.wheelhouse import build_wheelhouse, project_wheel
 from tests.integration.relay import allocate_port
 from tests.lab.environment import Lab
 from tests.lab.origins import HOSTNAME
@@ -460,6 +460,26 @@ def test_install_first_run_enable_uninstall(lab: Lab, wheels: Path, root_by: str
         assert _diff(installed, snapshot(box, mtimes=True)) == [], (
             "the second install changed things"
         )
+
+        if root_by == "sudo":  # once is enough: a changed checkout is installed again
+            marker = f"# changed {secrets.token_hex(4)}\n"
+            with (box.src / "tray_proxy" / "__init__.py").open("a") as handle:
+                handle.write(marker)
+            changed = box.work / "wheels-changed"
+            changed.mkdir(mode=0o755)
+            for wheel in wheels.glob("*.whl"):
+                if not wheel.name.startswith("tray_proxy-"):
+                    (changed / wheel.name).symlink_to(wheel)
+            project_wheel(box.src, changed).chmod(0o644)
+            update = box.install("--no-start", "--wheels", str(changed))
+            assert update.returncode == 0, update.stdout + update.stderr
+            assert "installing tray-proxy into" in update.stdout
+            installed_init = next(
+                (box.home / ".local/share/tray-proxy/venv/lib").glob(
+                    "python3*/site-packages/tray_proxy/__init__.py"
+                )
+            )
+            assert installed_init.read_text().endswith(marker)
 
         # ---- from now on no sudo of the test's own: only what the installer set up
         box.grant_sudo(False)
