@@ -85,6 +85,7 @@ def test_forget_drops_removed_upstreams() -> None:
     h = Health(BreakerPolicy(failures_to_open=1))
     h.failure("gone", 0.0)
     h.success("kept", 0.0, 0.01)
+    h.success("closed", 0.0)
     version = h.version
     h.forget({"kept"})
     assert h.all_closed and h.version > version

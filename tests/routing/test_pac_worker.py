@@ -9,6 +9,7 @@ import os
 import socket
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,6 +167,18 @@ def test_a_dead_child_is_a_failure_then_restarted(evaluator: PacEvaluator) -> No
     assert evaluator.find("https://wiki/", "wiki") == "DIRECT"
 
 
+def test_a_child_that_cannot_restart_is_a_failure(evaluator: PacEvaluator, tmp_path: Path) -> None:
+    assert evaluator.load(PAC) is None
+    evaluator._python = str(tmp_path / "no-python")  # the interpreter went away (an upgrade)
+    proc = evaluator._proc
+    assert proc is not None
+    proc.kill()
+    proc.wait(5)
+    assert isinstance(evaluator.find("https://wiki/", "wiki"), PacFailure)
+    failure = evaluator.find("https://wiki/", "wiki")
+    assert isinstance(failure, PacFailure) and "cannot start" in failure.words
+
+
 def test_a_child_that_cannot_start_is_a_failure(tmp_path: Path) -> None:
     e = PacEvaluator(python=str(tmp_path / "no-python"))
     try:
@@ -197,6 +210,17 @@ def test_a_child_that_answers_nonsense_is_a_failure(tmp_path: Path) -> None:
         assert isinstance(odd, PacFailure) and "nonsense" in odd.words
     finally:
         e.close()
+    for script, words in [
+        ("read line\necho 'not json'\n", "nonsense"),
+        ("read line\nexit 0\n", "exited while loading"),
+    ]:
+        fake.write_text("#!/bin/sh\n" + script)
+        e = PacEvaluator(python=str(fake), timeout=5.0)
+        try:
+            failure = e.load(PAC)
+            assert isinstance(failure, PacFailure) and words in failure.words
+        finally:
+            e.close()
     fake.write_text("#!/bin/sh\nread line\necho '{\"ok\": false}'\nsleep 30\n")
     e = PacEvaluator(python=str(fake), timeout=5.0)
     try:
@@ -212,7 +236,7 @@ def test_a_child_that_answers_nonsense_is_a_failure(tmp_path: Path) -> None:
 def test_http_fetch_uses_the_etag(origin: _Origin) -> None:
     origin.files["/proxy.pac"] = _Served(PAC.encode(), {"ETag": '"v1"'})
     url = origin.url("/proxy.pac?token=s3cret")
-    got = fetch_pac(url)
+    got = fetch_pac(url, opener=urllib.request.build_opener(urllib.request.ProxyHandler({})))
     assert isinstance(got, PacText) and got.validator == 'etag:"v1"'
     assert fetch_pac(url, got.validator) == Unchanged()
     assert origin.requests[-1][1] == '"v1"'

@@ -213,3 +213,10 @@ def test_any_text_either_parses_to_a_stable_pattern_or_says_why(text: str) -> No
     else:
         assert isinstance(pattern, Pattern)
         assert parse_pattern(pattern.text) == pattern
+
+
+def test_a_ported_local_pattern() -> None:
+    table = _table(["<local>:81"])
+    assert table.first_match("plain", None, 81) == 0
+    assert table.first_match("a.plain", None, 81) is None
+    assert table.first_match("plain", None, 80) is None

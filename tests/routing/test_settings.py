@@ -9,7 +9,12 @@ import pytest
 
 from tray_proxy.config import ConfigError, dump_config, parse_config
 from tray_proxy.routing.rules import Action, PatternKind
-from tray_proxy.routing.settings import RoutingConfigError, RoutingSettings, dump_routing
+from tray_proxy.routing.settings import (
+    RoutingConfigError,
+    RoutingSettings,
+    dump_routing,
+    parse_routing,
+)
 
 UPSTREAMS = """
 [[upstream]]
@@ -117,6 +122,8 @@ def test_pac_locations(pac_url: str) -> None:
         ),
         ('[[rule]]\nmatch = ["a"]\naction = "Corp"', "rule[0].action", "upstream's name"),
         ('[[rule]]\nmatch = ["a"]\naction = false', "rule[0].action", "got false"),
+        ('[[rule]]\nmatch = ["a"]\naction = {}', "rule[0].action", "got a table"),
+        ('[[rule]]\nmatch = ["a"]\naction = 2026-01-01', "rule[0].action", "got a date"),
     ],
 )
 def test_errors_name_the_field(text: str, field: str, words: str) -> None:
@@ -146,6 +153,9 @@ def test_too_many_rules_or_patterns() -> None:
 
 
 def test_routing_error_alone() -> None:
+    with pytest.raises(RoutingConfigError) as caught:
+        parse_routing({"pac": "x"}, None, [], [])
+    assert caught.value.field == "routing.pac"
     exc = RoutingConfigError("rule[3].match[1]", "must be a host name")
     assert str(exc) == "rule[3].match[1]: must be a host name"
 

@@ -154,10 +154,11 @@ class PacEvaluator:
         proc.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(5)
+        # Popen(stdin=PIPE, stdout=PIPE) always has both.
+        assert proc.stdin is not None and proc.stdout is not None
         for pipe in (proc.stdin, proc.stdout):
-            if pipe is not None:
-                with contextlib.suppress(OSError):
-                    pipe.close()
+            with contextlib.suppress(OSError):
+                pipe.close()
 
 
 @dataclass(frozen=True, slots=True)
