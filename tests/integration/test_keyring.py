@@ -14,15 +14,17 @@ import contextlib
 import json
 import os
 import secrets
+import shlex
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.integration.keyring_env import KeyringSandbox
+from tests.integration.keyring_env import REPO, KeyringSandbox
 
 CLI = [sys.executable, "-m", "tray_proxy.cli_credentials"]
 
@@ -355,3 +357,62 @@ def test_first_save_in_a_bare_session_says_unlock_then_works(
     assert len(dismissed) == 1 and "`tray-proxy unlock`" in dismissed[0], lines
     assert not any("PromptDismissedException" in line for line in lines), lines
     assert 'created the keyring "login"' in result.stdout
+
+
+def _converse(argv: list[str], env: dict[str, str], turns: list[tuple[str, str]]) -> str:
+    """Run `argv` on a terminal (`script` gives it a pty) and answer each prompt in turn:
+    wait for the prompt text, then type the answer. Returns everything it printed."""
+    import select
+    import time
+
+    proc = subprocess.Popen(
+        ["script", "-qec", shlex.join(argv), "/dev/null"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env=env, cwd=REPO, start_new_session=True,
+    )  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None
+    seen = b""
+    try:
+        for prompt, answer in [*turns, ("", "")]:
+            deadline = time.monotonic() + 30
+            while prompt.encode() not in seen or not prompt:
+                ready, _, _ = select.select([proc.stdout], [], [], 0.2)
+                if ready:
+                    chunk = os.read(proc.stdout.fileno(), 4096)
+                    if not chunk:
+                        break
+                    seen += chunk
+                elif not prompt and proc.poll() is not None:
+                    break
+                assert time.monotonic() < deadline, f"no {prompt!r} within 30 s: {seen!r}"
+            if not prompt:
+                break
+            seen = seen.replace(prompt.encode(), b"<" + prompt.encode() + b">", 1)
+            proc.stdin.write(answer.encode() + b"\n")
+            proc.stdin.flush()
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        proc.stdin.close()
+        proc.stdout.close()
+    return seen.decode("utf-8", "replace")
+
+
+def test_unlock_asks_on_the_terminal_twice_for_a_new_keyring(bare: KeyringSandbox) -> None:
+    env = bare.env()
+    argv = [sys.executable, "-m", "tray_proxy", "unlock"]
+    typo = _converse(argv, env, [("Keyring password: ", "first"), ("Repeat it: ", "frist")])
+    assert "the two passwords differ; nothing was created" in typo
+    assert not (bare.home / ".local/share/keyrings/login.keyring").exists()
+
+    password = "kr-" + secrets.token_hex(4)
+    created = _converse(argv, env, [("Keyring password: ", password), ("Repeat it: ", password)])
+    assert 'created the keyring "login"' in created, created
+    assert password not in created  # never echoed
+    bare.run(UNLOCK, session=False)  # (already unlocked: asks nothing)
+    answers = bare.store([{"op": "lock"}], session=False, env=_bus_env(bare))
+    assert answers[0]["result"] is True
+    unlocked = _converse(argv, env, [("Keyring password: ", password)])
+    assert "the keyring is unlocked" in unlocked and "Repeat" not in unlocked, unlocked
