@@ -92,6 +92,10 @@ PACKAGES=(python3 python3-venv nftables iproute2 libgl1 libegl1 libxkbcommon0 li
 if command -v keepassxc >/dev/null || command -v kwalletd5 >/dev/null \
         || command -v kwalletd6 >/dev/null; then
     KEYRING_PROVIDER=other
+    if command -v keepassxc >/dev/null; then
+        say "keyring: KeePassXC is installed; enable its Secret Service integration (Settings >" \
+            "Secret Service Integration) and keep a database open while tray-proxy runs"
+    fi
 else
     KEYRING_PROVIDER=gnome-keyring
     PACKAGES+=(dbus gnome-keyring libsecret-tools)
