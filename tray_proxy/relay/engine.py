@@ -602,7 +602,8 @@ class RelayEngine:
             except OSError as exc:
                 self._listener_error(
                     f"cannot listen on {format_authority(host, port)} for containers: "
-                    f"{exc.strerror or exc}; containers behind it go without the relay"
+                    f"{exc.strerror or exc}; connections from the containers behind it cannot "
+                    "reach the relay"
                 )
                 continue
             self._extra[host] = sock

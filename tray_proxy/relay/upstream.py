@@ -423,12 +423,6 @@ class UpstreamAuth:
         """Would a tunnel's first request carry Basic credentials (ProxyAuth.first())?"""
         return (pinned or self.memo.scheme) == "basic"
 
-    def retry(self) -> None:
-        """The user asked to try the rejected credentials again."""
-        if self.state is CredentialState.REJECTED:
-            self.state = CredentialState.UNVERIFIED
-        self._wake()
-
     def reverify(self) -> int | None:
         """The backoff after a rejection is over: let one connection try the same
         credentials again. Returns the version it concerns, or None when they are no longer
