@@ -89,6 +89,9 @@ def run(args: argparse.Namespace) -> int:
     except UnlockError as exc:
         print(f"tray-proxy: {exc}", file=sys.stderr)
         return exc.code
+    except (KeyboardInterrupt, EOFError):  # Ctrl+C anywhere, Ctrl+D at the password prompt
+        print("\ntray-proxy: cancelled; the keyring is as it was", file=sys.stderr)
+        return EXIT_FAILURE
     return EXIT_OK
 
 

@@ -359,6 +359,9 @@ def test_first_save_in_a_bare_session_says_unlock_then_works(
     assert 'created the keyring "login"' in result.stdout
 
 
+CTRL_D = "<ctrl-d>"
+
+
 def _converse(argv: list[str], env: dict[str, str], turns: list[tuple[str, str]]) -> str:
     """Run `argv` on a terminal (`script` gives it a pty) and answer each prompt in turn:
     wait for the prompt text, then type the answer. Returns everything it printed."""
@@ -388,7 +391,7 @@ def _converse(argv: list[str], env: dict[str, str], turns: list[tuple[str, str]]
             if not prompt:
                 break
             seen = seen.replace(prompt.encode(), b"<" + prompt.encode() + b">", 1)
-            proc.stdin.write(answer.encode() + b"\n")
+            proc.stdin.write(b"\x04" if answer == CTRL_D else answer.encode() + b"\n")
             proc.stdin.flush()
         proc.wait(30)
     finally:
@@ -405,6 +408,8 @@ def test_unlock_asks_on_the_terminal_twice_for_a_new_keyring(bare: KeyringSandbo
     argv = [sys.executable, "-m", "tray_proxy", "unlock"]
     typo = _converse(argv, env, [("Keyring password: ", "first"), ("Repeat it: ", "frist")])
     assert "the two passwords differ; nothing was created" in typo
+    cancelled = _converse(argv, env, [("Keyring password: ", CTRL_D)])
+    assert "cancelled; the keyring is as it was" in cancelled and "Traceback" not in cancelled
     assert not (bare.home / ".local/share/keyrings/login.keyring").exists()
 
     password = "kr-" + secrets.token_hex(4)
