@@ -22,7 +22,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.integration.engine_in_lab import EngineInLab
-from tests.integration.relay import allocate_port
+from tests.integration.relay import RelayProcess, UpstreamSpec, allocate_port
 from tests.lab.curl import curl_config
 from tests.lab.environment import Lab
 from tray_proxy.relay.credentials import Credentials, Secret, StaticCredentialSource
@@ -230,3 +230,38 @@ def test_a_download_longer_than_the_drain_ends_at_once_and_a_short_one_completes
             ended = big.ended_at - asked
             assert ended <= DRAIN + 6.0, f"curl ended {ended:.2f} s after the stop"
             assert _sockets(lab, f"sport = :{engine.port}") == []
+
+
+def test_tray_proxy_run_drains_on_sigterm_then_ends_every_client_at_once(lab: Lab) -> None:
+    """The same through the real `tray-proxy run` (SIGTERM: the controller's stop path, the
+    relay on the controller's loop)."""
+    with (
+        RelayProcess(
+            lab,
+            UpstreamSpec.for_squid(lab.squid),
+            settings={"drain_timeout": DRAIN, "listen": ["127.0.0.1"]},
+        ) as relay,
+        relay.redirect(),
+        download(lab, BIG, "1M") as big,
+    ):
+        big.wait_received(256 * 1024)
+        with download(lab, SMALL, "512K") as small:
+            small.wait_received(1)
+            asked = time.monotonic()
+            watch = ClientSockets(lab)
+            watch.start()
+            try:
+                problem = relay.stop()  # SIGTERM, then wait for exit 0
+                exited = time.monotonic() - asked
+                small.join(DRAIN + 5)
+                big.join(DRAIN + 10)
+            finally:
+                watch.close()
+            assert problem is None, problem
+            assert small.intact(), (small.returncode, small.stderr, small.received())
+            assert watch.gone_at is not None, f"client sockets still open: {watch.last}"
+            gone = watch.gone_at - asked
+            assert DRAIN - 0.5 <= gone <= DRAIN + 1.0, f"client sockets gone after {gone:.2f} s"
+            assert exited <= DRAIN + 3.0, f"tray-proxy run exited {exited:.2f} s after SIGTERM"
+            assert big.returncode not in (None, 0)
+            assert big.received() < BIG
