@@ -362,3 +362,13 @@ def test_real_pac_script_through_the_router(real_script: PacScript, tmp_path: Pa
         assert d.decided_by == "default" and "cannot read the PAC file" in d.pac_failure
     finally:
         missing.close()
+
+
+def test_pac_decisions_cache_is_bounded() -> None:
+    script = _Script({f"h{i}.example": "PROXY proxy.corp:3128" for i in range(6)})
+    config = _config(PAC_SETTINGS)
+    table = RoutingTable(config.routing, config.upstreams, config.relay.upstream)
+    r = Router(table, script, Health(), cache_size=2)
+    for i in range(6):
+        assert r.decide(f"h{i}.example", None, 443).upstreams == ("corp",)
+    assert len(r._pac_decisions) <= 2

@@ -220,3 +220,12 @@ def test_a_ported_local_pattern() -> None:
     assert table.first_match("plain", None, 81) == 0
     assert table.first_match("a.plain", None, 81) is None
     assert table.first_match("plain", None, 80) is None
+
+
+def test_networks_of_any_prefix_length_keep_rule_order() -> None:
+    table = _table(["10.1.0.0/16"], ["10.0.0.0/8", "::/0"], ["10.1.2.0/24", "0.0.0.0/0"])
+    assert table.first_match(None, _ip("10.1.2.3"), 443) == 0
+    assert table.first_match(None, _ip("10.2.0.1"), 443) == 1
+    assert table.first_match(None, _ip("192.0.2.1"), 443) == 2
+    assert table.first_match(None, _ip("2001:db8::1"), 443) == 1
+    assert table.first_match("10.1.2.3", _ip("192.0.2.1"), 443) == 0  # the name's address too

@@ -204,13 +204,18 @@ class PacCache:
         self._entries: dict[tuple[str, int], tuple[float, PacRoute | PacFailure]] = {}
 
     def get(self, host: str, port: int, now: float) -> PacRoute | PacFailure | None:
+        entry = self.entry(host, port, now)
+        return None if entry is None else entry[1]
+
+    def entry(self, host: str, port: int, now: float) -> tuple[float, PacRoute | PacFailure] | None:
+        """(when it expires, the answer), or None when there is none still valid."""
         entry = self._entries.get((host, port))
         if entry is None:
             return None
         if now >= entry[0]:
             del self._entries[(host, port)]
             return None
-        return entry[1]
+        return entry
 
     def put(
         self,

@@ -169,6 +169,7 @@ class Router:
         self._cache_size = cache_size
         self._cache: dict[tuple[str | None, object, int], _Route] = {}
         self._adhoc: dict[str, tuple[UpstreamProxy, str | None]] = {}
+        self._pac_decisions: dict[tuple[str | None, object, int], tuple[float, Decision]] = {}
         self._pac_generation = pac.generation if pac is not None else 0
         self.table = table
         self.reload(table)
@@ -178,6 +179,7 @@ class Router:
         self.table = table
         self._cache.clear()
         self.pac_cache.clear()
+        self._pac_decisions.clear()
         self._adhoc.clear()
         self.health.forget(set(table.upstreams))
         s = table.settings
@@ -190,6 +192,7 @@ class Router:
         self.pac = pac
         self._pac_generation = pac.generation if pac is not None else 0
         self.pac_cache.clear()
+        self._pac_decisions.clear()
 
     # -- deciding
 
@@ -205,7 +208,7 @@ class Router:
         destination `ip` and `port`; `url` is the plain-HTTP request's URL (for the PAC).
         Evaluates the PAC script inline when its answer is not cached (see `pac_pending`)."""
         route = self._route(host, ip, port)
-        decision = self._pac_decision(host, ip, port, url, now) if route.pac else route.decision
+        decision = self._pac_seen(host, ip, port, url, now) if route.pac else route.decision
         if decision.kind is not DecisionKind.PROXY:
             return decision
         if self._priority and self.health.all_closed:
@@ -292,6 +295,7 @@ class Router:
         if pac is not None and pac.generation != self._pac_generation:
             self._pac_generation = pac.generation
             self.pac_cache.clear()
+            self._pac_decisions.clear()
 
     def _pac_key(self, host: str | None, ip: str | IPAddress | None) -> str | None:
         name = canonical_host(host) if host else None
@@ -299,30 +303,51 @@ class Router:
             name = str(ip)
         return name
 
-    def _pac_decision(
+    def _pac_seen(
         self, host: str | None, ip: str | IPAddress | None, port: int, url: str | None, now: float
     ) -> Decision:
+        # The PAC cache is keyed by the normalised name; this one by what the relay passes,
+        # so a repeated connection costs one dict probe instead of a normalisation.
+        self._check_generation()
+        key = (host, ip if host is None else None, port)
+        seen = self._pac_decisions.get(key)
+        if seen is not None and now < seen[0]:
+            return seen[1]
+        decision, expires = self._pac_decision(host, ip, port, url, now)
+        if len(self._pac_decisions) >= self._cache_size:
+            self._pac_decisions.clear()
+        self._pac_decisions[key] = (expires, decision)
+        return decision
+
+    def _pac_decision(
+        self, host: str | None, ip: str | IPAddress | None, port: int, url: str | None, now: float
+    ) -> tuple[Decision, float]:
         fallback = self._default.decision
         if self.pac is None:
-            return _with_failure(fallback, "no PAC script is in use")
-        self._check_generation()
+            return _with_failure(fallback, "no PAC script is in use"), now + self.pac_error_ttl
         key = self._pac_key(host, ip)
         if key is None:
-            return _with_failure(fallback, "the connection has neither a name nor an address")
-        answer = self.pac_cache.get(key, port, now)
-        if answer is None:
+            words = "the connection has neither a name nor an address"
+            return _with_failure(fallback, words), now + self.pac_error_ttl
+        entry = self.pac_cache.entry(key, port, now)
+        if entry is None:
             answer = self._evaluate(key, port, url, now)
+            failed = isinstance(answer, PacFailure)
+            expires = now + (self.pac_error_ttl if failed else self.pac_cache.ttl)
+        else:
+            expires, answer = entry
         if isinstance(answer, PacFailure):
-            return _with_failure(fallback, answer.words)
+            return _with_failure(fallback, answer.words), expires
         if answer.direct_first:
-            return Decision(DecisionKind.DIRECT, decided_by="pac", rule_text="DIRECT")
-        return Decision(
+            return Decision(DecisionKind.DIRECT, decided_by="pac", rule_text="DIRECT"), expires
+        decision = Decision(
             DecisionKind.PROXY,
             answer.upstreams,
             then_direct=answer.then_direct,
             decided_by="pac",
             rule_text=_pac_text(answer),
         )
+        return decision, expires
 
     def _evaluate(self, key: str, port: int, url: str | None, now: float) -> PacRoute | PacFailure:
         assert self.pac is not None

@@ -219,7 +219,9 @@ class MatchTable:
         self._ports: dict[int, int] = {}
         self._any: int | None = None
         self._local: int | None = None
-        self._networks: list[tuple[int, IPNetwork]] = []
+        # Address rules by (IP version, prefix length): {network bits: first rule}. A lookup
+        # costs one dict probe per prefix length in use, whatever the number of networks.
+        self._networks: dict[tuple[int, int], dict[int, int]] = {}
         # Patterns with a :PORT besides their host/address part: rare, scanned in order.
         self._ported: list[tuple[int, Pattern]] = []
         for index, rule in enumerate(patterns):
@@ -234,7 +236,10 @@ class MatchTable:
             self._ported.append((index, p))
         elif p.kind is PatternKind.NETWORK:
             assert p.network is not None
-            self._networks.append((index, p.network))
+            net = p.network
+            shift = net.max_prefixlen - net.prefixlen
+            by_bits = self._networks.setdefault((net.version, shift), {})
+            by_bits.setdefault(int(net.network_address) >> shift, index)
         elif p.kind is PatternKind.ANY:
             if self._any is None:
                 self._any = index
@@ -267,12 +272,14 @@ class MatchTable:
         hit = self._ports.get(port)
         if hit is not None and (best is None or hit < best):
             best = hit
-        for index, net in self._networks:
-            if best is not None and index >= best:
-                break
-            if any(a.version == net.version and a in net for a in addresses):
-                best = index
-                break
+        if self._networks:
+            for a in addresses:
+                value = int(a)
+                for (version, shift), by_bits in self._networks.items():
+                    if version == a.version:
+                        hit = by_bits.get(value >> shift)
+                        if hit is not None and (best is None or hit < best):
+                            best = hit
         for index, p in self._ported:
             if best is not None and index >= best:
                 break
