@@ -46,6 +46,7 @@ from tray_proxy.relay.upstream import CredentialState, Permit, UpstreamAuth, Ups
 
 __all__ = ["ForwardLimits", "ForwardResult", "Port80Memory", "forward_http"]
 
+_WIRE_NAMES = {"basic": "Basic", "digest": "Digest", "ntlm": "NTLM", "negotiate": "Negotiate"}
 _LINGER_SECONDS = 1.0
 _LINGER_BYTES = 1 << 20
 
@@ -282,6 +283,12 @@ class _Forwarder:
             return None
         if not isinstance(event, h11.Request):  # pragma: no cover - h11's state machine
             raise _Stop(CloseReason.INTERNAL_ERROR, f"unexpected {type(event).__name__}")
+        if _head_size(event) > self.limits.max_head:
+            raise _Stop(
+                CloseReason.DONE,
+                f"answered 431: the request head is over {self.limits.max_head} bytes",
+                answer=431,
+            )
         return event
 
     async def _exchange(self, request: h11.Request) -> None:
@@ -386,6 +393,10 @@ class _Forwarder:
                     raise _ClosedBeforeAnswer from None
                 raise self._broken(exc, received) from None
             received = True
+            if isinstance(event, h11.InformationalResponse | h11.Response) and (
+                _head_size(event) > self.limits.max_head
+            ):
+                raise self._bad_answer(f"a response head over {self.limits.max_head} bytes")
             if isinstance(event, h11.InformationalResponse):
                 if event.status_code == 101:
                     raise self._bad_answer("101 Switching Protocols to a request without Upgrade")
@@ -474,7 +485,8 @@ class _Forwarder:
         if creds is None:
             why = "asks for authentication and no password is set up"
         elif upstream.auth not in (AuthScheme.AUTO, AuthScheme.BASIC) or "basic" not in offered:
-            schemes = ", ".join(dict.fromkeys(offered)) or "no scheme"
+            schemes = ", ".join(dict.fromkeys(_WIRE_NAMES.get(o, o) for o in offered))
+            schemes = schemes or "no scheme"
             why = f"wants {schemes} for plain HTTP, and forwarding plain HTTP answers Basic only"
         elif not bodyless:
             why = (
@@ -587,7 +599,8 @@ class _Forwarder:
 
     def _up_reusable(self) -> bool:
         up = self._up()
-        return up.our_state is h11.DONE and up.their_state is h11.DONE
+        # trailing_data[1]: the proxy closed (a read-to-close body ended), whatever the states.
+        return up.our_state is h11.DONE and up.their_state is h11.DONE and not up.trailing_data[1]
 
     def _close_upstream(self) -> None:
         if self.sock is not None:
@@ -689,6 +702,13 @@ class _UpstreamEOF(Exception):
 def _started(up: h11.Connection) -> bool:
     # h11 keeps a partial response head in its buffer: a close then cuts a started answer.
     return bool(up.trailing_data[0])
+
+
+def _head_size(event: h11.Request | h11.InformationalResponse | h11.Response) -> int:
+    """About the bytes of a head. h11 caps only a head that arrives in pieces; one that came
+    in a single read of any size would pass."""
+    first = len(event.target) if isinstance(event, h11.Request) else len(event.reason)
+    return first + 16 + sum(len(n) + len(v) + 4 for n, v in event.headers.raw_items())
 
 
 def _bodyless(request: h11.Request) -> bool:
