@@ -43,8 +43,8 @@ _START_KEYRING = (
     "enable KeePassXC's Secret Service integration (Settings > Secret Service Integration)"
 )
 _START_BUS = (
-    "start a session bus and use it for tray-proxy: `eval $(dbus-launch --sh-syntax)` "
-    "(package dbus-x11) in the shell that starts tray-proxy, or log in to a desktop session"
+    "run `tray-proxy unlock`: it starts a session bus and the keyring where no desktop session"
+    " runs (WSL, ssh), and tray-proxy finds that bus by itself; or log in to a desktop session"
 )
 
 

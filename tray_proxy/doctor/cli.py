@@ -62,6 +62,7 @@ def _target(text: str) -> tuple[str, int] | None:
 
 def run(args: argparse.Namespace) -> int:
     from tray_proxy.config import default_config_path
+    from tray_proxy.credentials import adopt_session_bus
     from tray_proxy.doctor.context import DoctorEnv
     from tray_proxy.doctor.render import render_json, render_text
     from tray_proxy.doctor.runner import run_checks
@@ -77,6 +78,9 @@ def run(args: argparse.Namespace) -> int:
             )
             return EXIT_USAGE
         target = parsed
+    # The bus `tray-proxy unlock` started (or systemd's, unexported) is the one the app and
+    # `run` adopt when DBUS_SESSION_BUS_ADDRESS is unset: the doctor must look at the same one.
+    adopt_session_bus()
     env = DoctorEnv(config_path=args.config or default_config_path(), probe_target=target)
     report = asyncio.run(run_checks(env, only=args.checks or ()))
     text = render_json(report) if args.json else render_text(report)
