@@ -69,6 +69,9 @@ SLOT_ADDRESS = 10  # last octet of the first slot's origin address
 # bench/dashboard.py's section of DOC, between these lines: a rewrite of DOC keeps it.
 SECTION_BEGIN = "<!-- bench.dashboard: begin -->"
 SECTION_END = "<!-- bench.dashboard: end -->"
+# bench/rtt.py's section (round trip to the proxy), kept the same way.
+RTT_SECTION_BEGIN = "<!-- bench.rtt: begin -->"
+RTT_SECTION_END = "<!-- bench.rtt: end -->"
 
 
 def slot_of(round_no: int, key: str) -> int:
@@ -921,13 +924,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def kept_section(path: Path) -> str:
-    """bench/dashboard.py's section of the file being replaced, to go on at its end."""
+    """bench/rtt.py's and bench/dashboard.py's sections of the file being replaced, to go on
+    at its end."""
+    kept = ""
     with contextlib.suppress(OSError):
         text = path.read_text()
-        begin, end = text.find(SECTION_BEGIN), text.find(SECTION_END)
-        if 0 <= begin < end:
-            return "\n" + text[begin : end + len(SECTION_END)] + "\n"
-    return ""
+        for first, last in ((RTT_SECTION_BEGIN, RTT_SECTION_END), (SECTION_BEGIN, SECTION_END)):
+            begin, end = text.find(first), text.find(last)
+            if 0 <= begin < end:
+                kept += "\n" + text[begin : end + len(last)] + "\n"
+    return kept
 
 
 if __name__ == "__main__":
