@@ -229,3 +229,64 @@ def test_networks_of_any_prefix_length_keep_rule_order() -> None:
     assert table.first_match(None, _ip("192.0.2.1"), 443) == 2
     assert table.first_match(None, _ip("2001:db8::1"), 443) == 1
     assert table.first_match("10.1.2.3", _ip("192.0.2.1"), 443) == 0  # the name's address too
+
+
+# -- the index against a plain reading of the rules
+
+
+def _reference(
+    rules: list[list[Pattern]], host: str | None, ip: ipaddress.IPv4Address | None, port: int
+) -> int | None:
+    """First matching rule by the module docstring's words, one pattern at a time."""
+    literal = None
+    if host is not None:
+        try:
+            literal = ipaddress.ip_address(host)
+        except ValueError:
+            literal = None
+    addresses = [a for a in (ip, literal) if a is not None]
+    name = host if literal is None else None
+
+    def hit(p: Pattern) -> bool:
+        if p.port is not None and p.port != port:
+            return False
+        k = p.kind
+        if k is PatternKind.PORT or k is PatternKind.ANY:
+            return True
+        if k is PatternKind.NETWORK:
+            return any(a.version == p.network.version and a in p.network for a in addresses)  # type: ignore[union-attr]
+        if name is None:
+            return False
+        if k is PatternKind.LOCAL:
+            return "." not in name
+        if k is PatternKind.EXACT:
+            return name == p.name
+        if k is PatternKind.DOMAIN:
+            return name == p.name or name.endswith("." + p.name)
+        return name.endswith("." + p.name)
+
+    return next((i for i, rule in enumerate(rules) if any(hit(p) for p in rule)), None)
+
+
+_small_names = st.sampled_from(["a", "b.a", "c.b.a", "x", "b.x", "a.x"])
+_small_pattern = st.one_of(
+    _small_names,
+    _small_names.map(lambda n: "." + n),
+    _small_names.map(lambda n: "*." + n),
+    st.sampled_from(["*", "<local>", ":80", ":443", "10.0.0.0/8", "10.1.0.0/16", "10.1.2.3"]),
+).flatmap(lambda p: st.sampled_from([p, p + ":80"]) if not p.startswith(":") else st.just(p))
+
+
+@given(
+    rules=st.lists(st.lists(_small_pattern, min_size=1, max_size=3), max_size=8),
+    host=st.one_of(st.none(), _small_names, st.sampled_from(["10.1.2.3", "10.9.9.9"])),
+    ip=st.one_of(st.none(), st.sampled_from(["10.1.2.3", "10.1.9.9", "10.2.0.1", "192.0.2.1"])),
+    port=st.sampled_from([80, 443, 8080]),
+)
+def test_the_index_agrees_with_a_plain_reading(
+    rules: list[list[str]], host: str | None, ip: str | None, port: int
+) -> None:
+    parsed = [[parse_pattern(p) for p in rule] for rule in rules]
+    address = ipaddress.IPv4Address(ip) if ip else None
+    expected = _reference(parsed, host, address, port)
+    assert MatchTable(parsed).first_match(host, address, port) == expected
