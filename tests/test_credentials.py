@@ -26,6 +26,7 @@ from keyring.errors import KeyringLocked
 
 from tray_proxy import cli_credentials
 from tray_proxy.config import parse_config
+from tray_proxy.control import home_control_dir
 from tray_proxy.credentials import (
     SERVICE,
     SESSION_BUS_ENV,
@@ -580,7 +581,11 @@ def test_ctrl_d_at_the_password_prompt_is_a_clean_cancel(
 
 def test_session_bus_socket_is_the_standard_place(tmp_path: Path) -> None:
     assert session_bus_socket({"XDG_RUNTIME_DIR": str(tmp_path)}) == tmp_path / "bus"
-    assert session_bus_socket({}, uid=1234) == Path("/tmp/tray-proxy-1234/bus")
+    # Without XDG_RUNTIME_DIR: beside the control socket under the home, never in /tmp
+    # (another user could make /tmp/tray-proxy-UID first).
+    home = {"HOME": str(tmp_path / "home")}
+    assert session_bus_socket(home, uid=1234) == home_control_dir(home, 1234) / "bus"
+    assert str(tmp_path / "home") in str(session_bus_socket(home, uid=1234))
 
 
 def test_adopt_session_bus_only_takes_a_live_socket_of_ours(tmp_path: Path) -> None:

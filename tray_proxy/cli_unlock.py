@@ -35,6 +35,7 @@ from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tray_proxy.control import ControlError
 from tray_proxy.credentials import SESSION_BUS_ENV, adopt_session_bus, session_bus_socket
 
 if TYPE_CHECKING:
@@ -139,7 +140,10 @@ def _ensure_bus() -> Generator[str, None, bool]:
         return False
     if adopt_session_bus() is not None:
         return False
-    path = session_bus_socket()
+    try:
+        path = session_bus_socket()
+    except ControlError as exc:  # no home directory known
+        raise UnlockError(str(exc)) from None
     _private_parent(path.parent)
     daemon = shutil.which("dbus-daemon")
     if daemon is None:
@@ -189,7 +193,7 @@ def _private_parent(directory: Path) -> None:
     """The bus socket's directory: made 0700 if missing; refused unless it is ours and
     private (in /tmp another user could have made it first, to listen in)."""
     with contextlib.suppress(FileExistsError):
-        directory.mkdir(mode=0o700)
+        directory.mkdir(mode=0o700, parents=True)
     st = os.lstat(directory)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
         raise UnlockError(

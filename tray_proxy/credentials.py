@@ -308,13 +308,17 @@ class _Worker:
 def session_bus_socket(environ: Mapping[str, str] | None = None, uid: int | None = None) -> Path:
     """Where `tray-proxy unlock` starts a D-Bus session bus when none runs, and where the store
     looks for one when DBUS_SESSION_BUS_ADDRESS is not set: $XDG_RUNTIME_DIR/bus (systemd's
-    user session puts its bus there too), else /tmp/tray-proxy-UID/bus (a 0700 directory of
-    the user's, made by `tray-proxy unlock`)."""
+    user session puts its bus there too), else `bus` in the 0700 directory under the user's
+    home that holds the control socket (`control.home_control_dir`). Not /tmp: another user
+    could make /tmp/tray-proxy-UID first and so block `tray-proxy unlock` for good.
+    Raises ControlError when no home directory is known."""
+    from tray_proxy.control import home_control_dir
+
     env = os.environ if environ is None else environ
     runtime = env.get("XDG_RUNTIME_DIR")
     if runtime:
         return Path(runtime) / "bus"
-    return Path("/tmp") / f"tray-proxy-{os.getuid() if uid is None else uid}" / "bus"
+    return home_control_dir(env, os.getuid() if uid is None else uid) / "bus"
 
 
 def adopt_session_bus(environ: MutableMapping[str, str] | None = None) -> str | None:
@@ -325,7 +329,12 @@ def adopt_session_bus(environ: MutableMapping[str, str] | None = None) -> str | 
     env = os.environ if environ is None else environ
     if env.get(SESSION_BUS_ENV):
         return None
-    path = session_bus_socket(env)
+    from tray_proxy.control import ControlError
+
+    try:
+        path = session_bus_socket(env)
+    except ControlError:  # no home directory known: nothing of ours to adopt
+        return None
     try:
         st = os.lstat(path)
     except OSError:
