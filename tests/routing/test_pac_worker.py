@@ -5,8 +5,12 @@ scripts, scripts that throw or never return (killed at the deadline)."""
 from __future__ import annotations
 
 import http.server
+import json
 import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -355,3 +359,33 @@ def test_script_broken_from_the_start_reports_why(tmp_path: Path) -> None:
         assert isinstance(failure, PacFailure) and "cannot read" in failure.words
     finally:
         gone.close()
+
+
+def test_a_looping_child_ends_itself_when_nobody_stops_it() -> None:
+    # What is left when the app dies (kill -9) while a script loops: the child's own timer.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tray_proxy.routing.pac_worker"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(json.dumps({"js": PAC, "limit": 5}).encode() + b"\n")
+        proc.stdin.flush()
+        assert json.loads(proc.stdout.readline()) == {"ok": True}
+        proc.stdin.write(json.dumps({"url": "https://wiki/", "host": "wiki"}).encode() + b"\n")
+        proc.stdin.flush()
+        assert json.loads(proc.stdout.readline()) == {"result": "DIRECT"}
+        started = time.monotonic()
+        message = {"url": "https://loop.example/", "host": "loop.example", "limit": 0.5}
+        proc.stdin.write(json.dumps(message).encode() + b"\n")
+        proc.stdin.flush()
+        assert proc.wait(10) == -signal.SIGALRM
+        assert time.monotonic() - started < 5
+    finally:
+        proc.kill()
+        proc.wait(5)
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                pipe.close()

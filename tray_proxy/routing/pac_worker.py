@@ -7,8 +7,10 @@ deadline is killed; the next evaluation starts a fresh child with the same scrip
 
 The parent (`PacEvaluator`) and the child (`python -m tray_proxy.routing.pac_worker`) speak
 JSON lines: {"js": TEXT} -> {"ok": true} | {"error": WORDS}; {"url": U, "host": H} ->
-{"result": TEXT} | {"error": WORDS}. `PacScript` ties a source (pac_source), its refetch
-schedule (pac.PacSchedule) and an evaluator together; the router asks it `find(url, host)`.
+{"result": TEXT} | {"error": WORDS}; each with "limit": seconds after which the child ends
+itself (in case the parent is gone while a script loops). `PacScript` ties a source
+(pac_source), its refetch schedule (pac.PacSchedule) and an evaluator together; the router asks
+it `find(url, host)`.
 Blocking: the relay calls `find` and `refresh` off its loop.
 
 Must not import PySide6, asyncio or the relay engine; the child imports only pypac and stdlib.
@@ -20,6 +22,7 @@ import contextlib
 import json
 import os
 import selectors
+import signal
 import subprocess
 import sys
 import threading
@@ -112,9 +115,12 @@ class PacEvaluator:
             return None
         return PacFailure(f"the PAC script does not work: {reply.get('error', 'unknown error')}")
 
-    def _ask(self, message: dict[str, str], what: str) -> dict[str, object] | PacFailure:
+    def _ask(self, message: dict[str, object], what: str) -> dict[str, object] | PacFailure:
         proc = self._proc
         assert proc is not None and proc.stdin is not None and proc.stdout is not None
+        # The child stops itself a second after our deadline: should this process die while
+        # the script loops, nobody else would stop it (see main()).
+        message = {**message, "limit": self.timeout + 1.0}
         try:
             proc.stdin.write(json.dumps(message).encode() + b"\n")
             proc.stdin.flush()
@@ -237,6 +243,10 @@ def main() -> int:  # pragma: no cover - runs in the child; tested through PacEv
     for raw in sys.stdin.buffer:
         try:
             message = json.loads(raw)
+            # QuickJS holds the GIL, so no Python-level handler could run while a script loops;
+            # SIGALRM's default action ends the process from the kernel side.
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)
+            signal.setitimer(signal.ITIMER_REAL, float(message.get("limit", 0)))
             if "js" in message:
                 pac = PACFile(message["js"])
                 reply: dict[str, object] = {"ok": True}
@@ -253,6 +263,7 @@ def main() -> int:  # pragma: no cover - runs in the child; tested through PacEv
                 )
         except Exception as exc:  # noqa: BLE001 - every failure of the script is its answer
             reply = {"error": _words(exc)}
+        signal.setitimer(signal.ITIMER_REAL, 0)
         sys.stdout.write(json.dumps(reply) + "\n")
         sys.stdout.flush()
     return 0
