@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from tray_proxy.config import Config
+    from tray_proxy.routing.router import RoutingTable
 
 __all__ = ["COMMAND", "add_subcommand", "run"]
 
@@ -114,8 +115,8 @@ def _list(config: Config) -> int:
     return EXIT_OK
 
 
-def _failover(table: Any) -> str:
-    names: tuple[str, ...] = table.failover
+def _failover(table: RoutingTable) -> str:
+    names = table.failover
     return "proxy " + ", ".join(names) if names else "direct (no upstream configured)"
 
 
