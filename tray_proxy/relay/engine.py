@@ -895,7 +895,8 @@ class RelayEngine:
         self._auth_of(upstream).reject(creds)
         exc.detail = (
             f"proxy {upstream} rejected the credentials of {creds.username} (Basic); they are "
-            f"tried again in {self.settings.reverify_after:g}s. Enter the right password for "
+            f"not sent again until they change or the re-check in "
+            f"{self.settings.reverify_after:g}s. Enter the right password for "
             f"{creds.username} (tray-proxy credentials set {upstream.name})"
         )
 

@@ -542,7 +542,7 @@ def _rejected_earlier(credentials: Credentials) -> UpstreamError:
     return UpstreamError(
         CloseReason.UPSTREAM_AUTH_FAILED,
         f"the proxy rejected the credentials of {credentials.username} earlier; "
-        "they are not tried again until they change",
+        "they are not tried again until they change or the next re-check",
         status=407,
         rejected=True,
     )
@@ -709,7 +709,7 @@ class _Opener:
         assert self.creds is not None
         return (
             f"proxy {self.upstream} rejected the credentials of {self.creds.username} "
-            f"({scheme}); they are not sent again until they change"
+            f"({scheme}); they are not sent again until they change or the next re-check"
         )
 
     async def _auth_step(self, call: Callable[[], AuthStep], token: bool) -> AuthStep:
