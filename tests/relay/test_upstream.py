@@ -9,6 +9,7 @@ import ipaddress
 import secrets
 import socket
 import struct
+import threading
 import time
 
 import pytest
@@ -20,8 +21,10 @@ from tray_proxy.relay.protocol.socks5 import Socks5Handshake
 from tray_proxy.relay.records import CloseReason
 from tray_proxy.relay.settings import UpstreamKind, UpstreamProxy
 from tray_proxy.relay.upstream import (
+    CredentialState,
     Dialer,
     SourcePorts,
+    UpstreamAuth,
     UpstreamError,
     _Resolved,
     make_handshake,
@@ -303,3 +306,73 @@ def test_run_handshake_outcomes(run, case):
             proxy.close()
 
     run(main)
+
+
+# -- UpstreamAuth: credential versions and re-verification -------------------------------------
+
+
+def _alice(password: str) -> Credentials:
+    return Credentials("alice", Secret(password))
+
+
+def test_upstream_auth_outcomes_count_only_for_their_version_and_are_announced_once(run):
+    """A transcript of UpstreamAuth: what it lets through, and what it tells."""
+    told: list[tuple[str, str]] = []
+
+    async def main():
+        auth = UpstreamAuth(
+            lambda c: told.append(("rejected", c.password.reveal())),
+            lambda c: told.append(("accepted", c.password.reveal())),
+        )
+        wrong = _alice("wrong")
+        permit = await auth.permit(wrong, 1)
+        assert permit.verifier and permit.version == 1
+        assert auth.settle(permit, CredentialState.REJECTED)
+        assert auth.state is CredentialState.REJECTED and auth.announce()
+        assert not auth.announce()  # once per version
+        with pytest.raises(UpstreamError, match="not tried again until they change"):
+            await auth.permit(wrong, 1)
+        # The backoff is over: one verifier, of the same version.
+        assert auth.reverify() == 1 and auth.reverify() is None
+        again = await auth.permit(wrong, 1)
+        assert again.verifier and again.version == 1
+        assert auth.settle(again, CredentialState.REJECTED)
+        assert not auth.announce()  # the same version: not told again
+        # No answer from a re-verification: rejected again until the next period.
+        assert auth.reverify() == 1
+        assert auth.back_off(1) and auth.state is CredentialState.REJECTED
+        # The same password entered again: a new version; an outcome of the old is ignored.
+        assert auth.reverify() == 1
+        stale = await auth.permit(wrong, 1)
+        auth.renew()
+        assert auth.version == 2 and auth.state is CredentialState.UNVERIFIED
+        assert not auth.back_off(1)
+        assert not auth.settle(stale, CredentialState.REJECTED)
+        assert auth.state is CredentialState.UNVERIFIED
+        fresh = await auth.permit(wrong, 1)
+        auth.settle(fresh, CredentialState.VERIFIED)
+        assert told == [("rejected", "wrong"), ("rejected", "wrong"), ("accepted", "wrong")]
+        # A changed password is a new version too; doubt() and reject() act on verified ones.
+        right = _alice("right")
+        assert not auth.rejected(right) and auth.version == 3
+        auth.reject(right)  # not verified: nothing to take back
+        assert auth.state is CredentialState.UNVERIFIED
+        auth.settle(await auth.permit(right, 1), CredentialState.VERIFIED)
+        assert auth.verified(right)
+        auth.reject(right)
+        assert auth.state is CredentialState.REJECTED and auth.announce()
+        assert told[-1] == ("rejected", "right")
+        assert auth.close() is None  # no auth thread was started
+
+    run(main)
+
+
+def test_upstream_auth_threads_start_on_use_and_end_with_close():
+    before = set(threading.enumerate())
+    auth = UpstreamAuth()
+    threads = auth.threads()
+    assert auth.threads() is threads
+    assert threads.submit(threading.current_thread).result(5).name.startswith("proxy-auth")
+    assert auth.close() is threads
+    threads.shutdown(wait=True)
+    assert set(threading.enumerate()) <= before
