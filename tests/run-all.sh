@@ -53,6 +53,9 @@ gate "import-linter" .venv/bin/lint-imports
 gate "protocol coverage (100% branches)" .venv/bin/python -m pytest -q -p no:cacheprovider \
     tests/relay/protocol --cov=tray_proxy.relay.protocol --cov-branch --cov-fail-under=100 \
     --cov-report=term-missing:skip-covered
+gate "routing coverage (100% branches)" .venv/bin/python -m pytest -q -p no:cacheprovider \
+    tests/routing --cov=tray_proxy.routing --cov-branch --cov-fail-under=100 \
+    --cov-report=term-missing:skip-covered
 gate "pytest" env QT_QPA_PLATFORM=offscreen .venv/bin/python -m pytest -p no:cacheprovider \
     --durations=15 "$@"
 

@@ -593,7 +593,7 @@ def test_the_credentials_dialogs_test_goes_to_the_probe_target_setting(tmp_path:
         ('[probe]\ntarget = "[zz]:443"', "probe.target: the host in [...] must be an IPv6"),
         ("[probe]\ntimeout = 0", "probe.timeout: must be a number of seconds > 0"),
         ('[probe]\ntarjet = "x:1"', 'probe.tarjet: unknown key; did you mean "target"?'),
-        ('[routing]\npac_url = "file:///c/p.pac"', "routing.pac_url: must start with http://"),
+        ('[routing]\npac_url = "ftp://x/p.pac"', "routing.pac_url: must start with http://"),
         ('[routing]\npac_url = "http://u:pw@wpad/p.pac"', "routing.pac_url: must not contain"),
         ("routing = 3", "routing: must be a table written [routing]"),
     ],
