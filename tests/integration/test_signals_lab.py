@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -49,6 +50,8 @@ from tests.firewall.e2e_support import (
     client_left_clean,
     has_our_table,
 )
+from tests.firewall.test_e2e_pkexec import REPO as PKEXEC_REPO
+from tests.firewall.test_e2e_pkexec import Sandbox, polkit_sandbox
 from tests.integration.app_support import GuiProcess, XServer, has_table
 from tests.integration.relay import UpstreamSpec, allocate_port
 from tests.lab.curl import curl_config
@@ -400,28 +403,119 @@ def test_run_drains_on_signal(
             timeout=60,
         ) as run,
     ):
-        assert os.getpgid(run.pid) == run.pid, "tray-proxy run must lead its process group"
-        mark = run.mark()
+        _check_run_drains(lab, run, send)
 
-        def describe() -> str:
-            return "tray-proxy run's log:\n" + "\n".join(run.lines[-30:])
 
-        problems = signal_during_downloads(lab, lambda: send(run), describe)
-        assert run.process is not None
+def _check_run_drains(lab: Lab, run: RedirectedRun, send: Callable[[RedirectedRun], None]) -> None:
+    assert os.getpgid(run.pid) == run.pid, "tray-proxy run must lead its process group"
+    mark = run.mark()
+
+    def describe() -> str:
+        return "tray-proxy run's log:\n" + "\n".join(run.lines[-30:])
+
+    problems = signal_during_downloads(lab, lambda: send(run), describe)
+    assert run.process is not None
+    try:
+        code = run.process.wait(DRAIN + 15)
+    except subprocess.TimeoutExpired:
+        code = None
+    run.returncode = code
+    lines = run.lines[mark:]
+    if code != 0:
+        problems.append(f"tray-proxy run exited with {code}")
+    if has_our_table(lab.client):
+        problems.append("table inet tray_proxy is still there")
+    if not any("stopping (draining" in line for line in lines):
+        problems.append("no 'stopping (draining open connections)' line")
+    problems += [f"false alarm on stderr: {line}" for line in _false_alarms(lines)]
+    assert not problems, "\n".join(problems) + "\n" + describe()
+
+
+class MemberRun(RedirectedRun):
+    """`tray-proxy run` as the polkit sandbox's group member (tests/firewall/
+    test_e2e_pkexec.py): the run starts the installed helper with the real pkexec, allowed by
+    the installer's polkit rule, as a user's terminal session would."""
+
+    def __init__(self, lab: Lab, upstream: UpstreamSpec, box: Sandbox, **kwargs: Any) -> None:
+        super().__init__(lab, upstream, **kwargs)
+        self.box = box
+
+    def __enter__(self) -> MemberRun:
+        self.port = allocate_port(self.lab)
+        config = self._write_files()
+        for sub in ("runtime", "state"):
+            (self.workdir / sub).mkdir(mode=0o700)
+        member = self.box.member
+        for path in [self.workdir, *self.workdir.rglob("*")]:
+            os.chown(path, member, member)
+        argv = self.box.as_user(
+            member,
+            self.lab.client.name,
+            [
+                "env",
+                f"CREDENTIALS_DIRECTORY={self.workdir / 'credentials'}",
+                f"XDG_RUNTIME_DIR={self.workdir / 'runtime'}",
+                f"XDG_STATE_HOME={self.workdir / 'state'}",
+                "PYTHONUNBUFFERED=1",
+                *(sys.executable, "-m", "tray_proxy", "run", "--config", str(config), "-v"),
+            ],
+        )
+        # Its own session, as a terminal gives it; not an NsProcess, because the mount
+        # namespace has to be entered before the network namespace.
+        self.process = subprocess.Popen(  # type: ignore[assignment]
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            cwd=str(PKEXEC_REPO),
+        )
+        self._reader = threading.Thread(target=self._read, name="member-run", daemon=True)
+        self._reader.start()
         try:
-            code = run.process.wait(DRAIN + 15)
-        except subprocess.TimeoutExpired:
-            code = None
-        run.returncode = code
-        lines = run.lines[mark:]
-        if code != 0:
-            problems.append(f"tray-proxy run exited with {code}")
-        if has_our_table(lab.client):
-            problems.append("table inet tray_proxy is still there")
-        if not any("stopping (draining" in line for line in lines):
-            problems.append("no 'stopping (draining open connections)' line")
-        problems += [f"false alarm on stderr: {line}" for line in _false_alarms(lines)]
-        assert not problems, "\n".join(problems) + "\n" + describe()
+            self.wait_for_line(REDIRECT_ON, timeout=self.timeout)
+        except BaseException:
+            self.kill_all()
+            raise
+        return self
+
+    def kill_all(self) -> None:
+        proc, self.process = self.process, None
+        if proc is None:
+            return
+        try:
+            for signum in (signal.SIGTERM, signal.SIGKILL):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signum)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(3)
+                if proc.returncode is not None:
+                    break
+            if self.returncode is None:
+                self.returncode = proc.returncode
+        finally:
+            if self._reader is not None:
+                self._reader.join(timeout=10)
+            if proc.stderr is not None:
+                proc.stderr.close()
+
+
+def test_run_by_a_group_member_via_pkexec_drains_on_ctrl_c(lab: Lab, small_buffers: None) -> None:
+    # Issue 14 bug 3 through polkit: the helper pkexec started is in a session of its own, so
+    # Ctrl+C reaches only the run, which drains and then ends the helper ("stopped with exit
+    # code 0" was a false alarm when the helper got the SIGINT too).
+    with (
+        client_left_clean(lab),
+        polkit_sandbox(lab) as box,
+        MemberRun(
+            lab,
+            UpstreamSpec.for_squid(lab.squid),
+            box,
+            relay={"drain_timeout": DRAIN},
+            timeout=60,
+        ) as run,
+    ):
+        _check_run_drains(lab, run, _ctrl_c)
 
 
 def test_run_drains_when_its_terminal_closes(lab: Lab, small_buffers: None) -> None:
