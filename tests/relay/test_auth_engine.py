@@ -49,6 +49,7 @@ from tray_proxy.relay.protocol.challenge import parse_challenges
 from tray_proxy.relay.records import CloseReason
 from tray_proxy.relay.settings import AuthScheme, UpstreamKind, UpstreamProxy
 from tray_proxy.relay.spnego_auth import SpnegoContext
+from tray_proxy.relay.upstream import CredentialState
 
 
 def _407(*challenges: str, close: bool = False) -> bytes:
@@ -784,5 +785,40 @@ def test_no_auth_thread_outlives_the_engine(run, ntlm_users):
                 assert await _fetch(relay) == b"ping"
                 assert auth_threads(), "NTLM ran on no proxy-auth thread"
             assert auth_threads() == []
+
+    run(main)
+
+
+def test_a_re_verification_without_an_answer_keeps_the_password_back_until_the_next(run):
+    """The proxy does not answer the re-verification: that says nothing about the password,
+    so it stays held back (connections fail fast, send nothing) until the next period."""
+    period = 0.5
+
+    async def main():
+        async with (
+            Origin(echo) as origin,
+            CountingBasicProxy(credentials=("alice", "right")) as proxy,
+        ):
+            up = http_upstream(proxy, "corp", "alice")
+            async with running_relay(
+                [up],
+                origin.address,
+                _creds("corp", "alice", "right"),
+                reverify_after=period,
+                handshake_timeout=0.3,
+            ) as relay:
+                assert await _fetch(relay) == b"ping"
+                proxy.credentials = ("alice", "changed")
+                assert await _fail(relay) == b""
+                asked = len(proxy.requests)
+                proxy.credentials, proxy.mode = None, Mode.SILENT
+                await until(lambda: len(proxy.requests) == asked + 1, 3 * period, "the re-check")
+                auth = relay.engine._auth["corp"]
+                await until(lambda: auth.state is CredentialState.REJECTED, 2, "the backoff")
+                assert await _fail(relay) == b""
+                assert len(proxy.requests) == asked + 1  # held back: nothing sent
+                proxy.credentials, proxy.mode = ("alice", "right"), Mode.OK
+                await until(lambda: relay.of(CredentialsAccepted), 3 * period, "the recovery")
+                assert await _fetch(relay) == b"ping"
 
     run(main)
