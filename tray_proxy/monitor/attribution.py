@@ -53,6 +53,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import fcntl
 import functools
 import ipaddress
 import itertools
@@ -131,6 +132,11 @@ class Attributor:
     most _MAX_RESTARTS times, after a backoff). Ask as soon as the connection opens: a
     program that has closed its socket can no longer be named. `close()` stops the child;
     requests still unanswered then are not answered (the loop is going away).
+
+    `answer_interval` > 0 (headless `tray-proxy run`, whose relay shares the loop): the
+    answers are read every that many seconds while some are awaited, not as each pass
+    writes them; each read woke the relay's loop once per pass, about once per connection
+    at a quiet relay's pace (issue 13: the history may cost the relay 5 %).
     """
 
     def __init__(
@@ -140,6 +146,7 @@ class Attributor:
         *,
         delay: float = 0.0005,
         cpu_share: float = 0.03,
+        answer_interval: float = 0.0,
     ) -> None:
         """A burst gathers for at least `delay`; the child's CPU time stays near
         `cpu_share` of one core over time (a token bucket of _CPU_BURST seconds): quiet, a
@@ -150,8 +157,11 @@ class Attributor:
         self._deliver = deliver
         self._delay = delay
         self._cpu_share = cpu_share
+        self._answer_interval = answer_interval
+        self._answer_timer: asyncio.TimerHandle | None = None
         self._lock = threading.Lock()  # guards _queued, _unanswered, _overflow, _closed
-        self._queued: list[str] = []  # request lines not yet handed to the child
+        # Requests not yet handed to the child: (id, client, destination).
+        self._queued: list[tuple[int, Address, Address | None]] = []
         self._flush_scheduled = False
         # Ids asked and not answered yet (queued, in the pipe, or in the child's pass).
         self._unanswered: dict[int, None] = {}
@@ -173,10 +183,6 @@ class Attributor:
 
     def request(self, conn_id: int, client: Address, original_dst: Address | None) -> None:
         """Ask who made connection `conn_id`; the answer comes later through `deliver`."""
-        if original_dst is None:
-            line = f"{conn_id} {client[0]} {client[1]}\n"
-        else:
-            line = f"{conn_id} {client[0]} {client[1]} {original_dst[0]} {original_dst[1]}\n"
         with self._lock:
             if self._closed:
                 return
@@ -186,7 +192,7 @@ class Attributor:
                     self._schedule(self._deliver_overflow)
                 return
             self._unanswered[conn_id] = None
-            self._queued.append(line)
+            self._queued.append((conn_id, client, original_dst))
             if self._flush_scheduled:
                 return
             self._flush_scheduled = True
@@ -220,16 +226,31 @@ class Attributor:
     def _flush(self) -> None:
         """Hand the queued requests to the child (started here, on the loop's thread)."""
         with self._lock:
-            lines, self._queued = self._queued, []
+            requests, self._queued = self._queued, []
             self._flush_scheduled = False
-            if self._closed or not lines:
+            if self._closed or not requests:
                 return
         if self._child is None and not self._start():
             self._answer_all_none()
             return
-        self._out += "".join(lines).encode("ascii", "replace")
+        self._out += _request_lines(requests)
         if not self._writing:
             self._write()
+        if self._answer_interval > 0.0 and self._answer_timer is None and self._child:
+            self._answer_timer = self._loop.call_later(self._answer_interval, self._poll)
+
+    def _poll(self) -> None:
+        """Read the answers written so far; again later while some are awaited."""
+        self._answer_timer = None
+        if self._child is None:
+            return
+        for _ in range(64):  # 4 MiB at most per poll; the rest at the next
+            if not self._read():
+                break
+        with self._lock:
+            waiting = bool(self._unanswered)
+        if waiting and self._child is not None:
+            self._answer_timer = self._loop.call_later(self._answer_interval, self._poll)
 
     def _prestart(self) -> None:
         if self._child is None and not self._closed:
@@ -267,7 +288,13 @@ class Attributor:
         os.set_blocking(child.stdout.fileno(), False)
         self._child = child
         self._in = b""
-        self._loop.add_reader(child.stdout.fileno(), self._read)
+        if self._answer_interval > 0.0:
+            # Up to a poll's worth of answers at 10,000 connections a second (best effort:
+            # a full pipe only makes the child wait).
+            with contextlib.suppress(OSError, AttributeError):
+                fcntl.fcntl(child.stdout.fileno(), fcntl.F_SETPIPE_SZ, 1 << 20)
+        else:
+            self._loop.add_reader(child.stdout.fileno(), self._read)
         return True
 
     def _write(self) -> None:
@@ -289,20 +316,21 @@ class Attributor:
             self._writing = False
             self._loop.remove_writer(child.stdin.fileno())
 
-    def _read(self) -> None:
+    def _read(self) -> bool:
+        """One read of the child's answers; True if it read some."""
         child = self._child
         if child is None or child.stdout is None:
-            return
+            return False
         try:
             data = os.read(child.stdout.fileno(), 1 << 16)
         except BlockingIOError:
-            return
+            return False
         except OSError as exc:
             self._child_died(f"reading from it failed: {exc}")
-            return
+            return False
         if not data:
             self._child_died("it ended")
-            return
+            return False
         lines = (self._in + data).split(b"\n")
         self._in = lines.pop()
         for line in lines:
@@ -312,6 +340,7 @@ class Attributor:
             self.passes += 1
             if answers:
                 self._deliver(answers)
+        return True
 
     def _answers(self, line: bytes) -> list[tuple[int, ProcessInfo | None]] | None:
         """One pass's answers, for the ids still waiting (None: not an answer line)."""
@@ -386,15 +415,29 @@ class Attributor:
     def _release(self, child: subprocess.Popen[bytes], writing: bool) -> None:
         """Stop watching the child's pipes and close them (its stdin's end: its EOF)."""
         loop_open = not self._loop.is_closed()
+        timer, self._answer_timer = self._answer_timer, None
+        if timer is not None:
+            timer.cancel()
         if child.stdin is not None:
             if writing and loop_open:
                 self._loop.remove_writer(child.stdin.fileno())
             with contextlib.suppress(OSError):
                 child.stdin.close()
         if child.stdout is not None:
-            if loop_open:
+            if loop_open and self._answer_interval <= 0.0:
                 self._loop.remove_reader(child.stdout.fileno())
             child.stdout.close()
+
+
+def _request_lines(requests: Sequence[tuple[int, Address, Address | None]]) -> bytes:
+    """Requests as the worker reads them: `id ip port [ip port]`, one a line."""
+    lines = [
+        f"{conn_id} {client[0]} {client[1]}\n"
+        if dst is None
+        else f"{conn_id} {client[0]} {client[1]} {dst[0]} {dst[1]}\n"
+        for conn_id, client, dst in requests
+    ]
+    return "".join(lines).encode("ascii", "replace")
 
 
 # The lookup ----------------------------------------------------------------------------------

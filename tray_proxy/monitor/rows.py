@@ -234,6 +234,12 @@ class RowTracker:
         return conn_id in self._open
 
     def apply(self, events: Iterable[Event]) -> RowChanges:
+        return self._take(self.advance(events))
+
+    def advance(self, events: Iterable[Event]) -> list[ConnectionRow]:
+        """`apply` without taking the changes: the rows `events` closed; the opened and
+        updated ones wait for the next `apply` or `pending` (the Monitor reduces several
+        batches, and attribution answers between them, into one RowChanges)."""
         closed: list[ConnectionRow] = []
         opened_ = self._open
         dirty = self._dirty
@@ -267,7 +273,7 @@ class RowTracker:
                     continue  # opened before we listened (a restart of the observer)
                 closed.append(gone.closed(event))
             # UpstreamFailed: the connection's own ConnectionClosed carries reason and detail.
-        return self._take(closed)
+        return closed
 
     def set_process(self, conn_id: int, process: ProcessInfo) -> None:
         """Attribution found `process` for `conn_id` (which may not be open yet)."""
