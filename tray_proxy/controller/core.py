@@ -61,7 +61,7 @@ from tray_proxy.errors import UserError
 from tray_proxy.firewall.client import RedirectError
 from tray_proxy.monitor.attribution import Attributor
 from tray_proxy.monitor.health import HealthSnapshot, ProbeRecord
-from tray_proxy.monitor.monitor import Monitor
+from tray_proxy.monitor.monitor import HEADLESS_COALESCE, Monitor
 from tray_proxy.monitor.rows import ConnectionRow, ProcessInfo
 from tray_proxy.redirect import RESOLVE_INTERVAL_SECONDS
 from tray_proxy.relay.credentials import CredentialSource
@@ -685,10 +685,15 @@ class ProxyController:
     def _monitor_on(self, loop: asyncio.AbstractEventLoop) -> Monitor:
         monitor = self._monitor
         if monitor is None:
+            # Headless `run`: the relay shares this loop and nobody watches rows one by one,
+            # so events and answers are reduced in batches, off each connection's moments.
+            coalesce = HEADLESS_COALESCE if self._headless else 0.0
             attributor: Attributor | None = None
             if self._attribution:
-                attributor = Attributor(loop, self._on_processes)
-            monitor = self._monitor = Monitor(self._upstreams_by_name, self._history, attributor)
+                attributor = Attributor(loop, self._on_processes, answer_interval=coalesce)
+            monitor = self._monitor = Monitor(
+                self._upstreams_by_name, self._history, attributor, coalesce=coalesce
+            )
         return monitor
 
     def _upstreams_by_name(self) -> dict[str, UpstreamProxy]:
