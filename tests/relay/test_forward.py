@@ -784,3 +784,56 @@ def test_pinned_basic_is_sent_from_the_first_request(run: Runner) -> None:
         assert proxy.seen[0].header(b"Proxy-Authorization") == BASIC.encode()
 
     run(on_proxy(test))
+
+
+def _407_then_echo(seen: Seen, conn: ProxyConn) -> Awaitable[None]:
+    async def respond() -> None:
+        if seen.header(b"Proxy-Authorization") != BASIC.encode():
+            # Answer at once, without reading the body (Squid does the same).
+            text = b"auth needed"
+            await conn.reply(
+                407,
+                text,
+                headers=[("Proxy-Authenticate", 'Basic realm="corp"'), ("Content-Length", "11")],
+            )
+            return
+        if seen.header(b"Expect") == b"100-continue":
+            await conn.send(h11.InformationalResponse(status_code=100, headers=[]))
+        seen.body = await conn.body()
+        await conn.reply(200, seen.body)
+
+    return respond()
+
+
+@pytest.mark.parametrize("client_expects", [False, True])
+def test_an_upload_waits_for_the_proxy_s_first_word_when_a_407_may_come(
+    run: Runner, client_expects: bool
+) -> None:
+    upload = pattern(6, 200_000)
+
+    async def test(proxy: FakeProxy) -> None:
+        auth = UpstreamAuth()  # no scheme known yet: the first request goes bare
+        s = await session(proxy, auth=auth)
+        fields = [("Host", "a.example"), ("Content-Length", str(len(upload)))]
+        if client_expects:
+            fields.append(("Expect", "100-continue"))
+        s.writer.write(s.http.send(h11.Request(method="POST", target="/up", headers=fields)))
+        await s.writer.drain()
+        if client_expects:
+            informational = await next_event(s.http, s.reader)
+            assert isinstance(informational, h11.InformationalResponse)
+        s.writer.write(s.http.send(h11.Data(data=upload)))
+        s.writer.write(s.http.send(h11.EndOfMessage()))
+        await s.writer.drain()
+        head, data = await s.response()
+        assert head.status_code == 200 and sha(data) == sha(upload)
+        bare, authed = proxy.seen
+        assert bare.header(b"Proxy-Authorization") is None
+        assert bare.header(b"Expect") == b"100-continue"  # ours, when the client sent none
+        assert authed.header(b"Proxy-Authorization") == BASIC.encode()
+        assert sha(authed.body) == sha(upload)
+        assert auth.memo.scheme == "basic"
+        s.writer.close()
+        assert (await s.result()).requests == 1
+
+    run(on_proxy(test, respond=_407_then_echo, read_body=False))

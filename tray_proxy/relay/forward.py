@@ -48,6 +48,9 @@ __all__ = ["ForwardLimits", "ForwardResult", "Port80Memory", "forward_http"]
 
 _WIRE_NAMES = {"basic": "Basic", "digest": "Digest", "ntlm": "NTLM", "negotiate": "Negotiate"}
 _LINGER_SECONDS = 1.0
+# How long a request body waits for the proxy's first answer when a 407 may still come
+# (curl waits 1 s for 100 Continue too).
+_HOLD = 1.0
 _LINGER_BYTES = 1 << 20
 
 
@@ -224,6 +227,8 @@ class _Forwarder:
         self.sock: socket.socket | None = None
         self.permit: Permit | None = None
         self.result = ForwardResult()
+        self.consumed = 0  # body bytes of the current request read from the client
+        self.go = asyncio.Event()  # the upload may start (see _both)
         # Send Basic from the first request when the proxy is known to want it; otherwise
         # only after it asked (as the CONNECT path does: never the password in the clear to a
         # proxy that may want NTLM).
@@ -292,10 +297,11 @@ class _Forwarder:
         return event
 
     async def _exchange(self, request: h11.Request) -> None:
-        """One request and its response. A request without a body may go twice: again on a
-        new connection when a kept-alive one closed unanswered, again with credentials when
-        the proxy asked for them."""
+        """One request and its response. A request may go twice while none of its body has
+        been read from the client: again on a new connection when a kept-alive one closed
+        unanswered, again with credentials when the proxy asked for them."""
         bodyless = _bodyless(request)
+        self.consumed = 0
         if bodyless:
             # h11 knows at once that no body follows; consume the end of the request now.
             end = await self._client_event()
@@ -307,17 +313,23 @@ class _Forwarder:
                 request, self.destination, pinned=self.pinned, authorization=authorization
             )
             self.pinned = outgoing.host
+            # Credentials we may have to add after a 407: hold the body back until the
+            # proxy's first word (RFC 9110 section 10.1.1), so the request can go again.
+            hold = not bodyless and self.credentials is not None and authorization is None
+            sent = outgoing.request
+            if hold and not _expects_continue(request):
+                sent = _with_expect(sent)
             reused = await self._connect()
             try:
-                await self._send_up(self._up().send(outgoing.request), reused)
+                await self._send_up(self._up().send(sent), reused)
                 if bodyless:
                     await self._send_up(self._up().send(h11.EndOfMessage()), reused)
-                    await self._download(request, reused, bodyless)
+                    await self._download(request, reused)
                 else:
-                    await self._both(request)
+                    await self._both(request, reused, hold)
                 return
             except _ClosedBeforeAnswer:
-                if retried or not bodyless:
+                if retried or self.consumed:
                     raise _Stop(
                         CloseReason.UPSTREAM_RESET,
                         f"proxy {self.upstream} closed the connection without answering",
@@ -335,11 +347,15 @@ class _Forwarder:
                 else:
                     self._close_upstream()
 
-    async def _both(self, request: h11.Request) -> None:
+    async def _both(self, request: h11.Request, reused: bool, hold: bool) -> None:
         """A request with a body: upload and download at once (the proxy may answer first,
-        or send 100 Continue that the client waits for)."""
+        or send 100 Continue that the client waits for). `hold`: the upload waits for the
+        proxy's first answer (at most _HOLD seconds)."""
+        self.go = asyncio.Event()
+        if not hold:
+            self.go.set()
         upload = self._spawn(self._upload(), "forward-upload")
-        download = self._spawn(self._download(request, False, False), "forward-download")
+        download = self._spawn(self._download(request, reused), "forward-download")
         try:
             pending: set[asyncio.Task[None]] = {upload, download}
             while pending:
@@ -349,8 +365,8 @@ class _Forwarder:
                     if exc is not None:
                         raise exc
                 if download in done and upload in pending:
-                    # Answered before the request was complete (an error, or a 407): the
-                    # rest of the upload goes nowhere and neither connection can carry on.
+                    # Answered before the request was complete (an error): the rest of the
+                    # upload goes nowhere and neither connection can carry on.
                     self.result.detail = "the proxy answered before the request body ended"
                     raise _Stop(CloseReason.DONE, self.result.detail)
         finally:
@@ -365,6 +381,8 @@ class _Forwarder:
 
     async def _upload(self) -> None:
         up = self._up()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await within(_HOLD, self.go.wait())
         while True:
             try:
                 event = await self._client_event()
@@ -375,6 +393,7 @@ class _Forwarder:
                     reset=True,
                 ) from None
             if isinstance(event, h11.Data):
+                self.consumed += len(event.data)
                 await self._send_up(up.send(h11.Data(data=event.data)), False)
             elif isinstance(event, h11.EndOfMessage):
                 await self._send_up(up.send(h11.EndOfMessage()), False)
@@ -382,9 +401,10 @@ class _Forwarder:
             else:  # pragma: no cover - h11 sends only Data and EndOfMessage here
                 raise _Stop(CloseReason.INTERNAL_ERROR, f"unexpected {type(event).__name__}")
 
-    async def _download(self, request: h11.Request, reused: bool, bodyless: bool) -> None:
+    async def _download(self, request: h11.Request, reused: bool) -> None:
         up = self._up()
         received = False
+        client_expects = _expects_continue(request)
         while True:
             try:
                 event = await self._upstream_event(up)
@@ -400,7 +420,11 @@ class _Forwarder:
             if isinstance(event, h11.InformationalResponse):
                 if event.status_code == 101:
                     raise self._bad_answer("101 Switching Protocols to a request without Upgrade")
-                if self.down.their_http_version == b"1.1":
+                if event.status_code == 100:
+                    self.go.set()
+                if self.down.their_http_version == b"1.1" and (
+                    event.status_code != 100 or client_expects
+                ):
                     # RFC 9110 section 15.2: never a 1xx to an HTTP/1.0 client.
                     await self._send_down(
                         self.down.send(
@@ -413,7 +437,8 @@ class _Forwarder:
                     )
             elif isinstance(event, h11.Response):
                 if event.status_code == 407:
-                    await self._challenged(event, bodyless)
+                    await self._challenged(event)
+                self.go.set()
                 self._settle(CredentialState.VERIFIED)
                 await self._send_down(
                     self.down.send(
@@ -457,7 +482,7 @@ class _Forwarder:
                 )
             ) from None
 
-    async def _challenged(self, response: h11.Response, bodyless: bool) -> None:
+    async def _challenged(self, response: h11.Response) -> None:
         """The proxy answered 407: ask again with Basic, or fail as the CONNECT path does."""
         upstream = self.upstream
         creds = self.credentials
@@ -488,15 +513,16 @@ class _Forwarder:
             schemes = ", ".join(dict.fromkeys(_WIRE_NAMES.get(o, o) for o in offered))
             schemes = schemes or "no scheme"
             why = f"wants {schemes} for plain HTTP, and forwarding plain HTTP answers Basic only"
-        elif not bodyless:
+        else:
+            if self.consumed == 0:
+                await self._drain_answer()
+                if self.consumed == 0:
+                    raise _AskAgain
             why = (
-                "asked for credentials on a request whose body went out already; "
+                "asked for credentials after the request body had started; "
                 "the next request sends them at once"
             )
             self.auth.memo.scheme = self.auth.memo.scheme or "basic"
-        else:
-            await self._drain_answer()
-            raise _AskAgain
         raise _failed(
             UpstreamError(
                 CloseReason.UPSTREAM_AUTH_FAILED,
@@ -709,6 +735,15 @@ def _head_size(event: h11.Request | h11.InformationalResponse | h11.Response) ->
     in a single read of any size would pass."""
     first = len(event.target) if isinstance(event, h11.Request) else len(event.reason)
     return first + 16 + sum(len(n) + len(v) + 4 for n, v in event.headers.raw_items())
+
+
+def _expects_continue(request: h11.Request) -> bool:
+    return any(n == b"expect" and v.lower() == b"100-continue" for n, v in request.headers)
+
+
+def _with_expect(request: h11.Request) -> h11.Request:
+    fields = [*request.headers.raw_items(), (b"Expect", b"100-continue")]
+    return h11.Request(method=request.method, target=request.target, headers=fields)
 
 
 def _bodyless(request: h11.Request) -> bool:
