@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import hashlib
 import os
 import resource
@@ -42,6 +43,7 @@ from tests.lab.squid_stock import StockSquid
 from tray_proxy.relay.aio import within
 from tray_proxy.relay.credentials import Credentials, Secret
 from tray_proxy.relay.forward import ForwardResult, Port80Memory, forward_http
+from tray_proxy.relay.origdst import original_destination
 from tray_proxy.relay.pipe import abort
 from tray_proxy.relay.protocol.peek import HostPeeker
 from tray_proxy.relay.records import Address, CloseReason
@@ -84,11 +86,14 @@ def stock(lab: Lab) -> Iterator[StockSquid]:
 
 @pytest.fixture(scope="module")
 def streaming_origin(lab: Lab) -> Iterator[int]:
-    """origin_forward.py in the origin namespace; yields its port."""
+    """origin_forward.py in the origin namespace, serving the apt repository REPO_DIR of
+    lab.tmp as /repo/; yields its port."""
     port = 40000 + os.getpid() % 20000
     log = lab.tmp / f"origin-forward-{port}.jsonl"
+    repo = _build_repo(lab.tmp / f"repo-{port}")
+    argv = [sys.executable, "-I", "-u", str(ORIGIN_SCRIPT), "--port", str(port)]
     proc: NsProcess = lab.origin.popen(
-        [sys.executable, "-I", "-u", str(ORIGIN_SCRIPT), "--port", str(port), "--log", str(log)],
+        [*argv, "--log", str(log), "--static", str(repo)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -104,6 +109,50 @@ def streaming_origin(lab: Lab) -> Iterator[int]:
         if proc.stdout is not None:
             proc.stdout.close()
         lab.origin.forget(proc)
+
+
+DEMO_PACKAGE = "tpforward-demo"
+
+
+def _build_repo(repo: Path) -> Path:
+    """A flat apt repository with one package of 3 MiB (random, so nothing compresses it):
+    Packages, Packages.gz and a Release with their SHA-256 sums, as a mirror has."""
+    build = repo.parent / f"{repo.name}-build"
+    (build / "DEBIAN").mkdir(parents=True)
+    (build / "DEBIAN" / "control").write_text(
+        f"Package: {DEMO_PACKAGE}\nVersion: 1.0\nArchitecture: all\n"
+        "Maintainer: tray-proxy lab <lab@lab.test>\nDescription: forwarding test package\n"
+    )
+    payload = build / "usr" / "share" / DEMO_PACKAGE
+    payload.mkdir(parents=True)
+    (payload / "blob").write_bytes(os.urandom(3 * MB))
+    repo.mkdir(parents=True)
+    deb = repo / f"{DEMO_PACKAGE}_1.0_all.deb"
+    subprocess.run(
+        ["dpkg-deb", "--root-owner-group", "-Zgzip", "--build", str(build), str(deb)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    packages = subprocess.run(
+        ["dpkg-scanpackages", "--multiversion", ".", "/dev/null"],
+        cwd=repo,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    ).stdout
+    (repo / "Packages").write_bytes(packages)
+    (repo / "Packages.gz").write_bytes(gzip.compress(packages))
+    sums = "".join(
+        f" {hashlib.sha256((repo / n).read_bytes()).hexdigest()} {(repo / n).stat().st_size} {n}\n"
+        for n in ("Packages", "Packages.gz")
+    )
+    date = time.strftime("%a, %d %b %Y %H:%M:%S UTC", time.gmtime())
+    (repo / "Release").write_text(
+        f"Origin: tplab\nLabel: tplab\nSuite: stable\nCodename: tplab\nDate: {date}\n"
+        f"Architectures: all\nSHA256:\n{sums}"
+    )
+    return repo
 
 
 def _upstream(squid: StockSquid) -> UpstreamProxy:
@@ -124,7 +173,8 @@ def _credentials(squid: StockSquid, password: str | None = None) -> Credentials:
 class Forwarder(EngineInLab):
     """The relay's port-80 path on uvloop in the client namespace, on 127.0.0.1:`port`.
 
-    Each accepted connection counts as one to `destination`. `results`: each forwarded
+    Each accepted connection counts as one to `destination`, or with None, to where the lab's
+    nft redirect says it was going (SO_ORIGINAL_DST). `results`: each forwarded
     connection's ForwardResult; `refusals`: the CONNECT failures that led to forwarding;
     `cpu`: seconds of this thread's CPU per connection.
     """
@@ -133,7 +183,7 @@ class Forwarder(EngineInLab):
         self,
         lab: Lab,
         squid: StockSquid,
-        destination: Address,
+        destination: Address | None,
         *,
         credentials: Credentials,
         memory: Port80Memory | None = None,
@@ -210,9 +260,12 @@ class Forwarder(EngineInLab):
                 await within(2.0, peek())
             if not peeker.decided:
                 peeker.feed(b"")
-            port = self.destination[1]
+            destination = self.destination or original_destination(conn, socket.AF_INET)
+            if destination is None:
+                return
+            port = destination[1]
             if not self.memory.forwards(self.upstream, port):
-                target = (peeker.host or self.destination[0], port)
+                target = (peeker.host or destination[0], port)
                 try:
                     sock, _ = await open_tunnel(
                         self.dialer,
@@ -235,7 +288,7 @@ class Forwarder(EngineInLab):
             result = await forward_http(
                 conn,
                 peeker.buffered,
-                self.destination,
+                destination,
                 self.upstream,
                 self.credentials,
                 self.auth,
@@ -527,3 +580,98 @@ def test_a_20_mb_download_against_curl_x(lab: Lab, stock: StockSquid) -> None:
     )
     # Generous bound: streaming in large reads costs well under a second of CPU for 20 MiB.
     assert relay_cpu < 2.0
+
+
+def test_through_the_redirect_curl_with_no_proxy_settings(lab: Lab, stock: StockSquid) -> None:
+    """The lab's nft redirect sends the client's port-80 connections to the forwarder, which
+    finds their destination with SO_ORIGINAL_DST, as the relay does."""
+    seed = _seed()
+    body = os.urandom(2 * MB)
+    with (
+        Forwarder(lab, stock, None, credentials=_credentials(stock)) as fwd,
+        lab.redirect(fwd.port, redirect_ports=(80,)),
+    ):
+        by_name = lab.curl(lab.origins.url("http", f"/bytes/5000?seed={seed}"))
+        by_ip = lab.curl(lab.origins.url("http", f"/bytes/6000?seed={seed}", host="v4"))
+        upload = lab.curl(lab.origins.url("http", "/echo"), data=body)
+    assert by_name.http_code == 200 and by_name.sha256 == pattern_sha256(5000, seed), by_name
+    assert by_ip.http_code == 200 and by_ip.sha256 == pattern_sha256(6000, seed), by_ip
+    assert upload.http_code == 200 and upload.sha256 == hashlib.sha256(body).hexdigest()
+    assert [e.status for e in fwd.refusals] == [403]
+    uris = {e.uri for e in stock.entries() if seed in e.uri and e.status == 200}
+    # With no name in Host (an IP URL), the request names the original destination.
+    assert uris == {
+        f"http://{HOSTNAME}/bytes/5000?seed={seed}",
+        f"http://{lab.origins.v4}/bytes/6000?seed={seed}",
+    }
+
+
+def _apt(lab: Lab, root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """apt-get in the client namespace with its own state under `root` and nothing of the
+    host's apt configuration (no proxy settings anywhere: `env -i`)."""
+    return subprocess.run(
+        [
+            *("ip", "netns", "exec", lab.client.name, "env", "-i"),
+            f"APT_CONFIG={root / 'apt.conf'}",
+            "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+            "apt-get",
+            *args,
+        ],
+        cwd=root / "download",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_apt_update_and_download_through_a_stock_squid(
+    lab: Lab, stock: StockSquid, streaming_origin: int
+) -> None:
+    """Real apt (it pipelines and keeps connections alive) against an http:// repository,
+    with no proxy configured, through the redirect and a Squid that refuses CONNECT :80."""
+    port = streaming_origin
+    root = lab.tmp / f"apt-{_seed()}"
+    for sub in ("download", "state/lists/partial", "cache/archives/partial", "parts", "src.d"):
+        (root / sub).mkdir(parents=True)
+    (root / "status").write_text("")
+    (root / "sources.list").write_text(f"deb [trusted=yes] http://{HOSTNAME}:{port}/repo/ ./\n")
+    (root / "apt.conf").write_text(
+        "\n".join(
+            [
+                f'Dir::Etc::SourceList "{root / "sources.list"}";',
+                f'Dir::Etc::SourceParts "{root / "src.d"}";',
+                f'Dir::Etc::Parts "{root / "parts"}";',
+                f'Dir::Etc::PreferencesParts "{root / "parts"}";',
+                f'Dir::State "{root / "state"}";',
+                f'Dir::State::status "{root / "status"}";',
+                f'Dir::Cache "{root / "cache"}";',
+                'Debug::NoLocking "true";',
+                'APT::Sandbox::User "root";',
+                'Acquire::Languages "none";',
+                'Acquire::Retries "0";',
+                'Acquire::http::Timeout "20";',
+                "",
+            ]
+        )
+    )
+    with (
+        Forwarder(lab, stock, None, credentials=_credentials(stock)) as fwd,
+        lab.redirect(fwd.port, redirect_ports=(80, port)),
+    ):
+        update = _apt(lab, root, "update")
+        download = _apt(lab, root, "download", DEMO_PACKAGE)
+    assert update.returncode == 0 and "Err:" not in update.stdout, update.stdout + update.stderr
+    assert download.returncode == 0, download.stdout + download.stderr
+    (got,) = (root / "download").glob(f"{DEMO_PACKAGE}_*.deb")
+    repo = lab.tmp / f"repo-{port}"
+    expected = repo / got.name
+    assert (
+        hashlib.sha256(got.read_bytes()).digest() == hashlib.sha256(expected.read_bytes()).digest()
+    )
+    assert [e.status for e in fwd.refusals] == [403]
+    assert fwd.results and all(r.failure is None for r in fwd.results)
+    fetched = [e.uri for e in stock.entries() if f":{port}/repo/" in e.uri and e.status == 200]
+    assert f"http://{HOSTNAME}:{port}/repo/./{got.name}" in fetched
+    # apt kept its connection for several requests (InRelease, Release, Release.gpg, ...).
+    assert max(r.requests for r in fwd.results) >= 3, fwd.results
