@@ -264,6 +264,91 @@ def test_on_uvloop() -> None:
     assert passes == 1
 
 
+def test_answers_read_on_a_timer_with_answer_interval() -> None:
+    """Headless `run` (the relay on this loop): the answers of several passes are read every
+    answer_interval, in one delivery, and the child's pipe wakes the loop for none of them."""
+    import uvloop
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        collector = Collector(loop, 3)
+        attributor = Attributor(loop, collector, delay=0.0, answer_interval=0.5)
+        try:
+            with listener() as server:
+                socks = [socket.create_connection(server.getsockname()) for _ in range(3)]
+                try:
+                    for n, sock in enumerate(socks, 1):
+                        attributor.request(n, sock.getsockname(), sock.getpeername())
+                        # Each its own pass: the child answers each before the next request.
+                        await asyncio.sleep(0.05)
+                    await asyncio.wait_for(collector.done, ANSWER_TIMEOUT)
+                finally:
+                    for sock in socks:
+                        sock.close()
+            for n in (1, 2, 3):
+                assert_me(collector.answers[n])
+            child = attributor._child
+            assert child is not None and child.stdout is not None
+            assert not loop.remove_reader(child.stdout.fileno()), "a reader per pass"
+            assert collector.batches < attributor.passes or attributor.passes == 1
+        finally:
+            attributor.close()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
+
+
+def test_requests_while_the_worker_gathers_do_not_wake_it() -> None:
+    """The worker sleeps through a burst's gathering: the relay's request writes meanwhile
+    wake it none (each wake-up was a switch of CPU on the relay's latency path)."""
+    import psutil
+
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-I",
+            *attribution._WORKER,
+            "--relay-pid",
+            str(os.getpid()),
+            "--delay",
+            "1.5",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        with listener() as server, socket.create_connection(server.getsockname()) as sock:
+            (ip, port), (dst_ip, dst_port) = sock.getsockname(), sock.getpeername()
+            line = f"{ip} {port} {dst_ip} {dst_port}\n"
+            # Started: it answers a first request (a pass 1.5 s after it).
+            child.stdin.write(f"1 {line}".encode())
+            child.stdin.flush()
+            assert json.loads(child.stdout.readline())[0][0] == 1
+            proc = psutil.Process(child.pid)
+            child.stdin.write(f"2 {line}".encode())  # a new burst: it gathers for 1.5 s
+            child.stdin.flush()
+            time.sleep(0.1)
+            started = time.monotonic()
+            before = proc.num_ctx_switches().voluntary
+            for n in range(3, 43):
+                child.stdin.write(f"{n} {line}".encode())
+                child.stdin.flush()
+                time.sleep(0.005)
+            woken = proc.num_ctx_switches().voluntary - before
+            gathering = time.monotonic() - started < 1.3  # else the pass may have begun
+            answered: set[int] = set()
+            while len(answered) < 41:
+                answered |= {item[0] for item in json.loads(child.stdout.readline())}
+        assert answered == set(range(2, 43))
+        if gathering:
+            assert woken <= 5, f"woken {woken} times by 40 request writes"
+    finally:
+        child.stdin.close()
+        child.wait(timeout=10)
+        child.stdout.close()
+
+
 def test_never_a_guess_on_the_port_alone(method: str) -> None:
     with (
         listener() as a_listener,

@@ -344,3 +344,119 @@ def test_random_orders_release_each_closed_row_once(steps: list[tuple[str, Any]]
     assert [r.conn_id for r in history.rows] == released
     monitor.close()
     assert len(history.rows) == closes
+
+
+# -- coalescing (headless `tray-proxy run`) ----------------------------------------------------
+
+
+class CountingHistory(History):
+    def __init__(self) -> None:
+        super().__init__()
+        self.submits = 0
+
+    def submit(self, rows: Sequence[ConnectionRow]) -> None:
+        self.submits += 1
+        super().submit(rows)
+
+
+def coalescing(
+    attributor: Any = None, coalesce: float = 0.1
+) -> tuple[Monitor, CountingHistory, Clock]:
+    history, clock = CountingHistory(), Clock()
+    monitor = Monitor(lambda: {}, history, attributor, clock=clock, coalesce=coalesce)
+    return monitor, history, clock
+
+
+def routed(cid: int) -> ConnectionRouted:
+    return ConnectionRouted(cid, "example.com", "corp")
+
+
+def test_coalesced_events_are_reduced_together_once_due() -> None:
+    attributor = Attributor()
+    monitor, history, clock = coalescing(attributor)
+    # A hundred connections, each event in its own batch (a relay at a sequential pace).
+    parts: list[RowChanges] = []
+    for cid in range(1, 101):
+        for event in (opened(cid), routed(cid), done(cid)):
+            parts.append(monitor.feed([event]))
+        parts.append(monitor.process_found([(cid, CURL)]))
+        clock.now += 0.0005
+    # Asked at once (a short program's socket must still be there), reduced not yet.
+    assert [r[0] for r in attributor.requests] == list(range(1, 101))
+    assert not any(parts) and history.rows == [] and monitor.open_rows() == []
+    assert monitor.health(200.0).total_connections == 0
+    clock.now += 0.1
+    changes = monitor.feed([opened(101)])
+    # Opened and closed within the batch: one closed row each, with its process, written in
+    # one submit; never shown as opened.
+    assert [r.conn_id for r in changes.closed] == list(range(1, 101))
+    assert {r.process for r in changes.closed} == {CURL}
+    assert {r.host for r in changes.closed} == {"example.com"}
+    assert [r.conn_id for r in changes.opened] == [101] and not changes.updated
+    assert history.submits == 1 and history.rows == list(changes.closed)
+    assert monitor.health(200.0).total_connections == 101
+
+
+def test_an_answer_before_its_close_in_one_batch_still_names_the_row() -> None:
+    monitor, history, clock = coalescing(Attributor())
+    assert not monitor.feed([opened(1)])
+    assert not monitor.process_found([(1, CURL)])  # the row is open when it is applied
+    assert not monitor.feed([done(1)])
+    assert not monitor.feed([opened(2), done(2)])
+    assert not monitor.process_found([(2, None)])  # after the close: the held row goes on
+    clock.now += 0.2
+    (one, two) = monitor.traffic(clock.now, {}, 0, 0).closed
+    assert (one.conn_id, one.process) == (1, CURL)
+    assert (two.conn_id, two.process) == (2, None)
+    assert history.rows == [one, two]
+
+
+def test_traffic_and_close_reduce_what_waits() -> None:
+    monitor, history, _clock = coalescing(None, coalesce=60.0)
+    assert not monitor.feed([opened(1), routed(1), opened(2)])
+    changes = monitor.traffic(100.0, {1: (10, 20)}, 10, 20)
+    assert {r.conn_id: r.bytes_up for r in changes.opened} == {1: 10, 2: 0}
+    assert not monitor.feed([done(1)])
+    monitor.close()
+    assert [r.conn_id for r in history.rows] == [1] and history.closed_with is not None
+
+
+def test_coalescing_is_bounded() -> None:
+    from tray_proxy.monitor.monitor import MAX_DEFERRED
+
+    monitor, history, _clock = coalescing(None, coalesce=3600.0)
+    released = 0
+    for cid in range(1, MAX_DEFERRED // 2 + 1):
+        released += len(monitor.feed([opened(cid), done(cid)]).closed)
+    assert released == MAX_DEFERRED // 2 == len(history.rows)
+    assert history.submits == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=st.lists(_step, max_size=40))
+def test_random_orders_coalesced_release_each_closed_row_once(
+    steps: list[tuple[str, Any]],
+) -> None:
+    attributor = Attributor()
+    monitor, history, clock = coalescing(attributor, coalesce=0.5)
+    released: list[int] = []
+    closes = 0
+    open_now: set[int] = set()
+    for kind, value in steps:
+        if kind == "open":
+            changes = monitor.feed([opened(value)])
+            open_now.add(value)
+        elif kind == "close":
+            changes = monitor.feed([done(value)])
+            if value in open_now:
+                open_now.discard(value)
+                closes += 1
+        elif kind == "found":
+            changes = monitor.process_found([(value, CURL)])
+        else:
+            clock.now += value
+            changes = monitor.traffic(clock.now, {}, 0, 0)
+        released += [r.conn_id for r in changes.closed]
+    assert [r.conn_id for r in history.rows] == released
+    monitor.close()
+    assert len(history.rows) == closes

@@ -333,13 +333,15 @@ class Attributor:
             return False
         lines = (self._in + data).split(b"\n")
         self._in = lines.pop()
+        delivered: list[tuple[int, ProcessInfo | None]] = []
         for line in lines:
             answers = self._answers(line)
             if answers is None:
                 continue
             self.passes += 1
-            if answers:
-                self._deliver(answers)
+            delivered += answers
+        if delivered:  # the passes read at once, in one delivery
+            self._deliver(delivered)
         return True
 
     def _answers(self, line: bytes) -> list[tuple[int, ProcessInfo | None]] | None:
