@@ -11,6 +11,7 @@ import asyncio
 import base64
 import contextlib
 import socket
+import struct
 import tracemalloc
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -188,6 +189,8 @@ class Session:
         data = await body(self.http, self.reader)
         if self.http.our_state is h11.DONE and self.http.their_state is h11.DONE:
             self.http.start_next_cycle()
+        elif self.http.their_state is h11.MUST_CLOSE:
+            self.writer.close()  # as a client does after `Connection: close`
         return head, data
 
     async def get(self, target: str, host: str = "origin.example", **fields: str) -> None:
@@ -837,3 +840,229 @@ def test_an_upload_waits_for_the_proxy_s_first_word_when_a_407_may_come(
         assert (await s.result()).requests == 1
 
     run(on_proxy(test, respond=_407_then_echo, read_body=False))
+
+
+# -- more edges --------------------------------------------------------------------------------
+
+
+def _request(s: Session, method: str, target: str, fields: list[tuple[str, str]]) -> None:
+    s.writer.write(s.http.send(h11.Request(method=method, target=target, headers=fields)))
+
+
+def test_an_answer_before_the_upload_ends_is_relayed_and_ends_the_connection(
+    run: Runner,
+) -> None:
+    async def too_large(seen: Seen, conn: ProxyConn) -> None:
+        await conn.reply(413, b"too large")
+
+    async def test(proxy: FakeProxy) -> None:
+        s = await session(proxy)
+        _request(s, "PUT", "/f", [("Host", "a.example"), ("Content-Length", "10000000")])
+        s.writer.write(b"z" * 1000)
+        await s.writer.drain()
+        head, data = await s.response()
+        assert head.status_code == 413 and data == b"too large"
+        s.writer.close()
+        result = await s.result()
+        assert result.reason is CloseReason.DONE
+        assert "answered before the request body ended" in result.detail
+
+    run(on_proxy(test, respond=too_large, read_body=False))
+
+
+def test_interim_answers_go_to_http11_clients_and_100_only_to_those_that_asked(
+    run: Runner,
+) -> None:
+    async def hints(seen: Seen, conn: ProxyConn) -> None:
+        await conn.send(
+            h11.InformationalResponse(status_code=103, headers=[("Link", "</s.css>")]),
+            h11.InformationalResponse(status_code=100, headers=[]),
+        )
+        await ok(seen, conn)
+
+    async def test(proxy: FakeProxy) -> None:
+        s = await session(proxy)
+        await s.get("/x")
+        first = await next_event(s.http, s.reader)
+        assert isinstance(first, h11.InformationalResponse) and first.status_code == 103
+        final = await next_event(s.http, s.reader)
+        assert isinstance(final, h11.Response), "no 100 for a client that did not ask"
+        await body(s.http, s.reader)
+        s.writer.close()
+        await s.result()
+        old = await session(proxy)
+        old.writer.write(b"GET /y HTTP/1.0\r\nHost: a.example\r\n\r\n")
+        raw = await asyncio.wait_for(old.reader.read(-1), 10)
+        assert raw.startswith(b"HTTP/1.1 200 "), "no 1xx at all for HTTP/1.0"
+        await old.result()
+
+    run(on_proxy(test, respond=hints))
+
+
+@pytest.mark.parametrize(
+    ("head", "words"),
+    [
+        (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n", "SWITCH_UPGRADE"),
+        (b"HTTP/1.1 200 OK\r\nX-Big: " + b"b" * 9000 + b"\r\n\r\n", "head over 4096"),
+        (b"HTTP/1.1 407 Auth\r\nProxy-Authenticate: ,,=\r\nContent-Length: 0\r\n\r\n", ""),
+        (b"HTTP/9 what\r\n\r\n", ""),
+    ],
+)
+def test_a_bad_answer_from_the_proxy_is_a_502(run: Runner, head: bytes, words: str) -> None:
+    async def test(proxy: FakeProxy) -> None:
+        s = await session(proxy, auth=UpstreamAuth(), limits=ForwardLimits(max_head=4096))
+        await s.get("/x")
+        response, text = await s.response()
+        assert response.status_code == 502
+        result = await s.result()
+        assert result.reason is CloseReason.UPSTREAM_PROTOCOL_ERROR, result
+        assert words in result.detail
+
+    run(on_proxy(test, respond=_raw_then_close(head, b"")))
+
+
+def test_a_user_name_basic_cannot_carry_is_a_configuration_error(run: Runner) -> None:
+    async def test(proxy: FakeProxy) -> None:
+        s = await session(proxy, credentials=Credentials("dom:alice", Secret("x")))
+        await s.get("/x")
+        head, _ = await s.response()
+        assert head.status_code == 502
+        result = await s.result()
+        assert result.reason is CloseReason.CONFIG_ERROR and proxy.seen == []
+
+    run(on_proxy(test))
+
+
+def test_a_407_after_the_body_started_fails_and_the_next_request_sends_basic(
+    run: Runner,
+) -> None:
+    async def slow_407(seen: Seen, conn: ProxyConn) -> None:
+        await asyncio.sleep(1.3)  # past the forwarder's wait for a first word
+        await conn.reply(
+            407, b"", headers=[("Proxy-Authenticate", "Basic"), ("Content-Length", "0")]
+        )
+
+    async def test(proxy: FakeProxy) -> None:
+        auth = UpstreamAuth()
+        s = await session(proxy, auth=auth)
+        big = 200_000  # more than the forwarder keeps to send again
+        _request(s, "POST", "/f", [("Host", "a.example"), ("Content-Length", str(big))])
+        s.writer.write(s.http.send(h11.Data(data=b"h" * big)))
+        await s.writer.drain()
+        head, _ = await s.response()
+        assert head.status_code == 502
+        result = await s.result()
+        assert "after the request body had started" in result.detail
+        assert auth.memo.scheme == "basic"
+
+    run(on_proxy(test, respond=slow_407, read_body=False))
+
+
+def test_a_407_whose_connection_breaks_asks_again_on_a_new_one(run: Runner) -> None:
+    async def cut_407(seen: Seen, conn: ProxyConn) -> None:
+        if seen.header(b"Proxy-Authorization") is None:
+            head = b"HTTP/1.1 407 Auth\r\nProxy-Authenticate: Basic\r\nContent-Length: 99\r\n\r\n"
+            conn.writer.write(head + b"cut")
+            await conn.writer.drain()
+            conn.writer.close()
+            return
+        await ok(seen, conn)
+
+    async def test(proxy: FakeProxy) -> None:
+        s = await session(proxy, auth=UpstreamAuth())
+        await s.get("/x")
+        head, _ = await s.response()
+        assert head.status_code == 200
+        s.writer.close()
+        await s.result()
+        assert proxy.connections == 2
+
+    run(on_proxy(test, respond=cut_407))
+
+
+def test_idle_clients_and_silent_proxies_time_out(run: Runner) -> None:
+    async def silent(seen: Seen, conn: ProxyConn) -> None:
+        await asyncio.sleep(30)
+
+    async def test(proxy: FakeProxy) -> None:
+        limits = ForwardLimits(idle_timeout=0.3)
+        idle = await session(proxy, limits=limits)
+        result = await idle.result()
+        assert result.reason is CloseReason.IDLE_TIMEOUT and not result.reset
+        half = await session(proxy, limits=limits)
+        half.writer.write(b"GET /x HTTP/1.1\r\nHost: a")  # and nothing more
+        result = await half.result()
+        assert result.reason is CloseReason.IDLE_TIMEOUT and result.reset
+        waiting = await session(proxy, limits=limits)
+        await waiting.get("/slow")
+        head, _ = await waiting.response()
+        assert head.status_code == 504
+        result = await waiting.result()
+        assert result.reason is CloseReason.IDLE_TIMEOUT
+
+    run(on_proxy(test, respond=silent))
+
+
+def test_a_client_reset_while_the_answer_streams_is_a_client_reset(run: Runner) -> None:
+    async def endless(seen: Seen, conn: ProxyConn) -> None:
+        await conn.send(h11.Response(status_code=200, headers=[("Content-Length", str(1 << 34))]))
+        with contextlib.suppress(ConnectionError):
+            for _ in range(100_000):
+                await conn.send(h11.Data(data=b"x" * 65536))
+
+    async def test(proxy: FakeProxy) -> None:
+        s = await session(proxy)
+        await s.get("/x")
+        await s.reader.readexactly(100_000)
+        sock = s.writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.writer.transport.abort()
+        result = await s.result()
+        assert result.reason is CloseReason.CLIENT_RESET and result.reset
+
+    run(on_proxy(test, respond=endless))
+
+
+def test_a_stale_kept_alive_connection_is_redialled_for_an_upload_too(run: Runner) -> None:
+    async def answer_then_drop(seen: Seen, conn: ProxyConn) -> None:
+        await conn.reply(200, seen.body)
+        conn.writer.close()
+
+    async def test(proxy: FakeProxy) -> None:
+        s = await session(proxy)
+        await s.get("/1")
+        await s.response()
+        await asyncio.sleep(0.05)
+        _request(s, "POST", "/2", [("Host", "origin.example"), ("Content-Length", "3")])
+        s.writer.write(s.http.send(h11.Data(data=b"abc")) + s.http.send(h11.EndOfMessage()))
+        await s.writer.drain()
+        head, data = await s.response()
+        assert head.status_code == 200 and data == b"abc"
+        s.writer.close()
+        await s.result()
+
+    run(on_proxy(test, respond=answer_then_drop))
+
+
+def test_a_kept_alive_connection_the_proxy_reset_is_redialled(run: Runner) -> None:
+    """The reset arrives before the next request: sending its head fails at once (the
+    answer to the previous request must not count as one to this)."""
+
+    async def answer_then_reset(seen: Seen, conn: ProxyConn) -> None:
+        await ok(seen, conn)
+        sock = conn.writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.writer.transport.abort()
+
+    async def test(proxy: FakeProxy) -> None:
+        s = await session(proxy)
+        for path in ("/1", "/2", "/3"):
+            await s.get(path)
+            head, _ = await s.response()
+            assert head.status_code == 200
+            await asyncio.sleep(0.05)
+        s.writer.close()
+        assert (await s.result()).requests == 3
+        assert proxy.connections == 3
+
+    run(on_proxy(test, respond=answer_then_reset))

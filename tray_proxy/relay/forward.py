@@ -51,6 +51,8 @@ _LINGER_SECONDS = 1.0
 # How long a request body waits for the proxy's first answer when a 407 may still come
 # (curl waits 1 s for 100 Continue too).
 _HOLD = 1.0
+# Request body bytes kept so the request can be sent again (stale kept-alive connection, 407).
+_REPLAY_MAX = 64 * 1024
 _LINGER_BYTES = 1 << 20
 
 
@@ -228,6 +230,11 @@ class _Forwarder:
         self.permit: Permit | None = None
         self.result = ForwardResult()
         self.consumed = 0  # body bytes of the current request read from the client
+        # Those bytes while they are few (<= _REPLAY_MAX), so the request can go again; and
+        # whether its end was read too.
+        self.replay: bytearray | None = bytearray()
+        self.request_done = False
+        self.answered = False  # the proxy said something to the request in flight
         self.go = asyncio.Event()  # the upload may start (see _both)
         # Send Basic from the first request when the proxy is known to want it; otherwise
         # only after it asked (as the CONNECT path does: never the password in the clear to a
@@ -297,11 +304,13 @@ class _Forwarder:
         return event
 
     async def _exchange(self, request: h11.Request) -> None:
-        """One request and its response. A request may go twice while none of its body has
-        been read from the client: again on a new connection when a kept-alive one closed
+        """One request and its response. A request may go twice while what was read of its
+        body is kept (_REPLAY_MAX): again on a new connection when a kept-alive one closed
         unanswered, again with credentials when the proxy asked for them."""
         bodyless = _bodyless(request)
         self.consumed = 0
+        self.replay = bytearray()
+        self.request_done = False
         if bodyless:
             # h11 knows at once that no body follows; consume the end of the request now.
             end = await self._client_event()
@@ -320,6 +329,7 @@ class _Forwarder:
             if hold and not _expects_continue(request):
                 sent = _with_expect(sent)
             reused = await self._connect()
+            self.answered = False
             try:
                 await self._send_up(self._up().send(sent), reused)
                 if bodyless:
@@ -329,7 +339,7 @@ class _Forwarder:
                     await self._both(request, reused, hold)
                 return
             except _ClosedBeforeAnswer:
-                if retried or self.consumed:
+                if retried or self.replay is None:
                     raise _Stop(
                         CloseReason.UPSTREAM_RESET,
                         f"proxy {self.upstream} closed the connection without answering",
@@ -354,7 +364,7 @@ class _Forwarder:
         self.go = asyncio.Event()
         if not hold:
             self.go.set()
-        upload = self._spawn(self._upload(), "forward-upload")
+        upload = self._spawn(self._upload(reused), "forward-upload")
         download = self._spawn(self._download(request, reused), "forward-download")
         try:
             pending: set[asyncio.Task[None]] = {upload, download}
@@ -379,8 +389,16 @@ class _Forwarder:
         # The caller keeps both tasks and always awaits them before it returns.
         return self.loop.create_task(coro, name=name)
 
-    async def _upload(self) -> None:
+    async def _upload(self, reused: bool) -> None:
+        """Send the request body; `reused`: a send failing before any answer means the
+        kept-alive connection was stale (the request may go again)."""
         up = self._up()
+        if self.replay:
+            # The request goes again: first what the client sent of it before.
+            await self._send_up(up.send(h11.Data(data=bytes(self.replay))), reused)
+        if self.request_done:
+            await self._send_up(up.send(h11.EndOfMessage()), reused)
+            return
         with contextlib.suppress(asyncio.TimeoutError):
             await within(_HOLD, self.go.wait())
         while True:
@@ -394,32 +412,36 @@ class _Forwarder:
                 ) from None
             if isinstance(event, h11.Data):
                 self.consumed += len(event.data)
-                await self._send_up(up.send(h11.Data(data=event.data)), False)
+                if self.replay is not None:
+                    if len(self.replay) + len(event.data) <= _REPLAY_MAX:
+                        self.replay += event.data
+                    else:
+                        self.replay = None
+                await self._send_up(up.send(h11.Data(data=event.data)), reused)
             elif isinstance(event, h11.EndOfMessage):
-                await self._send_up(up.send(h11.EndOfMessage()), False)
+                self.request_done = True
+                await self._send_up(up.send(h11.EndOfMessage()), reused)
                 return
             else:  # pragma: no cover - h11 sends only Data and EndOfMessage here
                 raise _Stop(CloseReason.INTERNAL_ERROR, f"unexpected {type(event).__name__}")
 
     async def _download(self, request: h11.Request, reused: bool) -> None:
         up = self._up()
-        received = False
         client_expects = _expects_continue(request)
         while True:
             try:
                 event = await self._upstream_event(up)
             except (h11.RemoteProtocolError, _UpstreamEOF) as exc:
-                if not received and reused and isinstance(exc, _UpstreamEOF):
+                if not self.answered and reused and isinstance(exc, _UpstreamEOF):
                     raise _ClosedBeforeAnswer from None
-                raise self._broken(exc, received) from None
-            received = True
+                raise self._broken(exc) from None
+            self.answered = True
             if isinstance(event, h11.InformationalResponse | h11.Response) and (
                 _head_size(event) > self.limits.max_head
             ):
                 raise self._bad_answer(f"a response head over {self.limits.max_head} bytes")
             if isinstance(event, h11.InformationalResponse):
-                if event.status_code == 101:
-                    raise self._bad_answer("101 Switching Protocols to a request without Upgrade")
+                # (A 101 never gets here: h11 refuses it to a request without Upgrade.)
                 if event.status_code == 100:
                     self.go.set()
                 if self.down.their_http_version == b"1.1" and (
@@ -514,9 +536,9 @@ class _Forwarder:
             schemes = schemes or "no scheme"
             why = f"wants {schemes} for plain HTTP, and forwarding plain HTTP answers Basic only"
         else:
-            if self.consumed == 0:
+            if self.replay is not None:
                 await self._drain_answer()
-                if self.consumed == 0:
+                if self.replay is not None:
                     raise _AskAgain
             why = (
                 "asked for credentials after the request body had started; "
@@ -572,7 +594,8 @@ class _Forwarder:
                 raise _Stop(
                     CloseReason.IDLE_TIMEOUT,
                     f"client sent nothing for {self.limits.idle_timeout:g}s",
-                    reset=not between,
+                    # Quiet between requests is a normal end; within one, it cut the request.
+                    reset=not between or bool(down.trailing_data[0]),
                 ) from None
             except OSError as exc:
                 raise _Stop(
@@ -642,7 +665,7 @@ class _Forwarder:
         try:
             await self.loop.sock_sendall(sock, data)
         except OSError as exc:
-            if reused:
+            if reused and not self.answered:
                 raise _ClosedBeforeAnswer from None
             raise _Stop(
                 CloseReason.UPSTREAM_RESET,
@@ -667,7 +690,7 @@ class _Forwarder:
         if self.record is not None:
             self.record.bytes_down += len(data)
 
-    def _broken(self, exc: Exception, received: bool) -> _Stop:
+    def _broken(self, exc: Exception) -> _Stop:
         if self.down.our_state is h11.SEND_RESPONSE:
             # Nothing went to the client yet: it gets a 502 and the words.
             if isinstance(exc, _UpstreamEOF):
@@ -679,7 +702,7 @@ class _Forwarder:
             return self._bad_answer(peer_excerpt(str(exc), 60))
         return _Stop(
             CloseReason.UPSTREAM_RESET,
-            f"proxy {self.upstream} broke off the response ({exc})",
+            f"proxy {self.upstream} broke off the response ({peer_excerpt(str(exc), 60)})",
             reset=True,
         )
 
