@@ -1,5 +1,5 @@
 """A proxy on this host (loopback): the relay's connections to it use Reno, not the system's
-pacing congestion control (relay/upstream.py keep_on_host); a proxy elsewhere keeps the
+pacing congestion control (relay/sockets.py keep_on_host); a proxy elsewhere keeps the
 system's choice.
 
 The engine tests read the relay's sockets from outside, with `ss -ti` (iproute2), as an
@@ -27,7 +27,7 @@ from tests.relay.stubs import (
     socks_upstream,
     until,
 )
-from tray_proxy.relay.upstream import keep_on_host
+from tray_proxy.relay.sockets import keep_on_host
 
 _AVAILABLE = Path("/proc/sys/net/ipv4/tcp_available_congestion_control")
 

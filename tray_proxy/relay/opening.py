@@ -43,8 +43,9 @@ from tray_proxy.relay.protocol.http_connect import (
 from tray_proxy.relay.protocol.peek import HostPeeker
 from tray_proxy.relay.records import Address, CloseReason, ConnectionRecord, ConnState
 from tray_proxy.relay.settings import RelaySettings, UpstreamProxy
+from tray_proxy.relay.sockets import outbound_socket
 from tray_proxy.relay.spares import Spares
-from tray_proxy.relay.upstream import UpstreamError, keep_on_host, refusal_words
+from tray_proxy.relay.upstream import UpstreamError, refusal_words
 
 _REQUESTS_KEPT = 512  # CONNECT requests kept ready, by target and header
 _PEEK_RECV = 16384
@@ -283,13 +284,13 @@ class Opening:
         """Open the connection to the proxy; False (and a setback) if it failed at once."""
         family, addr = self.address
         try:
-            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            # TCP_NODELAY comes in start(), after the CONNECT left.
+            sock = outbound_socket(family, addr[0], nodelay=False)
         except OSError as exc:
             # Out of descriptors or memory: our own shortage, not the client's doing.
             self.setback = (CloseReason.INTERNAL_ERROR, exc)
             return False
         self.sock = sock
-        keep_on_host(sock, addr[0])
         try:
             code = sock.connect_ex(addr)
         except OSError:

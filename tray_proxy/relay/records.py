@@ -46,6 +46,7 @@ class CloseReason(enum.Enum):
     IDLE_TIMEOUT = "idle-timeout"
     SHUTDOWN = "shutdown"  # the relay stopped
     CLOSED_BY_USER = "closed-by-user"  # the user closed it (dashboard, Close selected)
+    BLOCKED = "blocked"  # a BLOCK rule (or the PAC script) matched: reset at once
     INTERNAL_ERROR = "internal-error"
 
 
@@ -72,6 +73,11 @@ class ConnectionRecord:
     bytes_down: int = 0  # upstream -> client
     close_reason: CloseReason | None = None
     close_detail: str = ""
+    # The routing decision (routing.router.Decision.text, e.g. "proxy corp, backup
+    # (rule[2]: *.corp -> corp)") and what made it ("rule[2]", "pac", "default"); empty
+    # when the engine routes without a router (one upstream, as before issue 15).
+    route: str = ""
+    decided_by: str = ""
 
     @property
     def destination(self) -> str:
@@ -99,4 +105,6 @@ class ConnectionRecord:
             bytes_down=self.bytes_down,
             close_reason=self.close_reason,
             close_detail=self.close_detail,
+            route=self.route,
+            decided_by=self.decided_by,
         )

@@ -27,7 +27,7 @@ import socket
 import time
 
 from tray_proxy.relay.records import Address
-from tray_proxy.relay.upstream import keep_on_host
+from tray_proxy.relay.sockets import outbound_socket
 
 _IN_PROGRESS = frozenset({errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK})
 
@@ -98,12 +98,10 @@ class Spares:
         kept = self._kept
         while len(kept) < self.keep:
             try:
-                sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+                sock = outbound_socket(family, sockaddr[0])
             except OSError:
                 return
-            keep_on_host(sock, sockaddr[0])
             try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 code = sock.connect_ex(sockaddr)
             except OSError:
                 code = -1

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import enum
 import errno
 import functools
 import ipaddress
-import itertools
 import os
 import socket
 import time
@@ -45,6 +43,7 @@ from tray_proxy.relay.protocol.proxy_auth import (
 from tray_proxy.relay.protocol.socks5 import Socks5Handshake
 from tray_proxy.relay.records import Address, CloseReason
 from tray_proxy.relay.settings import AuthScheme, UpstreamKind, UpstreamProxy
+from tray_proxy.relay.sockets import SourcePorts, outbound_socket
 from tray_proxy.relay.spnego_auth import kerberos_available, token_contexts
 
 _RECV = 65536
@@ -82,33 +81,6 @@ class UpstreamError(Exception):
 class _Resolved:
     addresses: list[tuple[int, Address]]
     expires: float
-
-
-class SourcePorts:
-    """Hands out source ports from the relay's reserved range, round robin.
-
-    Several sockets may share a source port (SO_REUSEADDR) as long as the 4-tuples differ;
-    a collision shows up as EADDRINUSE/EADDRNOTAVAIL and we move on to the next port.
-    """
-
-    def __init__(self, first: int, last: int) -> None:
-        self.first = first
-        self.last = last
-        self._cycle = itertools.cycle(range(first, last + 1))
-        self.attempts = min(64, last - first + 1)  # ports tried before giving up
-
-    def bind(self, sock: socket.socket, family: int) -> None:
-        host = "0.0.0.0" if family == socket.AF_INET else "::"
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        for _ in range(self.attempts):
-            port = next(self._cycle)
-            try:
-                sock.bind((host, port))
-                return
-            except OSError as exc:
-                if exc.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
-                    raise
-        raise OSError(errno.EADDRINUSE, f"no free source port in {self.first}-{self.last}")
 
 
 class Dialer:
@@ -203,13 +175,15 @@ class Dialer:
             # connection to this very address; the clash shows only at connect() as
             # EADDRNOTAVAIL. Then the next port of the range is tried.
             for _ in range(ports.attempts if ports is not None else 1):
-                sock = socket.socket(family, socket.SOCK_STREAM)
-                keep_on_host(sock, addr[0])
                 try:
-                    sock.setblocking(False)
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    if ports is not None:
-                        ports.bind(sock, family)
+                    sock = outbound_socket(family, addr[0], ports)
+                except OSError as exc:
+                    if exc.errno not in _PORT_CLASH or ports is None:
+                        raise  # out of descriptors: our own shortage (RelayEngine._serve)
+                    last = f"{format_authority(*addr)}: {exc.strerror or exc}"
+                    last_errno = exc.errno
+                    continue
+                try:
                     remaining = deadline - loop.time()
                     if remaining <= 0:
                         raise asyncio.TimeoutError
@@ -570,17 +544,6 @@ _MAX_407_BODY = 64 * 1024
 _RECONNECTS = 1
 
 T = TypeVar("T")
-
-
-def keep_on_host(sock: socket.socket, ip: str) -> None:
-    """A connection to a proxy on this host (loopback: a local helper proxy such as cntlm or
-    px) never crosses a network: like the client side (RelayEngine._listen), it uses Reno,
-    since a pacing congestion control (BBR as the system default) only costs it timer
-    interrupts there; in the bench lab, pacing took about a quarter of the relay's CPU per
-    GiB uploaded. A proxy anywhere else keeps the system's choice: its path may need it."""
-    if ip == "::1" or ip.startswith(("127.", "::ffff:127.")):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, b"reno")
 
 
 class _ClosedBeforeAnswer(Exception):
