@@ -449,7 +449,7 @@ class _Forwarder:
                 ):
                     # RFC 9110 section 15.2: never a 1xx to an HTTP/1.0 client.
                     await self._send_down(
-                        self.down.send(
+                        self._head_for_client(
                             h11.InformationalResponse(
                                 status_code=event.status_code,
                                 headers=response_fields(event.headers.raw_items()),
@@ -463,7 +463,7 @@ class _Forwarder:
                 self.go.set()
                 self._settle(CredentialState.VERIFIED)
                 await self._send_down(
-                    self.down.send(
+                    self._head_for_client(
                         h11.Response(
                             status_code=event.status_code,
                             headers=response_fields(event.headers.raw_items()),
@@ -483,6 +483,12 @@ class _Forwarder:
                 return
             else:  # pragma: no cover - ConnectionClosed comes as _UpstreamEOF
                 raise self._bad_answer(f"unexpected {type(event).__name__}")
+
+    def _head_for_client(self, head: h11.InformationalResponse | h11.Response) -> bytes:
+        try:
+            return self.down.send(head) or b""
+        except h11.LocalProtocolError as exc:  # h11 parsed it from the proxy, so: rare
+            raise self._bad_answer(f"an answer the client cannot be given ({exc})") from None
 
     # -- authentication ---------------------------------------------------------------------
 
