@@ -22,6 +22,7 @@ there. Figures are printed and written, never asserted. Usage, as root from the 
 root:
 
     .venv/bin/python -m bench.rtt [--quick] [--rounds N] [--rows a,b] [--output FILE|-]
+                                  [--idle S] [--fetches N] [--parallel N] [--rtt-ms MS]
 
 Default about 4 minutes, `--quick` under one. Traffic stays in the lab's namespaces; every
 process, namespace, link and nft table is removed in `finally`.
@@ -551,8 +552,11 @@ def render_section(
     s = bench.sizes
     when = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     command = ".venv/bin/python -m bench.rtt" + (" --quick" if args.quick else "")
-    if args.rounds is not None:
-        command += f" --rounds {args.rounds}"
+    for option in ("rounds", "idle", "fetches", "parallel"):
+        if getattr(args, option) is not None:
+            command += f" --{option} {getattr(args, option):g}"
+    if args.rtt_ms != 20.0:
+        command += f" --rtt-ms {args.rtt_ms:g}"
     notes = [f"- {key}: {note}" for key, f in bench.figures.items() for note in f.notes] or [
         "- none"
     ]
@@ -619,6 +623,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=None, help="rounds (default 5, quick 2)")
     parser.add_argument("--idle", type=float, default=None, help="idle seconds before (a)")
     parser.add_argument("--rtt-ms", type=float, default=20.0, help="round trip to the proxy")
+    parser.add_argument("--fetches", type=int, default=None, help="fetches per burst (200)")
+    parser.add_argument("--parallel", type=int, default=None, help="burst parallelism (16)")
     parser.add_argument(
         "--rows", default=",".join(r.key for r in ROWS), help="comma-separated subset of rows"
     )
@@ -632,6 +638,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--rtt-ms must be 0 to 1000")
     if args.idle is not None and not 0 <= args.idle <= 600:
         parser.error("--idle must be 0 to 600 seconds")
+    if args.fetches is not None and not 1 <= args.fetches <= 2000:
+        parser.error("--fetches must be 1 to 2000")
+    if args.parallel is not None and not 1 <= args.parallel <= 100:
+        parser.error("--parallel must be 1 to 100")
     return args
 
 
@@ -641,8 +651,8 @@ def main(argv: list[str] | None = None) -> int:
     sizes = Sizes(
         rounds=args.rounds or base.rounds,
         idle=base.idle if args.idle is None else args.idle,
-        fetches=base.fetches,
-        parallel=base.parallel,
+        fetches=base.fetches if args.fetches is None else args.fetches,
+        parallel=base.parallel if args.parallel is None else args.parallel,
     )
     wanted = {k.strip() for k in args.rows.split(",")}
     unknown = wanted - {r.key for r in ROWS}
