@@ -135,13 +135,14 @@ def _build_repo(repo: Path) -> Path:
         capture_output=True,
         timeout=60,
     )
-    packages = subprocess.run(
-        ["dpkg-scanpackages", "--multiversion", ".", "/dev/null"],
-        cwd=repo,
-        check=True,
-        capture_output=True,
-        timeout=60,
-    ).stdout
+    # The index entry dpkg-scanpackages would write (dpkg-dev is not needed for one line).
+    packages = (
+        f"Package: {DEMO_PACKAGE}\nVersion: 1.0\nArchitecture: all\n"
+        "Maintainer: tray-proxy lab <lab@lab.test>\n"
+        f"Filename: ./{deb.name}\nSize: {deb.stat().st_size}\n"
+        f"SHA256: {hashlib.sha256(deb.read_bytes()).hexdigest()}\n"
+        "Description: forwarding test package\n\n"
+    ).encode()
     (repo / "Packages").write_bytes(packages)
     (repo / "Packages.gz").write_bytes(gzip.compress(packages))
     sums = "".join(
