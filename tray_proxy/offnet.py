@@ -241,10 +241,9 @@ async def probe_one(upstream: UpstreamProxy, timeout: float, dialer: Dialer) -> 
         return ProbeResult(upstream.name, status, f"{where}: {words}", loop.time() - started)
 
     try:
-        infos = await asyncio.wait_for(
-            loop.getaddrinfo(upstream.host, upstream.port, type=socket.SOCK_STREAM), timeout
-        )
-    except asyncio.TimeoutError:
+        async with asyncio.timeout(timeout):
+            infos = await loop.getaddrinfo(upstream.host, upstream.port, type=socket.SOCK_STREAM)
+    except TimeoutError:
         return result(ProbeStatus.TIMEOUT, f"resolving the name took over {timeout:g} s")
     except socket.gaierror as exc:
         return result(ProbeStatus.NO_NAME, f"the name does not resolve ({exc.strerror})")
@@ -404,8 +403,11 @@ class OffnetProber:
             wait = offnet.next_probe_in(loop.time())
             if wait > 0:
                 self._wake.clear()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), wait)
+                # asyncio.timeout, not wait_for: 3.11's wait_for loses a cancel that comes
+                # with the wake-up (set_policy then stop), and stop() would wait forever.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._wake.wait()
                 continue  # woken early or due: ask again
             token = offnet.probe_started(loop.time())
             results = await probe_upstreams(
