@@ -39,6 +39,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from tray_proxy.netwatch import NetworkWatcher, NetworkWatchError
+from tray_proxy.relay.aio import within
 from tray_proxy.relay.records import CloseReason
 from tray_proxy.relay.settings import UpstreamProxy
 from tray_proxy.relay.upstream import Dialer, UpstreamError
@@ -241,9 +242,10 @@ async def probe_one(upstream: UpstreamProxy, timeout: float, dialer: Dialer) -> 
         return ProbeResult(upstream.name, status, f"{where}: {words}", loop.time() - started)
 
     try:
-        async with asyncio.timeout(timeout):
-            infos = await loop.getaddrinfo(upstream.host, upstream.port, type=socket.SOCK_STREAM)
-    except TimeoutError:
+        infos = await within(
+            timeout, loop.getaddrinfo(upstream.host, upstream.port, type=socket.SOCK_STREAM)
+        )
+    except asyncio.TimeoutError:
         return result(ProbeStatus.TIMEOUT, f"resolving the name took over {timeout:g} s")
     except socket.gaierror as exc:
         return result(ProbeStatus.NO_NAME, f"the name does not resolve ({exc.strerror})")
@@ -335,6 +337,7 @@ class OffnetProber:
         self._watcher: NetworkWatcher | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self.rounds = 0
         self.last_results: tuple[ProbeResult, ...] = ()
 
@@ -352,6 +355,7 @@ class OffnetProber:
         if self._task is not None:
             return
         self._wake = asyncio.Event()
+        self._stopping = False
         self._offnet = Offnet(self._policy, loop.time())
         if self._watch_network:
             watcher = NetworkWatcher(self.network_changed, quiet=self._quiet)
@@ -386,6 +390,7 @@ class OffnetProber:
         if self._watcher is not None:
             self._watcher.close()
             self._watcher = None
+        self._stopping = True
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -399,15 +404,14 @@ class OffnetProber:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         offnet = self.offnet
-        while True:
+        while not self._stopping:
             wait = offnet.next_probe_in(loop.time())
             if wait > 0:
                 self._wake.clear()
-                # asyncio.timeout, not wait_for: 3.11's wait_for loses a cancel that comes
-                # with the wake-up (set_policy then stop), and stop() would wait forever.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(wait):
-                        await self._wake.wait()
+                # `within` is asyncio.timeout on 3.11: wait_for loses a cancel that comes
+                # with the wake-up (set_policy then stop); `_stopping` covers 3.10's.
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await within(wait, self._wake.wait())
                 continue  # woken early or due: ask again
             token = offnet.probe_started(loop.time())
             results = await probe_upstreams(
