@@ -212,6 +212,7 @@ async def session(
     first: bytes = b"",
     host: str | None = None,
     limits: ForwardLimits | None = None,
+    on_answer: Callable[[], None] | None = None,
 ) -> Session:
     ours, theirs = tcp_pair()
     if auth is None:
@@ -230,6 +231,7 @@ async def session(
             proxy.dial,
             host=host,
             limits=limits,
+            on_answer=on_answer,
         )
     )
     task.add_done_callback(lambda t: _close(theirs, t))
@@ -525,10 +527,12 @@ def test_without_a_known_scheme_the_first_request_goes_bare_and_again_with_basic
 ) -> None:
     async def test(proxy: FakeProxy) -> None:
         auth = UpstreamAuth()
-        s = await session(proxy, auth=auth)
+        answers: list[int] = []
+        s = await session(proxy, auth=auth, on_answer=lambda: answers.append(len(proxy.seen)))
         await s.get("/x")
         head, data = await s.response()
         assert head.status_code == 200 and data == b"hello http://origin.example/x"
+        assert answers == [2], "once, at the answer after the 407, not at the 407"
         await s.get("/y")
         head, data = await s.response()
         s.writer.close()

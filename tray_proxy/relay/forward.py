@@ -142,6 +142,7 @@ async def forward_http(
     host: str | None = None,
     limits: ForwardLimits | None = None,
     record: ConnectionRecord | None = None,
+    on_answer: Callable[[], None] | None = None,
 ) -> ForwardResult:
     """Serve every request on `client` by forwarding it to `upstream`; returns how it ended.
 
@@ -151,7 +152,8 @@ async def forward_http(
     connection was routed for (the peeked ``Host``); requests for another host get 421.
     `dial`: opens a new connection to the proxy or raises UpstreamError; called for the first
     request and whenever the proxy closed the previous one. `record`: its byte counters
-    follow the traffic as it flows.
+    follow the traffic as it flows. `on_answer`: called once, when the proxy's first answer
+    (not a 407) arrives: the connection is up (the engine's TunnelEstablished).
     """
     forwarder = _Forwarder(
         client,
@@ -163,6 +165,7 @@ async def forward_http(
         host,
         limits or ForwardLimits(),
         record,
+        on_answer,
     )
     return await forwarder.run(first_bytes)
 
@@ -213,6 +216,7 @@ class _Forwarder:
         host: str | None,
         limits: ForwardLimits,
         record: ConnectionRecord | None,
+        on_answer: Callable[[], None] | None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.client = client
@@ -224,6 +228,7 @@ class _Forwarder:
         self.pinned = host
         self.limits = limits
         self.record = record
+        self.on_answer = on_answer
         self.down = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_head)
         self.up: h11.Connection | None = None
         self.sock: socket.socket | None = None
@@ -462,6 +467,9 @@ class _Forwarder:
                     await self._challenged(event)
                 self.go.set()
                 self._settle(CredentialState.VERIFIED)
+                if self.on_answer is not None:
+                    on_answer, self.on_answer = self.on_answer, None
+                    on_answer()
                 await self._send_down(
                     self._head_for_client(
                         h11.Response(
