@@ -1070,3 +1070,62 @@ def test_a_kept_alive_connection_the_proxy_reset_is_redialled(run: Runner) -> No
         assert proxy.connections == 3
 
     run(on_proxy(test, respond=answer_then_reset))
+
+
+def test_requests_trickled_one_byte_at_a_time(run: Runner) -> None:
+    raw = (
+        b"POST /up HTTP/1.1\r\nHost: a.example\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3\r\nabc\r\n2;ext=1\r\nde\r\n0\r\n\r\n"
+        b"GET /next HTTP/1.1\r\nHost: a.example\r\n\r\n"
+    )
+
+    async def echo(seen: Seen, conn: ProxyConn) -> None:
+        await conn.reply(200, seen.body or seen.target)
+
+    async def test(proxy: FakeProxy) -> None:
+        s = await session(proxy)
+        for i in range(len(raw)):
+            s.writer.write(raw[i : i + 1])
+            await s.writer.drain()
+        for expected in (b"abcde", b"http://a.example/next"):
+            s.http.send(h11.Request(method="GET", target="/", headers=[("Host", "x")]))
+            s.http.send(h11.EndOfMessage())
+            _, data = await s.response()
+            assert data == expected
+        s.writer.close()
+        assert (await s.result()).requests == 2
+
+    run(on_proxy(test, respond=echo))
+
+
+def test_a_smuggling_attempt_reaches_the_proxy_with_one_framing_and_no_second_host(
+    run: Runner,
+) -> None:
+    """Content-Length and Transfer-Encoding together: h11 frames by Transfer-Encoding (RFC
+    9112 section 6.3), the proxy gets only that, and the request hidden after the empty body
+    is for another host: 421, never forwarded."""
+    raw = (
+        b"POST / HTTP/1.1\r\nHost: a.example\r\nContent-Length: 40\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+        b"GET /smuggled HTTP/1.1\r\nHost: internal.example\r\n\r\n"
+    )
+
+    async def test(proxy: FakeProxy) -> None:
+        s = await session(proxy)
+        s.writer.write(raw)
+        await s.writer.drain()
+        s.http.send(h11.Request(method="GET", target="/", headers=[("Host", "x")]))
+        s.http.send(h11.EndOfMessage())
+        head, _ = await s.response()
+        assert head.status_code == 200
+        s.http.send(h11.Request(method="GET", target="/", headers=[("Host", "x")]))
+        s.http.send(h11.EndOfMessage())
+        head, _ = await s.response()
+        assert head.status_code == 421
+        await s.result()
+        (only,) = proxy.seen
+        assert only.header(b"Transfer-Encoding") == b"chunked"
+        assert only.header(b"Content-Length") is None
+        assert only.body == b""
+
+    run(on_proxy(test))
