@@ -1129,3 +1129,26 @@ def test_a_smuggling_attempt_reaches_the_proxy_with_one_framing_and_no_second_ho
         assert only.body == b""
 
     run(on_proxy(test))
+
+
+def test_cancelling_mid_upload_leaves_no_task_and_closes_the_proxy_side(run: Runner) -> None:
+    """The engine cancels a connection's task when it stops or the user closes it."""
+
+    async def hold(seen: Seen, conn: ProxyConn) -> None:
+        with contextlib.suppress(h11.ProtocolError, ConnectionError):
+            await conn.body()
+
+    async def test(proxy: FakeProxy) -> None:
+        s = await session(proxy)
+        s.writer.write(b"PUT /f HTTP/1.1\r\nHost: a.example\r\nContent-Length: 100000\r\n\r\n")
+        s.writer.write(b"y" * 1000)
+        await s.writer.drain()
+        await _until(lambda: len(proxy.seen) == 1)
+        before = asyncio.all_tasks()
+        s.task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await s.task
+        assert not [t for t in before if "forward-" in t.get_name() and not t.done()]
+        await _until(lambda: not proxy.tasks)  # the proxy saw its connection close
+
+    run(on_proxy(test, respond=hold, read_body=False))

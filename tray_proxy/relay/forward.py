@@ -13,6 +13,11 @@ Credentials go through the upstream's ``UpstreamAuth`` exactly as on the CONNECT
 unverified attempt at a time, a 407 to our credentials rejects them for every connection,
 and rejected credentials are not sent again until they change (relay/upstream.py).
 
+The opening path uses it so: a plain-HTTP connection (the peek saw an HTTP request) through
+an HTTP upstream goes to `forward_http` instead of a CONNECT when `Port80Memory.forwards`, and
+when its CONNECT fails with a status `Port80Memory.learn` takes; the peeked bytes are handed
+over, and the engine closes the client and records the result.
+
 Must not import PySide6. The credentials never reach a log line, an exception or a record.
 """
 
