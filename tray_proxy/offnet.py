@@ -338,7 +338,8 @@ class OffnetProber:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
-        self.rounds = 0
+        self.rounds = 0  # rounds that ended
+        self.abandoned = 0  # rounds cut short by a network change
         self.last_results: tuple[ProbeResult, ...] = ()
 
     @property
@@ -414,11 +415,40 @@ class OffnetProber:
                     await within(wait, self._wake.wait())
                 continue  # woken early or due: ask again
             token = offnet.probe_started(loop.time())
-            results = await probe_upstreams(
-                self._upstreams, self._timeout, source_ports=self._source_ports
-            )
+            results = await self._round(token)
+            if results is None:
+                self.abandoned += 1
+                continue  # the network changed meanwhile: probe the new one now
             self.rounds += 1
             self.last_results = tuple(results)
             change = offnet.probed(token, results, loop.time())
             if change is not None:
                 self._on_change(change)
+
+    async def _round(self, token: int) -> list[ProbeResult] | None:
+        """One probe round; None when the network changed before it ended. A round that
+        waits for a timeout on the old network would otherwise hold up the probe of the new
+        one by up to `probe_timeout`, and its failure would not count (it is stale): in
+        the lab that made one outage take 5.0 s to go direct instead of 2.8 s."""
+        loop = asyncio.get_running_loop()
+        offnet = self.offnet
+        probing = loop.create_task(
+            probe_upstreams(self._upstreams, self._timeout, source_ports=self._source_ports),
+            name="tray-proxy offnet probe round",
+        )
+        try:
+            while not probing.done():
+                self._wake.clear()
+                woken = loop.create_task(self._wake.wait(), name="tray-proxy offnet wake")
+                try:
+                    await asyncio.wait({probing, woken}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    woken.cancel()
+                if offnet.generation != token or self._stopping:
+                    return None
+            return probing.result()
+        finally:
+            if not probing.done():
+                probing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await probing
