@@ -34,6 +34,7 @@ import h11
 import pytest
 
 from tests.integration.engine_in_lab import EngineInLab
+from tests.integration.relay import RelayProcess, UpstreamSpec
 from tests.lab.creds import ProxyCredentials
 from tests.lab.curl import CurlResult
 from tests.lab.environment import Lab
@@ -691,3 +692,37 @@ def test_apt_update_and_download_through_a_stock_squid(
     assert f"http://{HOSTNAME}:{port}/repo/./{got.name}" in fetched
     # apt kept its connection for several requests (InRelease, Release, Release.gpg, ...).
     assert max(r.requests for r in fwd.results) >= 3, fwd.results
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="engine.py (being wired by its owner): keeps() returns True before its Port80Memory "
+    "check when no router is configured, and failed() without a decision never forwards, so "
+    "once the credentials are verified the fast path sends CONNECT :80 again and resets the "
+    "client (H10's report). Remove this mark when that is fixed.",
+)
+def test_through_tray_proxy_run_plain_http_is_forwarded(lab: Lab, stock: StockSquid) -> None:
+    """The whole relay (`tray-proxy run`, the engine's opening path) with the lab redirect:
+    the first connection's CONNECT :80 gets 403, then all plain HTTP is forwarded."""
+    seed = _seed()
+    body = os.urandom(MB + 5)
+    with (
+        RelayProcess(lab, UpstreamSpec.for_squid(stock), redirect_ports=(80, 443)) as relay,
+        relay.redirect(),
+    ):
+        first = lab.curl(lab.origins.url("http", f"/bytes/70000?seed={seed}"))
+        second = lab.curl(lab.origins.url("http", f"/bytes/80000?seed={seed}"))
+        upload = lab.curl(lab.origins.url("http", "/echo"), data=body)
+        tls = lab.curl(lab.origins.url("https", f"/bytes/1000?seed={seed}"))
+        log = "\n".join(relay.lines[-20:])
+    assert first.http_code == 200 and first.sha256 == pattern_sha256(70000, seed), log
+    assert second.http_code == 200 and second.sha256 == pattern_sha256(80000, seed), log
+    assert upload.http_code == 200 and upload.sha256 == hashlib.sha256(body).hexdigest(), log
+    assert tls.http_code == 200 and tls.sha256 == pattern_sha256(1000, seed), tls
+    entries = stock.entries()
+    assert any(e.method == "CONNECT" and e.uri.endswith(":80") and e.status == 403 for e in entries)
+    forwarded = {e.uri for e in entries if e.method == "GET" and seed in e.uri and e.status == 200}
+    assert forwarded == {
+        f"http://{HOSTNAME}/bytes/70000?seed={seed}",
+        f"http://{HOSTNAME}/bytes/80000?seed={seed}",
+    }
