@@ -445,3 +445,32 @@ async def until(condition: Callable[[], bool], timeout: float = 3.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.005)
+
+
+@pytest.mark.lab
+def test_a_network_change_cuts_the_running_round_short(ns: Namespace) -> None:
+    """A round waiting for a timeout on the old network is abandoned when the network
+    changes: the new network is probed at once, and stop() does not wait for the timeout."""
+    ruleset = "table inet offnet_test {\n chain out {\n  type filter hook output priority 0;\n"
+    ns.run(["nft", "-f", "-"], input=(ruleset + "  tcp dport 9 drop\n }\n}\n").encode())
+
+    async def main() -> tuple[int, int, float]:
+        prober = OffnetProber(
+            OffnetPolicy(),
+            [upstream("dropped", "10.213.0.1", 9)],
+            lambda change: None,
+            probe_timeout=5.0,
+            watch_network=False,
+        )
+        prober.start()
+        await asyncio.sleep(0.2)  # the first round is waiting for its SYN's answer
+        assert prober.rounds == 0
+        prober.network_changed()
+        await until(lambda: prober.abandoned == 1, timeout=1.0)
+        started = time.monotonic()
+        await prober.stop()
+        return prober.rounds, prober.abandoned, time.monotonic() - started
+
+    rounds, abandoned, stopping = in_namespace(ns, main)
+    assert (rounds, abandoned) == (0, 1)
+    assert stopping < 0.5
