@@ -321,7 +321,7 @@ class OffnetProber:
         upstreams: Sequence[UpstreamProxy],
         on_change: Callable[[OffnetChange], None],
         *,
-        probe_timeout: float = 1.5,
+        probe_timeout: float = 1.0,
         source_ports: tuple[int, int] | None = (61000, 64999),
         watch_network: bool = True,
         network_quiet: float = 0.3,
