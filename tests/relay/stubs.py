@@ -26,6 +26,7 @@ from tray_proxy.relay.engine import RelayEngine
 from tray_proxy.relay.events import ConnectionClosed, ConnectionOpened, Event, EventBus
 from tray_proxy.relay.records import ConnectionRecord
 from tray_proxy.relay.settings import RelaySettings, UpstreamKind, UpstreamProxy
+from tray_proxy.routing.router import Router
 
 Address = tuple[str, int]
 CHUNK = 65536
@@ -350,6 +351,7 @@ class Mode(enum.Enum):
     GLUED = "glued"  # 200 with tunnel bytes glued after the head
     AUTH_REQUIRED = "407"
     FORBIDDEN = "403"
+    BAD_GATEWAY = "502"  # the proxy's own trouble (e.g. its parent is down): failover
     CLOSE_MID = "close-mid"  # FIN after `cut_after` bytes towards the client
     RST_MID = "rst-mid"  # RST after `cut_after` bytes towards the client
     SILENT = "silent"  # never answer
@@ -536,6 +538,12 @@ class ConnectProxy(_Server):
             return
         if mode is Mode.FORBIDDEN:
             await self._answer(req, writer, b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+            await reader.read()
+            return
+        if mode is Mode.BAD_GATEWAY:
+            await self._answer(
+                req, writer, b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n"
+            )
             await reader.read()
             return
         if mode is Mode.BAD_STATUS:
@@ -757,9 +765,12 @@ async def running_relay(
     upstreams: Sequence[UpstreamProxy],
     destination: Address | None | Callable[[socket.socket], Address | None],
     credentials: CredentialSource | None = None,
+    *,
+    router: Router | None = None,
     **settings: Any,
 ) -> AsyncIterator[Relay]:
-    """A started engine whose `destination_of` returns `destination` (or calls it)."""
+    """A started engine whose `destination_of` returns `destination` (or calls it);
+    `router`: its routing (None: the active upstream only)."""
     destination_of = destination if callable(destination) else (lambda _sock: destination)
     engine = RelayEngine(
         relay_settings(**settings),
@@ -767,6 +778,7 @@ async def running_relay(
         credentials,
         EventBus(),
         destination_of=destination_of,
+        router=router,
     )
     relay = Relay(engine)
     await engine.start()

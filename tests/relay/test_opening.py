@@ -364,19 +364,22 @@ class _Hooks:
     def __init__(self) -> None:
         self.calls: list[tuple[object, ...]] = []
 
-    def routed(self, record: ConnectionRecord) -> None:
+    def keeps(self, opening: object) -> bool:
+        return True
+
+    def routed(self, record: ConnectionRecord, decision: object) -> None:
         self.calls.append(("routed",))
 
     def opened(self, record, conn, upstream) -> None:  # type: ignore[no-untyped-def]
         self.calls.append(("opened",))
 
-    def failed(self, record, conn, exc) -> None:  # type: ignore[no-untyped-def]
+    def failed(self, record, conn, exc, peeked, decision) -> None:  # type: ignore[no-untyped-def]
         self.calls.append(("failed", exc.reason))
 
     def closed(self, record, conn, reason, detail, reset) -> None:  # type: ignore[no-untyped-def]
         self.calls.append(("closed", reason, detail, reset))
 
-    def fall_back(self, record, conn, peeker, peeked, reauthenticate) -> None:  # type: ignore[no-untyped-def]
+    def fall_back(self, record, conn, peeker, peeked, reauthenticate, decision) -> None:  # type: ignore[no-untyped-def]
         self.calls.append(("fall_back", peeked))
 
     def finish_slowly(self, record, conn, upstream, to_upstream, to_client) -> None:  # type: ignore[no-untyped-def]

@@ -19,7 +19,7 @@ import resource
 import socket
 import struct
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any
 
@@ -36,9 +36,12 @@ from tray_proxy.relay.events import (
     EngineStopped,
     EventBus,
     ListenerError,
+    RoutingError,
     TunnelEstablished,
     UpstreamFailed,
+    UpstreamHealthChanged,
 )
+from tray_proxy.relay.forward import ForwardLimits, Port80Memory, forward_http
 from tray_proxy.relay.opening import ConnectRequests, Deadlines, Opening
 from tray_proxy.relay.origdst import original_destination
 from tray_proxy.relay.pipe import PipePool, ReadBatching, Tunnel, abort
@@ -46,6 +49,17 @@ from tray_proxy.relay.poller import Poller
 from tray_proxy.relay.protocol.auth import basic_proxy_authorization
 from tray_proxy.relay.protocol.errors import UsageError
 from tray_proxy.relay.protocol.http_connect import format_authority
+from tray_proxy.relay.protocol.opening_machine import (
+    Command,
+    Dial,
+    Established,
+    EvaluatePac,
+    Failed,
+    Forward,
+    OpeningMachine,
+    Phase,
+    Report,
+)
 from tray_proxy.relay.protocol.peek import HostPeeker
 from tray_proxy.relay.records import (
     Address,
@@ -63,6 +77,8 @@ from tray_proxy.relay.upstream import (
     UpstreamError,
     open_tunnel,
 )
+from tray_proxy.routing.health import HealthChange
+from tray_proxy.routing.router import Decision, DecisionKind, Router
 
 log = logging.getLogger("tray_proxy.relay")
 
@@ -138,11 +154,20 @@ class RelayEngine:
         bus: EventBus | None = None,
         *,
         destination_of: Callable[[socket.socket], Address | None] | None = None,
+        router: Router | None = None,
     ) -> None:
         """`destination_of` finds a connection's original destination (default:
-        SO_ORIGINAL_DST); tests may swap it."""
+        SO_ORIGINAL_DST); tests may swap it. `router` decides each connection's way (rules,
+        PAC, failover, health: tray_proxy/routing); None: every connection goes through the
+        active upstream, with no failover (the engine before issue 15)."""
         self.settings = settings
         self.upstreams = tuple(upstreams)
+        self._router = router
+        self._configured = frozenset(u.name for u in self.upstreams)
+        # Upstreams that refused CONNECT :80: plain HTTP to them is forwarded (forward.py).
+        self._port80 = Port80Memory()
+        self._pac_words = ""  # the last PAC failure published (RoutingError), once per change
+        self._texts: dict[int, tuple[Decision, str]] = {}  # Decision.text, by decision object
         self.credentials: CredentialSource = credentials or StaticCredentialSource()
         self.bus = bus or EventBus()
         self.stats: Counter[str] = Counter()
@@ -194,6 +219,13 @@ class RelayEngine:
 
     @property
     def active_upstream(self) -> UpstreamProxy | None:
+        """The upstream the fast path dials ahead of the routing decision: the router's
+        first by default (then the others as failover), else [relay] upstream or the
+        first one."""
+        router = self._router
+        if router is not None:
+            failover = router.table.failover
+            return router.upstream(failover[0]) if failover else None
         wanted = self.settings.upstream
         for upstream in self.upstreams:
             if wanted is None or upstream.name == wanted:
@@ -238,7 +270,41 @@ class RelayEngine:
     def _upstream_named(self, name: str) -> UpstreamProxy | None:
         return next((u for u in self.upstreams if u.name == name), None)
 
+    @property
+    def router(self) -> Router | None:
+        return self._router
+
+    def set_routing(self, upstreams: Sequence[UpstreamProxy], router: Router | None) -> None:
+        """Use new upstreams and routing (a reload: settings file changed, SIGHUP, the UI):
+        new connections follow them at once; open tunnels and openings in progress are left
+        alone. Health carries over when `router` is the running one, reloaded
+        (`router.reload(RoutingTable(...))` before this call). Call on the engine's loop."""
+        self.upstreams = tuple(upstreams)
+        self._configured = frozenset(u.name for u in self.upstreams)
+        self._router = router
+        self._port80.forget()
+        self._texts.clear()
+        self._pac_words = ""
+        self._forget_secrets()
+
+    def report_probe(
+        self, upstream: str, ok: bool, latency: float | None = None, words: str = ""
+    ) -> None:
+        """The outcome of an active probe through `upstream` (the controller's probe loop):
+        it feeds the upstream's health like a real handshake; a change (down, back up) is
+        published as UpstreamHealthChanged. Call on the engine's loop."""
+        self._report(Report(upstream, ok, latency, words))
+
     def _credentials_of(self, upstream: UpstreamProxy) -> Credentials | None:
+        router = self._router
+        if router is not None and upstream.name not in self._configured:
+            # An ad-hoc upstream from the PAC script: the login of a configured upstream on
+            # the same host, or none (docs/routing.md, "same host, same login").
+            borrowed = router.credentials_name(upstream.name)
+            configured = self._upstream_named(borrowed) if borrowed is not None else None
+            if configured is None:
+                return None
+            upstream = configured
         overrides = self._overrides
         if overrides and upstream.name in overrides:
             return overrides[upstream.name]
@@ -693,10 +759,22 @@ class RelayEngine:
         *,
         routed: bool = False,
         opened: tuple[socket.socket, bytes] | None = None,
+        decision: Decision | None = None,
+        machine: tuple[OpeningMachine, list[Command]] | None = None,
     ) -> None:
         """A connection goes on in a Task (_serve), found by its id while it lasts."""
         task = self._spawn(
-            self._serve(record, conn, peeker, peeked, routed=routed, opened=opened), "conn"
+            self._serve(
+                record,
+                conn,
+                peeker,
+                peeked,
+                routed=routed,
+                opened=opened,
+                decision=decision,
+                machine=machine,
+            ),
+            "conn",
         )
         self._serving[record.id] = task
         task.add_done_callback(functools.partial(self._served, record, conn))
@@ -863,19 +941,68 @@ class RelayEngine:
 
     # -- the fast path's hooks (relay/opening.py) -----------------------------------------
 
-    def routed(self, record: ConnectionRecord) -> None:
+    def keeps(self, opening: Opening) -> bool:
+        router = self._router
+        if router is None:
+            return True
+        dst = opening.dst
+        host = opening.host
+        now = time.monotonic()
+        if router.pac_pending(host, dst[0], dst[1], now):
+            return False  # the coroutine path evaluates it off the loop
+        url = None
+        if dst[1] == 80 and router.pac is not None:
+            peeker = opening.peeker
+            url = _request_url(host, dst, peeker.buffered if peeker is not None else b"")
+        decision = opening.decision = router.decide(host, dst[0], dst[1], url, now)
+        ways = decision.upstreams
+        if decision.kind is not DecisionKind.PROXY or not ways or ways[0] != opening.upstream.name:
+            return False
+        return not (dst[1] == 80 and self._port80.forwards(opening.upstream, 80))
+
+    def routed(self, record: ConnectionRecord, decision: Decision | None) -> None:
+        if decision is not None:
+            self._note_decision(record, decision)
         if self.bus.observed:
-            self.bus.publish(ConnectionRouted(record.id, record.host, record.upstream))
+            self.bus.publish(
+                ConnectionRouted(
+                    record.id, record.host, record.upstream, record.route, record.decided_by
+                )
+            )
 
     def opened(
         self, record: ConnectionRecord, conn: socket.socket, upstream: socket.socket
     ) -> None:
+        if self._router is not None:
+            self._fast_success(record)
         self._start_tunnel(record, conn, upstream)
 
-    def failed(self, record: ConnectionRecord, conn: socket.socket, exc: UpstreamError) -> None:
+    def failed(
+        self,
+        record: ConnectionRecord,
+        conn: socket.socket,
+        exc: UpstreamError,
+        peeked: bytes,
+        decision: Decision | None,
+    ) -> None:
         if exc.rejected:
             self._rejected_on_fast_path(exc)
-        self._upstream_failed(record, conn, exc)
+        if decision is None or decision.kind is not DecisionKind.PROXY:
+            if self._router is not None and record.upstream is not None:
+                self._report(Report(record.upstream, False, words=exc.detail))
+            self._upstream_failed(record, conn, exc)
+            return
+        # The opening machine picks up where the fast path failed: failover to the next
+        # upstream, or port-80 forwarding, or the failure in its words.
+        now = time.monotonic()
+        machine = OpeningMachine()
+        machine.start(False)
+        machine.decided(decision, now)
+        commands = self._way_failed(record, machine, exc, now)
+        if any(isinstance(c, Dial | Forward) for c in commands):
+            self._spawn_serve(record, conn, None, peeked, routed=True, machine=(machine, commands))
+            return
+        self._carry_out_now(record, conn, commands)
 
     def _upstream_failed(
         self, record: ConnectionRecord, conn: socket.socket, exc: UpstreamError
@@ -917,13 +1044,21 @@ class RelayEngine:
         peeker: HostPeeker | None,
         peeked: bytes,
         reauthenticate: bool,
+        decision: Decision | None,
     ) -> None:
         upstream = self.active_upstream
         if reauthenticate and upstream is not None:
             creds = self._credentials_of(upstream)
             if creds is not None:
                 self._auth_of(upstream).doubt(creds)
-        self._spawn_serve(record, conn, peeker, peeked, routed=peeker is None)
+        self._spawn_serve(
+            record,
+            conn,
+            peeker,
+            peeked,
+            routed=peeker is None and decision is None,
+            decision=decision,
+        )
 
     def finish_slowly(
         self,
@@ -933,9 +1068,141 @@ class RelayEngine:
         to_upstream: bytes,
         to_client: bytes,
     ) -> None:
+        if self._router is not None:
+            self._fast_success(record)
         self._spawn_serve(
             record, conn, None, to_upstream, routed=True, opened=(upstream, to_client)
         )
+
+    def _fast_success(self, record: ConnectionRecord) -> None:
+        name = record.upstream
+        router = self._router
+        if name is not None and router is not None:
+            change = router.health.success(name, time.monotonic(), record.handshake_latency)
+            if change is not None:
+                self._health_changed(change)
+
+    # -- routing: decisions, health, events ------------------------------------------------
+
+    def _note_decision(self, record: ConnectionRecord, decision: Decision) -> None:
+        """The decision goes to the record (history, dashboard); a PAC failure to an event."""
+        texts = self._texts
+        known = texts.get(id(decision))
+        if known is None or known[0] is not decision:
+            if len(texts) >= 4096:
+                texts.clear()
+            known = texts[id(decision)] = (decision, decision.text)
+        record.route = known[1]
+        record.decided_by = decision.decided_by
+        if decision.kind is DecisionKind.PROXY and decision.upstreams:
+            record.upstream = decision.upstreams[0]
+        else:
+            record.upstream = None
+        failure = decision.pac_failure
+        if failure and failure != self._pac_words:
+            self._pac_words = failure
+            detail = f"the PAC script could not decide ({failure}); the default route is used"
+            log.warning("%s", detail)
+            self.bus.publish(RoutingError(detail, time.time()))
+        elif not failure and self._pac_words and decision.decided_by == "pac":
+            self._pac_words = ""  # it answers again: the next failure is news
+
+    def _report(self, report: Report) -> None:
+        router = self._router
+        if router is None:
+            return
+        now = time.monotonic()
+        if report.ok:
+            change = router.health.success(report.upstream, now, report.latency)
+        else:
+            change = router.health.failure(report.upstream, now, report.words)
+        if change is not None:
+            self._health_changed(change)
+
+    def _health_changed(self, change: HealthChange) -> None:
+        if change.up:
+            log.info("upstream %s is back: new connections use it again", change.upstream)
+        else:
+            log.warning(
+                "upstream %s is down (%s): new connections go to the next way",
+                change.upstream,
+                change.reason,
+            )
+        self.bus.publish(
+            UpstreamHealthChanged(change.upstream, change.up, change.reason, time.time())
+        )
+
+    def _way_failed(
+        self,
+        record: ConnectionRecord,
+        machine: OpeningMachine,
+        exc: UpstreamError,
+        now: float,
+    ) -> list[Command]:
+        """One way of the machine failed with `exc`: publish it, ask the machine what next."""
+        dst = record.original_dst
+        assert dst is not None
+        name = machine.current
+        forward = False
+        if name is not None:
+            upstream = self._upstream_for(name)
+            forward = (
+                dst[1] == 80
+                and upstream is not None
+                and self._port80.learn(upstream, dst[1], exc.status)
+            )
+            if forward:
+                log.info(
+                    "proxy %s refused CONNECT to port 80 (%s): plain HTTP to it is forwarded as "
+                    "proxy requests from now on",
+                    upstream,
+                    exc.status,
+                )
+            else:
+                self.bus.publish(
+                    UpstreamFailed(name, exc.reason, exc.detail, time.time(), record.id)
+                )
+        return machine.failed(
+            exc.reason,
+            exc.detail,
+            now,
+            status=exc.status,
+            rejected=exc.rejected,
+            forward=forward,
+        )
+
+    def _carry_out_now(
+        self, record: ConnectionRecord, conn: socket.socket, commands: Iterable[Command]
+    ) -> None:
+        """The commands that need no I/O: health reports and the failure."""
+        for command in commands:
+            if isinstance(command, Report):
+                self._report(command)
+            elif isinstance(command, Failed):
+                self._finish(
+                    record,
+                    conn,
+                    command.reason,
+                    command.words,
+                    reset=command.reason is not CloseReason.NO_UPSTREAM,
+                )
+
+    def _upstream_for(self, name: str) -> UpstreamProxy | None:
+        router = self._router
+        if router is not None:
+            return router.upstream(name)
+        return self._upstream_named(name)
+
+    def _forwarding(self, decision: Decision, port: int) -> frozenset[str]:
+        """The decision's upstreams known to refuse CONNECT to `port` (80 only)."""
+        if port != 80 or decision.kind is not DecisionKind.PROXY:
+            return frozenset()
+        found = set()
+        for name in decision.upstreams:
+            upstream = self._upstream_for(name)
+            if upstream is not None and self._port80.forwards(upstream, port):
+                found.add(name)
+        return frozenset(found)
 
     # -- the Task path --------------------------------------------------------------------
 
@@ -948,11 +1215,16 @@ class RelayEngine:
         *,
         routed: bool = False,
         opened: tuple[socket.socket, bytes] | None = None,
+        decision: Decision | None = None,
+        machine: tuple[OpeningMachine, list[Command]] | None = None,
     ) -> None:
-        """Peek (unless done), dial, handshake, forward the early bytes, start the tunnel.
+        """Peek (unless done), route, run the opening machine's commands (dial, handshake,
+        failover, forwarding), forward the early bytes, start the tunnel.
 
         `routed`: the routing event went out already. `opened`: the fast path opened the
         tunnel and left bytes to forward (the upstream socket, bytes for the client).
+        `decision`: the fast path's routing decision. `machine`: an opening machine the fast
+        path started, and its commands to carry out.
         """
         loop = self._loop
         assert loop is not None
@@ -966,28 +1238,14 @@ class RelayEngine:
             if opened is not None:
                 upstream_sock, trailing = opened
             else:
-                upstream = self.active_upstream
-                record.upstream = upstream.name if upstream else None
-                if not routed and self.bus.observed:
-                    self.bus.publish(ConnectionRouted(record.id, record.host, record.upstream))
-                if upstream is None:
-                    self._finish(
-                        record, conn, CloseReason.NO_UPSTREAM, "no upstream proxy is set up"
-                    )
+                if machine is None:
+                    machine = await self._decide(record, conn, decision, peeked, routed)
+                    if machine is None:
+                        return
+                got = await self._drive(record, conn, *machine, peeked)
+                if got is None:
                     return
-                if self._dialer.is_upstream_address(dst):
-                    # The redirect should have excluded the upstream (helper ruleset); if its
-                    # address changed under us, refuse instead of tunnelling into ourselves.
-                    self._finish(
-                        record,
-                        conn,
-                        CloseReason.LOOP,
-                        f"the redirect caught a connection to the upstream itself "
-                        f"({format_authority(*dst)}); its address is not excluded yet",
-                        reset=True,
-                    )
-                    return
-                upstream_sock, trailing = await self._open(record, upstream, dst)
+                upstream_sock, trailing = got
             if peeked:
                 try:
                     await loop.sock_sendall(upstream_sock, peeked)
@@ -1040,8 +1298,193 @@ class RelayEngine:
             return
         self._start_tunnel(record, conn, upstream_sock)
 
+    async def _decide(
+        self,
+        record: ConnectionRecord,
+        conn: socket.socket,
+        decision: Decision | None,
+        peeked: bytes,
+        routed: bool,
+    ) -> tuple[OpeningMachine, list[Command]] | None:
+        """The routing decision and a machine started on it; None when the connection was
+        finished here (a loop)."""
+        dst = record.original_dst
+        assert dst is not None
+        router = self._router
+        machine = OpeningMachine(retries=0 if router is None else 1)
+        if router is None:
+            upstream = self.active_upstream
+            record.upstream = upstream.name if upstream else None
+            decision = Decision(DecisionKind.PROXY, (upstream.name,) if upstream else ())
+            machine.start(False)
+        elif decision is None:
+            host, ip, port = record.host, dst[0], dst[1]
+            url = _request_url(host, dst, peeked) if port == 80 else None
+            for command in machine.start(router.pac_pending(host, ip, port, time.monotonic())):
+                if isinstance(command, EvaluatePac):
+                    await self._evaluate_pac(host, ip, port, url)
+            decision = router.decide(host, ip, port, url, time.monotonic())
+            self._note_decision(record, decision)
+        else:
+            machine.start(False)
+            self._note_decision(record, decision)
+        if not routed and self.bus.observed:
+            self.bus.publish(
+                ConnectionRouted(
+                    record.id, record.host, record.upstream, record.route, record.decided_by
+                )
+            )
+        if decision.kind is DecisionKind.PROXY and decision.upstreams:
+            if self._dialer.is_upstream_address(dst):
+                # The redirect should have excluded the upstream (helper ruleset); if its
+                # address changed under us, refuse instead of tunnelling into ourselves.
+                self._finish(
+                    record,
+                    conn,
+                    CloseReason.LOOP,
+                    f"the redirect caught a connection to the upstream itself "
+                    f"({format_authority(*dst)}); its address is not excluded yet",
+                    reset=True,
+                )
+                return None
+            machine.forwarding = self._forwarding(decision, dst[1])
+        return machine, machine.decided(decision, time.monotonic())
+
+    async def _evaluate_pac(self, host: str | None, ip: str, port: int, url: str | None) -> None:
+        """The PAC script's answer for this connection, worked out in a thread: it runs in a
+        child process and may take up to its deadline (docs/routing.md, "PAC")."""
+        loop = self._loop
+        router = self._router
+        assert loop is not None and router is not None
+        await loop.run_in_executor(None, router.evaluate_pac, host, ip, port, url, time.monotonic())
+
+    async def _drive(
+        self,
+        record: ConnectionRecord,
+        conn: socket.socket,
+        machine: OpeningMachine,
+        commands: list[Command],
+        peeked: bytes,
+    ) -> tuple[socket.socket, bytes] | None:
+        """The coroutine driver of the opening machine: carry out its commands until the
+        tunnel is open (its socket and the bytes for the client) or the connection was
+        finished here (None: failed, blocked, or served by forwarding)."""
+        dst = record.original_dst
+        assert dst is not None
+        queue = deque(commands)
+        opened: tuple[socket.socket, bytes] | None = None
+        while queue:
+            command = queue.popleft()
+            if isinstance(command, Dial):
+                if opened is not None:  # a way before this one opened: never both
+                    opened[0].close()
+                    opened = None
+                name = command.upstream
+                try:
+                    if name is None:
+                        opened = (await self._open_direct(record, dst), b"")
+                        queue += machine.dialed()
+                    else:
+                        upstream = self._upstream_for(name)
+                        if upstream is None:
+                            raise UpstreamError(
+                                CloseReason.CONFIG_ERROR,
+                                f"the route names upstream {name}, which is not set up",
+                            )
+                        record.upstream = name
+
+                        def dialed() -> None:
+                            if machine.phase is Phase.DIAL:  # once; a 407 may redial
+                                machine.dialed()
+
+                        opened = await self._open(record, upstream, dst, dialed)
+                        queue += machine.opened(time.monotonic())
+                except UpstreamError as exc:
+                    queue += self._way_failed(record, machine, exc, time.monotonic())
+            elif isinstance(command, Report):
+                self._report(command)
+            elif isinstance(command, Established):
+                assert opened is not None
+                if command.upstream is None:
+                    record.handshake_latency = command.latency
+                return opened
+            elif isinstance(command, Forward):
+                upstream = self._upstream_for(command.upstream)
+                assert upstream is not None
+                await self._forward(record, conn, upstream, peeked)
+                return None
+            elif isinstance(command, Failed):
+                self._carry_out_now(record, conn, (command,))
+                return None
+            # Ask and StepAuth: open_tunnel sends the request and runs the auth steps.
+        raise AssertionError("the opening machine stopped without an ending")  # pragma: no cover
+
+    async def _open_direct(self, record: ConnectionRecord, dst: Address) -> socket.socket:
+        """DIRECT: connect to the original destination from the reserved source ports, so
+        the redirect lets it through instead of sending it back here."""
+        record.upstream = None
+        record.state = ConnState.CONNECTING
+        return await self._dialer.connect_direct(dst, self.settings.connect_timeout)
+
+    async def _forward(
+        self,
+        record: ConnectionRecord,
+        conn: socket.socket,
+        upstream: UpstreamProxy,
+        peeked: bytes,
+    ) -> None:
+        """Serve the connection's plain HTTP as proxy requests through `upstream`
+        (relay/forward.py), then close it with how it ended."""
+        dst = record.original_dst
+        assert dst is not None
+        record.upstream = upstream.name
+        record.state = ConnState.OPEN
+        record.established_at = time.time()
+        if record.handshake_latency is None:
+            record.handshake_latency = 0.0
+        if self.bus.observed:
+            self.bus.publish(
+                TunnelEstablished(
+                    record.id, record.upstream, record.handshake_latency, record.established_at
+                )
+            )
+
+        async def dial() -> socket.socket:
+            return await self._dialer.connect(
+                upstream.host,
+                upstream.port,
+                self.settings.connect_timeout,
+                reserved=upstream.port in self.settings.redirect_ports,
+            )
+
+        result = await forward_http(
+            conn,
+            peeked,
+            dst,
+            upstream,
+            self._credentials_of(upstream),
+            self._auth_of(upstream),
+            dial,
+            host=record.host,
+            limits=ForwardLimits(
+                idle_timeout=self.settings.idle_timeout,
+                permit_timeout=self.settings.handshake_timeout,
+            ),
+            record=record,
+        )
+        if result.failure is not None:
+            failed = result.failure
+            self.bus.publish(
+                UpstreamFailed(upstream.name, failed.reason, failed.detail, time.time(), record.id)
+            )
+        self._finish(record, conn, result.reason, result.detail, reset=result.reset)
+
     async def _open(
-        self, record: ConnectionRecord, upstream: UpstreamProxy, dst: Address
+        self,
+        record: ConnectionRecord,
+        upstream: UpstreamProxy,
+        dst: Address,
+        on_dialed: Callable[[], None] | None = None,
     ) -> tuple[socket.socket, bytes]:
         creds = self._credentials_of(upstream)
         record.state = ConnState.CONNECTING
@@ -1050,6 +1493,8 @@ class RelayEngine:
 
         def dialed() -> None:
             record.state = ConnState.HANDSHAKING
+            if on_dialed is not None:
+                on_dialed()
 
         try:
             opened = await open_tunnel(
@@ -1217,3 +1662,12 @@ class RelayEngine:
             )
         if not self._stopping:
             self._schedule_sweep()
+
+
+def _request_url(host: str | None, dst: Address, peeked: bytes) -> str | None:
+    """The URL of a plain-HTTP request from its first bytes (for the PAC script), or None."""
+    line = peeked[:2048].split(b"\r\n", 1)[0].split(b" ")
+    if len(line) != 3 or not line[1].startswith(b"/") or not line[2].startswith(b"HTTP/"):
+        return None
+    authority = host or format_authority(*dst)
+    return f"http://{authority}{line[1].decode('ascii', 'replace')}"

@@ -36,9 +36,17 @@ class ConnectionOpened:
 
 @dataclass(frozen=True, slots=True)
 class ConnectionRouted:
+    """The peek is over and the way chosen. `upstream`: the first upstream to try (None:
+    DIRECT or BLOCK). `route`: the routing decision in one line (`proxy corp, backup
+    (rule[2]: *.corp -> corp)`, `direct (rule[0]: .corp.example -> direct)`, `block
+    (...)`); `decided_by`: "rule[N]", "pac" or "default". Both empty when the engine runs
+    without a router (one upstream)."""
+
     conn_id: int
     host: str | None
     upstream: str | None
+    route: str = ""
+    decided_by: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +77,28 @@ class UpstreamFailed:
     detail: str
     at: float = 0.0  # time.time() of the failure
     conn_id: int | None = None  # the connection it failed, when there was one
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamHealthChanged:
+    """An upstream went down (its circuit breaker opened after failures before the tunnel
+    was up, from real connections or probes: new connections skip it) or came back up.
+    `reason`: the last failure's words when it went down, "" when it came back."""
+
+    upstream: str
+    up: bool
+    reason: str = ""
+    at: float = 0.0  # time.time() of the change
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingError:
+    """Routing could not work as configured (the PAC script failed: not fetched, broken,
+    too slow); connections follow the default route meanwhile. Published once per new
+    failure."""
+
+    detail: str
+    at: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +134,8 @@ Event = (
     | TunnelEstablished
     | ConnectionClosed
     | UpstreamFailed
+    | UpstreamHealthChanged
+    | RoutingError
     | CredentialsRejected
     | CredentialsAccepted
     | ListenerError

@@ -46,6 +46,7 @@ from tray_proxy.relay.settings import RelaySettings, UpstreamProxy
 from tray_proxy.relay.sockets import outbound_socket
 from tray_proxy.relay.spares import Spares
 from tray_proxy.relay.upstream import UpstreamError, refusal_words
+from tray_proxy.routing.router import Decision
 
 _REQUESTS_KEPT = 512  # CONNECT requests kept ready, by target and header
 _PEEK_RECV = 16384
@@ -85,16 +86,31 @@ def _basic_only(headers: Sequence[tuple[str, str]]) -> bool:
 class Hooks(Protocol):
     """What an Opening needs from the engine."""
 
-    def routed(self, record: ConnectionRecord) -> None:
-        """The peek is over: record.host is final."""
+    def keeps(self, opening: Opening) -> bool:
+        """The peek is over (opening.host is final): does the connection's route still go
+        through opening.upstream, first? False: it goes on the coroutine path (another
+        upstream, DIRECT, BLOCK, a PAC answer to wait for, port-80 forwarding). Sets
+        opening.decision."""
+
+    def routed(self, record: ConnectionRecord, decision: Decision | None) -> None:
+        """The peek is over: record.host is final; `decision`: the router's, if any."""
 
     def opened(
         self, record: ConnectionRecord, conn: socket.socket, upstream: socket.socket
     ) -> None:
         """The tunnel is open and every early byte forwarded: start piping."""
 
-    def failed(self, record: ConnectionRecord, conn: socket.socket, exc: UpstreamError) -> None:
-        """The upstream could not give a tunnel: close the client with a reset.
+    def failed(
+        self,
+        record: ConnectionRecord,
+        conn: socket.socket,
+        exc: UpstreamError,
+        peeked: bytes,
+        decision: Decision | None,
+    ) -> None:
+        """The upstream could not give a tunnel before it was up: the opening machine says
+        whether another way is tried (failover, port-80 forwarding: `peeked` holds the
+        client's first bytes, none sent yet) or the client is closed with a reset.
         `exc.rejected`: the proxy refused the credentials it had taken (Basic)."""
 
     def closed(
@@ -115,11 +131,14 @@ class Hooks(Protocol):
         peeker: HostPeeker | None,
         peeked: bytes,
         reauthenticate: bool,
+        decision: Decision | None,
     ) -> None:
         """Continue on the coroutine path: dial and handshake from scratch.
 
         `peeker`: a peek still undecided, to go on with; else `peeked` holds its bytes.
-        `reauthenticate`: the proxy refused credentials it accepted before.
+        `reauthenticate`: the proxy refused credentials it accepted before. `decision`: the
+        route keeps() made, if it ran (a decision is made once per connection: it may
+        take an upstream's half-open trial).
         """
 
     def finish_slowly(
@@ -200,6 +219,7 @@ class Opening:
         "spares",
         "spare",
         "requests",
+        "decision",
     )
 
     record: ConnectionRecord  # given by start(); begin() runs without it
@@ -247,6 +267,7 @@ class Opening:
         self.spares = spares
         self.spare = False  # the upstream socket is a spare (relay/spares.py)
         self.requests = requests if requests is not None else ConnectRequests()
+        self.decision: Decision | None = None  # the router's, set by hooks.keeps()
 
     # -- begin and start: dial, peek and ask at once, then the bookkeeping ---------------
 
@@ -277,6 +298,9 @@ class Opening:
             except OSError as exc:
                 self.setback = (CloseReason.CLIENT_RESET, exc)
                 return
+        if not self.hooks.keeps(self):
+            self.setback = (CloseReason.NO_UPSTREAM, None)  # start() hands it on
+            return
         if self._ask() is None:
             self.setback = (CloseReason.UPSTREAM_UNREACHABLE, None)
 
@@ -346,7 +370,7 @@ class Opening:
                 self._update_deadline()
                 return
             self._peek_taken()
-        self.hooks.routed(record)
+        self.hooks.routed(record, self.decision)
         if self.asked:
             self._asked()
         else:
@@ -408,7 +432,10 @@ class Opening:
             peeker.feed(b"")  # time is up: decide on what arrived
             self.host = peeker.host
         self._peek_taken()
-        self.hooks.routed(self.record)
+        if not self.hooks.keeps(self):
+            self._fall_back()
+            return
+        self.hooks.routed(self.record, self.decision)
         # A near proxy has often answered the SYN by now: try to send and spare a wakeup
         # (and the registration to wait for writability). A socket still connecting
         # refuses with EAGAIN.
@@ -620,6 +647,8 @@ class Opening:
                         CloseReason.UPSTREAM_RESET,
                         f"upstream side: {exc.strerror or exc} while forwarding the first bytes",
                     ),
+                    b"",
+                    None,  # the tunnel was up: no other way
                 )
                 return
             self.record.bytes_up += sent
@@ -685,7 +714,8 @@ class Opening:
     def _fail(self, exc: UpstreamError) -> None:
         self._end()
         self._close_upstream()
-        self.hooks.failed(self.record, self.conn, exc)
+        # No decision yet (the peek undecided): no other way to try.
+        self.hooks.failed(self.record, self.conn, exc, self.peeked, self.decision)
 
     def _spare_gone(self) -> None:
         """The proxy closed a spare before answering our request: it had timed the idle
@@ -699,7 +729,9 @@ class Opening:
     def _fall_back(self, reauthenticate: bool = False) -> None:
         self._end()
         self._close_upstream()
-        self.hooks.fall_back(self.record, self.conn, self.peeker, self.peeked, reauthenticate)
+        self.hooks.fall_back(
+            self.record, self.conn, self.peeker, self.peeked, reauthenticate, self.decision
+        )
 
     def _end(self) -> None:
         """Stop every callback of this opening (the sockets stay open)."""

@@ -139,6 +139,17 @@ class Dialer:
         self._known.update(addr for _family, addr in addresses)
         return addresses
 
+    async def connect_direct(self, address: Address, timeout: float) -> socket.socket:
+        """A connection to a destination itself (DIRECT), from the reserved source ports so
+        the redirect lets it through. Unlike an upstream's, its address is not remembered
+        as one (is_upstream_address): a later redirected connection to it is no loop."""
+        ip = _ip_literal(address[0])
+        if ip is None:
+            raise UpstreamError(CloseReason.CONFIG_ERROR, f"not an address: {address[0]}")
+        family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+        deadline = asyncio.get_running_loop().time() + timeout
+        return await self._connect_to([(family, address)], deadline, timeout, self._ports)
+
     async def connect(
         self, host: str, port: int, timeout: float, *, reserved: bool = True
     ) -> socket.socket:
@@ -168,6 +179,18 @@ class Dialer:
             raise UpstreamError(
                 CloseReason.UPSTREAM_UNREACHABLE, f"cannot resolve {host}: {exc.strerror or exc}"
             ) from None
+        return await self._connect_to(addresses, deadline, timeout, ports)
+
+    async def _connect_to(
+        self,
+        addresses: list[tuple[int, Address]],
+        deadline: float,
+        timeout: float,
+        ports: SourcePorts | None,
+    ) -> socket.socket:
+        """Connect to the first of `addresses` that answers by `deadline` (loop time);
+        `timeout` is the limit the words name."""
+        loop = asyncio.get_running_loop()
         last = "no address"
         last_errno: int | None = None
         for family, addr in addresses:
