@@ -232,5 +232,6 @@ def test_lab_client_to_squid_pays_the_round_trip(lab: Lab, tmp_path: Path) -> No
     first_byte_ms = statistics.median(float(r.info["time_starttransfer"]) for r in through) * 1000
     assert 19.5 <= connect_ms <= 30.0, connect_ms
     assert first_byte_ms >= 4 * 19.5, first_byte_ms
-    assert float(direct.info["time_connect"]) * 1000 < 10.0, direct.info["time_connect"]
-    assert float(before.info["time_connect"]) * 1000 < 10.0, before.info["time_connect"]
+    # Without the link, a connect is well under one emulated round trip.
+    assert float(direct.info["time_connect"]) * 1000 < 15.0, direct.info["time_connect"]
+    assert float(before.info["time_connect"]) * 1000 < 15.0, before.info["time_connect"]
