@@ -30,6 +30,7 @@ from tray_proxy.relay.records import Address
 if TYPE_CHECKING:
     from tray_proxy.relay.engine import RelayEngine
     from tray_proxy.relay.runner import EngineThread
+    from tray_proxy.routing.router import Router
 
 T = TypeVar("T")
 
@@ -87,6 +88,35 @@ class EngineRelay:
 
         return self._thread.call(read(), CALL_TIMEOUT)
 
+    def reload_routing(self, config: Config) -> None:
+        """New upstreams, rules and PAC for new connections; open tunnels stay (issue 15
+        section 6). Returns without waiting."""
+        thread = self._thread
+        thread.loop.call_soon_threadsafe(
+            thread.engine.reload_routing, config.routing, config.upstreams, config.relay.upstream
+        )
+
+    def report_probe(
+        self, upstream: str, ok: bool, latency: float | None = None, words: str = ""
+    ) -> None:
+        """An active probe's outcome feeds the upstream's health. Returns without waiting."""
+        thread = self._thread
+        thread.loop.call_soon_threadsafe(thread.engine.report_probe, upstream, ok, latency, words)
+
+    def upstream_health(self) -> dict[str, tuple[bool, float | None]]:
+        engine = self._thread.engine
+
+        async def read() -> dict[str, tuple[bool, float | None]]:
+            return engine.upstream_health()
+
+        return self._thread.call(read(), CALL_TIMEOUT)
+
+
+def _router_of(config: Config) -> Router:
+    from tray_proxy.relay.engine import make_router
+
+    return make_router(config.routing, config.upstreams, config.relay.upstream)
+
 
 def engine_relay_factory(credentials: CredentialSource | None = None) -> RelayFactory:
     """The RelayFactory the app and `tray-proxy run` use."""
@@ -97,7 +127,9 @@ def engine_relay_factory(credentials: CredentialSource | None = None) -> RelayFa
     def start(config: Config, observer: Observer) -> RelayHandle:
         bus = EventBus()
         bus.subscribe(observer)
-        engine = RelayEngine(config.relay, config.upstreams, credentials, bus)
+        engine = RelayEngine(
+            config.relay, config.upstreams, credentials, bus, router=_router_of(config)
+        )
         thread = EngineThread(engine)
         thread.start()
         return EngineRelay(thread)
@@ -159,6 +191,24 @@ class LoopRelay:
 
         return self._call(read(), CALL_TIMEOUT)
 
+    def reload_routing(self, config: Config) -> None:
+        self._loop.call_soon_threadsafe(
+            self._engine.reload_routing, config.routing, config.upstreams, config.relay.upstream
+        )
+
+    def report_probe(
+        self, upstream: str, ok: bool, latency: float | None = None, words: str = ""
+    ) -> None:
+        self._loop.call_soon_threadsafe(self._engine.report_probe, upstream, ok, latency, words)
+
+    def upstream_health(self) -> dict[str, tuple[bool, float | None]]:
+        engine = self._engine
+
+        async def read() -> dict[str, tuple[bool, float | None]]:
+            return engine.upstream_health()
+
+        return self._call(read(), CALL_TIMEOUT)
+
 
 def loop_relay_factory(
     loop: asyncio.AbstractEventLoop, credentials: CredentialSource | None = None
@@ -172,7 +222,9 @@ def loop_relay_factory(
         async def make() -> RelayEngine:
             bus = EventBus()
             bus.subscribe(observer)
-            engine = RelayEngine(config.relay, config.upstreams, credentials, bus)
+            engine = RelayEngine(
+                config.relay, config.upstreams, credentials, bus, router=_router_of(config)
+            )
             await engine.start()
             return engine
 

@@ -15,6 +15,7 @@ import gc
 import ipaddress
 import logging
 import os
+import random
 import resource
 import socket
 import struct
@@ -77,8 +78,10 @@ from tray_proxy.relay.upstream import (
     UpstreamError,
     open_tunnel,
 )
-from tray_proxy.routing.health import HealthChange
-from tray_proxy.routing.router import Decision, DecisionKind, Router
+from tray_proxy.routing.health import BreakerState, Health, HealthChange
+from tray_proxy.routing.pac_worker import PacScript
+from tray_proxy.routing.router import Decision, DecisionKind, Router, RoutingTable
+from tray_proxy.routing.settings import DEFAULT_PAC, RoutingSettings
 
 log = logging.getLogger("tray_proxy.relay")
 
@@ -91,6 +94,10 @@ _ROUTE_TTL = 0.5  # seconds the fast path's route (and credential lookup) is reu
 _gc_frozen = False  # see RelayEngine.start
 # accept() failures that mean "out of a resource for now": keep serving, retry later.
 _ACCEPT_PRESSURE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# How often the PAC script's source is looked at (PacScript.refresh fetches only when due).
+_PAC_TICK = 5.0
+# How long start() waits for the first fetch of the PAC script (then it goes on without).
+_PAC_FIRST_FETCH = 10.0
 _STAT_KEYS = {reason: reason.value for reason in CloseReason}  # .value is a Python call
 _CLOSED_BY_USER = "closed from the dashboard"
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
@@ -107,6 +114,18 @@ _FAILURES = frozenset(
         CloseReason.INTERNAL_ERROR,
     }
 )
+
+
+def make_router(
+    routing: RoutingSettings, upstreams: Sequence[UpstreamProxy], active: str | None
+) -> Router:
+    """The router for these settings: rules, the PAC script when the default is "pac"
+    (fetched and refreshed by the engine that gets the router), health with jitter."""
+    table = RoutingTable(routing, upstreams, active)
+    pac = None
+    if routing.default == DEFAULT_PAC and routing.pac_url:
+        pac = PacScript(routing.pac_url)
+    return Router(table, pac, Health(random=random.random))
 
 
 class RelayStartError(UserError):
@@ -168,6 +187,7 @@ class RelayEngine:
         self._port80 = Port80Memory()
         self._pac_words = ""  # the last PAC failure published (RoutingError), once per change
         self._texts: dict[int, tuple[Decision, str]] = {}  # Decision.text, by decision object
+        self._pac_refresher: asyncio.Task[None] | None = None
         self.credentials: CredentialSource = credentials or StaticCredentialSource()
         self.bus = bus or EventBus()
         self.stats: Counter[str] = Counter()
@@ -286,6 +306,44 @@ class RelayEngine:
         self._texts.clear()
         self._pac_words = ""
         self._forget_secrets()
+
+    def reload_routing(
+        self, routing: RoutingSettings, upstreams: Sequence[UpstreamProxy], active: str | None
+    ) -> None:
+        """Reload from the settings (`[routing]`, `[[rule]]`, `[[upstream]]`, `[relay]
+        upstream`) without dropping open tunnels: the running router keeps its upstreams'
+        health; the PAC script is replaced (and fetched) only when its URL changed. Call on
+        the engine's loop."""
+        router = self._router
+        if router is None:
+            router = make_router(routing, upstreams, active)
+        else:
+            router.reload(RoutingTable(routing, upstreams, active))
+            old = router.pac
+            url = routing.pac_url if routing.default == DEFAULT_PAC else None
+            if getattr(old, "location", None) != url:
+                if isinstance(old, PacScript):
+                    old.close()
+                router.set_pac(PacScript(url) if url else None)
+        self.set_routing(upstreams, router)
+        if self._loop is not None and not self._stopping and router.pac is not None:
+            self._start_pac_refresher()
+
+    def upstream_health(self) -> dict[str, tuple[bool, float | None]]:
+        """Each upstream's health as the router sees it: (usable now, average handshake
+        latency in seconds or None). Empty without a router. Call on the engine's loop."""
+        router = self._router
+        if router is None:
+            return {}
+        health, now = router.health, time.monotonic()
+        names = [*router.table.upstreams]
+        return {
+            n: (
+                health.state(n) is BreakerState.CLOSED or health.available(n, now),
+                health.latency(n),
+            )
+            for n in names
+        }
 
     def report_probe(
         self, upstream: str, ok: bool, latency: float | None = None, words: str = ""
@@ -468,6 +526,9 @@ class RelayEngine:
                 self.stats,
             )
         raise_nofile_limit()
+        if self._router is not None and self._router.pac is not None:
+            await self._refresh_pac(first=True)
+            self._start_pac_refresher()
         port = self.settings.port
         try:
             for host in self.settings.listen:
@@ -539,6 +600,8 @@ class RelayEngine:
             # No secret outlives the engine in its caches, and no auth thread runs on.
             self._forget_secrets()
             self._overrides.clear()
+            if self._router is not None and isinstance(self._router.pac, PacScript):
+                self._router.pac.close()  # its child process
             threads = [t for t in (auth.close() for auth in self._auth.values()) if t]
             log.info("relay stopped")
             self.bus.publish(EngineStopped())
@@ -1084,6 +1147,57 @@ class RelayEngine:
 
     # -- routing: decisions, health, events ------------------------------------------------
 
+    def _start_pac_refresher(self) -> None:
+        if self._pac_refresher is None or self._pac_refresher.done():
+            self._pac_refresher = self._spawn(self._keep_pac_fresh(), "pac refresh")
+
+    async def _keep_pac_fresh(self) -> None:
+        """Look at the PAC script's source every _PAC_TICK seconds (it fetches when due:
+        docs/routing.md, "Refetch"), in a thread: a fetch is network I/O."""
+        while not self._stopping and self._router is not None and self._router.pac is not None:
+            await asyncio.sleep(_PAC_TICK)
+            await self._refresh_pac(first=False)
+
+    async def _refresh_pac(self, first: bool) -> None:
+        loop = self._loop
+        router = self._router
+        pac = router.pac if router is not None else None
+        if loop is None or not isinstance(pac, PacScript):
+            return
+        refresh = functools.partial(pac.refresh, time.monotonic(), force=first)
+        try:
+            status = await asyncio.wait_for(
+                loop.run_in_executor(None, refresh), _PAC_FIRST_FETCH if first else None
+            )
+        except asyncio.TimeoutError:
+            words = f"fetching {pac.location} took over {_PAC_FIRST_FETCH:g}s"
+            self._routing_error(words, f"the PAC script could not be used ({words})")
+            return
+        if status is None:
+            return
+        if status.ok:
+            if status.changed:
+                log.info("PAC script %s in use (version %d)", pac.location, pac.generation)
+            return
+        self._routing_error(
+            status.words,
+            f"the PAC script {pac.location} could not be used ({status.words}); "
+            + (
+                "the last good version stays in use"
+                if pac.generation
+                else "the default route is used"
+            ),
+        )
+
+    def _routing_error(self, words: str, detail: str) -> None:
+        """Publish a PAC failure once: `words` are the failure's own (the same from a
+        refresh and from the decisions it spoils), `detail` the event's sentence."""
+        if words == self._pac_words:
+            return
+        self._pac_words = words
+        log.warning("%s", detail)
+        self.bus.publish(RoutingError(detail, time.time()))
+
     def _note_decision(self, record: ConnectionRecord, decision: Decision) -> None:
         """The decision goes to the record (history, dashboard); a PAC failure to an event."""
         texts = self._texts
@@ -1099,12 +1213,11 @@ class RelayEngine:
         else:
             record.upstream = None
         failure = decision.pac_failure
-        if failure and failure != self._pac_words:
-            self._pac_words = failure
-            detail = f"the PAC script could not decide ({failure}); the default route is used"
-            log.warning("%s", detail)
-            self.bus.publish(RoutingError(detail, time.time()))
-        elif not failure and self._pac_words and decision.decided_by == "pac":
+        if failure:
+            self._routing_error(
+                failure, f"the PAC script could not decide ({failure}); the default route is used"
+            )
+        elif self._pac_words and decision.decided_by == "pac":
             self._pac_words = ""  # it answers again: the next failure is news
 
     def _report(self, report: Report) -> None:
