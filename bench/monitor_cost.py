@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import cProfile
 import collections
 import contextlib
+import cProfile
 import pstats
 import socket
 import statistics
