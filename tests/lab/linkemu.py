@@ -236,7 +236,10 @@ def _read_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
 
 def _open_tun(name: str) -> int:
     """A TUN device `name` in the calling thread's network namespace (IP packets, no header)."""
-    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise SystemExit("linkemu: no /dev/net/tun: load the tun module (modprobe tun)") from None
     try:
         fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH", name.encode(), _IFF_TUN | _IFF_NO_PI))
     except OSError:
