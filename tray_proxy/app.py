@@ -298,6 +298,7 @@ class GuiApp:
                 log.warning("no system tray found; showing the window instead")
             window.show()
         bridge.attach(controller)
+        controller.report_start_problems()  # a broken settings file, now that views listen
         # Off the UI thread (the keyring's worker); a broken keyring becomes an error entry
         # and a notice, and switching on waits for this first read.
         controller.request_refresh_credentials()

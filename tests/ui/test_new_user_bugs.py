@@ -20,7 +20,7 @@ from tray_proxy.controller.commands import INSTANCE_TRAY, answer_command
 from tray_proxy.controller.services import ConfigFile
 from tray_proxy.ui.bridge import UiBridge
 from tray_proxy.ui.icons import state_icon
-from tray_proxy.ui.main_window import MainWindow
+from tray_proxy.ui.main_window import CloseChoice, MainWindow
 from tray_proxy.ui.tray import Tray
 
 BROKEN = '[relay]\nport = "abc"\n[[upstream]]\nname = "corp"\nurl = "http://proxy:8080"\n'
@@ -64,7 +64,30 @@ def test_a_broken_settings_file_shows_at_start_in_tray_window_and_status(
     status = answer["status"]
     assert status["state"] == "error"
     assert [e["text"] for e in status["last_errors"]] == [message]
+    # And once, as a desktop notification from the tray.
+    shown: list[str] = []
+    tray.icon.showMessage = lambda title, *_rest: shown.append(title)  # type: ignore[method-assign]
+    controller.report_start_problems()
+    controller.report_start_problems()
+    qtbot.waitUntil(lambda: shown == ["Settings file not usable"], timeout=2000)
     tray.hide()
+
+
+def test_without_a_tray_the_window_says_it(qtbot: QtBot, tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(BROKEN, encoding="utf-8")
+    controller = ProxyController(ConfigFile(path), FakeRelayFactory(Log()), None)
+    services = AppServices(controller, Autostart(config_home=tmp_path), asyncio.Event())
+    bridge = UiBridge(interval_ms=10)
+    # Closing it at the test's end must not ask whether to keep running.
+    window = MainWindow(
+        services, bridge, tray_available=False, ask_close=lambda _w: CloseChoice.BACKGROUND
+    )
+    qtbot.addWidget(window)
+    bridge.attach(controller)
+    controller.report_start_problems()
+    qtbot.waitUntil(lambda: "relay.port" in window.notice_label.text(), timeout=2000)
+    assert window.notice_label.text().startswith("Settings file not usable: ")
 
 
 def test_switching_on_after_the_file_was_fixed_works(tmp_path: Path) -> None:

@@ -214,6 +214,7 @@ class ProxyController:
         self._ticker: asyncio.Task[None] | None = None
         self._history_problem: str | None = None
         self._status_due: asyncio.TimerHandle | None = None
+        self._start_problem: str | None = None
         try:
             self._config = config_store.load()
         except ConfigError as exc:
@@ -226,6 +227,7 @@ class ProxyController:
             self._error(text)
             self._state = State.ERROR
             self._message = text
+            self._start_problem = text
 
     # -- observing ------------------------------------------------------------------------
 
@@ -261,6 +263,14 @@ class ProxyController:
                 observer(event)
             except Exception:  # a view's bug must not break switching the redirect
                 log.exception("controller observer %r failed on %s", observer, event)
+
+    def report_start_problems(self) -> None:
+        """Say what was wrong when the controller was made (a settings file that cannot be
+        read) as a Notice, once its observers listen: the app shows it as a desktop
+        notification, or in the window without a tray."""
+        problem, self._start_problem = self._start_problem, None
+        if problem is not None:
+            self._notice(NoticeKind.SETTINGS_INVALID, "Settings file not usable", problem)
 
     def status(self) -> Status:
         config = self._config

@@ -81,6 +81,7 @@ class NoticeKind(enum.Enum):
     TEST_RESULT = "test-result"
     KEYRING_UNAVAILABLE = "keyring-unavailable"
     HISTORY_FAILED = "history-failed"
+    SETTINGS_INVALID = "settings-invalid"
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,6 +28,7 @@ _WARNINGS = frozenset(
         NoticeKind.HELPER_STOPPED,
         NoticeKind.KEYRING_UNAVAILABLE,
         NoticeKind.HISTORY_FAILED,
+        NoticeKind.SETTINGS_INVALID,
     }
 )
 
