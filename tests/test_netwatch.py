@@ -155,6 +155,33 @@ def test_a_burst_that_never_ends_still_reports_every_max_delay(ns: Namespace) ->
     asyncio.run(main())
 
 
+def test_an_overrun_socket_counts_as_a_change(ns: Namespace) -> None:
+    """More messages than the socket holds (a VPN installing many routes while the loop was
+    busy): the kernel drops some and says ENOBUFS; that is a change too, reported once."""
+    batch = "".join(f"addr add 10.83.{i // 250}.{i % 250 + 1}/32 dev d0\n" for i in range(400))
+
+    async def main() -> None:
+        calls: list[int] = []
+        with thread_in_namespace(ns.name):
+            sock = open_route_socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        watcher = NetworkWatcher(lambda: calls.append(1), quiet=0.1, sock=sock)
+        try:
+            # The loop does not read yet: the messages pile up past the buffer.
+            await asyncio.to_thread(ns.run, ["ip", "-batch", "-"], input=batch.encode())
+            watcher.start()
+            deadline = time.monotonic() + 3.0
+            while not calls and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.3)
+            assert calls == [1]
+            assert watcher.overruns >= 1
+        finally:
+            watcher.close()
+
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize("loop_name", sorted(LOOPS))
 def test_close_stops_calls_and_the_socket(ns: Namespace, loop_name: str) -> None:
     async def main() -> None:

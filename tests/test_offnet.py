@@ -429,6 +429,11 @@ def test_the_driver_goes_direct_and_back(ns: Namespace) -> None:
             await until(lambda: prober.state is ON)
             assert time.monotonic() - back < 0.3
             prober.set_policy(OffnetPolicy(go_direct=False, fast=(0.0,)))
+            rounds = prober.rounds
+            prober.set_upstreams([upstream("other", "10.213.0.1", 3129)])  # probed at once
+            await until(lambda: prober.rounds > rounds and prober.offnet.unreachable)
+            assert prober.state is ON  # going direct is off now
+            assert prober.last_results[0].upstream == "other"
         finally:
             await prober.stop()
             await prober.stop()
@@ -436,7 +441,11 @@ def test_the_driver_goes_direct_and_back(ns: Namespace) -> None:
         return changes
 
     seen = in_namespace(ns, main)
-    assert [c.state for _t, c in seen] == [DIRECT, ON]
+    assert [(c.state, c.unreachable) for _t, c in seen] == [
+        (DIRECT, True),
+        (ON, False),
+        (ON, True),
+    ]
     assert "connection refused" in seen[0][1].reason
 
 
