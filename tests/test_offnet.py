@@ -396,7 +396,9 @@ def test_the_probe_is_not_caught_by_the_redirect(ns: Namespace) -> None:
 def test_the_driver_goes_direct_and_back(ns: Namespace) -> None:
     """OffnetProber on a loop, without netlink: the proxy stops listening → direct after two
     rounds; it listens again and the caller reports a network change → back at once."""
-    policy = OffnetPolicy(fast=(0.0, 0.1), confirm=0.1, interval=0.2, interval_direct=0.2)
+    # While direct the next periodic probe is 30 s away: only the reported network change
+    # can explain coming back quickly.
+    policy = OffnetPolicy(fast=(0.0, 0.1), confirm=0.1, interval=0.2, interval_direct=30.0)
     changes: list[tuple[float, OffnetChange]] = []
 
     async def main() -> list[tuple[float, OffnetChange]]:
@@ -427,7 +429,7 @@ def test_the_driver_goes_direct_and_back(ns: Namespace) -> None:
             back = time.monotonic()
             prober.network_changed()
             await until(lambda: prober.state is ON)
-            assert time.monotonic() - back < 0.3
+            assert time.monotonic() - back < 1.0
             prober.set_policy(OffnetPolicy(go_direct=False, fast=(0.0,)))
             rounds = prober.rounds
             prober.set_upstreams([upstream("other", "10.213.0.1", 3129)])  # probed at once
