@@ -467,11 +467,23 @@ def _hostile_round(lab: Lab, relay: RelayProcess, silent: int) -> None:
             assert HANDSHAKE_TIMEOUT - 0.5 < took < HANDSHAKE_TIMEOUT + 8, took
 
 
+class _NeverDirect(RelayProcess):
+    """`[routing] when_unreachable = "fail"`: this relay never goes DIRECT. A proxy that
+    answers garbage or nothing again and again is "down" to the relay's health (issue 15
+    section 2), and with every upstream down the default goes DIRECT; the hostile test is
+    about how each bad answer fails, so it keeps asking the proxy."""
+
+    def _write_files(self) -> None:
+        super()._write_files()
+        with self.config_path.open("a", encoding="utf-8") as config:
+            config.write('\n[routing]\nwhen_unreachable = "fail"\n')
+
+
 def test_hostile_upstream(lab: Lab) -> None:
     with HostileProxy(lab) as stub:
         spec = UpstreamSpec("hostile", f"http://{lab.proxy.v4}:{stub.port}", "alice", "pw-x")
         settings = {"handshake_timeout": HANDSHAKE_TIMEOUT}
-        with RelayProcess(lab, spec, settings=settings) as relay, relay.redirect():
+        with _NeverDirect(lab, spec, settings=settings) as relay, relay.redirect():
             good = Request("https", 4, True, 100_000, _seed())
             good.check(lab, good.run(lab))
             _hostile_round(lab, relay, silent=1)  # warm-up: every code path loaded once

@@ -9,6 +9,7 @@ with the real redirect and Squid.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import Sequence
 from pathlib import Path
@@ -371,5 +372,38 @@ def test_a_broken_pac_script_is_one_event_and_the_default_route_serves(run, tmp_
                     assert len(pa.requests) == 2
             finally:
                 pac.close()
+
+    run(main)
+
+
+# -- loops ----------------------------------------------------------------------------------
+
+
+def test_a_connection_from_the_relays_own_source_ports_is_refused_as_a_loop(run):
+    """A redirect without the source-port exclusion would send the relay's DIRECT
+    connections back to it, for ever: the relay refuses them instead."""
+
+    async def main():
+        first, last = free_port_range(4)
+        async with Origin(echo) as origin, ConnectProxy() as proxy:
+            a = http_upstream(proxy, "a")
+            async with running_relay(
+                [a], origin.address, router=_router([a]), source_ports=(first, last)
+            ) as relay:
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", first + 1))
+                    sock.setblocking(False)
+                    loop = asyncio.get_running_loop()
+                    got = b""
+                    # The reset may come before connect() has seen its answer.
+                    with contextlib.suppress(ConnectionError):
+                        await loop.sock_connect(sock, relay.address)
+                        while chunk := await loop.sock_recv(sock, 4096):
+                            got += chunk
+                assert got == b""
+                (closed,) = await relay.wait_closed()
+                assert closed.reason is CloseReason.LOOP
+                assert f"source port {first + 1}" in closed.detail
+                assert proxy.requests == [] and origin.conns == []
 
     run(main)

@@ -213,6 +213,7 @@ class RelayEngine:
         # The fast path's last route, reused for _ROUTE_TTL seconds (see _fast_route).
         self._route: _Route | None = None
         self._dialer = Dialer(settings.source_ports)
+        self._own_ports = settings.source_ports
         self._sweeper: asyncio.TimerHandle | None = None
         self._idle = asyncio.Event()
         self._stopping = False
@@ -891,6 +892,12 @@ class RelayEngine:
         redirected = dst is not None and (
             dst[1] != local[1] or not self._is_relay_address(dst, local)
         )
+        own = self._own_ports
+        if redirected and own is not None and own[0] <= client[1] <= own[1]:
+            # From the relay's reserved source ports: one of its own connections (DIRECT, or
+            # to an upstream on 80/443) that the redirect sent back. Serving it would loop.
+            self._own_caught(conn, client, dst, local)
+            return
         opening = None
         if redirected:
             assert dst is not None
@@ -944,6 +951,27 @@ class RelayEngine:
             return
         record.upstream = opening.upstream.name
         opening.start(record)
+
+    def _own_caught(
+        self, conn: socket.socket, client: tuple[Any, ...], dst: Address | None, local: Address
+    ) -> None:
+        conn.setblocking(False)
+        record = ConnectionRecord(
+            id=next_connection_id(), client=(client[0], client[1]), original_dst=dst
+        )
+        self._records[record.id] = record
+        if self.bus.observed:
+            self.bus.publish(ConnectionOpened(record.id, record.client, dst, record.opened_at))
+        first, last = self._own_ports or (0, 0)
+        self._finish(
+            record,
+            conn,
+            CloseReason.LOOP,
+            f"the redirect caught one of the relay's own connections (source port "
+            f"{client[1]}, in relay.source_ports {first}-{last}): the redirect must let "
+            "that range through",
+            reset=True,
+        )
 
     def _fast_route(
         self, dst: Address
@@ -1006,9 +1034,10 @@ class RelayEngine:
 
     def keeps(self, opening: Opening) -> bool:
         router = self._router
-        if router is None:
-            return True
         dst = opening.dst
+        if router is None:
+            # One upstream: the fast path goes on unless plain HTTP to it is forwarded.
+            return dst[1] != 80 or not self._port80.forwards(opening.upstream, 80)
         host = opening.host
         now = time.monotonic()
         if router.pac_pending(host, dst[0], dst[1], now):
@@ -1050,6 +1079,9 @@ class RelayEngine:
     ) -> None:
         if exc.rejected:
             self._rejected_on_fast_path(exc)
+        if decision is None and self._router is None and record.upstream is not None:
+            # One upstream, no failover: the machine still says whether to forward port 80.
+            decision = Decision(DecisionKind.PROXY, (record.upstream,))
         if decision is None or decision.kind is not DecisionKind.PROXY:
             if self._router is not None and record.upstream is not None:
                 self._report(Report(record.upstream, False, words=exc.detail))
