@@ -45,11 +45,27 @@ from tray_proxy.errors import UserError
 log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION: Final = 1
-COMMANDS: Final = frozenset({"status", "enable", "disable", "quit", "raise"})
+# A command is one of these words, optionally followed by " ARGUMENT" (`credentials-changed
+# NAME`: the name of an upstream whose password changed; never a secret).
+COMMANDS: Final = frozenset({"status", "enable", "disable", "quit", "raise", "credentials-changed"})
 MAX_LINE: Final = 64 * 1024
 SOCKET_NAME: Final = "tray-proxy.sock"
 # enable may wait for the user to type a password into the polkit dialog.
-COMMAND_TIMEOUTS: Final[Mapping[str, float]] = {"enable": 180.0, "disable": 60.0}
+COMMAND_TIMEOUTS: Final[Mapping[str, float]] = {
+    "enable": 180.0,
+    "disable": 60.0,
+    "credentials-changed": 40.0,
+}
+
+
+MAX_COMMAND_CHARS: Final = 256
+
+
+def command_word(command: object) -> str | None:
+    """The command's first word when it is a string, else None."""
+    return command.partition(" ")[0] if isinstance(command, str) else None
+
+
 DEFAULT_TIMEOUT: Final = 10.0
 # sockaddr_un's sun_path holds 108 bytes with the terminating NUL.
 _MAX_SOCKET_PATH: Final = 107
@@ -139,10 +155,11 @@ def send_command(
 
     Raises NotRunningError when no instance listens, ControlError on any other failure.
     """
-    if command not in COMMANDS:
+    word = command_word(command)
+    if word not in COMMANDS:
         raise ValueError(f"unknown command {command!r}")
     path = path or socket_path()
-    timeout = timeout if timeout is not None else COMMAND_TIMEOUTS.get(command, DEFAULT_TIMEOUT)
+    timeout = timeout if timeout is not None else COMMAND_TIMEOUTS.get(word, DEFAULT_TIMEOUT)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:
@@ -312,7 +329,11 @@ class ControlServer:
                 "use the tray-proxy command of the same version as the running app",
             }
         command = request.get("cmd")
-        if command not in COMMANDS:
+        if (
+            not isinstance(command, str)
+            or command_word(command) not in COMMANDS
+            or len(command) > MAX_COMMAND_CHARS
+        ):
             return {"ok": False, "error": f"unknown command; known: {', '.join(sorted(COMMANDS))}"}
         try:
             answer = await self._handler(command)

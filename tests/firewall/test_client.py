@@ -261,7 +261,7 @@ def test_resolve_upstreams_literal_and_localhost() -> None:
 
 def test_resolve_upstreams_reports_bad_names() -> None:
     # A 70-character label fails IDNA encoding before any DNS query leaves the host.
-    with pytest.raises(UpstreamResolutionError, match="Check the proxy name"):
+    with pytest.raises(UpstreamResolutionError, match="Check the proxy.s address in Credentials"):
         asyncio.run(resolve_upstreams([("x" * 70 + ".corp", 8080)]))
 
 

@@ -537,7 +537,8 @@ async def resolve_upstreams(
             ) from None
         except (OSError, UnicodeError) as exc:
             raise UpstreamResolutionError(
-                f"Cannot resolve proxy {host}:{port} ({exc}). Check the proxy name in Settings."
+                f"Cannot resolve proxy {host}:{port} ({exc}). Check the proxy's address in "
+                "Credentials… (tray menu) or with `tray-proxy setup`, and your DNS."
             ) from None
         for _family, _type, _proto, _canon, sockaddr in infos:
             # A scoped IPv6 address ("fe80::1%eth0") cannot go into an nft set; drop the scope.
