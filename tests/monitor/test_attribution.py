@@ -1184,11 +1184,16 @@ def test_requests_from_another_thread_are_answered_on_the_loop() -> None:
     assert_me(collector.answers[2])
 
 
+@pytest.mark.parametrize("answer_interval", [0.0, 0.05])
 def test_a_killed_child_answers_none_until_it_is_started_again(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    answer_interval: float,
 ) -> None:
     """Requests waiting on a child that dies are answered None, so are the ones made before
-    its restart (after a backoff); then the new child answers."""
+    its restart (after a backoff); then the new child answers. Never inside request(): its
+    caller (the Monitor's feed) is in the middle of its own bookkeeping."""
     monkeypatch.setattr(attribution, "_RESTART_BACKOFF", 0.3)
     gate = Gate(monkeypatch, tmp_path)
     with listener() as server, socket.create_connection(server.getsockname()) as sock:
@@ -1197,7 +1202,7 @@ def test_a_killed_child_answers_none_until_it_is_started_again(
         async def main() -> Collector:
             loop = asyncio.get_running_loop()
             collector = Collector(loop, 4)
-            attributor = Attributor(loop, collector, delay=0.0)
+            attributor = Attributor(loop, collector, delay=0.0, answer_interval=answer_interval)
             try:
                 attributor.request(1, client, dst)
                 await loop.run_in_executor(None, gate.entered.wait, ANSWER_TIMEOUT)
@@ -1210,6 +1215,7 @@ def test_a_killed_child_answers_none_until_it_is_started_again(
                 assert collector.answers == {1: None, 2: None}
                 assert child.returncode == -signal.SIGKILL, "the dead child was not reaped"
                 attributor.request(3, client, dst)  # within the backoff
+                assert 3 not in collector.answers, "answered inside request()"
                 while 3 not in collector.answers:
                     await asyncio.sleep(0.005)
                 assert collector.answers[3] is None

@@ -196,7 +196,13 @@ class Attributor:
             if self._flush_scheduled:
                 return
             self._flush_scheduled = True
-        self._schedule(self._flush)
+        if self._answer_interval > 0.0 and asyncio._get_running_loop() is self._loop:
+            # Headless run, on the loop: written now, without a callback of its own (the
+            # worker gathers a burst's later requests itself; writing to it while it does
+            # wakes nobody).
+            self._flush()
+        else:
+            self._schedule(self._flush)
 
     def close(self) -> None:
         """Stop the child: its stdin closed (it exits at once, a pass in progress ends
@@ -386,7 +392,14 @@ class Attributor:
             self._queued.clear()
         self._out.clear()
         if ids and not self._closed:
-            self._deliver([(conn_id, None) for conn_id in ids])
+            # In a callback of its own: this may run inside request() (a write that found
+            # the child gone), whose caller is in the middle of its own bookkeeping.
+            answers: list[tuple[int, ProcessInfo | None]] = [(conn_id, None) for conn_id in ids]
+            self._schedule(functools.partial(self._deliver_if_open, answers))
+
+    def _deliver_if_open(self, answers: list[tuple[int, ProcessInfo | None]]) -> None:
+        if not self._closed:
+            self._deliver(answers)
 
     def _stop_child(self, why: str | None = None) -> None:
         """End the child and reap it. From another thread while the loop runs (close() from
