@@ -95,6 +95,7 @@ _RELAY_KEYS = (
     "spare_connections",
     "spare_max_age",
     "reverify_after",
+    "early_data",
 )
 _UPSTREAM_KEYS = ("name", "url", "username", "auth", "priority")
 _REDIRECT_KEYS = ("exclude", "capture", "capture_containers", "container_interfaces", "reject_quic")
@@ -531,6 +532,7 @@ class _Parser:
             spare_connections=spares,
             spare_max_age=timeouts["spare_max_age"],
             reverify_after=timeouts["reverify_after"],
+            early_data=self.flag(doc.get("early_data", defaults.early_data), "relay.early_data"),
         )
 
     def port(self, value: object, field: str) -> int:
@@ -982,6 +984,7 @@ def dump_config(config: Config) -> str:
         **{key: float(getattr(relay, key)) for key in _TIMEOUTS},
         "source_ports": list(relay.source_ports) if relay.source_ports is not None else False,
         "spare_connections": relay.spare_connections,
+        "early_data": relay.early_data,
     }
     redirect = config.redirect
     redirect_doc: dict[str, object] = {

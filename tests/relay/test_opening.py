@@ -482,3 +482,114 @@ def _reset(conn: socket.socket) -> bool:
     p = select.poll()
     p.register(conn, select.POLLIN)
     return any(events & select.POLLERR for _, events in p.poll(0))
+
+
+class _FirstWrite:
+    """A CONNECT proxy that records its first read of each connection, then answers `answer`
+    and (for a 2xx) echoes whatever follows, early bytes included, as the tunnel would."""
+
+    def __init__(self, answers: list[bytes]) -> None:
+        self.answers = answers
+        self.first: list[bytes] = []
+        self.server: asyncio.Server | None = None
+        self.address: tuple[str, int] = ("127.0.0.1", 0)
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.address = ("127.0.0.1", self.server.sockets[0].getsockname()[1])
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            data = await reader.read(65536)
+            self.first.append(data)
+            answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+            writer.write(answer)
+            if not answer.startswith(b"HTTP/1.1 2"):
+                await reader.read()
+                return
+            head, _, early = data.partition(b"\r\n\r\n")
+            writer.write(early)
+            while chunk := await reader.read(65536):
+                writer.write(chunk)
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def close(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+
+_OK = b"HTTP/1.1 200 Connection established\r\n\r\n"
+
+
+@pytest.mark.parametrize("early_data", [True, False])
+def test_the_first_bytes_ride_behind_the_connect_in_one_write(run, openings, early_data):
+    """Early data (settings.early_data): the ClientHello goes in the CONNECT's own write, so
+    the proxy has it one round trip sooner; off, it waits for the 200 as before."""
+    from tests.relay.stubs import tls_client_hello
+    from tray_proxy.relay.settings import UpstreamKind, UpstreamProxy
+
+    async def main():
+        proxy = _FirstWrite([_OK])
+        await proxy.start()
+        try:
+            up = UpstreamProxy("corp", UpstreamKind.HTTP, *proxy.address)
+            async with running_relay(
+                [up], ("192.0.2.1", 443), peek_timeout=1.0, early_data=early_data
+            ) as relay:
+                hello = tls_client_hello("early.example")
+                reader, writer = await relay.connect()
+                writer.write(hello)
+                assert await reader.readexactly(len(hello)) == hello
+                writer.write(b"more")
+                assert await reader.readexactly(4) == b"more"
+                writer.close()
+                (first,) = proxy.first
+                assert first.startswith(b"CONNECT early.example:443 HTTP/1.1\r\n")
+                assert first.endswith(hello) is early_data
+                assert len(openings) == 1
+                await relay.wait_closed()
+                assert relay.record().bytes_up == len(hello) + 4
+        finally:
+            await proxy.close()
+
+    run(main)
+
+
+def test_early_bytes_refused_with_the_connect_go_again_on_the_next_way(run, openings):
+    """A 502 to a CONNECT that carried the ClientHello: the opening is redone without early
+    data on the next upstream, and the client's bytes arrive there whole."""
+    from tests.relay.stubs import tls_client_hello
+    from tray_proxy.relay.settings import UpstreamKind, UpstreamProxy
+    from tray_proxy.routing.health import Health
+    from tray_proxy.routing.router import Router, RoutingTable
+    from tray_proxy.routing.settings import RoutingSettings
+
+    async def main():
+        bad = _FirstWrite([b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n"])
+        good = _FirstWrite([_OK])
+        await bad.start()
+        await good.start()
+        try:
+            a = UpstreamProxy("a", UpstreamKind.HTTP, *bad.address)
+            b = UpstreamProxy("b", UpstreamKind.HTTP, *good.address)
+            router = Router(RoutingTable(RoutingSettings(), [a, b]), None, Health())
+            async with running_relay(
+                [a, b], ("192.0.2.1", 443), router=router, peek_timeout=1.0
+            ) as relay:
+                hello = tls_client_hello("again.example")
+                reader, writer = await relay.connect()
+                writer.write(hello)
+                assert await reader.readexactly(len(hello)) == hello
+                writer.close()
+                assert bad.first[0].endswith(hello)  # it went early to a, and was refused
+                assert hello in good.first[0] or good.first[0].endswith(b"\r\n\r\n")
+                assert relay.record().upstream == "b"
+        finally:
+            await bad.close()
+            await good.close()
+
+    run(main)

@@ -220,6 +220,7 @@ class Opening:
         "spare",
         "requests",
         "decision",
+        "early",
     )
 
     record: ConnectionRecord  # given by start(); begin() runs without it
@@ -268,6 +269,7 @@ class Opening:
         self.spare = False  # the upstream socket is a spare (relay/spares.py)
         self.requests = requests if requests is not None else ConnectRequests()
         self.decision: Decision | None = None  # the router's, set by hooks.keeps()
+        self.early = 0  # bytes of the peek that went out right behind the CONNECT
 
     # -- begin and start: dial, peek and ask at once, then the bookkeeping ---------------
 
@@ -485,14 +487,23 @@ class Opening:
         request = self._request()
         if request is None:
             return None
+        data = request
+        if self.settings.early_data:
+            # The client's first bytes ride along (settings.early_data); they stay in the
+            # peek's buffer, so any answer but a 2xx redoes the opening without them.
+            peeker = self.peeker
+            early = self.peeked if peeker is None else peeker.buffered
+            if early:
+                data = request + early
         try:
-            sent = sock.send(request)
+            sent = sock.send(data)
         except (BlockingIOError, InterruptedError):
             return None if self.connected else False
         except OSError as exc:
             return False if exc.errno == errno.ENOTCONN and not self.connected else None
-        if sent != len(request):
+        if sent < len(request):
             return None
+        self.early = sent - len(request)
         self.connected = True
         self.asked = True
         return True
@@ -631,6 +642,10 @@ class Opening:
         self._end()
         self.record.handshake_latency = time.monotonic() - self.dialed_at
         to_upstream = self.peeked
+        early = self.early
+        if early:
+            self.record.bytes_up += early
+            to_upstream = to_upstream[early:]
         if to_upstream:
             try:
                 sent = sock.send(to_upstream)

@@ -73,3 +73,9 @@ class RelaySettings:
     # long at most. 0 opens none.
     spare_connections: int = 2
     spare_max_age: float = 10.0
+    # The fast path writes the client's first bytes (the TLS ClientHello) right behind its
+    # CONNECT, in one write, instead of after the proxy's 200: one round trip less per new
+    # connection (docs/benchmarks.md, "Round trip to the proxy"). Only for credentials the
+    # proxy took with Basic, or none; any answer but a 2xx redoes the opening without them.
+    # False for a proxy that drops bytes sent before its answer.
+    early_data: bool = True
