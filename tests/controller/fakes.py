@@ -77,6 +77,8 @@ class FakeRelay:
         self.closed_ids: list[tuple[int, ...]] = []
         # What traffic() answers: open connections' counters, total up, total down.
         self.counters: Traffic = ({}, 0, 0)
+        self.reloaded: list[Config] = []
+        self.probes: list[tuple[str, bool, float | None, str]] = []
 
     def stop(self, timeout: float) -> None:
         self.log.calls.append("relay.stop")
@@ -100,6 +102,18 @@ class FakeRelay:
 
     def traffic(self) -> Traffic:
         return self.counters
+
+    def reload_routing(self, config: Config) -> None:
+        self.log.calls.append("relay.reload_routing")
+        self.reloaded.append(config)
+
+    def report_probe(
+        self, upstream: str, ok: bool, latency: float | None = None, words: str = ""
+    ) -> None:
+        self.probes.append((upstream, ok, latency, words))
+
+    def upstream_health(self) -> dict[str, tuple[bool, float | None]]:
+        return {}
 
 
 class FakeRelayFactory:

@@ -471,7 +471,11 @@ def test_test_connection_reports_a_working_proxy() -> None:
     rig = Rig(probe=probe)
     text = run(rig.controller.test_connection())
     assert probe.calls == [(CORP, None)]  # no credential source: no login
-    assert "works" in text and "pypi.org:443" in text and "OK in 12 ms" in text
+    # The target is the settings' [probe] target (followups: H6), in describe_probe's words.
+    assert text == (
+        "Proxy corp works. OK: proxy.corp.example:8080 opened a tunnel to "
+        "www.microsoft.com:443 in 12 ms."
+    )
     assert rig.controller.status().last_error is None
 
 

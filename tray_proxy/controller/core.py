@@ -30,8 +30,8 @@ from tray_proxy.controller.diagnostics import diagnostics_report, probe_advice
 from tray_proxy.controller.edits import with_active_upstream, with_upstream
 from tray_proxy.controller.inbox import EngineInbox
 from tray_proxy.controller.lifecycle import Lifecycle, LifecycleSteps, is_known, user_message
+from tray_proxy.controller.routing_watch import RoutingWatch, WatchSettings
 from tray_proxy.controller.services import (
-    PROBE_TARGET,
     ConfigStore,
     CredentialRefresher,
     HistoryOutput,
@@ -40,7 +40,6 @@ from tray_proxy.controller.services import (
     RelayFactory,
     RelayHandle,
     Resolver,
-    connect_probe,
 )
 from tray_proxy.controller.status import (
     ALLOWED,
@@ -63,20 +62,25 @@ from tray_proxy.monitor.attribution import Attributor
 from tray_proxy.monitor.health import HealthSnapshot, ProbeRecord
 from tray_proxy.monitor.monitor import HEADLESS_COALESCE, Monitor
 from tray_proxy.monitor.rows import ConnectionRow, ProcessInfo
+from tray_proxy.offnet import OffnetChange, OffnetPolicy, Reachability
 from tray_proxy.redirect import RESOLVE_INTERVAL_SECONDS
 from tray_proxy.relay.credentials import CredentialSource
 from tray_proxy.relay.events import (
     ConnectionClosed,
     ConnectionOpened,
+    CredentialsAccepted,
     EngineStopped,
     Event,
     ListenerError,
     Observer,
     TunnelEstablished,
     UpstreamFailed,
+    UpstreamHealthChanged,
 )
+from tray_proxy.relay.probe import probe_upstream
 from tray_proxy.relay.records import CloseReason
-from tray_proxy.relay.settings import UpstreamProxy
+from tray_proxy.relay.settings import RelaySettings, UpstreamProxy
+from tray_proxy.setup_flow import describe_probe
 
 log = logging.getLogger(__name__)
 
@@ -168,11 +172,14 @@ class ProxyController:
         traffic_interval: float = TRAFFIC_INTERVAL,
         monitor: bool = True,
         headless: bool = False,
+        probes: bool = False,
+        offnet_timings: OffnetPolicy | None = None,
+        watch_network: bool = True,
     ) -> None:
         from tray_proxy.firewall.client import resolve_upstreams
 
         self._store = config_store
-        self._probe: Probe = probe or connect_probe
+        self._probe: Probe | None = probe  # None: the real probe to [probe] target
         self._limiter = notice_limiter or NoticeLimiter()
         # The one switch-on / teardown order, shared with headless `tray-proxy run`.
         self._life = Lifecycle(
@@ -215,6 +222,13 @@ class ProxyController:
         self._history_problem: str | None = None
         self._status_due: asyncio.TimerHandle | None = None
         self._start_problem: str | None = None
+        # Routing health while on (routing_watch.py): the app and `tray-proxy run` probe;
+        # tests of the state machine leave it out (their proxies do not exist).
+        self._probes = probes
+        self._offnet_timings = offnet_timings
+        self._watch_network = watch_network
+        self._watch: RoutingWatch | None = None
+        self._down: set[str] = set()  # upstreams the relay's health says are down
         try:
             self._config = config_store.load()
         except ConfigError as exc:
@@ -281,7 +295,8 @@ class ProxyController:
                 url=u.url,
                 active=active is not None and u.name == active.name,
                 latency=self._health.latency.get(u.name),
-                failing=self._health.failures.get(u.name, 0) >= DOWN_AFTER_FAILURES,
+                failing=self._health.failures.get(u.name, 0) >= DOWN_AFTER_FAILURES
+                or u.name in self._down,
             )
             for u in (config.upstreams if config is not None else ())
         )
@@ -294,8 +309,16 @@ class ProxyController:
             total_connections=self._health.total,
             last_errors=tuple(self._health.errors),
             relay_addresses=self._relay.addresses if self._relay is not None else (),
+            captured=self._life.captured,
+            routing=self._routing_words(),
             health=self._snapshot,
         )
+
+    def _routing_words(self) -> str | None:
+        watch = self._watch
+        if watch is None or not self._state.redirecting or not watch.words:
+            return None
+        return watch.words
 
     def _changed(self) -> None:
         due, self._status_due = self._status_due, None
@@ -404,6 +427,7 @@ class ProxyController:
 
     async def _switch_on(self, message: str, *, restart: bool) -> None:
         self._transition(State.ENABLING, message)
+        await self._stop_watch()
         try:
             # A restart hands the running helper to a new manager (the relay's port may
             # change); the old one must not re-apply its spec meanwhile.
@@ -438,6 +462,7 @@ class ProxyController:
                 f"Relaying through proxy {upstream.name}; the redirect of TCP {ports} is "
                 "managed outside tray-proxy (--no-redirect)."
             )
+        self._start_watch(config)
         self._transition(State.ON, text)
 
     def _new_observer(self) -> Observer:
@@ -484,7 +509,129 @@ class ProxyController:
         return self.status()
 
     async def _teardown(self) -> None:
+        await self._stop_watch()
         await self._life.teardown(self._drain_timeout())
+
+    # -- routing health and reload ---------------------------------------------------------
+
+    def _start_watch(self, config: Config) -> None:
+        relay = self._relay
+        self._down.clear()
+        if not self._probes or relay is None:
+            return
+        watch = RoutingWatch(
+            relay,
+            WatchSettings.of(config, self._offnet_timings),
+            self._offnet_changed,
+            watch_network=self._watch_network,
+        )
+        watch.start()
+        self._watch = watch
+
+    async def _stop_watch(self) -> None:
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            await watch.stop()
+
+    def _offnet_changed(self, change: OffnetChange) -> None:
+        if change.state is Reachability.DIRECT_UNREACHABLE:
+            text = (
+                "No proxy is reachable from this network, so new connections go direct "
+                f"(direct: proxy unreachable). {change.reason}".strip()
+            )
+            self._error(text)
+            self._notice(NoticeKind.OFF_NETWORK, "Proxy unreachable: going direct", text)
+        else:
+            self._notice(
+                NoticeKind.ON_NETWORK,
+                "Proxy reachable again",
+                "A proxy is reachable again: new connections go through it.",
+            )
+        self._changed()
+
+    def _health_changed(self, event: UpstreamHealthChanged) -> None:
+        """The relay's breaker for `event.upstream` opened or closed (probes or traffic)."""
+        if event.up:
+            self._down.discard(event.upstream)
+            self._health.failures[event.upstream] = 0
+            text = f"Proxy {event.upstream} is back: new connections use it again."
+            self._notice(NoticeKind.UPSTREAM_BACK, "Proxy back", text)
+            if self._state is State.DEGRADED and not self._down:
+                self._transition(State.ON, text)
+            return
+        self._down.add(event.upstream)
+        if self._watch is not None and self._watch.words:
+            return  # off the corporate network: one notice says it all
+        text = f"Proxy {event.upstream} is down ({event.reason}); {self._using_instead()}."
+        self._error(text)
+        self._notice(NoticeKind.UPSTREAM_DOWN, "Proxy down", text)
+
+    def _using_instead(self) -> str:
+        config = self._config
+        if config is None:
+            return "new connections go to the next way"
+        spare = [u.name for u in config.upstreams if u.name not in self._down]
+        if spare:
+            return f"using {spare[0]}"
+        if config.routing.when_unreachable == "direct":
+            return "no proxy is left, so new connections go direct"
+        return "no proxy is left, so new connections fail until one comes back"
+
+    async def reload(self) -> dict[str, object]:
+        """Read the settings file again and apply what can change while on, without
+        dropping open tunnels (issue 15 section 6): routing rules, default and PAC,
+        upstreams (added, removed, priorities, addresses), probe settings; the redirect is
+        applied again when the upstreams' addresses changed. What needs a switch off and on
+        (the relay's port, listen addresses, redirect ports and other [relay] settings) is
+        named in the answer's `restart`. Raises UserError for a settings file that cannot be
+        read (the running settings stay)."""
+        loop = asyncio.get_running_loop()
+        async with self._lock():
+            try:
+                config = await loop.run_in_executor(None, self._store.load)
+            except ConfigError as exc:
+                text = f"The settings were not reloaded: {exc}. The running settings stay."
+                self._error(text)
+                self._changed()
+                raise UserError(text) from None
+            old, self._config = self._config, config
+            relay = self._relay
+            restart = _needs_restart(old.relay, config.relay) if old is not None else []
+            applied: list[str] = []
+            if relay is not None and self._state.redirecting:
+                relay.reload_routing(config)
+                applied.append("routing")
+                watch = self._watch
+                if watch is not None:
+                    watch.reload(WatchSettings.of(config, self._offnet_timings))
+                elif self._probes:
+                    self._start_watch(config)
+                if old is not None and old.upstreams != config.upstreams:
+                    try:
+                        if await self._life.update_redirect(config):
+                            applied.append("redirect")
+                    except Exception as exc:
+                        text = f"The redirect was not updated: {user_message(exc)}"
+                        log.warning("%s", text, exc_info=not is_known(exc))
+                        self._error(text)
+            self._down &= {u.name for u in config.upstreams}
+        if old is not None and old.upstreams != config.upstreams:
+            await self.refresh_credentials()
+        message = "The settings were reloaded"
+        if applied:
+            message += ": new connections follow them; open connections stay"
+        message += "."
+        if restart and self._state.redirecting:
+            message += (
+                f" {', '.join(restart)} changed: switch off and on again to use "
+                f"{'it' if len(restart) == 1 else 'them'}."
+            )
+        log.info("%s", message)
+        self._changed()
+        return {"applied": applied, "restart": restart, "message": message}
+
+    def request_reload(self) -> None:
+        self.spawn(self.reload(), "reload settings")
 
     async def shutdown(self) -> None:
         """The quit path: cancel what runs, redirect off, relay drained. Idempotent."""
@@ -551,6 +698,10 @@ class ProxyController:
                 self._upstream_ok(event)
             elif isinstance(event, UpstreamFailed):
                 self._upstream_failed(event)
+            elif isinstance(event, UpstreamHealthChanged):
+                self._health_changed(event)
+            elif isinstance(event, CredentialsAccepted):
+                self._credentials_accepted(event)
             elif isinstance(event, ListenerError):
                 self._error(f"The relay cannot accept connections: {event.detail}")
             elif isinstance(event, EngineStopped) and not self._life.stopping_relay:
@@ -567,6 +718,14 @@ class ProxyController:
         if self._state is State.DEGRADED:
             text = f"Proxy {event.upstream} works again."
             self._notice(NoticeKind.UPSTREAM_BACK, "Proxy back", text)
+            self._transition(State.ON, text)
+
+    def _credentials_accepted(self, event: CredentialsAccepted) -> None:
+        """The proxy took credentials it had rejected: the upstream works again."""
+        self._health.failures[event.upstream] = 0
+        text = f"Proxy {event.upstream} works again: it accepted the login."
+        self._notice(NoticeKind.UPSTREAM_BACK, "Proxy back", text)
+        if self._state is State.DEGRADED:
             self._transition(State.ON, text)
 
     def _upstream_failed(self, event: UpstreamFailed) -> None:
@@ -638,13 +797,23 @@ class ProxyController:
         else:
             source = self._credential_source
             credentials = source.get(upstream.name, upstream.username) if source else None
-            result = await self._probe(upstream, credentials)
-            proxy = f"Proxy {upstream.name} ({upstream.host}:{upstream.port})"
-            target = f"{PROBE_TARGET[0]}:{PROBE_TARGET[1]}"
-            if result.ok:
-                text = f"{proxy} works: a tunnel to {target} opened ({result.words})."
+            probe = config.probe if config is not None else None
+            target = probe.target if probe is not None else ("www.microsoft.com", 443)
+            timeout = probe.timeout if probe is not None else 10.0
+            if self._probe is not None:
+                result = await self._probe(upstream, credentials)
             else:
-                text = f"{proxy} failed the test: {result.words}. {probe_advice(result)}"
+                result = await probe_upstream(upstream, credentials, target, timeout)
+            where = f"{upstream.host}:{upstream.port}"
+            if ":" in upstream.host:
+                where = f"[{upstream.host}]:{upstream.port}"
+            host, port = target
+            target_text = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            said = describe_probe(result, where, target_text)
+            if result.ok:
+                text = f"Proxy {upstream.name} works. {said}"
+            else:
+                text = f"Proxy {upstream.name} failed the test. {said} {probe_advice(result)}"
                 self._error(text)
             monitor = self._monitor_on(asyncio.get_running_loop())
             monitor.probe(
@@ -867,33 +1036,57 @@ class ProxyController:
 
     async def save_upstream(self, upstream: UpstreamProxy) -> str | None:
         """Write `upstream` into the settings (replacing the one of that name), re-read the
-        passwords, and let the running relay use them: a changed active proxy restarts the
-        relay; otherwise the proxy's rejected-credentials mark is cleared. Raises ConfigError
-        when the file cannot be written; returns the keyring warning, if any."""
+        passwords, and let the running relay use them without dropping open tunnels (issue
+        15 section 6): the relay reloads its upstreams and routing, the redirect excludes a
+        changed address, and the proxy's rejected-credentials mark is cleared. Raises
+        ConfigError when the file cannot be written; returns the keyring warning, if any."""
         loop = asyncio.get_running_loop()
         async with self._lock():
             config, old = with_upstream(
                 await loop.run_in_executor(None, self._store.load), upstream
             )
             await loop.run_in_executor(None, self._store.save, config)
-            self._config = config
+            previous, self._config = self._config, config
             self._changed()
         warning = await self.refresh_credentials()
-        active = config.active_upstream()
-        changed = old is not None and old != upstream
-        if (
-            changed
-            and self._state.redirecting
-            and active is not None
-            and active.name == upstream.name
-            and not self._closed
-        ):
-            # The relay (and the redirect's exclusions) must use the new address.
-            self._op = self.spawn(self._locked_switch_on(upstream.name), "apply proxy settings")
-        elif self._relay is not None:
-            self._relay.retry_credentials(upstream.name)
+        relay = self._relay
+        if relay is not None and self._state.redirecting and not self._closed:
+            async with self._lock():
+                relay.reload_routing(config)
+                if self._watch is not None:
+                    self._watch.reload(WatchSettings.of(config, self._offnet_timings))
+                changed = old is not None and old != upstream
+                if changed or previous is None or previous.upstreams != config.upstreams:
+                    try:
+                        await self._life.update_redirect(config)
+                    except Exception as exc:
+                        text = f"The redirect was not updated: {user_message(exc)}"
+                        log.warning("%s", text, exc_info=not is_known(exc))
+                        self._error(text)
+                        self._changed()
+        if relay is not None:
+            relay.retry_credentials(upstream.name)
         return warning
 
     def diagnostics(self, extra: Mapping[str, str] | None = None) -> str:
         """A plain-text report for bug reports. Holds no password: none is known here."""
         return diagnostics_report(self.status(), self._config, self._life.helper_running, extra)
+
+
+def _needs_restart(old: RelaySettings, new: RelaySettings) -> list[str]:
+    """The [relay] settings that changed and take effect only at the next switch-on."""
+    changed = []
+    if old.port != new.port:
+        changed.append("the relay's port")
+    if old.listen != new.listen:
+        changed.append("the listen addresses")
+    if old.redirect_ports != new.redirect_ports:
+        changed.append("the redirected ports")
+    named = {"port", "listen", "redirect_ports", "upstream"}
+    others = [
+        name
+        for name in RelaySettings.__dataclass_fields__
+        if name not in named and getattr(old, name) != getattr(new, name)
+    ]
+    changed.extend(f"relay.{name}" for name in others)
+    return changed

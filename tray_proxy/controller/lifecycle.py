@@ -37,6 +37,7 @@ from tray_proxy.redirect import (
     RESOLVE_INTERVAL_SECONDS,
     ManagedRedirect,
     check_redirect_settings,
+    upstream_endpoints,
 )
 from tray_proxy.relay.events import Observer
 from tray_proxy.relay.records import Address
@@ -232,13 +233,15 @@ class Lifecycle:
         await self.detach_redirect()
         redirect = self._redirect
         switched_off = True
-        try:
-            if redirect is not None and redirect.running:
-                self._steps.removing_redirect()
+        if redirect is not None and redirect.running:
+            # A step's own failure (it only says what happens) is not a redirect that
+            # stayed on: it must not end the helper before the relay reset its clients.
+            self._step(self._steps.removing_redirect)
+            try:
                 await asyncio.wait_for(redirect.remove(), REDIRECT_OFF_TIMEOUT)
-        except Exception as exc:
-            switched_off = False
-            log.warning("removing the redirect failed: %s", user_message(exc))
+            except Exception as exc:
+                switched_off = False
+                log.warning("removing the redirect failed: %s", user_message(exc))
         if not switched_off:
             # New connections would still go to a relay that is about to stop: end the helper
             # first (it deletes its table when its input closes).
@@ -252,9 +255,9 @@ class Lifecycle:
         relay = self.relay
         if relay is None:
             return
-        self._steps.draining()
         self.stopping_relay = True
         try:
+            self._step(self._steps.draining)
             await asyncio.get_running_loop().run_in_executor(
                 None, relay.stop, drain + RELAY_STOP_MARGIN
             )
@@ -264,6 +267,25 @@ class Lifecycle:
             self.stopping_relay = False
             self.relay = None
             self._on_relay_stopped()
+
+    @staticmethod
+    def _step(step: Callable[[], None]) -> None:
+        try:
+            step()
+        except Exception:
+            log.exception("a switch-off step's report failed")
+
+    async def update_redirect(self, config: Config) -> bool:
+        """Settings reloaded while on: redirect with the new upstreams' addresses excluded
+        (the helper's apply replaces its table in one transaction and keeps NAT state, so
+        open tunnels stay). True when the rules changed. Raises RedirectError."""
+        managed = self._managed
+        if managed is None:
+            return False
+        managed.config = config
+        # redirect.py has no setter for the endpoints yet; they follow the config.
+        managed._endpoints = upstream_endpoints(config)  # noqa: SLF001
+        return await managed.refresh()
 
     async def stop_helper(self) -> None:
         if self._redirect is None:

@@ -82,6 +82,18 @@ class RelayHandle(Protocol):
 
     def traffic(self) -> Traffic: ...
 
+    def reload_routing(self, config: Config) -> None:
+        """New upstreams, rules, default and PAC for new connections; open tunnels and
+        each upstream's health stay (issue 15 section 6). Returns without waiting."""
+        ...
+
+    def report_probe(
+        self, upstream: str, ok: bool, latency: float | None = None, words: str = ""
+    ) -> None:
+        """An active probe's outcome, fed to the upstream's health like a real handshake
+        (a change is an UpstreamHealthChanged event). Returns without waiting."""
+        ...
+
 
 class RelayFactory(Protocol):
     """Starts a relay for `config` whose events go to `observer`; blocks; raises on failure."""

@@ -82,6 +82,10 @@ class NoticeKind(enum.Enum):
     KEYRING_UNAVAILABLE = "keyring-unavailable"
     HISTORY_FAILED = "history-failed"
     SETTINGS_INVALID = "settings-invalid"
+    # Left or rejoined the corporate network: new connections go direct / through the proxy.
+    OFF_NETWORK = "off-network"
+    ON_NETWORK = "on-network"
+    SETTINGS_RELOADED = "settings-reloaded"
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +123,9 @@ class Status:
     # Whose traffic the redirect captures, in the root helper's words ("uid 1000 (alice) and
     # system accounts (uid < 1000)"); None while the redirect is not on (issue 16 item 1).
     captured: str | None = None
+    # "direct: proxy unreachable" while no upstream is reachable and new connections go
+    # direct (issue 15 section 5); None while they go through the proxy.
+    routing: str | None = None
     # Per-upstream latency and failures, traffic rates, failures of the last hour in words.
     health: HealthSnapshot = field(default_factory=HealthSnapshot)
 
@@ -149,6 +156,7 @@ class Status:
             ],
             "relay_addresses": [list(a) for a in self.relay_addresses],
             "captured": self.captured,
+            "routing": self.routing,
         }
 
 

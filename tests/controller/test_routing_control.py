@@ -1,0 +1,183 @@
+"""The controller's routing side with the fakes: upstream health changes and accepted
+credentials as the user sees them, `reload` (live vs. switch off/on), the UI's save applied
+without a restart, `captured` in the status, and teardown when a step's report raises."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from tests.controller.fakes import BACKUP, CORP, Rig, run, until
+from tray_proxy.config import Config, ConfigError
+from tray_proxy.controller import NoticeKind, State
+from tray_proxy.controller.status import Status
+from tray_proxy.firewall.ruleset import RuleSpec
+from tray_proxy.relay.events import CredentialsAccepted, UpstreamHealthChanged
+from tray_proxy.relay.settings import RelaySettings
+from tray_proxy.routing.settings import RoutingSettings
+
+
+def test_an_upstream_going_down_and_back_is_a_notice_and_the_upstreams_state() -> None:
+    rig = Rig()
+
+    async def main() -> tuple[Status, Status]:
+        await rig.controller.enable()
+        rig.from_engine(UpstreamHealthChanged("corp", False, "connection refused"))
+        await until(lambda: rig.notices(), "the down notice")
+        down = rig.controller.status()
+        rig.from_engine(UpstreamHealthChanged("corp", True))
+        await until(lambda: len(rig.notices()) == 2, "the back notice")
+        return down, rig.controller.status()
+
+    down, back = run(main())
+    first, second = rig.notices()
+    assert first.kind is NoticeKind.UPSTREAM_DOWN
+    assert first.text == "Proxy corp is down (connection refused); using backup."
+    assert [u.failing for u in down.upstreams] == [True, False]
+    assert second.kind is NoticeKind.UPSTREAM_BACK
+    assert second.text == "Proxy corp is back: new connections use it again."
+    assert [u.failing for u in back.upstreams] == [False, False]
+
+
+def test_every_upstream_down_says_direct() -> None:
+    rig = Rig()
+
+    async def main() -> None:
+        await rig.controller.enable()
+        rig.from_engine(
+            UpstreamHealthChanged("backup", False, "timed out"),
+            UpstreamHealthChanged("corp", False, "timed out"),
+        )
+        await until(lambda: len(rig.controller.status().last_errors) == 2, "two errors")
+
+    run(main())
+    # One notice a minute per kind (a flapping proxy must not spam); the errors say both.
+    assert len(rig.notices()) == 1
+    assert rig.controller.status().last_error == (
+        "Proxy corp is down (timed out); no proxy is left, so new connections go direct."
+    )
+
+
+def test_credentials_accepted_ends_degraded() -> None:
+    rig = Rig()
+
+    async def main() -> None:
+        await rig.controller.enable()
+        rig.controller._transition(State.DEGRADED, "Proxy corp rejected the credentials")
+        rig.from_engine(CredentialsAccepted("corp", "alice"))
+        await until(lambda: rig.controller.state is State.ON, "back on")
+
+    run(main())
+    notice = rig.notices()[-1]
+    assert notice.kind is NoticeKind.UPSTREAM_BACK
+    assert notice.text == "Proxy corp works again: it accepted the login."
+
+
+def test_status_says_whose_traffic_is_captured() -> None:
+    rig = Rig()
+    run(rig.controller.enable())
+    # The fake helper's status names nobody; the controller passes the helper's words on.
+    assert rig.controller._life._managed is not None
+    rig.controller._life._managed.captured = "uid 1000 (alice) and system accounts"
+    status = rig.controller.status()
+    assert status.captured == "uid 1000 (alice) and system accounts"
+    assert status.to_dict()["captured"] == "uid 1000 (alice) and system accounts"
+    assert status.to_dict()["routing"] is None
+
+
+def test_reload_applies_routing_live_and_names_what_needs_a_restart() -> None:
+    rig = Rig()
+    run(rig.controller.enable())
+    old = rig.store.config
+    rules = RoutingSettings(default="backup")
+    rig.store.config = dataclasses.replace(
+        old, routing=rules, relay=dataclasses.replace(old.relay, port=13080)
+    )
+    answer = run(rig.controller.reload())
+    relay = rig.relays.relays[-1]
+    assert [c.routing for c in relay.reloaded] == [rules]
+    assert answer["applied"] == ["routing"]  # same upstreams: the redirect stays as it is
+    assert answer["restart"] == ["the relay's port"]
+    assert answer["message"] == (
+        "The settings were reloaded: new connections follow them; open connections stay. "
+        "the relay's port changed: switch off and on again to use it."
+    )
+    assert rig.log.calls.count("relay.start") == 1  # no restart
+    assert rig.controller.config is rig.store.config
+
+
+def test_reload_with_a_new_upstream_address_applies_the_redirect_again() -> None:
+    rig = Rig()
+    run(rig.controller.enable())
+    moved = dataclasses.replace(BACKUP, host="proxy2.corp.example", port=3129)
+    rig.store.config = dataclasses.replace(rig.store.config, upstreams=(CORP, moved))
+    answer = run(rig.controller.reload())
+    assert answer["applied"] == ["routing", "redirect"]
+    assert answer["restart"] == []
+    spec: RuleSpec = rig.redirect.specs[-1]
+    assert [port for _address, port in spec.upstreams] == [8080, 3129]
+    assert rig.log.calls.count("relay.start") == 1
+    assert rig.log.calls.count("redirect.start") == 1
+
+
+def test_reload_of_a_broken_file_keeps_the_running_settings() -> None:
+    rig = Rig()
+    run(rig.controller.enable())
+    running = rig.controller.config
+
+    def broken() -> Config:
+        raise ConfigError("config.toml", "relay.port", "must be a number")
+
+    rig.store.load = broken  # type: ignore[method-assign]
+    try:
+        run(rig.controller.reload())
+    except Exception as exc:
+        assert "not reloaded" in str(exc) and "relay.port" in str(exc)
+    else:
+        raise AssertionError("reload of a broken file must raise")
+    assert rig.controller.config is running
+    assert rig.relays.relays[-1].reloaded == []
+
+
+def test_reload_while_off_only_reads_the_file() -> None:
+    rig = Rig()
+    rig.store.config = Config(RelaySettings(), (BACKUP,))
+    answer = run(rig.controller.reload())
+    assert answer == {"applied": [], "restart": [], "message": "The settings were reloaded."}
+    assert rig.controller.config is rig.store.config
+
+
+def test_saving_an_upstream_while_on_reloads_without_a_restart() -> None:
+    rig = Rig()
+    run(rig.controller.enable())
+    moved = dataclasses.replace(CORP, port=8081)
+    run(rig.controller.save_upstream(moved))
+    relay = rig.relays.relays[-1]
+    assert [c.upstreams[0] for c in relay.reloaded] == [moved]
+    assert rig.log.calls.count("relay.start") == 1
+    assert rig.log.calls[-1] == "relay.retry corp"
+    assert rig.log.calls.count("redirect.apply") == 2  # once at start, once for the address
+
+
+class RaisingSteps:
+    def relay_started(self, addresses: object, upstream: str) -> None:
+        pass
+
+    def redirect_on(self, spec: RuleSpec) -> None:
+        pass
+
+    def removing_redirect(self) -> None:
+        raise BrokenPipeError("stdout closed")
+
+    def draining(self) -> None:
+        raise BrokenPipeError("stdout closed")
+
+
+def test_a_raising_step_report_keeps_the_switch_off_order() -> None:
+    """A step's report that raises (a closed terminal) is not a redirect that stayed on:
+    the redirect goes off, then the relay drains, then the helper ends (followups: H4)."""
+    rig = Rig(steps=RaisingSteps())
+    run(rig.controller.enable())
+    run(rig.controller.disable())
+    tail = [c for c in rig.log.calls if c in ("redirect.remove", "relay.stop", "redirect.stop")]
+    assert tail == ["redirect.remove", "relay.stop", "redirect.stop"]
+    assert rig.controller.state is State.OFF
