@@ -21,7 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.lab.netns import Namespace, run_tag, thread_in_namespace
-from tray_proxy.netwatch import NetworkWatcher, count_changes, open_route_socket
+from tray_proxy.netwatch import NetworkState, NetworkWatcher, count_changes, open_route_socket
 
 pytestmark = pytest.mark.lab
 
@@ -96,6 +96,57 @@ def test_one_call_per_burst_and_none_without_change(ns: Namespace, loop_name: st
                 assert calls[-1] - started < quiet + 0.5, step
             assert watcher.bursts == len(steps)
             assert watcher.messages >= len(steps)
+        finally:
+            watcher.close()
+
+    with asyncio.Runner(loop_factory=LOOPS[loop_name]) as runner:
+        runner.run(main())
+
+
+@pytest.mark.parametrize("loop_name", sorted(LOOPS))
+def test_renewals_and_other_non_changes_call_nothing(ns: Namespace, loop_name: str) -> None:
+    """A DHCP renewal or an IPv6 router advertisement re-announces an address with new
+    lifetimes: the kernel sends RTM_NEWADDR, and nothing a probe could see changed. So for
+    an address there before the watcher started (known from its dump) and one added later,
+    and for an MTU change."""
+    quiet = 0.2
+    ns.run(["ip", "addr", "add", "10.84.0.1/24", "dev", "d0", "valid_lft", "1000",
+            "preferred_lft", "1000"])  # fmt: skip
+    ns.run(["ip", "-6", "addr", "add", "fd00:84::1/64", "dev", "d0", "nodad", "valid_lft",
+            "1000", "preferred_lft", "1000"])  # fmt: skip
+
+    async def main() -> None:
+        watcher, calls = watcher_in(ns, quiet=quiet)
+        watcher.start()
+        try:
+            assert len(watcher.state) > 0  # the dump
+            renewals = [
+                ("addr", "change", "10.84.0.1/24", "dev", "d0", "valid_lft", "900",
+                 "preferred_lft", "900"),
+                ("-6", "addr", "change", "fd00:84::1/64", "dev", "d0", "nodad", "valid_lft",
+                 "900", "preferred_lft", "900"),
+                ("link", "set", "d0", "mtu", "1400"),
+            ]  # fmt: skip
+            for args in renewals:
+                messages = watcher.messages
+                await ip(ns, "-n", ns.name, *args)
+                deadline = time.monotonic() + 2.0
+                while watcher.messages == messages and time.monotonic() < deadline:
+                    await asyncio.sleep(0.01)
+                assert watcher.messages > messages, args  # the kernel did announce it
+            await asyncio.sleep(quiet * 3)
+            assert calls == []
+            # An address learned from a notification, then renewed.
+            await ip(ns, "-n", ns.name, "addr", "add", "10.85.0.1/24", "dev", "d0",
+                     "valid_lft", "1000", "preferred_lft", "1000")  # fmt: skip
+            await expect_calls(calls, 1, quiet)
+            await ip(ns, "-n", ns.name, "addr", "change", "10.85.0.1/24", "dev", "d0",
+                     "valid_lft", "800", "preferred_lft", "800")  # fmt: skip
+            await expect_calls(calls, 1, quiet)
+            # A real change of the same address still counts: it becomes deprecated.
+            await ip(ns, "-n", ns.name, "addr", "change", "10.85.0.1/24", "dev", "d0",
+                     "valid_lft", "800", "preferred_lft", "0")  # fmt: skip
+            await expect_calls(calls, 2, quiet)
         finally:
             watcher.close()
 
@@ -247,8 +298,8 @@ def test_the_watcher_opens_its_own_socket_in_the_current_namespace(ns: Namespace
 HDR = struct.Struct("=IHHII")
 
 
-def message(kind: int, payload: bytes = b"") -> bytes:
-    body = HDR.pack(HDR.size + len(payload), kind, 0, 0, 0) + payload
+def message(kind: int, payload: bytes = b"", flags: int = 0) -> bytes:
+    body = HDR.pack(HDR.size + len(payload), kind, flags, 0, 0) + payload
     return body + b"\0" * (-len(body) % 4)
 
 
@@ -263,6 +314,41 @@ def test_count_changes_reads_link_address_and_route_messages_only() -> None:
 @given(st.binary(max_size=512))
 def test_count_changes_never_raises_on_any_bytes(data: bytes) -> None:
     assert 0 <= count_changes(data) <= len(data) // HDR.size
+
+
+@given(st.lists(st.tuples(st.sampled_from([16, 17, 20, 21, 24, 25, 3]), st.binary(max_size=40),
+                          st.sampled_from([0, 2]))))  # fmt: skip
+def test_network_state_reads_any_messages(messages: list[tuple[int, bytes, int]]) -> None:
+    """Random bodies (torn, short, garbage attributes) never raise: unreadable is a change."""
+    state = NetworkState(limit=5)
+    data = b"".join(message(kind, body, flags) for kind, body, flags in messages)
+    assert 0 <= state.feed(data) <= len(messages)
+    assert len(state) <= 5
+
+
+def test_network_state_counts_what_changes() -> None:
+    addr = struct.pack("=BBBBI", socket.AF_INET, 24, 0, 0, 3) + attr(2, bytes([10, 0, 0, 1]))
+    renewed = addr + attr(6, b"\x01" * 16)  # IFA_CACHEINFO: lifetimes only
+    state = NetworkState()
+    assert state.feed(message(20, addr)) == 1  # new
+    assert state.feed(message(20, renewed)) == 0  # same address, new lifetimes
+    assert state.feed(message(21, addr)) == 1  # deleted
+    assert state.feed(message(21, addr)) == 1  # deleting the unknown still counts
+    assert state.feed(message(20, addr, flags=2)) == 0  # a dump answer: learnt, not a change
+    assert state.feed(message(20, renewed)) == 0
+    cloned = struct.pack("=BBBBBBBBI", socket.AF_INET6, 128, 0, 0, 254, 0, 0, 1, 0x200)
+    assert state.feed(message(24, cloned)) == 0  # the IPv6 route cache is not the table
+    assert state.feed(message(16, b"short")) == 1  # unreadable: a change
+    full = NetworkState(limit=1)
+    full.feed(message(20, addr))
+    other = struct.pack("=BBBBI", socket.AF_INET, 24, 0, 0, 4) + attr(2, bytes([10, 0, 0, 2]))
+    assert full.feed(message(20, other)) == 1 and full.feed(message(20, other)) == 1
+    assert full.overflowed
+
+
+def attr(kind: int, value: bytes) -> bytes:
+    raw = struct.pack("=HH", 4 + len(value), kind) + value
+    return raw + b"\0" * (-len(raw) % 4)
 
 
 def test_no_netlink_is_a_network_watch_error(monkeypatch: pytest.MonkeyPatch) -> None:
