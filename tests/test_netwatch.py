@@ -339,6 +339,16 @@ def test_network_state_counts_what_changes() -> None:
     cloned = struct.pack("=BBBBBBBBI", socket.AF_INET6, 128, 0, 0, 254, 0, 0, 1, 0x200)
     assert state.feed(message(24, cloned)) == 0  # the IPv6 route cache is not the table
     assert state.feed(message(16, b"short")) == 1  # unreadable: a change
+
+    # `ip route replace default via ... dev other`: only the new route is announced.
+    def route(oif: int) -> bytes:
+        head = struct.pack("=BBBBBBBBI", socket.AF_INET, 0, 0, 0, 254, 3, 0, 1, 0)
+        return head + attr(4, struct.pack("=I", oif))
+
+    assert state.feed(message(24, route(3))) == 1
+    assert state.feed(message(24, route(4), flags=0x100)) == 1  # replaced, now on device 4
+    assert state.feed(message(24, route(3), flags=0x100)) == 1  # back: a change again
+    assert state.feed(message(24, route(3))) == 0
     full = NetworkState(limit=1)
     full.feed(message(20, addr))
     other = struct.pack("=BBBBI", socket.AF_INET, 24, 0, 0, 4) + attr(2, bytes([10, 0, 0, 2]))
