@@ -414,3 +414,76 @@ def test_run_and_credentials_set_without_a_config_point_at_setup(
         assert "no proxy is set up yet" in lines[0] and command in lines[0], (argv, lines)
         assert "not found" not in lines[0]
     assert not (tmp_path / "config-home").exists()  # nothing was written on the way
+
+
+def _status_when(sock: Path, test: Any, what: str) -> dict[str, Any]:
+    deadline = time.monotonic() + START_DEADLINE
+    while True:
+        status: dict[str, Any] = send_command("status", sock, timeout=5)["status"]
+        if test(status):
+            return status
+        assert time.monotonic() < deadline, f"timed out waiting for {what}: {status}"
+        time.sleep(0.05)
+
+
+def test_headless_run_goes_direct_when_no_proxy_answers_and_reloads_its_settings(
+    tmp_path: Path, private_runtime: Path
+) -> None:
+    """Nothing listens on the proxy's port: the off-network probe says "direct: proxy
+    unreachable" in `tray-proxy status`. An edit of the settings file applies while running
+    (file watch); `tray-proxy reload` says what needs a switch off and on."""
+    port, dead = _free_port(), _free_port()
+    head = f'[relay]\nport = {port}\nlisten = ["127.0.0.1"]\n'
+    corp = f'[[upstream]]\nname = "corp"\nurl = "http://127.0.0.1:{dead}"\n'
+    path = _write(tmp_path, head + corp)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tray_proxy", "run", "--config", str(path), "--no-redirect"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
+    sock = private_runtime / SOCKET_NAME
+    try:
+        _wait_until_on(proc, sock)
+        status = _status_when(sock, lambda s: s["routing"], "going direct")
+        assert status["routing"] == "direct: proxy unreachable"
+        shown = subprocess.run(
+            [sys.executable, "-m", "tray_proxy", "status"],
+            capture_output=True,
+            text=True,
+            env=_env(),
+            timeout=30,
+        )
+        assert "routing: direct: proxy unreachable" in shown.stdout.splitlines()
+        # The file watch: a second upstream appears in the running instance's status.
+        second = '[[upstream]]\nname = "second"\nurl = "http://127.0.0.1:9"\n'
+        path.write_text(head + corp + second, encoding="utf-8")
+        _status_when(
+            sock, lambda s: [u["name"] for u in s["upstreams"]] == ["corp", "second"], "reload"
+        )
+        # `tray-proxy reload`: a new relay port needs a switch off and on.
+        path.write_text(head.replace(str(port), str(_free_port())) + corp, encoding="utf-8")
+        said = subprocess.run(
+            [sys.executable, "-m", "tray_proxy", "reload"],
+            capture_output=True,
+            text=True,
+            env=_env(),
+            timeout=30,
+        )
+        assert said.returncode == 0, said.stderr
+        assert said.stdout == (
+            "tray-proxy: The settings were reloaded: new connections follow them; open "
+            "connections stay. Changed, and used after a switch off and on: the relay's port.\n"
+        )
+        assert send_command("quit", sock) == {"ok": True}
+        assert proc.wait(timeout=20) == 0
+        assert proc.stderr is not None
+        err = proc.stderr.read()
+        assert "Proxy unreachable: going direct" in err
+        assert "Traceback" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tray_proxy.config import Config, ConfigError, ProbeSettings, default_config_path
+from tray_proxy.config_watch import ConfigWatcher
 from tray_proxy.control import ControlError, ControlServer, runtime_dir, send_command
 from tray_proxy.controller import (
     ProxyController,
@@ -42,6 +43,7 @@ from tray_proxy.controller.commands import INSTANCE_RUN, INSTANCE_TRAY, answer_c
 from tray_proxy.controller.history import HistoryFile, history_path, open_history_writer
 from tray_proxy.controller.services import ConfigFile
 from tray_proxy.credentials import CredentialStore, default_credential_source
+from tray_proxy.errors import UserError
 from tray_proxy.monitor.rows import ConnectionRow
 from tray_proxy.relay.credentials import Credentials
 from tray_proxy.relay.probe import ProbeResult, probe_upstream
@@ -267,6 +269,8 @@ class GuiApp:
             credential_source=source,
             history=open_history_writer(settings.log),
             attribution=True,
+            # Health probes and the off-network fallback (issue 15 sections 2 and 5).
+            probes=True,
         )
         services = AppServices(
             controller,
@@ -306,9 +310,11 @@ class GuiApp:
             # First start (issue 14): the setup steps, not a bare "No proxy set up".
             self.setup_window = open_setup_window(self.config_path, store, controller)
         await self.server.start()
+        settings_watch = watch_settings(self.config_path, controller)
         try:
             await quit_event.wait()
         finally:
+            settings_watch.close()
             # The one shutdown path: redirect off, relay drained, then the loop may end.
             log.info("quitting")
             await self.server.close()
@@ -323,6 +329,31 @@ class GuiApp:
             for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
         return EXIT_OK
+
+
+def watch_settings(path: Path, controller: ProxyController) -> ConfigWatcher:
+    """Edits of the settings file apply while running, open connections stay (issue 15
+    section 6). SIGHUP quits like SIGTERM (issue 16 item 8), so this file watch, the
+    Credentials dialog's Save and `tray-proxy reload` are the ways to reload."""
+
+    async def reload() -> None:
+        try:
+            answer = await controller.reload()
+        except UserError as exc:
+            log.warning("%s", exc)  # an error entry already; the running settings stay
+            return
+        log.info("settings file changed: %s", answer.get("message"))
+
+    def changed() -> None:
+        controller.spawn(reload(), "reload settings")
+
+    watcher = ConfigWatcher(path, changed)
+    try:
+        content: bytes | None = path.read_bytes()
+    except OSError:
+        content = None
+    watcher.start(content=content)
+    return watcher
 
 
 def open_setup_window(path: Path, store: CredentialStore, controller: ProxyController) -> Any:

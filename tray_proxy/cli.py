@@ -25,7 +25,9 @@ from tray_proxy import __version__
 
 if TYPE_CHECKING:
     from tray_proxy.config import Config
+    from tray_proxy.config_watch import ConfigWatcher
     from tray_proxy.control import ControlServer
+    from tray_proxy.controller import ProxyController
     from tray_proxy.credentials import AppCredentialSource
     from tray_proxy.firewall.ruleset import RuleSpec
     from tray_proxy.relay.credentials import CredentialSource
@@ -89,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("enable", help="switch the running tray app's (or run's) redirect on")
     sub.add_parser("disable", help="switch the running tray app's (or run's) redirect off")
     sub.add_parser("quit", help="quit the running tray app or run (the redirect goes off)")
+    sub.add_parser(
+        "reload",
+        help="apply the settings file to the running tray app or run (open connections stay)",
+    )
     from tray_proxy import cli_credentials
 
     cli_credentials.add_subcommands(sub, common)
@@ -111,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _control(args: argparse.Namespace) -> int:
-    """status / enable / disable / quit: talk to the running instance (the tray app or a
+    """status / enable / disable / quit / reload: talk to the running instance (the tray app or a
     headless `tray-proxy run`) over its control socket."""
     import json
 
@@ -133,12 +139,19 @@ def _control(args: argparse.Namespace) -> int:
         print(f"tray-proxy: {answer.get('error')}", file=sys.stderr)
         return EXIT_FAILURE
     status = answer.get("status")
+    if args.command == "reload":
+        print(f"tray-proxy: {answer.get('message')}")
+        return EXIT_OK
     if getattr(args, "json", False):
         print(json.dumps(status, indent=2))
     elif isinstance(status, dict):
         print(f"{status.get('state')}: {status.get('message')}")
         if args.command == "status":
             print(f"proxy: {status.get('upstream') or 'none set up'}")
+            if status.get("routing"):
+                print(f"routing: {status.get('routing')}")
+            if status.get("captured"):
+                print(f"captured: {status.get('captured')}")
             print(f"open connections: {status.get('active_connections')}")
             for error in status.get("last_errors") or []:
                 count = error.get("count", 1)
@@ -338,6 +351,8 @@ async def _run_headless_until(args: argparse.Namespace, stop: asyncio.Event) -> 
             attribution=config.log.enabled,
             monitor=config.log.enabled,
             headless=True,
+            # Health probes and the off-network fallback (issue 15 sections 2 and 5).
+            probes=True,
         )
         failure: list[str] = []
 
@@ -351,14 +366,17 @@ async def _run_headless_until(args: argparse.Namespace, stop: asyncio.Event) -> 
                 # rejected, history not written): a headless user reads it here.
                 _say(f"{event.title}: {event.text}")
 
+        settings_watch = _watch_settings(path, controller)
         try:
             controller.subscribe(watch)
             if server is not None:
                 await server.start()
             await controller.enable()
             if not failure:
+                settings_watch.start(content=_read_bytes(path))
                 await stop.wait()
         finally:
+            settings_watch.close()
             await controller.shutdown()
         for text in failure[:1]:
             _say(text)
@@ -367,6 +385,34 @@ async def _run_headless_until(args: argparse.Namespace, stop: asyncio.Event) -> 
     finally:
         if server is not None:
             await server.close()
+
+
+def _read_bytes(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def _watch_settings(path: Path, controller: ProxyController) -> ConfigWatcher:
+    """Edits of the settings file apply while running (issue 15 section 6); SIGHUP stops
+    the run like SIGTERM (issue 16 item 8: a closed terminal), so the file watch and
+    `tray-proxy reload` are the ways to reload (docs/config.md)."""
+    from tray_proxy.config_watch import ConfigWatcher
+    from tray_proxy.errors import UserError
+
+    async def reload() -> None:
+        try:
+            answer = await controller.reload()
+        except UserError as exc:
+            _say(str(exc))
+            return
+        _say(str(answer.get("message")))
+
+    def changed() -> None:
+        controller.spawn(reload(), "reload settings")
+
+    return ConfigWatcher(path, changed)
 
 
 KEYRING_START_TIMEOUT = 15.0
@@ -473,7 +519,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
         _setup_logging(args.gui_verbose)
         return run_gui(args.gui_config, no_tray=args.no_tray)
-    if args.command in ("status", "enable", "disable", "quit"):
+    if args.command in ("status", "enable", "disable", "quit", "reload"):
         return _control(args)
     _setup_logging(args.verbose)
     if args.command == "credentials":

@@ -47,7 +47,9 @@ log = logging.getLogger(__name__)
 PROTOCOL_VERSION: Final = 1
 # A command is one of these words, optionally followed by " ARGUMENT" (`credentials-changed
 # NAME`: the name of an upstream whose password changed; never a secret).
-COMMANDS: Final = frozenset({"status", "enable", "disable", "quit", "raise", "credentials-changed"})
+COMMANDS: Final = frozenset(
+    {"status", "enable", "disable", "quit", "raise", "credentials-changed", "reload"}
+)
 MAX_LINE: Final = 64 * 1024
 SOCKET_NAME: Final = "tray-proxy.sock"
 # enable may wait for the user to type a password into the polkit dialog.
@@ -55,6 +57,8 @@ COMMAND_TIMEOUTS: Final[Mapping[str, float]] = {
     "enable": 180.0,
     "disable": 60.0,
     "credentials-changed": 40.0,
+    # reads the settings file and may apply the redirect again (one helper round trip)
+    "reload": 40.0,
 }
 
 

@@ -39,3 +39,15 @@ def test_commands_switch_the_controller_and_say_who_answered() -> None:
     run(scenario())
     assert quits == ["quit"] and raised == ["raise"]
     assert rig.controller.state is State.OFF
+
+
+def test_reload_answers_what_was_applied_and_the_status() -> None:
+    rig = Rig()
+
+    async def scenario() -> dict[str, object]:
+        return await answer_command(rig.controller, "reload", instance=INSTANCE_RUN, quit=list)
+
+    answer = run(scenario())
+    assert answer["applied"] == [] and answer["restart"] == []
+    assert answer["message"] == "The settings were reloaded."
+    assert answer["status"] == rig.controller.status().to_dict()

@@ -99,7 +99,7 @@ def test_reload_applies_routing_live_and_names_what_needs_a_restart() -> None:
     assert answer["restart"] == ["the relay's port"]
     assert answer["message"] == (
         "The settings were reloaded: new connections follow them; open connections stay. "
-        "the relay's port changed: switch off and on again to use it."
+        "Changed, and used after a switch off and on: the relay's port."
     )
     assert rig.log.calls.count("relay.start") == 1  # no restart
     assert rig.controller.config is rig.store.config

@@ -189,3 +189,9 @@ def test_a_sub_millisecond_handshake_is_not_zero() -> None:
     assert upstream_text(UpstreamInfo("corp", "http://p:1", True, 0.00042, False)) == (
         "corp (0.4 ms)"
     )
+
+
+def test_tooltip_says_direct_while_no_proxy_is_reachable() -> None:
+    tip = tooltip_text(make_status(State.ON, routing="direct: proxy unreachable"))
+    assert "Routing: direct: proxy unreachable" in tip.splitlines()
+    assert "Routing" not in tooltip_text(make_status(State.ON))

@@ -4,7 +4,8 @@ the tray app and headless `tray-proxy run` answer them alike.
 `status` and `raise` also say which kind of instance answered ("tray" or "run"), so a
 second start can tell the user what is already running. `credentials-changed NAME` (sent by
 `tray-proxy credentials set NAME` after it stored a password) makes the instance read that
-proxy's password again; only the name travels on the socket, never a secret.
+proxy's password again; only the name travels on the socket, never a secret. `reload` reads
+the settings file again and applies it (the answer says what needs a switch off and on).
 
 Must not import PySide6 or qasync.
 """
@@ -21,6 +22,7 @@ __all__ = [
     "CREDENTIALS_CHANGED",
     "INSTANCE_RUN",
     "INSTANCE_TRAY",
+    "RELOAD",
     "CommandTarget",
     "answer_command",
     "credentials_changed_command",
@@ -29,6 +31,8 @@ __all__ = [
 INSTANCE_TRAY: Final = "tray"
 INSTANCE_RUN: Final = "run"
 CREDENTIALS_CHANGED: Final = "credentials-changed"
+# Read the settings file again and apply it without dropping open tunnels (issue 15 section 6).
+RELOAD: Final = "reload"
 # An upstream's name as the config allows it (tray_proxy.config); nothing else is accepted.
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
@@ -52,6 +56,8 @@ class CommandTarget(Protocol):
 
     async def credentials_changed(self, name: str) -> dict[str, object]: ...
 
+    async def reload(self) -> dict[str, object]: ...
+
 
 async def answer_command(
     controller: CommandTarget,
@@ -71,6 +77,9 @@ async def answer_command(
     if command == "quit":
         quit()
         return {}
+    if command == RELOAD:
+        answer = await controller.reload()
+        return {**answer, "status": controller.status().to_dict()}
     if command == "raise":
         if raise_window is not None:
             raise_window()

@@ -622,10 +622,7 @@ class ProxyController:
             message += ": new connections follow them; open connections stay"
         message += "."
         if restart and self._state.redirecting:
-            message += (
-                f" {', '.join(restart)} changed: switch off and on again to use "
-                f"{'it' if len(restart) == 1 else 'them'}."
-            )
+            message += f" Changed, and used after a switch off and on: {', '.join(restart)}."
         log.info("%s", message)
         self._changed()
         return {"applied": applied, "restart": restart, "message": message}

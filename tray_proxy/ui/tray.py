@@ -29,6 +29,7 @@ _WARNINGS = frozenset(
         NoticeKind.KEYRING_UNAVAILABLE,
         NoticeKind.HISTORY_FAILED,
         NoticeKind.SETTINGS_INVALID,
+        NoticeKind.OFF_NETWORK,
     }
 )
 
@@ -42,6 +43,9 @@ def tooltip_text(status: Status) -> str:
         lines.append(f"Proxy: {status.upstream}")
     else:
         lines.append("Proxy: none set up")
+    if status.routing:
+        # Off the corporate network: say so before anything else (issue 15 section 5).
+        lines.append(f"Routing: {status.routing}")
     if status.state.redirecting:
         n = status.active_connections
         lines.append(f"{n} open connection{'s' if n != 1 else ''}")
