@@ -94,6 +94,11 @@ _ROUTE_TTL = 0.5  # seconds the fast path's route (and credential lookup) is reu
 _gc_frozen = False  # see RelayEngine.start
 # accept() failures that mean "out of a resource for now": keep serving, retry later.
 _ACCEPT_PRESSURE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# How long the largest number of openings in progress at once sizes the spares.
+_BURST_WINDOW = 1.0
+# Spares kept for connections that come one at a time (dialed when a tunnel ends): a burst's
+# own accepts dial more (up to spare_connections), and those expire once it is over.
+_SPARES_BETWEEN_BURSTS = 2
 # How often the PAC script's source is looked at (PacScript.refresh fetches only when due).
 _PAC_TICK = 5.0
 # How long start() waits for the first fetch of the PAC script (then it goes on without).
@@ -188,6 +193,9 @@ class RelayEngine:
         self._pac_words = ""  # the last PAC failure published (RoutingError), once per change
         self._texts: dict[int, tuple[Decision, str]] = {}  # Decision.text, by decision object
         self._pac_refresher: asyncio.Task[None] | None = None
+        # The most fast-path openings in progress at once lately, and when (spares' sizing).
+        self._burst = 0
+        self._burst_at = 0.0
         self.credentials: CredentialSource = credentials or StaticCredentialSource()
         self.bus = bus or EventBus()
         self.stats: Counter[str] = Counter()
@@ -951,6 +959,8 @@ class RelayEngine:
             return
         record.upstream = opening.upstream.name
         opening.start(record)
+        if self._spares is not None and not opening.done:
+            self._top_up_spares(opening.address)
 
     def _own_caught(
         self, conn: socket.socket, client: tuple[Any, ...], dst: Address | None, local: Address
@@ -1713,6 +1723,21 @@ class RelayEngine:
         self._record_closed(record, reason, detail)
         self._refill_spares()
 
+    def _top_up_spares(self, address: tuple[int, Address]) -> None:
+        """A connection took a spare or dialed (its CONNECT is out): during a burst (more
+        than one opening in progress), dial replacements at once, as many as the most
+        openings in progress within the last second (up to spare_connections), so the next
+        connections of the burst find one (docs/benchmarks.md, "Round trip to the proxy").
+        One connection at a time: the tunnel's end refills instead (_refill_spares)."""
+        deadlines, spares = self._deadlines, self._spares
+        assert deadlines is not None and spares is not None
+        pending = len(deadlines.pending)
+        now = time.monotonic()
+        if pending >= self._burst or now - self._burst_at > _BURST_WINDOW:
+            self._burst, self._burst_at = pending, now
+        if pending > 1 and not self._stopping:
+            spares.refill(address, min(spares.keep, self._burst))
+
     def _refill_spares(self) -> None:
         """A tunnel ended: dial spares for the next connection (relay/spares.py), when the fast
         path applies and no other connection is opening.
@@ -1729,7 +1754,7 @@ class RelayEngine:
         # while the tunnel lasted (a tunnel outlives the route's few-tenths-of-a-second reuse).
         route = self._current_route().route
         if route is not None:
-            spares.refill(route[1])
+            spares.refill(route[1], _SPARES_BETWEEN_BURSTS)
 
     def _finish(
         self,

@@ -69,9 +69,10 @@ class RelaySettings:
     # After the proxy rejected credentials, how long before one connection tries the same
     # ones again (issue 16 item 7): far below common lock-out policies' counting windows.
     reverify_after: float = 600.0
-    # Connections to the proxy opened ahead of need (relay/spares.py): how many, and for how
-    # long at most. 0 opens none.
-    spare_connections: int = 2
+    # Connections to the proxy opened ahead of need (relay/spares.py): how many at most (a
+    # burst of connections gets up to this many, one at a time 2), and for how long at most.
+    # 0 opens none.
+    spare_connections: int = 16
     spare_max_age: float = 10.0
     # The fast path writes the client's first bytes (the TLS ClientHello) right behind its
     # CONNECT, in one write, instead of after the proxy's 200: one round trip less per new

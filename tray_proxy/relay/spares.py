@@ -10,11 +10,15 @@ proxy that only has to read it. On a proxy a few milliseconds away that is a few
 milliseconds off every new connection; on the lab's near Squid it is the connect() call and
 Squid's accept, about 90-120 us of added latency (bench/, counterbalanced A/B).
 
-Spares are kept only for the address the fast path dials, only while connections come (made
-when a tunnel ends and no other connection is opening, never on a timer), and at most
-`max_age` seconds: a proxy drops connections that send no request for a while (Dante after
-30 s by default). A spare that the proxy closed, reset or spoke on is discarded when taken.
-The proxy sees each spare that expires unused as a connection that ended before its request.
+Spares are kept only for the address the fast path dials, only while connections come, never
+on a timer: two are dialed when a tunnel ends and no other connection is opening; during a
+burst (several openings in progress) each accept dials replacements at once, as many as the
+most openings in progress within the last second, up to `keep` (RelayEngine._top_up_spares):
+with a real round trip to the proxy each connection of the burst then finds one
+(docs/benchmarks.md, "Round trip to the proxy"). Each is kept at most `max_age` seconds: a
+proxy drops connections that send no request for a while (Dante after 30 s by default). A
+spare that the proxy closed, reset or spoke on is discarded when taken. The proxy sees each
+spare that expires unused as a connection that ended before its request.
 """
 
 from __future__ import annotations
@@ -85,18 +89,19 @@ class Spares:
             sock.close()
         return None
 
-    def refill(self, address: tuple[int, Address]) -> None:
-        """Dial spares to `address` until `keep` are kept. Spares to another address (the
-        route changed) are closed first. A dial that fails at once ends the refill: the next
-        connection's own dial reports the trouble."""
-        if self._closed or self.keep <= 0:
+    def refill(self, address: tuple[int, Address], want: int | None = None) -> None:
+        """Dial spares to `address` until `want` (at most `keep`; None: `keep`) are kept.
+        Spares to another address (the route changed) are closed first. A dial that fails at
+        once ends the refill: the next connection's own dial reports the trouble."""
+        target = self.keep if want is None else min(want, self.keep)
+        if self._closed or target <= 0:
             return
         if address != self._address:
             self._close_all()
             self._address = address
         family, sockaddr = address
         kept = self._kept
-        while len(kept) < self.keep:
+        while len(kept) < target:
             try:
                 sock = outbound_socket(family, sockaddr[0])
             except OSError:
