@@ -186,7 +186,8 @@ def test_a_second_enable_waits_for_the_first_instead_of_starting_twice() -> None
 
 
 def test_upstream_down_then_back_degrades_and_recovers_with_notices() -> None:
-    rig = Rig()
+    # One upstream: nothing to fail over to (several: test_routing_control.py).
+    rig = Rig(upstreams=(CORP,))
     down = UpstreamFailed("corp", CloseReason.UPSTREAM_UNREACHABLE, "connection refused")
 
     async def scenario() -> None:

@@ -11,7 +11,13 @@ from tray_proxy.config import Config, ConfigError
 from tray_proxy.controller import NoticeKind, State
 from tray_proxy.controller.status import Status
 from tray_proxy.firewall.ruleset import RuleSpec
-from tray_proxy.relay.events import CredentialsAccepted, UpstreamHealthChanged
+from tray_proxy.relay.events import (
+    CredentialsAccepted,
+    TunnelEstablished,
+    UpstreamFailed,
+    UpstreamHealthChanged,
+)
+from tray_proxy.relay.records import CloseReason
 from tray_proxy.relay.settings import RelaySettings
 from tray_proxy.routing.settings import RoutingSettings
 
@@ -55,6 +61,7 @@ def test_every_upstream_down_says_direct() -> None:
     assert rig.controller.status().last_error == (
         "Proxy corp is down (timed out); no proxy is left, so new connections go direct."
     )
+    assert rig.controller.state is State.DEGRADED
 
 
 def test_credentials_accepted_ends_degraded() -> None:
@@ -181,3 +188,26 @@ def test_a_raising_step_report_keeps_the_switch_off_order() -> None:
     tail = [c for c in rig.log.calls if c in ("redirect.remove", "relay.stop", "redirect.stop")]
     assert tail == ["redirect.remove", "relay.stop", "redirect.stop"]
     assert rig.controller.state is State.OFF
+
+
+def test_with_a_second_upstream_failures_of_the_first_are_not_degraded() -> None:
+    """Failover: connections to corp fail and go through backup; the user is told once when
+    the relay's health says corp is down, the state stays On (it was Degraded before, with
+    "Proxy backup works again" at the next tunnel through backup)."""
+    rig = Rig()
+    down = UpstreamFailed("corp", CloseReason.UPSTREAM_UNREACHABLE, "connection refused")
+
+    async def main() -> None:
+        await rig.controller.enable()
+        rig.from_engine(down, down, down, TunnelEstablished(1, "backup", 0.01))
+        rig.from_engine(UpstreamHealthChanged("corp", False, "connection refused"))
+        await until(lambda: rig.notices(), "the notice")
+        rig.from_engine(UpstreamHealthChanged("backup", False, "timed out"))
+        await until(lambda: rig.controller.state is State.DEGRADED, "every upstream down")
+        rig.from_engine(UpstreamHealthChanged("backup", True))
+        await until(lambda: rig.controller.state is State.ON, "one back")
+
+    run(main())
+    kinds = [n.kind for n in rig.notices()]
+    assert kinds == [NoticeKind.UPSTREAM_DOWN, NoticeKind.UPSTREAM_BACK]
+    assert rig.notices()[0].text == "Proxy corp is down (connection refused); using backup."

@@ -229,6 +229,7 @@ class ProxyController:
         self._watch_network = watch_network
         self._watch: RoutingWatch | None = None
         self._down: set[str] = set()  # upstreams the relay's health says are down
+        self._all_down_degraded = False  # Degraded because every upstream is down
         try:
             self._config = config_store.load()
         except ConfigError as exc:
@@ -517,6 +518,7 @@ class ProxyController:
     def _start_watch(self, config: Config) -> None:
         relay = self._relay
         self._down.clear()
+        self._all_down_degraded = False
         if not self._probes or relay is None:
             return
         watch = RoutingWatch(
@@ -554,17 +556,27 @@ class ProxyController:
         if event.up:
             self._down.discard(event.upstream)
             self._health.failures[event.upstream] = 0
+            if not self._failover():
+                return  # one upstream: TunnelEstablished says it works again
             text = f"Proxy {event.upstream} is back: new connections use it again."
             self._notice(NoticeKind.UPSTREAM_BACK, "Proxy back", text)
-            if self._state is State.DEGRADED and not self._down:
+            if self._state is State.DEGRADED and self._all_down_degraded:
+                self._all_down_degraded = False
                 self._transition(State.ON, text)
             return
         self._down.add(event.upstream)
-        if self._watch is not None and self._watch.words:
-            return  # off the corporate network: one notice says it all
+        if not self._failover() or (self._watch is not None and self._watch.words):
+            # One upstream: UpstreamFailed already said it is not answering. Off the
+            # corporate network: one notice says it all.
+            return
         text = f"Proxy {event.upstream} is down ({event.reason}); {self._using_instead()}."
         self._error(text)
         self._notice(NoticeKind.UPSTREAM_DOWN, "Proxy down", text)
+        config = self._config
+        every = config is not None and all(u.name in self._down for u in config.upstreams)
+        if every and self._state is State.ON:
+            self._all_down_degraded = True
+            self._transition(State.DEGRADED, text)
 
     def _using_instead(self) -> str:
         config = self._config
@@ -707,12 +719,17 @@ class ProxyController:
                 self.spawn(self._fail(text), "relay stopped")
         self._changed_soon()
 
+    def _failover(self) -> bool:
+        """Several upstreams: one failing is news (UpstreamHealthChanged), not Degraded."""
+        config = self._config
+        return config is not None and len(config.upstreams) > 1
+
     def _upstream_ok(self, event: TunnelEstablished) -> None:
         if event.upstream is None:
             return
         self._health.latency[event.upstream] = event.handshake_latency
         self._health.failures[event.upstream] = 0
-        if self._state is State.DEGRADED:
+        if self._state is State.DEGRADED and not self._failover():
             text = f"Proxy {event.upstream} works again."
             self._notice(NoticeKind.UPSTREAM_BACK, "Proxy back", text)
             self._transition(State.ON, text)
@@ -742,6 +759,8 @@ class ProxyController:
             return  # e.g. the proxy refused one destination: the proxy itself is fine
         count = self._health.failures.get(event.upstream, 0) + 1
         self._health.failures[event.upstream] = count
+        if self._failover():
+            return  # the relay's health says when it is down (UpstreamHealthChanged)
         if count >= DOWN_AFTER_FAILURES and self._state is State.ON:
             text = f"Proxy {event.upstream} is not answering: {event.detail}"
             self._notice(NoticeKind.UPSTREAM_DOWN, "Proxy down", text)
