@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -487,3 +488,90 @@ def test_headless_run_goes_direct_when_no_proxy_answers_and_reloads_its_settings
             proc.wait()
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+class ConnectRecorder:
+    """A loopback 'proxy' in a thread: records each CONNECT head and answers 200."""
+
+    def __init__(self) -> None:
+        self.heads: list[bytes] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.2)
+        self.port = int(self.listener.getsockname()[1])
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                head = b""
+                while b"\r\n\r\n" not in head and len(head) < 8192:
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        break
+                    head += chunk
+                self.heads.append(head)
+                conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+
+    def __enter__(self) -> ConnectRecorder:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self.thread.join(5)
+        self.listener.close()
+
+
+def test_credentials_test_goes_to_the_probe_target_setting(tmp_path: Path) -> None:
+    """Without --target, `credentials test` asks the proxy for the settings' [probe] target,
+    the one the app's Test connection uses (followups: H6)."""
+    with ConnectRecorder() as proxy:
+        path = _write(
+            tmp_path,
+            '[probe]\ntarget = "intranet.corp.example:8443"\n'
+            f'[[upstream]]\nname = "corp"\nurl = "http://127.0.0.1:{proxy.port}"\n',
+        )
+        done = subprocess.run(
+            [sys.executable, "-m", "tray_proxy", "credentials", "test", "corp"]
+            + ["--config", str(path)],
+            capture_output=True,
+            text=True,
+            env=_env(),
+            timeout=30,
+        )
+    assert done.returncode == 0, done.stderr
+    assert proxy.heads[0].startswith(b"CONNECT intranet.corp.example:8443 HTTP/1.1\r\n")
+    assert "to intranet.corp.example:8443: OK" in done.stdout
+
+
+def test_setup_tells_the_running_instance_to_read_the_password(
+    tmp_path: Path, private_runtime: Path
+) -> None:
+    """`tray-proxy setup` saved a password: a running instance reads it now (followups: H6),
+    as after `tray-proxy credentials set`; only the name travels."""
+    running = ServerThread(private_runtime)
+    running.start()
+    try:
+        with ConnectRecorder() as proxy:
+            home = tmp_path / "home"
+            env = {**_env(), "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config")}
+            done = subprocess.run(
+                [sys.executable, "-m", "tray_proxy", "setup", "--yes", "--proxy"]
+                + [f"http://127.0.0.1:{proxy.port}", "--test-target", "pypi.org:443"],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=60,
+            )
+    finally:
+        running.stop()
+    assert done.returncode == 0, done.stderr
+    (command,) = [c for c in running.commands if c.startswith("credentials-changed")]
+    name = command.split(" ", 1)[1]
+    assert f'name = "{name}"' in (home / ".config" / "tray-proxy" / "config.toml").read_text()

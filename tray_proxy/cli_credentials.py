@@ -32,7 +32,6 @@ EXIT_USAGE = 2
 
 COMMAND = "credentials"
 # A host every corporate proxy lets through, and that developers need anyway (pip).
-DEFAULT_TARGET = "pypi.org:443"
 DEFAULT_PROBE_TIMEOUT = 10.0
 _MAX_LINE = 4096
 _NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -82,8 +81,9 @@ def add_subcommands(
     test.add_argument(
         "--target",
         metavar="HOST:PORT",
-        default=DEFAULT_TARGET,
-        help=f"where to ask the proxy to connect (default: {DEFAULT_TARGET})",
+        default=None,
+        help="where to ask the proxy to connect (default: the settings' [probe] target, "
+        "www.microsoft.com:443 unless set)",
     )
     test.add_argument(
         "--timeout",
@@ -267,7 +267,9 @@ def _test(args: argparse.Namespace) -> int:
 
     config = _load(args.config)
     upstream = _upstream(config, args.name)
-    target = parse_target(args.target)
+    # The settings' [probe] target by default: the one the app's Test connection uses.
+    target = parse_target(args.target) if args.target else config.probe.target
+    target_text = args.target or config.probe.target_text
     if not 0 < args.timeout <= 300:
         raise UsageError("--timeout must be more than 0 and at most 300 seconds")
 
@@ -291,7 +293,7 @@ def _test(args: argparse.Namespace) -> int:
         return await probe_upstream(upstream, creds, target, args.timeout)
 
     result = asyncio.run(probe())
-    print(f"tray-proxy: {upstream.name} ({upstream.url}) to {args.target}: {result.words}")
+    print(f"tray-proxy: {upstream.name} ({upstream.url}) to {target_text}: {result.words}")
     return EXIT_OK if result.ok else EXIT_FAILURE
 
 

@@ -284,6 +284,11 @@ def _save(flow: SetupFlow, checked: CheckedAnswers) -> int:
         raise Failure(str(exc)) from None
     for line in done:
         _out(f"Done: {line}.")
+    # A running tray app or `tray-proxy run` reads the new password now (its file watch
+    # applies the new settings); nothing running is fine.
+    from tray_proxy.cli_credentials import _tell_running_instance
+
+    _tell_running_instance(checked.upstream.name)
     _out(
         "Next: start the tray app with `tray-proxy` (or the relay alone with `tray-proxy run`); "
         f"`tray-proxy credentials test {checked.upstream.name}` tests again."

@@ -45,7 +45,9 @@ def test_reload_answers_what_was_applied_and_the_status() -> None:
     rig = Rig()
 
     async def scenario() -> dict[str, object]:
-        return await answer_command(rig.controller, "reload", instance=INSTANCE_RUN, quit=list)
+        return await answer_command(
+            rig.controller, "reload", instance=INSTANCE_RUN, quit=lambda: None
+        )
 
     answer = run(scenario())
     assert answer["applied"] == [] and answer["restart"] == []

@@ -28,7 +28,7 @@ def test_an_upstream_going_down_and_back_is_a_notice_and_the_upstreams_state() -
     async def main() -> tuple[Status, Status]:
         await rig.controller.enable()
         rig.from_engine(UpstreamHealthChanged("corp", False, "connection refused"))
-        await until(lambda: rig.notices(), "the down notice")
+        await until(lambda: bool(rig.notices()), "the down notice")
         down = rig.controller.status()
         rig.from_engine(UpstreamHealthChanged("corp", True))
         await until(lambda: len(rig.notices()) == 2, "the back notice")
@@ -110,6 +110,8 @@ def test_reload_applies_routing_live_and_names_what_needs_a_restart() -> None:
     )
     assert rig.log.calls.count("relay.start") == 1  # no restart
     assert rig.controller.config is rig.store.config
+    # Again (the file watch and `tray-proxy reload` both ran): still not in use.
+    assert run(rig.controller.reload())["restart"] == ["the relay's port"]
 
 
 def test_reload_with_a_new_upstream_address_applies_the_redirect_again() -> None:
@@ -201,7 +203,7 @@ def test_with_a_second_upstream_failures_of_the_first_are_not_degraded() -> None
         await rig.controller.enable()
         rig.from_engine(down, down, down, TunnelEstablished(1, "backup", 0.01))
         rig.from_engine(UpstreamHealthChanged("corp", False, "connection refused"))
-        await until(lambda: rig.notices(), "the notice")
+        await until(lambda: bool(rig.notices()), "the notice")
         rig.from_engine(UpstreamHealthChanged("backup", False, "timed out"))
         await until(lambda: rig.controller.state is State.DEGRADED, "every upstream down")
         rig.from_engine(UpstreamHealthChanged("backup", True))

@@ -77,7 +77,7 @@ def test_a_407_is_a_working_proxy_and_sends_no_login() -> None:
         watch = RoutingWatch(sink, settings(upstream("corp", port)), lambda c: None)
         watch.start()
         try:
-            await until(lambda: sink.of("corp", True), "a good report")
+            await until(lambda: bool(sink.of("corp", True)), "a good report")
         finally:
             await watch.stop()
             server.close()
@@ -170,7 +170,7 @@ def test_reload_probes_the_new_upstreams() -> None:
         watch.start()
         try:
             watch.reload(settings(upstream("new", port)))
-            await until(lambda: sink.of("new", True), "the new upstream probed")
+            await until(lambda: bool(sink.of("new", True)), "the new upstream probed")
         finally:
             await watch.stop()
             server.close()

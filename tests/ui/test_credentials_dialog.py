@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from pytestqt.qtbot import QtBot
 
 from tray_proxy.config import Config, ConfigError
 from tray_proxy.controller import NoticeKind, ProxyController
+from tray_proxy.controller.services import RelayHandle, Traffic
 from tray_proxy.credentials import KeyringLockedError, PlaintextKeyringError
 from tray_proxy.relay.credentials import Credentials, Secret
 from tray_proxy.relay.events import Observer
@@ -687,12 +688,34 @@ class RetryRelay:
 
     def __init__(self) -> None:
         self.retried: list[str] = []
+        self.reloaded: list[Config] = []
 
     def stop(self, timeout: float) -> None:
         pass
 
     def retry_credentials(self, upstream: str) -> None:
         self.retried.append(upstream)
+
+    # The rest of RelayHandle, so the fake stays one (services.py).
+    def update_credentials(self, upstream: str, credentials: Credentials | None) -> None:
+        self.retried.append(f"update {upstream}")
+
+    def set_extra_listen(self, addresses: Sequence[str]) -> tuple[tuple[str, int], ...]:
+        return tuple((a, self.addresses[0][1]) for a in addresses)
+
+    def close_connections(self, ids: Iterable[int]) -> int:
+        return 0
+
+    def traffic(self) -> Traffic:
+        return ({}, 0, 0)
+
+    def reload_routing(self, config: Config) -> None:
+        self.reloaded.append(config)
+
+    def report_probe(
+        self, upstream: str, ok: bool, latency: float | None = None, words: str = ""
+    ) -> None:
+        pass
 
 
 def _controller(config: MemoryConfig, refresher: RecordingRefresher) -> ProxyController:
@@ -707,7 +730,8 @@ def test_controller_save_upstream_writes_refreshes_and_retries(tmp_path: Path) -
     refresher = RecordingRefresher()
     controller = _controller(memory, refresher)
     relay = RetryRelay()
-    controller._relay = relay  # a relay that runs while the redirect is off (as after Save)
+    handle: RelayHandle = relay  # the fake is a whole RelayHandle (mypy checks it)
+    controller._relay = handle  # a relay that runs while the redirect is off (as after Save)
     new = UpstreamProxy("second", UpstreamKind.HTTP, "10.9.9.9", 3128, "bob")
     edited = UpstreamProxy("corp", UpstreamKind.HTTP, "proxy.corp.example", 8080, "carol")
 

@@ -230,6 +230,7 @@ class ProxyController:
         self._watch: RoutingWatch | None = None
         self._down: set[str] = set()  # upstreams the relay's health says are down
         self._all_down_degraded = False  # Degraded because every upstream is down
+        self._running_relay: RelaySettings | None = None  # [relay] of the running relay
         try:
             self._config = config_store.load()
         except ConfigError as exc:
@@ -440,6 +441,9 @@ class ProxyController:
             # Counts start again with the new relay; what is known about each proxy stays.
             old = self._health
             self._health = _Health(errors=old.errors, latency=old.latency, failures=old.failures)
+            # What the relay runs with: a reload compares with this (not with the last
+            # reload's settings) to say what needs a switch off and on.
+            self._running_relay = config.relay
             upstream = await self._life.switch_on(
                 config, self._new_observer(), before_relay=self._credentials_for_switch_on
             )
@@ -608,7 +612,8 @@ class ProxyController:
                 raise UserError(text) from None
             old, self._config = self._config, config
             relay = self._relay
-            restart = _needs_restart(old.relay, config.relay) if old is not None else []
+            running = self._running_relay if relay is not None else None
+            restart = _needs_restart(running, config.relay) if running is not None else []
             applied: list[str] = []
             if relay is not None and self._state.redirecting:
                 relay.reload_routing(config)
