@@ -578,7 +578,7 @@ def test_early_bytes_refused_with_the_connect_go_again_on_the_next_way(run, open
             b = UpstreamProxy("b", UpstreamKind.HTTP, *good.address)
             router = Router(RoutingTable(RoutingSettings(), [a, b]), None, Health())
             async with running_relay(
-                [a, b], ("192.0.2.1", 443), router=router, peek_timeout=1.0
+                [a, b], ("192.0.2.1", 443), router=router, peek_timeout=1.0, early_data=True
             ) as relay:
                 hello = tls_client_hello("again.example")
                 reader, writer = await relay.connect()

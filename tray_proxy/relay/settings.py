@@ -78,5 +78,7 @@ class RelaySettings:
     # CONNECT, in one write, instead of after the proxy's 200: one round trip less per new
     # connection (docs/benchmarks.md, "Round trip to the proxy"). Only for credentials the
     # proxy took with Basic, or none; any answer but a 2xx redoes the opening without them.
-    # False for a proxy that drops bytes sent before its answer.
-    early_data: bool = True
+    # Off by default: a proxy that drops bytes sent before its answer (a naive one reads
+    # the CONNECT with one recv and throws the rest away) would hang every HTTPS connection,
+    # and nothing in the relay can tell that from a slow origin. Squid 5.7 keeps them.
+    early_data: bool = False
