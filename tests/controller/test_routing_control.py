@@ -4,6 +4,8 @@ without a restart, `captured` in the status, and teardown when a step's report r
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 
 from tests.controller.fakes import BACKUP, CORP, Rig, run, until
@@ -11,6 +13,7 @@ from tray_proxy.config import Config, ConfigError
 from tray_proxy.controller import NoticeKind, State
 from tray_proxy.controller.status import Status
 from tray_proxy.firewall.ruleset import RuleSpec
+from tray_proxy.monitor.health import UpstreamState
 from tray_proxy.relay.events import (
     CredentialsAccepted,
     TunnelEstablished,
@@ -18,7 +21,7 @@ from tray_proxy.relay.events import (
     UpstreamHealthChanged,
 )
 from tray_proxy.relay.records import CloseReason
-from tray_proxy.relay.settings import RelaySettings
+from tray_proxy.relay.settings import RelaySettings, UpstreamKind
 from tray_proxy.routing.settings import RoutingSettings
 
 
@@ -213,3 +216,43 @@ def test_with_a_second_upstream_failures_of_the_first_are_not_degraded() -> None
     kinds = [n.kind for n in rig.notices()]
     assert kinds == [NoticeKind.UPSTREAM_DOWN, NoticeKind.UPSTREAM_BACK]
     assert rig.notices()[0].text == "Proxy corp is down (connection refused); using backup."
+
+
+def test_health_probes_while_on_feed_the_relay_and_the_upstreams_card() -> None:
+    """With probes on, a loopback proxy that answers 407 to the login-less probe works: the
+    relay hears it, and the card says the proxy answered."""
+
+    async def main() -> tuple[Rig, list[tuple[str, bool, float | None, str]]]:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(Exception):
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(
+                    b"HTTP/1.1 407 Proxy Authentication Required\r\n"
+                    b'Proxy-Authenticate: Basic realm="x"\r\nContent-Length: 0\r\n\r\n'
+                )
+                await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        local = dataclasses.replace(BACKUP, name="local", kind=UpstreamKind.HTTP, port=port)
+        rig = Rig(upstreams=(local,), probes=True, watch_network=False, probe_interval=0.05)
+        try:
+            await rig.controller.enable()
+            relay = rig.relays.relays[-1]
+            await until(lambda: any(p[1] for p in relay.probes), "a good probe")
+            await until(
+                lambda: any(h.last_probe for h in rig.controller.status().health.upstreams),
+                "the card's probe",
+            )
+            await rig.controller.disable()
+        finally:
+            server.close()
+        return rig, relay.probes
+
+    rig, probes = run(main())
+    assert probes[0][:2] == ("local", True)
+    (card,) = rig.controller.status().health.upstreams
+    assert card.last_probe is not None
+    assert card.last_probe.words.startswith("health probe: the proxy answered in ")
+    assert card.state is UpstreamState.UP

@@ -218,3 +218,14 @@ def test_upstreams_tab_shows_health_and_tests_now(qtbot: QtBot, services: FakeSe
 def test_the_log_tab_says_the_history_is_off(qtbot: QtBot, services: FakeServices) -> None:
     window, _, _ = _window(qtbot, services)
     assert window.log.off_label.text() == HISTORY_OFF
+
+
+def test_an_upstream_the_relay_skips_is_not_answering_on_its_card(
+    qtbot: QtBot, services: FakeServices
+) -> None:
+    """The relay's health (probes, failover) says backup is down: its card says so, though
+    the dashboard's own statistics have nothing on it yet (issue 15 section 2)."""
+    window, _, _ = _window(qtbot, services)
+    window.show_status(make_status(health=_health()))  # backup: failing=True in make_status
+    assert "not answering" in window.upstreams.cards["backup"].state_label.text()
+    assert "password refused" in window.upstreams.cards["corp"].state_label.text()

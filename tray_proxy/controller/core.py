@@ -59,7 +59,7 @@ from tray_proxy.credentials import CredentialStoreError
 from tray_proxy.errors import UserError
 from tray_proxy.firewall.client import RedirectError
 from tray_proxy.monitor.attribution import Attributor
-from tray_proxy.monitor.health import HealthSnapshot, ProbeRecord
+from tray_proxy.monitor.health import HealthSnapshot, ProbeRecord, UpstreamState
 from tray_proxy.monitor.monitor import HEADLESS_COALESCE, Monitor
 from tray_proxy.monitor.rows import ConnectionRow, ProcessInfo
 from tray_proxy.offnet import OffnetChange, OffnetPolicy, Reachability
@@ -77,7 +77,7 @@ from tray_proxy.relay.events import (
     UpstreamFailed,
     UpstreamHealthChanged,
 )
-from tray_proxy.relay.probe import probe_upstream
+from tray_proxy.relay.probe import ProbeResult, probe_upstream
 from tray_proxy.relay.records import CloseReason
 from tray_proxy.relay.settings import RelaySettings, UpstreamProxy
 from tray_proxy.setup_flow import describe_probe
@@ -175,6 +175,7 @@ class ProxyController:
         probes: bool = False,
         offnet_timings: OffnetPolicy | None = None,
         watch_network: bool = True,
+        probe_interval: float | None = None,
     ) -> None:
         from tray_proxy.firewall.client import resolve_upstreams
 
@@ -227,6 +228,7 @@ class ProxyController:
         self._probes = probes
         self._offnet_timings = offnet_timings
         self._watch_network = watch_network
+        self._probe_interval = probe_interval  # None: the settings' (routing_watch.py)
         self._watch: RoutingWatch | None = None
         self._down: set[str] = set()  # upstreams the relay's health says are down
         self._all_down_degraded = False  # Degraded because every upstream is down
@@ -527,17 +529,47 @@ class ProxyController:
             return
         watch = RoutingWatch(
             relay,
-            WatchSettings.of(config, self._offnet_timings),
+            self._watch_settings(config),
             self._offnet_changed,
             watch_network=self._watch_network,
+            on_probe=self._health_probed,
         )
         watch.start()
         self._watch = watch
+
+    def _watch_settings(self, config: Config) -> WatchSettings:
+        return WatchSettings.of(config, self._offnet_timings, self._probe_interval)
 
     async def _stop_watch(self) -> None:
         watch, self._watch = self._watch, None
         if watch is not None:
             await watch.stop()
+
+    def _health_probed(self, upstream: UpstreamProxy, result: ProbeResult, works: bool) -> None:
+        """A periodic health probe: its outcome on the upstream's card (Upstreams tab)."""
+        monitor = self._monitor
+        if monitor is None:
+            return
+        known = {h.name: h.state for h in self._snapshot.upstreams}
+        if works and known.get(upstream.name) is UpstreamState.AUTH_FAILED:
+            return  # answering is not accepting the stored login: keep that state shown
+        if works:
+            answered = result.answered_s or 0.0
+            words = f"health probe: the proxy answered in {answered * 1000:.0f} ms"
+        else:
+            words = f"health probe: {result.words}"
+        monitor.probe(
+            ProbeRecord(
+                upstream.name,
+                time.time(),
+                works,
+                result.answered_s if works else None,
+                words,
+                outcome="" if works else result.outcome.value,
+            )
+        )
+        self._snapshot = monitor.health(time.time())
+        self._changed_soon()
 
     def _offnet_changed(self, change: OffnetChange) -> None:
         if change.state is Reachability.DIRECT_UNREACHABLE:
@@ -620,7 +652,7 @@ class ProxyController:
                 applied.append("routing")
                 watch = self._watch
                 if watch is not None:
-                    watch.reload(WatchSettings.of(config, self._offnet_timings))
+                    watch.reload(self._watch_settings(config))
                 elif self._probes:
                     self._start_watch(config)
                 if old is not None and old.upstreams != config.upstreams:
@@ -1075,7 +1107,7 @@ class ProxyController:
             async with self._lock():
                 relay.reload_routing(config)
                 if self._watch is not None:
-                    self._watch.reload(WatchSettings.of(config, self._offnet_timings))
+                    self._watch.reload(self._watch_settings(config))
                 changed = old is not None and old != upstream
                 if changed or previous is None or previous.upstreams != config.upstreams:
                     try:

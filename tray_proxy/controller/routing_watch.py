@@ -100,8 +100,12 @@ class WatchSettings:
     source_ports: tuple[int, int] | None
 
     @classmethod
-    def of(cls, config: Config, timings: OffnetPolicy | None = None) -> WatchSettings:
-        interval = getattr(config.routing, "probe_interval", PROBE_INTERVAL)
+    def of(
+        cls, config: Config, timings: OffnetPolicy | None = None, interval: float | None = None
+    ) -> WatchSettings:
+        """`interval` overrides the settings' (tests)."""
+        if interval is None:
+            interval = getattr(config.routing, "probe_interval", PROBE_INTERVAL)
         return cls(
             upstreams=tuple(config.upstreams),
             target=config.probe.target,
@@ -121,7 +125,8 @@ class RoutingWatch:
         watch.reload(WatchSettings.of(new_config))
         await watch.stop()
 
-    `on_offnet(change)` runs on the loop for each off-network change (tray, `status`).
+    `on_offnet(change)` runs on the loop for each off-network change (tray, `status`);
+    `on_probe(upstream, result, works)` after each health probe (the dashboard's card).
     """
 
     def __init__(
@@ -134,6 +139,7 @@ class RoutingWatch:
         | None = None,
         watch_network: bool = True,
         rng: Callable[[], float] = random.random,
+        on_probe: Callable[[UpstreamProxy, ProbeResult, bool], None] | None = None,
     ) -> None:
         self._sink = sink
         self._settings = settings
@@ -141,6 +147,7 @@ class RoutingWatch:
         self._probe = probe or health_probe
         self._watch_network = watch_network
         self._rng = rng
+        self._on_probe = on_probe
         self._tasks: dict[str, asyncio.Task[None]] = {}  # health probe loop per upstream
         self._prober: OffnetProber | None = None
         self._holding: asyncio.Task[None] | None = None
@@ -233,6 +240,11 @@ class RoutingWatch:
         ok = proxy_answered(result)
         latency = result.answered_s if ok else None
         self._sink.report_probe(upstream.name, ok, latency, "" if ok else result.words)
+        if self._on_probe is not None:
+            try:
+                self._on_probe(upstream, result, ok)
+            except Exception:
+                log.exception("the probe observer failed on %s", upstream.name)
         return result
 
     # -- off the corporate network ------------------------------------------------------

@@ -123,7 +123,12 @@ class UpstreamCard(QGroupBox):
         if info is not None:
             title = f"{self.name}{' (in use)' if info.active else ''}: {info.url}"
         self.setTitle(title)
-        words, color = STATE_WORDS[health.state]
+        state = health.state
+        if info is not None and info.failing and state is not UpstreamState.AUTH_FAILED:
+            # The relay's health skips it (failures or probes; issue 15 section 2), even
+            # when the last tunnel through it worked.
+            state = UpstreamState.DOWN
+        words, color = STATE_WORDS[state]
         self.state_label.setText(f'<b style="color:{color}">{words}</b>')
         self.probe_label.setText(probe_text(health.last_probe))
         self.minute_label.setText(latency_text(health.p50_1m, health.p95_1m))
