@@ -389,6 +389,8 @@ def test_run_without_the_active_upstreams_password_switches_nothing_on(
     assert "no password for alice at proxy corp" in lines[0]
     assert "the relay was not started" in lines[0]
     assert "`tray-proxy credentials set corp`" in lines[0]
+    # Under systemd the file it would read is named too (followups: H8).
+    assert f"or as the service credential {empty / 'corp'} and start again" in lines[0]
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", port))  # nothing listens: the relay never started
 

@@ -470,9 +470,14 @@ def _missing_password(
         return None  # Negotiate logs in with the ticket
     why = f" ({problem})" if problem else ""
     what = "the redirect was not switched on" if redirect else "the relay was not started"
+    fix = f"set it with `tray-proxy credentials set {upstream.name}`"
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if directory:
+        # Under systemd the service's own credential is the usual place (docs/headless.md).
+        fix += f" or as the service credential {os.path.join(directory, upstream.name)}"
     return (
-        f"no password for {upstream.username} at proxy {upstream.name}{why}, so {what}; set "
-        f"it with `tray-proxy credentials set {upstream.name}` and start again"
+        f"no password for {upstream.username} at proxy {upstream.name}{why}, so {what}; "
+        f"{fix} and start again"
     )
 
 
