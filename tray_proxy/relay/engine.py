@@ -42,6 +42,7 @@ from tray_proxy.relay.events import (
     UpstreamFailed,
     UpstreamHealthChanged,
 )
+from tray_proxy.relay.failures import first_bytes_lost
 from tray_proxy.relay.forward import ForwardLimits, Port80Memory, forward_http
 from tray_proxy.relay.opening import ConnectRequests, Deadlines, Opening
 from tray_proxy.relay.origdst import original_destination
@@ -1405,10 +1406,7 @@ class RelayEngine:
                 try:
                     await loop.sock_sendall(upstream_sock, peeked)
                 except OSError as exc:
-                    raise UpstreamError(
-                        CloseReason.UPSTREAM_RESET,
-                        f"upstream side: {exc.strerror or exc} while forwarding the first bytes",
-                    ) from None
+                    raise first_bytes_lost(exc) from None
                 record.bytes_up += len(peeked)
             if trailing:
                 await loop.sock_sendall(conn, trailing)

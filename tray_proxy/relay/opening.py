@@ -31,13 +31,21 @@ import time
 from collections.abc import Sequence
 from typing import Protocol
 
+from tray_proxy.relay.failures import (
+    UpstreamError,
+    bad_answer,
+    connect_timeout,
+    dropped,
+    first_bytes_lost,
+    handshake_timeout,
+    refused,
+)
 from tray_proxy.relay.poller import Poller
 from tray_proxy.relay.protocol.challenge import parse_challenges
 from tray_proxy.relay.protocol.errors import HandshakeRefused, ProtocolError, UsageError
 from tray_proxy.relay.protocol.http_connect import (
     ConnectHandshake,
     connect_request,
-    format_authority,
     plain_2xx_end,
 )
 from tray_proxy.relay.protocol.peek import HostPeeker
@@ -45,7 +53,6 @@ from tray_proxy.relay.records import Address, CloseReason, ConnectionRecord, Con
 from tray_proxy.relay.settings import RelaySettings, UpstreamProxy
 from tray_proxy.relay.sockets import outbound_socket
 from tray_proxy.relay.spares import Spares
-from tray_proxy.relay.upstream import UpstreamError, refusal_words
 from tray_proxy.routing.router import Decision
 
 _REQUESTS_KEPT = 512  # CONNECT requests kept ready, by target and header
@@ -571,12 +578,7 @@ class Opening:
             if self.spare and self.handshake is None:
                 self._spare_gone()
                 return
-            self._fail(
-                UpstreamError(
-                    CloseReason.UPSTREAM_RESET,
-                    f"proxy {self.upstream} dropped the connection: {exc.strerror or exc}",
-                )
-            )
+            self._fail(dropped(self.upstream, exc))
             return
         handshake = self.handshake
         if handshake is None:
@@ -615,22 +617,10 @@ class Opening:
                 # the coroutine path re-checks the credentials, one connection at a time.
                 self._fall_back(reauthenticate=True)
                 return
-            self._fail(
-                UpstreamError(
-                    CloseReason.UPSTREAM_REFUSED,
-                    f"proxy {self.upstream}: {exc}",
-                    status=exc.status,
-                    refusal=refusal_words(exc),
-                )
-            )
+            self._fail(refused(self.upstream, exc))
             return
         except ProtocolError as exc:
-            self._fail(
-                UpstreamError(
-                    CloseReason.UPSTREAM_PROTOCOL_ERROR,
-                    f"proxy {self.upstream} sent a bad answer: {exc}",
-                )
-            )
+            self._fail(bad_answer(self.upstream, exc))
             return
         if not handshake.done:
             return  # more of the head to come
@@ -658,10 +648,7 @@ class Opening:
                 self.hooks.failed(
                     self.record,
                     self.conn,
-                    UpstreamError(
-                        CloseReason.UPSTREAM_RESET,
-                        f"upstream side: {exc.strerror or exc} while forwarding the first bytes",
-                    ),
+                    first_bytes_lost(exc),
                     b"",
                     None,  # the tunnel was up: no other way
                 )
@@ -688,22 +675,10 @@ class Opening:
             if self.done:
                 return
         if not self.connected and now >= self.dialed_at + self.settings.connect_timeout:
-            where = format_authority(*self.address[1])
-            self._fail(
-                UpstreamError(
-                    CloseReason.UPSTREAM_TIMEOUT,
-                    f"connecting to {where} took over {self.settings.connect_timeout:g}s",
-                )
-            )
+            self._fail(connect_timeout(self.address[1], self.settings.connect_timeout))
             return
         if self.asked and now >= self.answer_deadline:
-            self._fail(
-                UpstreamError(
-                    CloseReason.UPSTREAM_TIMEOUT,
-                    f"proxy {self.upstream} did not complete the handshake within "
-                    f"{self.settings.handshake_timeout:g}s",
-                )
-            )
+            self._fail(handshake_timeout(self.upstream, self.settings.handshake_timeout))
             return
         self._update_deadline()
 

@@ -21,12 +21,22 @@ from typing import TypeVar
 
 from tray_proxy.relay.aio import within
 from tray_proxy.relay.credentials import Credentials, CredentialSource
+from tray_proxy.relay.failures import UpstreamError as UpstreamError
+from tray_proxy.relay.failures import (
+    bad_answer,
+    connect_timeout,
+    dropped,
+    handshake_timeout,
+)
+from tray_proxy.relay.failures import refusal_words as refusal_words
+from tray_proxy.relay.failures import (
+    refused as proxy_refused,
+)
 from tray_proxy.relay.protocol.auth import basic_proxy_authorization
 from tray_proxy.relay.protocol.errors import (
     HandshakeRefused,
     ProtocolError,
     UsageError,
-    peer_excerpt,
 )
 from tray_proxy.relay.protocol.handshake import UpstreamHandshake
 from tray_proxy.relay.protocol.http_connect import (
@@ -49,32 +59,6 @@ from tray_proxy.relay.spnego_auth import kerberos_available, token_contexts
 _RECV = 65536
 _RESOLVE_TTL = 60.0
 _PORT_CLASH = frozenset({errno.EADDRNOTAVAIL, errno.EADDRINUSE})
-
-
-class UpstreamError(Exception):
-    """This upstream could not give us a tunnel. `reason` is what the connection record keeps.
-
-    `status`: the proxy's HTTP status or SOCKS5 reply code when it refused; `errno`: the
-    socket error when it could not be reached; `rejected`: the proxy refused our credentials.
-    """
-
-    def __init__(
-        self,
-        reason: CloseReason,
-        detail: str,
-        *,
-        status: int | None = None,
-        errno: int | None = None,
-        refusal: str = "",
-        rejected: bool = False,
-    ) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
-        self.status = status
-        self.errno = errno
-        self.refusal = refusal  # the proxy's own words for a refusal (reason phrase)
-        self.rejected = rejected
 
 
 @dataclass(slots=True)
@@ -214,10 +198,7 @@ class Dialer:
                     return sock
                 except asyncio.TimeoutError:
                     sock.close()
-                    raise UpstreamError(
-                        CloseReason.UPSTREAM_TIMEOUT,
-                        f"connecting to {format_authority(*addr)} took over {timeout:g}s",
-                    ) from None
+                    raise connect_timeout(addr, timeout) from None
                 except OSError as exc:
                     sock.close()
                     # asyncio's strerror is "Connect call failed (addr)": say why instead.
@@ -296,10 +277,7 @@ async def run_handshake(
     try:
         return await asyncio.wait_for(drive(), timeout)
     except asyncio.TimeoutError:
-        raise UpstreamError(
-            CloseReason.UPSTREAM_TIMEOUT,
-            f"proxy {upstream} did not complete the handshake within {timeout:g}s",
-        ) from None
+        raise handshake_timeout(upstream, timeout) from None
     except HandshakeRefused as exc:
         if exc.auth_failed:
             raise UpstreamError(
@@ -307,21 +285,11 @@ async def run_handshake(
                 f"proxy {upstream} rejected the credentials ({exc})",
                 status=exc.status,
             ) from None
-        raise UpstreamError(
-            CloseReason.UPSTREAM_REFUSED,
-            f"proxy {upstream}: {exc}",
-            status=exc.status,
-            refusal=refusal_words(exc),
-        ) from None
+        raise proxy_refused(upstream, exc) from None
     except ProtocolError as exc:
-        raise UpstreamError(
-            CloseReason.UPSTREAM_PROTOCOL_ERROR, f"proxy {upstream} sent a bad answer: {exc}"
-        ) from None
+        raise bad_answer(upstream, exc) from None
     except OSError as exc:
-        raise UpstreamError(
-            CloseReason.UPSTREAM_RESET,
-            f"proxy {upstream} dropped the connection: {exc.strerror or exc}",
-        ) from None
+        raise dropped(upstream, exc) from None
 
 
 # -- authentication: one upstream's credential state, and the tunnel opener ------------------
@@ -814,12 +782,7 @@ class _Opener:
                 handshake = None
                 continue
             except HandshakeRefused as exc:
-                raise UpstreamError(
-                    CloseReason.UPSTREAM_REFUSED,
-                    f"proxy {self.upstream}: {exc}",
-                    status=exc.status,
-                    refusal=refusal_words(exc),
-                ) from None
+                raise proxy_refused(self.upstream, exc) from None
             except ProtocolError as exc:
                 raise self._protocol_error(exc) from None
             except UsageError as exc:
@@ -834,10 +797,7 @@ class _Opener:
             return trailing
 
     def _protocol_error(self, exc: ProtocolError) -> UpstreamError:
-        return UpstreamError(
-            CloseReason.UPSTREAM_PROTOCOL_ERROR,
-            f"proxy {self.upstream} sent a bad answer: {exc}",
-        )
+        return bad_answer(self.upstream, exc)
 
     async def _drive(self, sock: socket.socket, handshake: ConnectHandshake, reused: bool) -> bytes:
         loop = asyncio.get_running_loop()
@@ -858,25 +818,12 @@ class _Opener:
 
         try:
             return await self._in_time(
-                exchange,
-                f"proxy {self.upstream} did not complete the handshake within {self.timeout:g}s",
+                exchange, handshake_timeout(self.upstream, self.timeout).detail
             )
         except OSError as exc:
             if reused and received == 0:
                 raise _ClosedBeforeAnswer from None
-            raise UpstreamError(
-                CloseReason.UPSTREAM_RESET,
-                f"proxy {self.upstream} dropped the connection: {exc.strerror or exc}",
-            ) from None
+            raise dropped(self.upstream, exc) from None
 
 
 _SCHEME_WORDS = {"basic": "Basic", "digest": "Digest", "ntlm": "NTLM", "negotiate": "Negotiate"}
-
-
-def refusal_words(exc: HandshakeRefused) -> str:
-    """The proxy's reason phrase, plus Squid's error name when it sent one."""
-    squid = next((v for n, v in exc.headers if n.lower() == "x-squid-error"), "")
-    words = exc.reason
-    if squid:
-        words = f"{words}: {peer_excerpt(squid, 60).strip(chr(39))}" if words else squid
-    return words
