@@ -407,3 +407,40 @@ def test_a_connection_from_the_relays_own_source_ports_is_refused_as_a_loop(run)
                 assert proxy.requests == [] and origin.conns == []
 
     run(main)
+
+
+# -- reload from the settings ----------------------------------------------------------------
+
+
+def test_reload_routing_from_settings_keeps_health_and_follows_new_rules(run):
+    """reload_routing (the controller's path for a changed settings file): the running
+    router keeps its upstreams' health, new rules apply to the next connection."""
+    from tray_proxy.relay.engine import make_router
+
+    async def main():
+        dead = _dead_upstream("a")
+        async with Origin(echo) as origin, ConnectProxy() as proxy:
+            good = http_upstream(proxy, "b")
+            settings = parse_routing({}, [], [{}, {}], ["a", "b"])
+            router = make_router(settings, [dead, good], "a")
+            async with running_relay(
+                [dead, good], origin.address, router=router, peek_timeout=1.0
+            ) as relay:
+                for _ in range(3):
+                    hello = tls_client_hello("x.example")
+                    assert await _echo_through(relay, hello) == hello + PAYLOAD
+                assert [e.up for e in relay.of(UpstreamHealthChanged)] == [False]
+                blocking = parse_routing(
+                    {}, [{"match": ["*.blocked.example"], "action": "block"}], [{}, {}], ["a", "b"]
+                )
+                relay.engine.reload_routing(blocking, [dead, good], "a")
+                assert relay.engine.router is router
+                assert relay.engine.upstream_health()["a"][0] is False  # still down
+                await _refused(relay, tls_client_hello("ads.blocked.example"))
+                hello = tls_client_hello("y.example")
+                assert await _echo_through(relay, hello) == hello + PAYLOAD
+                last = max(relay.records.values(), key=lambda r: r.id)
+                assert last.route == "proxy b (default)"  # a still skipped: health kept
+                assert len(relay.of(UpstreamFailed)) == 3
+
+    run(main)
