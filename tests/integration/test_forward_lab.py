@@ -694,13 +694,6 @@ def test_apt_update_and_download_through_a_stock_squid(
     assert max(r.requests for r in fwd.results) >= 3, fwd.results
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine.py (being wired by its owner): keeps() returns True before its Port80Memory "
-    "check when no router is configured, and failed() without a decision never forwards, so "
-    "once the credentials are verified the fast path sends CONNECT :80 again and resets the "
-    "client (H10's report). Remove this mark when that is fixed.",
-)
 def test_through_tray_proxy_run_plain_http_is_forwarded(lab: Lab, stock: StockSquid) -> None:
     """The whole relay (`tray-proxy run`, the engine's opening path) with the lab redirect:
     the first connection's CONNECT :80 gets 403, then all plain HTTP is forwarded."""

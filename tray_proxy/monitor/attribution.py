@@ -284,7 +284,9 @@ class Attributor:
                 stdout=subprocess.PIPE,
                 bufsize=0,
                 close_fds=True,
-                start_new_session=False,  # a terminal's Ctrl+C reaches it too
+                # Its own session: a terminal's Ctrl+C or hang-up is for the app, which then
+                # ends the worker by closing its stdin (it also ends when the app dies).
+                start_new_session=True,
             )
         except OSError as exc:
             self._failed(f"it could not start: {exc}")

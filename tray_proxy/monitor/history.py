@@ -984,7 +984,12 @@ class HistoryWriter:
             repr(float(self.retention_interval)),
         ]
         try:
-            child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            # Its own session: a terminal's Ctrl+C or hang-up to the app's process group must
+            # not kill the writer before the app has handed it the last rows; the app ends it
+            # by closing its stdin (so does the app's death).
+            child = subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True
+            )
         except OSError as exc:
             self._fail(f"The connection history writer could not be started: {exc}.")
             return None
