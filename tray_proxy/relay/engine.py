@@ -1051,7 +1051,7 @@ class RelayEngine:
             return dst[1] != 80 or not self._port80.forwards(opening.upstream, 80)
         host = opening.host
         now = time.monotonic()
-        if router.pac_pending(host, dst[0], dst[1], now):
+        if router.pac is not None and router.pac_pending(host, dst[0], dst[1], now):
             return False  # the coroutine path evaluates it off the loop
         url = None
         if dst[1] == 80 and router.pac is not None:
