@@ -95,7 +95,10 @@ def repack(dist: md.Distribution, dest: Path) -> Path:
             dist_info = parts[0]
             if parts[-1] in _SKIP_META:
                 continue
-        files[entry.as_posix()] = Path(str(dist.locate_file(entry))).read_bytes()
+        located = Path(str(dist.locate_file(entry)))
+        if located.is_dir():  # some wheels' RECORD lists a directory (dukpy 0.6.0's dist-info)
+            continue
+        files[entry.as_posix()] = located.read_bytes()
     assert dist_info, f"no .dist-info listed for {name}"
     # A wheel's file name carries one tag set; pip reads every Tag line from WHEEL itself.
     python, abi, platforms = tags[0].split("-")
