@@ -379,7 +379,7 @@ class _Hooks:
     def closed(self, record, conn, reason, detail, reset) -> None:  # type: ignore[no-untyped-def]
         self.calls.append(("closed", reason, detail, reset))
 
-    def fall_back(self, record, conn, peeker, peeked, reauthenticate, decision) -> None:  # type: ignore[no-untyped-def]
+    def fall_back(self, record, conn, peeker, peeked, reauthenticate, decision, announced) -> None:  # type: ignore[no-untyped-def]
         self.calls.append(("fall_back", peeked))
 
     def finish_slowly(self, record, conn, upstream, to_upstream, to_client) -> None:  # type: ignore[no-untyped-def]

@@ -118,6 +118,8 @@ def test_an_unreachable_first_upstream_moves_the_connection_to_the_next(run, pee
                 (est,) = relay.of(TunnelEstablished)
                 assert est.upstream == "b"
                 assert len(proxy.requests) == 1
+                (routed,) = relay.of(ConnectionRouted)  # one, whichever path took it on
+                assert routed.route == "proxy a, b (default)"
 
     run(main)
 
@@ -137,6 +139,7 @@ def test_a_proxy_in_trouble_on_the_connect_moves_on_to_the_next(run, mode):
                 assert await _echo_through(relay) == PAYLOAD
                 assert relay.record().upstream == "b"
                 assert [f.upstream for f in relay.of(UpstreamFailed)] == ["a"]
+                assert len(relay.of(ConnectionRouted)) == 1
                 assert len(sick.requests) == 1 and len(proxy.requests) == 1
 
     run(main)

@@ -1151,6 +1151,7 @@ class RelayEngine:
         peeked: bytes,
         reauthenticate: bool,
         decision: Decision | None,
+        announced: bool,
     ) -> None:
         upstream = self.active_upstream
         if reauthenticate and upstream is not None:
@@ -1162,7 +1163,7 @@ class RelayEngine:
             conn,
             peeker,
             peeked,
-            routed=peeker is None and decision is None,
+            routed=announced,
             decision=decision,
         )
 

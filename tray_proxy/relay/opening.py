@@ -139,13 +139,14 @@ class Hooks(Protocol):
         peeked: bytes,
         reauthenticate: bool,
         decision: Decision | None,
+        announced: bool,
     ) -> None:
         """Continue on the coroutine path: dial and handshake from scratch.
 
         `peeker`: a peek still undecided, to go on with; else `peeked` holds its bytes.
         `reauthenticate`: the proxy refused credentials it accepted before. `decision`: the
         route keeps() made, if it ran (a decision is made once per connection: it may
-        take an upstream's half-open trial).
+        take an upstream's half-open trial). `announced`: routed() was called already.
         """
 
     def finish_slowly(
@@ -228,6 +229,7 @@ class Opening:
         "requests",
         "decision",
         "early",
+        "announced",
     )
 
     record: ConnectionRecord  # given by start(); begin() runs without it
@@ -277,6 +279,7 @@ class Opening:
         self.requests = requests if requests is not None else ConnectRequests()
         self.decision: Decision | None = None  # the router's, set by hooks.keeps()
         self.early = 0  # bytes of the peek that went out right behind the CONNECT
+        self.announced = False  # hooks.routed() was called
 
     # -- begin and start: dial, peek and ask at once, then the bookkeeping ---------------
 
@@ -379,6 +382,7 @@ class Opening:
                 self._update_deadline()
                 return
             self._peek_taken()
+        self.announced = True
         self.hooks.routed(record, self.decision)
         if self.asked:
             self._asked()
@@ -444,6 +448,7 @@ class Opening:
         if not self.hooks.keeps(self):
             self._fall_back()
             return
+        self.announced = True
         self.hooks.routed(self.record, self.decision)
         # A near proxy has often answered the SYN by now: try to send and spare a wakeup
         # (and the registration to wait for writability). A socket still connecting
@@ -720,7 +725,13 @@ class Opening:
         self._end()
         self._close_upstream()
         self.hooks.fall_back(
-            self.record, self.conn, self.peeker, self.peeked, reauthenticate, self.decision
+            self.record,
+            self.conn,
+            self.peeker,
+            self.peeked,
+            reauthenticate,
+            self.decision,
+            self.announced,
         )
 
     def _end(self) -> None:
