@@ -229,3 +229,15 @@ def test_an_upstream_the_relay_skips_is_not_answering_on_its_card(
     window.show_status(make_status(health=_health()))  # backup: failing=True in make_status
     assert "not answering" in window.upstreams.cards["backup"].state_label.text()
     assert "password refused" in window.upstreams.cards["corp"].state_label.text()
+
+
+def test_the_overview_says_direct_while_no_proxy_is_reachable(
+    qtbot: QtBot, services: FakeServices
+) -> None:
+    window, _, _ = _window(qtbot, services)
+    window.show_status(make_status(routing="direct: proxy unreachable"))
+    assert window.overview.message_label.text().endswith(
+        "\nNow direct: proxy unreachable: new connections go direct."
+    )
+    window.show_status(make_status())
+    assert "direct" not in window.overview.message_label.text()

@@ -140,7 +140,11 @@ class OverviewTab(QWidget):
     def show_status(self, status: Status) -> None:
         self.state_icon.setPixmap(state_icon(status.state).pixmap(48, 48))
         self.state_label.setText(status.state.label)
-        self.message_label.setText(status.message)
+        message = status.message
+        if status.routing:
+            # Off the corporate network: the message was about the proxy (issue 15 section 5).
+            message = f"{message}\nNow {status.routing}: new connections go direct."
+        self.message_label.setText(message)
         self.toggle_button.setText(toggle_text(status.state))
         self.toggle_button.setEnabled(status.state is not State.DISABLING)
         self.connections_label.setText(str(status.active_connections))
