@@ -208,6 +208,8 @@ def test_redirect_on_with_the_real_helper(lab: Lab) -> None:
     redirect = one(doc, "redirect")
     assert redirect["status"] == "ok", redirect
     assert redirect["summary"].startswith("on (`tray-proxy run`): Redirecting TCP 80, 443")
+    # Whose traffic is captured, in the root helper's words (issue 16 item 1).
+    assert any(line.startswith("captured: uid ") for line in redirect["details"]), redirect
     assert one(doc, "relay")["status"] == "ok"
     assert one(doc, "upstream")["status"] == "ok"
     assert code == 0

@@ -508,14 +508,20 @@ async def check_redirect(env: DoctorEnv) -> CheckResult:
         state = str(status.get("state"))
         instance = "the tray app" if answer.get("instance") == "tray" else "`tray-proxy run`"
         message = str(status.get("message") or "")
+        # Whose traffic the redirect carries (the root helper's words, issue 16 item 1).
+        captured = status.get("captured")
+        whose = (f"captured: {captured}",) if isinstance(captured, str) and captured else ()
         if state == "on":
-            return CheckResult("redirect", CheckStatus.OK, f"on ({instance}): {message}")
+            return CheckResult(
+                "redirect", CheckStatus.OK, f"on ({instance}): {message}", details=whose
+            )
         if state == "degraded":
             return CheckResult(
                 "redirect",
                 CheckStatus.WARN,
                 f"degraded ({instance}): {message}",
                 fix="see the proxy's state in the dashboard, or `tray-proxy status`",
+                details=whose,
             )
         if state == "error":
             return CheckResult(
