@@ -16,6 +16,7 @@ from tray_proxy.firewall.ruleset import RuleSpec
 from tray_proxy.monitor.health import UpstreamState
 from tray_proxy.relay.events import (
     CredentialsAccepted,
+    CredentialsRejected,
     TunnelEstablished,
     UpstreamFailed,
     UpstreamHealthChanged,
@@ -256,3 +257,27 @@ def test_health_probes_while_on_feed_the_relay_and_the_upstreams_card() -> None:
     assert card.last_probe is not None
     assert card.last_probe.words.startswith("health probe: the proxy answered in ")
     assert card.state is UpstreamState.UP
+
+
+def test_credentials_accepted_puts_the_upstreams_card_back_to_working() -> None:
+    rig = Rig()
+
+    async def main() -> None:
+        await rig.controller.enable()
+        rig.from_engine(CredentialsRejected("corp", "alice"))
+        await until(lambda: _card_state(rig, "corp") is UpstreamState.AUTH_FAILED, "refused")
+        rig.from_engine(CredentialsAccepted("corp", "alice"))
+        await until(lambda: _card_state(rig, "corp") is UpstreamState.UP, "working again")
+
+    run(main())
+
+
+def _card_state(rig: Rig, name: str) -> UpstreamState | None:
+    # The card reads the monitor's snapshot, refreshed by the traffic tick; ask for it here.
+    monitor = rig.controller._monitor
+    if monitor is None:
+        return None
+    for health in monitor.health(0.0).upstreams:
+        if health.name == name:
+            return health.state
+    return None

@@ -32,6 +32,7 @@ from tray_proxy.relay.events import (
     ConnectionClosed,
     ConnectionOpened,
     ConnectionRouted,
+    CredentialsAccepted,
     CredentialsRejected,
     Event,
     TunnelEstablished,
@@ -467,6 +468,11 @@ class HealthReducer:
                     self._counted.add(event.conn_id)
             elif isinstance(event, CredentialsRejected):
                 self._stats(event.upstream).state = UpstreamState.AUTH_FAILED
+            elif isinstance(event, CredentialsAccepted):
+                # The proxy took the login again (re-verified, or entered anew): it works.
+                stats = self._stats(event.upstream)
+                if stats.state is UpstreamState.AUTH_FAILED:
+                    stats.state = UpstreamState.UP
 
     def _upstreams_failed(
         self, name: str, reason: CloseReason, at: float, detail: str, *, tunnel: bool = False
