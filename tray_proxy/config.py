@@ -37,6 +37,7 @@ from tray_proxy.firewall.ruleset import (
 )
 from tray_proxy.relay.settings import AuthScheme, RelaySettings, UpstreamKind, UpstreamProxy
 from tray_proxy.routing.settings import (
+    ROUTING_KEYS,
     RoutingConfigError,
     RoutingSettings,
     dump_routing,
@@ -104,7 +105,7 @@ _REDIRECT_KEYS = ("exclude", "capture", "capture_containers", "container_interfa
 CAPTURE_CHOICES: tuple[str, ...] = ("owner+system", "owner", "all")
 _LOG_KEYS = ("enabled", "path", "max_age_days", "max_size_mb")
 _PROBE_KEYS = ("target", "timeout")
-_ROUTING_KEYS = ("default", "pac_url", "when_unreachable", "policy")
+_ROUTING_KEYS = ROUTING_KEYS  # one list: tray_proxy/routing/settings.py
 _TOP_KEYS = ("relay", "redirect", "log", "probe", "routing", "rule", "upstream")
 # The root helper refuses more than this many excluded networks.
 _MAX_EXCLUDE = 256

@@ -40,6 +40,7 @@ def test_defaults() -> None:
     assert routing.when_unreachable == "direct"
     assert routing.policy == "priority"
     assert routing.default is None
+    assert routing.probe_interval == 30.0
 
 
 def test_everything_set() -> None:
@@ -97,6 +98,9 @@ def test_pac_locations(pac_url: str) -> None:
         ('[routing]\ndefault = "block"', "routing.default", 'must be "direct" or "pac"'),
         ('[routing]\nwhen_unreachable = "maybe"', "routing.when_unreachable", '"direct" or "fail"'),
         ('[routing]\npolicy = "random"', "routing.policy", '"priority" or "latency"'),
+        ("[routing]\nprobe_interval = 2", "routing.probe_interval", "from 5 to 86400, got 2"),
+        ("[routing]\nprobe_interval = true", "routing.probe_interval", "got true"),
+        ('[routing]\nprobe_interval = "30"', "routing.probe_interval", "got "),
         ('[routing]\npac_url = "ftp://x/p.pac"', "routing.pac_url", "must start with http://"),
         ('[routing]\npac_url = "wpad.dat"', "routing.pac_url", "must start with http://"),
         ('[routing]\npac_url = "http://u:pw@w/p.pac"', "routing.pac_url", "must not contain"),
@@ -167,6 +171,7 @@ default = "corp"
 pac_url = "http://wpad/wpad.dat"
 when_unreachable = "fail"
 policy = "latency"
+probe_interval = 0
 
 [[rule]]
 match = ["*.corp.example", "[fd00::/8]:443", "<local>", "*", ":22", "10.0.0.0/8"]
@@ -180,11 +185,14 @@ action = "block"
     again = parse_config(dump_config(config), "t.toml", local_port_range=PORTS)
     assert again == config
     assert again.routing.priorities == (("backup", 0),)
+    assert again.routing.probe_interval == 0  # health probes off, kept across a save
     # Defaults are not written (the file stays short); a file without routing has none.
     plain = replace(config, routing=RoutingSettings())
     assert "[routing]" not in dump_config(plain)
     assert "priority" not in dump_config(plain)
     assert dump_routing(RoutingSettings()) == []
     only_rules = replace(config.routing, default=None, pac_url=None)
-    only_rules = replace(only_rules, when_unreachable="direct", policy="priority")
+    only_rules = replace(
+        only_rules, when_unreachable="direct", policy="priority", probe_interval=30.0
+    )
     assert dump_routing(only_rules)[0] == "[[rule]]"

@@ -105,7 +105,7 @@ class WatchSettings:
     ) -> WatchSettings:
         """`interval` overrides the settings' (tests)."""
         if interval is None:
-            interval = getattr(config.routing, "probe_interval", PROBE_INTERVAL)
+            interval = config.routing.probe_interval
         return cls(
             upstreams=tuple(config.upstreams),
             target=config.probe.target,

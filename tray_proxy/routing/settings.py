@@ -42,7 +42,9 @@ __all__ = [
     "parse_routing",
 ]
 
-ROUTING_KEYS = ("default", "pac_url", "when_unreachable", "policy")
+ROUTING_KEYS = ("default", "pac_url", "when_unreachable", "policy", "probe_interval")
+DEFAULT_PROBE_INTERVAL = 30.0
+MAX_PROBE_INTERVAL = 86_400.0
 RULE_KEYS = ("match", "action")
 UNREACHABLE_CHOICES = ("direct", "fail")
 POLICIES = ("priority", "latency")
@@ -97,6 +99,8 @@ class RoutingSettings:
     policy: str = "priority"
     rules: tuple[RuleSettings, ...] = ()
     priorities: tuple[tuple[str, int], ...] = ()
+    # Seconds between health probes of each upstream (controller/routing_watch.py); 0: off.
+    probe_interval: float = DEFAULT_PROBE_INTERVAL
 
 
 def parse_routing(
@@ -129,11 +133,23 @@ def parse_routing(
         routing.get("when_unreachable", "direct"), "routing.when_unreachable", UNREACHABLE_CHOICES
     )
     policy = _choice(routing.get("policy", "priority"), "routing.policy", POLICIES)
+    interval = routing.get("probe_interval", DEFAULT_PROBE_INTERVAL)
+    if (
+        isinstance(interval, bool)
+        or not isinstance(interval, (int, float))
+        or not (interval == 0 or 5 <= interval <= MAX_PROBE_INTERVAL)
+    ):
+        raise RoutingConfigError(
+            "routing.probe_interval",
+            f"must be 0 (no health probes) or seconds from 5 to {MAX_PROBE_INTERVAL:g}, "
+            f"got {_show(interval)}",
+        )
     return RoutingSettings(
         pac_url=pac_url,
         default=default,
         when_unreachable=when,
         policy=policy,
+        probe_interval=float(interval),
         rules=_rules(rules, names),
         priorities=_priorities(upstreams, names),
     )
@@ -252,6 +268,8 @@ def dump_routing(settings: RoutingSettings) -> list[str]:
         routing.append(("when_unreachable", settings.when_unreachable))
     if settings.policy != "priority":
         routing.append(("policy", settings.policy))
+    if settings.probe_interval != DEFAULT_PROBE_INTERVAL:
+        routing.append(("probe_interval", settings.probe_interval))
     lines: list[str] = []
     if routing:
         lines += ["[routing]", *(f"{k} = {_scalar(v)}" for k, v in routing)]
