@@ -220,7 +220,8 @@ def test_407_wrong_password_at_real_squid(lab: Lab) -> None:
     assert row.host == HOSTNAME
     assert row.words == (
         f"{lab.proxy.v4}:{squid.port} refused the password for {creds.username} (407). "
-        "The relay does not send it again until it changes. Open Credentials to fix it."
+        "The relay holds it back: it tries it once more every few minutes, and at once when "
+        "you enter it again. Open Credentials to fix it."
     )
     for text in (row.words, row.detail):
         assert wrong.password not in text and creds.password not in text

@@ -62,8 +62,9 @@ def test_407_wrong_password() -> None:
         "(tray-proxy credentials set corp)",
     )
     assert words(row) == (
-        "proxy.corp:8080 refused the password for alice (407). The relay does not send it "
-        "again until it changes. Open Credentials to fix it."
+        "proxy.corp:8080 refused the password for alice (407). The relay holds it back: it "
+        "tries it once more every few minutes, and at once when you enter it again. Open "
+        "Credentials to fix it."
     )
 
 
@@ -75,8 +76,9 @@ def test_407_rejected_earlier_names_the_keyring_user() -> None:
         upstream="open",
     )
     assert words(row, {"open": "carol"}) == (
-        "10.1.2.3:3128 refused the password for carol (407). The relay does not send it "
-        "again until it changes. Open Credentials to fix it."
+        "10.1.2.3:3128 refused the password for carol (407). The relay holds it back: it "
+        "tries it once more every few minutes, and at once when you enter it again. Open "
+        "Credentials to fix it."
     )
 
 

@@ -136,7 +136,10 @@ def _auth_failed(c: _Context) -> str:
             return f"{c.proxy} refused the login{code}. {_CREDENTIALS}"
         again = ""
         if "not sent again" in c.detail or "not tried again" in c.detail:
-            again = " The relay does not send it again until it changes."
+            again = (
+                " The relay holds it back: it tries it once more every few minutes, and at"
+                " once when you enter it again."
+            )
         return f"{c.proxy} refused the password for {user}{code}.{again} {_CREDENTIALS}"
     found = _PROXY_SAYS.search(c.detail)
     why = found.group(1) if found else c.said()
