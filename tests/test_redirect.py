@@ -195,6 +195,31 @@ def test_start_excludes_all_upstreams_and_reapplies_only_on_change() -> None:
     ]
 
 
+def test_reloaded_settings_exclude_the_new_upstreams_at_the_next_refresh() -> None:
+    """A reload while on (ProxyController.reload -> Lifecycle.update_redirect): the upstream
+    that left is no longer excluded, the new one is, in one apply."""
+    dns = FakeDNS({"proxy-a.example": ["192.0.2.1"], "proxy-b.example": ["2001:db8::2"]})
+    dns.table["proxy-c.example"] = ["192.0.2.3"]
+    managed, controller = _managed(TWO, dns, resolve_interval=3600)
+    reloaded = parse_config(
+        '[[upstream]]\nname = "a"\nurl = "http://proxy-a.example:8080"\n'
+        '[[upstream]]\nname = "c"\nurl = "http://proxy-c.example:3128"\n'
+    )
+
+    async def scenario() -> None:
+        await managed.start()
+        managed.update_config(reloaded)
+        assert managed.config is reloaded
+        assert await managed.refresh() is True
+        assert sorted((str(a), p) for a, p in controller.applied[-1].upstreams) == [
+            ("192.0.2.1", 8080),
+            ("192.0.2.3", 3128),
+        ]
+        await managed.stop()
+
+    asyncio.run(scenario())
+
+
 def test_switch_off_keeps_the_helper_until_stop() -> None:
     dns = FakeDNS({"proxy-a.example": ["192.0.2.1"], "proxy-b.example": ["192.0.2.2"]})
     managed, controller = _managed(TWO, dns, helper_check=0.01)

@@ -223,6 +223,14 @@ class ManagedRedirect:
         await self.switch_off()
         await self.controller.stop()
 
+    def update_config(self, config: Config) -> None:
+        """New settings while on (a reload): the next `refresh()` builds the rules from them,
+        with the new upstreams' addresses excluded; addresses already resolved for upstreams
+        that stay are kept until then."""
+        self.config = config
+        self._endpoints = upstream_endpoints(config)
+        self._addresses = {e: a for e, a in self._addresses.items() if e in self._endpoints}
+
     async def refresh(self) -> bool:
         """Resolve the upstreams again; re-apply when their addresses changed. True if so."""
         await self._resolve_all(strict=False)

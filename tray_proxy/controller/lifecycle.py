@@ -37,7 +37,6 @@ from tray_proxy.redirect import (
     RESOLVE_INTERVAL_SECONDS,
     ManagedRedirect,
     check_redirect_settings,
-    upstream_endpoints,
 )
 from tray_proxy.relay.events import Observer
 from tray_proxy.relay.records import Address
@@ -282,9 +281,7 @@ class Lifecycle:
         managed = self._managed
         if managed is None:
             return False
-        managed.config = config
-        # redirect.py has no setter for the endpoints yet; they follow the config.
-        managed._endpoints = upstream_endpoints(config)  # noqa: SLF001
+        managed.update_config(config)
         return await managed.refresh()
 
     async def stop_helper(self) -> None:
