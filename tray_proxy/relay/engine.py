@@ -960,7 +960,9 @@ class RelayEngine:
             return
         record.upstream = opening.upstream.name
         opening.start(record)
-        if self._spares is not None and not opening.done:
+        deadlines = self._deadlines
+        # More than one opening in progress: a burst (see _top_up_spares).
+        if self._spares is not None and deadlines is not None and len(deadlines.pending) > 1:
             self._top_up_spares(opening.address)
 
     def _own_caught(
@@ -1065,7 +1067,13 @@ class RelayEngine:
 
     def routed(self, record: ConnectionRecord, decision: Decision | None) -> None:
         if decision is not None:
-            self._note_decision(record, decision)
+            # The common case inline (one call less per connection): a decision seen before.
+            known = self._texts.get(id(decision))
+            if known is not None and known[0] is decision and decision.decided_by != "pac":
+                record.route = known[1]
+                record.decided_by = decision.decided_by
+            else:
+                self._note_decision(record, decision)
         if self.bus.observed:
             self.bus.publish(
                 ConnectionRouted(
@@ -1076,8 +1084,14 @@ class RelayEngine:
     def opened(
         self, record: ConnectionRecord, conn: socket.socket, upstream: socket.socket
     ) -> None:
-        if self._router is not None:
-            self._fast_success(record)
+        router = self._router
+        if router is not None and record.upstream is not None:
+            # Inline rather than _fast_success: every fast-path connection passes here.
+            change = router.health.success(
+                record.upstream, time.monotonic(), record.handshake_latency
+            )
+            if change is not None:
+                self._health_changed(change)
         self._start_tunnel(record, conn, upstream)
 
     def failed(
@@ -1727,14 +1741,15 @@ class RelayEngine:
         than one opening in progress), dial replacements at once, as many as the most
         openings in progress within the last second (up to spare_connections), so the next
         connections of the burst find one (docs/benchmarks.md, "Round trip to the proxy").
-        One connection at a time: the tunnel's end refills instead (_refill_spares)."""
+        Called only then; one connection at a time, the tunnel's end refills instead
+        (_refill_spares)."""
         deadlines, spares = self._deadlines, self._spares
         assert deadlines is not None and spares is not None
         pending = len(deadlines.pending)
         now = time.monotonic()
         if pending >= self._burst or now - self._burst_at > _BURST_WINDOW:
             self._burst, self._burst_at = pending, now
-        if pending > 1 and not self._stopping:
+        if not self._stopping:
             spares.refill(address, min(spares.keep, self._burst))
 
     def _refill_spares(self) -> None:
