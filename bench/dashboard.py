@@ -173,7 +173,7 @@ class Pinger:
 
     @contextlib.contextmanager
     def running(self, limit_seconds: float) -> Iterator[Pinger]:
-        from tray_proxy.control import ControlError, send_command
+        from tray_proxy.instance import ControlError, send_command
 
         stop = threading.Event()
 

@@ -193,13 +193,13 @@ def main(argv: list[str] | None = None) -> int:
         from PySide6.QtWidgets import QApplication
 
         from tray_proxy.app import AppServices, Autostart
-        from tray_proxy.control import ControlServer, runtime_dir
         from tray_proxy.controller import ProxyController, engine_relay_factory
         from tray_proxy.controller.commands import INSTANCE_TRAY, answer_command
         from tray_proxy.controller.history import HistoryFile, history_path, open_history_writer
         from tray_proxy.controller.services import ConfigFile
         from tray_proxy.controller.status import State
         from tray_proxy.credentials import default_credential_source
+        from tray_proxy.instance import ControlServer, runtime_dir
         from tray_proxy.ui.bridge import UiBridge
         from tray_proxy.ui.main_window import MainWindow
     except ImportError as exc:

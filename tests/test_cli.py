@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from tests.test_control import ServerThread
+from tests.test_instance import ServerThread
 from tray_proxy.cli import main
-from tray_proxy.control import SOCKET_NAME, NotRunningError, send_command
+from tray_proxy.instance import SOCKET_NAME, NotRunningError, send_command
 from tray_proxy.monitor.history import HistoryStore
 from tray_proxy.monitor.query import HistoryEntry, HistoryFilter
 from tray_proxy.relay.records import CloseReason

@@ -26,7 +26,6 @@ from keyring.errors import KeyringLocked
 
 from tray_proxy import cli_credentials
 from tray_proxy.config import parse_config
-from tray_proxy.control import home_control_dir
 from tray_proxy.credentials import (
     SERVICE,
     SESSION_BUS_ENV,
@@ -46,6 +45,7 @@ from tray_proxy.credentials import (
     running_under_systemd,
     session_bus_socket,
 )
+from tray_proxy.instance import home_control_dir
 from tray_proxy.relay.credentials import Credentials, Secret
 
 PASSWORD = "c0rrect-Horse:battery staple"

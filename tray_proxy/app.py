@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Any
 
 from tray_proxy.config import Config, ConfigError, ProbeSettings, default_config_path
 from tray_proxy.config_watch import ConfigWatcher
-from tray_proxy.control import ControlError, ControlServer, runtime_dir, send_command
 from tray_proxy.controller import (
     ProxyController,
     Status,
@@ -44,6 +43,7 @@ from tray_proxy.controller.history import HistoryFile, history_path, open_histor
 from tray_proxy.controller.services import ConfigFile
 from tray_proxy.credentials import CredentialStore, default_credential_source
 from tray_proxy.errors import UserError
+from tray_proxy.instance import ControlError, ControlServer, runtime_dir, send_command
 from tray_proxy.monitor.rows import ConnectionRow
 from tray_proxy.relay.credentials import Credentials
 from tray_proxy.relay.probe import ProbeResult, probe_upstream
@@ -214,7 +214,7 @@ class GuiApp:
         self.setup_window: Any = None
 
     async def handle(self, command: str) -> dict[str, Any]:
-        """One control-socket command (see tray_proxy.control)."""
+        """One control-socket command (see tray_proxy.instance)."""
         controller = self.controller
         quit_event = self.quit_event
         assert controller is not None and quit_event is not None

@@ -26,10 +26,10 @@ from tray_proxy import __version__
 if TYPE_CHECKING:
     from tray_proxy.config import Config
     from tray_proxy.config_watch import ConfigWatcher
-    from tray_proxy.control import ControlServer
     from tray_proxy.controller import ProxyController
     from tray_proxy.credentials import AppCredentialSource
     from tray_proxy.firewall.ruleset import RuleSpec
+    from tray_proxy.instance import ControlServer
     from tray_proxy.relay.credentials import CredentialSource
 
 EXIT_OK = 0
@@ -121,7 +121,7 @@ def _control(args: argparse.Namespace) -> int:
     headless `tray-proxy run`) over its control socket."""
     import json
 
-    from tray_proxy.control import ControlError, NotRunningError, send_command
+    from tray_proxy.instance import ControlError, NotRunningError, send_command
 
     try:
         answer = send_command(args.command)
@@ -229,8 +229,8 @@ def _claim_control(server: ControlServer) -> str:
     """Take the control socket for this run: "ours"; "tray": the tray app holds it, so this
     run must not start; "without": another run holds it (or it cannot be used), so this one
     goes on without it."""
-    from tray_proxy.control import ControlError, send_command
     from tray_proxy.controller.commands import INSTANCE_TRAY
+    from tray_proxy.instance import ControlError, send_command
 
     try:
         if server.claim():
@@ -267,7 +267,6 @@ async def _run_headless(args: argparse.Namespace) -> int:
 
 async def _run_headless_until(args: argparse.Namespace, stop: asyncio.Event) -> int:
     from tray_proxy.config import ConfigError, default_config_path, load_config
-    from tray_proxy.control import ControlError, ControlServer, runtime_dir
     from tray_proxy.controller import ProxyController
     from tray_proxy.controller.commands import INSTANCE_RUN, answer_command
     from tray_proxy.controller.engine_relay import loop_relay_factory
@@ -275,6 +274,7 @@ async def _run_headless_until(args: argparse.Namespace, stop: asyncio.Event) -> 
     from tray_proxy.controller.services import ConfigFile
     from tray_proxy.controller.status import Notice, State, StateChanged
     from tray_proxy.firewall.client import RedirectController, RedirectError
+    from tray_proxy.instance import ControlError, ControlServer, runtime_dir
     from tray_proxy.redirect import check_redirect_settings
 
     controller: ProxyController | None = None

@@ -238,8 +238,8 @@ def _tell_running_instance(name: str) -> None:
     """Tell the running tray app or `tray-proxy run` that NAME's password changed, so it
     reads it again now instead of at its next start (issue 14 bug 1). Only the name goes
     over the control socket. Nothing running is fine: the next start reads the keyring."""
-    from tray_proxy.control import ControlError, NotRunningError, send_command
     from tray_proxy.controller.commands import credentials_changed_command
+    from tray_proxy.instance import ControlError, NotRunningError, send_command
 
     try:
         answer = send_command(credentials_changed_command(name), timeout=NOTICE_TIMEOUT)

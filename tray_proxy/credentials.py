@@ -312,7 +312,7 @@ def session_bus_socket(environ: Mapping[str, str] | None = None, uid: int | None
     home that holds the control socket (`control.home_control_dir`). Not /tmp: another user
     could make /tmp/tray-proxy-UID first and so block `tray-proxy unlock` for good.
     Raises ControlError when no home directory is known."""
-    from tray_proxy.control import home_control_dir
+    from tray_proxy.instance import home_control_dir
 
     env = os.environ if environ is None else environ
     runtime = env.get("XDG_RUNTIME_DIR")
@@ -329,7 +329,7 @@ def adopt_session_bus(environ: MutableMapping[str, str] | None = None) -> str | 
     env = os.environ if environ is None else environ
     if env.get(SESSION_BUS_ENV):
         return None
-    from tray_proxy.control import ControlError
+    from tray_proxy.instance import ControlError
 
     try:
         path = session_bus_socket(env)

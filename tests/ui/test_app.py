@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 
-from tests.test_control import ServerThread
+from tests.test_instance import ServerThread
 from tray_proxy import app as app_module
 from tray_proxy.app import Autostart, GuiApp
-from tray_proxy.control import SOCKET_NAME, ControlServer, NotRunningError, send_command
 from tray_proxy.controller import Status
+from tray_proxy.instance import SOCKET_NAME, ControlServer, NotRunningError, send_command
 
 START_DEADLINE = 30.0
 

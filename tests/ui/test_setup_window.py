@@ -261,7 +261,7 @@ def _start_app(tmp_path: Path, config_text: str | None) -> tuple[str, int]:
     import sys
     import time
 
-    from tray_proxy.control import SOCKET_NAME, NotRunningError, send_command
+    from tray_proxy.instance import SOCKET_NAME, NotRunningError, send_command
 
     run_dir = tmp_path / "run"
     run_dir.mkdir(mode=0o700)

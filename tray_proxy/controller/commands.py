@@ -1,4 +1,4 @@
-"""The control socket's commands (tray_proxy.control), answered by the running instance:
+"""The control socket's commands (tray_proxy.instance), answered by the running instance:
 the tray app and headless `tray-proxy run` answer them alike.
 
 `status` and `raise` also say which kind of instance answered ("tray" or "run"), so a

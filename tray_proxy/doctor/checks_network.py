@@ -464,7 +464,7 @@ async def check_tls(env: DoctorEnv) -> Sequence[CheckResult]:
 
 async def _instance(env: DoctorEnv) -> dict[str, Any] | None | str:
     """The running instance's `status` answer; None: none runs; a string: it cannot be asked."""
-    from tray_proxy.control import ControlError, NotRunningError, send_command
+    from tray_proxy.instance import ControlError, NotRunningError, send_command
 
     def ask() -> dict[str, Any] | None | str:
         def query() -> dict[str, Any] | None | str:

@@ -29,7 +29,7 @@ import pytest
 from tests.lab.netns import run_tag
 from tests.lab.users import LocalUser, local_users
 from tray_proxy import cli
-from tray_proxy.control import (
+from tray_proxy.instance import (
     SOCKET_NAME,
     ControlError,
     ControlServer,
