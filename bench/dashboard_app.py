@@ -198,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         from tray_proxy.controller.history import HistoryFile, history_path, open_history_writer
         from tray_proxy.controller.services import ConfigFile
         from tray_proxy.controller.status import State
-        from tray_proxy.credentials import default_credential_source
         from tray_proxy.instance import ControlServer, runtime_dir
+        from tray_proxy.keyring_store import default_credential_source
         from tray_proxy.ui.bridge import UiBridge
         from tray_proxy.ui.main_window import MainWindow
     except ImportError as exc:

@@ -49,7 +49,7 @@ fi
 if [ $PURGE = 1 ]; then
     # The passwords: every keyring entry of service "tray-proxy", also of upstreams no longer
     # in the settings. The keyring's bus where `tray-proxy unlock` started it, as tray-proxy
-    # itself finds it (tray_proxy.credentials.session_bus_socket).
+    # itself finds it (tray_proxy.keyring_store.session_bus_socket).
     if [ -z "${DBUS_SESSION_BUS_ADDRESS:-}" ]; then
         BUS="${XDG_RUNTIME_DIR:-/tmp/tray-proxy-$(id -u)}/bus"
         [ -S "$BUS" ] && export DBUS_SESSION_BUS_ADDRESS="unix:path=$BUS"

@@ -150,7 +150,7 @@ def test_run_reads_passwords_from_the_keyring_and_says_when_one_is_missing(
     """`tray-proxy run` uses the keyring too (README: `credentials set` then `run`)."""
     import asyncio
 
-    import tray_proxy.credentials as credentials_module
+    import tray_proxy.keyring_store as credentials_module
     from tray_proxy.cli import _credential_source
     from tray_proxy.config import parse_config
     from tray_proxy.relay.credentials import Credentials, Secret

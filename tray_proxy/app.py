@@ -41,9 +41,9 @@ from tray_proxy.controller import (
 from tray_proxy.controller.commands import INSTANCE_RUN, INSTANCE_TRAY, answer_command
 from tray_proxy.controller.history import HistoryFile, history_path, open_history_writer
 from tray_proxy.controller.services import ConfigFile
-from tray_proxy.credentials import CredentialStore, default_credential_source
 from tray_proxy.errors import UserError
 from tray_proxy.instance import ControlError, ControlServer, runtime_dir, send_command
+from tray_proxy.keyring_store import CredentialStore, default_credential_source
 from tray_proxy.monitor.rows import ConnectionRow
 from tray_proxy.relay.credentials import Credentials
 from tray_proxy.relay.probe import ProbeResult, probe_upstream

@@ -27,9 +27,9 @@ if TYPE_CHECKING:
     from tray_proxy.config import Config
     from tray_proxy.config_watch import ConfigWatcher
     from tray_proxy.controller import ProxyController
-    from tray_proxy.credentials import AppCredentialSource
     from tray_proxy.firewall.ruleset import RuleSpec
     from tray_proxy.instance import ControlServer
+    from tray_proxy.keyring_store import AppCredentialSource
     from tray_proxy.relay.credentials import CredentialSource
 
 EXIT_OK = 0
@@ -424,7 +424,7 @@ async def _credential_source(config: Config) -> tuple[AppCredentialSource, str]:
     nothing). A keyring that is missing or hangs is not fatal (a service usually has none);
     it is reported only when a password is then missing. The active upstream's missing
     password is `_missing_password`'s to report; a spare's is a warning here."""
-    from tray_proxy.credentials import CredentialStoreError, default_credential_source
+    from tray_proxy.keyring_store import CredentialStoreError, default_credential_source
 
     source = default_credential_source(config)
     problem = ""

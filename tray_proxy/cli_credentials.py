@@ -132,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _set(args: argparse.Namespace) -> int:
-    from tray_proxy.credentials import CredentialStore, CredentialStoreError
+    from tray_proxy.keyring_store import CredentialStore, CredentialStoreError
     from tray_proxy.relay.credentials import Secret
     from tray_proxy.relay.settings import UpstreamKind
 
@@ -213,7 +213,7 @@ def _read_password(upstream: UpstreamProxy, username: str) -> str:
 
 
 def _delete(args: argparse.Namespace) -> int:
-    from tray_proxy.credentials import CredentialStore, CredentialStoreError
+    from tray_proxy.keyring_store import CredentialStore, CredentialStoreError
 
     name = args.name
     # The config is not needed: an upstream removed from it may still have an entry.
@@ -263,7 +263,7 @@ def _tell_running_instance(name: str) -> None:
 
 
 def _test(args: argparse.Namespace) -> int:
-    from tray_proxy.credentials import CredentialStoreError, default_credential_source
+    from tray_proxy.keyring_store import CredentialStoreError, default_credential_source
 
     config = _load(args.config)
     upstream = _upstream(config, args.name)

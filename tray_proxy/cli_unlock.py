@@ -35,8 +35,8 @@ from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tray_proxy.credentials import SESSION_BUS_ENV, adopt_session_bus, session_bus_socket
 from tray_proxy.instance import ControlError
+from tray_proxy.keyring_store import SESSION_BUS_ENV, adopt_session_bus, session_bus_socket
 
 if TYPE_CHECKING:
     from jeepney.io.blocking import DBusConnection

@@ -16,7 +16,7 @@ A missing settings file is the normal first-run case, never "file not found"; a 
 is not overwritten. The password lives in a `Secret` and goes only to the probe and the
 keyring.
 
-Must not import PySide6; keyring (through tray_proxy.credentials) only when saving, so the
+Must not import PySide6; keyring (through tray_proxy.keyring_store) only when saving, so the
 setup window can import these types.
 """
 
@@ -360,7 +360,7 @@ class SetupFlow:
         ):
             upstream = replace(upstream, auth=old.auth)  # keep a pinned scheme
         if checked.credentials is not None:
-            from tray_proxy.credentials import CredentialStore, CredentialStoreError
+            from tray_proxy.keyring_store import CredentialStore, CredentialStoreError
 
             store: KeyringStore = self._store if self._store is not None else CredentialStore()
             creds = checked.credentials

@@ -13,8 +13,8 @@ import pytest
 from tests.controller.fakes import Rig, run, until
 from tray_proxy.controller import State
 from tray_proxy.controller.commands import INSTANCE_RUN, answer_command
-from tray_proxy.credentials import KeyringLockedError
 from tray_proxy.errors import UserError
+from tray_proxy.keyring_store import KeyringLockedError
 from tray_proxy.relay.credentials import Credentials, Secret
 from tray_proxy.relay.events import UpstreamFailed
 from tray_proxy.relay.records import CloseReason

@@ -10,7 +10,7 @@ The sandbox HOME persists between runs, so an entry stored in one session is rea
 next. Every run is its own process group, killed when the run ends (pass or fail).
 
 `python -m tests.integration.keyring_env store` reads JSON lines (set/get/delete/describe/
-check/lock) and answers each with a JSON line, driving `tray_proxy.credentials.CredentialStore`
+check/lock) and answers each with a JSON line, driving `tray_proxy.keyring_store.CredentialStore`
 so secrets travel over stdin/stdout, never argv.
 
 Must not import PySide6; imports tray_proxy only inside the `store` driver.
@@ -238,7 +238,7 @@ def _session(argv: list[str]) -> int:
 
 
 async def _store_ops(lines: list[str]) -> list[dict[str, Any]]:
-    from tray_proxy.credentials import CredentialStore, CredentialStoreError
+    from tray_proxy.keyring_store import CredentialStore, CredentialStoreError
     from tray_proxy.relay.credentials import Secret
 
     store = CredentialStore(timeout=float(os.environ.get("TEST_KEYRING_TIMEOUT", "10")))

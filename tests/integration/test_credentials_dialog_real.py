@@ -143,8 +143,8 @@ async def _drive(job: dict[str, Any]) -> dict[str, Any]:
     from tray_proxy.app import ConfigFile, UpstreamEditorService
     from tray_proxy.config import load_config
     from tray_proxy.controller import ProxyController, engine_relay_factory
-    from tray_proxy.credentials import CredentialStore, default_credential_source
     from tray_proxy.firewall.client import RedirectController
+    from tray_proxy.keyring_store import CredentialStore, default_credential_source
     from tray_proxy.ui.credentials_dialog import NEW_PROXY, CredentialsDialog
 
     config_file = ConfigFile(Path(job["config"]))

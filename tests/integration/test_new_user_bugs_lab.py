@@ -78,7 +78,7 @@ class _Driver:
     def _store(self, username: str, password: str) -> dict[str, Any]:
         import asyncio
 
-        from tray_proxy.credentials import CredentialStore
+        from tray_proxy.keyring_store import CredentialStore
         from tray_proxy.relay.credentials import Secret
 
         asyncio.run(CredentialStore().set(UPSTREAM, username, Secret(password)))

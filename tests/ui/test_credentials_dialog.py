@@ -24,7 +24,7 @@ from pytestqt.qtbot import QtBot
 from tray_proxy.config import Config, ConfigError
 from tray_proxy.controller import NoticeKind, ProxyController
 from tray_proxy.controller.services import RelayHandle, Traffic
-from tray_proxy.credentials import KeyringLockedError, PlaintextKeyringError
+from tray_proxy.keyring_store import KeyringLockedError, PlaintextKeyringError
 from tray_proxy.relay.credentials import Credentials, Secret
 from tray_proxy.relay.events import Observer
 from tray_proxy.relay.probe import ProbeOutcome, ProbeResult

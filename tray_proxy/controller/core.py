@@ -55,9 +55,9 @@ from tray_proxy.controller.status import (
     StatusUpdated,
     UpstreamInfo,
 )
-from tray_proxy.credentials import CredentialStoreError
 from tray_proxy.errors import UserError
 from tray_proxy.firewall.client import RedirectError
+from tray_proxy.keyring_store import CredentialStoreError
 from tray_proxy.monitor.attribution import Attributor
 from tray_proxy.monitor.health import HealthSnapshot, ProbeRecord, UpstreamState
 from tray_proxy.monitor.monitor import HEADLESS_COALESCE, Monitor

@@ -22,17 +22,17 @@ from pathlib import Path
 from typing import Any
 
 from tray_proxy.config import Config, ConfigError
-from tray_proxy.credentials import (
-    CredentialStore,
-    CredentialStoreError,
-    running_under_systemd,
-)
 from tray_proxy.doctor.checks_session import KEYRING_TIMEOUT, keyring_state
 from tray_proxy.doctor.checks_system import find_nft
 from tray_proxy.doctor.context import DoctorEnv, in_thread, run_command
 from tray_proxy.doctor.model import CheckResult, CheckStatus
 from tray_proxy.firewall.helper import TABLE_FAMILY, TABLE_NAME, parse_port_ranges
 from tray_proxy.firewall.ruleset import IPNetwork
+from tray_proxy.keyring_store import (
+    CredentialStore,
+    CredentialStoreError,
+    running_under_systemd,
+)
 from tray_proxy.relay.credentials import Credentials, SystemdCredentialSource
 from tray_proxy.relay.probe import ProbeOutcome, ProbeResult, probe_upstream
 from tray_proxy.relay.settings import UpstreamProxy

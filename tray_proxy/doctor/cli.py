@@ -62,10 +62,10 @@ def _target(text: str) -> tuple[str, int] | None:
 
 def run(args: argparse.Namespace) -> int:
     from tray_proxy.config import default_config_path
-    from tray_proxy.credentials import adopt_session_bus
     from tray_proxy.doctor.context import DoctorEnv
     from tray_proxy.doctor.render import render_json, render_text
     from tray_proxy.doctor.runner import run_checks
+    from tray_proxy.keyring_store import adopt_session_bus
 
     target: tuple[str, int] | None = None  # [probe] target of the settings
     if args.target is not None:

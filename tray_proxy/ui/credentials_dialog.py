@@ -42,7 +42,7 @@ from PySide6.QtWidgets import (
 )
 
 from tray_proxy.config import ConfigError, parse_config
-from tray_proxy.credentials import CredentialStoreError
+from tray_proxy.keyring_store import CredentialStoreError
 from tray_proxy.relay.credentials import Credentials, Secret
 from tray_proxy.relay.probe import ProbeOutcome, ProbeResult
 from tray_proxy.relay.settings import AuthScheme, UpstreamKind, UpstreamProxy

@@ -83,7 +83,7 @@ class HistoryReader(Protocol):
 
 
 class KeyringService(Protocol):
-    """The part of `tray_proxy.credentials.CredentialStore` the credentials dialog uses.
+    """The part of `tray_proxy.keyring_store.CredentialStore` the credentials dialog uses.
 
     Every call is a coroutine that runs the keyring off the UI thread; failures raise
     `CredentialStoreError`, whose text is written for the user.

@@ -26,7 +26,8 @@ from keyring.errors import KeyringLocked
 
 from tray_proxy import cli_credentials
 from tray_proxy.config import parse_config
-from tray_proxy.credentials import (
+from tray_proxy.instance import home_control_dir
+from tray_proxy.keyring_store import (
     SERVICE,
     SESSION_BUS_ENV,
     CredentialStore,
@@ -45,7 +46,6 @@ from tray_proxy.credentials import (
     running_under_systemd,
     session_bus_socket,
 )
-from tray_proxy.instance import home_control_dir
 from tray_proxy.relay.credentials import Credentials, Secret
 
 PASSWORD = "c0rrect-Horse:battery staple"
@@ -249,7 +249,8 @@ def test_hanging_import_times_out() -> None:
 
 def test_module_does_not_import_keyring_eagerly() -> None:
     code = (
-        "import sys, tray_proxy.credentials, tray_proxy.cli_credentials; print(sorted(sys.modules))"
+        "import sys, tray_proxy.keyring_store, tray_proxy.cli_credentials;"
+        " print(sorted(sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "'keyring'" not in out.stdout and "'secretstorage'" not in out.stdout
@@ -439,7 +440,7 @@ def _no_keyring(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, str]]:
         async def backend_description(self) -> str:
             return "Memory"
 
-    monkeypatch.setattr("tray_proxy.credentials.CredentialStore", Recorder)
+    monkeypatch.setattr("tray_proxy.keyring_store.CredentialStore", Recorder)
     return calls
 
 
