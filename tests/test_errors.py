@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 
 from tray_proxy.config import ConfigError
+from tray_proxy.controller.managed_redirect import RedirectSetupError
 from tray_proxy.errors import UserError
 from tray_proxy.firewall.client import AuthorizationDismissedError, RedirectError
 from tray_proxy.instance import ControlError
 from tray_proxy.keyring_store import CredentialStoreError, KeyringLockedError
-from tray_proxy.redirect import RedirectSetupError
 from tray_proxy.relay.engine import RelayStartError
 
 

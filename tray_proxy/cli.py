@@ -271,11 +271,11 @@ async def _run_headless_until(args: argparse.Namespace, stop: asyncio.Event) -> 
     from tray_proxy.controller.commands import INSTANCE_RUN, answer_command
     from tray_proxy.controller.engine_relay import loop_relay_factory
     from tray_proxy.controller.history import open_history_writer
+    from tray_proxy.controller.managed_redirect import check_redirect_settings
     from tray_proxy.controller.services import ConfigFile
     from tray_proxy.controller.status import Notice, State, StateChanged
     from tray_proxy.firewall.client import RedirectController, RedirectError
     from tray_proxy.instance import ControlError, ControlServer, runtime_dir
-    from tray_proxy.redirect import check_redirect_settings
 
     controller: ProxyController | None = None
 

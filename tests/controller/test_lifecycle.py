@@ -11,10 +11,10 @@ import pytest
 from tests.controller.fakes import CORP, FakeRedirect, FakeRelayFactory, Log, fake_resolve, run
 from tray_proxy.config import Config
 from tray_proxy.controller.lifecycle import RELAY_STOP_MARGIN, Lifecycle, check_settings
+from tray_proxy.controller.managed_redirect import RedirectSetupError
 from tray_proxy.errors import UserError
 from tray_proxy.firewall.client import HelperExitedError, RedirectError
 from tray_proxy.firewall.ruleset import RuleSpec
-from tray_proxy.redirect import RedirectSetupError
 from tray_proxy.relay.events import Event
 from tray_proxy.relay.records import Address
 from tray_proxy.relay.settings import RelaySettings

@@ -30,6 +30,7 @@ from tray_proxy.controller.diagnostics import diagnostics_report, probe_advice
 from tray_proxy.controller.edits import with_active_upstream, with_upstream
 from tray_proxy.controller.inbox import EngineInbox
 from tray_proxy.controller.lifecycle import Lifecycle, LifecycleSteps, is_known, user_message
+from tray_proxy.controller.managed_redirect import RESOLVE_INTERVAL_SECONDS
 from tray_proxy.controller.routing_watch import RoutingWatch, WatchSettings
 from tray_proxy.controller.services import (
     ConfigStore,
@@ -63,7 +64,6 @@ from tray_proxy.monitor.health import HealthSnapshot, ProbeRecord, UpstreamState
 from tray_proxy.monitor.monitor import HEADLESS_COALESCE, Monitor
 from tray_proxy.monitor.rows import ConnectionRow, ProcessInfo
 from tray_proxy.offnet import OffnetChange, OffnetPolicy, Reachability
-from tray_proxy.redirect import RESOLVE_INTERVAL_SECONDS
 from tray_proxy.relay.credentials import CredentialSource
 from tray_proxy.relay.events import (
     ConnectionClosed,

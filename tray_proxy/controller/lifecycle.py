@@ -28,16 +28,16 @@ from collections.abc import Awaitable, Callable
 from typing import Final, Protocol
 
 from tray_proxy.config import Config
-from tray_proxy.controller.services import RedirectService, RelayFactory, RelayHandle, Resolver
-from tray_proxy.errors import UserError
-from tray_proxy.firewall.client import RedirectError
-from tray_proxy.firewall.ruleset import RuleSpec, SpecError
-from tray_proxy.redirect import (
+from tray_proxy.controller.managed_redirect import (
     HELPER_CHECK_SECONDS,
     RESOLVE_INTERVAL_SECONDS,
     ManagedRedirect,
     check_redirect_settings,
 )
+from tray_proxy.controller.services import RedirectService, RelayFactory, RelayHandle, Resolver
+from tray_proxy.errors import UserError
+from tray_proxy.firewall.client import RedirectError
+from tray_proxy.firewall.ruleset import RuleSpec, SpecError
 from tray_proxy.relay.events import Observer
 from tray_proxy.relay.records import Address
 from tray_proxy.relay.settings import UpstreamProxy

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Final, Protocol
 
 from tray_proxy.config import Config, load_config, save_config
+from tray_proxy.controller.managed_redirect import HelperControl
 from tray_proxy.firewall.ruleset import IPAddress
 from tray_proxy.monitor.rows import ConnectionRow
-from tray_proxy.redirect import HelperControl
 from tray_proxy.relay.credentials import Credentials
 from tray_proxy.relay.events import Observer
 from tray_proxy.relay.probe import ProbeResult, probe_upstream

@@ -1,7 +1,7 @@
-"""Tests of tray_proxy/redirect.py: settings -> RuleSpec, re-apply on address change, helper
-restarts, shutdown order, the captured bridges handed to the relay. The helper is an in-memory
-fake here; tests/firewall/test_e2e_*.py and test_hardening_lab.py run the real one. Must not
-import PySide6.
+"""Tests of tray_proxy/controller/managed_redirect.py: settings -> RuleSpec, re-apply on address
+change, helper restarts, shutdown order, the captured bridges handed to the relay. The helper is
+an in-memory fake here; tests/firewall/test_e2e_*.py and test_hardening_lab.py run the real one.
+Must not import PySide6.
 """
 
 from __future__ import annotations
@@ -15,6 +15,13 @@ import pytest
 
 from tray_proxy.config import Config, ConfigError, parse_config
 from tray_proxy.controller.lifecycle import Lifecycle
+from tray_proxy.controller.managed_redirect import (
+    ManagedRedirect,
+    RedirectSetupError,
+    Resolved,
+    build_rule_spec,
+    upstream_endpoints,
+)
 from tray_proxy.controller.services import Traffic
 from tray_proxy.firewall.client import (
     HelperExitedError,
@@ -23,13 +30,6 @@ from tray_proxy.firewall.client import (
     UpstreamResolutionError,
 )
 from tray_proxy.firewall.ruleset import Bridge, IPAddress, RuleSpec
-from tray_proxy.redirect import (
-    ManagedRedirect,
-    RedirectSetupError,
-    Resolved,
-    build_rule_spec,
-    upstream_endpoints,
-)
 from tray_proxy.relay.credentials import Credentials
 from tray_proxy.relay.events import Event, Observer
 from tray_proxy.relay.records import Address
