@@ -49,6 +49,7 @@ from tray_proxy.relay.credentials import Credentials
 from tray_proxy.relay.probe import ProbeResult, probe_upstream
 from tray_proxy.relay.settings import RelaySettings, UpstreamProxy
 from tray_proxy.setup_flow import needs_setup
+from tray_proxy.tasks import spawn
 
 if TYPE_CHECKING:
     from tray_proxy.ui.services import HistoryReader
@@ -452,7 +453,7 @@ def _run_to_end(loop: asyncio.AbstractEventLoop, main: Coroutine[Any, Any, int])
     loop is run again pass by pass (each exec() still runs one pass of timers, sockets and
     posted events) until that has finished: redirect off, relay drained, socket closed.
     """
-    task = loop.create_task(main, name="tray-proxy main")
+    task = spawn(main, name="tray-proxy main", loop=loop)
     task.add_done_callback(lambda _task: loop.stop())
     _drive(loop, task, "the display went away (or the session ended)")
     if not task.done():
@@ -492,7 +493,7 @@ def _finish_loop(loop: asyncio.AbstractEventLoop) -> None:
             gathered = asyncio.gather(*left, return_exceptions=True)
             gathered.add_done_callback(lambda _f: loop.stop())
             _drive(loop, gathered, "Qt's event loop ended while tasks were cancelled")
-        shutdown = loop.create_task(loop.shutdown_asyncgens())
+        shutdown = spawn(loop.shutdown_asyncgens(), name="tray-proxy shutdown asyncgens", loop=loop)
         shutdown.add_done_callback(lambda _t: loop.stop())
         _drive(loop, shutdown, "Qt's event loop ended at the end")
     finally:

@@ -44,6 +44,7 @@ from tray_proxy.relay.records import CloseReason
 from tray_proxy.relay.settings import UpstreamProxy
 from tray_proxy.relay.upstream import Dialer, UpstreamError
 from tray_proxy.routing.settings import RoutingSettings
+from tray_proxy.tasks import spawn
 
 __all__ = [
     "DIRECT_WORDS",
@@ -365,7 +366,7 @@ class OffnetProber:
                 self._watcher = watcher
             except NetworkWatchError:
                 self._watcher = None
-        self._task = loop.create_task(self._run(), name="tray-proxy offnet prober")
+        self._task = spawn(self._run(), name="tray-proxy offnet prober", loop=loop)
 
     def network_changed(self) -> None:
         """Also for callers that learn of a change otherwise (WSL: Windows' network)."""
@@ -430,16 +431,15 @@ class OffnetProber:
         waits for a timeout on the old network would otherwise hold up the probe of the new
         one by up to `probe_timeout`, and its failure would not count (it is stale): in
         the lab that made one outage take 5.0 s to go direct instead of 2.8 s."""
-        loop = asyncio.get_running_loop()
         offnet = self.offnet
-        probing = loop.create_task(
+        probing = spawn(
             probe_upstreams(self._upstreams, self._timeout, source_ports=self._source_ports),
             name="tray-proxy offnet probe round",
         )
         try:
             while not probing.done():
                 self._wake.clear()
-                woken = loop.create_task(self._wake.wait(), name="tray-proxy offnet wake")
+                woken = spawn(self._wake.wait(), name="tray-proxy offnet wake")
                 try:
                     await asyncio.wait({probing, woken}, return_when=asyncio.FIRST_COMPLETED)
                 finally:

@@ -81,6 +81,7 @@ from tray_proxy.relay.probe import ProbeResult, probe_upstream
 from tray_proxy.relay.records import CloseReason
 from tray_proxy.relay.settings import RelaySettings, UpstreamProxy
 from tray_proxy.setup_flow import describe_probe
+from tray_proxy.tasks import spawn
 
 log = logging.getLogger(__name__)
 
@@ -362,7 +363,7 @@ class ProxyController:
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         """Run `coro` on the loop, keeping a reference; failures are logged, not lost."""
-        task = asyncio.get_running_loop().create_task(coro, name=f"tray-proxy {name}")
+        task = spawn(coro, name=f"tray-proxy {name}")
         self._tasks.add(task)
 
         def done(t: asyncio.Task[Any]) -> None:

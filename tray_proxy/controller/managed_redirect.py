@@ -43,6 +43,7 @@ from tray_proxy.firewall.client import (
     resolve_upstreams,
 )
 from tray_proxy.firewall.ruleset import Bridge, IPAddress, RuleSpec, SpecError
+from tray_proxy.tasks import spawn
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ class ManagedRedirect:
         await self.controller.apply(spec)
         self.spec = spec
         await self.sync_status()
-        self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="redirect-watch")
+        self._watcher = spawn(self._watch(), name="redirect-watch")
         return spec
 
     async def switch_off(self) -> None:

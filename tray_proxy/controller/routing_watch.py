@@ -39,6 +39,7 @@ from tray_proxy.offnet import OffnetChange, OffnetPolicy, OffnetProber, Reachabi
 from tray_proxy.relay.credentials import Credentials
 from tray_proxy.relay.probe import ProbeOutcome, ProbeResult, probe_upstream
 from tray_proxy.relay.settings import UpstreamProxy
+from tray_proxy.tasks import spawn
 
 log = logging.getLogger(__name__)
 
@@ -201,9 +202,8 @@ class RoutingWatch:
         settings = self._settings
         if settings.interval <= 0:
             return
-        loop = asyncio.get_running_loop()
         for upstream in settings.upstreams:
-            self._tasks[upstream.name] = loop.create_task(
+            self._tasks[upstream.name] = spawn(
                 self._probe_loop(upstream, settings), name=f"tray-proxy probe {upstream.name}"
             )
 
@@ -276,9 +276,7 @@ class RoutingWatch:
             log.warning("%s (%s)", change.words, change.reason)
             self._report_down(_DOWN_REPORTS)
             if self._holding is None or self._holding.done():
-                self._holding = asyncio.get_running_loop().create_task(
-                    self._hold_down(), name="tray-proxy offnet hold"
-                )
+                self._holding = spawn(self._hold_down(), name="tray-proxy offnet hold")
         else:
             holding, self._holding = self._holding, None
             if holding is not None:

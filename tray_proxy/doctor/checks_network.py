@@ -37,6 +37,7 @@ from tray_proxy.relay.credentials import Credentials, SystemdCredentialSource
 from tray_proxy.relay.probe import ProbeOutcome, ProbeResult, probe_upstream
 from tray_proxy.relay.settings import UpstreamProxy
 from tray_proxy.relay.upstream import Dialer, UpstreamAuth, UpstreamError, open_tunnel
+from tray_proxy.tasks import spawn
 
 __all__ = [
     "check_config",
@@ -168,7 +169,8 @@ async def probe_once(
     """One probe per upstream and doctor run, shared by the upstream and TLS checks: a wrong
     password is sent once, not once per check (directory accounts lock after a few)."""
     task: asyncio.Task[tuple[Credentials | None, str, ProbeResult]] = env.memo(
-        f"probe:{upstream.name}", lambda: asyncio.ensure_future(_probe(env, upstream))
+        f"probe:{upstream.name}",
+        lambda: spawn(_probe(env, upstream), name=f"doctor probe {upstream.name}"),
     )
     # shield: one check's time limit must not cancel the probe the other one waits for.
     return await asyncio.shield(task)

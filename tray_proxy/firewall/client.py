@@ -52,6 +52,7 @@ from tray_proxy.firewall.ruleset import (
     spec_from_wire,
     spec_to_wire,
 )
+from tray_proxy.tasks import spawn
 
 log = logging.getLogger(__name__)
 
@@ -335,7 +336,7 @@ class RedirectController:
                 " executable. Reinstall tray-proxy."
             ) from None
         assert self._proc.stderr is not None
-        self._stderr_task = asyncio.get_running_loop().create_task(
+        self._stderr_task = spawn(
             self._drain_stderr(self._proc.stderr), name="redirect-helper-stderr"
         )
         try:

@@ -47,6 +47,7 @@ from tray_proxy.relay.credentials import Credentials, Secret
 from tray_proxy.relay.probe import ProbeOutcome, ProbeResult
 from tray_proxy.relay.settings import AuthScheme, UpstreamKind, UpstreamProxy
 from tray_proxy.setup_flow import suggest_name
+from tray_proxy.tasks import spawn
 from tray_proxy.ui.services import KeyringService, UpstreamEditor
 
 log = logging.getLogger(__name__)
@@ -405,7 +406,7 @@ class CredentialsDialog(QDialog):
     # -- tasks ----------------------------------------------------------------------------
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro, name=f"credentials dialog: {name}")
+        task = spawn(coro, name=f"credentials dialog: {name}")
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
         return task

@@ -47,6 +47,7 @@ from tray_proxy.setup_flow import (
     advice,
     describe_discovery,
 )
+from tray_proxy.tasks import spawn
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +200,7 @@ class SetupWindow(QDialog):
 
     def _run(self, what: str, coro: Coroutine[Any, Any, None]) -> None:
         self._running = what
-        task = asyncio.get_running_loop().create_task(coro, name=f"setup window: {what}")
+        task = spawn(coro, name=f"setup window: {what}")
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
         self._update_buttons()
