@@ -3,8 +3,8 @@
 The user picks the upstream (or a new one), enters type, host, port, user name, password and
 authentication scheme, presses Test (a real handshake through the proxy, reported in words)
 and Save (the password into the keyring, the rest into the settings file). Validation is
-inline, per field, with the settings file's own rules (`tray_proxy.config.parse_config`), so
-the dialog can never save something the file would refuse on the next start.
+inline, per field; the rules and the save order are the form model's (upstream_form.py), so
+the dialog can never save something the settings file would refuse on the next start.
 
 Everything slow runs as a task on the app's asyncio loop (qasync in the app) through the
 injected services: the keyring in the store's worker thread, the probe as non-blocking
@@ -12,7 +12,7 @@ socket I/O, the settings file in an executor. The UI stays responsive; the butto
 what is running and cannot start it twice. Failures are shown in the dialog in words, never
 raised. The password lives in the line edit and, once read, only in a `Secret`.
 
-Must not import keyring, socket or subprocess.
+Must not import keyring, socket or subprocess, nor the settings file's code (config, TOML).
 """
 
 from __future__ import annotations
@@ -21,10 +21,8 @@ import asyncio
 import logging
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass
 from typing import Any
 
-import tomli_w
 from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtWidgets import (
     QCheckBox,
@@ -41,14 +39,14 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from tray_proxy.config import ConfigError, parse_config
-from tray_proxy.keyring_store import CredentialStoreError
+from tray_proxy.errors import UserError
 from tray_proxy.relay.credentials import Credentials, Secret
 from tray_proxy.relay.probe import ProbeOutcome, ProbeResult
 from tray_proxy.relay.settings import AuthScheme, UpstreamKind, UpstreamProxy
 from tray_proxy.setup_flow import suggest_name
 from tray_proxy.tasks import spawn
 from tray_proxy.ui.services import KeyringService, UpstreamEditor
+from tray_proxy.upstream_form import FieldValues, full_stop, save_upstream, validate
 
 log = logging.getLogger(__name__)
 
@@ -80,112 +78,6 @@ _HEADINGS = {
         "proxy (a TLS port, https://, is not supported).",
     ),
 }
-
-
-# --------------------------------------------------------------------------- validation
-
-
-@dataclass(frozen=True)
-class FieldValues:
-    """What the user typed, before validation."""
-
-    name: str
-    kind: UpstreamKind
-    host: str
-    port: str
-    username: str
-    auth: AuthScheme
-    has_password: bool
-    new: bool = False
-    taken_names: frozenset[str] = frozenset()
-    stored_username: str | None = None  # whose password the keyring already holds
-
-
-def _problem(doc: dict[str, object]) -> ConfigError | None:
-    try:
-        parse_config(tomli_w.dumps({"upstream": [doc]}), "dialog")
-    except ConfigError as exc:
-        return exc
-    return None
-
-
-def _sentence(text: str, subject: str) -> str:
-    # The settings file's problems read "must ..." after the field's name.
-    if text.startswith("must"):
-        text = f"{subject} {text}"
-    return _full_stop(text[:1].upper() + text[1:])
-
-
-def _full_stop(text: str) -> str:
-    text = text.rstrip()
-    return text if text.endswith((".", "!", "?")) else text + "."
-
-
-def _url(kind: UpstreamKind, host: str, port: str) -> str:
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return f"{kind.value}://{host}:{port}"
-
-
-def validate(values: FieldValues) -> tuple[dict[str, str], UpstreamProxy | None]:
-    """Field name -> message for each invalid field, and the upstream when all are valid.
-
-    Each field is checked on its own, with the others set to known-good values, so every
-    wrong field gets its message at once (parse_config stops at the first problem).
-    Field names: name, host, port, username, password.
-    """
-    errors: dict[str, str] = {}
-    good_url = f"{values.kind.value}://proxy.invalid:1"
-
-    if values.new:
-        if not values.name:
-            errors["name"] = "Enter a name for this proxy, like corp."
-        elif values.name in values.taken_names:
-            errors["name"] = f"There already is a proxy named {values.name}; choose another name."
-        else:
-            found = _problem({"name": values.name, "url": good_url})
-            if found is not None:
-                errors["name"] = _sentence(found.problem, "the name")
-
-    host = values.host
-    if not host:
-        errors["host"] = "Enter the proxy's host name or address."
-    elif "://" in host or "/" in host:
-        errors["host"] = "Enter only the host name or address; choose the type above."
-    else:
-        found = _problem({"name": "x", "url": _url(values.kind, host, "1")})
-        if found is not None:
-            errors["host"] = _sentence(found.problem, "the host")
-
-    port = values.port
-    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
-        errors["port"] = "The port must be a number 1-65535."
-
-    auth = values.auth if values.kind is UpstreamKind.HTTP else AuthScheme.AUTO
-    if values.username:
-        doc: dict[str, object] = {
-            "name": "x",
-            "url": good_url,
-            "username": values.username,
-            "auth": auth.value,
-        }
-        found = _problem(doc)
-        if found is not None:
-            errors["username"] = _sentence(found.problem, "the user name")
-        elif not values.has_password and values.stored_username != values.username:
-            errors["password"] = (
-                "Enter the password; it goes into the keyring, never into the settings file."
-            )
-    elif values.has_password:
-        errors["username"] = "Enter the user name that goes with this password."
-
-    if errors:
-        return errors, None
-    doc = {"name": values.name, "url": _url(values.kind, host, port), "auth": auth.value}
-    if values.username:
-        doc["username"] = values.username
-    config = parse_config(tomli_w.dumps({"upstream": [doc]}), "dialog")
-    return errors, config.upstreams[0]
 
 
 # --------------------------------------------------------------------------- the dialog
@@ -556,7 +448,7 @@ class CredentialsDialog(QDialog):
     async def _show_backend(self) -> None:
         try:
             text = await self._store.backend_description()
-        except CredentialStoreError as exc:  # the protocol allows it; the real store does not
+        except UserError as exc:  # the protocol allows it; the real store does not
             text = str(exc)
         except Exception as exc:
             log.exception("asking for the keyring backend failed")
@@ -566,7 +458,7 @@ class CredentialsDialog(QDialog):
     async def _lookup(self, name: str, generation: int) -> None:
         try:
             found = await self._store.get(name)
-        except CredentialStoreError as exc:
+        except UserError as exc:  # CredentialStoreError: what happened and what to do
             if generation == self._lookup_generation:
                 self.fields["password"].show_message(
                     f"The stored password could not be read: {exc}", error=True
@@ -649,7 +541,7 @@ class CredentialsDialog(QDialog):
     def show_result(self, result: ProbeResult) -> None:
         self.last_result = result
         heading, hint = _HEADINGS[result.outcome]
-        self.result_label.setText(_full_stop(f"{heading}: {result.words}") + hint)
+        self.result_label.setText(full_stop(f"{heading}: {result.words}") + hint)
         icon = (
             QStyle.StandardPixmap.SP_DialogApplyButton
             if result.ok
@@ -679,24 +571,12 @@ class CredentialsDialog(QDialog):
         self.result_box.show()
 
     async def _save(self, upstream: UpstreamProxy, secret: Secret | None) -> None:
-        try:
-            # The password first: a settings file naming a login whose password failed to
-            # reach the keyring would only earn 407s.
-            if secret is not None and upstream.username:
-                await self._store.set(upstream.name, upstream.username, secret)
-            warning = await self._editor.save_upstream(upstream)
-        except CredentialStoreError as exc:
-            self._save_failed(_full_stop(f"The password was not saved: {exc}"))
+        outcome = await save_upstream(self._store, self._editor, upstream, secret)
+        if outcome.error is not None:
+            self._save_failed(outcome.error)
             return
-        except ConfigError as exc:
-            self._save_failed(_full_stop(f"The settings were not saved: {exc}"))
-            return
-        except Exception as exc:
-            log.exception("saving %s failed", upstream)
-            self._save_failed(f"Saving failed ({type(exc).__name__}: {exc}); see the log.")
-            return
-        if warning:
-            log.warning("%s", warning)
+        if outcome.warning:
+            log.warning("%s", outcome.warning)
         self._saving = False
         self.saved.emit(upstream.name)
         self.accept()
