@@ -93,10 +93,10 @@ def test_decisions(
 def test_decision_words_for_the_history() -> None:
     r = _router()
     direct = r.decide("a.intra.example", None, 443)
-    assert direct.rule_index == 0
+    assert direct.decided_by == "rule[0]"
     assert direct.text == "direct (rule[0]: *.intra.example, 10.0.0.0/8, <local> -> direct)"
     assert r.decide("pypi.org", None, 443).text == "proxy corp, backup, third (default)"
-    assert r.decide("pypi.org", None, 443).rule_index is None
+    assert r.decide("pypi.org", None, 443).decided_by == "default"
     assert (
         Decision(
             P,

@@ -677,9 +677,6 @@ class ProxyController:
         self._changed()
         return {"applied": applied, "restart": restart, "message": message}
 
-    def request_reload(self) -> None:
-        self.spawn(self.reload(), "reload settings")
-
     async def shutdown(self) -> None:
         """The quit path: cancel what runs, redirect off, relay drained. Idempotent."""
         if self._closed:

@@ -79,12 +79,6 @@ class Decision:
     pac_failure: str = ""
 
     @property
-    def rule_index(self) -> int | None:
-        if self.decided_by.startswith("rule["):
-            return int(self.decided_by[5:-1])
-        return None
-
-    @property
     def text(self) -> str:
         """One line: `proxy corp, backup (rule[2]: *.corp -> corp)`."""
         if self.kind is DecisionKind.PROXY:
