@@ -381,7 +381,7 @@ class _Query:
         parts.append("SELECT id FROM connections WHERE failed = 1 AND words LIKE ? ESCAPE '\\'")
         params.append(like)
         if all(c in "0123456789abcdefABCDEF.:" for c in text):
-            # Could be part of an address: no index helps here (a scan, as before).
+            # Could be part of an address: no index helps with a substring, so this scans.
             parts.append("SELECT id FROM connections WHERE dst_ip LIKE ? ESCAPE '\\'")
             params.append(like)
         return " UNION ".join(parts), params
