@@ -358,6 +358,21 @@ def test_loop() -> None:
     )
 
 
+def test_blocked_names_the_rule_and_how_to_change_it() -> None:
+    row = closed(
+        CloseReason.BLOCKED,
+        "blocked by rule[2] (ads.example -> block)",
+        upstream=None,
+        host="ads.example",
+    )
+    assert row.state is RowState.FAILED  # listed among the failures, with the rule
+    assert words(row) == (
+        "Blocked by tray-proxy's settings (rule[2] (ads.example -> block)): the connection "
+        "to ads.example was reset at once. To let it through, change that [[rule]] in the "
+        "settings file (`tray-proxy rules test ads.example` shows which rule decides)."
+    )
+
+
 def test_config_error() -> None:
     row = closed(
         CloseReason.CONFIG_ERROR,

@@ -42,6 +42,9 @@ FAILURE_REASONS = frozenset(
         CloseReason.NO_ORIGINAL_DST,
         CloseReason.NO_UPSTREAM,
         CloseReason.LOOP,
+        # Deliberate, but from the program's side its connection failed: the user looking for
+        # why a tool cannot reach a host must find it among the failures, with the rule.
+        CloseReason.BLOCKED,
         CloseReason.CONFIG_ERROR,
         CloseReason.UPSTREAM_UNREACHABLE,
         CloseReason.UPSTREAM_TIMEOUT,

@@ -293,6 +293,17 @@ def _loop(c: _Context) -> str:
     )
 
 
+def _blocked(c: _Context) -> str:
+    # The detail names what decided: "blocked by rule[2] (ads.example -> block)" or a PAC answer.
+    what = c.detail.removeprefix("blocked by ").strip() or "a rule"
+    host = c.row.host or c.row.destination
+    return (
+        f"Blocked by tray-proxy's settings ({what}): the connection to {host} was reset at "
+        f"once. To let it through, change that [[rule]] in the settings file "
+        f"(`tray-proxy rules test {host}` shows which rule decides)."
+    )
+
+
 def _config_error(c: _Context) -> str:
     found = _CANNOT_BE_USED.search(c.detail)
     why = found.group(1).rstrip(".") if found else c.said()
@@ -339,6 +350,7 @@ _SPEAKERS: dict[CloseReason, Callable[[_Context], str]] = {
     CloseReason.NO_ORIGINAL_DST: _no_original_dst,
     CloseReason.NO_UPSTREAM: _no_upstream,
     CloseReason.LOOP: _loop,
+    CloseReason.BLOCKED: _blocked,
     CloseReason.CONFIG_ERROR: _config_error,
     CloseReason.INTERNAL_ERROR: _internal,
     CloseReason.DONE: _done,
