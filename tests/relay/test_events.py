@@ -11,7 +11,6 @@ from tray_proxy.relay.events import (
     ConnectionClosed,
     ConnectionOpened,
     ConnectionRouted,
-    EngineStarted,
     EngineStopped,
     EventBus,
     ListenerError,
@@ -21,7 +20,6 @@ from tray_proxy.relay.events import (
 from tray_proxy.relay.records import CloseReason
 
 SAMPLES = [
-    EngineStarted((("127.0.0.1", 12080),)),
     EngineStopped(),
     ConnectionOpened(1, ("127.0.0.1", 5000), ("93.184.216.34", 443)),
     ConnectionRouted(1, "example.com", "corp"),

@@ -1,12 +1,10 @@
-"""Dialer, SourcePorts, make_handshake and run_handshake on loopback sockets."""
+"""Dialer, SourcePorts, socks5_handshake and run_handshake on loopback sockets."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import errno
 import ipaddress
-import secrets
 import socket
 import struct
 import threading
@@ -15,9 +13,8 @@ import time
 import pytest
 
 from tests.relay.stubs import free_port_range, tcp_pair
-from tray_proxy.relay.credentials import Credentials, Secret, StaticCredentialSource
+from tray_proxy.relay.credentials import Credentials, Secret
 from tray_proxy.relay.protocol.http_connect import ConnectHandshake
-from tray_proxy.relay.protocol.socks5 import Socks5Handshake
 from tray_proxy.relay.records import CloseReason
 from tray_proxy.relay.settings import UpstreamKind, UpstreamProxy
 from tray_proxy.relay.upstream import (
@@ -27,8 +24,8 @@ from tray_proxy.relay.upstream import (
     UpstreamAuth,
     UpstreamError,
     _Resolved,
-    make_handshake,
     run_handshake,
+    socks5_handshake,
 )
 
 HTTP = UpstreamProxy("corp", UpstreamKind.HTTP, "127.0.0.1", 3128, username="alice")
@@ -224,32 +221,14 @@ def test_dialer_resolve_failures(run):
     run(main)
 
 
-# -- make_handshake --------------------------------------------------------------------------
+# -- socks5_handshake ------------------------------------------------------------------------
 
 
-def test_make_handshake_http_with_and_without_credentials():
-    password = "pw-" + secrets.token_hex(6)
-    creds = StaticCredentialSource({"corp": Credentials("alice", Secret(password))})
-    hs = make_handshake(HTTP, "www.example.test", 443, creds)
-    assert isinstance(hs, ConnectHandshake)
-    request = hs.data_to_send()
-    assert request.startswith(b"CONNECT www.example.test:443 HTTP/1.1\r\n")
-    token = base64.b64encode(f"alice:{password}".encode())
-    assert b"Proxy-Authorization: Basic " + token in request
-    assert password not in repr(hs)
-
-    bare = make_handshake(HTTP, "10.1.2.3", 80, StaticCredentialSource()).data_to_send()
-    assert b"Proxy-Authorization" not in bare
-    assert bare.startswith(b"CONNECT 10.1.2.3:80 ")
-
-
-def test_make_handshake_socks5_offers_user_pass_only_with_credentials():
-    creds = StaticCredentialSource({"socks": Credentials("alice", Secret("pw"))})
-    hs = make_handshake(SOCKS, "www.example.test", 443, creds)
-    assert isinstance(hs, Socks5Handshake)
+def test_socks5_handshake_offers_user_pass_only_with_credentials():
+    hs = socks5_handshake("www.example.test", 443, Credentials("alice", Secret("pw")))
     greeting = hs.data_to_send()
     assert greeting[0] == 5 and 2 in greeting[2:]
-    plain = make_handshake(SOCKS, "www.example.test", 443, StaticCredentialSource())
+    plain = socks5_handshake("www.example.test", 443, None)
     assert plain.data_to_send() == b"\x05\x01\x00"
 
 

@@ -33,7 +33,6 @@ from tray_proxy.relay.events import (
     ConnectionRouted,
     CredentialsAccepted,
     CredentialsRejected,
-    EngineStarted,
     EngineStopped,
     EventBus,
     ListenerError,
@@ -184,7 +183,7 @@ class RelayEngine:
         """`destination_of` finds a connection's original destination (default:
         SO_ORIGINAL_DST); tests may swap it. `router` decides each connection's way (rules,
         PAC, failover, health: tray_proxy/routing); None: every connection goes through the
-        active upstream, with no failover (the engine before issue 15)."""
+        active upstream, with no failover."""
         self.settings = settings
         self.upstreams = tuple(upstreams)
         self._router = router
@@ -472,10 +471,6 @@ class RelayEngine:
             return
         sock.close()
 
-    def connections(self) -> list[ConnectionRecord]:
-        """Snapshots of the connections open right now."""
-        return [record.snapshot() for record in self._records.values()]
-
     def traffic(self) -> tuple[dict[int, tuple[int, int]], int, int]:
         """The open connections' (bytes up, bytes down) by id, and the bytes up and down
         since start, closed connections included. Call on the engine's loop."""
@@ -567,7 +562,6 @@ class RelayEngine:
             _gc_frozen = True
             gc.freeze()
         log.info("relay listening on %s", ", ".join(format_authority(*a) for a in self._addresses))
-        self.bus.publish(EngineStarted(self._addresses))
 
     async def stop(self, drain_timeout: float | None = None) -> None:
         """Stop accepting, let open connections finish (bounded by the drain timeout), then

@@ -1,8 +1,9 @@
 """Typed events the engine publishes, and the tiny observer that carries them.
 
-Must not import PySide6. Only tray_proxy/ui/bridge.py turns these into Qt signals.
-Observers are called synchronously on the engine's loop thread: they must be quick and
-must not block (the UI bridge just queues them).
+Must not import PySide6. Observers are called synchronously on the engine's loop thread:
+they must be quick and must not block. The app's observer (controller/inbox.py) only queues
+them for the controller's loop, which turns them into rows, health and words (monitor/);
+ui/bridge.py carries the controller's events, not these, to Qt.
 """
 
 from __future__ import annotations
@@ -14,11 +15,6 @@ from dataclasses import dataclass
 from tray_proxy.relay.records import Address, CloseReason
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class EngineStarted:
-    addresses: tuple[Address, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +100,8 @@ class RoutingError:
 @dataclass(frozen=True, slots=True)
 class CredentialsRejected:
     """The proxy refused this user's credentials; the relay sends them nowhere until they
-    change (or `RelayEngine.retry_credentials()`). The UI asks the user for a new password."""
+    change, or until a re-check (one attempt every `reverify_after` seconds, or at once on
+    `RelayEngine.retry_credentials()`) finds them accepted. The UI asks for a new password."""
 
     upstream: str
     username: str
@@ -127,8 +124,7 @@ class ListenerError:
 
 
 Event = (
-    EngineStarted
-    | EngineStopped
+    EngineStopped
     | ConnectionOpened
     | ConnectionRouted
     | TunnelEstablished

@@ -75,7 +75,7 @@ class ConnectionRecord:
     close_detail: str = ""
     # The routing decision (routing.router.Decision.text, e.g. "proxy corp, backup
     # (rule[2]: *.corp -> corp)") and what made it ("rule[2]", "pac", "default"); empty
-    # when the engine routes without a router (one upstream, as before issue 15).
+    # when the engine routes without a router (one upstream, no failover).
     route: str = ""
     decided_by: str = ""
 
@@ -87,24 +87,3 @@ class ConnectionRecord:
         ip, port = self.original_dst
         host = self.host or (f"[{ip}]" if ":" in ip else ip)
         return f"{host}:{port}"
-
-    def snapshot(self) -> ConnectionRecord:
-        """A copy safe to hand to another thread."""
-        return ConnectionRecord(
-            id=self.id,
-            client=self.client,
-            original_dst=self.original_dst,
-            host=self.host,
-            upstream=self.upstream,
-            state=self.state,
-            opened_at=self.opened_at,
-            established_at=self.established_at,
-            closed_at=self.closed_at,
-            handshake_latency=self.handshake_latency,
-            bytes_up=self.bytes_up,
-            bytes_down=self.bytes_down,
-            close_reason=self.close_reason,
-            close_detail=self.close_detail,
-            route=self.route,
-            decided_by=self.decided_by,
-        )

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from tray_proxy.relay.aio import within
-from tray_proxy.relay.credentials import Credentials, CredentialSource
+from tray_proxy.relay.credentials import Credentials
 from tray_proxy.relay.failures import UpstreamError as UpstreamError
 from tray_proxy.relay.failures import (
     bad_answer,
@@ -226,31 +226,20 @@ def _ip_literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | No
         return None
 
 
-def make_handshake(
-    upstream: UpstreamProxy, target_host: str, target_port: int, credentials: CredentialSource
-) -> UpstreamHandshake:
-    """The protocol object for one tunnel through `upstream` to target_host:target_port."""
-    creds = credentials.get(upstream.name, upstream.username)
-    return handshake_for(upstream, target_host, target_port, creds)
-
-
-def handshake_for(
-    upstream: UpstreamProxy, target_host: str, target_port: int, creds: Credentials | None
-) -> UpstreamHandshake:
-    """Like make_handshake, with the credentials already looked up."""
-    if upstream.kind is UpstreamKind.SOCKS5:
-        if creds is None:
-            return Socks5Handshake(target_host, target_port)
-        return Socks5Handshake(
-            target_host,
-            target_port,
-            username=creds.username,
-            password=creds.password.reveal(),
-        )
-    headers: list[tuple[str, str]] = []
-    if creds is not None:
-        headers.append(basic_proxy_authorization(creds.username, creds.password.reveal()))
-    return ConnectHandshake(target_host, target_port, headers=headers)
+def socks5_handshake(
+    target_host: str, target_port: int, creds: Credentials | None
+) -> Socks5Handshake:
+    """The SOCKS5 handshake for one tunnel to target_host:target_port; it offers
+    username/password (RFC 1929) only when there are credentials. HTTP upstreams go through
+    ProxyAuth instead (challenge-driven)."""
+    if creds is None:
+        return Socks5Handshake(target_host, target_port)
+    return Socks5Handshake(
+        target_host,
+        target_port,
+        username=creds.username,
+        password=creds.password.reveal(),
+    )
 
 
 async def run_handshake(
@@ -648,7 +637,7 @@ class _Opener:
         host, port = self.target
         if self.creds is not None:
             await self.acquire()
-        handshake = handshake_for(self.upstream, host, port, self.creds)
+        handshake = socks5_handshake(host, port, self.creds)
         sock = await self.dial()
         loop = asyncio.get_running_loop()
         try:

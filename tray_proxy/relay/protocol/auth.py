@@ -1,7 +1,8 @@
 """Builders for proxy authentication headers.
 
-Only the Basic scheme lives here for now; Digest, NTLM and Negotiate will join it. Secrets pass
-through these functions and must never reach an exception message or a log line.
+The Basic scheme's header (RFC 7617), sent preemptively or in answer to a challenge; Digest is
+digest.py, and proxy_auth.py picks and runs every scheme (Basic, Digest, NTLM, Negotiate).
+Secrets pass through here and must never reach an exception message or a log line.
 
 Must not import asyncio, socket, selectors, ssl or PySide6.
 """

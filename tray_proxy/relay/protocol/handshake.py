@@ -1,6 +1,7 @@
-"""The interface every upstream handshake (HTTP CONNECT, SOCKS5) offers to the engine.
+"""The shape ConnectHandshake and Socks5Handshake share: bytes in, bytes out, done.
 
-The engine drives any handshake the same way, without knowing the protocol::
+relay/upstream.py's `run_handshake` drives one without knowing its protocol (SOCKS5 tunnels
+go through it; HTTP CONNECT goes through proxy_auth.ProxyAuth, which answers challenges)::
 
     send(hs.data_to_send())
     while not hs.done:
