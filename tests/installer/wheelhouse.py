@@ -100,8 +100,11 @@ def repack(dist: md.Distribution, dest: Path) -> Path:
             continue
         files[entry.as_posix()] = located.read_bytes()
     assert dist_info, f"no .dist-info listed for {name}"
-    # A wheel's file name carries one tag set; pip reads every Tag line from WHEEL itself.
-    python, abi, platforms = tags[0].split("-")
+    # The file name carries the compressed tag set of every Tag line (PEP 425): pypac's
+    # "py2-none-any" + "py3-none-any" is "py2.py3-none-any"; the first tag alone made pip
+    # on Python 3 ignore the wheel.
+    parts = [tag.split("-") for tag in tags]
+    python, abi, platforms = (".".join(dict.fromkeys(p[i] for p in parts)) for i in range(3))
     path = dest / f"{_wheel_name(name, version)}-{version}-{python}-{abi}-{platforms}.whl"
     _write_wheel(path, files, dist_info)
     return path
