@@ -47,8 +47,8 @@ from tray_proxy.relay.protocol.http_connect import (
 from tray_proxy.relay.protocol.proxy_auth import (
     AuthMemo,
     AuthStep,
-    CredentialsRejected,
     ProxyAuth,
+    ProxyRejectedCredentials,
 )
 from tray_proxy.relay.protocol.socks5 import Socks5Handshake
 from tray_proxy.relay.records import Address, CloseReason
@@ -728,7 +728,7 @@ class _Opener:
                         functools.partial(proxy_auth.challenged, exc.headers, same_connection=keep),
                         proxy_auth.steps_token(exc.headers),
                     )
-                except CredentialsRejected as rejected:
+                except ProxyRejectedCredentials as rejected:
                     raise UpstreamError(
                         CloseReason.UPSTREAM_AUTH_FAILED,
                         self._rejected_words(_SCHEME_WORDS[rejected.scheme]),

@@ -21,9 +21,9 @@ from tray_proxy.relay.protocol.proxy_auth import (
     MAX_CHALLENGE_ROUNDS,
     AuthMemo,
     AuthStep,
-    CredentialsRejected,
     MechanismUnavailable,
     ProxyAuth,
+    ProxyRejectedCredentials,
     TokenContext,
 )
 
@@ -204,7 +204,7 @@ def test_pinned_scheme_is_the_only_one_used() -> None:
     with pytest.raises(HandshakeRefused) as info:
         pinned.challenged(hs_headers, same_connection=True)
     assert "auth is set to digest but the proxy offers Basic, NTLM" in str(info.value)
-    assert info.value.auth_failed and not isinstance(info.value, CredentialsRejected)
+    assert info.value.auth_failed and not isinstance(info.value, ProxyRejectedCredentials)
 
 
 @pytest.mark.parametrize(
@@ -291,7 +291,7 @@ def test_digest_stale_nonce_retries_without_failing(chunker) -> None:
 def test_digest_refused_without_stale_is_a_rejection() -> None:
     auth = ProxyAuth(authority="a:1", username="u", password="p")
     auth.challenged([("Proxy-Authenticate", 'Digest realm="r", nonce="n1"')], same_connection=True)
-    with pytest.raises(CredentialsRejected) as info:
+    with pytest.raises(ProxyRejectedCredentials) as info:
         auth.challenged(
             [("Proxy-Authenticate", 'Digest realm="r", nonce="n2"')], same_connection=True
         )
@@ -302,7 +302,7 @@ def test_digest_refused_without_stale_is_a_rejection() -> None:
 def test_basic_refused_is_a_rejection_but_a_scheme_change_is_not() -> None:
     auth = ProxyAuth(authority="a:1", username="u", password="p", pinned="basic")
     assert auth.first().sends_credentials
-    with pytest.raises(CredentialsRejected):
+    with pytest.raises(ProxyRejectedCredentials):
         auth.challenged([("Proxy-Authenticate", "Basic realm=x")], same_connection=True)
     # Remembered Basic, but the proxy now only does Digest: answer that, no failure.
     memo = AuthMemo()
@@ -348,7 +348,7 @@ def test_ntlm_final_leg_refused_is_a_rejection() -> None:
     )
     assert auth.first().scheme == "ntlm"
     auth.challenged([("Proxy-Authenticate", "NTLM " + b64(b"CHAL"))], same_connection=True)
-    with pytest.raises(CredentialsRejected) as info:
+    with pytest.raises(ProxyRejectedCredentials) as info:
         auth.challenged([("Proxy-Authenticate", "NTLM")], same_connection=True)
     assert info.value.scheme == "ntlm"
 

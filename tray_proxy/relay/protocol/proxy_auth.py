@@ -3,10 +3,10 @@
 ``ProxyAuth`` is asked for the header of the first request (``first()``), and after each 407
 for the next one (``challenged()``). It reads every challenge of the 407, picks the strongest
 scheme we can answer (Negotiate > NTLM > Digest > Basic) unless the upstream pins one, runs
-the multi-leg NTLM/Negotiate exchange through an injected ``TokenContext``, and tells a proxy
-that refused our credentials (``CredentialsRejected``) from one that merely wants another leg,
-a fresh Digest nonce (``stale=true``) or another scheme. It keeps no socket: the driver in
-relay/upstream.py sends, reads and reconnects.
+the multi-leg NTLM/Negotiate exchange through an injected ``TokenContext``, and tells a
+proxy that refused our credentials (``ProxyRejectedCredentials``) from one that merely wants
+another leg, a fresh Digest nonce (``stale=true``) or another scheme. It keeps no socket: the
+driver in relay/upstream.py sends, reads and reconnects.
 
 A remembered scheme (``AuthMemo``, one per upstream) lets later tunnels answer at once: Basic
 preemptively once the proxy has asked for Basic, Digest with the last nonce and the next
@@ -36,7 +36,7 @@ __all__ = [
     "SCHEMES",
     "AuthMemo",
     "AuthStep",
-    "CredentialsRejected",
+    "ProxyRejectedCredentials",
     "MechanismUnavailable",
     "ProxyAuth",
     "TokenContext",
@@ -73,11 +73,12 @@ class MechanismUnavailable(Exception):
 TokenContextFactory = Callable[[str], TokenContext]
 
 
-class CredentialsRejected(HandshakeRefused):
+class ProxyRejectedCredentials(HandshakeRefused):
     """The proxy answered 407 to a request that carried our credentials: they are wrong.
 
     The engine stops sending these credentials anywhere (directory accounts lock after a
-    few failures) until the user changes them.
+    few failures) until they change or a re-check finds them accepted, and publishes the
+    event relay.events.CredentialsRejected (a different thing: what the UI hears).
     """
 
     def __init__(self, scheme: str, detail: str) -> None:
@@ -195,7 +196,7 @@ class ProxyAuth:
         """The next request after a 407 with these headers (names in any case).
 
         `same_connection`: the next request goes on the connection that carried the 407.
-        Raises ``CredentialsRejected`` when the proxy refused our credentials,
+        Raises ``ProxyRejectedCredentials`` when the proxy refused our credentials,
         ``HandshakeRefused`` (auth_failed) when we cannot answer it, ``ProtocolError`` when
         its challenge is malformed.
         """
@@ -214,7 +215,7 @@ class ProxyAuth:
             if token is not None and same_connection:
                 return self._sent(self._continue_token(last.scheme, token))
             if token is None and mine and self._answered_token:
-                raise CredentialsRejected(last.scheme, f"{_WIRE_NAME[last.scheme]} failed")
+                raise ProxyRejectedCredentials(last.scheme, f"{_WIRE_NAME[last.scheme]} failed")
             if token is None and mine:
                 # It refused our first token (say, a Kerberos ticket it cannot use): no
                 # password was checked, so another scheme may be tried.
@@ -226,9 +227,9 @@ class ProxyAuth:
                 self._digest = DigestSession(fresh)
                 return self._sent(self._digest_step())
             if mine:
-                raise CredentialsRejected("digest", "Digest credentials refused")
+                raise ProxyRejectedCredentials("digest", "Digest credentials refused")
         elif last.scheme == "basic" and mine:
-            raise CredentialsRejected("basic", "Basic credentials refused")
+            raise ProxyRejectedCredentials("basic", "Basic credentials refused")
         # No credentials sent yet, or the proxy stopped offering what we used: choose anew.
         return self._sent(self._choose(challenges))
 
