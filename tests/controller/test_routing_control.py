@@ -17,6 +17,7 @@ from tray_proxy.monitor.health import UpstreamState
 from tray_proxy.relay.events import (
     CredentialsAccepted,
     CredentialsRejected,
+    RoutingError,
     TunnelEstablished,
     UpstreamFailed,
     UpstreamHealthChanged,
@@ -81,6 +82,27 @@ def test_credentials_accepted_ends_degraded() -> None:
     notice = rig.notices()[-1]
     assert notice.kind is NoticeKind.UPSTREAM_BACK
     assert notice.text == "Proxy corp works again: it accepted the login."
+
+
+def test_a_pac_script_that_fails_reaches_the_user() -> None:
+    """The relay's RoutingError (published once per new PAC failure) is an error the status
+    and the Overview show, and a warning notice: a broken PAC file must not go unseen."""
+    rig = Rig()
+
+    async def main() -> None:
+        await rig.controller.enable()
+        rig.from_engine(RoutingError("http://wpad/wpad.dat answered 404"))
+        await until(lambda: bool(rig.notices()), "the notice")
+
+    run(main())
+    (notice,) = rig.notices()
+    assert notice.kind is NoticeKind.ROUTING_FAILED
+    assert notice.text == (
+        "The PAC script cannot be used: http://wpad/wpad.dat answered 404. Until it works "
+        "again, new connections follow the rules and the default of the settings file."
+    )
+    assert rig.controller.status().last_error == notice.text
+    assert rig.controller.state is State.ON  # the rules still route: not an outage
 
 
 def test_status_says_whose_traffic_is_captured() -> None:

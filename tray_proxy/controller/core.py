@@ -73,6 +73,7 @@ from tray_proxy.relay.events import (
     Event,
     ListenerError,
     Observer,
+    RoutingError,
     TunnelEstablished,
     UpstreamFailed,
     UpstreamHealthChanged,
@@ -748,6 +749,8 @@ class ProxyController:
                 self._credentials_accepted(event)
             elif isinstance(event, ListenerError):
                 self._error(f"The relay cannot accept connections: {event.detail}")
+            elif isinstance(event, RoutingError):
+                self._routing_failed(event)
             elif isinstance(event, EngineStopped) and not self._life.stopping_relay:
                 text = "The relay stopped unexpectedly, so the redirect was switched off."
                 self._error(text)
@@ -768,6 +771,16 @@ class ProxyController:
             text = f"Proxy {event.upstream} works again."
             self._notice(NoticeKind.UPSTREAM_BACK, "Proxy back", text)
             self._transition(State.ON, text)
+
+    def _routing_failed(self, event: RoutingError) -> None:
+        """The PAC script cannot be used (the relay says so once per new failure): new
+        connections follow the [[rule]]s and the default until it works again."""
+        text = (
+            f"The PAC script cannot be used: {event.detail}. Until it works again, new "
+            "connections follow the rules and the default of the settings file."
+        )
+        self._error(text)
+        self._notice(NoticeKind.ROUTING_FAILED, "PAC script failed", text)
 
     def _credentials_accepted(self, event: CredentialsAccepted) -> None:
         """The proxy took credentials it had rejected: the upstream works again."""

@@ -86,6 +86,8 @@ class NoticeKind(enum.Enum):
     OFF_NETWORK = "off-network"
     ON_NETWORK = "on-network"
     SETTINGS_RELOADED = "settings-reloaded"
+    # The PAC script could not be used (not fetched, broken, too slow): the rules decide.
+    ROUTING_FAILED = "routing-failed"
 
 
 @dataclass(frozen=True, slots=True)

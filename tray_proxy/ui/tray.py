@@ -30,6 +30,7 @@ _WARNINGS = frozenset(
         NoticeKind.HISTORY_FAILED,
         NoticeKind.SETTINGS_INVALID,
         NoticeKind.OFF_NETWORK,
+        NoticeKind.ROUTING_FAILED,
     }
 )
 
