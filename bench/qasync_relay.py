@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     from PySide6.QtWidgets import QApplication
 
     from tray_proxy.config import load_config
-    from tray_proxy.relay.credentials import SystemdCredentialSource
     from tray_proxy.relay.engine import RelayEngine
+    from tray_proxy.relay.secrets import SystemdCredentialSource
 
     config = load_config(args.config)
     app = QApplication([sys.argv[0]])

@@ -153,7 +153,7 @@ def test_run_reads_passwords_from_the_keyring_and_says_when_one_is_missing(
     import tray_proxy.keyring_store as credentials_module
     from tray_proxy.cli import _credential_source
     from tray_proxy.config import parse_config
-    from tray_proxy.relay.credentials import Credentials, Secret
+    from tray_proxy.relay.secrets import Credentials, Secret
 
     class FakeStore:
         async def get(self, name: str) -> Credentials | None:

@@ -37,8 +37,8 @@ from tests.lab.squid import AccessLogEntry, BasicAuth
 from tests.relay.stubs import ConnectProxy, Mode, Origin, echo, http_upstream
 from tray_proxy.config import load_config, save_config
 from tray_proxy.discovery import Discovery, Found
-from tray_proxy.relay.credentials import Credentials, Secret
 from tray_proxy.relay.probe import ProbeOutcome, ProbeResult, probe_upstream
+from tray_proxy.relay.secrets import Credentials, Secret
 from tray_proxy.relay.settings import UpstreamKind, UpstreamProxy
 from tray_proxy.setup_flow import (
     SetupAnswers,

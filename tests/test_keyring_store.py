@@ -46,7 +46,7 @@ from tray_proxy.keyring_store import (
     running_under_systemd,
     session_bus_socket,
 )
-from tray_proxy.relay.credentials import Credentials, Secret
+from tray_proxy.relay.secrets import Credentials, Secret
 
 PASSWORD = "c0rrect-Horse:battery staple"
 

@@ -45,8 +45,8 @@ from tray_proxy.errors import UserError
 from tray_proxy.instance import ControlError, ControlServer, runtime_dir, send_command
 from tray_proxy.keyring_store import CredentialStore, default_credential_source
 from tray_proxy.monitor.rows import ConnectionRow
-from tray_proxy.relay.credentials import Credentials
 from tray_proxy.relay.probe import ProbeResult, probe_upstream
+from tray_proxy.relay.secrets import Credentials
 from tray_proxy.relay.settings import RelaySettings, UpstreamProxy
 from tray_proxy.setup_flow import needs_setup
 from tray_proxy.tasks import spawn

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from tray_proxy.firewall.ruleset import RuleSpec
     from tray_proxy.instance import ControlServer
     from tray_proxy.keyring_store import AppCredentialSource
-    from tray_proxy.relay.credentials import CredentialSource
+    from tray_proxy.relay.secrets import CredentialSource
 
 EXIT_OK = 0
 EXIT_FAILURE = 1

@@ -133,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _set(args: argparse.Namespace) -> int:
     from tray_proxy.keyring_store import CredentialStore, CredentialStoreError
-    from tray_proxy.relay.credentials import Secret
+    from tray_proxy.relay.secrets import Secret
     from tray_proxy.relay.settings import UpstreamKind
 
     config = _load(args.config)

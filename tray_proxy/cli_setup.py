@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from tray_proxy.discovery import Discovery
-    from tray_proxy.relay.credentials import Secret
+    from tray_proxy.relay.secrets import Secret
     from tray_proxy.setup_flow import CheckedAnswers, Prefill, SetupFlow
 
 EXIT_OK = 0
@@ -181,7 +181,7 @@ def _scripted(
 
 
 def _password_from_stdin() -> Secret:
-    from tray_proxy.relay.credentials import Secret
+    from tray_proxy.relay.secrets import Secret
 
     stream = sys.stdin.buffer if sys.stdin is not None else None
     raw = stream.readline(_MAX_LINE + 1) if stream is not None else b""
@@ -214,7 +214,7 @@ def _ask(prompt: str, default: str = "", check: Callable[[str], str | None] | No
 
 
 def _interactive(flow: SetupFlow, prefill: Prefill, args: argparse.Namespace) -> int:
-    from tray_proxy.relay.credentials import Secret
+    from tray_proxy.relay.secrets import Secret
     from tray_proxy.setup_flow import SetupAnswers, SetupError
 
     found = [f for f in prefill.discovery.found if f.proxy_url]

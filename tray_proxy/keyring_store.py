@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, cast
 
 from tray_proxy.errors import UserError
-from tray_proxy.relay.credentials import (
+from tray_proxy.relay.secrets import (
     ChainedCredentialSource,
     Credentials,
     CredentialSource,

@@ -42,8 +42,8 @@ from tray_proxy.config import (
 )
 from tray_proxy.discovery import Discovery, Found, discover
 from tray_proxy.errors import UserError
-from tray_proxy.relay.credentials import Credentials, Secret
 from tray_proxy.relay.probe import ProbeOutcome, ProbeResult, probe_upstream
+from tray_proxy.relay.secrets import Credentials, Secret
 from tray_proxy.relay.settings import RelaySettings, UpstreamKind, UpstreamProxy
 
 __all__ = [

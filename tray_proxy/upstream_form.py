@@ -20,7 +20,7 @@ import tomli_w
 
 from tray_proxy.config import ConfigError, parse_config
 from tray_proxy.keyring_store import CredentialStoreError
-from tray_proxy.relay.credentials import Secret
+from tray_proxy.relay.secrets import Secret
 from tray_proxy.relay.settings import AuthScheme, UpstreamKind, UpstreamProxy
 
 log = logging.getLogger(__name__)

@@ -18,9 +18,9 @@ from tray_proxy.controller import ControllerEvent, Notice, ProxyController, Stat
 from tray_proxy.controller.services import Traffic
 from tray_proxy.firewall.client import HelperExitedError, RedirectStatus
 from tray_proxy.firewall.ruleset import RuleSpec
-from tray_proxy.relay.credentials import Credentials
 from tray_proxy.relay.events import Observer
 from tray_proxy.relay.records import Address
+from tray_proxy.relay.secrets import Credentials
 from tray_proxy.relay.settings import RelaySettings, UpstreamKind, UpstreamProxy
 
 T = TypeVar("T")

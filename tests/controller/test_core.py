@@ -45,7 +45,6 @@ from tray_proxy.firewall.client import (
     HelperExitedError,
     UpstreamResolutionError,
 )
-from tray_proxy.relay.credentials import Credentials, Secret
 from tray_proxy.relay.events import (
     ConnectionClosed,
     ConnectionOpened,
@@ -55,6 +54,7 @@ from tray_proxy.relay.events import (
 )
 from tray_proxy.relay.probe import ProbeOutcome, ProbeResult
 from tray_proxy.relay.records import CloseReason
+from tray_proxy.relay.secrets import Credentials, Secret
 from tray_proxy.relay.settings import RelaySettings, UpstreamProxy
 
 

@@ -15,9 +15,9 @@ from tray_proxy.controller import State
 from tray_proxy.controller.commands import INSTANCE_RUN, answer_command
 from tray_proxy.errors import UserError
 from tray_proxy.keyring_store import KeyringLockedError
-from tray_proxy.relay.credentials import Credentials, Secret
 from tray_proxy.relay.events import UpstreamFailed
 from tray_proxy.relay.records import CloseReason
+from tray_proxy.relay.secrets import Credentials, Secret
 
 
 class Keyring:

@@ -30,9 +30,9 @@ from tray_proxy.firewall.client import (
     UpstreamResolutionError,
 )
 from tray_proxy.firewall.ruleset import Bridge, IPAddress, RuleSpec
-from tray_proxy.relay.credentials import Credentials
 from tray_proxy.relay.events import Event, Observer
 from tray_proxy.relay.records import Address
+from tray_proxy.relay.secrets import Credentials
 
 TWO = (
     '[[upstream]]\nname = "a"\nurl = "http://proxy-a.example:8080"\n'

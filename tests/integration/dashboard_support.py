@@ -42,7 +42,7 @@ from tray_proxy.controller import ProxyController, State, engine_relay_factory
 from tray_proxy.controller.history import HistoryFile, history_path, open_history_writer
 from tray_proxy.controller.services import ConfigFile
 from tray_proxy.monitor.rows import ConnectionRow
-from tray_proxy.relay.credentials import Credentials, Secret, StaticCredentialSource
+from tray_proxy.relay.secrets import Credentials, Secret, StaticCredentialSource
 from tray_proxy.ui.bridge import UiBridge
 from tray_proxy.ui.main_window import CloseChoice, MainWindow
 from tray_proxy.ui.models.columns import ROW_ROLE

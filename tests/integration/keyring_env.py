@@ -239,7 +239,7 @@ def _session(argv: list[str]) -> int:
 
 async def _store_ops(lines: list[str]) -> list[dict[str, Any]]:
     from tray_proxy.keyring_store import CredentialStore, CredentialStoreError
-    from tray_proxy.relay.credentials import Secret
+    from tray_proxy.relay.secrets import Secret
 
     store = CredentialStore(timeout=float(os.environ.get("TEST_KEYRING_TIMEOUT", "10")))
     answers: list[dict[str, Any]] = []

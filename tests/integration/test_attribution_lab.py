@@ -31,10 +31,10 @@ from tests.lab.environment import Lab
 from tests.lab.netns import NsProcess
 from tray_proxy.monitor.attribution import Attributor
 from tray_proxy.monitor.rows import ProcessInfo
-from tray_proxy.relay.credentials import Credentials, Secret, StaticCredentialSource
 from tray_proxy.relay.engine import RelayEngine
 from tray_proxy.relay.events import ConnectionOpened, Event, EventBus
 from tray_proxy.relay.records import Address
+from tray_proxy.relay.secrets import Credentials, Secret, StaticCredentialSource
 from tray_proxy.relay.settings import RelaySettings, UpstreamKind, UpstreamProxy
 
 pytestmark = pytest.mark.lab

@@ -25,9 +25,9 @@ from tests.integration.engine_in_lab import EngineInLab
 from tests.integration.relay import RelayProcess, UpstreamSpec, allocate_port
 from tests.lab.curl import curl_config
 from tests.lab.environment import Lab
-from tray_proxy.relay.credentials import Credentials, Secret, StaticCredentialSource
 from tray_proxy.relay.engine import RelayEngine
 from tray_proxy.relay.events import EventBus
+from tray_proxy.relay.secrets import Credentials, Secret, StaticCredentialSource
 from tray_proxy.relay.settings import RelaySettings, UpstreamKind, UpstreamProxy
 
 pytestmark = pytest.mark.lab

@@ -26,10 +26,10 @@ from tests.lab.origins import HOSTNAME
 from tests.relay.stubs import tls_client_hello
 from tray_proxy.monitor.monitor import Monitor
 from tray_proxy.monitor.rows import ConnectionRow, RowState
-from tray_proxy.relay.credentials import Credentials, Secret, StaticCredentialSource
 from tray_proxy.relay.engine import RelayEngine
 from tray_proxy.relay.events import ConnectionClosed, Event, EventBus
 from tray_proxy.relay.records import CloseReason
+from tray_proxy.relay.secrets import Credentials, Secret, StaticCredentialSource
 from tray_proxy.relay.settings import RelaySettings, UpstreamKind, UpstreamProxy
 
 pytestmark = pytest.mark.lab

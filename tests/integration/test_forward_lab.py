@@ -43,12 +43,12 @@ from tests.lab.origins import HOSTNAME, pattern_sha256
 from tests.lab.squid import BasicAuth
 from tests.lab.squid_stock import StockSquid
 from tray_proxy.relay.aio import within
-from tray_proxy.relay.credentials import Credentials, Secret
 from tray_proxy.relay.forward import ForwardResult, Port80Memory, forward_http
 from tray_proxy.relay.origdst import original_destination
 from tray_proxy.relay.pipe import abort
 from tray_proxy.relay.protocol.peek import HostPeeker
 from tray_proxy.relay.records import Address, CloseReason
+from tray_proxy.relay.secrets import Credentials, Secret
 from tray_proxy.relay.settings import UpstreamKind, UpstreamProxy
 from tray_proxy.relay.upstream import Dialer, UpstreamAuth, UpstreamError, open_tunnel
 

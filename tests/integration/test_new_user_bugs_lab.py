@@ -79,7 +79,7 @@ class _Driver:
         import asyncio
 
         from tray_proxy.keyring_store import CredentialStore
-        from tray_proxy.relay.credentials import Secret
+        from tray_proxy.relay.secrets import Secret
 
         asyncio.run(CredentialStore().set(UPSTREAM, username, Secret(password)))
         return {"rc": 0}

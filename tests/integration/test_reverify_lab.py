@@ -30,9 +30,9 @@ from tests.lab.curl import CurlResult
 from tests.lab.environment import Lab
 from tests.lab.origins import ALT_HOSTNAME
 from tests.lab.squid import AccessLogEntry, BasicAuth, SquidProxy
-from tray_proxy.relay.credentials import Credentials, Secret, StaticCredentialSource
 from tray_proxy.relay.engine import RelayEngine
 from tray_proxy.relay.events import CredentialsAccepted, CredentialsRejected, Event, EventBus
+from tray_proxy.relay.secrets import Credentials, Secret, StaticCredentialSource
 from tray_proxy.relay.settings import RelaySettings, UpstreamKind, UpstreamProxy
 
 pytestmark = pytest.mark.lab

@@ -21,10 +21,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tray_proxy.relay.credentials import CredentialSource
 from tray_proxy.relay.engine import RelayEngine
 from tray_proxy.relay.events import ConnectionClosed, ConnectionOpened, Event, EventBus
 from tray_proxy.relay.records import ConnectionRecord
+from tray_proxy.relay.secrets import CredentialSource
 from tray_proxy.relay.settings import RelaySettings, UpstreamKind, UpstreamProxy
 from tray_proxy.routing.router import Router
 

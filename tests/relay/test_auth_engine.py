@@ -37,7 +37,6 @@ from tests.relay.stubs import (
     until,
 )
 from tray_proxy.relay import upstream as upstream_module
-from tray_proxy.relay.credentials import Credentials, Secret, StaticCredentialSource
 from tray_proxy.relay.events import (
     CredentialsAccepted,
     CredentialsRejected,
@@ -47,6 +46,7 @@ from tray_proxy.relay.events import (
 from tray_proxy.relay.probe import ProbeOutcome, probe_upstream
 from tray_proxy.relay.protocol.challenge import parse_challenges
 from tray_proxy.relay.records import CloseReason
+from tray_proxy.relay.secrets import Credentials, Secret, StaticCredentialSource
 from tray_proxy.relay.settings import AuthScheme, UpstreamKind, UpstreamProxy
 from tray_proxy.relay.spnego_auth import SpnegoContext
 from tray_proxy.relay.upstream import CredentialState

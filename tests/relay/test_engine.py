@@ -50,7 +50,6 @@ from tests.relay.stubs import (
     until,
     write_all,
 )
-from tray_proxy.relay.credentials import Credentials, Secret, StaticCredentialSource
 from tray_proxy.relay.engine import RelayEngine, RelayStartError
 from tray_proxy.relay.events import (
     ConnectionClosed,
@@ -62,6 +61,7 @@ from tray_proxy.relay.events import (
     UpstreamFailed,
 )
 from tray_proxy.relay.records import CloseReason, ConnState
+from tray_proxy.relay.secrets import Credentials, Secret, StaticCredentialSource
 from tray_proxy.relay.settings import UpstreamKind, UpstreamProxy
 
 MiB = 1 << 20

@@ -22,10 +22,10 @@ import pytest
 
 from tests.relay.conftest import Runner
 from tests.relay.stubs import pattern, sha, tcp_pair
-from tray_proxy.relay.credentials import Credentials, Secret
 from tray_proxy.relay.forward import ForwardLimits, ForwardResult, Port80Memory, forward_http
 from tray_proxy.relay.pipe import abort
 from tray_proxy.relay.records import CloseReason
+from tray_proxy.relay.secrets import Credentials, Secret
 from tray_proxy.relay.settings import AuthScheme, UpstreamKind, UpstreamProxy
 from tray_proxy.relay.upstream import CredentialState, UpstreamAuth, UpstreamError
 

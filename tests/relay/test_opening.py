@@ -20,9 +20,9 @@ from tests.relay.stubs import (
     until,
 )
 from tray_proxy.relay import opening
-from tray_proxy.relay.credentials import Credentials, Secret, StaticCredentialSource
 from tray_proxy.relay.events import CredentialsRejected, UpstreamFailed
 from tray_proxy.relay.records import CloseReason, ConnectionRecord
+from tray_proxy.relay.secrets import Credentials, Secret, StaticCredentialSource
 
 
 @pytest.fixture

@@ -101,7 +101,7 @@ def test_the_controller_handle_passes_new_credentials_and_extra_listeners_to_the
     """controller/engine_relay.EngineRelay, the RelayHandle over an EngineThread: the calls
     the controller makes from its worker threads reach the engine on its loop."""
     from tray_proxy.controller.engine_relay import EngineRelay
-    from tray_proxy.relay.credentials import Credentials, Secret
+    from tray_proxy.relay.secrets import Credentials, Secret
     from tray_proxy.relay.settings import UpstreamKind, UpstreamProxy
 
     upstream = UpstreamProxy("corp", UpstreamKind.HTTP, "127.0.0.1", 9, username="alice")

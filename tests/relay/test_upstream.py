@@ -13,9 +13,9 @@ import time
 import pytest
 
 from tests.relay.stubs import free_port_range, tcp_pair
-from tray_proxy.relay.credentials import Credentials, Secret
 from tray_proxy.relay.protocol.http_connect import ConnectHandshake
 from tray_proxy.relay.records import CloseReason
+from tray_proxy.relay.secrets import Credentials, Secret
 from tray_proxy.relay.settings import UpstreamKind, UpstreamProxy
 from tray_proxy.relay.upstream import (
     CredentialState,

@@ -25,9 +25,9 @@ from tray_proxy.config import Config, ConfigError
 from tray_proxy.controller import NoticeKind, ProxyController
 from tray_proxy.controller.services import RelayHandle, Traffic
 from tray_proxy.keyring_store import KeyringLockedError, PlaintextKeyringError
-from tray_proxy.relay.credentials import Credentials, Secret
 from tray_proxy.relay.events import Observer
 from tray_proxy.relay.probe import ProbeOutcome, ProbeResult
+from tray_proxy.relay.secrets import Credentials, Secret
 from tray_proxy.relay.settings import AuthScheme, RelaySettings, UpstreamKind, UpstreamProxy
 from tray_proxy.ui.bridge import UiBridge
 from tray_proxy.ui.credentials_dialog import NEW_PROXY, CredentialsDialog

@@ -28,7 +28,7 @@ from pytestqt.qtbot import QtBot
 from tests.relay.stubs import ConnectProxy, Mode, Origin, echo
 from tray_proxy.config import load_config
 from tray_proxy.discovery import Discovery, from_environment
-from tray_proxy.relay.credentials import Secret
+from tray_proxy.relay.secrets import Secret
 from tray_proxy.relay.settings import UpstreamProxy
 from tray_proxy.setup_flow import SetupFlow, SetupService
 from tray_proxy.ui.setup_window import SetupWindow

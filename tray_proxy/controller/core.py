@@ -64,7 +64,6 @@ from tray_proxy.monitor.health import HealthSnapshot, ProbeRecord, UpstreamState
 from tray_proxy.monitor.monitor import HEADLESS_COALESCE, Monitor
 from tray_proxy.monitor.rows import ConnectionRow, ProcessInfo
 from tray_proxy.offnet import OffnetChange, OffnetPolicy, Reachability
-from tray_proxy.relay.credentials import CredentialSource
 from tray_proxy.relay.events import (
     ConnectionClosed,
     ConnectionOpened,
@@ -80,6 +79,7 @@ from tray_proxy.relay.events import (
 )
 from tray_proxy.relay.probe import ProbeResult, probe_upstream
 from tray_proxy.relay.records import CloseReason
+from tray_proxy.relay.secrets import CredentialSource
 from tray_proxy.relay.settings import RelaySettings, UpstreamProxy
 from tray_proxy.setup_flow import describe_probe
 from tray_proxy.tasks import spawn

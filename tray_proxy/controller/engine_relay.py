@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from tray_proxy.config import Config
 from tray_proxy.controller.services import RelayFactory, RelayHandle, Traffic
-from tray_proxy.relay.credentials import Credentials, CredentialSource
 from tray_proxy.relay.events import Observer
 from tray_proxy.relay.records import Address
+from tray_proxy.relay.secrets import Credentials, CredentialSource
 
 if TYPE_CHECKING:
     from tray_proxy.relay.engine import RelayEngine

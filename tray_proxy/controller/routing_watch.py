@@ -36,8 +36,8 @@ from typing import Final, Protocol
 
 from tray_proxy.config import Config
 from tray_proxy.offnet import OffnetChange, OffnetPolicy, OffnetProber, Reachability
-from tray_proxy.relay.credentials import Credentials
 from tray_proxy.relay.probe import ProbeOutcome, ProbeResult, probe_upstream
+from tray_proxy.relay.secrets import Credentials
 from tray_proxy.relay.settings import UpstreamProxy
 from tray_proxy.tasks import spawn
 

@@ -17,10 +17,10 @@ from tray_proxy.config import Config, load_config, save_config
 from tray_proxy.controller.managed_redirect import HelperControl
 from tray_proxy.firewall.ruleset import IPAddress
 from tray_proxy.monitor.rows import ConnectionRow
-from tray_proxy.relay.credentials import Credentials
 from tray_proxy.relay.events import Observer
 from tray_proxy.relay.probe import ProbeResult, probe_upstream
 from tray_proxy.relay.records import Address
+from tray_proxy.relay.secrets import Credentials
 from tray_proxy.relay.settings import UpstreamProxy
 
 __all__ = [

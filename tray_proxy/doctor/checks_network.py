@@ -33,8 +33,8 @@ from tray_proxy.keyring_store import (
     CredentialStoreError,
     running_under_systemd,
 )
-from tray_proxy.relay.credentials import Credentials, SystemdCredentialSource
 from tray_proxy.relay.probe import ProbeOutcome, ProbeResult, probe_upstream
+from tray_proxy.relay.secrets import Credentials, SystemdCredentialSource
 from tray_proxy.relay.settings import UpstreamProxy
 from tray_proxy.relay.upstream import Dialer, UpstreamAuth, UpstreamError, open_tunnel
 from tray_proxy.tasks import spawn

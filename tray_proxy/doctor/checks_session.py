@@ -21,7 +21,7 @@ from tray_proxy.config import ConfigError
 from tray_proxy.doctor.context import DoctorEnv, in_thread
 from tray_proxy.doctor.model import CheckResult, CheckStatus
 from tray_proxy.keyring_store import BackendInfo, classify_backend, effective_backend
-from tray_proxy.relay.credentials import SystemdCredentialSource
+from tray_proxy.relay.secrets import SystemdCredentialSource
 
 __all__ = [
     "KeyringState",

@@ -26,7 +26,6 @@ from typing import Any
 
 from tray_proxy.errors import UserError
 from tray_proxy.relay.aio import within
-from tray_proxy.relay.credentials import Credentials, CredentialSource, StaticCredentialSource
 from tray_proxy.relay.events import (
     ConnectionClosed,
     ConnectionOpened,
@@ -69,6 +68,7 @@ from tray_proxy.relay.records import (
     ConnState,
     next_connection_id,
 )
+from tray_proxy.relay.secrets import Credentials, CredentialSource, StaticCredentialSource
 from tray_proxy.relay.settings import RelaySettings, UpstreamKind, UpstreamProxy
 from tray_proxy.relay.spares import Spares
 from tray_proxy.relay.upstream import (

@@ -34,7 +34,6 @@ from typing import Any
 import h11
 
 from tray_proxy.relay.aio import within
-from tray_proxy.relay.credentials import Credentials
 from tray_proxy.relay.protocol.auth import basic_proxy_authorization
 from tray_proxy.relay.protocol.challenge import parse_challenges
 from tray_proxy.relay.protocol.errors import ProtocolError, UsageError, peer_excerpt
@@ -46,6 +45,7 @@ from tray_proxy.relay.protocol.forward_http import (
     response_fields,
 )
 from tray_proxy.relay.records import Address, CloseReason, ConnectionRecord
+from tray_proxy.relay.secrets import Credentials
 from tray_proxy.relay.settings import AuthScheme, UpstreamKind, UpstreamProxy
 from tray_proxy.relay.upstream import CredentialState, Permit, UpstreamAuth, UpstreamError
 

@@ -16,8 +16,8 @@ import errno as errno_codes
 import time
 from dataclasses import dataclass, replace
 
-from tray_proxy.relay.credentials import Credentials
 from tray_proxy.relay.records import CloseReason
+from tray_proxy.relay.secrets import Credentials
 from tray_proxy.relay.settings import UpstreamKind, UpstreamProxy
 from tray_proxy.relay.upstream import Dialer, UpstreamAuth, UpstreamError, open_tunnel
 

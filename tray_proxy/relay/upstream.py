@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from tray_proxy.relay.aio import within
-from tray_proxy.relay.credentials import Credentials
 from tray_proxy.relay.failures import UpstreamError as UpstreamError
 from tray_proxy.relay.failures import (
     bad_answer,
@@ -52,6 +51,7 @@ from tray_proxy.relay.protocol.proxy_auth import (
 )
 from tray_proxy.relay.protocol.socks5 import Socks5Handshake
 from tray_proxy.relay.records import Address, CloseReason
+from tray_proxy.relay.secrets import Credentials
 from tray_proxy.relay.settings import AuthScheme, UpstreamKind, UpstreamProxy
 from tray_proxy.relay.sockets import SourcePorts, outbound_socket
 from tray_proxy.relay.spnego_auth import kerberos_available, token_contexts

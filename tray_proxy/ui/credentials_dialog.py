@@ -40,8 +40,8 @@ from PySide6.QtWidgets import (
 )
 
 from tray_proxy.errors import UserError
-from tray_proxy.relay.credentials import Credentials, Secret
 from tray_proxy.relay.probe import ProbeOutcome, ProbeResult
+from tray_proxy.relay.secrets import Credentials, Secret
 from tray_proxy.relay.settings import AuthScheme, UpstreamKind, UpstreamProxy
 from tray_proxy.setup_flow import suggest_name
 from tray_proxy.tasks import spawn

@@ -13,8 +13,8 @@ from typing import Protocol
 from tray_proxy.controller import Status
 from tray_proxy.monitor.query import HistoryCursor, HistoryFilter, HistoryPage
 from tray_proxy.monitor.rows import ConnectionRow
-from tray_proxy.relay.credentials import Credentials, Secret
 from tray_proxy.relay.probe import ProbeResult
+from tray_proxy.relay.secrets import Credentials, Secret
 from tray_proxy.relay.settings import UpstreamProxy
 
 

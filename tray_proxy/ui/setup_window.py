@@ -38,7 +38,7 @@ from PySide6.QtWidgets import (
 )
 
 from tray_proxy.errors import UserError
-from tray_proxy.relay.credentials import Secret
+from tray_proxy.relay.secrets import Secret
 from tray_proxy.setup_flow import (
     CheckedAnswers,
     Prefill,

@@ -7,7 +7,7 @@ import pickle
 
 import pytest
 
-from tray_proxy.relay.credentials import (
+from tray_proxy.relay.secrets import (
     ChainedCredentialSource,
     Credentials,
     Secret,
