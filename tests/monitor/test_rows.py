@@ -107,6 +107,41 @@ def test_process_before_the_row_after_and_traffic() -> None:
     assert not tracker.pending()
 
 
+BLOCK_ROUTE = "block (rule[1]: *.ads.example -> block)"
+DIRECT_ROUTE = "direct (rule[0]: .corp.example -> direct)"
+
+
+def test_the_route_decision_reaches_the_open_and_the_closed_row() -> None:
+    # Issue 15: every decision records what decided it, and a BLOCK the rule that blocked it.
+    tracker = RowTracker()
+    first = tracker.apply(
+        [opened(1), ConnectionRouted(1, "wiki.corp.example", None, DIRECT_ROUTE, "rule[0]")]
+    )
+    (row,) = first.opened
+    assert row.route == DIRECT_ROUTE and row.route_action == "direct" and row.upstream is None
+    established = tracker.apply([TunnelEstablished(1, None, 0.002, 100.01)])
+    assert established.updated[0].route == DIRECT_ROUTE  # the tunnel does not forget it
+    assert tracker.open_rows[1].route == DIRECT_ROUTE
+    (closed_row,) = tracker.apply([closed(1)]).closed
+    assert closed_row.route == DIRECT_ROUTE
+
+    blocked = tracker.apply(
+        [
+            opened(2),
+            ConnectionRouted(2, "x.ads.example", None, BLOCK_ROUTE, "rule[1]"),
+            closed(2, CloseReason.BLOCKED),
+        ]
+    ).closed[0]
+    assert blocked.route == BLOCK_ROUTE and blocked.route_action == "block" and blocked.failed
+
+
+def test_without_a_router_the_route_is_empty() -> None:
+    tracker = RowTracker()
+    (row,) = tracker.apply([opened(1), ConnectionRouted(1, "example.com", "corp")]).opened
+    assert row.route == "" and row.route_action == ""
+    assert ConnectionRow(1, 0.0, CLIENT, DST).route == ""
+
+
 def test_close_of_an_unknown_connection_is_ignored() -> None:
     tracker = RowTracker()
     assert not tracker.apply([closed(5), UpstreamFailed("corp", CloseReason.LOOP, "x", 1.0, 5)])
@@ -137,6 +172,7 @@ _events = st.lists(
             st.integers(1, 6),
             st.none() | st.just("h"),
             st.none() | st.just("u"),
+            st.sampled_from(["", BLOCK_ROUTE, DIRECT_ROUTE]),
         ),
         st.builds(
             TunnelEstablished,

@@ -4,8 +4,8 @@ with the events).
 
 The same rows feed the dashboard's live tables, the SQLite history and `tray-proxy log`.
 A row holds no secret: no header, no password, no URL userinfo; only what the engine's
-events carry (addresses, the host name from SNI/Host, the upstream's name, counters, the
-close reason and its words) and the process found for it.
+events carry (addresses, the host name from SNI/Host, the upstream's name, the routing
+decision in one line, counters, the close reason and its words) and the process found for it.
 
 Must not import PySide6, asyncio or socket.
 """
@@ -103,6 +103,15 @@ class ConnectionRow:
     detail: str = ""  # the engine's technical detail
     words: str = ""  # a failure in words, with what to do (monitor/words.py); "" otherwise
     process: ProcessInfo | None = None
+    # The routing decision and what made it (`proxy corp, backup (rule[2]: *.corp -> corp)`,
+    # `direct (default)`, `block (rule[0]: ...)`); "" without a router or before routing.
+    # Last, so that positional construction (the Monitor's, the history's) stays valid.
+    route: str = ""
+
+    @property
+    def route_action(self) -> str:
+        """The decision's first word: "proxy", "direct", "block" (or "" without one)."""
+        return self.route.split(" ", 1)[0]
 
     @property
     def duration(self) -> float | None:
@@ -147,6 +156,7 @@ class _Draft:
         "original_dst",
         "host",
         "upstream",
+        "route",
         "state",
         "established",
         "handshake_latency",
@@ -163,6 +173,7 @@ class _Draft:
         self.original_dst = event.original_dst
         self.host: str | None = None
         self.upstream: str | None = None
+        self.route = ""
         self.state = RowState.OPENING
         self.established: float | None = None
         self.handshake_latency: float | None = None
@@ -187,6 +198,7 @@ class _Draft:
                 self.bytes_up,
                 self.bytes_down,
                 process=self.process,
+                route=self.route,
             )
         return row
 
@@ -209,6 +221,7 @@ class _Draft:
             event.detail,
             "",
             self.process,
+            self.route,
         )
 
 
@@ -257,6 +270,7 @@ class RowTracker:
                 if draft_or_none is not None:
                     draft_or_none.host = event.host
                     draft_or_none.upstream = event.upstream
+                    draft_or_none.route = event.route
                     draft_or_none._row = None
                     dirty[event.conn_id] = draft_or_none
             elif isinstance(event, TunnelEstablished):
