@@ -88,9 +88,9 @@ log = logging.getLogger("tray_proxy.relay")
 _ACCEPT_BATCH = 128
 _PEEK_RECV = 16384
 _ACCEPT_BACKOFF = 0.5
-# How long the fast path reuses a credentials lookup (a stat of $CREDENTIALS_DIRECTORY/NAME
-# or a keyring cache read): a changed password is used within this time.
-_ROUTE_TTL = 0.5  # seconds the fast path's route (and credential lookup) is reused
+# Seconds the fast path's route (and its credential lookup) is reused: a changed password
+# is used within this time (docs/relay.md, "The route reused for 0.5 s").
+_ROUTE_TTL = 0.5
 _gc_frozen = False  # see RelayEngine.start
 # accept() failures that mean "out of a resource for now": keep serving, retry later.
 _ACCEPT_PRESSURE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -553,9 +553,8 @@ class RelayEngine:
         if self._extra_wanted:
             self.set_extra_listen(self._extra_wanted)
         self._schedule_sweep()
-        # Everything allocated so far (modules, settings, the loop) lives as long as the
-        # process: keep it out of the garbage collector's passes, which otherwise walk it
-        # again and again while connections come and go. Once per process: frozen garbage
+        # Everything allocated so far lives as long as the process: out of the collector's
+        # full passes (docs/relay.md, "gc.freeze() once"). Once per process: frozen garbage
         # is never collected, so a later start (new settings) must not freeze again.
         global _gc_frozen
         if not _gc_frozen:
@@ -658,12 +657,9 @@ class RelayEngine:
             # Accepted sockets inherit it: the relay passes on what the sender wrote at once,
             # as the upstream side does; the sender's own stack already applied Nagle.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            # The client side never leaves this host (loopback, or a container's bridge), so
-            # a congestion control that paces, like BBR when it is the system's default,
-            # only costs timer interrupts there: accepted sockets inherit Reno, which every
-            # user may pick. About a fifth less relay CPU per GiB downloaded (bench/). The
-            # upstream side keeps the system's choice, as it may cross a real network,
-            # unless the proxy is on this host too (upstream.keep_on_host).
+            # The client side never leaves this host (loopback, or a container's bridge):
+            # accepted sockets inherit Reno, which every user may pick (docs/relay.md, "Reno
+            # on sockets that never leave this host"; sockets.keep_on_host for the upstream).
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, b"reno")
             if family == socket.AF_INET6:
@@ -797,9 +793,8 @@ class RelayEngine:
 
     def _watch_listener(self, listener: socket.socket) -> None:
         assert self._loop is not None
-        # What _on_acceptable needs comes as arguments: no lookups before the accept.
-        # listener._accept: socket.accept() without its wrapper, which asks for the
-        # listener's family and type as enums per call (CPython's own, since 3.2).
+        # What _on_acceptable needs comes as arguments: no lookups before the accept, and
+        # listener._accept rather than accept() (docs/relay.md, "listener._accept").
         self._loop.add_reader(
             listener.fileno(),
             self._on_acceptable,
@@ -988,7 +983,8 @@ class RelayEngine:
 
         The answer is worked out at most every _ROUTE_TTL seconds, and again at once when
         the proxy's verdict on the credentials changes (a 407 makes them doubtful: the next
-        connection goes to the Task path to re-check them)."""
+        connection goes to the Task path to re-check them); docs/relay.md says what the
+        reuse saves."""
         if self._dialer.is_upstream_address(dst):
             return None  # a loop: the Task path refuses it
         return self._current_route().route

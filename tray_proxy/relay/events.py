@@ -145,8 +145,8 @@ class EventBus:
     def __init__(self) -> None:
         self._observers: list[Observer] = []
         # Anyone listening? The engine asks several times per connection and skips building
-        # per-connection events when not: an attribute, kept current by (un)subscribe, costs
-        # no call.
+        # per-connection events when not; an attribute kept by (un)subscribe, not a call
+        # (docs/relay.md).
         self.observed = False
 
     def subscribe(self, observer: Observer) -> Callable[[], None]:

@@ -14,8 +14,8 @@ SO_ORIGINAL_DST = 80
 IP6T_SO_ORIGINAL_DST = 80
 _SOCKADDR_IN_LEN = 16
 _SOCKADDR_IN6_LEN = 28
-# Raw sockaddr -> address, for destinations seen before: formatting an address (inet_ntop)
-# runs on every new connection's path, and most connections go where others went.
+# Raw sockaddr -> address, for destinations seen before: most connections go where others
+# went (docs/relay.md, "Original destination from a bounded map").
 _SEEN: dict[bytes, Address] = {}
 _SEEN_KEPT = 4096
 

@@ -24,8 +24,8 @@ class ConnState(enum.Enum):
 class CloseReason(enum.Enum):
     """Why a connection ended: exactly one per connection."""
 
-    # Members are singletons compared by identity: hash them by identity too, in C. Enum's
-    # own __hash__ is a Python call, made for every closed connection's set and dict lookups.
+    # Members are singletons compared by identity: hash them by identity too, in C, not
+    # through Enum's Python __hash__ (docs/relay.md, "CloseReason hashed in C").
     __hash__ = object.__hash__
 
     DONE = "done"  # both sides finished normally

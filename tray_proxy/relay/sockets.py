@@ -51,10 +51,10 @@ class SourcePorts:
 
 def keep_on_host(sock: socket.socket, ip: str) -> None:
     """A connection to a proxy on this host (loopback: a local helper proxy such as cntlm or
-    px) never crosses a network: like the client side (RelayEngine._listen), it uses Reno,
-    since a pacing congestion control (BBR as the system default) only costs it timer
-    interrupts there; in the bench lab, pacing took about a quarter of the relay's CPU per
-    GiB uploaded. A proxy anywhere else keeps the system's choice: its path may need it."""
+    px) never crosses a network: like the client side (RelayEngine._bind_listener), it uses
+    Reno, since a pacing congestion control (BBR as the system default) only costs it timer
+    interrupts there (docs/relay.md, "Reno on sockets that never leave this host"). A proxy
+    anywhere else keeps the system's choice: its path may need it."""
     if ip == "::1" or ip.startswith(("127.", "::ffff:127.")):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, b"reno")

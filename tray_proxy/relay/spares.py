@@ -8,7 +8,7 @@ read the request. A spare, dialed when a previous tunnel ended (RelayEngine._ref
 has done both already: the next connection takes it and writes its CONNECT at once, to a
 proxy that only has to read it. On a proxy a few milliseconds away that is a few
 milliseconds off every new connection; on the lab's near Squid it is the connect() call and
-Squid's accept, about 90-120 us of added latency (bench/, counterbalanced A/B).
+Squid's accept (docs/relay.md, "Spare connections to the proxy", has the figures).
 
 Spares are kept only for the address the fast path dials, only while connections come, never
 on a timer: two are dialed when a tunnel ends and no other connection is opening; during a

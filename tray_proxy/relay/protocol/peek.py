@@ -203,8 +203,7 @@ class HostPeeker:
     """
 
     # One per connection, made on the accept path before the CONNECT can leave: no attribute
-    # dict per instance, like every other per-connection object of the relay. (A latency
-    # gain once measured for it was the A/B tool's slot bias, not this.)
+    # dict per instance, like every other per-connection object of the relay (docs/relay.md).
     __slots__ = (
         "max_bytes",
         "host",
