@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import logging
+import marshal
 import os
 import signal
 import sqlite3
@@ -33,6 +34,7 @@ from tray_proxy.monitor.history import (
     default_history_path,
     export_rows,
 )
+from tray_proxy.monitor.history_writer_worker import decode_row, encode_row
 from tray_proxy.monitor.query import HistoryFilter
 from tray_proxy.monitor.rows import ConnectionRow, ProcessInfo, RowState
 from tray_proxy.relay.records import CloseReason
@@ -40,6 +42,14 @@ from tray_proxy.relay.records import CloseReason
 # A password the rest of the test "knows" (as if typed into Credentials); it must never reach
 # the history or an export.
 KNOWN_PASSWORD = "Tr4y-pr0xy-test-password-9f3c"
+
+
+ROUTES = (
+    "block (rule[1]: proxy.corp -> block)",  # (the failed rows)
+    "direct (rule[0]: .example.com -> direct)",
+    "",  # no router (one upstream)
+    "proxy corp, lab (default)",
+)
 
 
 def make_row(i: int, **changes: object) -> ConnectionRow:
@@ -63,6 +73,7 @@ def make_row(i: int, **changes: object) -> ConnectionRow:
         if failed
         else "",
         process=ProcessInfo(pid=100 + i, name=("curl", "Firefox", "git")[i % 3], user="alice"),
+        route=ROUTES[i % 4],
     )
     return replace(row, **changes)  # type: ignore[arg-type]
 
@@ -112,6 +123,7 @@ def test_every_field_round_trips(store: HistoryStore) -> None:
             container="web-1",
             remote=True,
         ),
+        route="proxy corp, backup (rule[2]: *.example.org -> corp)",
     )
     bare = ConnectionRow(
         conn_id=8, started=1_700_000_200.0, client=("10.0.0.2", 1), original_dst=None
@@ -180,6 +192,13 @@ def test_keyset_paging_has_no_duplicates_or_gaps_even_with_equal_start_times(
         ),
         (HistoryFilter(text="GIT"), lambda r: r.process.name == "git"),
         (HistoryFilter(text="100%_"), lambda r: False),  # LIKE wildcards are literal
+        (HistoryFilter(route="direct"), lambda r: r.route_action == "direct"),
+        (HistoryFilter(route="RULE["), lambda r: "rule[" in r.route),
+        (HistoryFilter(route="%"), lambda r: False),  # literal here too
+        (
+            HistoryFilter(route="block", failed_only=True),
+            lambda r: r.failed and r.route_action == "block",
+        ),
         (
             HistoryFilter(host="*.example.com", failed_only=False, upstream="lab", since=1.0),
             lambda r: r.host == "api.example.com" and r.upstream == "lab",
@@ -304,6 +323,152 @@ def test_a_history_from_a_newer_version_is_refused_not_moved(path: Path) -> None
         HistoryStore(path)
     assert path.exists()
     assert not list(path.parent.glob("*.corrupt-*"))
+
+
+# The schema of version 1 (the release before routing), as that release created it: kept
+# here verbatim so that the migration is tested on a real file of the old shape.
+V1_SCHEMA = """
+CREATE TABLE hosts (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE
+);
+CREATE TABLE connections (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    conn_id INTEGER NOT NULL,
+    started REAL NOT NULL,
+    established REAL,
+    ended REAL,
+    client_ip TEXT NOT NULL,
+    client_port INTEGER NOT NULL,
+    dst_ip TEXT,
+    dst_port INTEGER,
+    host_id INTEGER REFERENCES hosts(id),
+    upstream TEXT,
+    state TEXT NOT NULL,
+    failed INTEGER NOT NULL,
+    handshake_latency REAL,
+    bytes_up INTEGER NOT NULL,
+    bytes_down INTEGER NOT NULL,
+    close_reason TEXT,
+    detail TEXT NOT NULL,
+    words TEXT NOT NULL,
+    process_name TEXT,
+    pid INTEGER,
+    exe TEXT,
+    user TEXT,
+    container TEXT,
+    exited INTEGER NOT NULL,
+    remote INTEGER NOT NULL
+);
+CREATE INDEX ix_started ON connections(started);
+CREATE INDEX ix_host ON connections(host_id, started);
+CREATE INDEX ix_process ON connections(process_name COLLATE NOCASE, started);
+CREATE INDEX ix_upstream ON connections(upstream, started);
+CREATE INDEX ix_reason ON connections(close_reason, started);
+CREATE INDEX ix_failed ON connections(started) WHERE failed = 1;
+"""
+
+
+def make_v1_file(path: Path, rows: int) -> None:
+    """A history as version 1 wrote it: its pragmas, its DDL, rows through its columns."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    con = sqlite3.connect(path, isolation_level=None)
+    con.execute("PRAGMA auto_vacuum = INCREMENTAL")
+    con.execute("BEGIN")
+    for statement in V1_SCHEMA.split(";"):
+        if statement.strip():
+            con.execute(statement)
+    con.execute(f"PRAGMA application_id = {0x54505848}")
+    con.execute("PRAGMA user_version = 1")
+    con.execute("INSERT INTO hosts (id, name) VALUES (1, 'example.com')")
+    con.executemany(
+        "INSERT INTO connections (conn_id, started, established, ended, client_ip, "
+        "client_port, dst_ip, dst_port, host_id, upstream, state, failed, handshake_latency, "
+        "bytes_up, bytes_down, close_reason, detail, words, process_name, pid, exe, user, "
+        "container, exited, remote) VALUES (?, ?, ?, ?, '127.0.0.1', 40000, "
+        "'93.184.216.34', 443, 1, 'corp', 'closed', 0, 0.01, 10, 20, 'done', '', '', "
+        "'curl', 7, NULL, 'alice', NULL, 0, 0)",
+        ((i, 1_700_000_000.0 + i, 1_700_000_000.01 + i, 1_700_000_001.0 + i) for i in range(rows)),
+    )
+    con.execute("COMMIT")
+    con.execute("PRAGMA journal_mode = WAL")
+    con.close()
+
+
+def _version_and_columns(path: Path) -> tuple[int, list[str]]:
+    con = sqlite3.connect(path)
+    try:
+        version = con.execute("PRAGMA user_version").fetchone()[0]
+        columns = [r[1] for r in con.execute("PRAGMA table_info(connections)")]
+    finally:
+        con.close()
+    return version, columns
+
+
+def test_a_version_1_history_is_migrated_in_place_and_keeps_every_row(path: Path) -> None:
+    make_v1_file(path, 1000)
+    with HistoryStore(path) as store:
+        assert store.count() == 1000
+        oldest = list(store.iter_rows(HistoryFilter()))[-1].row
+        assert (oldest.conn_id, oldest.host, oldest.upstream, oldest.route) == (
+            0,
+            "example.com",
+            "corp",
+            "",  # recorded before routing existed: no decision
+        )
+        assert oldest.process is not None and oldest.process.name == "curl"
+        store.write([make_row(5000, route="direct (default)")])
+        assert store.page(HistoryFilter(route="direct"), limit=5).entries[0].row.conn_id == 5000
+    version, columns = _version_and_columns(path)
+    assert version == 2 and columns.count("route") == 1 and columns[-1] == "route"
+    assert not list(path.parent.glob("*.corrupt-*"))  # migrated, not moved aside
+    with HistoryStore(path) as again:  # opening a migrated file changes nothing
+        assert again.count() == 1001
+    assert _version_and_columns(path) == (version, columns)
+
+
+def test_opens_racing_on_a_version_1_file_migrate_it_once(path: Path) -> None:
+    make_v1_file(path, 100)
+    errors: list[BaseException] = []
+    counts: list[int] = []
+    barrier = threading.Barrier(6)
+
+    def open_it() -> None:
+        try:
+            barrier.wait(5)
+            with HistoryStore(path) as store:
+                counts.append(store.count())
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_it) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert errors == [] and counts == [100] * 6
+    assert _version_and_columns(path)[1].count("route") == 1
+
+
+def test_migrating_a_large_version_1_history_rewrites_no_rows(path: Path) -> None:
+    # ADD COLUMN with a constant default changes the table's definition only: the open of a
+    # big old history stays as quick as any open (bench/history.py: 1M rows under 1 s).
+    make_v1_file(path, 200_000)
+    size = path.stat().st_size
+    began = time.monotonic()
+    HistoryStore(path).close()
+    assert time.monotonic() - began < 1.0
+    assert path.stat().st_size <= size + 64 * 1024  # no copy of the rows
+
+
+def test_a_frame_from_an_app_started_before_the_upgrade_is_written_without_a_route() -> None:
+    # The child starts from the files on disk: after `pip install -U` under a running app it
+    # gets the old app's frames (no route). They are rows, not "malformed".
+    row = make_row(3)
+    payload = encode_row(row)[4:]
+    assert decode_row(payload) == row
+    old = marshal.dumps(marshal.loads(payload)[:-1])
+    assert decode_row(old) == replace(row, route="")
 
 
 def test_writer_batches_from_many_threads_and_close_flushes(path: Path) -> None:
@@ -574,6 +739,9 @@ def test_exports_hold_every_field_and_no_secret(path: Path, store: HistoryStore)
     assert [o["id"] for o in objects] == [e.rowid for e in entries]
     assert objects[0]["process"] == "git" and objects[0]["pid"] == 111
     assert objects[0]["bytes_down"] == 1100 and objects[0]["handshake_ms"] == 10.0
+    assert objects[0]["route"] == "proxy corp, lab (default)"  # row 11
+    assert records[-1]["route"] == "block (rule[1]: proxy.corp -> block)"  # row 0
+    assert EXPORT_FIELDS[-1] == "route"  # added last: CSV read by position keeps working
 
     out = path.parent / "export.csv"
     assert store.export(HistoryFilter(failed_only=True), out, "csv") == 3

@@ -73,7 +73,7 @@ APP_NAME = "tray-proxy"
 FILE_NAME = "history.sqlite3"
 # PRAGMA application_id marks the file as ours ("TPXH"); user_version is the schema version.
 APPLICATION_ID = 0x54505848
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: connections.route (issue 15), added to a version 1 file on open
 # More pending rows than this means the disk cannot keep up: the oldest are dropped.
 MAX_PENDING = 100_000
 RETENTION_INTERVAL = 60.0  # seconds between retention passes of the writer
@@ -130,7 +130,8 @@ CREATE TABLE connections (
     user TEXT,
     container TEXT,
     exited INTEGER NOT NULL,
-    remote INTEGER NOT NULL
+    remote INTEGER NOT NULL,
+    route TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX ix_started ON connections(started);
 CREATE INDEX ix_host ON connections(host_id, started);
@@ -166,6 +167,7 @@ _COLUMNS = (
     "container",
     "exited",
     "remote",
+    "route",
 )
 _INSERT = (
     f"INSERT INTO connections ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' for _ in _COLUMNS)})"
@@ -206,6 +208,7 @@ def _row_values(row: ConnectionRow, host_id: int | None) -> tuple[object, ...]:
         process.container if process is not None else None,
         1 if process is not None and process.exited else 0,
         1 if process is not None and process.remote else 0,
+        row.route,
     )
 
 
@@ -236,6 +239,7 @@ def _entry(values: Sequence[Any]) -> HistoryEntry:
         container,
         exited,
         remote,
+        route,
         host,
     ) = values
     process = None
@@ -274,6 +278,7 @@ def _entry(values: Sequence[Any]) -> HistoryEntry:
         detail=detail,
         words=words,
         process=process,
+        route=route,
     )
     return HistoryEntry(rowid=rowid, row=row)
 
@@ -339,6 +344,11 @@ class _Query:
         if flt.reason:
             self.where.append("c.close_reason = ?")
             self.params.append(flt.reason)
+        if flt.route:
+            # No index: a rare question ("what did rule[2] decide?"), read newest first
+            # through ix_started until the page is full.
+            self.where.append("c.route LIKE ? ESCAPE '\\'")
+            self.params.append(f"%{_like_escape(flt.route)}%")
         self.text: str | None = None
         if flt.text:
             # No index serves a substring of five columns. A page first scans newest first
@@ -498,6 +508,33 @@ def _create_schema(conn: sqlite3.Connection) -> None:
         raise
 
 
+# A version 1 file (the release before routing) gets what version 2 added, in place, inside
+# one transaction: the column comes with a constant default, so SQLite only rewrites the
+# table's definition, not its rows (a million-row history migrates in milliseconds).
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: ("ALTER TABLE connections ADD COLUMN route TEXT NOT NULL DEFAULT ''",),
+}
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring an older schema of ours up to SCHEMA_VERSION. The version is read again under
+    the write lock: another process (the app's writer, a reader) may have migrated first."""
+    if conn.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        for step in range(version, SCHEMA_VERSION):
+            for statement in _MIGRATIONS[step]:
+                conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
+
+
 def _open(path: Path, *, check: bool = False) -> sqlite3.Connection:
     """Open (creating if needed) the history at `path`, moving a corrupt or foreign file
     aside. `check` runs SQLite's quick_check as well (a full read: the writer does it once,
@@ -542,6 +579,8 @@ def _open_once(path: Path, *, check: bool, retried: bool = False) -> sqlite3.Con
                 )
             if kind == "new":
                 _create_schema(conn)
+            else:
+                _migrate(conn)
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
             # Keep the WAL from staying large after a burst (it is truncated at checkpoints).
@@ -1171,6 +1210,9 @@ EXPORT_FIELDS = (
     "close_reason",
     "detail",
     "words",
+    # Added with the history's version 2: last, so a script that reads the CSV by position
+    # keeps working.
+    "route",
 )
 
 
@@ -1217,6 +1259,7 @@ def export_record(entry: HistoryEntry) -> dict[str, object]:
         "close_reason": row.close_reason.value if row.close_reason is not None else None,
         "detail": row.detail,
         "words": row.words,
+        "route": row.route,
     }
 
 

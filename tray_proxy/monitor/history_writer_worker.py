@@ -65,6 +65,7 @@ def encode_row(row: ConnectionRow) -> bytes:
             row.detail,
             row.words,
             None if p is None else (p.pid, p.name, p.exe, p.user, p.exited, p.container, p.remote),
+            row.route,
         )
     )
     return len(data).to_bytes(4, "little") + data
@@ -105,6 +106,9 @@ def decode_row(payload: bytes) -> ConnectionRow:
         detail,
         words,
         process,
+        # An app started before an upgrade sends frames without the route (the child is
+        # started from the files on disk): those rows keep "" rather than being skipped.
+        *route,
     ) = marshal.loads(payload)
     return ConnectionRow(
         conn_id=conn_id,
@@ -123,6 +127,7 @@ def decode_row(payload: bytes) -> ConnectionRow:
         detail=detail,
         words=words,
         process=None if process is None else ProcessInfo(*process),
+        route=route[0] if route else "",
     )
 
 

@@ -23,6 +23,7 @@ class HistoryFilter:
     upstream: str | None = None  # upstream name, exact
     failed_only: bool = False  # only rows whose state is FAILED
     reason: str | None = None  # CloseReason.value, exact
+    route: str | None = None  # substring of the routing decision ("block", "rule[2]")
 
 
 @dataclass(frozen=True, slots=True)
