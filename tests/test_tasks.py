@@ -175,9 +175,6 @@ PACKAGE = ROOT / "tray_proxy"
 STARTERS = re.compile(r"\.create_task\(|\bensure_future\(|\bcreate_task\(")
 ALLOWED: dict[str, str] = {
     "tray_proxy/tasks.py": "the one place that creates tasks",
-    # H14 finishing; converted after.
-    "tray_proxy/relay/engine.py": "H14 finishing; converted after",
-    "tray_proxy/relay/forward.py": "H14 finishing; converted after",
 }
 
 

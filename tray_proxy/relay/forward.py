@@ -48,6 +48,7 @@ from tray_proxy.relay.records import Address, CloseReason, ConnectionRecord
 from tray_proxy.relay.secrets import Credentials
 from tray_proxy.relay.settings import AuthScheme, UpstreamKind, UpstreamProxy
 from tray_proxy.relay.upstream import CredentialState, Permit, UpstreamAuth, UpstreamError
+from tray_proxy.tasks import spawn
 
 __all__ = ["ForwardLimits", "ForwardResult", "Port80Memory", "forward_http"]
 
@@ -397,7 +398,7 @@ class _Forwarder:
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         # The caller keeps both tasks and always awaits them before it returns.
-        return self.loop.create_task(coro, name=name)
+        return spawn(coro, name=name, loop=self.loop)
 
     async def _upload(self, reused: bool) -> None:
         """Send the request body; `reused`: a send failing before any answer means the
