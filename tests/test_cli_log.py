@@ -163,6 +163,59 @@ def test_json_and_csv_carry_every_field(env: dict[str, str], history: HistorySto
         assert KNOWN_PASSWORD not in text
 
 
+DIRECT_ROUTE = "direct (rule[0]: .corp.example -> direct)"
+BLOCK_ROUTE = "block (rule[1]: *.ads.example -> block)"
+PROXY_ROUTE = "proxy corp, backup (default)"
+
+
+def test_the_route_decision_in_every_format_and_as_a_filter(
+    env: dict[str, str], history: HistoryStore
+) -> None:
+    # Issue 15: a DIRECT or BLOCK row says so where the proxy goes; the exports carry the
+    # whole decision, with the rule that made it.
+    history.write(
+        [
+            row(200, started=NOW - 3, ended=NOW - 2, upstream=None, route=DIRECT_ROUTE),
+            row(
+                201,
+                started=NOW - 2,
+                ended=NOW - 2,
+                host="x.ads.example",
+                upstream=None,
+                state=RowState.FAILED,
+                close_reason=CloseReason.BLOCKED,
+                bytes_up=0,
+                bytes_down=0,
+                handshake_latency=None,
+                words="x.ads.example:443 is blocked by rule[1] (*.ads.example -> block).",
+                route=BLOCK_ROUTE,
+            ),
+            row(202, started=NOW - 1, ended=NOW, route=PROXY_ROUTE),
+        ]
+    )
+    lines = log(env, "--limit", "3").stdout.splitlines()
+    assert len(lines) == 3
+    assert "  github.com:443  direct  done  " in lines[0]
+    assert "  x.ads.example:443  block  FAILED blocked  " in lines[1]
+    assert "blocked by rule[1]" in lines[1]
+    assert "  via corp  done  " in lines[2]  # through a proxy: its name, as before
+
+    as_json = [json.loads(line) for line in log(env, "--json", "--limit", "4").stdout.splitlines()]
+    assert [r["route"] for r in as_json] == ["", DIRECT_ROUTE, BLOCK_ROUTE, PROXY_ROUTE]
+    as_csv = list(csv.DictReader(io.StringIO(log(env, "--csv", "--limit", "3").stdout)))
+    assert [r["route"] for r in as_csv] == [DIRECT_ROUTE, BLOCK_ROUTE, PROXY_ROUTE]
+
+    for text, pids in (
+        ("block", [3201]),
+        ("RULE[", [3200, 3201]),
+        ("default", [3202]),
+        ("pac", []),
+    ):
+        result = log(env, "--json", "--route", text, "--limit", "0")
+        assert result.returncode == 0, result.stderr
+        assert [json.loads(line)["pid"] for line in result.stdout.splitlines()] == pids
+
+
 @pytest.mark.parametrize(
     ("args", "named"),
     [
@@ -172,6 +225,7 @@ def test_json_and_csv_carry_every_field(env: dict[str, str], history: HistorySto
         (["--limit", "-1"], "--limit: must be a whole number"),
         (["--limit", "many"], "--limit: must be a whole number"),
         (["--host", " "], "--host: must not be empty"),
+        (["--route", ""], "--route: must not be empty"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(

@@ -62,6 +62,11 @@ def add_subcommand(
     parser.add_argument("--host", metavar="PATTERN", help="host name: exact, *.suffix or %%part%%")
     parser.add_argument("--process", metavar="NAME", help="program name, e.g. curl")
     parser.add_argument("--upstream", metavar="NAME", help="the upstream proxy's name")
+    parser.add_argument(
+        "--route",
+        metavar="TEXT",
+        help="the routing decision contains TEXT: direct, block, rule[2], pac, default",
+    )
     parser.add_argument("--failed", action="store_true", help="only failed connections")
     parser.add_argument(
         "--limit",
@@ -106,7 +111,11 @@ def _filter(args: argparse.Namespace, now: float) -> HistoryFilter:
     until = parse_when(args.until, "--until", now) if args.until else None
     if since is not None and until is not None and since >= until:
         raise _Usage("--since: must be earlier than --until")
-    for option, value in (("--host", args.host), ("--process", args.process)):
+    for option, value in (
+        ("--host", args.host),
+        ("--process", args.process),
+        ("--route", args.route),
+    ):
         if value is not None and not value.strip():
             raise _Usage(f"{option}: must not be empty")
     return HistoryFilter(
@@ -116,6 +125,7 @@ def _filter(args: argparse.Namespace, now: float) -> HistoryFilter:
         process=args.process,
         upstream=args.upstream,
         failed_only=args.failed,
+        route=args.route,
     )
 
 
@@ -155,10 +165,17 @@ def _size(n: int) -> str:
 
 
 def human_line(row: ConnectionRow) -> str:
-    """time  process  destination  via upstream  outcome  up/down  latency [ - words]"""
+    """time  process  destination  via upstream  outcome  up/down  latency [ - words]
+
+    A connection the rules sent DIRECT or blocked says `direct` or `block` where the
+    upstream goes (the route's first word; --json and --csv have the whole decision)."""
     started = dt.datetime.fromtimestamp(row.started).strftime("%Y-%m-%d %H:%M:%S")
     process = row.process.label if row.process is not None else "?"
-    via = f"via {row.upstream}" if row.upstream else "via -"
+    action = row.route_action
+    if action in ("direct", "block"):
+        via = action
+    else:
+        via = f"via {row.upstream}" if row.upstream else "via -"
     reason = row.close_reason.value if row.close_reason is not None else row.state.value
     outcome = f"FAILED {reason}" if row.failed else reason
     latency = (

@@ -133,6 +133,8 @@ def test_the_route_decision_reaches_the_open_and_the_closed_row() -> None:
         ]
     ).closed[0]
     assert blocked.route == BLOCK_ROUTE and blocked.route_action == "block" and blocked.failed
+    offnet = ConnectionRow(3, 0.0, CLIENT, DST, route="direct: proxy unreachable (default)")
+    assert offnet.route_action == "direct"
 
 
 def test_without_a_router_the_route_is_empty() -> None:

@@ -110,8 +110,9 @@ class ConnectionRow:
 
     @property
     def route_action(self) -> str:
-        """The decision's first word: "proxy", "direct", "block" (or "" without one)."""
-        return self.route.split(" ", 1)[0]
+        """The decision's first word: "proxy", "direct", "block" (or "" without one).
+        ("direct: proxy unreachable (default)" is "direct" too.)"""
+        return self.route.split(" ", 1)[0].rstrip(":")
 
     @property
     def duration(self) -> float | None:
