@@ -16,7 +16,7 @@ from pytestqt.qtbot import QtBot
 from tray_proxy.monitor.rows import ProcessInfo, RowState
 from tray_proxy.relay.records import CloseReason
 from tray_proxy.ui.dashboard.tables import make_table
-from tray_proxy.ui.models.columns import FAILED_BRUSH, RIGHT, ROW_ROLE, Column
+from tray_proxy.ui.models.columns import FAILED_BRUSH, RIGHT, ROW_ROLE, Column, details_text
 from tray_proxy.ui.models.connections import ConnectionFilter, ConnectionTableModel
 
 from .conftest import closed, make_row
@@ -275,3 +275,54 @@ def test_the_tables_are_read_only_and_keep_their_shape_in_qt(qtbot: QtBot) -> No
     qtbot.keyClick(view, Qt.Key.Key_F2)
     # Qt's item-less model calls every cell editable: the views never open an editor.
     assert view.state() != view.State.EditingState
+
+
+DIRECT_ROUTE = "direct (rule[0]: .corp.example -> direct)"
+BLOCK_ROUTE = "block (rule[1]: *.ads.example -> block)"
+
+
+def test_the_route_column_and_proxy_cells_of_direct_and_blocked_rows() -> None:
+    # Issue 15: why a connection went DIRECT or was blocked shows in the tables.
+    model = ConnectionTableModel()
+    proxy = ConnectionFilter(model)
+    rows = [
+        make_row(1, upstream=None, route=DIRECT_ROUTE),
+        closed(make_row(2, upstream=None, route=BLOCK_ROUTE), CloseReason.BLOCKED),
+        make_row(3, route="proxy corp, backup (default)"),
+        make_row(4, upstream=None),  # before routing (or rows from before routing existed)
+    ]
+    model.upsert(rows)
+    assert model.headerData(Column.ROUTE, Qt.Orientation.Horizontal) == "Route"
+
+    def cell(position: int, column: Column, role: int = Qt.ItemDataRole.DisplayRole) -> object:
+        return model.data(model.index(position, column), role)
+
+    assert [cell(i, Column.UPSTREAM) for i in range(4)] == ["direct", "block", "corp", "-"]
+    assert [cell(i, Column.ROUTE) for i in range(4)] == [
+        DIRECT_ROUTE,
+        BLOCK_ROUTE,
+        "proxy corp, backup (default)",
+        "-",
+    ]
+    assert cell(1, Column.ROUTE, Qt.ItemDataRole.ToolTipRole) == BLOCK_ROUTE  # often cut off
+    assert model.cells(1)[Column.ROUTE] == BLOCK_ROUTE  # what is painted
+    # The text filter reads the decision too: a rule's number finds what it decided.
+    proxy.set_text("rule[1]")
+    assert [r.conn_id for r in proxy.visible_rows()] == [2]
+    proxy.set_text("direct")
+    assert [r.conn_id for r in proxy.visible_rows()] == [1]
+    proxy.set_text("")
+    proxy.sort(Column.ROUTE, Qt.SortOrder.AscendingOrder)
+    assert [r.conn_id for r in proxy.visible_rows()] == [4, 2, 1, 3]  # "-", block, direct, proxy
+
+
+def test_details_text_adds_the_route_under_the_proxy_aligned() -> None:
+    row = closed(make_row(2, upstream=None, route=BLOCK_ROUTE), CloseReason.BLOCKED)
+    lines = details_text(row).splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("Proxy:"))
+    assert lines[at + 1].startswith("Route:") and lines[at + 1].endswith(f" {BLOCK_ROUTE}")
+    # The value starts in the same column as every other line's.
+    starts = {len(line) - len(line.partition(":")[2].lstrip(" ")) for line in lines}
+    assert len(starts) == 1
+    (no_route,) = [line for line in details_text(make_row(3)).splitlines() if "Route:" in line]
+    assert no_route.startswith("Route:") and no_route.endswith(" -")

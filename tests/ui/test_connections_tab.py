@@ -17,6 +17,7 @@ from tray_proxy.relay.records import CloseReason
 from tray_proxy.ui.bridge import UiBridge
 from tray_proxy.ui.dashboard.connections import ConnectionsTab
 from tray_proxy.ui.dashboard.pace import CHUNK_ROWS
+from tray_proxy.ui.models.columns import Column
 
 from .conftest import FakeServices, closed, make_row, make_status
 
@@ -305,3 +306,34 @@ def test_rows_merged_while_hidden_are_applied_in_steps_when_shown(
     assert tab.applying and tab.closed.rowCount() == CHUNK_ROWS
     qtbot.waitUntil(lambda: not tab.applying, timeout=2000)
     assert [r.conn_id for r in tab.closed.rows()] == list(range(1, 301))
+
+
+def test_the_route_column_starts_hidden_and_the_details_show_the_decision(
+    qtbot: QtBot, services: FakeServices
+) -> None:
+    # Issue 15: a BLOCK is recorded with the rule that blocked it, and the dashboard shows it.
+    route = "block (rule[1]: *.ads.example -> block)"
+    tab = _tab(qtbot, services)
+    for view in (tab.active_view, tab.closed_view):
+        assert view.isColumnHidden(Column.ROUTE)  # crowded tables: in the header's menu
+    tab.apply(
+        RowChanges(
+            opened=(make_row(1, upstream=None, route="direct (default)"),),
+            closed=(closed(make_row(2, upstream=None, route=route), CloseReason.BLOCKED),),
+        )
+    )
+    assert tab.active_view.model().index(0, Column.UPSTREAM).data() == "direct"
+    _select(tab, {1})
+    assert "\nRoute:" in tab.details.toPlainText()
+    assert "direct (default)" in tab.details.toPlainText()
+    tab.show_closed.click()
+    _select(tab, {2})
+    text = tab.details.toPlainText()
+    (line,) = [line for line in text.splitlines() if line.startswith("Route:")]
+    assert line.endswith(route)
+    tab.copy_details_button.click()
+    assert route in QGuiApplication.clipboard().text()
+    tab.closed_view.setColumnHidden(Column.ROUTE, False)  # what the header's menu does
+    rect = tab.closed_view.visualRect(tab.closed_view.model().index(0, Column.ROUTE))
+    assert rect.width() > 0
+    assert tab.closed_view.model().index(0, Column.ROUTE).data() == route

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from PySide6.QtCore import QModelIndex, QThreadPool
+from PySide6.QtCore import QModelIndex, Qt, QThreadPool
 from pytestqt.modeltest import ModelTester
 from pytestqt.qtbot import QtBot
 
@@ -19,6 +19,7 @@ from tray_proxy.monitor.query import HistoryCursor, HistoryFilter, HistoryPage
 from tray_proxy.monitor.rows import ProcessInfo
 from tray_proxy.relay.records import CloseReason
 from tray_proxy.ui.dashboard.log import HISTORY_OFF, LogTab
+from tray_proxy.ui.models.columns import Column
 from tray_proxy.ui.models.log import PAGE_SIZE, LogModel
 
 from .conftest import FakeServices, closed, make_row, make_status
@@ -268,3 +269,37 @@ def test_showing_the_tab_again_reads_the_newest_rows(
     tab.hide()
     tab.show()
     assert tab.model.pages_read == pages + 1 and tab.model.rowCount() == PAGE_SIZE
+
+
+def test_the_log_shows_why_a_connection_went_direct_or_was_blocked(
+    qtbot: QtBot, services: FakeServices, tmp_path: Path
+) -> None:
+    # Issue 15: the history keeps each decision with what made it; the Log tab shows it.
+    block = "block (rule[1]: *.ads.example -> block)"
+    direct = "direct (rule[0]: .corp.example -> direct)"
+    with HistoryStore(tmp_path / "history.sqlite3") as history:
+        history.write(
+            [
+                closed(
+                    make_row(1, started=NOW - 60, upstream=None, route=block),
+                    CloseReason.BLOCKED,
+                ),
+                closed(make_row(2, started=NOW - 30, upstream=None, route=direct)),
+            ]
+        )
+        services.reader = history
+        tab = _tab(qtbot, services)
+        assert tab.model is not None and tab.model.rowCount() == 2
+        assert tab.view.isColumnHidden(Column.ROUTE)
+        # Newest first: the DIRECT row, then the blocked one; Proxy says which way.
+        assert [tab.model.index(i, Column.UPSTREAM).data() for i in range(2)] == [
+            "direct",
+            "block",
+        ]
+        assert tab.model.index(1, Column.ROUTE).data() == block
+        assert tab.model.index(1, Column.ROUTE).data(Qt.ItemDataRole.ToolTipRole) == block
+        tab.view.selectRow(1)
+        (line,) = [s for s in tab.details.toPlainText().splitlines() if s.startswith("Route:")]
+        assert line.endswith(block)
+        tab.view.selectRow(0)
+        assert direct in tab.details.toPlainText()

@@ -38,8 +38,7 @@ from tray_proxy.monitor.rows import ConnectionRow, RowChanges, RowState
 from tray_proxy.ui.bridge import RowMerger
 from tray_proxy.ui.dashboard.pace import FlushPace, chunks
 from tray_proxy.ui.dashboard.tables import details_pane, make_table, table_over_details
-from tray_proxy.ui.format import row_details
-from tray_proxy.ui.models.columns import HEADERS, Column, row_text
+from tray_proxy.ui.models.columns import HEADERS, Column, details_text, row_text
 from tray_proxy.ui.models.connections import (
     DEFAULT_CLOSED_CAP,
     ConnectionFilter,
@@ -154,16 +153,16 @@ class ConnectionsTab(QWidget):
 
         # -- the tables and the details ----------------------------------------------------
         # Open connections have no duration or outcome yet: those columns start hidden
-        # there (the header's menu shows them).
+        # there (the header's menu shows them). Route starts hidden in both (see Column).
         self.active_view = _live_table(
             self.active_proxy,
             "active-table",
-            (Column.DURATION, Column.OUTCOME),
+            (Column.DURATION, Column.OUTCOME, Column.ROUTE),
             Column.DESTINATION,
             self._painted,
         )
         self.closed_view = _live_table(
-            self.closed_proxy, "closed-table", (), Column.OUTCOME, self._painted
+            self.closed_proxy, "closed-table", (Column.ROUTE,), Column.OUTCOME, self._painted
         )
         self.stack = QStackedWidget()
         self.stack.addWidget(self.active_view)
@@ -432,7 +431,7 @@ class ConnectionsTab(QWidget):
 
     def _show_details(self, row: ConnectionRow) -> None:
         self._detail_id = row.conn_id
-        text = row_details(row)
+        text = details_text(row)
         if text != self.details.toPlainText():
             self.details.setPlainText(text)
 

@@ -33,8 +33,7 @@ from PySide6.QtWidgets import (
 from tray_proxy.controller import Status
 from tray_proxy.monitor.query import HistoryFilter
 from tray_proxy.ui.dashboard.tables import details_pane, make_table, table_over_details
-from tray_proxy.ui.format import row_details
-from tray_proxy.ui.models.columns import Column
+from tray_proxy.ui.models.columns import Column, details_text
 from tray_proxy.ui.models.log import LogModel
 from tray_proxy.ui.services import AppServices, HistoryReader
 
@@ -200,8 +199,10 @@ class LogTab(QWidget):
         if self.reader is not None:
             self.model = LogModel(self.reader, parent=self)
         # The date makes Time wide: IP starts hidden to leave Outcome room (it is in the
-        # details, and the header's menu shows it).
-        self.view = make_table(self.model, "log-table", hidden=(Column.IP,), time_width=140)
+        # details, and the header's menu shows it); Route too (see Column).
+        self.view = make_table(
+            self.model, "log-table", hidden=(Column.IP, Column.ROUTE), time_width=140
+        )
         self.view.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
         self.details = details_pane("log-details", "Select a row to see everything about it.")
         splitter = table_over_details(self.view, self.details)
@@ -312,7 +313,7 @@ class LogTab(QWidget):
         if self.model is None or not index.isValid():
             self.details.clear()
             return
-        self.details.setPlainText(row_details(self.model.entry_at(index.row()).row))
+        self.details.setPlainText(details_text(self.model.entry_at(index.row()).row))
 
     def _show_error(self, text: str) -> None:
         self.status_label.setText(text)

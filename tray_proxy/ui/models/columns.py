@@ -1,6 +1,7 @@
 """The columns a connection row shows in, shared by the live tables and the log.
 
-`cell_text` is what a cell displays; `sort_key` what it sorts by (numbers sort as numbers).
+`cell_text` is what a cell displays; `sort_key` what it sorts by (numbers sort as numbers);
+`details_text` the details pane's text.
 Must not import keyring, socket or subprocess.
 """
 
@@ -12,7 +13,14 @@ from PySide6.QtCore import Qt
 from PySide6.QtGui import QBrush, QColor
 
 from tray_proxy.monitor.rows import ConnectionRow
-from tray_proxy.ui.format import fmt_bytes, fmt_clock, fmt_duration, fmt_latency, outcome_text
+from tray_proxy.ui.format import (
+    fmt_bytes,
+    fmt_clock,
+    fmt_duration,
+    fmt_latency,
+    outcome_text,
+    row_details,
+)
 
 # The row itself, for views and proxies that need more than a cell's text.
 ROW_ROLE = Qt.ItemDataRole.UserRole + 1
@@ -43,6 +51,10 @@ class Column(enum.IntEnum):
     LATENCY = 8
     DURATION = 9
     OUTCOME = 10
+    # The routing decision and what made it (issue 15). Last, and hidden by default: the
+    # tables are full at 1000 pixels, Proxy already says "direct" or "block", and the
+    # details pane shows the whole decision.
+    ROUTE = 11
 
 
 COLUMN_COUNT = len(Column)  # (len() of an enum is a Python call; Qt asks very often)
@@ -59,13 +71,14 @@ HEADERS = {
     Column.LATENCY: "Latency",
     Column.DURATION: "Duration",
     Column.OUTCOME: "Outcome",
+    Column.ROUTE: "Route",
 }
 
 FAILED_BRUSH = QBrush(QColor(190, 30, 30))  # a failed connection's text
 RIGHT = Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter  # numbers
 
 # Columns whose text is often cut off: their tooltip shows it whole.
-TOOLTIP_COLUMNS = frozenset({Column.PROCESS, Column.DESTINATION, Column.OUTCOME})
+TOOLTIP_COLUMNS = frozenset({Column.PROCESS, Column.DESTINATION, Column.OUTCOME, Column.ROUTE})
 NUMERIC = frozenset({Column.UP, Column.DOWN, Column.LATENCY, Column.DURATION})
 
 
@@ -79,7 +92,11 @@ def cell_text(row: ConnectionRow, column: int) -> str:
     if column == Column.IP:
         return "-" if row.original_dst is None else row.original_dst[0]
     if column == Column.UPSTREAM:
-        return row.upstream or "-"
+        if row.upstream:
+            return row.upstream
+        # No proxy because a rule (or the PAC script) said so: say which way it went.
+        action = row.route_action
+        return action if action in ("direct", "block") else "-"
     if column == Column.STATE:
         return row.state.value
     if column == Column.UP:
@@ -92,6 +109,8 @@ def cell_text(row: ConnectionRow, column: int) -> str:
         return fmt_duration(row.duration)
     if column == Column.OUTCOME:
         return "" if row.ended is None else outcome_text(row)
+    if column == Column.ROUTE:
+        return row.route or "-"
     return ""
 
 
@@ -112,6 +131,21 @@ def sort_key(row: ConnectionRow, column: int) -> str | float | int:
     if column == Column.DURATION:
         return -1.0 if row.duration is None else row.duration
     return cell_text(row, column).lower()
+
+
+def details_text(row: ConnectionRow) -> str:
+    """The details pane's text: every field (ui/format.py's row_details) and the routing
+    decision under the Proxy line, aligned with the others."""
+    text = row_details(row)
+    lines = text.split("\n")
+    if any(line.startswith("Route:") for line in lines):
+        return text  # row_details says it already
+    at = next((i for i, line in enumerate(lines) if line.startswith("Proxy:")), len(lines) - 1)
+    anchor = lines[at]
+    value = anchor.partition(":")[2]
+    width = len(anchor) - len(value.lstrip(" ")) - 1  # the names' column, as row_details pads
+    lines.insert(at + 1, f"{'Route:':<{width}} {row.route or '-'}")
+    return "\n".join(lines)
 
 
 def row_text(row: ConnectionRow) -> str:

@@ -271,7 +271,7 @@ class ConnectionFilter(QSortFilterProxyModel):
 
     def set_text(self, text: str, *, regex: bool = False) -> str:
         """Filter by a substring (case-insensitive) or a regular expression over the
-        destination, IP, process, proxy, state and outcome. Returns "" or, for a regular
+        destination, IP, process, proxy, route, state and outcome. Returns "" or, for a regular
         expression that does not compile, what is wrong with it (the filter is then off)."""
         error = ""
         pattern: re.Pattern[str] | None = None
@@ -352,7 +352,7 @@ class ConnectionFilter(QSortFilterProxyModel):
 
 
 def _searchable(row: ConnectionRow) -> str:
-    parts = [row.destination, row.state.value, row.upstream or "", row.words]
+    parts = [row.destination, row.state.value, row.upstream or "", row.words, row.route]
     if row.original_dst is not None:
         parts.append(f"{row.original_dst[0]}:{row.original_dst[1]}")
     if row.process is not None:

@@ -143,7 +143,11 @@ class LogModel(QAbstractTableModel):
             return cell_text(row, column)
         if role == ROW_ROLE:
             return row
-        if role == Qt.ItemDataRole.ToolTipRole and column in (Column.OUTCOME, Column.DESTINATION):
+        if role == Qt.ItemDataRole.ToolTipRole and column in (
+            Column.OUTCOME,
+            Column.DESTINATION,
+            Column.ROUTE,
+        ):
             return cell_text(row, column) or None
         if role == Qt.ItemDataRole.TextAlignmentRole and column in NUMERIC:
             return RIGHT
