@@ -460,3 +460,25 @@ def test_random_orders_coalesced_release_each_closed_row_once(
     assert [r.conn_id for r in history.rows] == released
     monitor.close()
     assert len(history.rows) == closes
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="monitor/monitor.py's _amended() builds the worded row without route: it needs "
+    "`route=row.route` (H19's report). Remove this mark with that fix.",
+)
+def test_a_blocked_row_keeps_its_route_through_the_words_and_the_process() -> None:
+    # Issue 15: "BLOCK ... recorded with the rule that blocked it": the row the Monitor words
+    # (and later names the process of) is the one the history writes.
+    route = "block (rule[1]: *.ads.example -> block)"
+    monitor, history, _clock = make([], Attributor())
+    monitor.feed(
+        [
+            opened(1),
+            ConnectionRouted(1, "x.ads.example", None, route, "rule[1]"),
+            done(1, CloseReason.BLOCKED),
+        ]
+    )
+    (row,) = monitor.process_found([(1, CURL)]).closed
+    assert row.words and row.process == CURL
+    assert row.route == route and history.rows == [row]
