@@ -807,8 +807,10 @@ def render_doc(
             "- Targets (from the issue) are checked for `tray-proxy run` against redsocks "
             "`splice = on` of the same run; the rows without spares and on qasync are shown "
             "against the same limits for comparison only. `tray-proxy run` keeps its default "
-            "of two spare connections to the proxy (dialed when a tunnel ends, when no other "
-            "connection is opening): its latency row includes them, the "
+            "spare connections to the proxy (`spare_connections = 16`: two dialed when a "
+            "tunnel ends and no other connection is opening, as the sequential latency rows "
+            "see; during a burst, as the conn/s row sees, each accept tops them up to the "
+            "openings of the last second): its rows include them, the "
             "`spare_connections = 0` row shows the relay without them.",
             "",
             "## Notes from this run",
