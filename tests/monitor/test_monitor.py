@@ -462,11 +462,6 @@ def test_random_orders_coalesced_release_each_closed_row_once(
     assert len(history.rows) == closes
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="monitor/monitor.py's _amended() builds the worded row without route: it needs "
-    "`route=row.route` (H19's report). Remove this mark with that fix.",
-)
 def test_a_blocked_row_keeps_its_route_through_the_words_and_the_process() -> None:
     # Issue 15: "BLOCK ... recorded with the rule that blocked it": the row the Monitor words
     # (and later names the process of) is the one the history writes.

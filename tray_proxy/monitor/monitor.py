@@ -320,4 +320,5 @@ def _amended(row: ConnectionRow, words: str, process: ProcessInfo | None) -> Con
         row.detail,
         words,
         process,
+        row.route,
     )
