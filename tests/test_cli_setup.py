@@ -610,7 +610,7 @@ def test_probe_and_routing_settings_are_checked(text: str, problem: str) -> None
 def test_probe_and_routing_settings_survive_a_save_by_the_app(tmp_path: Path) -> None:
     """Written by setup, kept when the app saves an upstream (credentials dialog)."""
     from tray_proxy.config import parse_config
-    from tray_proxy.controller.edits import with_upstream
+    from tray_proxy.config_edits import with_upstream
 
     path = tmp_path / "config.toml"
     path.write_text(

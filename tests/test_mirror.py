@@ -42,11 +42,6 @@ COVERED_ELSEWHERE: dict[str, tuple[str, str, str]] = {
         "rig.controller.diagnostics(",
         "the report is asked of the controller, which assembles it",
     ),
-    "controller/edits.py": (
-        "tests/test_cli_setup.py",
-        "from tray_proxy.controller.edits import",
-        "the settings edits are what `tray-proxy setup` and the app write",
-    ),
     "controller/engine_relay.py": (
         "tests/relay/test_runner.py",
         "from tray_proxy.controller.engine_relay import EngineRelay",

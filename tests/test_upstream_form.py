@@ -18,7 +18,7 @@ import pytest
 
 from tests.test_keyring_store import MemoryKeyring, store_with
 from tray_proxy.config import ConfigError, load_config, save_config
-from tray_proxy.controller.edits import with_upstream
+from tray_proxy.config_edits import with_upstream
 from tray_proxy.keyring_store import SERVICE
 from tray_proxy.relay.secrets import Secret
 from tray_proxy.relay.settings import AuthScheme, UpstreamKind, UpstreamProxy

@@ -40,6 +40,7 @@ from tray_proxy.config import (
     parse_upstream,
     save_config,
 )
+from tray_proxy.config_edits import with_upstream
 from tray_proxy.discovery import Discovery, Found, discover
 from tray_proxy.errors import UserError
 from tray_proxy.relay.probe import ProbeOutcome, ProbeResult, probe_upstream
@@ -347,8 +348,6 @@ class SetupFlow:
     async def save(self, checked: CheckedAnswers) -> list[str]:
         """Store the password, then write the settings. Returns what was done, one line each.
         Raises SetupFailed when the keyring or the file cannot be written."""
-        from tray_proxy.controller.edits import with_upstream
-
         done: list[str] = []
         config = self.existing()
         upstream = checked.upstream

@@ -6,7 +6,6 @@ One module per job:
 - inbox.py: engine events from the relay's thread to the controller's loop, in bursts;
 - lifecycle.py: the one switch-on / teardown order, shared with headless `tray-proxy run`;
 - core.py: `ProxyController`, the state machine over all of these;
-- edits.py: the settings changes the user makes from the app;
 - diagnostics.py: the diagnostics report and the advice after a failed test;
 - engine_relay.py: the real relay (RelayEngine on its own thread) as a RelayHandle.
 

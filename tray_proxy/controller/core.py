@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from tray_proxy.config import Config, ConfigError
+from tray_proxy.config_edits import with_active_upstream, with_upstream
 from tray_proxy.controller.diagnostics import diagnostics_report, probe_advice
-from tray_proxy.controller.edits import with_active_upstream, with_upstream
 from tray_proxy.controller.inbox import EngineInbox
 from tray_proxy.controller.lifecycle import Lifecycle, LifecycleSteps, is_known, user_message
 from tray_proxy.controller.managed_redirect import RESOLVE_INTERVAL_SECONDS

@@ -1,8 +1,8 @@
-"""Changes to the settings the user makes from the app: which upstream is active, and one
-upstream's address and login (the credentials dialog). Pure functions over `Config`; the
-controller loads, saves and restarts what must restart.
+"""Changes to the settings the user makes from the app and `tray-proxy setup`: which upstream
+is active, and one upstream's address and login. Pure functions over `Config`, beside
+config.py; the controller and setup_flow load, save and restart what must restart.
 
-Must not import PySide6, qasync or the relay engine.
+Must not import PySide6, qasync, the relay engine or the controller.
 """
 
 from __future__ import annotations
