@@ -12,7 +12,6 @@ from tray_proxy.monitor.rows import (
     RowChanges,
     RowState,
     RowTracker,
-    is_failure,
 )
 from tray_proxy.relay.events import (
     ConnectionClosed,
@@ -87,8 +86,7 @@ def test_failure_reasons_fail_the_row_and_normal_ends_do_not() -> None:
     for reason in CloseReason:
         tracker = RowTracker()
         (row,) = tracker.apply([opened(1), closed(1, reason)]).closed
-        assert row.failed is (reason in FAILURE_REASONS) is is_failure(reason)
-    assert not is_failure(None)
+        assert row.failed is (reason in FAILURE_REASONS)
 
 
 def test_process_before_the_row_after_and_traffic() -> None:

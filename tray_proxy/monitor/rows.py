@@ -332,7 +332,3 @@ class RowTracker:
 
 
 _NO_CHANGES = RowChanges()
-
-
-def is_failure(reason: CloseReason | None) -> bool:
-    return reason in FAILURE_REASONS
