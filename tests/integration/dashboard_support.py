@@ -37,6 +37,7 @@ from tests.integration.relay import allocate_port
 from tests.lab.curl import curl_config
 from tests.lab.environment import Lab
 from tests.lab.netns import NsProcess, Redirect, thread_in_namespace
+from tests.ui.fakes import fake_credentials
 from tray_proxy.app import AppServices, Autostart
 from tray_proxy.controller import ProxyController, State, engine_relay_factory
 from tray_proxy.controller.history import HistoryFile, history_path, open_history_writer
@@ -255,6 +256,7 @@ class DashboardRig:
             self.bridge,
             tray_available=False,
             ask_close=self._never_asked,
+            credentials=fake_credentials(),
             choose_export_path=lambda _parent: (self.export_path, "csv"),
         )
         window.show()

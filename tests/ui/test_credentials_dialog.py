@@ -18,7 +18,7 @@ import pytest
 import qasync
 from PySide6.QtCore import Qt
 from PySide6.QtTest import QTest
-from PySide6.QtWidgets import QApplication, QDialog, QLineEdit, QMessageBox, QWidget
+from PySide6.QtWidgets import QApplication, QDialog, QLineEdit, QWidget
 from pytestqt.qtbot import QtBot
 
 from tray_proxy.config import Config, ConfigError
@@ -35,73 +35,13 @@ from tray_proxy.ui.main_window import MainWindow
 from tray_proxy.ui.services import CredentialsServices
 
 from .conftest import FakeServices
+from .fakes import FakeEditor, FakeStore
 
 PASSWORD = "correct horse battery staple"
 DEADLINE = 5.0
 
 CORP = UpstreamProxy("corp", UpstreamKind.HTTP, "proxy.corp.example", 8080, "alice")
 BACKUP = UpstreamProxy("backup", UpstreamKind.SOCKS5, "10.1.2.3", 1080)
-
-
-# --------------------------------------------------------------------------- fakes
-
-
-class FakeStore:
-    """The keyring: entries in a dict; `set` records what it was given."""
-
-    def __init__(self, entries: dict[str, Credentials] | None = None) -> None:
-        self.entries = dict(entries or {})
-        self.set_calls: list[tuple[str, str, Any]] = []
-        self.fail_set: Exception | None = None
-        self.fail_get: Exception | None = None
-        self.description = "Secret Service (GNOME Keyring)"
-
-    async def backend_description(self) -> str:
-        await asyncio.sleep(0)
-        return self.description
-
-    async def get(self, name: str) -> Credentials | None:
-        await asyncio.sleep(0)
-        if self.fail_get is not None:
-            raise self.fail_get
-        return self.entries.get(name)
-
-    async def set(self, name: str, username: str, password: Secret) -> None:
-        await asyncio.sleep(0)
-        self.set_calls.append((name, username, password))
-        if self.fail_set is not None:
-            raise self.fail_set
-        self.entries[name] = Credentials(username, password)
-
-
-class FakeEditor:
-    def __init__(self, upstreams: Iterable[UpstreamProxy] = (), active: str | None = None):
-        self._upstreams = tuple(upstreams)
-        self._active = active
-        self.results: list[ProbeResult] = []
-        self.probes: list[tuple[UpstreamProxy, Credentials | None]] = []
-        self.gate: asyncio.Event | None = None
-        self.saved: list[UpstreamProxy] = []
-        self.save_error: Exception | None = None
-
-    def upstreams(self) -> tuple[UpstreamProxy, ...]:
-        return self._upstreams
-
-    def active_upstream(self) -> str | None:
-        return self._active
-
-    async def probe(self, upstream: UpstreamProxy, credentials: Credentials | None) -> ProbeResult:
-        self.probes.append((upstream, credentials))
-        if self.gate is not None:
-            await self.gate.wait()
-        return self.results.pop(0)
-
-    async def save_upstream(self, upstream: UpstreamProxy) -> str | None:
-        await asyncio.sleep(0)
-        if self.save_error is not None:
-            raise self.save_error
-        self.saved.append(upstream)
-        return None
 
 
 Scenario = Callable[[], Awaitable[None]]
@@ -640,17 +580,6 @@ def test_main_window_opens_one_dialog(
         assert window.credentials_dialog is None
 
     run(scenario)
-
-
-def test_main_window_without_credentials_services_keeps_the_placeholder(
-    qtbot: QtBot, services: FakeServices, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    shown: list[str] = []
-    monkeypatch.setattr(QMessageBox, "information", lambda _p, title, _t: shown.append(title))
-    window = MainWindow(services, UiBridge(interval_ms=10), tray_available=True)
-    qtbot.addWidget(window)
-    window.open_credentials()
-    assert shown == ["Credentials"] and window.credentials_dialog is None
 
 
 # --------------------------------------------------------------------------- the app side

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from PySide6.QtWidgets import QMessageBox, QTabWidget, QWidget
+from PySide6.QtWidgets import QTabWidget, QWidget
 from pytestqt.qtbot import QtBot
 
 from tray_proxy.controller import Notice, NoticeKind, State, StatusUpdated
@@ -18,9 +18,10 @@ from tray_proxy.monitor.health import (
 )
 from tray_proxy.ui.bridge import UiBridge
 from tray_proxy.ui.dashboard.log import HISTORY_OFF
-from tray_proxy.ui.main_window import CREDENTIALS_PLACEHOLDER, CloseChoice, MainWindow
+from tray_proxy.ui.main_window import CloseChoice, MainWindow
 
 from .conftest import FakeServices, make_status
+from .fakes import fake_credentials
 
 
 def _window(
@@ -37,7 +38,9 @@ def _window(
         asked.append(1)
         return choice
 
-    window = MainWindow(services, bridge, tray_available=tray, ask_close=ask)
+    window = MainWindow(
+        services, bridge, tray_available=tray, ask_close=ask, credentials=fake_credentials()
+    )
     qtbot.addWidget(window)
     return window, bridge, asked
 
@@ -83,17 +86,6 @@ def test_redrawing_the_combo_does_not_select_an_upstream(
     for _ in range(3):
         window.show_status(make_status(State.ON))
     assert services.calls == []
-
-
-def test_credentials_opens_the_placeholder(
-    qtbot: QtBot, services: FakeServices, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    shown: list[str] = []
-    monkeypatch.setattr(QMessageBox, "information", lambda _p, _t, text: shown.append(text))
-    window, _, _ = _window(qtbot, services)
-    window.credentials_button.click()
-    assert shown == [CREDENTIALS_PLACEHOLDER]
-    assert "later version" in shown[0]
 
 
 @pytest.mark.parametrize(

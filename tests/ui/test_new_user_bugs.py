@@ -14,6 +14,7 @@ from pathlib import Path
 from pytestqt.qtbot import QtBot
 
 from tests.controller.fakes import FakeRelayFactory, Log
+from tests.ui.fakes import fake_credentials
 from tray_proxy.app import AppServices, Autostart
 from tray_proxy.controller import ProxyController, State
 from tray_proxy.controller.commands import INSTANCE_TRAY, answer_command
@@ -34,7 +35,7 @@ def test_a_broken_settings_file_shows_at_start_in_tray_window_and_status(
     controller = ProxyController(ConfigFile(path), FakeRelayFactory(Log()), None)
     services = AppServices(controller, Autostart(config_home=tmp_path), asyncio.Event())
     bridge = UiBridge(interval_ms=10)
-    window = MainWindow(services, bridge, tray_available=True)
+    window = MainWindow(services, bridge, tray_available=True, credentials=fake_credentials())
     qtbot.addWidget(window)
     tray = Tray(
         services,
@@ -81,7 +82,11 @@ def test_without_a_tray_the_window_says_it(qtbot: QtBot, tmp_path: Path) -> None
     bridge = UiBridge(interval_ms=10)
     # Closing it at the test's end must not ask whether to keep running.
     window = MainWindow(
-        services, bridge, tray_available=False, ask_close=lambda _w: CloseChoice.BACKGROUND
+        services,
+        bridge,
+        tray_available=False,
+        ask_close=lambda _w: CloseChoice.BACKGROUND,
+        credentials=fake_credentials(),
     )
     qtbot.addWidget(window)
     bridge.attach(controller)
@@ -192,7 +197,9 @@ def _control_names(qtbot: QtBot, tmp_path: Path) -> set[str]:
                 if isinstance(sub, QMenu):
                     stack.append(sub)
         menu.deleteLater()
-    window = MainWindow(services, UiBridge(interval_ms=10), tray_available=True)
+    window = MainWindow(
+        services, UiBridge(interval_ms=10), tray_available=True, credentials=fake_credentials()
+    )
     qtbot.addWidget(window)
     add("Menu")
     for i in range(window.tabs.count()):

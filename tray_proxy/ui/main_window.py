@@ -40,12 +40,6 @@ from tray_proxy.ui.menu import MenuBuilder
 from tray_proxy.ui.models.connections import DEFAULT_CLOSED_CAP
 from tray_proxy.ui.services import AppServices, CredentialsServices
 
-CREDENTIALS_PLACEHOLDER = (
-    "Entering proxy passwords in the app arrives in a later version of tray-proxy.\n\n"
-    "Until then the relay uses passwords given as systemd credentials "
-    "($CREDENTIALS_DIRECTORY/<proxy name>), as `tray-proxy run` does."
-)
-
 
 class CloseChoice(enum.Enum):
     BACKGROUND = "background"
@@ -82,8 +76,8 @@ class MainWindow(QWidget):
         bridge: UiBridge,
         *,
         tray_available: bool,
+        credentials: CredentialsServices,
         ask_close: Callable[[QWidget], CloseChoice] = ask_close_dialog,
-        credentials: CredentialsServices | None = None,
         closed_cap: int = DEFAULT_CLOSED_CAP,
         choose_export_path: ChooseExportPath = ask_export_path,
         parent: QWidget | None = None,
@@ -197,9 +191,6 @@ class MainWindow(QWidget):
         self.autostart_box.blockSignals(False)
 
     def open_credentials(self) -> None:
-        if self._credentials is None:
-            QMessageBox.information(self, "Credentials", CREDENTIALS_PLACEHOLDER)
-            return
         dialog = self.credentials_dialog
         if dialog is None:
             dialog = CredentialsDialog(
