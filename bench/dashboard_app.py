@@ -192,16 +192,17 @@ def main(argv: list[str] | None = None) -> int:
         from PySide6.QtCore import Qt, QTimer, qVersion
         from PySide6.QtWidgets import QApplication
 
-        from tray_proxy.app import AppServices, Autostart
+        from tray_proxy.app import AppServices, Autostart, UpstreamEditorService
         from tray_proxy.controller import ProxyController, engine_relay_factory
         from tray_proxy.controller.commands import INSTANCE_TRAY, answer_command
         from tray_proxy.controller.history import HistoryFile, history_path, open_history_writer
         from tray_proxy.controller.services import ConfigFile
         from tray_proxy.controller.status import State
         from tray_proxy.instance import ControlServer, runtime_dir
-        from tray_proxy.keyring_store import default_credential_source
+        from tray_proxy.keyring_store import CredentialStore, default_credential_source
         from tray_proxy.ui.bridge import UiBridge
         from tray_proxy.ui.main_window import MainWindow
+        from tray_proxy.ui.services import CredentialsServices
     except ImportError as exc:
         say(event="error", message=f"the app's parts cannot be imported: {exc}")
         return 3
@@ -267,7 +268,12 @@ def main(argv: list[str] | None = None) -> int:
             history=reader,
         )
         bridge = UiBridge()
-        window = MainWindow(services, bridge, tray_available=False)
+        window = MainWindow(
+            services,
+            bridge,
+            tray_available=False,
+            credentials=CredentialsServices(CredentialStore(), UpstreamEditorService(controller)),
+        )
         tab = window.connections
 
         def show_view(view: str) -> None:
