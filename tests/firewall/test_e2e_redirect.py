@@ -87,10 +87,12 @@ def _assert_ok(
     assert result.sha256 == lab.origins.expected_sha256(size, seed)
 
 
-def _via_proxy(lab: Lab, seed: str) -> None:
+def _via_proxy(lab: Lab, seed: str, run: RedirectedRun | None = None) -> None:
     """The origin saw the proxy namespace, not the client: the bytes went through Squid."""
     event = lab.origins.wait_for_event(lambda e: seed in e.get("path", ""))
-    assert event["peer"] in (lab.proxy.v4, lab.proxy.v6), event
+    # The run's last lines say why a connection went direct (its route, a proxy marked down).
+    log = "\n".join(run.lines[-30:]) if run is not None else ""
+    assert event["peer"] in (lab.proxy.v4, lab.proxy.v6), f"{event}\n{log}"
 
 
 # --------------------------------------------------------------------------- the good path
@@ -169,7 +171,7 @@ def test_kill_9_of_the_helper_is_recovered_before_traffic(lab: Lab, clean: None)
         assert run.helper_pids() and run.helper_pids() != [helper]
         seed = _seed()
         _assert_ok(lab, _https(lab, seed), seed, run=run)
-        _via_proxy(lab, seed)
+        _via_proxy(lab, seed, run)
 
         # Now both die at once: the table stays behind, pointing at a dead relay port...
         # (The helper runs in a session of its own, so the relay's group is not enough.)
