@@ -115,6 +115,30 @@ class _Field(QWidget):
         self.message.show()
 
 
+class ResultBox(QFrame):
+    """The framed line under a form that says how a test or a save went: an icon beside
+    text the user can select (and paste into a ticket). Hidden until it has something to
+    say; the credentials dialog and the setup window both use it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFrameShape(QFrame.Shape.StyledPanel)
+        self.icon = QLabel()
+        self.label = QLabel()
+        self.label.setObjectName("result")
+        self.label.setWordWrap(True)
+        self.label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        layout = QHBoxLayout(self)
+        layout.addWidget(self.icon, 0, Qt.AlignmentFlag.AlignTop)
+        layout.addWidget(self.label, 1)
+        self.hide()
+
+    def say(self, text: str, icon: QStyle.StandardPixmap) -> None:
+        self.label.setText(text)
+        self.icon.setPixmap(self.style().standardIcon(icon).pixmap(24, 24))
+        self.show()
+
+
 class CredentialsDialog(QDialog):
     """Edit, test and save one upstream proxy and its password.
 
@@ -208,17 +232,9 @@ class CredentialsDialog(QDialog):
         self._add_row(form, "&Authentication:", self.auth_combo, self.auth_combo)
         self._add_row(form, "Keyring:", self.backend_label, None)
 
-        self.result_icon = QLabel()
-        self.result_label = QLabel()
-        self.result_label.setObjectName("result")
-        self.result_label.setWordWrap(True)
-        self.result_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        self.result_box = QFrame()
-        self.result_box.setFrameShape(QFrame.Shape.StyledPanel)
-        result_layout = QHBoxLayout(self.result_box)
-        result_layout.addWidget(self.result_icon, 0, Qt.AlignmentFlag.AlignTop)
-        result_layout.addWidget(self.result_label, 1)
-        self.result_box.hide()
+        self.result_box = ResultBox()
+        self.result_icon = self.result_box.icon
+        self.result_label = self.result_box.label
 
         self.test_button = QPushButton("&Test")
         self.test_button.setObjectName("test")
@@ -541,14 +557,12 @@ class CredentialsDialog(QDialog):
     def show_result(self, result: ProbeResult) -> None:
         self.last_result = result
         heading, hint = _HEADINGS[result.outcome]
-        self.result_label.setText(full_stop(f"{heading}: {result.words}") + hint)
         icon = (
             QStyle.StandardPixmap.SP_DialogApplyButton
             if result.ok
             else QStyle.StandardPixmap.SP_MessageBoxWarning
         )
-        self.result_icon.setPixmap(self.style().standardIcon(icon).pixmap(24, 24))
-        self.result_box.show()
+        self.result_box.say(full_stop(f"{heading}: {result.words}") + hint, icon)
 
     # -- Save -----------------------------------------------------------------------------
 
@@ -565,10 +579,7 @@ class CredentialsDialog(QDialog):
         self._spawn(self._save(upstream, secret), "save")
 
     def show_error(self, text: str) -> None:
-        self.result_label.setText(text)
-        icon = QStyle.StandardPixmap.SP_MessageBoxCritical
-        self.result_icon.setPixmap(self.style().standardIcon(icon).pixmap(24, 24))
-        self.result_box.show()
+        self.result_box.say(text, QStyle.StandardPixmap.SP_MessageBoxCritical)
 
     async def _save(self, upstream: UpstreamProxy, secret: Secret | None) -> None:
         outcome = await save_upstream(self._store, self._editor, upstream, secret)

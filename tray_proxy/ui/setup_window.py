@@ -48,6 +48,7 @@ from tray_proxy.setup_flow import (
     describe_discovery,
 )
 from tray_proxy.tasks import spawn
+from tray_proxy.ui.credentials_dialog import ResultBox
 
 log = logging.getLogger(__name__)
 
@@ -144,17 +145,9 @@ class SetupWindow(QDialog):
             form.addRow(label, edit)
         form.addRow("", self.pac_label)
 
-        self.result_icon = QLabel()
-        self.result_label = QLabel()
-        self.result_label.setObjectName("result")
-        self.result_label.setWordWrap(True)
-        self.result_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        self.result_box = QFrame()
-        self.result_box.setFrameShape(QFrame.Shape.StyledPanel)
-        result_layout = QHBoxLayout(self.result_box)
-        result_layout.addWidget(self.result_icon, 0, Qt.AlignmentFlag.AlignTop)
-        result_layout.addWidget(self.result_label, 1)
-        self.result_box.hide()
+        self.result_box = ResultBox()
+        self.result_icon = self.result_box.icon
+        self.result_label = self.result_box.label
 
         self.where_label = QLabel(f"Settings file: {steps.config_path}")
         self.where_label.setObjectName("settings-file")
@@ -346,15 +339,13 @@ class SetupWindow(QDialog):
     # -- messages -------------------------------------------------------------------------
 
     def show_message(self, text: str, *, error: bool = False, ok: bool = False) -> None:
-        self.result_label.setText(text)
         self.result_label.setStyleSheet(ERROR_STYLE if error else "")
         icon = (
             QStyle.StandardPixmap.SP_DialogApplyButton
             if ok
             else QStyle.StandardPixmap.SP_MessageBoxWarning
         )
-        self.result_icon.setPixmap(self.style().standardIcon(icon).pixmap(24, 24))
-        self.result_box.show()
+        self.result_box.say(text, icon)
 
 
 def _sentence(text: str) -> str:
