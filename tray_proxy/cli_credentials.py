@@ -181,15 +181,10 @@ def _username(config: Config, upstream: UpstreamProxy, given: str | None) -> str
     return given
 
 
-def _read_password(upstream: UpstreamProxy, username: str) -> str:
-    if sys.stdin is not None and sys.stdin.isatty():
-        prompt = f"Password of {username} for {upstream}: "
-        first = getpass.getpass(prompt)
-        if not first:
-            raise UsageError("empty password; nothing was stored")
-        if getpass.getpass("Repeat it: ") != first:
-            raise UsageError("the two passwords differ; nothing was stored")
-        return first
+def password_from_stdin(missing: str) -> str:
+    """The password piped as the first line of stdin (its line ending removed), for
+    `credentials set` and `setup --password-stdin`. Raises UsageError with `missing` when
+    there is none; the line is read with a bound, so an endless stream is refused."""
     stream = sys.stdin.buffer if sys.stdin is not None else None
     raw = stream.readline(_MAX_LINE + 1) if stream is not None else b""
     if len(raw) > _MAX_LINE:
@@ -200,10 +195,23 @@ def _read_password(upstream: UpstreamProxy, username: str) -> str:
         raise UsageError("the password on stdin is not UTF-8 text") from None
     password = line.removesuffix("\n").removesuffix("\r")
     if not password:
-        raise UsageError(
-            "no password on stdin: pipe it as the first line (printf '%s\\n' \"$PW\" | "
-            "tray-proxy credentials set NAME), or run from a terminal to be asked"
-        )
+        raise UsageError(missing)
+    return password
+
+
+def _read_password(upstream: UpstreamProxy, username: str) -> str:
+    if sys.stdin is not None and sys.stdin.isatty():
+        prompt = f"Password of {username} for {upstream}: "
+        first = getpass.getpass(prompt)
+        if not first:
+            raise UsageError("empty password; nothing was stored")
+        if getpass.getpass("Repeat it: ") != first:
+            raise UsageError("the two passwords differ; nothing was stored")
+        return first
+    password = password_from_stdin(
+        "no password on stdin: pipe it as the first line (printf '%s\\n' \"$PW\" | "
+        "tray-proxy credentials set NAME), or run from a terminal to be asked"
+    )
     if "\0" in password:
         raise UsageError("the password contains a NUL character")
     return password

@@ -35,7 +35,6 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 COMMAND = "setup"
 MAX_ROUNDS = 5  # interactive: answer, test, fix, test again... then give up
-_MAX_LINE = 4096
 
 
 class UsageError(Exception):
@@ -181,19 +180,15 @@ def _scripted(
 
 
 def _password_from_stdin() -> Secret:
+    from tray_proxy import cli_credentials
     from tray_proxy.relay.secrets import Secret
 
-    stream = sys.stdin.buffer if sys.stdin is not None else None
-    raw = stream.readline(_MAX_LINE + 1) if stream is not None else b""
-    if len(raw) > _MAX_LINE:
-        raise UsageError(f"the password line on stdin is longer than {_MAX_LINE} bytes")
     try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise UsageError("the password on stdin is not UTF-8 text") from None
-    password = line.removesuffix("\n").removesuffix("\r")
-    if not password:
-        raise UsageError("no password on stdin: pipe it as the first line")
+        password = cli_credentials.password_from_stdin(
+            "no password on stdin: pipe it as the first line"
+        )
+    except cli_credentials.UsageError as exc:
+        raise UsageError(str(exc)) from None
     return Secret(password)
 
 
