@@ -28,6 +28,8 @@ import struct
 from collections.abc import Callable
 from pathlib import Path
 
+from tray_proxy.netwatch import Debounce
+
 __all__ = ["ConfigWatcher"]
 
 _log = logging.getLogger(__name__)
@@ -155,7 +157,7 @@ class ConfigWatcher:
         self.path = Path(os.path.abspath(path))
         self._on_change = on_change
         self._debounce = debounce
-        self._max_delay = max(max_delay, debounce)
+        self._max_delay = max_delay
         self._poll_interval = poll_interval
         self._want_inotify = inotify
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -163,10 +165,8 @@ class ConfigWatcher:
         self._watches: dict[int, str] = {}  # wd -> directory
         self._names: set[tuple[str, str]] = set()  # (directory, name) that matter
         self._stale = False  # a watched directory went away: watch again at the next check
-        self._timer: asyncio.TimerHandle | None = None  # the debounce
+        self._burst: Debounce | None = None
         self._poll_timer: asyncio.TimerHandle | None = None
-        self._burst_start: float | None = None
-        self._last_event = 0.0
         self._digest: bytes | None = None
         self._signature: tuple[str, int, int, int, int] | None = None
         self.mode = "stopped"  # "inotify" or "poll" once started
@@ -181,6 +181,9 @@ class ConfigWatcher:
         if self._loop is not None:
             return
         self._loop = loop or asyncio.get_running_loop()
+        self._burst = Debounce(
+            self._loop, self._settled, quiet=self._debounce, max_delay=self._max_delay
+        )
         self._digest = _digest(self.path)
         self._signature = _signature(self.path)
         if self._want_inotify:
@@ -206,10 +209,12 @@ class ConfigWatcher:
 
     def close(self) -> None:
         """Stop watching; no callback comes after this. Idempotent."""
-        for timer in (self._timer, self._poll_timer):
-            if timer is not None:
-                timer.cancel()
-        self._timer = self._poll_timer = None
+        if self._burst is not None:
+            self._burst.cancel()
+            self._burst = None
+        if self._poll_timer is not None:
+            self._poll_timer.cancel()
+            self._poll_timer = None
         self._drop_inotify()
         self._loop = None
         self.mode = "stopped"
@@ -272,27 +277,10 @@ class ConfigWatcher:
     # debounce and check --------------------------------------------------------------------
 
     def _schedule(self) -> None:
-        assert self._loop is not None
-        now = self._loop.time()
-        self._last_event = now
-        if self._burst_start is None:
-            self._burst_start = now
-        due = min(now + self._debounce, self._burst_start + self._max_delay)
-        if self._timer is not None:
-            if self._timer.when() <= due:
-                return  # fires early and looks again
-            self._timer.cancel()
-        self._timer = self._loop.call_at(due, self._due)
+        assert self._burst is not None
+        self._burst.note()
 
-    def _due(self) -> None:
-        assert self._loop is not None and self._burst_start is not None
-        self._timer = None
-        now = self._loop.time()
-        due = min(self._last_event + self._debounce, self._burst_start + self._max_delay)
-        if now + 0.001 < due:
-            self._timer = self._loop.call_at(due, self._due)
-            return
-        self._burst_start = None
+    def _settled(self) -> None:
         if self._stale or (self._inotify is not None and self._targets() != self._names):
             self._rewatch()
         self._check()

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 
 __all__ = [
+    "Debounce",
     "NetworkState",
     "NetworkWatchError",
     "NetworkWatcher",
@@ -259,6 +260,59 @@ class NetworkState:
         return True
 
 
+class Debounce:
+    """Calls `fire()` on `loop` once per burst of `note()`s: `quiet` seconds after the last
+    note, yet never later than `max_delay` after the burst's first, so a burst that never
+    goes quiet (a flapping link, an editor saving in a loop) still fires every `max_delay`.
+    The network watcher and the settings-file watch (config_watch.py) share it. Use from the
+    loop's thread; `cancel()` drops a pending burst."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        fire: Callable[[], None],
+        *,
+        quiet: float,
+        max_delay: float,
+    ) -> None:
+        self._loop = loop
+        self._fire = fire
+        self._quiet = quiet
+        self._max_delay = max(max_delay, quiet)
+        self._timer: asyncio.TimerHandle | None = None
+        self._burst_start: float | None = None
+        self._last_note = 0.0
+
+    def note(self) -> None:
+        now = self._loop.time()
+        self._last_note = now
+        if self._burst_start is None:
+            self._burst_start = now
+        due = min(now + self._quiet, self._burst_start + self._max_delay)
+        if self._timer is not None:
+            if self._timer.when() <= due:
+                # The timer fires early and looks again (fewer timer objects in a flood).
+                return
+            self._timer.cancel()
+        self._timer = self._loop.call_at(due, self._due)
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._burst_start = None
+
+    def _due(self) -> None:
+        assert self._burst_start is not None
+        self._timer = None
+        due = min(self._last_note + self._quiet, self._burst_start + self._max_delay)
+        if self._loop.time() + 0.001 < due:
+            self._timer = self._loop.call_at(due, self._due)
+            return
+        self._burst_start = None
+        self._fire()
+
+
 class NetworkWatcher:
     """Calls `on_change()` on the loop once per burst of network changes.
 
@@ -284,12 +338,10 @@ class NetworkWatcher:
     ) -> None:
         self._on_change = on_change
         self._quiet = quiet
-        self._max_delay = max(max_delay, quiet)
+        self._max_delay = max_delay
         self._sock = sock
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._burst_start: float | None = None
-        self._last_message = 0.0
+        self._burst: Debounce | None = None
         self.state = NetworkState()
         self.messages = 0  # link/address/route messages seen (for tests and diagnostics)
         self.changes = 0  # of those, the ones that changed something
@@ -309,10 +361,11 @@ class NetworkWatcher:
         if self._sock is None:
             self._sock = open_route_socket()
         self._loop = loop
+        self._burst = Debounce(loop, self._burst_over, quiet=self._quiet, max_delay=self._max_delay)
         changed = self._dump()
         loop.add_reader(self._sock.fileno(), self._readable)
         if changed:
-            self._note(loop.time())
+            self._burst.note()
 
     def _dump(self) -> int:
         """Load what is there now (links, addresses, routes), so that re-announcements of
@@ -354,9 +407,9 @@ class NetworkWatcher:
 
     def close(self) -> None:
         """Stop watching and close the socket; no callback comes after this. Idempotent."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        if self._burst is not None:
+            self._burst.cancel()
+            self._burst = None
         # The loop may already be closed at shutdown: then there is no reader to remove.
         if self._loop is not None and self._sock is not None and not self._loop.is_closed():
             self._loop.remove_reader(self._sock.fileno())
@@ -366,7 +419,7 @@ class NetworkWatcher:
             self._sock = None
 
     def _readable(self) -> None:
-        assert self._sock is not None and self._loop is not None
+        assert self._sock is not None and self._burst is not None
         changed = 0
         for _ in range(_MAX_READS):
             try:
@@ -391,29 +444,8 @@ class NetworkWatcher:
             changed += self.state.feed(data)
         if changed:
             self.changes += changed
-            self._note(self._loop.time())
+            self._burst.note()
 
-    def _note(self, now: float) -> None:
-        assert self._loop is not None
-        self._last_message = now
-        if self._burst_start is None:
-            self._burst_start = now
-        due = min(now + self._quiet, self._burst_start + self._max_delay)
-        if self._timer is not None:
-            if self._timer.when() <= due:
-                # The timer fires early and looks again (fewer timer objects in a flood).
-                return
-            self._timer.cancel()
-        self._timer = self._loop.call_at(due, self._due)
-
-    def _due(self) -> None:
-        assert self._loop is not None and self._burst_start is not None
-        self._timer = None
-        now = self._loop.time()
-        due = min(self._last_message + self._quiet, self._burst_start + self._max_delay)
-        if now + 0.001 < due:
-            self._timer = self._loop.call_at(due, self._due)
-            return
-        self._burst_start = None
+    def _burst_over(self) -> None:
         self.bursts += 1
         self._on_change()
