@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import difflib
 import ipaddress
-import json
 import math
 import os
 import re
@@ -23,7 +22,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeGuard
 
-import tomli_w
 from platformdirs import user_config_path
 
 from tray_proxy.errors import UserError
@@ -43,6 +41,8 @@ from tray_proxy.routing.settings import (
     dump_routing,
     parse_routing,
 )
+from tray_proxy.routing.settings import show_value as _show
+from tray_proxy.routing.settings import toml_scalar as _toml_scalar
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -952,22 +952,6 @@ def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _show(value: object) -> str:
-    """A short description of a value for an error message (never used for URLs)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        text = json.dumps(value, ensure_ascii=False)
-        return text if len(text) <= 60 else text[:56] + '..."'
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "a table"
-    return f"a {type(value).__name__}"
-
-
 # --------------------------------------------------------------------------- saving
 
 
@@ -1045,10 +1029,6 @@ def _toml_lines(table: Mapping[str, object], order: tuple[str, ...]) -> Iterator
             yield f"{key} = [{', '.join(_toml_scalar(v) for v in value)}]"
         else:
             yield f"{key} = {_toml_scalar(value)}"
-
-
-def _toml_scalar(value: object) -> str:
-    return tomli_w.dumps({"v": value}).removeprefix("v = ").rstrip("\n")
 
 
 def save_config(config: Config, path: Path) -> None:

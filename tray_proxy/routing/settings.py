@@ -40,6 +40,8 @@ __all__ = [
     "dump_routing",
     "parse_pac_location",
     "parse_routing",
+    "show_value",
+    "toml_scalar",
 ]
 
 ROUTING_KEYS = ("default", "pac_url", "when_unreachable", "policy", "probe_interval")
@@ -142,7 +144,7 @@ def parse_routing(
         raise RoutingConfigError(
             "routing.probe_interval",
             f"must be 0 (no health probes) or seconds from 5 to {MAX_PROBE_INTERVAL:g}, "
-            f"got {_show(interval)}",
+            f"got {show_value(interval)}",
         )
     return RoutingSettings(
         pac_url=pac_url,
@@ -176,7 +178,7 @@ def parse_pac_location(value: object, field: str) -> str:
 def _choice(value: object, field: str, choices: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value not in choices:
         allowed = " or ".join(f'"{c}"' for c in choices)
-        raise RoutingConfigError(field, f"must be {allowed}, got {_show(value)}")
+        raise RoutingConfigError(field, f"must be {allowed}, got {show_value(value)}")
     return value
 
 
@@ -185,14 +187,14 @@ def _target(value: object, field: str, names: Sequence[str], *, allow_pac: bool)
     defined = ", ".join(f'"{n}"' for n in names) if names else "none (add [[upstream]])"
     expected = f"must be {' or '.join(keywords)} or an upstream's name (defined: {defined})"
     if not isinstance(value, str):
-        raise RoutingConfigError(field, f"{expected}, got {_show(value)}")
+        raise RoutingConfigError(field, f"{expected}, got {show_value(value)}")
     lowered = value.lower()
     if lowered == "direct" or (allow_pac and lowered == DEFAULT_PAC):
         return lowered
     if not allow_pac and lowered == "block":
         return lowered
     if value not in names:
-        raise RoutingConfigError(field, f"{expected}, got {_show(value)}")
+        raise RoutingConfigError(field, f"{expected}, got {show_value(value)}")
     return value
 
 
@@ -200,7 +202,9 @@ def _rules(value: object, names: Sequence[str]) -> tuple[RuleSettings, ...]:
     if value is None:
         return ()
     if not isinstance(value, list) or not all(isinstance(r, dict) for r in value):
-        raise RoutingConfigError("rule", f"must be tables written [[rule]], got {_show(value)}")
+        raise RoutingConfigError(
+            "rule", f"must be tables written [[rule]], got {show_value(value)}"
+        )
     if len(value) > _MAX_RULES:
         raise RoutingConfigError("rule", f"at most {_MAX_RULES} rules, got {len(value)}")
     out: list[RuleSettings] = []
@@ -221,12 +225,14 @@ def _rules(value: object, names: Sequence[str]) -> tuple[RuleSettings, ...]:
             raise RoutingConfigError(
                 f"{at}.match",
                 'must be a non-empty array of patterns like ["*.corp.example", "10.0.0.0/8", '
-                f'":8443"], got {_show(match)}',
+                f'":8443"], got {show_value(match)}',
             )
         patterns: list[Pattern] = []
         for j, item in enumerate(match):
             if not isinstance(item, str):
-                raise RoutingConfigError(f"{at}.match[{j}]", f"must be a string, got {_show(item)}")
+                raise RoutingConfigError(
+                    f"{at}.match[{j}]", f"must be a string, got {show_value(item)}"
+                )
             try:
                 patterns.append(parse_pattern(item))
             except PatternError as exc:
@@ -250,7 +256,7 @@ def _priorities(
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1_000_000:
             raise RoutingConfigError(
                 f"upstream[{i}].priority",
-                f"must be an integer 0-1000000 (lower is tried first), got {_show(value)}",
+                f"must be an integer 0-1000000 (lower is tried first), got {show_value(value)}",
             )
         out.append((name, value))
     return tuple(out)
@@ -272,20 +278,23 @@ def dump_routing(settings: RoutingSettings) -> list[str]:
         routing.append(("probe_interval", settings.probe_interval))
     lines: list[str] = []
     if routing:
-        lines += ["[routing]", *(f"{k} = {_scalar(v)}" for k, v in routing)]
+        lines += ["[routing]", *(f"{k} = {toml_scalar(v)}" for k, v in routing)]
     for rule in settings.rules:
-        match = ", ".join(_scalar(p.text) for p in rule.patterns)
+        match = ", ".join(toml_scalar(p.text) for p in rule.patterns)
         if lines:
             lines.append("")
-        lines += ["[[rule]]", f"match = [{match}]", f"action = {_scalar(rule.action_text)}"]
+        lines += ["[[rule]]", f"match = [{match}]", f"action = {toml_scalar(rule.action_text)}"]
     return lines
 
 
-def _scalar(value: object) -> str:
+def toml_scalar(value: object) -> str:
+    """One TOML value as it is written after `key = ` (config.py's writer uses it too)."""
     return tomli_w.dumps({"v": value}).removeprefix("v = ").rstrip("\n")
 
 
-def _show(value: object) -> str:
+def show_value(value: object) -> str:
+    """A short description of a value for an error message (never used for URLs). Shared
+    with config.py, which may import routing (routing may not import config)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
