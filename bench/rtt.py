@@ -39,7 +39,6 @@ import datetime
 import os
 import platform
 import re
-import signal
 import socket
 import statistics
 import subprocess
@@ -49,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.relays import Redsocks, Relay, TrayProxyRun, TrayProxyRunNoSpares
-from bench.run import RTT_SECTION_BEGIN, RTT_SECTION_END, raise_nofile
+from bench.run import RTT_SECTION_BEGIN, RTT_SECTION_END, begin
 from bench.run import SECTION_BEGIN as RUN_SECTION_BEGIN
 from tests.lab import Lab, LabError, SquidProxy
 from tests.lab.linkemu import DelayedLink, LinkStats
@@ -695,17 +694,9 @@ def main(argv: list[str] | None = None) -> int:
         fetches=base.fetches if args.fetches is None else args.fetches,
         parallel=base.parallel if args.parallel is None else args.parallel,
     )
-    wanted = {k.strip() for k in args.rows.split(",")}
-    unknown = wanted - {r.key for r in ROWS}
-    if unknown:
-        print(f"bench.rtt: unknown rows {sorted(unknown)}", file=sys.stderr)
+    rows = begin("bench.rtt", ROWS, args.rows, "(network namespaces, nftables, TUN)")
+    if rows is None:
         return 2
-    rows = [r for r in ROWS if r.key in wanted]
-    if os.geteuid() != 0:
-        print("bench.rtt: needs root (network namespaces, nftables, TUN)", file=sys.stderr)
-        return 2
-    raise_nofile()
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     load = [os.getloadavg()]
     started = time.monotonic()
     try:

@@ -33,10 +33,10 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from bench.relays import (
     Redsocks,
@@ -145,6 +145,33 @@ def raise_nofile() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+class _Keyed(Protocol):
+    @property
+    def key(self) -> str: ...
+
+
+_R = TypeVar("_R", bound=_Keyed)
+
+
+def begin(prog: str, all_rows: Sequence[_R], keys: str, needs_root: str) -> list[_R] | None:
+    """The start of a benchmark's main() (this one's and bench/rtt.py's): the rows named in
+    `keys` (comma-separated), more open files, and SIGTERM unwinding like Ctrl-C, so every
+    `finally` tears the lab down. None, after saying why on stderr, when a row is unknown or
+    the process is not root (`needs_root`: what for, in words)."""
+    wanted = {k.strip() for k in keys.split(",")}
+    unknown = wanted - {r.key for r in all_rows}
+    if unknown:
+        print(f"{prog}: unknown rows {sorted(unknown)}", file=sys.stderr)
+        return None
+    rows = [r for r in all_rows if r.key in wanted]
+    if os.geteuid() != 0:
+        print(f"{prog}: needs root {needs_root}", file=sys.stderr)
+        return None
+    raise_nofile()
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    return rows
 
 
 @contextlib.contextmanager
@@ -869,18 +896,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sizes = QUICK if args.quick else FULL
-    wanted = {k.strip() for k in args.rows.split(",")}
-    unknown = wanted - {r.key for r in ROWS}
-    if unknown:
-        print(f"bench: unknown rows {sorted(unknown)}", file=sys.stderr)
+    rows = begin("bench", ROWS, args.rows, "(network namespaces, nftables); run as root")
+    if rows is None:
         return 2
-    rows = [r for r in ROWS if r.key in wanted]
-    if os.geteuid() != 0:
-        print("bench: needs root (network namespaces, nftables); run as root", file=sys.stderr)
-        return 2
-    raise_nofile()
-    # SIGTERM unwinds like Ctrl-C, so every `finally` tears the lab down.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     load = [os.getloadavg()]
     started = time.monotonic()
     budget = 120.0 if args.quick else 300.0
