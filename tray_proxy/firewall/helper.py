@@ -953,14 +953,19 @@ def docker_candidates(path: str, timeout: float = DOCKER_TIMEOUT_SECONDS) -> lis
             name = f"br-{net_id[:12]}" if isinstance(net_id, str) else None
         ipam = net.get("IPAM")
         configs = ipam.get("Config") if isinstance(ipam, dict) else None
-        if name is None or not isinstance(configs, list):
-            continue
-        for config in configs:
-            if isinstance(config, dict) and isinstance(config.get("Subnet"), str):
-                gateway = config.get("Gateway")
-                found.append(
-                    (name, config["Subnet"], gateway if isinstance(gateway, str) else None)
-                )
+        if name is not None:
+            found += _candidates(name, configs, "Subnet", "Gateway")
+    return found
+
+
+def _candidates(name: str, entries: object, subnet_key: str, gateway_key: str) -> list[Candidate]:
+    """(name, subnet, gateway) for each entry of a tool's subnet list that names a subnet;
+    Docker and Podman write the same thing under different keys."""
+    found: list[Candidate] = []
+    for entry in entries if isinstance(entries, list) else ():
+        if isinstance(entry, dict) and isinstance(entry.get(subnet_key), str):
+            gateway = entry.get(gateway_key)
+            found.append((name, entry[subnet_key], gateway if isinstance(gateway, str) else None))
     return found
 
 
@@ -983,15 +988,8 @@ def podman_candidates(directory: str) -> list[Candidate]:
         if not isinstance(data, dict) or data.get("driver") != "bridge" or data.get("internal"):
             continue
         name = data.get("network_interface")
-        subnets = data.get("subnets")
-        if not isinstance(name, str) or not isinstance(subnets, list):
-            continue
-        for subnet in subnets:
-            if isinstance(subnet, dict) and isinstance(subnet.get("subnet"), str):
-                gateway = subnet.get("gateway")
-                found.append(
-                    (name, subnet["subnet"], gateway if isinstance(gateway, str) else None)
-                )
+        if isinstance(name, str):
+            found += _candidates(name, data.get("subnets"), "subnet", "gateway")
     if not any(c[0] == PODMAN_DEFAULT_BRIDGE[0] for c in found):
         found.append(PODMAN_DEFAULT_BRIDGE)
     return found
