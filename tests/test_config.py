@@ -239,6 +239,13 @@ def test_default_path_is_in_the_user_config_dir(monkeypatch: pytest.MonkeyPatch)
         ("[relay]\nspare_connections = 17", "relay.spare_connections: must be an integer 0-16"),
         ("[relay]\nspare_connections = 1.5", "relay.spare_connections: must be an integer 0-16"),
         ("[relay]\nspare_connections = true", "relay.spare_connections: must be an integer"),
+        # relay.early_data
+        (
+            '[relay]\nearly_data = "yes"',
+            'relay.early_data: must be "auto", true or false, got "yes"',
+        ),
+        ('[relay]\nearly_data = "on"', 'relay.early_data: must be "auto", true or false'),
+        ("[relay]\nearly_data = 1", 'relay.early_data: must be "auto", true or false, got 1'),
         # relay.source_ports
         ("[relay]\nsource_ports = true", "relay.source_ports: must be [low, high]"),
         ("[relay]\nsource_ports = [61000]", "relay.source_ports: must be [low, high]"),
@@ -561,6 +568,7 @@ def _configs(draw: st.DrawFn) -> Config:
         drain_timeout=draw(st.floats(0.0, 300.0)),
         spare_connections=draw(st.integers(0, 16)),
         spare_max_age=draw(_timeout),
+        early_data=draw(st.sampled_from(["auto", "on", "off"])),
     )
     capture = draw(st.booleans())
     redirect = RedirectSettings(
@@ -578,6 +586,23 @@ def _configs(draw: st.DrawFn) -> Config:
 @given(_configs())
 def test_round_trip(config: Config) -> None:
     assert parse_config(dump_config(config), local_port_range=KERNEL_RANGE) == config
+
+
+@pytest.mark.parametrize(
+    ("line", "mode", "written"),
+    [
+        ("", "auto", 'early_data = "auto"'),
+        ('early_data = "auto"', "auto", 'early_data = "auto"'),
+        ("early_data = true", "on", "early_data = true"),
+        ("early_data = false", "off", "early_data = false"),
+    ],
+)
+def test_early_data_is_auto_by_default_and_written_as_the_user_writes_it(
+    line: str, mode: str, written: str
+) -> None:
+    config = parse_config(f"[relay]\n{line}\n")
+    assert config.relay.early_data == mode
+    assert written in dump_config(config).splitlines()
 
 
 def test_dump_writes_array_of_tables_and_no_password() -> None:

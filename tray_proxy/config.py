@@ -33,7 +33,13 @@ from tray_proxy.firewall.ruleset import (
     RuleSpec,
     SpecError,
 )
-from tray_proxy.relay.settings import AuthScheme, RelaySettings, UpstreamKind, UpstreamProxy
+from tray_proxy.relay.settings import (
+    AuthScheme,
+    EarlyDataMode,
+    RelaySettings,
+    UpstreamKind,
+    UpstreamProxy,
+)
 from tray_proxy.routing.settings import (
     ROUTING_KEYS,
     RoutingConfigError,
@@ -533,8 +539,16 @@ class _Parser:
             spare_connections=spares,
             spare_max_age=timeouts["spare_max_age"],
             reverify_after=timeouts["reverify_after"],
-            early_data=self.flag(doc.get("early_data", defaults.early_data), "relay.early_data"),
+            early_data=self.early_data(doc.get("early_data", defaults.early_data)),
         )
+
+    def early_data(self, value: object) -> EarlyDataMode:
+        # The file says true / false / "auto"; RelaySettings says "on" / "off" / "auto".
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        if value == "auto":
+            return "auto"
+        raise self.fail("relay.early_data", f'must be "auto", true or false, got {_show(value)}')
 
     def port(self, value: object, field: str) -> int:
         if not _is_int(value) or not 1 <= value <= 65535:
@@ -969,7 +983,7 @@ def dump_config(config: Config) -> str:
         **{key: float(getattr(relay, key)) for key in _TIMEOUTS},
         "source_ports": list(relay.source_ports) if relay.source_ports is not None else False,
         "spare_connections": relay.spare_connections,
-        "early_data": relay.early_data,
+        "early_data": {"on": True, "off": False}.get(relay.early_data, relay.early_data),
     }
     redirect = config.redirect
     redirect_doc: dict[str, object] = {

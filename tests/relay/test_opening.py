@@ -486,10 +486,19 @@ def _reset(conn: socket.socket) -> bool:
 
 class _FirstWrite:
     """A CONNECT proxy that records its first read of each connection, then answers `answer`
-    and (for a 2xx) echoes whatever follows, early bytes included, as the tunnel would."""
+    and (for a 2xx) echoes whatever follows, early bytes included, as the tunnel would.
 
-    def __init__(self, answers: list[bytes]) -> None:
+    `server_delay`: the echo of the early bytes (the "server's answer") comes that many
+    seconds after the 2xx, in a segment of its own. `drops_early`: a fake of the naive proxy
+    that reads the CONNECT with one recv and throws away whatever came behind it in that
+    read (no such proxy can be run here: Squid keeps the bytes)."""
+
+    def __init__(
+        self, answers: list[bytes], server_delay: float = 0.0, drops_early: bool = False
+    ) -> None:
         self.answers = answers
+        self.server_delay = server_delay
+        self.drops_early = drops_early
         self.first: list[bytes] = []
         self.server: asyncio.Server | None = None
         self.address: tuple[str, int] = ("127.0.0.1", 0)
@@ -508,7 +517,11 @@ class _FirstWrite:
                 await reader.read()
                 return
             head, _, early = data.partition(b"\r\n\r\n")
-            writer.write(early)
+            if self.server_delay and early:
+                await writer.drain()
+                await asyncio.sleep(self.server_delay)
+            if not self.drops_early:
+                writer.write(early)
             while chunk := await reader.read(65536):
                 writer.write(chunk)
         except ConnectionError:
@@ -525,7 +538,7 @@ class _FirstWrite:
 _OK = b"HTTP/1.1 200 Connection established\r\n\r\n"
 
 
-@pytest.mark.parametrize("early_data", [True, False])
+@pytest.mark.parametrize("early_data", ["on", "off", "auto"])
 def test_the_first_bytes_ride_behind_the_connect_in_one_write(run, openings, early_data):
     """Early data (settings.early_data): the ClientHello goes in the CONNECT's own write, so
     the proxy has it one round trip sooner; off, it waits for the 200 as before."""
@@ -549,7 +562,7 @@ def test_the_first_bytes_ride_behind_the_connect_in_one_write(run, openings, ear
                 writer.close()
                 (first,) = proxy.first
                 assert first.startswith(b"CONNECT early.example:443 HTTP/1.1\r\n")
-                assert first.endswith(hello) is early_data
+                assert first.endswith(hello) is (early_data != "off")
                 assert len(openings) == 1
                 await relay.wait_closed()
                 assert relay.record().bytes_up == len(hello) + 4
@@ -559,7 +572,8 @@ def test_the_first_bytes_ride_behind_the_connect_in_one_write(run, openings, ear
     run(main)
 
 
-def test_early_bytes_refused_with_the_connect_go_again_on_the_next_way(run, openings):
+@pytest.mark.parametrize("early_data", ["on", "auto"])
+def test_early_bytes_refused_with_the_connect_go_again_on_the_next_way(run, openings, early_data):
     """A 502 to a CONNECT that carried the ClientHello: the opening is redone without early
     data on the next upstream, and the client's bytes arrive there whole."""
     from tests.relay.stubs import tls_client_hello
@@ -578,7 +592,7 @@ def test_early_bytes_refused_with_the_connect_go_again_on_the_next_way(run, open
             b = UpstreamProxy("b", UpstreamKind.HTTP, *good.address)
             router = Router(RoutingTable(RoutingSettings(), [a, b]), None, Health())
             async with running_relay(
-                [a, b], ("192.0.2.1", 443), router=router, peek_timeout=1.0, early_data=True
+                [a, b], ("192.0.2.1", 443), router=router, peek_timeout=1.0, early_data=early_data
             ) as relay:
                 hello = tls_client_hello("again.example")
                 reader, writer = await relay.connect()
@@ -593,3 +607,165 @@ def test_early_bytes_refused_with_the_connect_go_again_on_the_next_way(run, open
             await good.close()
 
     run(main)
+
+
+def test_early_data_is_on_trial_until_a_server_answers_then_proven(run, openings, monkeypatch):
+    """ "auto" and a proxy that keeps the bytes behind the CONNECT: the first tunnel is held
+    after the 200 until the server's answer comes (here 0.2 s later, in a segment of its
+    own), which proves the proxy; the next connection sends its hello early too and is not
+    held."""
+    from tests.relay.stubs import tls_client_hello
+    from tray_proxy.relay.settings import UpstreamKind, UpstreamProxy
+
+    held: list[bool] = []
+    original = opening.Opening._await_server
+
+    def await_server(self: opening.Opening) -> None:
+        held.append(True)
+        original(self)
+
+    monkeypatch.setattr(opening.Opening, "_await_server", await_server)
+
+    async def main():
+        proxy = _FirstWrite([_OK], server_delay=0.2)
+        await proxy.start()
+        try:
+            up = UpstreamProxy("corp", UpstreamKind.HTTP, *proxy.address)
+            async with running_relay(
+                [up], ("192.0.2.1", 443), peek_timeout=1.0, spare_connections=0
+            ) as relay:
+                assert relay.engine.settings.early_data == "auto"  # the default
+                for i in range(2):
+                    hello = tls_client_hello(f"proven{i}.example")
+                    reader, writer = await relay.connect()
+                    writer.write(hello)
+                    assert await asyncio.wait_for(reader.readexactly(len(hello)), 5) == hello
+                    writer.write(b"more")
+                    assert await asyncio.wait_for(reader.readexactly(4), 5) == b"more"
+                    writer.close()
+                    await relay.wait_closed(i + 1)
+                    assert proxy.first[i].endswith(hello)  # early, in the CONNECT's write
+                    assert max(relay.records.items())[1].bytes_up == len(hello) + 4
+                    assert held == [True], "only the first tunnel waits for the server"
+                assert relay.engine.stats["early_proven"] == 1
+                assert relay.engine.stats["early_fallback"] == 0
+                assert len(proxy.first) == 2  # no tunnel was opened twice
+                assert len(openings) == 2
+                _assert_nothing_registered(relay)
+        finally:
+            await proxy.close()
+
+    run(main)
+
+
+def test_a_proxy_that_drops_early_bytes_costs_a_wait_and_then_gets_none(run, openings, caplog):
+    """ "auto" and a proxy that drops what came behind the CONNECT: the server never
+    answers the hello, so after the wait the tunnel is dropped and the opening redone on
+    the coroutine path, which sends the hello after the 200; the client sees its bytes
+    arrive, later. Two such waits and the proxy gets no early bytes any more, once logged."""
+    import logging
+    import time
+
+    from tests.relay.stubs import tls_client_hello
+    from tray_proxy.relay.settings import UpstreamKind, UpstreamProxy
+
+    caplog.set_level(logging.WARNING, logger="tray_proxy.relay.opening")
+
+    async def main():
+        proxy = _FirstWrite([_OK], drops_early=True)
+        await proxy.start()
+        try:
+            up = UpstreamProxy("corp", UpstreamKind.HTTP, *proxy.address)
+            async with running_relay(
+                [up], ("192.0.2.1", 443), peek_timeout=1.0, spare_connections=0
+            ) as relay:
+                took = []
+                for i in range(3):
+                    hello = tls_client_hello(f"dropped{i}.example")
+                    started = time.monotonic()
+                    reader, writer = await relay.connect()
+                    writer.write(hello)
+                    assert await asyncio.wait_for(reader.readexactly(len(hello)), 5) == hello
+                    took.append(time.monotonic() - started)
+                    writer.write(b"more")
+                    assert await asyncio.wait_for(reader.readexactly(4), 5) == b"more"
+                    writer.close()
+                    await relay.wait_closed(i + 1)
+                    assert max(relay.records.items())[1].bytes_up == len(hello) + 4
+                firsts = proxy.first
+                # Two tunnels each for the first two connections: early bytes, then none.
+                assert len(firsts) == 5, firsts
+                assert [f.endswith(b"\r\n\r\n") for f in firsts] == [
+                    False,
+                    True,
+                    False,
+                    True,
+                    True,  # the third: refused, no early bytes, no second tunnel
+                ]
+                assert took[0] >= 1.0 and took[1] >= 1.0  # the wait, at least 1 s
+                assert took[2] < 1.0
+                stats = relay.engine.stats
+                assert stats["early_fallback"] == 2 and stats["early_refused"] == 1
+                assert stats["early_proven"] == 0
+                warnings = [r for r in caplog.records if "relay.early_data" in r.getMessage()]
+                assert len(warnings) == 1
+                assert "drops the bytes sent right behind a CONNECT" in warnings[0].getMessage()
+                _assert_nothing_registered(relay)
+        finally:
+            await proxy.close()
+
+    run(main)
+
+
+def test_only_a_tls_handshake_goes_early_on_auto(run, openings):
+    """Plain HTTP (port 80) and a hello followed by anything but handshake records (0-RTT
+    data) are not sent early on "auto": replaying a ClientHello is harmless, replaying a
+    request is not. "on" sends them, as before."""
+    from tests.relay.stubs import tls_client_hello
+    from tray_proxy.relay.settings import UpstreamKind, UpstreamProxy
+
+    request = b"GET / HTTP/1.1\r\nHost: plain.example\r\n\r\n"
+    hello = tls_client_hello("zero-rtt.example")
+    # change_cipher_spec, then an application data record: what 0-RTT sends behind a hello.
+    zero_rtt = hello + b"\x14\x03\x03\x00\x01\x01" + b"\x17\x03\x03\x00\x04data"
+
+    async def main():
+        for mode, first_bytes, dst, early in [
+            ("auto", request, ("192.0.2.1", 80), False),
+            ("auto", zero_rtt, ("192.0.2.1", 443), False),
+            ("on", request, ("192.0.2.1", 80), True),
+        ]:
+            proxy = _FirstWrite([_OK])
+            await proxy.start()
+            try:
+                up = UpstreamProxy("corp", UpstreamKind.HTTP, *proxy.address)
+                async with running_relay(
+                    [up], dst, peek_timeout=1.0, spare_connections=0, early_data=mode
+                ) as relay:
+                    reader, writer = await relay.connect()
+                    writer.write(first_bytes)
+                    got = await asyncio.wait_for(reader.readexactly(len(first_bytes)), 5)
+                    assert got == first_bytes
+                    writer.close()
+                    await relay.wait_closed(1)
+                    (first,) = proxy.first
+                    assert first.endswith(first_bytes) is early, (mode, first)
+                    assert relay.engine.stats["early_proven"] == 0
+            finally:
+                await proxy.close()
+
+    run(main)
+
+
+def test_handshake_only():
+    from tests.relay.stubs import tls_client_hello
+
+    hello = tls_client_hello("a.example")
+    one = b"\x16\x03\x01\x00\x02\x01\x00"
+    assert opening._handshake_only(hello)
+    assert opening._handshake_only(one + one)  # a hello split over two records
+    assert not opening._handshake_only(b"")
+    assert not opening._handshake_only(one[:-1])  # a record cut short
+    assert not opening._handshake_only(one + b"\x16\x03")  # a header cut short
+    assert not opening._handshake_only(one + b"\x17\x03\x03\x00\x01x")  # application data
+    assert not opening._handshake_only(b"GET / HTTP/1.1\r\n\r\n")

@@ -42,7 +42,7 @@ from tray_proxy.relay.events import (
 )
 from tray_proxy.relay.failures import first_bytes_lost
 from tray_proxy.relay.forward import ForwardLimits, Port80Memory, forward_http
-from tray_proxy.relay.opening import ConnectRequests, Deadlines, Opening
+from tray_proxy.relay.opening import ConnectRequests, Deadlines, EarlyDataTrust, Opening
 from tray_proxy.relay.origdst import original_destination
 from tray_proxy.relay.pipe import PipePool, ReadBatching, Tunnel, abort
 from tray_proxy.relay.poller import Poller
@@ -232,6 +232,9 @@ class RelayEngine:
         # The fast path's CONNECT bytes, Proxy-Authorization included: this engine's own,
         # cleared when the credentials change and when it stops.
         self._requests = ConnectRequests()
+        # Which proxies keep the bytes sent behind a CONNECT (relay.early_data "auto"); made
+        # anew when the upstreams change.
+        self._early = EarlyDataTrust(self.stats)
         # Credentials given by set_credentials(), over what `credentials` has (None: none).
         self._overrides: dict[str, Credentials | None] = {}
         # upstream name -> the timer of its next re-verification of rejected credentials
@@ -316,6 +319,7 @@ class RelayEngine:
         self._texts.clear()
         self._pac_words = ""
         self._forget_secrets()
+        self._early = EarlyDataTrust(self.stats)
 
     def reload_routing(
         self, routing: RoutingSettings, upstreams: Sequence[UpstreamProxy], active: str | None
@@ -918,6 +922,7 @@ class RelayEngine:
                     *fast,
                     self._spares,
                     self._requests,
+                    self._early,
                 )
                 opening.begin()
         conn.setblocking(False)

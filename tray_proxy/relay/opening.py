@@ -19,15 +19,23 @@ reasons and words.
 
 Readiness comes from the engine's Poller (relay/poller.py), like the tunnels': a callback
 handed from one phase to the next is a dict update and at most one epoll_ctl.
+
+Early data (settings.early_data, docs/relay.md "Early data"): the client's first bytes may
+leave in the CONNECT's own write. With "auto", only a TLS handshake (a ClientHello, which is
+harmless to send again on another tunnel) goes early, and only to a proxy that has not been
+seen dropping it (`EarlyDataTrust`): the first tunnels through a proxy are held after the 200
+until the server answers, and redone on the coroutine path if it does not.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import socket
 import time
+from collections import Counter
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -59,6 +67,16 @@ _REQUESTS_KEPT = 512  # CONNECT requests kept ready, by target and header
 _PEEK_RECV = 16384
 _ANSWER_RECV = 65536
 _IN_PROGRESS = frozenset({errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK})
+_TLS_HANDSHAKE = 0x16  # RFC 8446 section 5.1, ContentType.handshake
+# Early data on trial ("auto"): how long a tunnel waits after the 200 for the server's first
+# bytes before it counts the early bytes as dropped: this many times the CONNECT's answer
+# time, and at least _TRIAL_MIN_WAIT seconds. _STRIKES such waits in a row, with no answer
+# in between, and the proxy gets no early bytes any more.
+_TRIAL_MIN_WAIT = 1.0
+_TRIAL_ANSWER_TIMES = 4.0
+_STRIKES = 2
+
+log = logging.getLogger(__name__)
 
 
 class ConnectRequests:
@@ -78,6 +96,68 @@ class ConnectRequests:
     def clear(self) -> None:
         self.by_target.clear()
         self.header = None
+
+
+class EarlyDataTrust:
+    """Which proxies keep the bytes written right behind a CONNECT (settings.early_data
+    "auto"), by the address an Opening dials: unknown at first, `proven` once a server
+    answered bytes that went early, `refused` after _STRIKES tunnels in a row got no answer
+    in time. A proxy that reads the CONNECT with one recv and throws the rest away would
+    otherwise hang every HTTPS connection through it, waiting for a ServerHello.
+
+    One per engine, made anew when the upstreams change (a reload); `stats` is the engine's
+    Counter ("early_proven", "early_fallback", "early_refused")."""
+
+    __slots__ = ("proven", "refused", "strikes", "stats")
+
+    def __init__(self, stats: Counter[str] | None = None) -> None:
+        self.proven: set[tuple[int, Address]] = set()
+        self.refused: set[tuple[int, Address]] = set()
+        self.strikes: dict[tuple[int, Address], int] = {}
+        self.stats: Counter[str] = stats if stats is not None else Counter()
+
+    def kept(self, address: tuple[int, Address]) -> None:
+        """The server answered bytes that went early through the proxy at `address`."""
+        self.proven.add(address)
+        self.strikes.pop(address, None)
+        self.stats["early_proven"] += 1
+
+    def lost(self, address: tuple[int, Address], upstream: UpstreamProxy, waited: bool) -> None:
+        """No answer came to the early bytes: a strike if the wait ran out (`waited`), not
+        if the tunnel ended first (the server may have closed for reasons of its own)."""
+        self.stats["early_fallback"] += 1
+        if not waited or address in self.refused:
+            return
+        strikes = self.strikes.get(address, 0) + 1
+        if strikes < _STRIKES:
+            self.strikes[address] = strikes
+            return
+        self.strikes.pop(address, None)
+        self.refused.add(address)
+        self.stats["early_refused"] += 1
+        log.warning(
+            "proxy %s (at %s port %d) drops the bytes sent right behind a CONNECT: %d "
+            "tunnels in a row got no answer from the server, so early data is off for this "
+            'proxy (relay.early_data = "auto") until the settings change, and its HTTPS '
+            "connections take one round trip more. Nothing is lost: those connections were "
+            "opened again without it. To skip this test at every start, set "
+            "relay.early_data = false in the settings file",
+            upstream,
+            address[1][0],
+            address[1][1],
+            _STRIKES,
+        )
+
+
+def _handshake_only(data: bytes) -> bool:
+    """Is `data` nothing but complete TLS handshake records (no 0-RTT application data, no
+    change_cipher_spec, no record cut short)? Only such bytes go early on "auto": a
+    ClientHello may be sent again on another tunnel, a request may not."""
+    pos = 0
+    end = len(data)
+    while pos + 5 <= end and data[pos] == _TLS_HANDSHAKE:
+        pos += 5 + (data[pos + 3] << 8 | data[pos + 4])
+    return pos == end and end > 0
 
 
 def _basic_only(headers: Sequence[tuple[str, str]]) -> bool:
@@ -230,6 +310,9 @@ class Opening:
         "decision",
         "early",
         "announced",
+        "trust",
+        "trial",
+        "proving",
     )
 
     record: ConnectionRecord  # given by start(); begin() runs without it
@@ -247,8 +330,10 @@ class Opening:
         header: tuple[str, str] | None = None,
         spares: Spares | None = None,
         requests: ConnectRequests | None = None,
+        trust: EarlyDataTrust | None = None,
     ) -> None:
-        """`requests`: the engine's cache of CONNECT bytes (None: one of its own)."""
+        """`requests`: the engine's cache of CONNECT bytes, `trust`: its verdicts on early
+        data (None: ones of its own)."""
         self.poller = poller
         self.hooks = hooks
         self.deadlines = deadlines
@@ -280,6 +365,11 @@ class Opening:
         self.decision: Decision | None = None  # the router's, set by hooks.keeps()
         self.early = 0  # bytes of the peek that went out right behind the CONNECT
         self.announced = False  # hooks.routed() was called
+        self.trust = trust if trust is not None else EarlyDataTrust()
+        # Early bytes went to a proxy not known to keep them ("auto"): the tunnel is held
+        # after the 200 until the server answers (`proving`), see _established.
+        self.trial = False
+        self.proving = False
 
     # -- begin and start: dial, peek and ask at once, then the bookkeeping ---------------
 
@@ -500,11 +590,28 @@ class Opening:
         if request is None:
             return None
         data = request
-        if self.settings.early_data:
+        mode = self.settings.early_data
+        trial = False
+        if mode != "off":
             # The client's first bytes ride along (settings.early_data); they stay in the
             # peek's buffer, so any answer but a 2xx redoes the opening without them.
             peeker = self.peeker
             early = self.peeked if peeker is None else peeker.buffered
+            if early and mode == "auto":
+                # A TLS handshake only (one record, the usual hello, checked without a
+                # call), to a proxy not seen dropping it; on trial unless proven.
+                address = self.address
+                trust = self.trust
+                size = len(early)
+                if (
+                    address in trust.refused
+                    or size <= 5
+                    or early[0] != _TLS_HANDSHAKE
+                    or (size != 5 + (early[3] << 8 | early[4]) and not _handshake_only(early))
+                ):
+                    early = b""
+                else:
+                    trial = address not in trust.proven
             if early:
                 data = request + early
         try:
@@ -516,6 +623,7 @@ class Opening:
         if sent < len(request):
             return None
         self.early = sent - len(request)
+        self.trial = trial
         self.connected = True
         self.asked = True
         return True
@@ -631,11 +739,23 @@ class Opening:
             return  # more of the head to come
         self._established(handshake.trailing)
 
-    def _established(self, trailing: bytes) -> None:
+    def _established(self, trailing: bytes, latency: float | None = None) -> None:
+        """A 2xx came (`trailing`: what the proxy sent behind it): open the tunnel.
+        `latency`: the handshake's, measured at the 2xx (None: now)."""
         sock = self.sock
         assert sock is not None
+        if self.trial:
+            self.trial = False
+            if trailing:
+                self.trust.kept(self.address)  # the server's answer came with the 2xx
+            elif self.early and self.early == len(self.peeked):
+                self._await_server()
+                return
+            # Else only part of the hello went early: the rest goes now, no verdict.
         self._end()
-        self.record.handshake_latency = time.monotonic() - self.dialed_at
+        self.record.handshake_latency = (
+            time.monotonic() - self.dialed_at if latency is None else latency
+        )
         to_upstream = self.peeked
         early = self.early
         if early:
@@ -668,12 +788,62 @@ class Opening:
         # The tunnel's reader replaces ours.
         self.hooks.opened(self.record, self.conn, sock)
 
+    # -- early data on trial ("auto") -----------------------------------------------------
+
+    def _await_server(self) -> None:
+        """A plain 2xx with nothing behind it, from a proxy not known to keep early bytes:
+        hold the tunnel until the server answers the ClientHello that went early, for
+        _TRIAL_ANSWER_TIMES this CONNECT's answer time (at least _TRIAL_MIN_WAIT). No byte
+        reaches the client meanwhile, so a proxy that dropped the hello costs the client
+        this wait and nothing else: the coroutine path opens a new tunnel and sends it
+        again after the 2xx. The client's further bytes wait in its socket."""
+        sock = self.sock
+        assert sock is not None
+        now = time.monotonic()
+        asked_at = self.answer_deadline - self.settings.handshake_timeout
+        self.record.handshake_latency = now - self.dialed_at
+        self.proving = True
+        self.deadline = now + max(_TRIAL_MIN_WAIT, _TRIAL_ANSWER_TIMES * (now - asked_at))
+        self.poller.add_reader(sock.fileno(), self._on_server)  # in place of _on_answer
+
+    def _on_server(self) -> None:
+        if self.done:
+            return
+        sock = self.sock
+        assert sock is not None
+        try:
+            data = sock.recv(_ANSWER_RECV)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        self.proving = False
+        if not data:
+            # The tunnel ended before the server said anything: no verdict on the proxy.
+            self._early_lost(waited=False)
+            return
+        self.trust.kept(self.address)
+        self._established(data, self.record.handshake_latency)
+
+    def _early_lost(self, waited: bool) -> None:
+        """No answer to the early bytes: drop this tunnel (nothing of it reached the
+        client) and redo the opening on the coroutine path, which sends the peek's bytes
+        after the 2xx."""
+        self.proving = False
+        self.record.handshake_latency = None
+        self.trust.lost(self.address, self.upstream, waited)
+        self._fall_back()
+
     # -- endings --------------------------------------------------------------------------
 
     def on_deadline(self) -> None:
         if self.done:
             return
         now = time.monotonic()
+        if self.proving:
+            if now >= self.deadline:
+                self._early_lost(waited=True)
+            return
         if self.peeker is not None and not self.peeker.decided and now >= self.peek_deadline:
             self.poller.remove_reader(self.conn.fileno())
             self._peek_done()

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Literal
+
+EarlyDataMode = Literal["auto", "on", "off"]
 
 
 class UpstreamKind(enum.Enum):
@@ -78,7 +81,9 @@ class RelaySettings:
     # CONNECT, in one write, instead of after the proxy's 200: one round trip less per new
     # connection (docs/benchmarks.md, "Round trip to the proxy"). Only for credentials the
     # proxy took with Basic, or none; any answer but a 2xx redoes the opening without them.
-    # Off by default: a proxy that drops bytes sent before its answer (a naive one reads
-    # the CONNECT with one recv and throws the rest away) would hang every HTTPS connection,
-    # and nothing in the relay can tell that from a slow origin. Squid 5.7 keeps them.
-    early_data: bool = False
+    # A proxy that drops bytes sent before its answer (a naive one reads the CONNECT with
+    # one recv and throws the rest away) would hang every HTTPS connection through it, so
+    # "auto" sends only a TLS handshake, and holds each tunnel through a proxy until one
+    # server's answer has proven that it keeps them (relay/opening.py, EarlyDataTrust;
+    # docs/relay.md, "Early data"). "on": any first bytes, unchecked. "off": never.
+    early_data: EarlyDataMode = "auto"
