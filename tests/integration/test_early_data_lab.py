@@ -105,11 +105,12 @@ class DroppingProxy(EngineInLab):
             if len(target) != 3 or target[0] != b"CONNECT":
                 return
             port = int(target[1].rpartition(b":")[2])
-            from_origin, origin = await asyncio.wait_for(
+            from_origin, to_origin = await asyncio.wait_for(
                 asyncio.open_connection(self.origin, port), IO_LIMIT
             )
+            origin = to_origin
             writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-            await asyncio.gather(_pump(reader, origin), _pump(from_origin, writer))
+            await asyncio.gather(_pump(reader, to_origin), _pump(from_origin, writer))
         except (OSError, ValueError, asyncio.TimeoutError):
             pass
         finally:
