@@ -6,9 +6,10 @@ everything else stays on the lab's veths. The real `curl` fetches small HTTPS bo
 lab's origin (TLS through the tunnel, as users see it) along each row's path:
 
   curl -x      curl with `-x` to Squid (Basic auth, sent with the first CONNECT)
-  tray-run     `tray-proxy run` behind the lab's nft redirect, defaults (16 spare connections)
-  ...          the same with 2 spares (the old default), without spares, with
-               `early_data = true`, and redsocks (`splice = on`)
+  tray-run     `tray-proxy run` behind the lab's nft redirect, defaults (16 spare connections,
+               `early_data = "auto"`)
+  ...          the same with 2 spares, without spares, with `early_data = false` (the
+               default before "auto"), and redsocks (`splice = on`)
 
 and measures, interleaved row by row:
   (a) a fresh connection after `--idle` seconds with no traffic (spares expired; several
@@ -72,13 +73,13 @@ class TrayProxyRunTwoSpares(TrayProxyRun):
     relay_extra = "spare_connections = 2\n"
 
 
-class TrayProxyRunEarlyData(TrayProxyRun):
-    """`tray-proxy run` with the default spares and `early_data = true`: the ClientHello in
-    the same write as the CONNECT (opt-in; relay/settings.py says why it is off)."""
+class TrayProxyRunNoEarlyData(TrayProxyRun):
+    """`tray-proxy run` with the default spares and `early_data = false` (the default before
+    "auto"): the ClientHello waits for the proxy's 200."""
 
-    label = "tray-proxy run, early_data = true"
-    key = "tray-run-early"
-    relay_extra = "early_data = true\n"
+    label = "tray-proxy run, early_data = false"
+    key = "tray-run-noearly"
+    relay_extra = "early_data = false\n"
 
 
 @dataclass(frozen=True)
@@ -89,10 +90,10 @@ class Row:
 
 ROWS = [
     Row("curl-x", "`curl -x` to Squid (reference)"),
-    Row("tray-run", "tray-proxy run (16 spares, the default)"),
+    Row("tray-run", 'tray-proxy run, defaults (16 spares, early data "auto")'),
     Row("tray-run-spares2", "tray-proxy run, `spare_connections = 2` (the old default)"),
     Row("tray-run-nospare", "tray-proxy run, `spare_connections = 0`"),
-    Row("tray-run-early", "tray-proxy run, `early_data = true` (16 spares)"),
+    Row("tray-run-noearly", "tray-proxy run, `early_data = false` (16 spares)"),
     Row("redsocks-on", "redsocks, `splice = on`"),
 ]
 REFERENCE = "curl-x"
@@ -254,8 +255,8 @@ class RttBench:
             relay = TrayProxyRunNoSpares(*args)
         elif key == "tray-run-spares2":
             relay = TrayProxyRunTwoSpares(*args)
-        elif key == "tray-run-early":
-            relay = TrayProxyRunEarlyData(*args)
+        elif key == "tray-run-noearly":
+            relay = TrayProxyRunNoEarlyData(*args)
         elif key == "redsocks-on":
             relay = Redsocks(*args, True)
         else:
@@ -469,7 +470,7 @@ GOALS = [
 
 def goals_table(figs: dict[str, dict[str, float | None]]) -> str:
     lines = ["| row | goal (issue 15 §7) | measured | verdict |", "|---|---|---|---|"]
-    for key in (PRODUCT, "tray-run-spares2", "tray-run-nospare", "tray-run-early"):
+    for key in (PRODUCT, "tray-run-spares2", "tray-run-nospare", "tray-run-noearly"):
         if key not in figs or REFERENCE not in figs:
             continue
         label = next(r.label for r in ROWS if r.key == key)
@@ -496,15 +497,14 @@ def analysis(figs: dict[str, dict[str, float | None]]) -> list[str]:
         "",
         "- `curl -x`: TCP to the proxy (1 R), CONNECT with Basic credentials and its `200` "
         "(1 R), TLS 1.3 through the tunnel (1 R), request to first byte (1 R): **4 R**.",
-        "- tray-proxy, defaults: the client's TCP handshake is with the relay on this host "
-        "(no R); the relay dials the proxy at accept, while it reads the ClientHello (1 R), "
-        "sends the CONNECT with verified Basic credentials (1 R), forwards the ClientHello "
-        "(TLS, 1 R), then the request (1 R): **4 R**, the same count as `curl -x`, so (a) "
-        "sits near 1.0×. A spare (a connection to the proxy opened ahead of need) takes the "
-        "first R off: **3 R**.",
-        "- tray-proxy with `early_data = true`: the ClientHello leaves in the same write as "
-        "the CONNECT, so CONNECT and TLS share one R: **3 R** on a fresh dial, **2 R** on a "
-        "spare.",
+        '- tray-proxy, defaults (`early_data = "auto"`): the client\'s TCP handshake is '
+        "with the relay on this host (no R); the relay dials the proxy at accept, while it "
+        "reads the ClientHello (1 R), then writes the CONNECT with verified Basic "
+        "credentials and the ClientHello in one packet, so CONNECT and TLS share one R "
+        "(1 R), then the request (1 R): **3 R** on a fresh dial; a spare (a connection to "
+        "the proxy opened ahead of need) takes the first R off: **2 R**.",
+        '- tray-proxy with `early_data = false` (the default before "auto"): the '
+        "ClientHello waits for the `200`: 4 R on a fresh dial, **3 R** on a spare.",
         "- redsocks: 4 R, and usually one more. It sets no `TCP_NODELAY` on its proxy "
         "socket (strace: no such setsockopt), so curl's TLS Finished and its request, two "
         "small writes, mostly leave one round trip apart (Nagle): the extra R shows between "
@@ -516,40 +516,43 @@ def analysis(figs: dict[str, dict[str, float | None]]) -> list[str]:
         "curl, Squid and the Python origin on 2 shared CPUs, and the link emulator's up to "
         "1 ms lateness per crossing.",
         "",
-        "### What the relay does now, and what the numbers say",
+        "### What the relay does, and what the numbers say",
+        "",
+        'Early data, `"auto"` (relay/opening.py, docs/relay.md "Early data"): only a '
+        "TLS handshake goes early (a ClientHello may be sent again on another tunnel; a "
+        "request may not). Each proxy is on trial until a server has answered bytes that "
+        "went early: until then a tunnel is held after the `200` until the server speaks, "
+        "and if it does not within max(1 s, 4× the CONNECT's answer time) the opening is "
+        "redone without early data; two such waits in a row turn early data off for that "
+        "proxy, with one warning. Squid 5.7 keeps the bytes, so here the first tunnel "
+        "proves it and every later one sends its hello with the CONNECT at no extra cost.",
         "",
         "Spares (relay/spares.py, `RelayEngine._top_up_spares`): one connection at a time, "
-        "two are dialed when a tunnel ends and nothing else is opening, as before. During a "
-        "burst each accept dials replacements at once, as many as the most openings in "
-        "progress within the last second, up to `relay.spare_connections` (default now 16, "
-        "was 2); each lives at most `relay.spare_max_age` (10 s). The column *one round trip "
-        "saved* (fetches whose TLS was done within 2.5 R) reads "
-        f"{_share(figs, 'tray-run')} with the default 16, {_share(figs, 'tray-run-spares2')} "
-        f"with 2 and {_share(figs, 'tray-run-nospare')} with none (the baseline before this "
-        "change: 1 % with 2, 4 % with 16). With early data the column counts every fetch "
-        "(2 R on a fresh dial already), so it says nothing about spares there. After the "
-        "idle period every spare has expired: (a) is a fresh dial on every path, 4 R by "
-        "default and 3 R with early data.",
+        "two are dialed when a tunnel ends and nothing else is opening. During a burst each "
+        "accept dials replacements at once, as many as the most openings in progress "
+        "within the last second, up to `relay.spare_connections` (default 16); each lives "
+        "at most `relay.spare_max_age` (10 s). The column *one round trip saved* (fetches "
+        "whose TLS was done within 2.5 R) reads "
+        f"{_share(figs, 'tray-run')} by default, {_share(figs, 'tray-run-spares2')} with 2 "
+        f"spares and {_share(figs, 'tray-run-nospare')} with none: with early data every "
+        "fetch has its TLS done within 2.5 R (2 R on a fresh dial already), so there the "
+        f"column says nothing about spares; {_share(figs, 'tray-run-noearly')} with "
+        "`early_data = false`, where it counts the fetches that found a spare. After the "
+        "idle period every spare has expired: (a) is a fresh dial on every path, 3 R by "
+        "default (0.75× of 4 R) and 4 R with `early_data = false`.",
         "",
-        "The arithmetic of goal (b): 200 fetches at 16 parallel are 12.5 waves. If the first "
-        "wave pays 4 R and every later fetch finds a connected spare (3 R), the total is "
-        "(4 + 11.5 × 3) / (12.5 × 4) ≈ 0.77× `curl -x`: by default the 0.8× goal needs a "
-        "spare for nearly every fetch after the first wave (92 % of them). A share s of "
-        "fetches on a spare gives about (4 − s) / 4; "
-        f"{_expected(figs, 'tray-run')}curl's, Squid's and the origin's own work per fetch, "
-        "the same on both paths, pulls a measured ratio a little towards 1.0×. "
+        "The arithmetic of goal (b): 200 fetches at 16 parallel are 12.5 waves. By default "
+        "the first wave pays 3 R and every later fetch that finds a spare 2 R: "
+        "(3 + 11.5 × 2) / (12.5 × 4) ≈ 0.52× `curl -x`; curl's, Squid's and the origin's "
+        "own work per fetch, the same on both paths, pulls the measured ratio a little "
+        "towards 1.0×. "
         f"{_verdict_words(figs, 'tray-run', 'burst_total', 0.8)} "
-        "With early data the first wave pays 3 R and the rest 2 R: "
-        "(3 + 11.5 × 2) / 50 ≈ 0.52×; measured "
-        f"{_times(_fig_ratio(figs, 'tray-run-early', 'burst_total'))}, and (a) "
-        f"{_times(_fig_ratio(figs, 'tray-run-early', 'fresh_fb'))} (3 R of 4: 0.75×).",
+        "With `early_data = false` the first wave pays 4 R and the rest 3 R: "
+        "(4 + 11.5 × 3) / 50 ≈ 0.77×, so that goal needed a spare for nearly every fetch "
+        f"({_expected(figs, 'tray-run-noearly')}measured "
+        f"{_times(_fig_ratio(figs, 'tray-run-noearly', 'burst_total'))}).",
         "",
-        "Early data stays opt-in (`relay.early_data`): a proxy that reads the CONNECT with "
-        "one recv and drops what came behind it would hang every HTTPS connection, and the "
-        "relay cannot tell that from a slow origin. Squid 5.7 keeps the bytes. It is used "
-        "only for credentials the proxy took with Basic, or none; any answer but a 2xx "
-        "redoes the opening with the ClientHello still in the peek buffer. Spares cost the "
-        "proxy a connection each that may expire unused (Squid logs it as "
+        "Spares cost the proxy a connection each that may expire unused (Squid logs it as "
         "`transaction-end-before-headers`); they are dialed only while connections come, "
         "never on a timer.",
         "",
@@ -560,7 +563,7 @@ def _expected(figs: dict[str, dict[str, float | None]], key: str) -> str:
     share = figs.get(key, {}).get("burst_saved")
     if share is None:
         return ""
-    return f"the default row's {share:.0%} predicts {(4 - share) / 4:.2f}×, and "
+    return f"its {share:.0%} on a spare predicts {(4 - share) / 4:.2f}×; "
 
 
 def _verdict_words(
@@ -571,10 +574,7 @@ def _verdict_words(
         return ""
     if got <= limit:
         return f"The default row measured {got:.2f}×: goal (b) met in this run."
-    return (
-        f"The default row measured {got:.2f}×: goal (b) missed in this run, by the fetches "
-        "that found no spare."
-    )
+    return f"The default row measured {got:.2f}×: goal (b) missed in this run."
 
 
 def _fig_ratio(figs: dict[str, dict[str, float | None]], key: str, column: str) -> float | None:

@@ -793,7 +793,8 @@ class Opening:
     def _await_server(self) -> None:
         """A plain 2xx with nothing behind it, from a proxy not known to keep early bytes:
         hold the tunnel until the server answers the ClientHello that went early, for
-        _TRIAL_ANSWER_TIMES this CONNECT's answer time (at least _TRIAL_MIN_WAIT). No byte
+        _TRIAL_ANSWER_TIMES this CONNECT's answer time (at least _TRIAL_MIN_WAIT, at most
+        settings.handshake_timeout). No byte
         reaches the client meanwhile, so a proxy that dropped the hello costs the client
         this wait and nothing else: the coroutine path opens a new tunnel and sends it
         again after the 2xx. The client's further bytes wait in its socket."""
@@ -803,7 +804,9 @@ class Opening:
         asked_at = self.answer_deadline - self.settings.handshake_timeout
         self.record.handshake_latency = now - self.dialed_at
         self.proving = True
-        self.deadline = now + max(_TRIAL_MIN_WAIT, _TRIAL_ANSWER_TIMES * (now - asked_at))
+        # Never longer than the CONNECT itself may take (a 9 s answer must not mean 36 s).
+        wait = min(_TRIAL_ANSWER_TIMES * (now - asked_at), self.settings.handshake_timeout)
+        self.deadline = now + max(_TRIAL_MIN_WAIT, wait)
         self.poller.add_reader(sock.fileno(), self._on_server)  # in place of _on_answer
 
     def _on_server(self) -> None:
