@@ -1338,3 +1338,34 @@ def test_a_burst_larger_than_one_netlink_message() -> None:
     assert passes == 1 and len(answers) == count
     for info in answers.values():
         assert_me(info)
+
+
+def test_a_program_with_many_sockets_connecting_again_costs_one_readlink_per_pass() -> None:
+    """A program holding hundreds of sockets that closes a connection and opens the next (a
+    package manager, a browser) gets the freed fd again: the pass reads that fd first and
+    stops, instead of reading the whole fd table (before: every fd, each pass)."""
+    with listener() as server, scripted(1) as (child,):
+        address = server.getsockname()
+        accepted: list[socket.socket] = []
+        lookup = ProcessLookup()
+        try:
+            for _ in range(300):  # the sockets the program keeps open
+                child.connect(address)
+                accepted.append(server.accept()[0])
+            reads: list[int] = []
+            for conn_id in range(6):
+                local = child.connect(address)
+                peer, _ = server.accept()
+                with peer:
+                    before = lookup.fds_read
+                    answers = lookup.find([(conn_id, local, address)])
+                    reads.append(lookup.fds_read - before)
+                    child.tell("reset", local[1])
+                info = answers[0][1]
+                assert info is not None and info.pid == child.pid and not info.exited
+        finally:
+            lookup.close()
+            for sock in accepted:
+                sock.close()
+    assert reads[0] > 300  # the first pass reads the table
+    assert reads[1:] == [1] * 5, reads

@@ -51,6 +51,7 @@ Must not import PySide6.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ctypes
 import fcntl
@@ -105,6 +106,8 @@ _RECENT_PIDS = 64
 _KNOWN_SOCKETS = 16384
 # Processes whose name, executable and user are kept (checked against /proc at each use).
 _KNOWN_PROCESSES = 1024
+# Per process, the fds where sought sockets were last found, read before its fd table.
+_HITS_KEPT = 4
 # How long this host's addresses and Docker's container addresses are trusted.
 _LOCAL_ADDRESSES_TTL = 5.0
 _DOCKER_TTL = 10.0
@@ -497,6 +500,12 @@ class ProcessLookup:
         self._known: dict[str, tuple[int, str]] = {}
         # fd -> whether it held a socket, at the last scan of each recent pid.
         self._tables: dict[int, dict[str, bool]] = {}
+        # pid -> the fds where this lookup last found a sought socket, newest last: a program
+        # that connects again and again (a package manager, a browser) mostly closes one
+        # connection and opens the next in the same fd, the lowest free one. Read first,
+        # before the fd table is listed: with hundreds of fds open, one readlink instead of
+        # hundreds.
+        self._hits: dict[int, collections.deque[str]] = {}
         # pid -> (what identifies that process's image, its ProcessInfo).
         self._details: dict[int, tuple[tuple[bytes, str, int], ProcessInfo]] = {}
         self.fd_tables_read = 0  # /proc/<pid>/fd tables read so far (for tests and benches)
@@ -704,6 +713,7 @@ class ProcessLookup:
             unreadable = self._scan(rest, targets, owners, uids, unreadable, learn=True)
         for pid in [pid for pid in self._tables if pid not in self._recent]:
             del self._tables[pid]
+            self._hits.pop(pid, None)
         return owners, unreadable, gone
 
     def _scan(
@@ -745,7 +755,18 @@ class ProcessLookup:
             old = self._tables.get(pid) if learn else None
             table: dict[str, bool] = {}
             try:
+                hits = self._hits.get(pid) if old else None
+                if hits:
+                    tried = list(reversed(hits))
+                    if self._read_fds(pid, fd_dir, tried, table, targets, owners, learn):
+                        assert old is not None
+                        for fd, was in old.items():  # not read this time: as last seen
+                            table.setdefault(fd, was)
+                        self._tables[pid] = table
+                        break
                 fds = os.listdir(fd_dir)
+                if table:
+                    fds = [fd for fd in fds if fd not in table]  # read just now
                 if old:
                     # The kernel gives a new socket the lowest free fd: a number this
                     # process did not have at its last scan, or one a closed socket freed.
@@ -797,6 +818,13 @@ class ProcessLookup:
             if inode is not None:
                 owners[inode] = pid
                 self._remember(pid)
+                if learn:
+                    hits = self._hits.get(pid)
+                    if hits is None:
+                        hits = self._hits[pid] = collections.deque(maxlen=_HITS_KEPT)
+                    elif fd in hits:
+                        hits.remove(fd)
+                    hits.append(fd)
                 if not targets:
                     return True
         return not targets
