@@ -818,8 +818,11 @@ def render_doc(
             "moved.",
             f"- Latency: {sizes.latency_count} sequential connections per row, each connect + "
             "one 64-byte request/response, interleaved across rows (one connection per row in "
-            "turn, each cycle starting at the next row) so a slow phase of the shared CPUs "
-            "hits every row alike; added = row minus direct in the same round. The idle "
+            "turn, each cycle in a new random order, seeded) so a slow phase of the shared "
+            "CPUs hits every row alike and no row always follows the same one (a relay's "
+            "teardown and spare dials after its connection land on the next connection: with "
+            "a fixed order two identical tray-proxy rows measured 1.25x apart); added = row "
+            "minus direct in the same round. The idle "
             "tunnels then run row after row, the other relays idle; then bulk and conn/s, "
             "interleaved.",
             f"- conn/s: {sizes.rate_total} connections (connect, one request/response, close) "
