@@ -491,14 +491,20 @@ class _FirstWrite:
     `server_delay`: the echo of the early bytes (the "server's answer") comes that many
     seconds after the 2xx, in a segment of its own. `drops_early`: a fake of the naive proxy
     that reads the CONNECT with one recv and throws away whatever came behind it in that
-    read (no such proxy can be run here: Squid keeps the bytes)."""
+    read (no such proxy can be run here: Squid keeps the bytes). `closes_on_early`: a fake
+    of one that ends the tunnel in silence when bytes came behind the CONNECT."""
 
     def __init__(
-        self, answers: list[bytes], server_delay: float = 0.0, drops_early: bool = False
+        self,
+        answers: list[bytes],
+        server_delay: float = 0.0,
+        drops_early: bool = False,
+        closes_on_early: bool = False,
     ) -> None:
         self.answers = answers
         self.server_delay = server_delay
         self.drops_early = drops_early
+        self.closes_on_early = closes_on_early
         self.first: list[bytes] = []
         self.server: asyncio.Server | None = None
         self.address: tuple[str, int] = ("127.0.0.1", 0)
@@ -517,6 +523,8 @@ class _FirstWrite:
                 await reader.read()
                 return
             head, _, early = data.partition(b"\r\n\r\n")
+            if self.closes_on_early and early:
+                return
             if self.server_delay and early:
                 await writer.drain()
                 await asyncio.sleep(self.server_delay)
@@ -710,6 +718,51 @@ def test_a_proxy_that_drops_early_bytes_costs_a_wait_and_then_gets_none(run, ope
                 warnings = [r for r in caplog.records if "relay.early_data" in r.getMessage()]
                 assert len(warnings) == 1
                 assert "drops the bytes sent right behind a CONNECT" in warnings[0].getMessage()
+                _assert_nothing_registered(relay)
+        finally:
+            await proxy.close()
+
+    run(main)
+
+
+def test_a_tunnel_that_ends_in_silence_after_early_bytes_is_a_strike(run, openings):
+    """ "auto" and a proxy that ends the tunnel without a byte when a hello came behind the
+    CONNECT: no wait (the end is seen at once), the opening is redone without early bytes,
+    and two such ends make the proxy refused, as two waits that ran out do (a TLS server
+    answers a hello, if only with an alert; silence is the proxy's doing)."""
+    import time
+
+    from tests.relay.stubs import tls_client_hello
+    from tray_proxy.relay.settings import UpstreamKind, UpstreamProxy
+
+    async def main():
+        proxy = _FirstWrite([_OK], closes_on_early=True)
+        await proxy.start()
+        try:
+            up = UpstreamProxy("corp", UpstreamKind.HTTP, *proxy.address)
+            async with running_relay(
+                [up], ("192.0.2.1", 443), peek_timeout=1.0, spare_connections=0
+            ) as relay:
+                took = []
+                for i in range(3):
+                    hello = tls_client_hello(f"silent{i}.example")
+                    started = time.monotonic()
+                    reader, writer = await relay.connect()
+                    writer.write(hello)
+                    assert await asyncio.wait_for(reader.readexactly(len(hello)), 5) == hello
+                    took.append(time.monotonic() - started)
+                    writer.close()
+                    await relay.wait_closed(i + 1)
+                assert [f.endswith(b"\r\n\r\n") for f in proxy.first] == [
+                    False,
+                    True,
+                    False,
+                    True,
+                    True,  # refused after two: no early bytes, no second tunnel
+                ]
+                assert max(took) < 1.0  # no wait: the end was seen at once
+                stats = relay.engine.stats
+                assert stats["early_fallback"] == 2 and stats["early_refused"] == 1
                 _assert_nothing_registered(relay)
         finally:
             await proxy.close()

@@ -122,11 +122,13 @@ class EarlyDataTrust:
         self.strikes.pop(address, None)
         self.stats["early_proven"] += 1
 
-    def lost(self, address: tuple[int, Address], upstream: UpstreamProxy, waited: bool) -> None:
-        """No answer came to the early bytes: a strike if the wait ran out (`waited`), not
-        if the tunnel ended first (the server may have closed for reasons of its own)."""
+    def lost(self, address: tuple[int, Address], upstream: UpstreamProxy) -> None:
+        """No answer came to the early bytes, neither in time nor before the tunnel ended:
+        a strike. A tunnel that ends in silence after a ClientHello is not how a TLS server
+        answers one (it sends an alert), and counting it errs on the safe side: the most
+        it costs is early data for this proxy."""
         self.stats["early_fallback"] += 1
-        if not waited or address in self.refused:
+        if address in self.refused:
             return
         strikes = self.strikes.get(address, 0) + 1
         if strikes < _STRIKES:
@@ -822,19 +824,19 @@ class Opening:
             data = b""
         self.proving = False
         if not data:
-            # The tunnel ended before the server said anything: no verdict on the proxy.
-            self._early_lost(waited=False)
+            # The tunnel ended before the server said anything: a strike too (see lost).
+            self._early_lost()
             return
         self.trust.kept(self.address)
         self._established(data, self.record.handshake_latency)
 
-    def _early_lost(self, waited: bool) -> None:
+    def _early_lost(self) -> None:
         """No answer to the early bytes: drop this tunnel (nothing of it reached the
         client) and redo the opening on the coroutine path, which sends the peek's bytes
         after the 2xx."""
         self.proving = False
         self.record.handshake_latency = None
-        self.trust.lost(self.address, self.upstream, waited)
+        self.trust.lost(self.address, self.upstream)
         self._fall_back()
 
     # -- endings --------------------------------------------------------------------------
@@ -845,7 +847,7 @@ class Opening:
         now = time.monotonic()
         if self.proving:
             if now >= self.deadline:
-                self._early_lost(waited=True)
+                self._early_lost()
             return
         if self.peeker is not None and not self.peeker.decided and now >= self.peek_deadline:
             self.poller.remove_reader(self.conn.fileno())
