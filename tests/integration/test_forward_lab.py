@@ -68,7 +68,7 @@ def _seed() -> str:
 @pytest.fixture(scope="module")
 def stock(lab: Lab) -> Iterator[StockSquid]:
     """Debian's stock Squid with Basic auth, on a port of its own (other tests run alongside)."""
-    port = 20000 + os.getpid() % 20000
+    port = 20000 + os.getpid() % 4000  # below the ephemeral range (32768+)
     user = lab_user_name(lab.tag)[:20] + "f"
     squid = StockSquid(
         lab.proxy,
@@ -90,7 +90,7 @@ def stock(lab: Lab) -> Iterator[StockSquid]:
 def streaming_origin(lab: Lab) -> Iterator[int]:
     """origin_forward.py in the origin namespace, serving the apt repository REPO_DIR of
     lab.tmp as /repo/; yields its port."""
-    port = 40000 + os.getpid() % 20000
+    port = 24000 + os.getpid() % 2000  # below the ephemeral range
     log = lab.tmp / f"origin-forward-{port}.jsonl"
     repo = _build_repo(lab.tmp / f"repo-{port}")
     argv = [sys.executable, "-I", "-u", str(ORIGIN_SCRIPT), "--port", str(port)]

@@ -68,7 +68,7 @@ class AppRelay(RoutingRelay):
 
 @pytest.fixture(scope="module")
 def squids(lab: Lab) -> Iterator[tuple[SquidProxy, SquidProxy]]:
-    base = 41000 + os.getpid() % 4000 * 2
+    base = 30000 + os.getpid() % 1000 * 2  # below the ephemeral range (32768+)
     with (
         _running(_squid(lab, base, "c"), lab) as a,
         _running(_squid(lab, base + 1, "d"), lab) as b,

@@ -130,7 +130,7 @@ def _running(squid: SquidProxy, lab: Lab) -> Iterator[SquidProxy]:
 
 @pytest.fixture(scope="module")
 def two_squids(lab: Lab) -> Iterator[tuple[SquidProxy, SquidProxy]]:
-    base = 33000 + os.getpid() % 8000 * 2
+    base = 26000 + os.getpid() % 1000 * 2  # below the ephemeral range (32768+)
     with (
         _running(_squid(lab, base, "a"), lab) as a,
         _running(_squid(lab, base + 1, "b"), lab) as b,
@@ -140,7 +140,7 @@ def two_squids(lab: Lab) -> Iterator[tuple[SquidProxy, SquidProxy]]:
 
 @pytest.fixture(scope="module")
 def stock(lab: Lab) -> Iterator[SquidProxy]:
-    port = 49500 + os.getpid() % 8000
+    port = 28000 + os.getpid() % 1000  # below the ephemeral range
     with _running(_squid(lab, port, "s", StockSquid), lab) as squid:
         yield squid
 
@@ -268,7 +268,7 @@ def _pac_server(lab: Lab, text: str) -> Iterator[str]:
     root = lab.tmp / f"pac-{_seed()}"
     root.mkdir()
     (root / "proxy.pac").write_text(text)
-    port = 45000 + os.getpid() % 5000
+    port = 29000 + os.getpid() % 1000  # below the ephemeral range
     proc: NsProcess = lab.origin.popen(
         [sys.executable, "-I", "-m", "http.server", str(port), "--bind", lab.origins.v4],
         cwd=str(root),
