@@ -756,26 +756,27 @@ class ProcessLookup:
             table: dict[str, bool] = {}
             try:
                 hits = self._hits.get(pid) if old else None
-                if hits:
-                    tried = list(reversed(hits))
-                    if self._read_fds(pid, fd_dir, tried, table, targets, owners, learn):
-                        assert old is not None
-                        for fd, was in old.items():  # not read this time: as last seen
-                            table.setdefault(fd, was)
-                        self._tables[pid] = table
-                        break
-                fds = os.listdir(fd_dir)
-                if table:
-                    fds = [fd for fd in fds if fd not in table]  # read just now
-                if old:
-                    # The kernel gives a new socket the lowest free fd: a number this
-                    # process did not have at its last scan, or one a closed socket freed.
-                    # Those first, lowest first; files last.
-                    fds.sort(
-                        key=lambda fd: (0 if fd not in old else 1 if old[fd] else 2, len(fd), fd)
-                    )
-                if self._read_fds(pid, fd_dir, fds, table, targets, owners, learn) and old:
-                    for fd in fds:  # not read this time: as last seen
+                # Where its sockets were last found first: often that is all it takes.
+                done = bool(hits) and self._read_fds(
+                    pid, fd_dir, list(reversed(hits or ())), table, targets, owners, learn
+                )
+                fds: list[str] | None = None  # listed: not all found at those fds
+                if not done:
+                    fds = [fd for fd in os.listdir(fd_dir) if fd not in table]
+                    if old:
+                        # The kernel gives a new socket the lowest free fd: a number this
+                        # process did not have at its last scan, or one a closed socket
+                        # freed. Those first, lowest first; files last.
+                        fds.sort(
+                            key=lambda fd: (
+                                0 if fd not in old else 1 if old[fd] else 2,
+                                len(fd),
+                                fd,
+                            )
+                        )
+                    done = self._read_fds(pid, fd_dir, fds, table, targets, owners, learn)
+                if done and old:
+                    for fd in old if fds is None else fds:  # not read this time: as last seen
                         table.setdefault(fd, old.get(fd, True))
             except OSError:
                 pass  # ended while being read
