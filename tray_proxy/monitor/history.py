@@ -490,22 +490,30 @@ def _classify(conn: sqlite3.Connection) -> str:
     return "newer" if version > SCHEMA_VERSION else "ours"
 
 
+@contextlib.contextmanager
+def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction (BEGIN IMMEDIATE: the write lock at once), committed at the
+    end of the block, rolled back if it raises."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
+
+
 def _create_schema(conn: sqlite3.Connection) -> None:
     # auto_vacuum must be set before the first table exists.
     conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with _immediate(conn):
         if _classify(conn) == "new":  # another process may have won the race
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
             conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        conn.execute("COMMIT")
-    except BaseException:
-        with contextlib.suppress(sqlite3.Error):
-            conn.execute("ROLLBACK")
-        raise
 
 
 # A version 1 file (the release before routing) gets what version 2 added, in place, inside
@@ -521,18 +529,12 @@ def _migrate(conn: sqlite3.Connection) -> None:
     the write lock: another process (the app's writer, a reader) may have migrated first."""
     if conn.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
         return
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with _immediate(conn):
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         for step in range(version, SCHEMA_VERSION):
             for statement in _MIGRATIONS[step]:
                 conn.execute(statement)
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        conn.execute("COMMIT")
-    except BaseException:
-        with contextlib.suppress(sqlite3.Error):
-            conn.execute("ROLLBACK")
-        raise
 
 
 def _open(path: Path, *, check: bool = False) -> sqlite3.Connection:
@@ -780,15 +782,12 @@ class HistoryStore:
             return
         with self._lock:
             conn = self._conn
-            conn.execute("BEGIN IMMEDIATE")
             try:
-                values = [_row_values(row, self._host_id(row.host)) for row in rows]
-                conn.executemany(_INSERT, values)
-                conn.execute("COMMIT")
+                with _immediate(conn):
+                    values = [_row_values(row, self._host_id(row.host)) for row in rows]
+                    conn.executemany(_INSERT, values)
             except BaseException:
                 self._host_ids.clear()  # ids made inside the rolled-back transaction
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
                 raise
 
     def _host_id(self, host: str | None) -> int | None:
