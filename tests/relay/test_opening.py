@@ -4,7 +4,9 @@ the Task path, against the proxy stubs on loopback."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -12,6 +14,7 @@ from tests.relay.stubs import (
     ConnectProxy,
     Mode,
     Origin,
+    Relay,
     echo,
     echo_once,
     http_upstream,
@@ -546,36 +549,50 @@ class _FirstWrite:
 _OK = b"HTTP/1.1 200 Connection established\r\n\r\n"
 
 
+@contextlib.asynccontextmanager
+async def _through(
+    proxy: _FirstWrite, dst: tuple[str, int] = ("192.0.2.1", 443), **settings: object
+) -> AsyncIterator[Relay]:
+    """A relay whose one upstream, "corp", is `proxy` (started here, closed after)."""
+    from tray_proxy.relay.settings import UpstreamKind, UpstreamProxy
+
+    await proxy.start()
+    try:
+        up = UpstreamProxy("corp", UpstreamKind.HTTP, *proxy.address)
+        async with running_relay([up], dst, peek_timeout=1.0, **settings) as relay:
+            yield relay
+    finally:
+        await proxy.close()
+
+
+async def _echoed(relay: Relay, data: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Connect through `relay`, send `data`, and see the fake proxy's tunnel echo it."""
+    reader, writer = await relay.connect()
+    writer.write(data)
+    assert await asyncio.wait_for(reader.readexactly(len(data)), 5) == data
+    return reader, writer
+
+
 @pytest.mark.parametrize("early_data", ["on", "off", "auto"])
 def test_the_first_bytes_ride_behind_the_connect_in_one_write(run, openings, early_data):
     """Early data (settings.early_data): the ClientHello goes in the CONNECT's own write, so
     the proxy has it one round trip sooner; off, it waits for the 200 as before."""
     from tests.relay.stubs import tls_client_hello
-    from tray_proxy.relay.settings import UpstreamKind, UpstreamProxy
 
     async def main():
         proxy = _FirstWrite([_OK])
-        await proxy.start()
-        try:
-            up = UpstreamProxy("corp", UpstreamKind.HTTP, *proxy.address)
-            async with running_relay(
-                [up], ("192.0.2.1", 443), peek_timeout=1.0, early_data=early_data
-            ) as relay:
-                hello = tls_client_hello("early.example")
-                reader, writer = await relay.connect()
-                writer.write(hello)
-                assert await reader.readexactly(len(hello)) == hello
-                writer.write(b"more")
-                assert await reader.readexactly(4) == b"more"
-                writer.close()
-                (first,) = proxy.first
-                assert first.startswith(b"CONNECT early.example:443 HTTP/1.1\r\n")
-                assert first.endswith(hello) is (early_data != "off")
-                assert len(openings) == 1
-                await relay.wait_closed()
-                assert relay.record().bytes_up == len(hello) + 4
-        finally:
-            await proxy.close()
+        async with _through(proxy, early_data=early_data) as relay:
+            hello = tls_client_hello("early.example")
+            reader, writer = await _echoed(relay, hello)
+            writer.write(b"more")
+            assert await reader.readexactly(4) == b"more"
+            writer.close()
+            (first,) = proxy.first
+            assert first.startswith(b"CONNECT early.example:443 HTTP/1.1\r\n")
+            assert first.endswith(hello) is (early_data != "off")
+            assert len(openings) == 1
+            await relay.wait_closed()
+            assert relay.record().bytes_up == len(hello) + 4
 
     run(main)
 
@@ -623,7 +640,6 @@ def test_early_data_is_on_trial_until_a_server_answers_then_proven(run, openings
     own), which proves the proxy; the next connection sends its hello early too and is not
     held."""
     from tests.relay.stubs import tls_client_hello
-    from tray_proxy.relay.settings import UpstreamKind, UpstreamProxy
 
     held: list[bool] = []
     original = opening.Opening._await_server
@@ -636,32 +652,23 @@ def test_early_data_is_on_trial_until_a_server_answers_then_proven(run, openings
 
     async def main():
         proxy = _FirstWrite([_OK], server_delay=0.2)
-        await proxy.start()
-        try:
-            up = UpstreamProxy("corp", UpstreamKind.HTTP, *proxy.address)
-            async with running_relay(
-                [up], ("192.0.2.1", 443), peek_timeout=1.0, spare_connections=0
-            ) as relay:
-                assert relay.engine.settings.early_data == "auto"  # the default
-                for i in range(2):
-                    hello = tls_client_hello(f"proven{i}.example")
-                    reader, writer = await relay.connect()
-                    writer.write(hello)
-                    assert await asyncio.wait_for(reader.readexactly(len(hello)), 5) == hello
-                    writer.write(b"more")
-                    assert await asyncio.wait_for(reader.readexactly(4), 5) == b"more"
-                    writer.close()
-                    await relay.wait_closed(i + 1)
-                    assert proxy.first[i].endswith(hello)  # early, in the CONNECT's write
-                    assert max(relay.records.items())[1].bytes_up == len(hello) + 4
-                    assert held == [True], "only the first tunnel waits for the server"
-                assert relay.engine.stats["early_proven"] == 1
-                assert relay.engine.stats["early_fallback"] == 0
-                assert len(proxy.first) == 2  # no tunnel was opened twice
-                assert len(openings) == 2
-                _assert_nothing_registered(relay)
-        finally:
-            await proxy.close()
+        async with _through(proxy, spare_connections=0) as relay:
+            assert relay.engine.settings.early_data == "auto"  # the default
+            for i in range(2):
+                hello = tls_client_hello(f"proven{i}.example")
+                reader, writer = await _echoed(relay, hello)
+                writer.write(b"more")
+                assert await asyncio.wait_for(reader.readexactly(4), 5) == b"more"
+                writer.close()
+                await relay.wait_closed(i + 1)
+                assert proxy.first[i].endswith(hello)  # early, in the CONNECT's write
+                assert max(relay.records.items())[1].bytes_up == len(hello) + 4
+                assert held == [True], "only the first tunnel waits for the server"
+            assert relay.engine.stats["early_proven"] == 1
+            assert relay.engine.stats["early_fallback"] == 0
+            assert len(proxy.first) == 2  # no tunnel was opened twice
+            assert len(openings) == 2
+            _assert_nothing_registered(relay)
 
     run(main)
 
@@ -675,52 +682,42 @@ def test_a_proxy_that_drops_early_bytes_costs_a_wait_and_then_gets_none(run, ope
     import time
 
     from tests.relay.stubs import tls_client_hello
-    from tray_proxy.relay.settings import UpstreamKind, UpstreamProxy
 
     caplog.set_level(logging.WARNING, logger="tray_proxy.relay.opening")
 
     async def main():
         proxy = _FirstWrite([_OK], drops_early=True)
-        await proxy.start()
-        try:
-            up = UpstreamProxy("corp", UpstreamKind.HTTP, *proxy.address)
-            async with running_relay(
-                [up], ("192.0.2.1", 443), peek_timeout=1.0, spare_connections=0
-            ) as relay:
-                took = []
-                for i in range(3):
-                    hello = tls_client_hello(f"dropped{i}.example")
-                    started = time.monotonic()
-                    reader, writer = await relay.connect()
-                    writer.write(hello)
-                    assert await asyncio.wait_for(reader.readexactly(len(hello)), 5) == hello
-                    took.append(time.monotonic() - started)
-                    writer.write(b"more")
-                    assert await asyncio.wait_for(reader.readexactly(4), 5) == b"more"
-                    writer.close()
-                    await relay.wait_closed(i + 1)
-                    assert max(relay.records.items())[1].bytes_up == len(hello) + 4
-                firsts = proxy.first
-                # Two tunnels each for the first two connections: early bytes, then none.
-                assert len(firsts) == 5, firsts
-                assert [f.endswith(b"\r\n\r\n") for f in firsts] == [
-                    False,
-                    True,
-                    False,
-                    True,
-                    True,  # the third: refused, no early bytes, no second tunnel
-                ]
-                assert took[0] >= 1.0 and took[1] >= 1.0  # the wait, at least 1 s
-                assert took[2] < 1.0
-                stats = relay.engine.stats
-                assert stats["early_fallback"] == 2 and stats["early_refused"] == 1
-                assert stats["early_proven"] == 0
-                warnings = [r for r in caplog.records if "relay.early_data" in r.getMessage()]
-                assert len(warnings) == 1
-                assert "drops the bytes sent right behind a CONNECT" in warnings[0].getMessage()
-                _assert_nothing_registered(relay)
-        finally:
-            await proxy.close()
+        async with _through(proxy, spare_connections=0) as relay:
+            took = []
+            for i in range(3):
+                hello = tls_client_hello(f"dropped{i}.example")
+                started = time.monotonic()
+                reader, writer = await _echoed(relay, hello)
+                took.append(time.monotonic() - started)
+                writer.write(b"more")
+                assert await asyncio.wait_for(reader.readexactly(4), 5) == b"more"
+                writer.close()
+                await relay.wait_closed(i + 1)
+                assert max(relay.records.items())[1].bytes_up == len(hello) + 4
+            firsts = proxy.first
+            # Two tunnels each for the first two connections: early bytes, then none.
+            assert len(firsts) == 5, firsts
+            assert [f.endswith(b"\r\n\r\n") for f in firsts] == [
+                False,
+                True,
+                False,
+                True,
+                True,  # the third: refused, no early bytes, no second tunnel
+            ]
+            assert took[0] >= 1.0 and took[1] >= 1.0  # the wait, at least 1 s
+            assert took[2] < 1.0
+            stats = relay.engine.stats
+            assert stats["early_fallback"] == 2 and stats["early_refused"] == 1
+            assert stats["early_proven"] == 0
+            warnings = [r for r in caplog.records if "relay.early_data" in r.getMessage()]
+            assert len(warnings) == 1
+            assert "drops the bytes sent right behind a CONNECT" in warnings[0].getMessage()
+            _assert_nothing_registered(relay)
 
     run(main)
 
@@ -733,39 +730,29 @@ def test_a_tunnel_that_ends_in_silence_after_early_bytes_is_a_strike(run, openin
     import time
 
     from tests.relay.stubs import tls_client_hello
-    from tray_proxy.relay.settings import UpstreamKind, UpstreamProxy
 
     async def main():
         proxy = _FirstWrite([_OK], closes_on_early=True)
-        await proxy.start()
-        try:
-            up = UpstreamProxy("corp", UpstreamKind.HTTP, *proxy.address)
-            async with running_relay(
-                [up], ("192.0.2.1", 443), peek_timeout=1.0, spare_connections=0
-            ) as relay:
-                took = []
-                for i in range(3):
-                    hello = tls_client_hello(f"silent{i}.example")
-                    started = time.monotonic()
-                    reader, writer = await relay.connect()
-                    writer.write(hello)
-                    assert await asyncio.wait_for(reader.readexactly(len(hello)), 5) == hello
-                    took.append(time.monotonic() - started)
-                    writer.close()
-                    await relay.wait_closed(i + 1)
-                assert [f.endswith(b"\r\n\r\n") for f in proxy.first] == [
-                    False,
-                    True,
-                    False,
-                    True,
-                    True,  # refused after two: no early bytes, no second tunnel
-                ]
-                assert max(took) < 1.0  # no wait: the end was seen at once
-                stats = relay.engine.stats
-                assert stats["early_fallback"] == 2 and stats["early_refused"] == 1
-                _assert_nothing_registered(relay)
-        finally:
-            await proxy.close()
+        async with _through(proxy, spare_connections=0) as relay:
+            took = []
+            for i in range(3):
+                hello = tls_client_hello(f"silent{i}.example")
+                started = time.monotonic()
+                _, writer = await _echoed(relay, hello)
+                took.append(time.monotonic() - started)
+                writer.close()
+                await relay.wait_closed(i + 1)
+            assert [f.endswith(b"\r\n\r\n") for f in proxy.first] == [
+                False,
+                True,
+                False,
+                True,
+                True,  # refused after two: no early bytes, no second tunnel
+            ]
+            assert max(took) < 1.0  # no wait: the end was seen at once
+            stats = relay.engine.stats
+            assert stats["early_fallback"] == 2 and stats["early_refused"] == 1
+            _assert_nothing_registered(relay)
 
     run(main)
 
@@ -775,7 +762,6 @@ def test_only_a_tls_handshake_goes_early_on_auto(run, openings):
     data) are not sent early on "auto": replaying a ClientHello is harmless, replaying a
     request is not. "on" sends them, as before."""
     from tests.relay.stubs import tls_client_hello
-    from tray_proxy.relay.settings import UpstreamKind, UpstreamProxy
 
     request = b"GET / HTTP/1.1\r\nHost: plain.example\r\n\r\n"
     hello = tls_client_hello("zero-rtt.example")
@@ -789,23 +775,13 @@ def test_only_a_tls_handshake_goes_early_on_auto(run, openings):
             ("on", request, ("192.0.2.1", 80), True),
         ]:
             proxy = _FirstWrite([_OK])
-            await proxy.start()
-            try:
-                up = UpstreamProxy("corp", UpstreamKind.HTTP, *proxy.address)
-                async with running_relay(
-                    [up], dst, peek_timeout=1.0, spare_connections=0, early_data=mode
-                ) as relay:
-                    reader, writer = await relay.connect()
-                    writer.write(first_bytes)
-                    got = await asyncio.wait_for(reader.readexactly(len(first_bytes)), 5)
-                    assert got == first_bytes
-                    writer.close()
-                    await relay.wait_closed(1)
-                    (first,) = proxy.first
-                    assert first.endswith(first_bytes) is early, (mode, first)
-                    assert relay.engine.stats["early_proven"] == 0
-            finally:
-                await proxy.close()
+            async with _through(proxy, dst, spare_connections=0, early_data=mode) as relay:
+                _, writer = await _echoed(relay, first_bytes)
+                writer.close()
+                await relay.wait_closed(1)
+                (first,) = proxy.first
+                assert first.endswith(first_bytes) is early, (mode, first)
+                assert relay.engine.stats["early_proven"] == 0
 
     run(main)
 
