@@ -266,13 +266,21 @@ def load_config(path: Path, *, missing_ok: bool = False) -> Config:
 
 
 def parse_upstream(
-    name: str, url: str, username: str | None = None, source: str = "setup"
+    name: str,
+    url: str,
+    username: str | None = None,
+    source: str = "setup",
+    *,
+    auth: str | None = None,
 ) -> UpstreamProxy:
     """One upstream from its fields, checked by the same rules as an [[upstream]] in the
-    file (ConfigError naming `upstream.name`, `upstream.url` or `upstream.username`)."""
+    file (ConfigError naming `upstream.name`, `upstream.url`, `upstream.auth` or
+    `upstream.username`; whether a user name may hold a ':' depends on `auth`)."""
     doc: dict[str, object] = {"name": name, "url": url}
     if username is not None:
         doc["username"] = username
+    if auth is not None:
+        doc["auth"] = auth
     return _Parser(source).upstream(doc, "upstream")
 
 

@@ -4,8 +4,8 @@ field, and Save in its one order (the password into the keyring, then the settin
 The credentials dialog (ui/credentials_dialog.py) shows the fields and the messages and calls
 `save_upstream` with the services it was given; it never parses settings, touches the file
 or the keyring itself (import-linter: "The views do no settings file or keyring I/O").
-Validation uses the settings file's own rules (`config.parse_config`), so the dialog can never
-save something the file would refuse on the next start.
+Validation uses the settings file's own rules for an [[upstream]] (`config.parse_upstream`),
+so the dialog can never save something the file would refuse on the next start.
 
 Must not import PySide6, keyring or socket; the I/O is the injected services'.
 """
@@ -16,9 +16,7 @@ import logging
 from dataclasses import dataclass
 from typing import Protocol
 
-import tomli_w
-
-from tray_proxy.config import ConfigError, parse_config
+from tray_proxy.config import ConfigError, parse_upstream
 from tray_proxy.keyring_store import CredentialStoreError
 from tray_proxy.relay.secrets import Secret
 from tray_proxy.relay.settings import AuthScheme, UpstreamKind, UpstreamProxy
@@ -52,11 +50,12 @@ class FieldValues:
     stored_username: str | None = None  # whose password the keyring already holds
 
 
-def _problem(doc: dict[str, object]) -> ConfigError | None:
-    # The file's rules for one [[upstream]] table, auth included (config.parse_upstream has
-    # no auth, and whether a ':' may be in the user name depends on it).
+def _problem(
+    name: str, url: str, username: str | None = None, auth: str | None = None
+) -> ConfigError | None:
+    """What the file's rules for one [[upstream]] table say of these fields, if anything."""
     try:
-        parse_config(tomli_w.dumps({"upstream": [doc]}), "dialog")
+        parse_upstream(name, url, username, "dialog", auth=auth)
     except ConfigError as exc:
         return exc
     return None
@@ -85,7 +84,7 @@ def validate(values: FieldValues) -> tuple[dict[str, str], UpstreamProxy | None]
     """Field name -> message for each invalid field, and the upstream when all are valid.
 
     Each field is checked on its own, with the others set to known-good values, so every
-    wrong field gets its message at once (parse_config stops at the first problem).
+    wrong field gets its message at once (the parser stops at the first problem).
     Field names: name, host, port, username, password.
     """
     errors: dict[str, str] = {}
@@ -97,7 +96,7 @@ def validate(values: FieldValues) -> tuple[dict[str, str], UpstreamProxy | None]
         elif values.name in values.taken_names:
             errors["name"] = f"There already is a proxy named {values.name}; choose another name."
         else:
-            found = _problem({"name": values.name, "url": good_url})
+            found = _problem(values.name, good_url)
             if found is not None:
                 errors["name"] = _sentence(found.problem, "the name")
 
@@ -107,7 +106,7 @@ def validate(values: FieldValues) -> tuple[dict[str, str], UpstreamProxy | None]
     elif "://" in host or "/" in host:
         errors["host"] = "Enter only the host name or address; choose the type above."
     else:
-        found = _problem({"name": "x", "url": _url(values.kind, host, "1")})
+        found = _problem("x", _url(values.kind, host, "1"))
         if found is not None:
             errors["host"] = _sentence(found.problem, "the host")
 
@@ -117,13 +116,7 @@ def validate(values: FieldValues) -> tuple[dict[str, str], UpstreamProxy | None]
 
     auth = values.auth if values.kind is UpstreamKind.HTTP else AuthScheme.AUTO
     if values.username:
-        doc: dict[str, object] = {
-            "name": "x",
-            "url": good_url,
-            "username": values.username,
-            "auth": auth.value,
-        }
-        found = _problem(doc)
+        found = _problem("x", good_url, values.username, auth.value)
         if found is not None:
             errors["username"] = _sentence(found.problem, "the user name")
         elif not values.has_password and values.stored_username != values.username:
@@ -135,11 +128,14 @@ def validate(values: FieldValues) -> tuple[dict[str, str], UpstreamProxy | None]
 
     if errors:
         return errors, None
-    doc = {"name": values.name, "url": _url(values.kind, host, port), "auth": auth.value}
-    if values.username:
-        doc["username"] = values.username
-    config = parse_config(tomli_w.dumps({"upstream": [doc]}), "dialog")
-    return errors, config.upstreams[0]
+    upstream = parse_upstream(
+        values.name,
+        _url(values.kind, host, port),
+        values.username or None,
+        "dialog",
+        auth=auth.value,
+    )
+    return errors, upstream
 
 
 # --------------------------------------------------------------------------- Save
