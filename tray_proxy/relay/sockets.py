@@ -21,6 +21,10 @@ import socket
 
 __all__ = ["SourcePorts", "keep_on_host", "outbound_socket"]
 
+# Flags combined once, as plain ints: `|` on the socket module's enum flags runs Python code
+# (enum's __or__ and __call__, about 0.6 µs) on every call.
+_STREAM_NONBLOCK = int(socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+
 
 class SourcePorts:
     """Hands out source ports from the relay's reserved range, round robin.
@@ -66,7 +70,7 @@ def outbound_socket(
     """A new non-blocking TCP socket for a connection to `ip`, not yet connected; bound to a
     reserved source port when `ports` is given. Raises OSError (out of descriptors, no free
     source port)."""
-    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    sock = socket.socket(family, _STREAM_NONBLOCK)
     try:
         keep_on_host(sock, ip)
         if nodelay:

@@ -34,6 +34,7 @@ from tray_proxy.relay.records import Address
 from tray_proxy.relay.sockets import outbound_socket
 
 _IN_PROGRESS = frozenset({errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK})
+_PEEK_NOWAIT = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)  # an int: see sockets._STREAM_NONBLOCK
 
 
 class Spares:
@@ -77,7 +78,7 @@ class Spares:
             made, sock = kept.popleft()
             if made > limit:
                 try:
-                    sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                    sock.recv(1, _PEEK_NOWAIT)
                 except (BlockingIOError, InterruptedError):
                     self.stats["spare_taken"] += 1
                     return sock
