@@ -298,60 +298,6 @@ def test_answers_read_on_a_timer_with_answer_interval() -> None:
         runner.run(main())
 
 
-def test_headless_burst_gathers_in_the_relay_and_wakes_the_worker_once() -> None:
-    """Headless `run` (answer_interval > 0): a burst's requests gather on the relay's loop
-    for `delay` and go to the worker in one write, which it answers in one pass at once.
-    While the burst gathers the worker is not woken at all (it was, at the first request,
-    while that connection was being opened), and for the burst it wakes once."""
-    import psutil
-    import uvloop
-
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        collector = Collector(loop, 6)
-        attributor = Attributor(loop, collector, delay=0.4, answer_interval=0.02)
-        try:
-            with listener() as server:
-                socks = [socket.create_connection(server.getsockname()) for _ in range(6)]
-                try:
-                    attributor.request(1, socks[0].getsockname(), socks[0].getpeername())
-                    await asyncio.wait_for(_answered(collector, 1), ANSWER_TIMEOUT)
-                    child = attributor._child
-                    assert child is not None
-                    proc = psutil.Process(child.pid)
-                    await asyncio.sleep(0.05)  # back asleep, waiting for requests
-                    before = proc.num_ctx_switches().voluntary
-                    started = time.monotonic()
-                    for n in range(2, 7):
-                        sock = socks[n - 1]
-                        attributor.request(n, sock.getsockname(), sock.getpeername())
-                        await asyncio.sleep(0.03)
-                    woken_gathering = proc.num_ctx_switches().voluntary - before
-                    gathering = time.monotonic() - started < 0.35  # else the write may be out
-                    passes = attributor.passes
-                    await asyncio.wait_for(collector.done, ANSWER_TIMEOUT)
-                    woken = proc.num_ctx_switches().voluntary - before
-                finally:
-                    for sock in socks:
-                        sock.close()
-            for n in range(1, 7):
-                assert_me(collector.answers[n])
-            assert attributor.passes == passes + 1, "the burst took more than one pass"
-            if gathering:
-                assert woken_gathering == 0, f"woken {woken_gathering} times while gathering"
-            assert woken <= 2, f"woken {woken} times for one burst"
-        finally:
-            attributor.close()
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(main())
-
-
-async def _answered(collector: Collector, n: int) -> None:
-    while len(collector.answers) < n:  # bounded by the caller's wait_for
-        await asyncio.sleep(0.01)
-
-
 def test_requests_while_the_worker_gathers_do_not_wake_it() -> None:
     """The worker sleeps through a burst's gathering: the relay's request writes meanwhile
     wake it none (each wake-up was a switch of CPU on the relay's latency path)."""

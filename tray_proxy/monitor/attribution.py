@@ -139,9 +139,7 @@ class Attributor:
     `answer_interval` > 0 (headless `tray-proxy run`, whose relay shares the loop): the
     answers are read every that many seconds while some are awaited, not as each pass
     writes them; each read woke the relay's loop once per pass, about once per connection
-    at a quiet relay's pace (issue 13: the history may cost the relay 5 %). The requests
-    of a burst are also gathered here, for `delay`, and written together: the child then
-    wakes once per burst, for its pass, not also at the burst's first request.
+    at a quiet relay's pace (issue 13: the history may cost the relay 5 %).
     """
 
     def __init__(
@@ -201,15 +199,11 @@ class Attributor:
             if self._flush_scheduled:
                 return
             self._flush_scheduled = True
-        if self._answer_interval > 0.0:
-            # Headless run: the burst gathers here for `delay` and goes to the child in one
-            # write, which it answers at once. Written at the first request, the child woke
-            # then (a CPU switch while the connection was being opened) and again for its
-            # pass; now it wakes once, for the pass, at the same time as before.
-            if asyncio._get_running_loop() is self._loop:
-                self._gather()
-            else:
-                self._schedule(self._gather)
+        if self._answer_interval > 0.0 and asyncio._get_running_loop() is self._loop:
+            # Headless run, on the loop: written now, without a callback of its own (the
+            # worker gathers a burst's later requests itself; writing to it while it does
+            # wakes nobody).
+            self._flush()
         else:
             self._schedule(self._flush)
 
@@ -231,9 +225,6 @@ class Attributor:
                 loop.call_soon(callback)
             else:
                 loop.call_soon_threadsafe(callback)
-
-    def _gather(self) -> None:
-        self._loop.call_later(self._delay, self._flush)
 
     def _deliver_overflow(self) -> None:
         with self._lock:
@@ -285,8 +276,7 @@ class Attributor:
             "--relay-pid",
             str(os.getpid()),
             "--delay",
-            # Headless, the burst has gathered here (request()).
-            repr(0.0 if self._answer_interval > 0.0 else self._delay),
+            repr(self._delay),
             "--cpu-share",
             repr(self._cpu_share),
         ]
