@@ -492,7 +492,8 @@ class Bench:
                         )  # fmt: skip
                         add(row.key, "done", result["done"])
                         add(row.key, "errors", result["errors"])
-                        add(row.key, "rate_s", result["done"] / result["conn_s"])
+                        if result["done"]:  # else every connection failed: noted below
+                            add(row.key, "rate_s", result["done"] / result["conn_s"])
                     else:
                         result = self.loadgen.run(
                             "bulk", via, "--direction", kind, "--bytes", str(chunk_bytes),
