@@ -298,6 +298,52 @@ def test_answers_read_on_a_timer_with_answer_interval() -> None:
         runner.run(main())
 
 
+def test_headless_requests_made_together_are_one_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Headless `run` (answer_interval > 0, on the loop): the connections of one batch of
+    events go to the child in one write, not one write each (under load, a system call per
+    connection); each is answered once."""
+    import uvloop
+
+    writes: list[int] = []
+    real_write = os.write
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        collector = Collector(loop, 5)
+        attributor = Attributor(loop, collector, delay=0.0, answer_interval=0.02)
+        try:
+            await asyncio.sleep(0.05)  # the child starts (prestart)
+            child = attributor._child
+            assert child is not None and child.stdin is not None
+            stdin = child.stdin.fileno()
+
+            def counting(fd: int, data: bytes) -> int:
+                if fd == stdin:
+                    writes.append(len(data))
+                return real_write(fd, data)
+
+            with listener() as server:
+                socks = [socket.create_connection(server.getsockname()) for _ in range(5)]
+                try:
+                    monkeypatch.setattr(attribution.os, "write", counting)
+                    attributor.request_all(
+                        [(n, s.getsockname(), s.getpeername()) for n, s in enumerate(socks, 1)]
+                    )
+                    monkeypatch.undo()
+                    await asyncio.wait_for(collector.done, ANSWER_TIMEOUT)
+                finally:
+                    for sock in socks:
+                        sock.close()
+            for n in range(1, 6):
+                assert_me(collector.answers[n])
+        finally:
+            attributor.close()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
+    assert len(writes) == 1, f"{len(writes)} writes for one batch of 5"
+
+
 def test_requests_while_the_worker_gathers_do_not_wake_it() -> None:
     """The worker sleeps through a burst's gathering: the relay's request writes meanwhile
     wake it none (each wake-up was a switch of CPU on the relay's latency path)."""

@@ -49,13 +49,15 @@ class Clock:
 class Attributor:
     def __init__(self, fail: bool = False) -> None:
         self.requests: list[tuple[int, Address, Address | None]] = []
+        self.calls = 0
         self.closed = False
         self.fail = fail
 
-    def request(self, conn_id: int, client: Address, original_dst: Address | None) -> None:
+    def request_all(self, requests: Sequence[tuple[int, Address, Address | None]]) -> None:
         if self.fail:
             raise RuntimeError("attribution broke")
-        self.requests.append((conn_id, client, original_dst))
+        self.calls += 1
+        self.requests.extend(requests)
 
     def close(self) -> None:
         self.closed = True
@@ -194,6 +196,18 @@ def opened(cid: int) -> ConnectionOpened:
 
 def done(cid: int, reason: CloseReason = CloseReason.DONE) -> ConnectionClosed:
     return ConnectionClosed(cid, reason, "", 1, 1, 1.0, 101.0)
+
+
+def test_a_batch_of_opened_connections_is_one_request_to_the_attributor() -> None:
+    """Connections opened in one batch of events go to the attributor in one call (it hands
+    them to its child in one write); a batch with none opened asks nothing."""
+    attributor = Attributor()
+    monitor, _history, _clock = make([], attributor)
+    monitor.feed([opened(1), opened(2), done(1), opened(3)])
+    assert attributor.calls == 1
+    assert [r[0] for r in attributor.requests] == [1, 2, 3]
+    monitor.feed([done(2), done(3)])
+    assert attributor.calls == 1
 
 
 def test_a_row_whose_process_never_comes_goes_on_after_the_wait() -> None:

@@ -170,6 +170,9 @@ class Attributor:
         self._unanswered: dict[int, None] = {}
         self._overflow: list[tuple[int, ProcessInfo | None]] = []
         self._closed = False
+        # The thread the loop runs on, when made there (see _schedule); None: not known,
+        # every callback then goes through call_soon_threadsafe.
+        self._loop_thread = threading.get_ident() if asyncio._get_running_loop() is loop else None
         # Loop thread only from here on.
         self._child: subprocess.Popen[bytes] | None = None
         self._out = bytearray()  # bytes for the child's stdin not written yet
@@ -186,20 +189,29 @@ class Attributor:
 
     def request(self, conn_id: int, client: Address, original_dst: Address | None) -> None:
         """Ask who made connection `conn_id`; the answer comes later through `deliver`."""
+        self.request_all(((conn_id, client, original_dst),))
+
+    def request_all(self, requests: Sequence[tuple[int, Address, Address | None]]) -> None:
+        """`request` for each (conn id, client, original destination), handed to the child
+        together (one write, in a headless run)."""
         with self._lock:
             if self._closed:
                 return
-            if len(self._unanswered) >= MAX_PENDING:
-                self._overflow.append((conn_id, None))
-                if len(self._overflow) == 1:
-                    self._schedule(self._deliver_overflow)
-                return
-            self._unanswered[conn_id] = None
-            self._queued.append((conn_id, client, original_dst))
-            if self._flush_scheduled:
+            unanswered = self._unanswered
+            overflow = self._overflow
+            had_overflow = bool(overflow)
+            for request in requests:
+                if len(unanswered) >= MAX_PENDING:
+                    overflow.append((request[0], None))
+                    continue
+                unanswered[request[0]] = None
+                self._queued.append(request)
+            if overflow and not had_overflow:
+                self._schedule(self._deliver_overflow)
+            if self._flush_scheduled or not self._queued:
                 return
             self._flush_scheduled = True
-        if self._answer_interval > 0.0 and asyncio._get_running_loop() is self._loop:
+        if self._answer_interval > 0.0 and threading.get_ident() == self._loop_thread:
             # Headless run, on the loop: written now, without a callback of its own (the
             # worker gathers a burst's later requests itself; writing to it while it does
             # wakes nobody).
@@ -221,7 +233,9 @@ class Attributor:
     def _schedule(self, callback: Callable[[], None]) -> None:
         loop = self._loop
         with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
-            if asyncio._get_running_loop() is loop:
+            # The thread, not asyncio._get_running_loop(): that costs a getpid() system
+            # call each time (it checks for a fork), once per connection here.
+            if threading.get_ident() == self._loop_thread:
                 loop.call_soon(callback)
             else:
                 loop.call_soon_threadsafe(callback)

@@ -62,7 +62,8 @@ class HistorySink(Protocol):
 class AttributorLike(Protocol):
     """Finds the process behind a connection (monitor/attribution.py's Attributor)."""
 
-    def request(self, conn_id: int, client: Address, original_dst: Address | None) -> None: ...
+    def request_all(self, requests: Sequence[tuple[int, Address, Address | None]]) -> None:
+        """(conn id, client, original destination) of connections just opened, in one go."""
 
     def close(self) -> None: ...
 
@@ -118,10 +119,17 @@ class Monitor:
         if attributor is not None:
             awaiting = self._awaiting
             try:
-                for event in events:
-                    if type(event) is ConnectionOpened:
-                        attributor.request(event.conn_id, event.client, event.original_dst)
-                        awaiting.add(event.conn_id)
+                # One call for the batch: the attributor then hands the child a batch of
+                # connections opened together in one write (under load, one per batch
+                # instead of one per connection).
+                opened = [
+                    (event.conn_id, event.client, event.original_dst)
+                    for event in events
+                    if type(event) is ConnectionOpened
+                ]
+                if opened:
+                    attributor.request_all(opened)
+                    awaiting.update(conn_id for conn_id, _, _ in opened)
             except Exception:
                 # Rows matter more than the program's name: go on without attribution.
                 log.exception("process attribution failed; connections show no program")
