@@ -22,16 +22,32 @@ from tray_proxy.relay.events import Event
 __all__ = ["EngineInbox"]
 
 
+# Headless `tray-proxy run`: events posted on the loop's own thread (the relay shares it) are
+# handed over this long after the first of a burst, on a timer, not at the loop's next turn.
+# The next turn is a new connection's opening moments: its CONNECT has just left and the
+# proxy is answering, and on a 2-core machine the hand-over's work there (the monitor's, and
+# the attribution request that wakes its worker) was in the way of the relay and the proxy:
+# the history cost about 7 % added p50 (docs/benchmarks.md). 1-2 ms later (uvloop's timers
+# are whole milliseconds) the connection has mostly been served.
+HEADLESS_DELAY = 0.002
+
+
 class EngineInbox:
-    """`post(generation, event)` on any thread; `drain(batch)` runs on `loop`, per burst."""
+    """`post(generation, event)` on any thread; `drain(batch)` runs on `loop`, per burst.
+
+    `delay` > 0: what is posted on the loop's own thread is handed over that long after the
+    burst's first event (HEADLESS_DELAY); from another thread, at the loop's next turn."""
 
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
         drain: Callable[[list[tuple[int, Event]]], None],
+        *,
+        delay: float = 0.0,
     ) -> None:
         self._loop = loop
         self._drain = drain
+        self._delay = delay
         self._queue: collections.deque[tuple[int, Event]] = collections.deque()
         self._lock = threading.Lock()
         self._scheduled = False
@@ -47,10 +63,12 @@ class EngineInbox:
                 return
             self._scheduled = True
         with contextlib.suppress(RuntimeError):  # the app loop is closed: nobody listens
-            if threading.get_ident() == self._loop_thread:
-                self._loop.call_soon(self._run)
-            else:
+            if threading.get_ident() != self._loop_thread:
                 self._loop.call_soon_threadsafe(self._run)
+            elif self._delay > 0.0:
+                self._loop.call_later(self._delay, self._run)
+            else:
+                self._loop.call_soon(self._run)
 
     def flush(self) -> None:
         """Hand over what is queued now (on the loop; before the owner stops listening)."""
