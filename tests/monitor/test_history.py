@@ -31,10 +31,11 @@ from tray_proxy.monitor.history import (
     HistoryError,
     HistoryStore,
     HistoryWriter,
+    _row_values,
     default_history_path,
     export_rows,
 )
-from tray_proxy.monitor.history_writer_worker import decode_row, encode_row
+from tray_proxy.monitor.history_writer_worker import decode_row, decode_values, encode_row
 from tray_proxy.monitor.query import HistoryFilter
 from tray_proxy.monitor.rows import ConnectionRow, ProcessInfo, RowState
 from tray_proxy.relay.records import CloseReason
@@ -469,6 +470,55 @@ def test_a_frame_from_an_app_started_before_the_upgrade_is_written_without_a_rou
     assert decode_row(payload) == row
     old = marshal.dumps(marshal.loads(payload)[:-1])
     assert decode_row(old) == replace(row, route="")
+
+
+def _fields(i: int) -> tuple[object, ...]:
+    """encode_row's fields of make_row(i), to spoil one."""
+    fields = marshal.loads(encode_row(make_row(i))[4:])
+    assert isinstance(fields, tuple)
+    return fields
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"process": None},
+        {"process": ProcessInfo(pid=None, name="?", user="bob", exited=True)},
+        {"process": ProcessInfo(pid=7, name="nginx", container="web", remote=True)},
+        {"original_dst": None, "host": None, "upstream": None},
+        {"state": RowState.OPEN, "close_reason": None, "ended": None},
+        {"route": ""},
+    ],
+)
+@pytest.mark.parametrize("i", [1, 4])  # closed, failed
+def test_the_writer_childs_values_are_the_rows_values(i: int, changes: dict[str, object]) -> None:
+    """The child stores a frame's values as decode_values makes them, without a
+    ConnectionRow: they are what the store makes of the row itself, host name apart."""
+    row = make_row(i, **changes)
+    host, values = decode_values(encode_row(row)[4:])
+    assert host == row.host
+    assert tuple(values) == _row_values(row, None)
+    # And from a frame of an app started before the upgrade (no route).
+    old = marshal.dumps(marshal.loads(encode_row(row)[4:])[:-1])
+    assert tuple(decode_values(old)[1]) == _row_values(replace(row, route=""), None)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",
+        b"garbage",
+        marshal.dumps((1, 2)),
+        marshal.dumps(tuple(range(19))),
+        marshal.dumps(tuple("bogus" if n == 8 else f for n, f in enumerate(_fields(1)))),
+        marshal.dumps(tuple("bogus" if n == 14 else f for n, f in enumerate(_fields(1)))),
+        marshal.dumps(tuple((1, 2) if n == 17 else f for n, f in enumerate(_fields(1)))),
+    ],
+)
+def test_a_malformed_frame_is_refused_by_decode_values(payload: bytes) -> None:
+    with pytest.raises((ValueError, TypeError, EOFError)):
+        decode_values(payload)
 
 
 def test_writer_batches_from_many_threads_and_close_flushes(path: Path) -> None:

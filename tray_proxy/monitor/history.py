@@ -169,6 +169,7 @@ _COLUMNS = (
     "remote",
     "route",
 )
+_HOST_ID = _COLUMNS.index("host_id")  # where _row_values puts the host's id
 _INSERT = (
     f"INSERT INTO connections ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' for _ in _COLUMNS)})"
 )
@@ -180,6 +181,8 @@ _SELECT = (
 
 
 def _row_values(row: ConnectionRow, host_id: int | None) -> tuple[object, ...]:
+    """The row's values in _COLUMNS' order (history_writer_worker.decode_values makes the
+    same from a frame; a test holds them equal)."""
     process = row.process
     dst_ip, dst_port = row.original_dst if row.original_dst is not None else (None, None)
     return (
@@ -778,14 +781,21 @@ class HistoryStore:
 
     def write(self, rows: Sequence[ConnectionRow]) -> None:
         """Append `rows` in one transaction."""
+        self.write_values([(row.host, list(_row_values(row, None))) for row in rows])
+
+    def write_values(self, rows: Sequence[tuple[str | None, list[object]]]) -> None:
+        """Append rows given as (host name, the column values of `_row_values` with the host
+        id left None, as a list), in one transaction: the writer child's way, which gets
+        the values straight from the relay's frames (history_writer_worker.decode_values)."""
         if not rows:
             return
         with self._lock:
             conn = self._conn
             try:
                 with _immediate(conn):
-                    values = [_row_values(row, self._host_id(row.host)) for row in rows]
-                    conn.executemany(_INSERT, values)
+                    for host, values in rows:
+                        values[_HOST_ID] = self._host_id(host)
+                    conn.executemany(_INSERT, [values for _, values in rows])
             except BaseException:
                 self._host_ids.clear()  # ids made inside the rolled-back transaction
                 raise

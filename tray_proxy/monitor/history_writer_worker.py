@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
 _MAX_BATCH = 20_000  # rows per transaction at most
+# A frame's state and close reason are checked against these (enum lookups cost more).
+_STATES = frozenset(state.value for state in RowState)
+_REASONS = frozenset(reason.value for reason in CloseReason)
+_FAILED = RowState.FAILED.value
 
 
 def encode_row(row: ConnectionRow) -> bytes:
@@ -131,6 +135,75 @@ def decode_row(payload: bytes) -> ConnectionRow:
     )
 
 
+def decode_values(payload: bytes) -> tuple[str | None, list[object]]:
+    """`encode_row`'s payload straight to what the history stores: (host name, the column
+    values of history._row_values with the host id None), without a ConnectionRow on the way
+    (about 1 µs a row against 6.5 µs through decode_row: at thousands of connections a
+    second, CPU the relay's machine has better uses for). Raises as decode_row does on a
+    malformed payload (ValueError, TypeError, EOFError)."""
+    (
+        conn_id,
+        started,
+        client_ip,
+        client_port,
+        dst_ip,
+        dst_port,
+        host,
+        upstream,
+        state,
+        established,
+        handshake_latency,
+        bytes_up,
+        bytes_down,
+        ended,
+        close_reason,
+        detail,
+        words,
+        process,
+        *route,  # none from an app started before an upgrade (see decode_row)
+    ) = marshal.loads(payload)
+    if state not in _STATES or (close_reason is not None and close_reason not in _REASONS):
+        raise ValueError(f"not a row state or close reason: {state!r}, {close_reason!r}")
+    failed = 1 if state == _FAILED else 0
+    if dst_ip is None:
+        dst_port = None
+    if process is None:
+        pid = name = exe = user = container = None
+        exited = remote = 0
+    else:
+        pid, name, exe, user, exited, container, remote = process
+        exited = 1 if exited else 0
+        remote = 1 if remote else 0
+    return host, [
+        conn_id,
+        started,
+        established,
+        ended,
+        client_ip,
+        client_port,
+        dst_ip,
+        dst_port,
+        None,  # the host's id: the store finds or makes it
+        upstream,
+        state,
+        failed,
+        handshake_latency,
+        bytes_up,
+        bytes_down,
+        close_reason,
+        detail,
+        words,
+        name,
+        pid,
+        exe,
+        user,
+        container,
+        exited,
+        remote,
+        route[0] if route else "",
+    ]
+
+
 def _send(fd: int, text: str) -> None:
     view = memoryview((text + "\n").encode())
     while view:
@@ -178,11 +251,11 @@ class _Serve:
         rows = []
         for line in lines:
             try:
-                rows.append(decode_row(line))
+                rows.append(decode_values(line))
             except (ValueError, TypeError, EOFError):
                 log.warning("The connection history writer skipped a malformed row")
         try:
-            self.store.write(rows)
+            self.store.write_values(rows)
         except sqlite3.Error as exc:
             self.report_error(
                 len(lines),
