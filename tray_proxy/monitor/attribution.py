@@ -88,8 +88,12 @@ Any4 = tuple[Address, Address]  # (local, remote) of one TCP socket, IPv4 writte
 # taking thousands of connections per burst would otherwise grow this without bound).
 MAX_PENDING = 4096
 # CPU seconds the worker may spend at once beyond its share (a quiet worker has them all:
-# a costly pass, such as the first, reading every process's fd table, costs no rest).
-_CPU_BURST = 0.05
+# a costly pass, such as the first, reading every process's fd table, costs no rest). Each
+# burst of connections after a quiet spell gets them, and a busy worker spends all it may:
+# with 50 ms and a 3 % share it took 30-60 µs a connection over the bench's bursts (1,000
+# connections in 0.3 s), its passes of two or three connections each; with 10 ms and 2 %,
+# it looks up more connections per pass and costs under half that.
+_CPU_BURST = 0.01
 # The longest rest between passes, whatever the last one cost.
 _MAX_REST = 0.25
 # close() waits this long for the child to end (a pass in progress finishes first).
@@ -148,14 +152,14 @@ class Attributor:
         deliver: Deliver,
         *,
         delay: float = 0.0005,
-        cpu_share: float = 0.03,
+        cpu_share: float = 0.02,
         answer_interval: float = 0.0,
     ) -> None:
         """A burst gathers for at least `delay`; the child's CPU time stays near
         `cpu_share` of one core over time (a token bucket of _CPU_BURST seconds): quiet, a
         connection is looked up within `delay`, before a short-lived program has closed
         its socket; busy, the child rests between passes and the bursts grow instead of
-        the cost (passes of 0.5 ms at 3%: one every 17 ms)."""
+        the cost (passes of 0.5 ms at 2%: one every 25 ms)."""
         self._loop = loop
         self._deliver = deliver
         self._delay = delay

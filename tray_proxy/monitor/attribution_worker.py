@@ -185,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tray_proxy.monitor.attribution_worker")
     parser.add_argument("--relay-pid", type=int, required=True)
     parser.add_argument("--delay", type=float, default=0.0005)
-    parser.add_argument("--cpu-share", type=float, default=0.03)
+    parser.add_argument("--cpu-share", type=float, default=0.02)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING, format="tray-proxy attribution: %(levelname)s %(message)s"
