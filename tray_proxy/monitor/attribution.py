@@ -90,9 +90,9 @@ MAX_PENDING = 4096
 # CPU seconds the worker may spend at once beyond its share (a quiet worker has them all:
 # a costly pass, such as the first, reading every process's fd table, costs no rest). Each
 # burst of connections after a quiet spell gets them, and a busy worker spends all it may:
-# with 50 ms and a 3 % share it took 30-60 µs a connection over the bench's bursts (1,000
-# connections in 0.3 s), its passes of two or three connections each; with 10 ms and 2 %,
-# it looks up more connections per pass and costs under half that.
+# with 50 ms and a 3 % share it took 28-32 µs a connection over bursts like the bench's
+# (1,000 connections in 0.3 s, then a quiet 2 s), its passes of two or three connections
+# each; with 10 ms and 2 %, 22-24 µs, in fewer, longer passes.
 _CPU_BURST = 0.01
 # The longest rest between passes, whatever the last one cost.
 _MAX_REST = 0.25
