@@ -35,7 +35,7 @@ from tray_proxy.monitor.history import (
     default_history_path,
     export_rows,
 )
-from tray_proxy.monitor.history_writer_worker import decode_row, decode_values, encode_row
+from tray_proxy.monitor.history_writer_worker import decode_values, encode_row
 from tray_proxy.monitor.query import HistoryFilter
 from tray_proxy.monitor.rows import ConnectionRow, ProcessInfo, RowState
 from tray_proxy.relay.records import CloseReason
@@ -462,16 +462,6 @@ def test_migrating_a_large_version_1_history_rewrites_no_rows(path: Path) -> Non
     assert path.stat().st_size <= size + 64 * 1024  # no copy of the rows
 
 
-def test_a_frame_from_an_app_started_before_the_upgrade_is_written_without_a_route() -> None:
-    # The child starts from the files on disk: after `pip install -U` under a running app it
-    # gets the old app's frames (no route). They are rows, not "malformed".
-    row = make_row(3)
-    payload = encode_row(row)[4:]
-    assert decode_row(payload) == row
-    old = marshal.dumps(marshal.loads(payload)[:-1])
-    assert decode_row(old) == replace(row, route="")
-
-
 def _fields(i: int) -> tuple[object, ...]:
     """encode_row's fields of make_row(i), to spoil one."""
     fields = marshal.loads(encode_row(make_row(i))[4:])
@@ -499,7 +489,9 @@ def test_the_writer_childs_values_are_the_rows_values(i: int, changes: dict[str,
     host, values = decode_values(encode_row(row)[4:])
     assert host == row.host
     assert tuple(values) == _row_values(row, None)
-    # And from a frame of an app started before the upgrade (no route).
+    # A frame from an app started before the upgrade (no route; the child starts from the
+    # files on disk, so after `pip install -U` under a running app it gets the old app's
+    # frames): a row with route "", not "malformed".
     old = marshal.dumps(marshal.loads(encode_row(row)[4:])[:-1])
     assert tuple(decode_values(old)[1]) == _row_values(replace(row, route=""), None)
 
