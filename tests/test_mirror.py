@@ -52,11 +52,6 @@ COVERED_ELSEWHERE: dict[str, tuple[str, str, str]] = {
         "from tray_proxy.controller.history import",
         "the history file is opened by the app; tested through its services",
     ),
-    "controller/inbox.py": (
-        "tests/controller/test_core.py",
-        "def test_engine_events_cross_threads_in_bursts",
-        "the inbox carries engine events to the controller: tested through the controller",
-    ),
     "controller/services.py": (
         "tests/test_cli_setup.py",
         "ConfigFile",
