@@ -1,10 +1,10 @@
 """EngineInbox: engine events to the controller's loop, one hand-over per burst, in order.
 
-Headless `tray-proxy run` (the relay on the controller's own loop) hands a burst over
-HEADLESS_DELAY after its first event, on a timer, not at the loop's next turn: that turn is a
-new connection's opening moments, where the hand-over's work cost the relay's added latency
-(docs/benchmarks.md). From another thread (the app's relay thread) it is the next turn, as
-before. Real loops (asyncio's and uvloop's), no fakes.
+A burst is handed over HANDOVER_DELAY after its first event, on a timer, not at once: at once
+is a new connection's opening moments, where the hand-over's work cost the relay's added
+latency (docs/benchmarks.md). The timer is the posting thread's loop's: the controller's own
+(headless `tray-proxy run`) or the relay thread's (the app). Real loops (asyncio's and
+uvloop's), no fakes.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 import uvloop
 
-from tray_proxy.controller.inbox import HEADLESS_DELAY, EngineInbox
-from tray_proxy.relay.events import ConnectionOpened, Event
+from tray_proxy.controller.inbox import HANDOVER_DELAY, EngineInbox
+from tray_proxy.relay.events import ConnectionOpened, EngineStopped, Event
 
 DEADLINE = 5.0  # seconds any hand-over may take at most, on a loaded CI machine
 
@@ -76,13 +76,13 @@ def test_same_thread_with_the_headless_delay_waits_out_the_opening_moments(
         batches.append(batch)
 
     async def main() -> None:
-        inbox = EngineInbox(asyncio.get_running_loop(), drain, delay=HEADLESS_DELAY)
+        inbox = EngineInbox(asyncio.get_running_loop(), drain, delay=HANDOVER_DELAY)
         posted = time.monotonic()
         inbox.post(1, _event(1))
         for _ in range(5):  # turns of the loop, as a relay's callbacks would take them
             await asyncio.sleep(0)
             inbox.post(1, _event(2))
-        if time.monotonic() - posted < HEADLESS_DELAY / 2:  # else the machine stalled us
+        if time.monotonic() - posted < HANDOVER_DELAY / 2:  # else the machine stalled us
             assert batches == [], "handed over at the loop's next turn"
         await _until(lambda: bool(batches), "the burst handed over")
         assert batches[0][:2] == [(1, _event(1)), (1, _event(2))]
@@ -96,8 +96,59 @@ def test_same_thread_with_the_headless_delay_waits_out_the_opening_moments(
     _run(loop_kind, main)
 
 
+def test_a_relay_threads_burst_crosses_after_the_delay_on_its_own_loop(loop_kind: str) -> None:
+    """The app: the relay thread's loop keeps the timer, so neither the UI's loop nor its
+    thread is woken in the connection's opening moments; EngineStopped, the relay thread's
+    last word, crosses at once with what waits before it."""
+    batches: list[Batch] = []
+    crossed: list[float] = []
+
+    def drain(batch: Batch) -> None:
+        crossed.append(time.monotonic())
+        batches.append(batch)
+
+    async def main() -> None:
+        inbox = EngineInbox(asyncio.get_running_loop(), drain, delay=HANDOVER_DELAY)
+        posted: list[float] = []
+        quiet: list[bool] = []
+
+        async def relay() -> None:  # the relay thread's loop
+            posted.append(time.monotonic())
+            inbox.post(1, _event(1))
+            inbox.post(1, _event(2))
+            for _ in range(5):
+                await asyncio.sleep(0)
+            quiet.append(time.monotonic() - posted[0] < HANDOVER_DELAY / 2)
+            await asyncio.sleep(0.2)  # the timer fires: the burst crosses
+            inbox.post(1, _event(3))
+            inbox.post(1, EngineStopped())  # at once, and 3 with it
+
+        def relay_thread() -> None:
+            factory = uvloop.new_event_loop if loop_kind == "uvloop" else asyncio.new_event_loop
+            with asyncio.Runner(loop_factory=factory) as runner:
+                runner.run(relay())
+
+        thread = threading.Thread(target=relay_thread)
+        thread.start()
+        try:
+            await _until(lambda: bool(quiet), "the relay's first turns")
+            if quiet[0]:  # else the machine stalled the relay thread
+                assert batches == [], "crossed at once, in the opening moments"
+            await _until(lambda: len(batches) >= 1, "the burst crossing")
+            assert batches[0] == [(1, _event(1)), (1, _event(2))]
+            assert crossed[0] - posted[0] >= 0.0005
+            await _until(lambda: len(batches) >= 2, "the relay's last word")
+        finally:
+            thread.join(DEADLINE)
+        assert batches[1] == [(1, _event(3)), (1, EngineStopped())]
+        assert not thread.is_alive()
+
+    _run(loop_kind, main)
+
+
 def test_another_threads_events_come_at_the_next_turn_in_order(loop_kind: str) -> None:
-    """The app's relay thread: no delay, even with one set; one batch per burst, in order."""
+    """A thread with no loop of its own: no delay, even with one set; one batch per burst,
+    in order."""
     batches: list[Batch] = []
 
     async def main() -> None:

@@ -28,7 +28,7 @@ from typing import Any, Final
 from tray_proxy.config import Config, ConfigError
 from tray_proxy.config_edits import with_active_upstream, with_upstream
 from tray_proxy.controller.diagnostics import diagnostics_report, probe_advice
-from tray_proxy.controller.inbox import HEADLESS_DELAY, EngineInbox
+from tray_proxy.controller.inbox import HANDOVER_DELAY, EngineInbox
 from tray_proxy.controller.lifecycle import Lifecycle, LifecycleSteps, is_known, user_message
 from tray_proxy.controller.managed_redirect import RESOLVE_INTERVAL_SECONDS
 from tray_proxy.controller.routing_watch import RoutingWatch, WatchSettings
@@ -481,9 +481,7 @@ class ProxyController:
         generation = self._generation
         loop = asyncio.get_running_loop()
         if self._inbox is None:
-            self._inbox = EngineInbox(
-                loop, self._on_engine_events, delay=HEADLESS_DELAY if self._headless else 0.0
-            )
+            self._inbox = EngineInbox(loop, self._on_engine_events, delay=HANDOVER_DELAY)
         inbox = self._inbox
         if self._monitoring:
             self._monitor_on(loop)
