@@ -382,7 +382,8 @@ def test_a_broken_pac_script_is_one_event_and_the_default_route_serves(run, tmp_
 
 def test_a_connection_from_the_relays_own_source_ports_is_refused_as_a_loop(run):
     """A redirect without the source-port exclusion would send the relay's DIRECT
-    connections back to it, for ever: the relay refuses them instead."""
+    connections back to it, for ever: the relay refuses one that comes from a reserved port
+    it has just dialed from."""
 
     async def main():
         first, last = free_port_range(4)
@@ -391,8 +392,15 @@ def test_a_connection_from_the_relays_own_source_ports_is_refused_as_a_loop(run)
             async with running_relay(
                 [a], origin.address, router=_router([a]), source_ports=(first, last)
             ) as relay:
+                # The relay's dialer takes a reserved port for one of its own connections...
+                ports = relay.engine._dialer._ports
+                assert ports is not None
+                with socket.socket() as own:
+                    ports.bind(own, socket.AF_INET)
+                    port = own.getsockname()[1]
+                # ... and that connection comes back through the redirect.
                 with socket.socket() as sock:
-                    sock.bind(("127.0.0.1", first + 1))
+                    sock.bind(("127.0.0.1", port))
                     sock.setblocking(False)
                     loop = asyncio.get_running_loop()
                     got = b""
@@ -404,8 +412,42 @@ def test_a_connection_from_the_relays_own_source_ports_is_refused_as_a_loop(run)
                 assert got == b""
                 (closed,) = await relay.wait_closed()
                 assert closed.reason is CloseReason.LOOP
-                assert f"source port {first + 1}" in closed.detail
+                assert f"source port {port}" in closed.detail
                 assert proxy.requests == [] and origin.conns == []
+
+    run(main)
+
+
+def test_a_program_given_a_reserved_port_by_nat_is_served_not_taken_for_a_loop(run):
+    """Every redirected connection lands on the relay's one port, so two of a program's
+    connections to different destinations from the same source port would clash after the
+    redirect; conntrack then gives the second another source port, anywhere in 1024-65535.
+    One that falls in the relay's reserved range, which the relay has not dialed from, is a
+    program's connection: served (at 1,000 connections a second, 2-3 % were reset)."""
+
+    async def main():
+        first, last = free_port_range(4)
+        async with Origin(echo) as origin, ConnectProxy() as proxy:
+            a = http_upstream(proxy, "a")
+            async with running_relay(
+                [a], origin.address, router=_router([a]), source_ports=(first, last)
+            ) as relay:
+                loop = asyncio.get_running_loop()
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", first + 1))
+                    sock.setblocking(False)
+                    await asyncio.wait_for(loop.sock_connect(sock, relay.address), 10)
+                    hello = tls_client_hello("x.example")
+                    await loop.sock_sendall(sock, hello)
+                    got = b""
+                    while len(got) < len(hello):
+                        chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), 10)
+                        assert chunk, f"closed after {got!r}"
+                        got += chunk
+                assert got == hello  # echoed by the origin, through the proxy
+                (closed,) = await relay.wait_closed()
+                assert closed.reason is not CloseReason.LOOP
+                assert len(proxy.requests) == 1
 
     run(main)
 

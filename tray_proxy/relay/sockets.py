@@ -18,6 +18,7 @@ import contextlib
 import errno
 import itertools
 import socket
+import time
 
 __all__ = ["SourcePorts", "keep_on_host", "outbound_socket"]
 
@@ -27,7 +28,8 @@ _STREAM_NONBLOCK = int(socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
 
 
 class SourcePorts:
-    """Hands out source ports from the relay's reserved range, round robin.
+    """Hands out source ports from the relay's reserved range, round robin, and remembers
+    when each was last handed out (`bound_within`).
 
     Several sockets may share a source port (SO_REUSEADDR) as long as the 4-tuples differ;
     a collision shows up as EADDRINUSE/EADDRNOTAVAIL and we move on to the next port.
@@ -38,6 +40,12 @@ class SourcePorts:
         self.last = last
         self._cycle = itertools.cycle(range(first, last + 1))
         self.attempts = min(64, last - first + 1)  # ports tried before giving up
+        self._bound: dict[int, float] = {}  # port -> monotonic time it was last bound
+
+    def bound_within(self, port: int, seconds: float) -> bool:
+        """Was `port` bound to one of our sockets in the last `seconds`?"""
+        at = self._bound.get(port)
+        return at is not None and time.monotonic() - at <= seconds
 
     def bind(self, sock: socket.socket, family: int) -> None:
         host = "0.0.0.0" if family == socket.AF_INET else "::"
@@ -46,6 +54,7 @@ class SourcePorts:
             port = next(self._cycle)
             try:
                 sock.bind((host, port))
+                self._bound[port] = time.monotonic()
                 return
             except OSError as exc:
                 if exc.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):

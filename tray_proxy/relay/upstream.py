@@ -59,6 +59,10 @@ from tray_proxy.relay.spnego_auth import kerberos_available, token_contexts
 _RECV = 65536
 _RESOLVE_TTL = 60.0
 _PORT_CLASH = frozenset({errno.EADDRNOTAVAIL, errno.EADDRINUSE})
+# Seconds after our own bind in which a connection from that reserved source port is our own
+# come back (a redirect without the exclusion sends the SYN back at once; its retries come
+# within connect_timeout's first seconds).
+LOOP_WINDOW = 5.0
 
 
 @dataclass(slots=True)
@@ -76,6 +80,11 @@ class Dialer:
         self._known: set[Address] = set()  # every address an upstream resolved to
         # host:port -> its address when host is an IP literal, or None (parsed once).
         self._literals: dict[tuple[str, int], list[tuple[int, Address]] | None] = {}
+
+    def dialed_from(self, port: int) -> bool:
+        """Did one of our own connections leave from this reserved source port a moment ago
+        (LOOP_WINDOW)? A redirect that sends it back brings it to the relay at once."""
+        return self._ports is not None and self._ports.bound_within(port, LOOP_WINDOW)
 
     def is_upstream_address(self, addr: Address) -> bool:
         """Did we dial an upstream at this address? (A redirect of it would be a loop.)"""
