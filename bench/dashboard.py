@@ -257,6 +257,13 @@ def _fmt(x: float | int | None, spec: str = ".1f") -> str:
     return "–" if x is None else format(x, spec)
 
 
+def _kinds(kinds: dict[str, int]) -> str:
+    """` (ConnectionResetError 3, TimeoutError 1)`, or nothing when none failed."""
+    if not kinds:
+        return ""
+    return " (" + ", ".join(f"{name} {n:,}" for name, n in sorted(kinds.items())) + ")"
+
+
 def verdict(ok: bool | None) -> str:
     return "–" if ok is None else ("PASS" if ok else "MISS")
 
@@ -409,7 +416,8 @@ def render(args: argparse.Namespace, result: dict[str, Any], elapsed: float) -> 
     facts = [
         f"- load: {paced['started']:,} connections started at {args.per_second:g}/s over "
         f"{args.seconds:g} s, {paced['done']:,} done ({paced['conn_s']:,.0f}/s achieved), "
-        f"{paced['errors']:,} failed, {paced['late_starts']:,} started over 50 ms late; "
+        f"{paced['errors']:,} failed{_kinds(paced.get('error_kinds') or {})}, "
+        f"{paced['late_starts']:,} started over 50 ms late; "
         f"connect + one request/response p50 {_fmt((paced['p50_us'] or 0) / 1000, '.2f')} ms, "
         f"p99 {_fmt((paced['p99_us'] or 0) / 1000, '.2f')} ms",
         f"- the Connections tab showed the {args.view} table; at the end it held "

@@ -226,6 +226,8 @@ async def open_async(
 
 
 async def ping_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    if writer.is_closing():  # the peer closed it first (uvloop's write would raise RuntimeError)
+        raise ConnectionResetError("the connection was closed before the ping")
     writer.write(PING)
     await reader.readexactly(PING_SIZE)
 
@@ -267,6 +269,7 @@ async def paced(
     gate = asyncio.Semaphore(concurrency)
     total = int(per_second * seconds)
     done = errors = late = 0
+    kinds: dict[str, int] = {}  # the failures by exception, for the report
     times: list[float] = []
     running: set[asyncio.Task[None]] = set()
 
@@ -281,8 +284,9 @@ async def paced(
                 writer.close()
             times.append((time.perf_counter() - started) * 1e6)
             done += 1
-        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as exc:
             errors += 1
+            kinds[type(exc).__name__] = kinds.get(type(exc).__name__, 0) + 1
         finally:
             gate.release()
 
@@ -306,6 +310,7 @@ async def paced(
         "done": done,
         "errors": errors,
         "late_starts": late,
+        "error_kinds": kinds,
         "seconds": elapsed,
         "conn_s": done / elapsed,
         **_percentiles(times),
