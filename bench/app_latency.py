@@ -53,21 +53,16 @@ def run(rounds: int, count: int, window: str) -> dict[str, dict[str, list[float]
         squid.extra_config += "".join(
             f"\nhttp_port {squid.host}:{ROW_SQUID_PORT + n}" for n in range(rounds)
         )
-        creds = squid.credentials
-        assert creds is not None
         with squid.start(), bench_origin(lab):
             bench = Bench(lab, squid, QUICK, budget=600.0)
             for n in range(rounds):
                 with contextlib.ExitStack() as stack:
                     relays: dict[str, Relay] = {}
                     for key, interval in SWITCH_INTERVALS.items():
-                        app = DashboardApp(
-                            lab.client,
-                            bench.workdir,
-                            bench.fresh_port(),
-                            (squid.host, squid.port),
-                            creds.username,
-                            creds.password_file,
+                        app = DashboardApp.in_lab(
+                            lab,
+                            bench,
+                            squid,
                             view="active",
                             display=None,
                             switch_interval=interval,

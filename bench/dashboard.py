@@ -62,6 +62,7 @@ from bench.run import (
 )
 from tests.lab import Lab, LabError
 from tests.lab.netns import Namespace, NsProcess, Redirect
+from tests.lab.squid import SquidProxy
 
 APP = ROOT / "bench" / "dashboard_app.py"
 PING_EVERY = 0.02  # seconds between two `status` questions from outside
@@ -95,6 +96,22 @@ class DashboardApp(TrayProxyRunMonitored):
         self.runtime = self.workdir / f"{self.key}-{self.port}-run"
         self.runtime.mkdir(mode=0o700)
         self.ready: dict[str, Any] = {}
+
+    @classmethod
+    def in_lab(cls, lab: Lab, bench: Bench, squid: SquidProxy, **options: Any) -> DashboardApp:
+        """The app in the lab's client namespace, on a fresh port, with `squid` (and its
+        credentials) as its proxy; `options`: view, display, profile, switch_interval."""
+        creds = squid.credentials
+        assert creds is not None
+        return cls(
+            lab.client,
+            bench.workdir,
+            bench.fresh_port(),
+            (squid.host, squid.port),
+            creds.username,
+            creds.password_file,
+            **options,
+        )
 
     def argv(self) -> list[str]:
         argv = [sys.executable, str(APP), "--config", str(self.config_path), "--view", self.view]
@@ -286,15 +303,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             display = None
             if args.display == "xvfb":
                 display = stack.enter_context(xvfb(lab.client, bench.workdir))
-            creds = squid.credentials
-            assert creds is not None
-            app = DashboardApp(
-                lab.client,
-                bench.workdir,
-                bench.fresh_port(),
-                (squid.host, squid.port),
-                creds.username,
-                creds.password_file,
+            app = DashboardApp.in_lab(
+                lab,
+                bench,
+                squid,
                 view=args.view,
                 display=display,
                 profile=args.profile,
@@ -416,7 +428,7 @@ def render(args: argparse.Namespace, result: dict[str, Any], elapsed: float) -> 
     facts = [
         f"- load: {paced['started']:,} connections started at {args.per_second:g}/s over "
         f"{args.seconds:g} s, {paced['done']:,} done ({paced['conn_s']:,.0f}/s achieved), "
-        f"{paced['errors']:,} failed{_kinds(paced.get('error_kinds') or {})}, "
+        f"{paced['errors']:,} failed{_kinds(paced['error_kinds'])}, "
         f"{paced['late_starts']:,} started over 50 ms late; "
         f"connect + one request/response p50 {_fmt((paced['p50_us'] or 0) / 1000, '.2f')} ms, "
         f"p99 {_fmt((paced['p99_us'] or 0) / 1000, '.2f')} ms",
