@@ -112,7 +112,9 @@ def test_without_a_redirect_only_the_relay_starts_and_drains() -> None:
     ]
 
 
-def test_a_failed_remove_ends_the_helper_before_the_relay_drains() -> None:
+def test_a_failed_remove_still_drains_before_the_helper_ends() -> None:
+    # The helper's table holds the open connections' address translation: ending it first
+    # left their clients hanging (a drain they could not receive, then no reset either).
     log = Log()
     life, _seen = _lifecycle(log)
 
@@ -128,9 +130,9 @@ def test_a_failed_remove_ends_the_helper_before_the_relay_drains() -> None:
     assert log.calls == [
         "say removing the redirect",
         "redirect.remove",
-        "redirect.stop",
         "say draining",
         "relay.stop",
+        "redirect.stop",
     ]
 
 

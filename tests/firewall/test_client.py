@@ -387,3 +387,46 @@ def test_ctrl_c_to_the_apps_process_group_leaves_the_redirect_to_the_app(
         for stream in (app.stdout, app.stderr):
             if stream is not None:
                 stream.close()
+
+
+@pytest.mark.parametrize("how", ["cancelled", "timed out"])
+def test_a_request_given_up_leaves_the_next_one_its_own_answer(
+    netns: str, relay: Listener, how: str
+) -> None:
+    # A request whose caller stopped waiting (the redirect watcher cancelled by a switch-off
+    # while it asked for the status, or a helper slow past the timeout) gets its answer later,
+    # into the pipe. The next request must not take that answer for its own: `remove` failed
+    # with "something unexpected", and the app then ended the helper before the relay drained,
+    # so open connections lost their address translation and their clients hung.
+    async def go() -> None:
+        controller = RedirectController(command=ns_command(netns), request_timeout=1.0)
+        await controller.start()
+        pid = controller.pid
+        assert pid is not None
+        try:
+            await controller.apply(SPEC)
+            os.kill(pid, signal.SIGSTOP)  # it cannot answer until SIGCONT
+            try:
+                asked = asyncio.create_task(controller.status())
+                if how == "cancelled":
+                    for _ in range(20):
+                        await asyncio.sleep(0)
+                    assert not asked.done()
+                    asked.cancel()
+                    with pytest.raises(asyncio.CancelledError):
+                        await asked
+                else:
+                    with pytest.raises(HelperTimeoutError, match="did not answer 'status'"):
+                        await asked
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            assert await controller.remove() is True
+            off = RedirectStatus(active=False, spec=SPEC, table_present=True, **OWNER)
+            assert await controller.status() == off
+            assert await controller.remove() is False
+        finally:
+            code = await controller.stop()
+        assert code == 0
+
+    asyncio.run(go())
+    assert not table_present(netns)

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from tests.firewall.e2e_support import (
@@ -137,6 +138,16 @@ class Download:
             self.ended_at = time.monotonic()
         return code
 
+    def state(self, since: float) -> str:
+        """One line for a failure message: running or how it ended, and the bytes so far."""
+        code = self.poll()
+        if code is None:
+            how = "still running"
+        else:
+            assert self.ended_at is not None
+            how = f"exited {code} {self.ended_at - since:.2f} s after the signal"
+        return f"the {self.size // 1_000_000} MB download: {how}, {self.received()} bytes"
+
     def complete(self) -> bool:
         return self.received() == self.size and self.lab.origins.expected_sha256(
             self.size, self.seed
@@ -163,11 +174,17 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _wait(condition: Callable[[], bool], timeout: float, what: str) -> None:
+def _wait(
+    condition: Callable[[], bool],
+    timeout: float,
+    what: str,
+    details: Callable[[], str] | None = None,
+) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            more = f"\n{details()}" if details is not None else ""
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}{more}")
         time.sleep(0.02)
 
 
@@ -211,6 +228,7 @@ def signal_during_downloads(
             lambda: short.poll() is not None and long.poll() is not None,
             DRAIN + END_SLACK + 15,
             "both curls to exit",
+            lambda: f"{short.state(signalled)}\n{long.state(signalled)}\n{describe()}",
         )
         assert short.ended_at is not None and long.ended_at is not None
         short_took = short.ended_at - signalled
@@ -406,9 +424,77 @@ def test_run_drains_on_signal(
         _check_run_drains(lab, run, send)
 
 
-def _check_run_drains(lab: Lab, run: RedirectedRun, send: Callable[[RedirectedRun], None]) -> None:
+def _helper_of(run: RedirectedRun) -> psutil.Process:
+    """The run's root helper (as root, the run starts it itself, without a launcher)."""
+    helpers = [
+        child
+        for child in psutil.Process(run.pid).children(recursive=True)
+        if any("helper" in part for part in child.cmdline())
+    ]
+    assert len(helpers) == 1, f"the run's helper among {helpers}"
+    return helpers[0]
+
+
+def _request_waiting(lab: Lab, helper: psutil.Process) -> bool:
+    """A request waits unread in the helper's input (it is stopped, so it cannot read).
+
+    The input is one end of a socket pair (asyncio's subprocess stdin): `ss` shows its
+    receive queue, found by the socket's inode."""
+    target = os.readlink(f"/proc/{helper.pid}/fd/0")
+    match = re.fullmatch(r"socket:\[(\d+)\]", target)
+    assert match, f"the helper's input is {target}, not a socket"
+    out = lab.client.run(["ss", "-x", "-n", "-H"]).stdout.decode()
+    for line in out.splitlines():
+        fields = line.split()
+        # u_str ESTAB Recv-Q Send-Q * <inode> * <peer inode>
+        if len(fields) >= 6 and fields[5] == match.group(1):
+            return int(fields[2]) > 0
+    raise AssertionError(f"no socket {match.group(1)} in the client namespace:\n{out}")
+
+
+def test_ctrl_c_while_the_run_asks_its_helper_something_still_drains(
+    lab: Lab, small_buffers: None
+) -> None:
+    # The run asks its helper every few seconds which container bridges exist. Ctrl+C while
+    # that question was out cancelled it; its answer then came back to the `remove` that
+    # followed ("answered 'remove' with something unexpected"), and the helper was ended
+    # before the drain: open connections lost their address translation and their curls hung
+    # (a CI failure: "timed out after 19.0 s waiting for both curls to exit"). Here the
+    # helper is stopped until a question waits in its input, so Ctrl+C lands on it each time.
+    with (
+        client_left_clean(lab),
+        RedirectedRun(
+            lab,
+            UpstreamSpec.for_squid(lab.squid),
+            relay={"drain_timeout": DRAIN},
+            timeout=60,
+        ) as run,
+    ):
+        helper = _helper_of(run)
+        mark = run.mark()
+        helper.suspend()
+        try:
+            _wait(
+                lambda: _request_waiting(lab, helper), 10, "the run's next question to its helper"
+            )
+
+            def ctrl_c_then_answer(run: RedirectedRun) -> None:
+                _ctrl_c(run)
+                run.wait_for_line("removing the redirect", since=mark, timeout=10)
+                helper.resume()  # answers the cancelled question first, then the remove
+
+            _check_run_drains(lab, run, ctrl_c_then_answer, mark=mark)
+        finally:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                helper.resume()
+
+
+def _check_run_drains(
+    lab: Lab, run: RedirectedRun, send: Callable[[RedirectedRun], None], *, mark: int | None = None
+) -> None:
     assert os.getpgid(run.pid) == run.pid, "tray-proxy run must lead its process group"
-    mark = run.mark()
+    if mark is None:
+        mark = run.mark()
 
     def describe() -> str:
         return "tray-proxy run's log:\n" + "\n".join(run.lines[-30:])

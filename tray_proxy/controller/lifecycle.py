@@ -231,7 +231,6 @@ class Lifecycle:
         """Redirect off, relay drained, helper stopped: in that order. Never raises."""
         await self.detach_redirect()
         redirect = self._redirect
-        switched_off = True
         if redirect is not None and redirect.running:
             # A step's own failure (it only says what happens) is not a redirect that
             # stayed on: it must not end the helper before the relay reset its clients.
@@ -239,16 +238,14 @@ class Lifecycle:
             try:
                 await asyncio.wait_for(redirect.remove(), REDIRECT_OFF_TIMEOUT)
             except Exception as exc:
-                switched_off = False
+                # Still drain first. Ending the helper now would delete the table, and with it
+                # the address translation of every open connection: their clients would never
+                # see their data or their end, and hang to their own timeouts. New connections
+                # the redirect still sends to the relay meanwhile are refused (its listener is
+                # closed), which fails fast.
                 log.warning("removing the redirect failed: %s", user_message(exc))
-        if not switched_off:
-            # New connections would still go to a relay that is about to stop: end the helper
-            # first (it deletes its table when its input closes).
-            await self.stop_helper()
-            await self.stop_relay(drain)
-        else:
-            await self.stop_relay(drain)
-            await self.stop_helper()
+        await self.stop_relay(drain)
+        await self.stop_helper()
 
     async def stop_relay(self, drain: float) -> None:
         relay = self.relay

@@ -291,6 +291,8 @@ class RedirectController:
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL)
         self._lock = asyncio.Lock()
         self._next_id = 0
+        # Requests sent whose answers were never read (see _read_answer).
+        self._given_up: set[int] = set()
         # Did the running helper answer once? (Then launcher exit codes no longer apply.)
         self._answered = False
         # The exit code of the last helper, once it was collected.
@@ -312,6 +314,7 @@ class RedirectController:
         argv = self._command if self._command is not None else launch_command(helper_path())
         self._argv = argv
         self._stderr_tail.clear()
+        self._given_up.clear()  # a new helper, a new pipe
         self._answered = False
         self.last_exit = None
         try:
@@ -471,10 +474,15 @@ class RedirectController:
             line = json.dumps({"v": PROTOCOL_VERSION, "id": request_id, "op": op, **(fields or {})})
             try:
                 proc.stdin.write(line.encode() + b"\n")
-                await proc.stdin.drain()
-                raw = await asyncio.wait_for(
-                    proc.stdout.readline(), timeout or self._request_timeout
-                )
+                try:
+                    await proc.stdin.drain()
+                    raw = await self._read_answer(
+                        proc.stdout, request_id, timeout or self._request_timeout
+                    )
+                except (asyncio.CancelledError, asyncio.TimeoutError):
+                    # Sent, but nobody reads its answer when it comes: the next request skips it.
+                    self._given_up.add(request_id)
+                    raise
             except (BrokenPipeError, ConnectionResetError):
                 raw = b""
             except asyncio.TimeoutError:
@@ -487,6 +495,28 @@ class RedirectController:
             # Only the helper writes to stdout (pkexec and sudo do not): it is past the launcher.
             self._answered = True
             return self._check_answer(raw, request_id, op)
+
+    async def _read_answer(
+        self, stdout: asyncio.StreamReader, request_id: int, timeout: float
+    ) -> bytes:
+        """The helper's line for `request_id` (b"" once it closed its output).
+
+        A request given up after it was sent (its caller cancelled, or it timed out) still
+        gets its answer later; that line waits in the pipe ahead of this one and is skipped
+        here, instead of being taken for this request's answer. Raises TimeoutError when the
+        whole wait takes longer than `timeout`.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        raw = b""
+        for _ in range(len(self._given_up) + 1):  # one line per request given up, at most
+            raw = await asyncio.wait_for(stdout.readline(), max(0.0, deadline - loop.time()))
+            earlier = _answer_id(raw)
+            if earlier is None or earlier not in self._given_up:
+                return raw
+            self._given_up.discard(earlier)
+            log.debug("skipped the helper's late answer to request %d", earlier)
+        return raw
 
     async def _exited(self, proc: asyncio.subprocess.Process) -> RedirectError:
         with contextlib.suppress(asyncio.TimeoutError):
@@ -517,6 +547,16 @@ class RedirectController:
             error = answer.get("error")
             raise HelperRequestError(f"The redirect helper refused '{op}': {error}")
         return answer
+
+
+def _answer_id(raw: bytes) -> int | None:
+    """The id a helper's answer line carries, if it is one."""
+    try:
+        answer = json.loads(raw)
+    except ValueError:
+        return None
+    request_id = answer.get("id") if isinstance(answer, dict) else None
+    return request_id if isinstance(request_id, int) else None
 
 
 async def resolve_upstreams(
