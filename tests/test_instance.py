@@ -30,6 +30,8 @@ from tests.lab.netns import run_tag
 from tests.lab.users import LocalUser, local_users
 from tray_proxy import cli
 from tray_proxy.instance import (
+    ACCEPT_BATCH,
+    MAX_LINE,
     SOCKET_NAME,
     ControlError,
     ControlServer,
@@ -133,6 +135,43 @@ def test_bad_requests_are_refused_with_a_reason(
     assert answer["ok"] is False
     assert error in answer["error"]
     assert server.commands == []
+
+
+def test_a_request_in_pieces_is_answered_and_an_overlong_one_refused(
+    server: ServerThread, private_dir: Path
+) -> None:
+    path = str(private_dir / SOCKET_NAME)
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(5)
+        sock.connect(path)
+        for piece in (b'{"v": 1, ', b'"cmd": "sta', b'tus"}\n'):
+            sock.sendall(piece)
+            time.sleep(0.05)  # each piece arrives on its own; the server waits for the line
+        answer = json.loads(sock.makefile("rb").readline())
+    assert answer["ok"] is True and answer["status"]["state"] == "on"
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(5)
+        sock.connect(path)
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(b"x" * (MAX_LINE + 4096))  # no newline, over the limit
+        answer = json.loads(sock.makefile("rb").readline())
+    assert answer["ok"] is False and "bad request" in answer["error"]
+    assert server.commands == ["status"]
+
+
+def test_silent_clients_do_not_hold_up_the_others(server: ServerThread, private_dir: Path) -> None:
+    # More connections at once than the server takes per wake-up, half of them saying
+    # nothing: every one that asks is answered at once; the silent ones wait alone.
+    path = str(private_dir / SOCKET_NAME)
+    with contextlib.ExitStack() as stack:
+        silent = []
+        for _ in range(ACCEPT_BATCH + 2):
+            sock = stack.enter_context(socket.socket(socket.AF_UNIX))
+            sock.connect(path)
+            silent.append(sock)
+        answers = [send_command("status", Path(path), timeout=5) for _ in range(ACCEPT_BATCH + 2)]
+    assert all(answer["ok"] is True for answer in answers)
+    assert server.commands == ["status"] * (ACCEPT_BATCH + 2)
 
 
 def test_second_instance_cannot_claim(server: ServerThread, private_dir: Path) -> None:

@@ -71,6 +71,7 @@ def command_word(command: object) -> str | None:
 
 
 DEFAULT_TIMEOUT: Final = 10.0
+ACCEPT_BATCH: Final = 8  # connections the server takes per readiness of its socket
 # sockaddr_un's sun_path holds 108 bytes with the terminating NUL.
 _MAX_SOCKET_PATH: Final = 107
 
@@ -253,8 +254,9 @@ class ControlServer:
         self.directory = directory or runtime_dir()
         self.path = self.directory / SOCKET_NAME
         self._lock = InstanceLock(self.directory)
-        self._server: asyncio.AbstractServer | None = None
-        self._clients: set[asyncio.Task[Any]] = set()
+        self._sock: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._clients: set[asyncio.Task[None]] = set()
 
     def claim(self) -> bool:
         """Take the single-instance lock; False when another instance runs."""
@@ -274,10 +276,17 @@ class ControlServer:
             os.chmod(self.path, 0o600)
             sock.listen(8)
             sock.setblocking(False)
-            self._server = await asyncio.start_unix_server(self._serve, sock=sock, limit=MAX_LINE)
+            # Plain socket calls on the loop, not asyncio's streams: under the app's qasync
+            # loop every callback and every readiness is a pass of Qt's event loop, each of
+            # which may wait behind a table update. Streams took about ten passes for one
+            # request; this takes three (readiness, accept, answer) when the request came
+            # with the connection, as the CLI sends it.
+            loop = asyncio.get_running_loop()
+            loop.add_reader(sock.fileno(), self._accept)
         except BaseException:
             sock.close()
             raise
+        self._sock, self._loop = sock, loop
         log.info("control socket at %s", self.path)
 
     def release(self) -> None:
@@ -285,39 +294,52 @@ class ControlServer:
         self._lock.release()
 
     async def close(self) -> None:
-        server, self._server = self._server, None
-        if server is not None:
-            server.close()
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            if self._loop is not None:
+                self._loop.remove_reader(sock.fileno())
+            sock.close()
             for task in list(self._clients):
                 task.cancel()
             await asyncio.gather(*self._clients, return_exceptions=True)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(server.wait_closed(), 2.0)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
         self._lock.release()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._clients.add(task)
-        try:
-            if not _same_user(writer):
-                return
+    def _accept(self) -> None:
+        """The listening socket is readable: take the connections waiting (a bounded few;
+        the rest make it readable again), each answered by a task of its own."""
+        sock, loop = self._sock, self._loop
+        if sock is None or loop is None:
+            return
+        for _ in range(ACCEPT_BATCH):
             try:
-                raw = await asyncio.wait_for(reader.readline(), DEFAULT_TIMEOUT)
-            except (ValueError, asyncio.LimitOverrunError, asyncio.TimeoutError):
-                raw = b""
-            answer = await self._answer(raw)
-            writer.write(json.dumps(answer).encode() + b"\n")
-            await writer.drain()
-        except (ConnectionError, asyncio.CancelledError):
-            pass
-        finally:
-            self._clients.discard(task)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+                conn, _address = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and the like: the client sees its connection end
+                log.warning("control socket: cannot accept a connection: %s", exc)
+                return
+            conn.setblocking(False)
+            task = loop.create_task(self._serve(conn))
+            self._clients.add(task)
+            task.add_done_callback(self._clients.discard)
+
+    async def _serve(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        with conn:
+            try:
+                if not _same_user(conn):
+                    return
+                try:
+                    async with asyncio.timeout(DEFAULT_TIMEOUT):
+                        raw = await _receive_line(loop, conn)
+                except TimeoutError:
+                    raw = b""
+                answer = await self._answer(raw)
+                await loop.sock_sendall(conn, json.dumps(answer).encode() + b"\n")
+            except (ConnectionError, asyncio.CancelledError):
+                pass
 
     async def _answer(self, raw: bytes) -> dict[str, Any]:
         try:
@@ -347,9 +369,26 @@ class ControlServer:
         return {"ok": True, **answer}
 
 
-def _same_user(writer: asyncio.StreamWriter) -> bool:
-    sock = writer.get_extra_info("socket")
-    uid = None if sock is None else _peer_uid(sock)
+async def _receive_line(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> bytes:
+    """One request line without its newline; b"" when the client sent no whole line of at
+    most MAX_LINE bytes (the answer is then "bad request")."""
+    chunks: list[bytes] = []
+    size = 0
+    while size <= MAX_LINE:
+        chunk = await loop.sock_recv(conn, 4096)  # tries at once, waits only when nothing came
+        if not chunk:
+            return b""
+        newline = chunk.find(b"\n")
+        if newline >= 0:
+            chunks.append(chunk[:newline])
+            return b"".join(chunks)
+        chunks.append(chunk)
+        size += len(chunk)
+    return b""
+
+
+def _same_user(sock: socket.socket) -> bool:
+    uid = _peer_uid(sock)
     if uid != os.getuid():
         log.warning("control socket: refused a connection from uid %s", uid)
         return False
