@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from tray_proxy.app import AppServices, Autostart, UpstreamEditorService
         from tray_proxy.controller import ProxyController, engine_relay_factory
-        from tray_proxy.controller.commands import INSTANCE_TRAY, answer_command
+        from tray_proxy.controller.commands import INSTANCE_TRAY, answer_command, immediate_answer
         from tray_proxy.controller.history import HistoryFile, history_path, open_history_writer
         from tray_proxy.controller.services import ConfigFile
         from tray_proxy.controller.status import State
@@ -294,7 +294,11 @@ def main(argv: list[str] | None = None) -> int:
                 raise_window=window.show_and_raise,
             )
 
-        server = ControlServer(handle, runtime_dir())
+        server = ControlServer(
+            handle,
+            runtime_dir(),
+            immediate=lambda command: immediate_answer(controller, command, instance=INSTANCE_TRAY),
+        )
         if not server.claim():
             say(event="error", message=f"another instance holds {server.path}")
             return 3

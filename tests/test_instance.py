@@ -56,7 +56,8 @@ class ServerThread:
     def __init__(self, directory: Path) -> None:
         self.commands: list[str] = []
         self.fail = False
-        self.server = ControlServer(self.handle, directory)
+        self.answer_now = False  # `immediate` answers status (as the app's does)
+        self.server = ControlServer(self.handle, directory, immediate=self.immediate)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
@@ -75,6 +76,31 @@ class ServerThread:
                 }
             }
         return {}
+
+    def immediate(self, command: str) -> dict[str, Any] | None:
+        if not self.answer_now or command != "status":
+            return None
+        self.commands.append(f"now {command}")
+        if self.fail:
+            raise RuntimeError("bang")
+        return {"status": {"state": "off"}}
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """The server's loop blocked inside the block: what clients send meanwhile is all
+        there when it next looks."""
+        blocked, release = threading.Event(), threading.Event()
+
+        def block() -> None:
+            blocked.set()
+            release.wait(10)
+
+        self.loop.call_soon_threadsafe(block)
+        assert blocked.wait(5)
+        try:
+            yield
+        finally:
+            release.set()
 
     def start(self) -> None:
         assert self.server.claim()
@@ -172,6 +198,42 @@ def test_silent_clients_do_not_hold_up_the_others(server: ServerThread, private_
         answers = [send_command("status", Path(path), timeout=5) for _ in range(ACCEPT_BATCH + 2)]
     assert all(answer["ok"] is True for answer in answers)
     assert server.commands == ["status"] * (ACCEPT_BATCH + 2)
+
+
+def test_status_is_answered_at_once_and_the_rest_by_the_handler(
+    server: ServerThread, private_dir: Path
+) -> None:
+    # `immediate` answers in the accept's own pass of the loop (the app's busy Qt loop then
+    # holds a `tray-proxy status` for one pass, not three); a command it does not answer,
+    # and a status whose line was not there yet at the accept, go to the handler.
+    path = private_dir / SOCKET_NAME
+    server.answer_now = True
+
+    def ask(command: str) -> dict[str, Any]:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(5)
+            with server.paused():  # the request is there by the accept, as from the CLI
+                sock.connect(str(path))
+                sock.sendall(json.dumps({"v": 1, "cmd": command}).encode() + b"\n")
+            answer: dict[str, Any] = json.loads(sock.makefile("rb").readline())
+            return answer
+
+    assert ask("status")["status"] == {"state": "off"}
+    assert ask("enable") == {"ok": True}
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(5)
+        sock.connect(str(path))
+        deadline = time.monotonic() + 5
+        while not server.server._clients:  # accepted, waiting for the request in a task
+            assert time.monotonic() < deadline, "the server did not accept the connection"
+            time.sleep(0.01)
+        sock.sendall(b'{"v": 1, "cmd": "status"}\n')
+        late = json.loads(sock.makefile("rb").readline())
+    assert late["status"]["state"] == "on"
+    assert server.commands == ["now status", "enable", "status"]
+    server.fail = True
+    assert ask("status") == {"ok": False, "error": "status failed: bang"}
+    assert server.commands[-1] == "now status"
 
 
 def test_second_instance_cannot_claim(server: ServerThread, private_dir: Path) -> None:

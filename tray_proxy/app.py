@@ -38,7 +38,12 @@ from tray_proxy.controller import (
     Status,
     engine_relay_factory,
 )
-from tray_proxy.controller.commands import INSTANCE_RUN, INSTANCE_TRAY, answer_command
+from tray_proxy.controller.commands import (
+    INSTANCE_RUN,
+    INSTANCE_TRAY,
+    answer_command,
+    immediate_answer,
+)
 from tray_proxy.controller.history import HistoryFile, history_path, open_history_writer
 from tray_proxy.controller.services import ConfigFile
 from tray_proxy.errors import UserError
@@ -397,7 +402,13 @@ async def _wait_for_tray(tray_class: Any) -> bool:
 def run_gui(config_path: Path | None = None, no_tray: bool = False) -> int:
     """`tray-proxy` with no subcommand. Returns the exit code."""
     try:
-        server = ControlServer(lambda command: app.handle(command), runtime_dir())
+        server = ControlServer(
+            lambda command: app.handle(command),
+            runtime_dir(),
+            immediate=lambda command: immediate_answer(
+                app.controller, command, instance=INSTANCE_TRAY
+            ),
+        )
         first = server.claim()
     except (ControlError, OSError) as exc:
         print(f"tray-proxy: cannot set up the control socket: {exc}", file=sys.stderr)

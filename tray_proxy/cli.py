@@ -268,7 +268,7 @@ async def _run_headless(args: argparse.Namespace) -> int:
 async def _run_headless_until(args: argparse.Namespace, stop: asyncio.Event) -> int:
     from tray_proxy.config import ConfigError, default_config_path, load_config
     from tray_proxy.controller import ProxyController
-    from tray_proxy.controller.commands import INSTANCE_RUN, answer_command
+    from tray_proxy.controller.commands import INSTANCE_RUN, answer_command, immediate_answer
     from tray_proxy.controller.engine_relay import loop_relay_factory
     from tray_proxy.controller.history import open_history_writer
     from tray_proxy.controller.managed_redirect import check_redirect_settings
@@ -286,7 +286,11 @@ async def _run_headless_until(args: argparse.Namespace, stop: asyncio.Event) -> 
 
     server: ControlServer | None = None
     try:
-        server = ControlServer(handle, runtime_dir())
+        server = ControlServer(
+            handle,
+            runtime_dir(),
+            immediate=lambda command: immediate_answer(controller, command, instance=INSTANCE_RUN),
+        )
     except (ControlError, OSError) as exc:
         _say(f"the control socket cannot be set up ({exc}); {_NO_STATUS}")
     if server is not None:

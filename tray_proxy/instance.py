@@ -36,7 +36,7 @@ import re
 import socket
 import stat
 import struct
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -76,6 +76,8 @@ ACCEPT_BATCH: Final = 8  # connections the server takes per readiness of its soc
 _MAX_SOCKET_PATH: Final = 107
 
 Handler = Callable[[str], Awaitable[dict[str, Any]]]
+# The answer to a command that needs no waiting (`status`), or None: the handler answers it.
+Immediate = Callable[[str], dict[str, Any] | None]
 
 
 class ControlError(UserError):
@@ -247,10 +249,18 @@ class InstanceLock:
 
 
 class ControlServer:
-    """Serves the control socket on the app's loop; `handler(cmd)` produces each answer."""
+    """Serves the control socket on the app's loop; `handler(cmd)` produces each answer,
+    `immediate(cmd)` (optional) the ones it can give without waiting."""
 
-    def __init__(self, handler: Handler, directory: Path | None = None) -> None:
+    def __init__(
+        self,
+        handler: Handler,
+        directory: Path | None = None,
+        *,
+        immediate: Immediate | None = None,
+    ) -> None:
         self._handler = handler
+        self._immediate = immediate
         self.directory = directory or runtime_dir()
         self.path = self.directory / SOCKET_NAME
         self._lock = InstanceLock(self.directory)
@@ -308,7 +318,8 @@ class ControlServer:
 
     def _accept(self) -> None:
         """The listening socket is readable: take the connections waiting (a bounded few;
-        the rest make it readable again), each answered by a task of its own."""
+        the rest make it readable again). Each is answered at once when it can be
+        (`_answer_now`), otherwise by a task of its own."""
         sock, loop = self._sock, self._loop
         if sock is None or loop is None:
             return
@@ -321,16 +332,16 @@ class ControlServer:
                 log.warning("control socket: cannot accept a connection: %s", exc)
                 return
             conn.setblocking(False)
-            task = loop.create_task(self._serve(conn))
-            self._clients.add(task)
-            task.add_done_callback(self._clients.discard)
+            if not _same_user(conn):
+                conn.close()
+                continue
+            if not self._answer_now(conn):
+                self._spawn(self._serve(conn))
 
     async def _serve(self, conn: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         with conn:
             try:
-                if not _same_user(conn):
-                    return
                 try:
                     async with asyncio.timeout(DEFAULT_TIMEOUT):
                         raw = await _receive_line(loop, conn)
@@ -341,7 +352,8 @@ class ControlServer:
             except (ConnectionError, asyncio.CancelledError):
                 pass
 
-    async def _answer(self, raw: bytes) -> dict[str, Any]:
+    def _request(self, raw: bytes) -> str | dict[str, Any]:
+        """The command a request line asks for, or the answer refusing it."""
         try:
             request = json.loads(raw)
         except ValueError:
@@ -361,12 +373,65 @@ class ControlServer:
             or len(command) > MAX_COMMAND_CHARS
         ):
             return {"ok": False, "error": f"unknown command; known: {', '.join(sorted(COMMANDS))}"}
+        return command
+
+    async def _answer(self, raw: bytes) -> dict[str, Any]:
+        command = self._request(raw)
+        if not isinstance(command, str):
+            return command
         try:
             answer = await self._handler(command)
         except Exception as exc:
             log.exception("control command %s failed", command)
             return {"ok": False, "error": f"{command} failed: {exc}"}
         return {"ok": True, **answer}
+
+    def _answer_now(self, conn: socket.socket) -> bool:
+        """Answer in this pass of the loop when the whole request came with the connection
+        (the CLI sends it at once) and `immediate` answers it without waiting (`status`),
+        or it is refused. True when answered; otherwise nothing was read from `conn`."""
+        try:
+            peeked = conn.recv(MAX_LINE + 1, socket.MSG_PEEK)
+        except OSError:  # nothing yet (EAGAIN), or the client is gone: the task sees to it
+            return False
+        line, newline, _rest = peeked.partition(b"\n")
+        if not newline:
+            return False
+        command = self._request(line)
+        if isinstance(command, str):
+            try:
+                answer = self._immediate(command) if self._immediate is not None else None
+            except Exception as exc:
+                log.exception("control command %s failed", command)
+                answer = {"ok": False, "error": f"{command} failed: {exc}"}
+            else:
+                if answer is None:
+                    return False  # it needs the handler, which may wait
+                answer = {"ok": True, **answer}
+        else:
+            answer = command
+        data = json.dumps(answer).encode() + b"\n"
+        try:
+            conn.recv(len(line) + 1)  # the request, now answered
+            sent = conn.send(data)
+        except OSError:
+            conn.close()  # the client left; it asked and went
+            return True
+        if sent == len(data):
+            conn.close()
+        else:  # a full socket buffer: the rest from a task
+            self._spawn(self._send_rest(conn, data[sent:]))
+        return True
+
+    async def _send_rest(self, conn: socket.socket, data: bytes) -> None:
+        with conn, contextlib.suppress(ConnectionError, asyncio.CancelledError):
+            await asyncio.get_running_loop().sock_sendall(conn, data)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        assert self._loop is not None
+        task = self._loop.create_task(coro)
+        self._clients.add(task)
+        task.add_done_callback(self._clients.discard)
 
 
 async def _receive_line(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> bytes:

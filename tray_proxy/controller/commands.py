@@ -59,6 +59,16 @@ class CommandTarget(Protocol):
     async def reload(self) -> dict[str, object]: ...
 
 
+def immediate_answer(
+    controller: CommandTarget | None, command: str, *, instance: str
+) -> dict[str, Any] | None:
+    """The answer to a command that needs no waiting (`status`), given in the control
+    socket's own pass of the loop; None for the others (`answer_command` answers them)."""
+    if command == "status" and controller is not None:
+        return {"status": controller.status().to_dict(), "instance": instance}
+    return None
+
+
 async def answer_command(
     controller: CommandTarget,
     command: str,
@@ -68,8 +78,9 @@ async def answer_command(
     raise_window: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """One control-socket command; raises ValueError for an unknown one."""
-    if command == "status":
-        return {"status": controller.status().to_dict(), "instance": instance}
+    now = immediate_answer(controller, command, instance=instance)
+    if now is not None:
+        return now
     if command == "enable":
         return {"status": (await controller.enable()).to_dict()}
     if command == "disable":
