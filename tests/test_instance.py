@@ -31,6 +31,7 @@ from tests.lab.users import LocalUser, local_users
 from tray_proxy import cli
 from tray_proxy.instance import (
     ACCEPT_BATCH,
+    LISTEN_BACKLOG,
     MAX_LINE,
     SOCKET_NAME,
     ControlError,
@@ -186,18 +187,35 @@ def test_a_request_in_pieces_is_answered_and_an_overlong_one_refused(
 
 
 def test_silent_clients_do_not_hold_up_the_others(server: ServerThread, private_dir: Path) -> None:
-    # More connections at once than the server takes per wake-up, half of them saying
-    # nothing: every one that asks is answered at once; the silent ones wait alone.
-    path = str(private_dir / SOCKET_NAME)
+    # While the app's loop is busy, connections queue up to LISTEN_BACKLOG; one more is
+    # refused at once (EAGAIN) to a client with a timeout. The CLI then tries again within
+    # its timeout, and is answered once the loop takes the queue, silent clients and all.
+    path = private_dir / SOCKET_NAME
     with contextlib.ExitStack() as stack:
-        silent = []
-        for _ in range(ACCEPT_BATCH + 2):
-            sock = stack.enter_context(socket.socket(socket.AF_UNIX))
-            sock.connect(path)
-            silent.append(sock)
-        answers = [send_command("status", Path(path), timeout=5) for _ in range(ACCEPT_BATCH + 2)]
+        with server.paused():
+            queued = 0
+            for _ in range(LISTEN_BACKLOG + 8):  # bounded: the queue holds backlog + 1
+                sock = stack.enter_context(socket.socket(socket.AF_UNIX))
+                sock.setblocking(False)
+                try:
+                    sock.connect(str(path))
+                except BlockingIOError:
+                    break
+                queued += 1
+            assert queued > LISTEN_BACKLOG, queued  # the queue is full now
+            with pytest.raises(ControlError, match="did not take the connection within"):
+                send_command("status", path, timeout=0.3)
+            asked: list[dict[str, Any]] = []
+            asking = threading.Thread(
+                target=lambda: asked.append(send_command("status", path, timeout=10))
+            )
+            asking.start()
+            time.sleep(0.1)  # it is waiting for room in the queue (the loop is held)
+        asking.join(15)
+        assert asked and asked[0]["ok"] is True
+        answers = [send_command("status", path, timeout=5) for _ in range(ACCEPT_BATCH + 2)]
     assert all(answer["ok"] is True for answer in answers)
-    assert server.commands == ["status"] * (ACCEPT_BATCH + 2)
+    assert server.commands == ["status"] * (ACCEPT_BATCH + 3)
 
 
 def test_status_is_answered_at_once_and_the_rest_by_the_handler(
@@ -220,10 +238,13 @@ def test_status_is_answered_at_once_and_the_rest_by_the_handler(
 
     assert ask("status")["status"] == {"state": "off"}
     assert ask("enable") == {"ok": True}
+    deadline = time.monotonic() + 5
+    while server.server._clients:  # the enable's task has gone (its done callback ran)
+        assert time.monotonic() < deadline, "the server's tasks did not end"
+        time.sleep(0.01)
     with socket.socket(socket.AF_UNIX) as sock:
         sock.settimeout(5)
         sock.connect(str(path))
-        deadline = time.monotonic() + 5
         while not server.server._clients:  # accepted, waiting for the request in a task
             assert time.monotonic() < deadline, "the server did not accept the connection"
             time.sleep(0.01)

@@ -36,11 +36,13 @@ import re
 import socket
 import stat
 import struct
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any, Final
 
 from tray_proxy.errors import UserError
+from tray_proxy.tasks import spawn
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,7 @@ def command_word(command: object) -> str | None:
 
 DEFAULT_TIMEOUT: Final = 10.0
 ACCEPT_BATCH: Final = 8  # connections the server takes per readiness of its socket
+LISTEN_BACKLOG: Final = 64  # connections waiting to be taken while the app's loop is busy
 # sockaddr_un's sun_path holds 108 bytes with the terminating NUL.
 _MAX_SOCKET_PATH: Final = 107
 
@@ -170,9 +173,14 @@ def send_command(
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:
-            sock.connect(str(path))
+            _connect(sock, path, timeout)
         except (FileNotFoundError, ConnectionRefusedError):
             raise NotRunningError("tray-proxy is not running.") from None
+        except BlockingIOError:
+            raise ControlError(
+                f"tray-proxy did not take the connection within {timeout:.0f} s (it is busy "
+                f"or hanging); {path} is there."
+            ) from None
         except OSError as exc:
             raise ControlError(f"Cannot reach tray-proxy at {path}: {exc.strerror}.") from None
         # A socket of another user must not get our commands nor feed us answers.
@@ -200,6 +208,23 @@ def send_command(
     if not isinstance(answer, dict) or not isinstance(answer.get("ok"), bool):
         raise ControlError("tray-proxy answered with something unreadable.")
     return answer
+
+
+def _connect(sock: socket.socket, path: Path, timeout: float) -> None:
+    """Connect within `timeout` seconds. A Unix socket whose queue of connections not yet
+    taken is full refuses a socket with a timeout at once (EAGAIN) instead of waiting, as
+    it would for a blocking one: try again until the time is up."""
+    deadline = time.monotonic() + timeout
+    pause = 0.005
+    while True:
+        try:
+            sock.connect(str(path))
+            return
+        except BlockingIOError:
+            if time.monotonic() + pause > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.1)
 
 
 def _read_line(sock: socket.socket) -> bytes:
@@ -284,7 +309,7 @@ class ControlServer:
             os.fchmod(sock.fileno(), 0o600)
             sock.bind(str(self.path))
             os.chmod(self.path, 0o600)
-            sock.listen(8)
+            sock.listen(LISTEN_BACKLOG)
             sock.setblocking(False)
             # Plain socket calls on the loop, not asyncio's streams: under the app's qasync
             # loop every callback and every readiness is a pass of Qt's event loop, each of
@@ -429,7 +454,7 @@ class ControlServer:
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         assert self._loop is not None
-        task = self._loop.create_task(coro)
+        task = spawn(coro, name="control-socket client", loop=self._loop)
         self._clients.add(task)
         task.add_done_callback(self._clients.discard)
 
