@@ -227,21 +227,34 @@ def _connect(sock: socket.socket, path: Path, timeout: float) -> None:
             pause = min(pause * 2, 0.1)
 
 
+class _Line:
+    """One line gathered from the chunks a socket gives: `add` returns it (without its
+    newline) once it is whole; `size` counts what came before the newline."""
+
+    def __init__(self) -> None:
+        self._chunks: list[bytes] = []
+        self.size = 0
+
+    def add(self, chunk: bytes) -> bytes | None:
+        newline = chunk.find(b"\n")
+        if newline >= 0:
+            self._chunks.append(chunk[:newline])
+            return b"".join(self._chunks)
+        self._chunks.append(chunk)
+        self.size += len(chunk)
+        return None
+
+
 def _read_line(sock: socket.socket) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    while True:
+    line = _Line()
+    while line.size <= MAX_LINE:
         chunk = sock.recv(4096)
         if not chunk:
             raise ControlError("tray-proxy closed the connection without an answer.")
-        newline = chunk.find(b"\n")
-        if newline >= 0:
-            chunks.append(chunk[:newline])
-            return b"".join(chunks)
-        chunks.append(chunk)
-        size += len(chunk)
-        if size > MAX_LINE:
-            raise ControlError("tray-proxy's answer is too long.")
+        whole = line.add(chunk)
+        if whole is not None:
+            return whole
+    raise ControlError("tray-proxy's answer is too long.")
 
 
 # --------------------------------------------------------------------------- server
@@ -462,18 +475,14 @@ class ControlServer:
 async def _receive_line(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> bytes:
     """One request line without its newline; b"" when the client sent no whole line of at
     most MAX_LINE bytes (the answer is then "bad request")."""
-    chunks: list[bytes] = []
-    size = 0
-    while size <= MAX_LINE:
+    line = _Line()
+    while line.size <= MAX_LINE:
         chunk = await loop.sock_recv(conn, 4096)  # tries at once, waits only when nothing came
         if not chunk:
             return b""
-        newline = chunk.find(b"\n")
-        if newline >= 0:
-            chunks.append(chunk[:newline])
-            return b"".join(chunks)
-        chunks.append(chunk)
-        size += len(chunk)
+        whole = line.add(chunk)
+        if whole is not None:
+            return whole
     return b""
 
 

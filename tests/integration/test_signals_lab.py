@@ -404,6 +404,13 @@ def _sighup_to_group(run: RedirectedRun) -> None:
     os.killpg(run.pid, signal.SIGHUP)  # a shell forwarding its hang-up to the job
 
 
+def _draining_run(lab: Lab) -> RedirectedRun:
+    """`tray-proxy run` through the lab's Squid with these tests' drain timeout."""
+    return RedirectedRun(
+        lab, UpstreamSpec.for_squid(lab.squid), relay={"drain_timeout": DRAIN}, timeout=60
+    )
+
+
 @pytest.mark.parametrize(
     "send",
     [_ctrl_c, _sigterm, _sighup, _sighup_to_group],
@@ -412,15 +419,7 @@ def _sighup_to_group(run: RedirectedRun) -> None:
 def test_run_drains_on_signal(
     lab: Lab, small_buffers: None, send: Callable[[RedirectedRun], None]
 ) -> None:
-    with (
-        client_left_clean(lab),
-        RedirectedRun(
-            lab,
-            UpstreamSpec.for_squid(lab.squid),
-            relay={"drain_timeout": DRAIN},
-            timeout=60,
-        ) as run,
-    ):
+    with client_left_clean(lab), _draining_run(lab) as run:
         _check_run_drains(lab, run, send)
 
 
@@ -461,15 +460,7 @@ def test_ctrl_c_while_the_run_asks_its_helper_something_still_drains(
     # before the drain: open connections lost their address translation and their curls hung
     # (a CI failure: "timed out after 19.0 s waiting for both curls to exit"). Here the
     # helper is stopped until a question waits in its input, so Ctrl+C lands on it each time.
-    with (
-        client_left_clean(lab),
-        RedirectedRun(
-            lab,
-            UpstreamSpec.for_squid(lab.squid),
-            relay={"drain_timeout": DRAIN},
-            timeout=60,
-        ) as run,
-    ):
+    with client_left_clean(lab), _draining_run(lab) as run:
         helper = _helper_of(run)
         mark = run.mark()
         helper.suspend()
