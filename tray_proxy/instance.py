@@ -327,8 +327,9 @@ class ControlServer:
             # Plain socket calls on the loop, not asyncio's streams: under the app's qasync
             # loop every callback and every readiness is a pass of Qt's event loop, each of
             # which may wait behind a table update. Streams took about ten passes for one
-            # request; this takes three (readiness, accept, answer) when the request came
-            # with the connection, as the CLI sends it.
+            # request; this takes two (the readiness, then the accept that answers) when the
+            # request came with the connection and `immediate` answers it, one more when
+            # the handler does.
             loop = asyncio.get_running_loop()
             loop.add_reader(sock.fileno(), self._accept)
         except BaseException:
@@ -420,8 +421,7 @@ class ControlServer:
         try:
             answer = await self._handler(command)
         except Exception as exc:
-            log.exception("control command %s failed", command)
-            return {"ok": False, "error": f"{command} failed: {exc}"}
+            return _failed(command, exc)
         return {"ok": True, **answer}
 
     def _answer_now(self, conn: socket.socket) -> bool:
@@ -429,7 +429,7 @@ class ControlServer:
         (the CLI sends it at once) and `immediate` answers it without waiting (`status`),
         or it is refused. True when answered; otherwise nothing was read from `conn`."""
         try:
-            peeked = conn.recv(MAX_LINE + 1, socket.MSG_PEEK)
+            peeked = conn.recv(4096, socket.MSG_PEEK)  # a CLI request is a few dozen bytes
         except OSError:  # nothing yet (EAGAIN), or the client is gone: the task sees to it
             return False
         line, newline, _rest = peeked.partition(b"\n")
@@ -440,8 +440,7 @@ class ControlServer:
             try:
                 answer = self._immediate(command) if self._immediate is not None else None
             except Exception as exc:
-                log.exception("control command %s failed", command)
-                answer = {"ok": False, "error": f"{command} failed: {exc}"}
+                answer = _failed(command, exc)
             else:
                 if answer is None:
                     return False  # it needs the handler, which may wait
@@ -470,6 +469,12 @@ class ControlServer:
         task = spawn(coro, name="control-socket client", loop=self._loop)
         self._clients.add(task)
         task.add_done_callback(self._clients.discard)
+
+
+def _failed(command: str, exc: Exception) -> dict[str, Any]:
+    """The answer to a command whose handler raised (logged with its traceback)."""
+    log.exception("control command %s failed", command)
+    return {"ok": False, "error": f"{command} failed: {exc}"}
 
 
 async def _receive_line(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> bytes:

@@ -508,15 +508,13 @@ class RedirectController:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        raw = b""
-        for _ in range(len(self._given_up) + 1):  # one line per request given up, at most
+        while True:  # bounded: each line skipped leaves _given_up, and by the deadline
             raw = await asyncio.wait_for(stdout.readline(), max(0.0, deadline - loop.time()))
             earlier = _answer_id(raw)
-            if earlier is None or earlier not in self._given_up:
+            if earlier not in self._given_up:
                 return raw
             self._given_up.discard(earlier)
             log.debug("skipped the helper's late answer to request %d", earlier)
-        return raw
 
     async def _exited(self, proc: asyncio.subprocess.Process) -> RedirectError:
         with contextlib.suppress(asyncio.TimeoutError):
